@@ -1,0 +1,55 @@
+// Runs n independent jobs on up to `threads` threads; the first exception
+// thrown by a job is rethrown in the caller once every started job is done,
+// and no new job starts after it.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace lora {
+
+// threads <= 0 means std::thread::hardware_concurrency().
+inline int resolve_threads(int threads) {
+  if (threads > 0) return threads;
+  unsigned hc = std::thread::hardware_concurrency();
+  return hc == 0 ? 1 : static_cast<int>(hc);
+}
+
+inline void parallel_for(size_t n, int threads, const std::function<void(size_t)>& job) {
+  const size_t n_threads = std::min<size_t>(static_cast<size_t>(resolve_threads(threads)), n);
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr first;
+  std::mutex mutex;
+  auto worker = [&] {
+    for (;;) {
+      if (failed.load()) return;
+      size_t i = next.fetch_add(1);
+      if (i >= n) return;
+      try {
+        job(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (!first) first = std::current_exception();
+        failed.store(true);
+        return;
+      }
+    }
+  };
+  if (n_threads <= 1) {
+    worker();
+  } else {
+    std::vector<std::thread> pool;
+    pool.reserve(n_threads);
+    for (size_t t = 0; t < n_threads; ++t) pool.emplace_back(worker);
+    for (auto& t : pool) t.join();
+  }
+  if (first) std::rethrow_exception(first);
+}
+
+}  // namespace lora

@@ -1,0 +1,2 @@
+// PLACEHOLDER until the adapter work lands.
+#include "formats/adapter-config.h"

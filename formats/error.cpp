@@ -1,0 +1,47 @@
+#include "formats/error.h"
+
+#include <cstring>
+
+#include <fmt/format.h>
+
+namespace lora {
+
+namespace {
+std::string join_message(const std::string& file, const std::string& tensor,
+                         const std::string& detail) {
+  std::string out;
+  if (!file.empty()) out += file + ": ";
+  if (!tensor.empty()) out += tensor + ": ";
+  out += detail;
+  return out;
+}
+}  // namespace
+
+error::error(exit_code code, std::string file, std::string tensor, std::string detail)
+    : std::runtime_error(join_message(file, tensor, detail)),
+      code_(code),
+      file_(std::move(file)),
+      tensor_(std::move(tensor)),
+      detail_(std::move(detail)) {}
+
+namespace errors {
+
+error invalid(const std::string& file, const std::string& tensor, const std::string& detail) {
+  return error(exit_code::invalid_input, file, tensor, detail);
+}
+
+error shape_mismatch(const std::string& file, const std::string& tensor, const std::string& want,
+                     const std::string& got) {
+  return error(exit_code::invalid_input, file, tensor,
+               fmt::format("shape mismatch: expected {}, found {}", want, got));
+}
+
+error io(const std::string& file, const std::string& detail, int errno_value) {
+  if (errno_value == 0) return error(exit_code::io, file, "", detail);
+  return error(exit_code::io, file, "", fmt::format("{}: {}", detail, std::strerror(errno_value)));
+}
+
+error usage(const std::string& detail) { return error(exit_code::usage, "", "", detail); }
+
+}  // namespace errors
+}  // namespace lora

@@ -1,0 +1,91 @@
+#include "formats/mapped-file.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <utility>
+
+#include "formats/error.h"
+
+namespace lora {
+
+mapped_file::mapped_file(const std::string& path) : path_(path) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw errors::io(path, "cannot open", errno);
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) {
+    int e = errno;
+    reset();
+    throw errors::io(path, "cannot stat", e);
+  }
+  if (S_ISDIR(st.st_mode)) {
+    reset();
+    throw errors::io(path, "is a directory, not a file");
+  }
+  size_ = static_cast<uint64_t>(st.st_size);
+  if (size_ == 0) return;
+  void* p = ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd_, 0);
+  if (p == MAP_FAILED) {
+    int e = errno;
+    reset();
+    throw errors::io(path, "cannot map", e);
+  }
+  data_ = static_cast<const uint8_t*>(p);
+}
+
+mapped_file::mapped_file(mapped_file&& other) noexcept
+    : path_(std::move(other.path_)),
+      fd_(std::exchange(other.fd_, -1)),
+      data_(std::exchange(other.data_, nullptr)),
+      size_(std::exchange(other.size_, 0)) {}
+
+mapped_file& mapped_file::operator=(mapped_file&& other) noexcept {
+  if (this != &other) {
+    reset();
+    path_ = std::move(other.path_);
+    fd_ = std::exchange(other.fd_, -1);
+    data_ = std::exchange(other.data_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+  }
+  return *this;
+}
+
+mapped_file::~mapped_file() { reset(); }
+
+void mapped_file::reset() noexcept {
+  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+  if (fd_ >= 0) ::close(fd_);
+  data_ = nullptr;
+  fd_ = -1;
+  size_ = 0;
+}
+
+namespace {
+// Rounds [offset, offset+length) inward/outward to whole pages for madvise.
+void advise(const uint8_t* base, uint64_t size, uint64_t offset, uint64_t length, int advice,
+            bool inward) noexcept {
+  if (base == nullptr || offset >= size) return;
+  if (length > size - offset) length = size - offset;
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  uint64_t begin = inward ? (offset + page - 1) / page * page : offset / page * page;
+  uint64_t end = inward ? (offset + length) / page * page
+                        : (offset + length + page - 1) / page * page;
+  if (end > (size + page - 1) / page * page) end = (size + page - 1) / page * page;
+  if (end <= begin) return;
+  ::madvise(const_cast<uint8_t*>(base) + begin, end - begin, advice);
+}
+}  // namespace
+
+void mapped_file::release(uint64_t offset, uint64_t length) const noexcept {
+  // Only whole pages inside the range: a neighbour tensor may share an edge page.
+  advise(data_, size_, offset, length, MADV_DONTNEED, true);
+}
+
+void mapped_file::will_need(uint64_t offset, uint64_t length) const noexcept {
+  advise(data_, size_, offset, length, MADV_WILLNEED, false);
+}
+
+}  // namespace lora

@@ -1,0 +1,43 @@
+// A read-only memory map of a whole file (move-only RAII).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+
+namespace lora {
+
+class mapped_file {
+ public:
+  // Opens and maps `path` read-only. Throws lora::error (exit 4) when the
+  // file cannot be opened, stat'ed or mapped. An empty file maps to an
+  // empty span.
+  explicit mapped_file(const std::string& path);
+  mapped_file(mapped_file&& other) noexcept;
+  mapped_file& operator=(mapped_file&& other) noexcept;
+  mapped_file(const mapped_file&) = delete;
+  mapped_file& operator=(const mapped_file&) = delete;
+  ~mapped_file();
+
+  const std::string& path() const noexcept { return path_; }
+  std::span<const uint8_t> bytes() const noexcept { return {data_, size_}; }
+  uint64_t size() const noexcept { return size_; }
+  // The open descriptor, for in-kernel copies (copy_file_range). Borrowed.
+  int fd() const noexcept { return fd_; }
+
+  // Tells the kernel that [offset, offset + length) will not be needed again
+  // soon, so resident memory stays bounded while streaming. Best effort.
+  void release(uint64_t offset, uint64_t length) const noexcept;
+  // Tells the kernel that [offset, offset + length) will be read soon.
+  void will_need(uint64_t offset, uint64_t length) const noexcept;
+
+ private:
+  void reset() noexcept;
+  std::string path_;
+  int fd_ = -1;
+  const uint8_t* data_ = nullptr;
+  uint64_t size_ = 0;
+};
+
+}  // namespace lora

@@ -1,0 +1,57 @@
+// A model on disk: a Hugging Face folder (config.json plus model.safetensors
+// or shards listed by model.safetensors.index.json), or one .safetensors file.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "formats/safetensors.h"
+
+namespace lora {
+
+// A tensor located in one of a model's files. Both pointers borrow from the
+// model_files that returned them.
+struct tensor_ref {
+  const safetensors_file* file = nullptr;
+  const tensor_info* info = nullptr;
+
+  std::span<const uint8_t> data() const noexcept { return file->data(*info); }
+};
+
+struct model_files {
+  std::string path;         // what the user named (folder or file)
+  std::string folder;       // the folder holding the files
+  std::string config_path;  // "<folder>/config.json", empty when there is none
+  std::string index_path;   // empty for a single-file model
+  std::optional<uint64_t> index_total_size;  // "metadata.total_size" of the index
+  std::vector<safetensors_file> shards;      // in index order (file name order)
+  std::vector<std::string> shard_names;      // file names relative to folder
+  std::vector<std::string> tensor_names;     // shard order, then data order
+
+  const tensor_ref* find_ref(const std::string& name) const;
+  std::optional<tensor_ref> find(const std::string& name) const;
+  // Throws lora::error (exit 3) naming the model when absent.
+  tensor_ref at(const std::string& name) const;
+  uint64_t total_tensor_bytes() const;
+
+  std::unordered_map<std::string, tensor_ref> by_name;
+};
+
+// Opens a model: a folder with config.json and model.safetensors or a sharded
+// index, or a bare .safetensors file (config.json beside it is picked up when
+// present). Reads headers only. The index is validated: every shard exists and
+// parses, every tensor of every shard is in weight_map and maps to its shard,
+// no tensor is in two shards, total_size (when given) equals the tensor bytes.
+// Throws lora::error (exit 3 malformed, exit 4 unreadable).
+model_files open_model(const std::string& path);
+
+// The JSON text of a model.safetensors.index.json for these tensors:
+// {"metadata": {"total_size": N}, "weight_map": {tensor: file}} (keys sorted,
+// two-space indent as transformers writes it).
+std::string make_safetensors_index(uint64_t total_size, const std::map<std::string, std::string>& weight_map);
+
+}  // namespace lora

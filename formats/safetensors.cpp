@@ -1,0 +1,466 @@
+#include "formats/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
+#include "formats/error.h"
+
+namespace lora {
+
+namespace {
+
+constexpr uint64_t k_max_header = 100'000'000;
+
+using json = nlohmann::json;
+using ordered_json = nlohmann::ordered_json;
+
+// Well-formed UTF-8 (no overlongs, no surrogates, at most U+10FFFF).
+bool valid_utf8(std::span<const uint8_t> s, size_t& bad_at) {
+  size_t i = 0;
+  const size_t n = s.size();
+  while (i < n) {
+    const uint8_t c = s[i];
+    size_t len = 0;
+    uint32_t cp = 0;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      len = 2;
+      cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3;
+      cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4;
+      cp = c & 0x07;
+    } else {
+      bad_at = i;
+      return false;
+    }
+    if (i + len > n) {
+      bad_at = i;
+      return false;
+    }
+    for (size_t k = 1; k < len; ++k) {
+      if ((s[i + k] & 0xC0) != 0x80) {
+        bad_at = i;
+        return false;
+      }
+      cp = (cp << 6) | (s[i + k] & 0x3F);
+    }
+    const bool overlong = (len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000);
+    if (overlong || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
+      bad_at = i;
+      return false;
+    }
+    i += len;
+  }
+  return true;
+}
+
+uint64_t read_u64_le(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
+// Parses the header JSON, refusing duplicate keys in any object.
+json parse_strict(const std::string& text, const std::string& label) {
+  std::vector<std::set<std::string>> keys;
+  std::string duplicate;
+  auto callback = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
+    switch (event) {
+      case json::parse_event_t::object_start:
+        keys.emplace_back();
+        break;
+      case json::parse_event_t::object_end:
+        if (!keys.empty()) keys.pop_back();
+        break;
+      case json::parse_event_t::key:
+        if (!keys.empty() && !keys.back().insert(parsed.get<std::string>()).second && duplicate.empty())
+          duplicate = parsed.get<std::string>();
+        break;
+      default:
+        break;
+    }
+    return true;
+  };
+  json j;
+  try {
+    j = json::parse(text, callback, /*allow_exceptions=*/true, /*ignore_comments=*/false);
+  } catch (const json::exception& e) {
+    // nlohmann's message: "[json.exception.parse_error.101] parse error at line 1, column 5: ..."
+    std::string what = e.what();
+    auto pos = what.find("] ");
+    throw errors::invalid(label, "", "header is not valid JSON: " + (pos == std::string::npos ? what : what.substr(pos + 2)));
+  }
+  if (!duplicate.empty()) throw errors::invalid(label, duplicate, "duplicate key in header");
+  return j;
+}
+
+uint64_t checked_u64(const json& v, const std::string& label, const std::string& name, const char* field) {
+  if (!v.is_number_unsigned())
+    throw errors::invalid(label, name, fmt::format("{} must hold non-negative integers, found {}", field, v.dump()));
+  return v.get<uint64_t>();
+}
+
+tensor_info parse_entry(const std::string& name, const json& entry, const std::string& label) {
+  if (!entry.is_object()) throw errors::invalid(label, name, "tensor entry is not an object");
+  for (auto it = entry.begin(); it != entry.end(); ++it) {
+    if (it.key() != "dtype" && it.key() != "shape" && it.key() != "data_offsets")
+      throw errors::invalid(label, name, fmt::format("unexpected field \"{}\" in tensor entry", it.key()));
+  }
+  for (const char* field : {"dtype", "shape", "data_offsets"})
+    if (!entry.contains(field)) throw errors::invalid(label, name, fmt::format("tensor entry has no \"{}\"", field));
+
+  tensor_info t;
+  t.name = name;
+  const json& jd = entry["dtype"];
+  if (!jd.is_string()) throw errors::invalid(label, name, "dtype is not a string");
+  auto d = parse_dtype(jd.get<std::string>());
+  if (!d) throw errors::invalid(label, name, fmt::format("unknown dtype \"{}\"", jd.get<std::string>()));
+  t.type = *d;
+
+  const json& js = entry["shape"];
+  if (!js.is_array()) throw errors::invalid(label, name, "shape is not an array");
+  t.n_elements = 1;
+  for (const json& dim : js) {
+    uint64_t v = checked_u64(dim, label, name, "shape");
+    if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      throw errors::invalid(label, name, "shape dimension overflows 64 bits");
+    t.shape.push_back(static_cast<int64_t>(v));
+    if (__builtin_mul_overflow(t.n_elements, v, &t.n_elements))
+      throw errors::invalid(label, name, fmt::format("element count of shape {} overflows 64 bits", shape_text(t.shape)));
+  }
+
+  const json& jo = entry["data_offsets"];
+  if (!jo.is_array() || jo.size() != 2) throw errors::invalid(label, name, "data_offsets is not an array of two integers");
+  t.begin = checked_u64(jo[0], label, name, "data_offsets");
+  t.end = checked_u64(jo[1], label, name, "data_offsets");
+  if (t.end < t.begin)
+    throw errors::invalid(label, name, fmt::format("data_offsets [{}, {}] end before they begin", t.begin, t.end));
+
+  auto bytes = dtype_bytes(t.type, t.n_elements);
+  if (!bytes)
+    throw errors::invalid(label, name,
+                          fmt::format("byte count of {} x {} overflows 64 bits or is not a whole number of bytes",
+                                      dtype_name(t.type), shape_text(t.shape)));
+  if (*bytes != t.end - t.begin)
+    throw errors::invalid(label, name,
+                          fmt::format("data_offsets [{}, {}] span {} bytes but {} {} needs {}", t.begin, t.end,
+                                      t.end - t.begin, dtype_name(t.type), shape_text(t.shape), *bytes));
+  return t;
+}
+
+}  // namespace
+
+const tensor_info* safetensors_header::find(std::string_view name) const {
+  auto it = index.find(std::string(name));
+  return it == index.end() ? nullptr : &tensors[it->second];
+}
+
+safetensors_header parse_safetensors_header(std::span<const uint8_t> bytes, uint64_t file_size,
+                                            const std::string& label) {
+  if (file_size < 8 || bytes.size() < 8)
+    throw errors::invalid(label, "", fmt::format("file is {} bytes, too small to hold a safetensors header", file_size));
+  safetensors_header h;
+  h.header_len = read_u64_le(bytes.data());
+  if (h.header_len > k_max_header)
+    throw errors::invalid(label, "", fmt::format("header length {} exceeds the limit of {} bytes", h.header_len, k_max_header));
+  // 8 + N cannot overflow after the limit check, but keep the check explicit.
+  uint64_t stop = 0;
+  if (__builtin_add_overflow(h.header_len, uint64_t{8}, &stop) || stop > file_size || stop > bytes.size())
+    throw errors::invalid(label, "", fmt::format("header length {} runs past the end of the file ({} bytes)", h.header_len, file_size));
+
+  auto text_bytes = bytes.subspan(8, h.header_len);
+  size_t bad_at = 0;
+  if (!valid_utf8(text_bytes, bad_at))
+    throw errors::invalid(label, "", fmt::format("header is not valid UTF-8 (byte {} of the header)", bad_at));
+  std::string text(reinterpret_cast<const char*>(text_bytes.data()), text_bytes.size());
+
+  json j = parse_strict(text, label);
+  if (!j.is_object()) throw errors::invalid(label, "", "header is not a JSON object");
+
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it.key() == "__metadata__") {
+      const json& m = it.value();
+      if (m.is_null()) continue;  // MLX writes null
+      if (!m.is_object()) throw errors::invalid(label, "__metadata__", "is not a map of strings to strings");
+      metadata_map mm;
+      for (auto mi = m.begin(); mi != m.end(); ++mi) {
+        if (!mi.value().is_string())
+          throw errors::invalid(label, "__metadata__", fmt::format("value of \"{}\" is not a string", mi.key()));
+        mm.emplace(mi.key(), mi.value().get<std::string>());
+      }
+      h.metadata = std::move(mm);
+      continue;
+    }
+    h.tensors.push_back(parse_entry(it.key(), it.value(), label));
+  }
+
+  // the data ranges, sorted by begin, must tile the buffer exactly
+  std::sort(h.tensors.begin(), h.tensors.end(), [](const tensor_info& a, const tensor_info& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  uint64_t expect = 0;
+  for (const tensor_info& t : h.tensors) {
+    if (t.begin != expect) {
+      if (t.begin > expect)
+        throw errors::invalid(label, t.name, fmt::format("data_offsets leave a gap: begins at {}, previous tensor ends at {}", t.begin, expect));
+      throw errors::invalid(label, t.name, fmt::format("data_offsets overlap: begins at {}, previous tensor ends at {}", t.begin, expect));
+    }
+    expect = t.end;
+  }
+  const uint64_t buffer = file_size - stop;
+  if (expect != buffer)
+    throw errors::invalid(label, "", fmt::format("data buffer is {} bytes but the tensors cover {}: {}", buffer, expect,
+                                                 expect < buffer ? "trailing bytes after the last tensor" : "file is truncated"));
+  h.index.reserve(h.tensors.size());
+  for (size_t i = 0; i < h.tensors.size(); ++i) h.index.emplace(h.tensors[i].name, i);
+  return h;
+}
+
+// --- reader -------------------------------------------------------------------
+
+safetensors_file::safetensors_file(const std::string& path)
+    : map_(path), header_(parse_safetensors_header(map_.bytes(), map_.size(), path)) {}
+
+const tensor_info& safetensors_file::at(std::string_view name) const {
+  const tensor_info* t = find(name);
+  if (t == nullptr) throw errors::invalid(path(), std::string(name), "no such tensor");
+  return *t;
+}
+
+std::span<const uint8_t> safetensors_file::data(const tensor_info& t) const noexcept {
+  return map_.bytes().subspan(header_.data_start() + t.begin, t.n_bytes());
+}
+
+void safetensors_file::release(const tensor_info& t) const noexcept { map_.release(file_offset(t), t.n_bytes()); }
+
+// --- writer -------------------------------------------------------------------
+
+const tensor_info* safetensors_layout::find(std::string_view name) const {
+  auto it = index.find(std::string(name));
+  return it == index.end() ? nullptr : &tensors[it->second];
+}
+
+safetensors_layout plan_safetensors(std::vector<tensor_spec> specs, const std::optional<metadata_map>& metadata) {
+  // dtype descending, then name ascending (byte order), as the reference writer sorts
+  std::sort(specs.begin(), specs.end(), [](const tensor_spec& a, const tensor_spec& b) {
+    if (a.type != b.type) return a.type > b.type;
+    return a.name < b.name;
+  });
+  safetensors_layout out;
+  ordered_json header = ordered_json::object();
+  if (metadata) {
+    ordered_json m = ordered_json::object();
+    for (const auto& [k, v] : *metadata) m[k] = v;  // std::map: sorted keys
+    header["__metadata__"] = std::move(m);
+  }
+  uint64_t offset = 0;
+  for (auto& s : specs) {
+    if (s.name == "__metadata__") throw errors::invalid("", s.name, "is reserved and cannot name a tensor");
+    tensor_info t;
+    t.name = s.name;
+    t.type = s.type;
+    t.shape = s.shape;
+    for (int64_t d : s.shape) {
+      if (d < 0) throw errors::invalid("", s.name, "negative dimension in shape");
+      if (__builtin_mul_overflow(t.n_elements, static_cast<uint64_t>(d), &t.n_elements))
+        throw errors::invalid("", s.name, "element count overflows 64 bits");
+    }
+    auto bytes = dtype_bytes(t.type, t.n_elements);
+    if (!bytes) throw errors::invalid("", s.name, "byte count overflows or is not a whole number of bytes");
+    t.begin = offset;
+    if (__builtin_add_overflow(offset, *bytes, &t.end)) throw errors::invalid("", s.name, "file size overflows 64 bits");
+    offset = t.end;
+    if (!out.index.emplace(t.name, out.tensors.size()).second)
+      throw errors::invalid("", s.name, "duplicate tensor name");
+    ordered_json e = ordered_json::object();
+    e["dtype"] = std::string(dtype_name(t.type));
+    e["shape"] = t.shape;
+    e["data_offsets"] = {t.begin, t.end};
+    header[t.name] = std::move(e);
+    out.tensors.push_back(std::move(t));
+  }
+  out.data_size = offset;
+  out.header = header.dump();
+  out.header.append((8 - out.header.size() % 8) % 8, ' ');
+  return out;
+}
+
+std::vector<uint8_t> serialize_safetensors(const safetensors_layout& layout,
+                                           const std::function<std::span<const uint8_t>(const tensor_info&)>& data) {
+  std::vector<uint8_t> out;
+  out.reserve(layout.file_size());
+  const uint64_t n = layout.header.size();
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<uint8_t>(n >> (8 * i)));
+  out.insert(out.end(), layout.header.begin(), layout.header.end());
+  for (const tensor_info& t : layout.tensors) {
+    auto bytes = data(t);
+    if (bytes.size() != t.n_bytes())
+      throw errors::invalid("", t.name, fmt::format("{} bytes given, {} expected", bytes.size(), t.n_bytes()));
+    out.insert(out.end(), bytes.begin(), bytes.end());
+  }
+  return out;
+}
+
+namespace {
+
+void pwrite_all(int fd, const uint8_t* p, uint64_t n, uint64_t offset, const std::string& path) {
+  while (n > 0) {
+    ssize_t w = ::pwrite(fd, p, n, static_cast<off_t>(offset));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      throw errors::io(path, "write failed", errno);
+    }
+    if (w == 0) throw errors::io(path, "write failed: no progress", ENOSPC);
+    p += w;
+    n -= static_cast<uint64_t>(w);
+    offset += static_cast<uint64_t>(w);
+  }
+}
+
+// Creates `<path>.tmp-XXXXXX` beside `path`; returns fd and sets tmp.
+int make_temp_beside(const std::string& path, std::string& tmp) {
+  tmp = path + ".tmp-XXXXXX";
+  std::vector<char> buf(tmp.begin(), tmp.end());
+  buf.push_back('\0');
+  int fd = ::mkostemp(buf.data(), O_CLOEXEC);
+  if (fd < 0) throw errors::io(path, "cannot create temporary file", errno);
+  tmp.assign(buf.data());
+  ::fchmod(fd, 0644);
+  return fd;
+}
+
+void sync_and_rename(int fd, const std::string& tmp, const std::string& path) {
+  if (::fsync(fd) != 0) throw errors::io(path, "fsync failed", errno);
+  if (::rename(tmp.c_str(), path.c_str()) != 0) throw errors::io(path, "cannot rename temporary file into place", errno);
+}
+
+}  // namespace
+
+safetensors_writer::safetensors_writer(std::string path, safetensors_layout layout)
+    : path_(std::move(path)), layout_(std::move(layout)) {
+  fd_ = make_temp_beside(path_, tmp_path_);
+  try {
+    uint8_t n[8];
+    const uint64_t len = layout_.header.size();
+    for (int i = 0; i < 8; ++i) n[i] = static_cast<uint8_t>(len >> (8 * i));
+    pwrite_all(fd_, n, 8, 0, path_);
+    pwrite_all(fd_, reinterpret_cast<const uint8_t*>(layout_.header.data()), len, 8, path_);
+    // the final size up front: a zero-byte tensor at the end needs no write
+    if (::ftruncate(fd_, static_cast<off_t>(layout_.file_size())) != 0)
+      throw errors::io(path_, "cannot size output file", errno);
+  } catch (...) {
+    ::close(fd_);
+    ::unlink(tmp_path_.c_str());
+    fd_ = -1;
+    throw;
+  }
+}
+
+safetensors_writer::~safetensors_writer() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!committed_) ::unlink(tmp_path_.c_str());
+}
+
+const tensor_info& safetensors_writer::at(std::string_view name) const {
+  const tensor_info* t = layout_.find(name);
+  if (t == nullptr) throw errors::invalid(path_, std::string(name), "tensor is not part of the output layout");
+  return *t;
+}
+
+void safetensors_writer::write(std::string_view name, std::span<const uint8_t> bytes) {
+  const tensor_info& t = at(name);
+  if (bytes.size() != t.n_bytes())
+    throw errors::invalid(path_, t.name, fmt::format("{} bytes given, {} expected", bytes.size(), t.n_bytes()));
+  pwrite_all(fd_, bytes.data(), bytes.size(), 8 + layout_.header.size() + t.begin, path_);
+}
+
+void safetensors_writer::write_part(std::string_view name, uint64_t offset, std::span<const uint8_t> bytes) {
+  const tensor_info& t = at(name);
+  if (offset > t.n_bytes() || bytes.size() > t.n_bytes() - offset)
+    throw errors::invalid(path_, t.name, "partial write runs past the tensor's end");
+  pwrite_all(fd_, bytes.data(), bytes.size(), 8 + layout_.header.size() + t.begin + offset, path_);
+}
+
+void safetensors_writer::copy_from(std::string_view name, int src_fd, uint64_t src_offset) {
+  const tensor_info& t = at(name);
+  loff_t in = static_cast<loff_t>(src_offset);
+  loff_t out = static_cast<loff_t>(8 + layout_.header.size() + t.begin);
+  uint64_t left = t.n_bytes();
+  while (left > 0) {
+    ssize_t c = ::copy_file_range(src_fd, &in, fd_, &out, left, 0);
+    if (c < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL) break;  // fall back
+      throw errors::io(path_, fmt::format("copying tensor {} failed", t.name), errno);
+    }
+    if (c == 0) throw errors::io(path_, fmt::format("copying tensor {} failed: source ended early", t.name));
+    left -= static_cast<uint64_t>(c);
+  }
+  // fallback: pread / pwrite through a buffer
+  std::vector<uint8_t> buf(left > 0 ? std::min<uint64_t>(left, 8u << 20) : 0);
+  while (left > 0) {
+    uint64_t chunk = std::min<uint64_t>(left, buf.size());
+    ssize_t r = ::pread(src_fd, buf.data(), chunk, in);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw errors::io(path_, fmt::format("reading tensor {} failed", t.name), errno);
+    }
+    if (r == 0) throw errors::io(path_, fmt::format("copying tensor {} failed: source ended early", t.name));
+    pwrite_all(fd_, buf.data(), static_cast<uint64_t>(r), static_cast<uint64_t>(out), path_);
+    in += r;
+    out += r;
+    left -= static_cast<uint64_t>(r);
+  }
+}
+
+void safetensors_writer::commit() {
+  sync_and_rename(fd_, tmp_path_, path_);
+  committed_ = true;
+  ::close(fd_);
+  fd_ = -1;
+}
+
+void write_file_atomic(const std::string& path, std::string_view bytes) {
+  std::string tmp;
+  int fd = make_temp_beside(path, tmp);
+  try {
+    pwrite_all(fd, reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), 0, path);
+    sync_and_rename(fd, tmp, path);
+  } catch (...) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
+  }
+  ::close(fd);
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw errors::io(path, "cannot open", errno);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) throw errors::io(path, "cannot read", errno);
+  return ss.str();
+}
+
+}  // namespace lora
