@@ -1,6 +1,7 @@
 #include "formats/model-files.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <set>
 
@@ -55,7 +56,10 @@ void open_index(model_files& m) {
   const std::string label = m.index_path;
   json j;
   try {
-    j = json::parse(read_text_file(m.index_path));
+    const std::string text = read_text_file(m.index_path);
+    // nlohmann stops at a NUL byte and would ignore what follows
+    if (text.find('\0') != std::string::npos) throw errors::invalid(label, "", "index is not valid JSON: it holds a NUL byte");
+    j = json::parse(text);
   } catch (const json::exception& e) {
     throw errors::invalid(label, "", fmt::format("index is not valid JSON: {}", e.what()));
   }
@@ -64,7 +68,9 @@ void open_index(model_files& m) {
   if (j.contains("metadata") && j["metadata"].is_object() && j["metadata"].contains("total_size")) {
     const json& ts = j["metadata"]["total_size"];
     if (ts.is_number_unsigned()) m.index_total_size = ts.get<uint64_t>();
-    else if (ts.is_number_float() && ts.get<double>() >= 0 && ts.get<double>() == static_cast<double>(static_cast<uint64_t>(ts.get<double>())))
+    // some writers store it as a float: accept whole values below 2^64 (casting a larger double is UB)
+    else if (ts.is_number_float() && ts.get<double>() >= 0 && ts.get<double>() < 18446744073709551616.0 &&
+             ts.get<double>() == std::floor(ts.get<double>()))
       m.index_total_size = static_cast<uint64_t>(ts.get<double>());
     else throw errors::invalid(label, "", "metadata.total_size is not a non-negative integer");
   }

@@ -80,14 +80,34 @@ uint64_t read_u64_le(const uint8_t* p) {
 
 std::string shape_text(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
 
+// A short description of a JSON value for messages: numbers as written,
+// anything else by its type (dumping a deeply nested array would recurse
+// once per level and could exhaust the stack).
+std::string describe(const json& v) {
+  if (v.is_number()) return v.dump();
+  return std::string("a JSON ") + v.type_name();
+}
+
+// nlohmann's messages may quote a whole token (up to the header limit): keep one short line.
+std::string clip(std::string s, size_t max = 160) {
+  if (s.size() > max) s = s.substr(0, max) + "...";
+  return s;
+}
+
 // Parses the header JSON, refusing duplicate keys in any object.
 json parse_strict(const std::string& text, const std::string& label) {
   std::vector<std::set<std::string>> keys;
   std::string duplicate;
-  auto callback = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
+  // a header needs 3 levels (header, tensor entry, shape); stopping deep
+  // nesting early bounds the memory a 100 MB header of "[[[[..." could take
+  constexpr int max_depth = 16;
+  auto callback = [&](int depth, json::parse_event_t event, json& parsed) {
     switch (event) {
       case json::parse_event_t::object_start:
-        keys.emplace_back();
+      case json::parse_event_t::array_start:
+        if (depth >= max_depth)
+          throw errors::invalid(label, "", fmt::format("header is not a safetensors header: JSON nested deeper than {} levels", max_depth));
+        if (event == json::parse_event_t::object_start) keys.emplace_back();
         break;
       case json::parse_event_t::object_end:
         if (!keys.empty()) keys.pop_back();
@@ -108,7 +128,7 @@ json parse_strict(const std::string& text, const std::string& label) {
     // nlohmann's message: "[json.exception.parse_error.101] parse error at line 1, column 5: ..."
     std::string what = e.what();
     auto pos = what.find("] ");
-    throw errors::invalid(label, "", "header is not valid JSON: " + (pos == std::string::npos ? what : what.substr(pos + 2)));
+    throw errors::invalid(label, "", "header is not valid JSON: " + clip(pos == std::string::npos ? what : what.substr(pos + 2)));
   }
   if (!duplicate.empty()) throw errors::invalid(label, duplicate, "duplicate key in header");
   return j;
@@ -116,7 +136,7 @@ json parse_strict(const std::string& text, const std::string& label) {
 
 uint64_t checked_u64(const json& v, const std::string& label, const std::string& name, const char* field) {
   if (!v.is_number_unsigned())
-    throw errors::invalid(label, name, fmt::format("{} must hold non-negative integers, found {}", field, v.dump()));
+    throw errors::invalid(label, name, fmt::format("{} must hold non-negative integers, found {}", field, describe(v)));
   return v.get<uint64_t>();
 }
 
@@ -157,10 +177,15 @@ tensor_info parse_entry(const std::string& name, const json& entry, const std::s
     throw errors::invalid(label, name, fmt::format("data_offsets [{}, {}] end before they begin", t.begin, t.end));
 
   auto bytes = dtype_bytes(t.type, t.n_elements);
-  if (!bytes)
+  if (!bytes) {
+    uint64_t bits = 0;
+    if (__builtin_mul_overflow(t.n_elements, static_cast<uint64_t>(dtype_bits(t.type)), &bits))
+      throw errors::invalid(label, name, fmt::format("byte count of {} {} overflows 64 bits", dtype_name(t.type),
+                                                     shape_text(t.shape)));
     throw errors::invalid(label, name,
-                          fmt::format("byte count of {} x {} overflows 64 bits or is not a whole number of bytes",
-                                      dtype_name(t.type), shape_text(t.shape)));
+                          fmt::format("{} {} is {} bits, not a whole number of bytes", dtype_name(t.type),
+                                      shape_text(t.shape), bits));
+  }
   if (*bytes != t.end - t.begin)
     throw errors::invalid(label, name,
                           fmt::format("data_offsets [{}, {}] span {} bytes but {} {} needs {}", t.begin, t.end,
@@ -193,6 +218,13 @@ safetensors_header parse_safetensors_header(std::span<const uint8_t> bytes, uint
   if (!valid_utf8(text_bytes, bad_at))
     throw errors::invalid(label, "", fmt::format("header is not valid UTF-8 (byte {} of the header)", bad_at));
   std::string text(reinterpret_cast<const char*>(text_bytes.data()), text_bytes.size());
+  // nlohmann stops reading at a NUL byte and would ignore whatever follows it;
+  // JSON text never contains one (inside strings it must be escaped)
+  if (auto nul = text.find('\0'); nul != std::string::npos)
+    throw errors::invalid(label, "", fmt::format("header is not valid JSON: NUL byte at byte {} of the header", nul));
+  // nlohmann skips a leading UTF-8 byte order mark; JSON (and the reference reader) does not
+  if (text.starts_with("\xEF\xBB\xBF"))
+    throw errors::invalid(label, "", "header is not valid JSON: it starts with a byte order mark");
 
   json j = parse_strict(text, label);
   if (!j.is_object()) throw errors::invalid(label, "", "header is not a JSON object");
@@ -221,6 +253,8 @@ safetensors_header parse_safetensors_header(std::span<const uint8_t> bytes, uint
   uint64_t expect = 0;
   for (const tensor_info& t : h.tensors) {
     if (t.begin != expect) {
+      if (expect == 0 && &t == &h.tensors.front())
+        throw errors::invalid(label, t.name, fmt::format("data_offsets do not start at 0: the first tensor begins at {}", t.begin));
       if (t.begin > expect)
         throw errors::invalid(label, t.name, fmt::format("data_offsets leave a gap: begins at {}, previous tensor ends at {}", t.begin, expect));
       throw errors::invalid(label, t.name, fmt::format("data_offsets overlap: begins at {}, previous tensor ends at {}", t.begin, expect));
@@ -300,7 +334,12 @@ safetensors_layout plan_safetensors(std::vector<tensor_spec> specs, const std::o
     out.tensors.push_back(std::move(t));
   }
   out.data_size = offset;
-  out.header = header.dump();
+  try {
+    out.header = header.dump();
+  } catch (const ordered_json::exception&) {
+    // nlohmann refuses to write a name or metadata string that is not UTF-8
+    throw errors::invalid("", "", "a tensor name or metadata string is not valid UTF-8");
+  }
   out.header.append((8 - out.header.size() % 8) % 8, ' ');
   return out;
 }
