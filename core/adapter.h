@@ -32,16 +32,26 @@ struct lora_module {
   module_kind kind = module_kind::linear;
   // linear: A [r, in], B [out, r]; conv: A [r, in, kh, kw], B [out, r, 1, 1];
   // embedding: A [r, vocab], B [dim, r] and dW = (B A)^T.
+  // fit_adapter() makes `kind` follow the base tensor: a kohya 1x1-conv LoRA
+  // (A [r, in, 1, 1]) on a 2-D base becomes linear, a 2-D LoRA on a
+  // [out, in, 1, 1] base becomes conv. The bytes are the same either way, so
+  // read A as rank = shape[0] rows of n_elements / rank columns, B as
+  // shape[0] rows of rank columns, whatever their number of dimensions.
   tensor_ref a;
   tensor_ref b;
-  std::optional<tensor_ref> magnitude;  // DoRA m, [out]
+  // DoRA m: one per row of B (linear / conv out, embedding dim); PEFT
+  // stores [out], conv [1, out, 1, 1]: read it as n_elements values.
+  std::optional<tensor_ref> magnitude;
   std::optional<tensor_ref> bias;       // lora_B.bias, [out]: added to "<name>.bias"
-  int64_t rank = 0;
+  int64_t rank = 0;  // from the shapes (A rows == B columns)
+  // PEFT: alpha_pattern (first match), else lora_alpha, else 8.
+  // kohya: the .alpha scalar; absent or 0 reads as rank (sd-scripts LoRAModule).
   double alpha = 0;
   double scale = 0;  // lora_scale(alpha, rank, rslora)
   bool dora = false;
   // The base weight is stored [in, out] (GPT-2 Conv1D): dW is transposed.
-  // Set from the config, and by fit_adapter() from the base's model_type.
+  // load_adapter() copies the config's value (linear modules only);
+  // fit_adapter() then decides it from the base (see fit_adapter).
   bool fan_in_fan_out = false;
 };
 
@@ -61,15 +71,33 @@ struct adapter {
   std::vector<saved_tensor> saved;
 };
 
+// What a safetensors file holds, judged from its tensor names alone. Other
+// kinds are checked first (a LyCORIS file may also hold lora_down keys).
+enum class file_kind {
+  model,          // no adapter keys
+  peft_lora,      // lora_A / lora_B (PEFT)
+  kohya_lora,     // lora_down / lora_up (+ alpha), lora_unet_ / lora_te*_ prefixes
+  other_adapter,  // LoHa, LoKr, MLX lora_a/lora_b, diffusers processors, cloneofsimo, ...
+};
+struct file_classification {
+  file_kind kind = file_kind::model;
+  std::string description;  // e.g. "LoHa (hada_w1_a, hada_w1_b, ...)": names the other kind
+};
+file_classification classify_tensors(const std::vector<std::string>& names);
+
 // The scale of one module: alpha / r, or alpha / sqrt(r) with rsLoRA.
 double lora_scale(double alpha, int64_t rank, bool rslora) noexcept;
 
 // Loads a PEFT folder (adapter_config.json + adapter_model.safetensors), a
 // PEFT .safetensors file with its config beside it, or a kohya single file.
 // Throws lora::error (exit 3) naming the key: a missing half, a rank that
-// disagrees between A, B and the config, a key that is neither LoRA nor a
-// known extra, and adapters of other kinds (LoHa, LoKr, MLX lora_a/lora_b,
-// diffusers attention processors, ...) named as such.
+// disagrees between A, B and the config (rank_pattern keys are regexes matched
+// as ^(.*\.)?(KEY)$ against the module path, first match in file order wins),
+// a key that is neither LoRA nor a known extra, DoRA / lora_bias tensors the
+// config does not announce, peft_type other than LORA, PEFT weights without a
+// config, and adapters of other kinds (LoHa, LoKr, MLX lora_a/lora_b,
+// diffusers attention processors, ...) named as such. Exit 4 when unreadable.
+// Modules are sorted by name, saved tensors by target.
 adapter load_adapter(const std::string& path);
 
 // How an adapter fits a base model.
@@ -82,11 +110,25 @@ struct fit_report {
   bool ok() const noexcept { return problems.empty(); }
 };
 
-// Matches every module to its base tensor: resolves kohya names (ambiguity is
-// a problem naming both candidates), decides fan_in_fan_out from the base's
+// Matches every module to its base tensor: resolves kohya names (the name
+// without its lora_unet_ / lora_te*_ prefix equals a base "<module>.weight"
+// key with '.' read as '_'; failing that, the same inside a single-file
+// checkpoint's container: model.diffusion_model. for lora_unet_,
+// cond_stage_model.transformer. for lora_te_, conditioner.embedders.0.transformer.
+// for lora_te1_; ambiguity is a problem naming both candidates), decides fan_in_fan_out from the base's
 // model_type and shapes (GPT-2 Conv1D), and checks every shape. Updates
-// `target` and `fan_in_fan_out` in place. Never throws for a mismatch: the
-// report lists them (cli decides the exit code).
+// `name`/`target` (kohya), `kind` (1x1 conv vs linear, see lora_module) and
+// `fan_in_fan_out` in place, and re-sorts modules by name. Never throws for a
+// mismatch: the report lists them (cli decides the exit code).
+// fan_in_fan_out, as PEFT forces it from the layer type (Conv1D: true,
+// nn.Linear: false, whatever the config says): a non-square base weight
+// decides by its layout ([in, out] -> true); a square one is Conv1D when the
+// base's config.json model_type is GPT-2-like (gpt2, openai-gpt, imagegpt,
+// decision_transformer) and the module is c_attn / c_proj / c_fc, else false;
+// with no model_type the config value stands, except a c_attn / c_proj / c_fc
+// module with fan_in_fan_out false, which is a problem ("orientation
+// ambiguous"). Throws only when the base's config.json is unreadable (exit 4)
+// or not JSON (exit 3).
 fit_report fit_adapter(adapter& a, const model_files& base);
 
 }  // namespace lora

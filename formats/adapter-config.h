@@ -22,6 +22,11 @@ struct peft_config {
   std::vector<std::string> target_modules;  // a list; a single regex string lands as one entry
   bool target_modules_is_regex = false;
   bool lora_bias = false;
+  // "true" / "false" or the method ("pissa", "olora", "loftq", ...): PiSSA /
+  // OLoRA / CorDA / LoftQ adapters saved unconverted belong to a residual
+  // base, not the original one (shown, not refused).
+  std::string init_lora_weights = "true";
+  bool layer_replication = false;  // non-null layer_replication (refused by core/adapter)
   std::string base_model_name_or_path;
   std::string task_type;
   std::string text;  // the file's JSON, for display
@@ -31,7 +36,16 @@ struct peft_config {
 // Throws lora::error (exit 3) naming `label` and the field on wrong types.
 peft_config parse_peft_config(const std::string& text, const std::string& label);
 
-// Serializes a config as PEFT writes it (two-space indent, sorted keys).
+// Serializes a config as PEFT's save_pretrained writes it: every LoraConfig
+// field the math depends on plus PEFT's defaults for the rest, two-space
+// indent, keys sorted at every level (PEFT's json.dumps(sort_keys=True) sorts
+// rank_pattern / alpha_pattern too), no trailing newline. r / lora_alpha
+// default to PEFT's 8; integral alphas are written as integers.
 std::string render_peft_config(const peft_config& config);
+
+// The "model_type" of a model's config.json ("gpt2", "llama"); nullopt when
+// the file has none (or it is not a string). Throws lora::error: exit 4 when
+// unreadable, exit 3 when not a JSON object.
+std::optional<std::string> read_model_type(const std::string& config_path);
 
 }  // namespace lora
