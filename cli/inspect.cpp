@@ -1,10 +1,309 @@
-// PLACEHOLDER: replaced by the real subcommand (work in progress).
+// lora inspect PATH [--json] [--base MODEL]: what a model, an adapter or any
+// safetensors file holds (files, metadata, every tensor, totals; for a LoRA
+// adapter its modules with rank, alpha and scale), read from headers only.
+// With --base, how the adapter fits that model: exit 3 when it does not.
+#include <cstdio>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
 #include "cli/commands.h"
+#include "cli/progress.h"
+#include "core/inspect.h"
 #include "formats/error.h"
+
 namespace lora::cli {
+
+namespace {
+
+using ordered_json = nlohmann::ordered_json;
+
+struct inspect_options {
+  std::string path;
+  std::string base;
+  bool json = false;
+};
+
+std::string shape_text(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
+// "12,345"
+std::string grouped(uint64_t n) {
+  std::string digits = std::to_string(n), out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return out;
+}
+
+// A number for the screen: "8", "0.5", "2.82843".
+std::string number_text(double v) { return fmt::format("{:.6g}", v); }
+
+// --- JSON -----------------------------------------------------------------------
+
+ordered_json metadata_json(const std::optional<metadata_map>& m) {
+  if (!m) return nullptr;
+  ordered_json j = ordered_json::object();
+  for (const auto& [k, v] : *m) j[k] = v;
+  return j;
+}
+
+ordered_json module_json(const lora_module& m, const inspect_base_match* base) {
+  ordered_json j;
+  j["name"] = m.name;
+  j["target"] = m.target;
+  j["kind"] = std::string(module_kind_name(m.kind));
+  j["rank"] = m.rank;
+  j["alpha"] = m.alpha;
+  j["scale"] = m.scale;
+  j["dora"] = m.dora;
+  j["fan_in_fan_out"] = m.fan_in_fan_out;
+  j["a_shape"] = m.a.info->shape;
+  j["b_shape"] = m.b.info->shape;
+  j["dtype"] = std::string(dtype_name(m.a.info->type));
+  if (m.magnitude) j["magnitude_shape"] = m.magnitude->info->shape;
+  if (m.bias) j["bias_shape"] = m.bias->info->shape;
+  if (base) {
+    j["base_shape"] = base->found ? ordered_json(base->shape) : ordered_json(nullptr);
+    j["base_dtype"] = base->found ? ordered_json(std::string(dtype_name(base->type))) : ordered_json(nullptr);
+  }
+  return j;
+}
+
+ordered_json report_json(const inspect_report& r) {
+  ordered_json j;
+  j["kind"] = std::string(inspect_kind_name(r.kind));
+  j["path"] = r.path;
+  if (r.kind == inspect_kind::adapter) j["format"] = std::string(adapter_format_name(r.lora->format));
+  if (r.kind == inspect_kind::other_adapter) j["adapter_kind"] = r.other_description;
+  if (r.kind == inspect_kind::model) j["model_type"] = r.model_type ? ordered_json(*r.model_type) : ordered_json(nullptr);
+  if (r.kind != inspect_kind::model) {
+    ordered_json config = nullptr;
+    if (!r.config_text.empty()) {
+      config = ordered_json::parse(r.config_text, nullptr, /*allow_exceptions=*/false);
+      if (config.is_discarded()) config = r.config_text;
+    }
+    j["config"] = std::move(config);
+  }
+
+  ordered_json files = ordered_json::array();
+  for (const inspect_file& f : r.files)
+    files.push_back({{"name", f.name}, {"path", f.path}, {"bytes", f.bytes}, {"header_bytes", f.header_bytes},
+                     {"tensors", f.n_tensors}, {"metadata", metadata_json(f.metadata)}});
+  j["files"] = std::move(files);
+  if (!r.index_path.empty())
+    j["index"] = {{"path", r.index_path},
+                  {"total_size", r.index_total_size ? ordered_json(*r.index_total_size) : ordered_json(nullptr)}};
+  j["metadata"] = r.files.empty() ? ordered_json(nullptr) : metadata_json(r.files.front().metadata);
+
+  if (r.lora) {
+    ordered_json modules = ordered_json::array();
+    for (size_t i = 0; i < r.lora->modules.size(); ++i)
+      modules.push_back(module_json(r.lora->modules[i], r.base_matches.empty() ? nullptr : &r.base_matches[i]));
+    j["modules"] = std::move(modules);
+    ordered_json saved = ordered_json::array();
+    for (const saved_tensor& s : r.lora->saved)
+      saved.push_back({{"target", s.target}, {"key", s.tensor.info->name}, {"dtype", std::string(dtype_name(s.tensor.info->type))},
+                       {"shape", s.tensor.info->shape}});
+    j["modules_to_save"] = std::move(saved);
+  }
+
+  ordered_json tensors = ordered_json::array();
+  for (const inspect_tensor& t : r.tensors)
+    tensors.push_back({{"name", t.name}, {"dtype", std::string(dtype_name(t.type))}, {"shape", t.shape}, {"bytes", t.n_bytes},
+                       {"file", t.file}});
+  j["tensors"] = std::move(tensors);
+  j["totals"] = {{"tensors", r.tensors.size()}, {"parameters", r.n_parameters}, {"bytes", r.n_bytes}};
+
+  if (r.fit) {
+    ordered_json problems = ordered_json::array();
+    for (const fit_problem& p : r.fit->problems) problems.push_back({{"key", p.key}, {"what", p.what}});
+    j["fit"] = {{"ok", r.fit->ok()}, {"base", r.base_path}, {"problems", std::move(problems)}};
+  }
+  return j;
+}
+
+// --- text -----------------------------------------------------------------------
+
+// Prints rows as aligned columns; `right[i]` right-aligns column i.
+void print_table(const std::vector<std::string>& header, const std::vector<std::vector<std::string>>& rows,
+                 const std::vector<bool>& right) {
+  std::vector<size_t> width(header.size());
+  for (size_t c = 0; c < header.size(); ++c) width[c] = header[c].size();
+  for (const auto& row : rows)
+    for (size_t c = 0; c < row.size(); ++c) width[c] = std::max(width[c], row[c].size());
+  auto print_row = [&](const std::vector<std::string>& row) {
+    std::string line = " ";
+    for (size_t c = 0; c < row.size(); ++c) {
+      const bool last = c + 1 == row.size();
+      if (right[c])
+        line += fmt::format(" {:>{}}", row[c], width[c]);
+      else
+        line += last ? " " + row[c] : fmt::format(" {:<{}}", row[c], width[c]);
+    }
+    fmt::print("{}\n", line);
+  };
+  print_row(header);
+  for (const auto& row : rows) print_row(row);
+}
+
+// Long metadata values (kohya's ss_tag_frequency ...) are cut for the screen.
+std::string screen_value(const std::string& v) {
+  constexpr size_t k_max = 100;
+  std::string one_line;
+  for (char ch : v) one_line += (ch == '\n' || ch == '\r' || ch == '\t') ? ' ' : ch;
+  if (one_line.size() <= k_max) return one_line;
+  size_t cut = k_max;
+  while (cut > 0 && (static_cast<unsigned char>(one_line[cut]) & 0xC0) == 0x80) --cut;  // whole UTF-8 characters
+  return fmt::format("{}... ({} bytes)", one_line.substr(0, cut), v.size());
+}
+
+void print_report(const inspect_report& r) {
+  // headline
+  switch (r.kind) {
+    case inspect_kind::model:
+      fmt::print("model: {}{}\n", r.path, r.model_type ? fmt::format(" (model_type {})", *r.model_type) : "");
+      break;
+    case inspect_kind::adapter:
+      fmt::print("adapter: {} ({} LoRA, {} modules{})\n", r.path, adapter_format_name(r.lora->format),
+                 r.lora->modules.size(),
+                 r.lora->saved.empty() ? "" : fmt::format(", {} saved tensors", r.lora->saved.size()));
+      break;
+    case inspect_kind::other_adapter:
+      fmt::print("other adapter: {}: {} (not a LoRA that lora can merge)\n", r.path, r.other_description);
+      break;
+  }
+  if (!r.index_path.empty())
+    fmt::print("index: {} (total_size {})\n", r.index_path,
+               r.index_total_size ? grouped(*r.index_total_size) : std::string("absent"));
+
+  // files and their metadata
+  fmt::print("\nfiles:\n");
+  for (const inspect_file& f : r.files) {
+    fmt::print("  {}  {} bytes, header {} bytes, {} tensors\n", f.name, grouped(f.bytes), grouped(f.header_bytes),
+               f.n_tensors);
+    if (!f.metadata) {
+      fmt::print("    metadata: none\n");
+      continue;
+    }
+    fmt::print("    metadata:{}\n", f.metadata->empty() ? " {}" : "");
+    for (const auto& [k, v] : *f.metadata) fmt::print("      {}: {}\n", k, screen_value(v));
+  }
+
+  // the LoRA modules
+  if (r.lora) {
+    const adapter& a = *r.lora;
+    if (a.config) {
+      const peft_config& c = *a.config;
+      fmt::print("\nconfig: r {}, lora_alpha {}, use_rslora {}, use_dora {}, fan_in_fan_out {}, lora_bias {}\n",
+                 c.r ? std::to_string(*c.r) : "-", c.lora_alpha ? number_text(*c.lora_alpha) : "-", c.use_rslora,
+                 c.use_dora, c.fan_in_fan_out, c.lora_bias);
+      if (!c.target_modules.empty())
+        fmt::print("  target_modules: {}{}\n", fmt::join(c.target_modules, ", "),
+                   c.target_modules_is_regex ? " (regex)" : "");
+      for (const auto& [k, v] : c.rank_pattern) fmt::print("  rank_pattern: {} -> {}\n", k, v);
+      for (const auto& [k, v] : c.alpha_pattern) fmt::print("  alpha_pattern: {} -> {}\n", k, number_text(v));
+    }
+    fmt::print("\nmodules:\n");
+    const bool with_base = !r.base_matches.empty();
+    std::vector<std::string> header = {"module", "kind", "rank", "alpha", "scale", "dora", "A", "B", "dtype"};
+    std::vector<bool> right = {false, false, true, true, true, false, false, false, false};
+    if (with_base) {
+      header.insert(header.end(), {"base", "target"});
+      right.insert(right.end(), {false, false});
+    }
+    std::vector<std::vector<std::string>> rows;
+    for (size_t i = 0; i < a.modules.size(); ++i) {
+      const lora_module& m = a.modules[i];
+      std::string kind(module_kind_name(m.kind));
+      if (m.fan_in_fan_out) kind += " (fan_in_fan_out)";
+      if (m.bias) kind += " +bias";
+      rows.push_back({m.name, kind, std::to_string(m.rank), number_text(m.alpha), number_text(m.scale),
+                      m.dora ? "yes" : "no", shape_text(m.a.info->shape), shape_text(m.b.info->shape),
+                      std::string(dtype_name(m.a.info->type))});
+      if (with_base) {
+        const inspect_base_match& b = r.base_matches[i];
+        rows.back().push_back(b.found ? shape_text(b.shape) + " " + std::string(dtype_name(b.type)) : "not found");
+        rows.back().push_back(m.target.empty() ? "-" : m.target);
+      }
+    }
+    print_table(header, rows, right);
+    if (!a.saved.empty()) {
+      fmt::print("\nmodules_to_save (replace the base tensor whole):\n");
+      for (const saved_tensor& s : a.saved)
+        fmt::print("  {}  <- {}  {} {}\n", s.target, s.tensor.info->name, dtype_name(s.tensor.info->type),
+                   shape_text(s.tensor.info->shape));
+    }
+  }
+
+  // every tensor
+  fmt::print("\ntensors:\n");
+  const bool many_files = r.files.size() > 1;
+  std::vector<std::string> header = {"name", "dtype", "shape", "bytes"};
+  std::vector<bool> right = {false, false, false, true};
+  if (many_files) {
+    header.push_back("file");
+    right.push_back(false);
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (const inspect_tensor& t : r.tensors) {
+    rows.push_back({t.name, std::string(dtype_name(t.type)), shape_text(t.shape), grouped(t.n_bytes)});
+    if (many_files) rows.back().push_back(t.file);
+  }
+  print_table(header, rows, right);
+  fmt::print("\ntotals: {} tensors, {} parameters, {} bytes ({})\n", r.tensors.size(), grouped(r.n_parameters),
+             grouped(r.n_bytes), human_bytes(r.n_bytes));
+
+  // the fit against a base model
+  if (r.fit) {
+    if (r.fit->ok()) {
+      fmt::print("\nfit: ok: every module matches {}\n", r.base_path);
+    } else {
+      fmt::print("\nfit: {} problems against {}:\n", r.fit->problems.size(), r.base_path);
+      for (const fit_problem& p : r.fit->problems) fmt::print("  {}: {}\n", p.key, p.what);
+    }
+  }
+}
+
+int run_inspect(const inspect_options& o) {
+  std::optional<std::string> base;
+  if (!o.base.empty()) base = o.base;
+  inspect_report r = inspect_path(o.path, base);
+  if (base && r.kind != inspect_kind::adapter)
+    throw errors::usage(fmt::format("--base applies to a LoRA adapter, and {} is {}", o.path,
+                                    r.kind == inspect_kind::model ? "a model" : "an adapter of another kind"));
+
+  if (o.json)
+    fmt::print("{}\n", report_json(r).dump(2));
+  else
+    print_report(r);
+  std::fflush(stdout);
+
+  if (r.fit && !r.fit->ok()) {
+    const fit_problem& first = r.fit->problems.front();
+    throw errors::invalid(o.path, "",
+                          fmt::format("does not fit {}: {} problem{} (first: {}: {})", r.base_path,
+                                      r.fit->problems.size(), r.fit->problems.size() == 1 ? "" : "s", first.key,
+                                      first.what));
+  }
+  return static_cast<int>(exit_code::ok);
+}
+
+}  // namespace
+
 CLI::App* setup_inspect(CLI::App& app, runner& run) {
-  auto* sub = app.add_subcommand("inspect", "not built yet");
-  sub->callback([&run] { run = [] () -> int { throw errors::usage("'inspect' is not built yet"); }; });
+  auto opts = std::make_shared<inspect_options>();
+  auto* sub = app.add_subcommand("inspect", "List the files, metadata and tensors of a model, an adapter or any "
+                                            "safetensors file; for a LoRA adapter, its modules, ranks and scales");
+  sub->add_option("path", opts->path, "model folder, adapter folder, or .safetensors file")->required();
+  sub->add_flag("--json", opts->json, "print one JSON object instead of tables");
+  sub->add_option("--base", opts->base, "check that the adapter fits this base model (exit 3 when it does not)");
+  sub->callback([opts, &run] { run = [opts] { return run_inspect(*opts); }; });
   return sub;
 }
+
 }  // namespace lora::cli

@@ -1,0 +1,153 @@
+#include "core/inspect.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <filesystem>
+
+#include "formats/adapter-config.h"
+#include "formats/error.h"
+#include "formats/model-files.h"
+
+namespace lora {
+
+namespace fs = std::filesystem;
+
+std::string_view inspect_kind_name(inspect_kind k) noexcept {
+  switch (k) {
+    case inspect_kind::model: return "model";
+    case inspect_kind::adapter: return "adapter";
+    case inspect_kind::other_adapter: return "other_adapter";
+  }
+  return "model";
+}
+
+namespace {
+
+// Appends one file and its tensors (data order) to the report.
+void add_file(inspect_report& r, const safetensors_file& f, const std::string& name) {
+  inspect_file info;
+  info.name = name;
+  info.path = f.path();
+  info.bytes = f.file_size();
+  info.header_bytes = f.header().header_len;
+  info.n_tensors = f.tensors().size();
+  info.metadata = f.metadata();
+  r.files.push_back(std::move(info));
+  for (const tensor_info& t : f.tensors()) {
+    r.tensors.push_back({t.name, t.type, t.shape, t.n_elements, t.n_bytes(), name});
+    r.n_parameters += t.n_elements;
+    r.n_bytes += t.n_bytes();
+  }
+}
+
+std::vector<std::string> tensor_names(const safetensors_file& f) {
+  std::vector<std::string> names;
+  names.reserve(f.tensors().size());
+  for (const tensor_info& t : f.tensors()) names.push_back(t.name);
+  return names;
+}
+
+// The weights file of a folder holding adapter_config.json:
+// adapter_model.safetensors, else the folder's only .safetensors file.
+// Empty when there is neither (load_adapter then says what is missing).
+std::string adapter_weights_in(const fs::path& folder) {
+  std::error_code ec;
+  fs::path peft = folder / "adapter_model.safetensors";
+  if (fs::exists(peft, ec)) return peft.string();
+  std::vector<std::string> found;
+  for (const auto& e : fs::directory_iterator(folder, ec))
+    if (e.is_regular_file(ec) && e.path().extension() == ".safetensors") found.push_back(e.path().string());
+  return found.size() == 1 ? found[0] : std::string();
+}
+
+void inspect_model(inspect_report& r, const std::string& path) {
+  model_files m = open_model(path);
+  r.kind = inspect_kind::model;
+  r.config_path = m.config_path;
+  if (!m.config_path.empty()) r.model_type = read_model_type(m.config_path);
+  r.index_path = m.index_path;
+  r.index_total_size = m.index_total_size;
+  for (size_t i = 0; i < m.shards.size(); ++i) add_file(r, m.shards[i], m.shard_names[i]);
+}
+
+void inspect_lora(inspect_report& r, const std::string& path, const std::optional<std::string>& base) {
+  r.kind = inspect_kind::adapter;
+  r.lora = load_adapter(path);
+  const adapter& a = *r.lora;
+  add_file(r, *a.file, fs::path(a.weights_path).filename().string());
+  if (a.config) r.config_text = a.config->text;
+  if (!base) return;
+
+  // fit to the base, then match every module to its base tensor
+  model_files b = open_model(*base);
+  r.base_path = *base;
+  r.fit = fit_adapter(*r.lora, b);
+  for (const lora_module& mod : r.lora->modules) {
+    inspect_base_match match;
+    if (auto ref = mod.target.empty() ? std::nullopt : b.find(mod.target)) {
+      match.found = true;
+      match.shape = ref->info->shape;
+      match.type = ref->info->type;
+    }
+    r.base_matches.push_back(std::move(match));
+  }
+}
+
+}  // namespace
+
+inspect_report inspect_path(const std::string& path, const std::optional<std::string>& base) {
+  inspect_report r;
+  r.path = path;
+  std::error_code ec;
+  if (!fs::exists(path, ec)) throw errors::io(path, "no such file or folder", ENOENT);
+
+  // a folder: a PEFT adapter (adapter_config.json) or a model
+  if (fs::is_directory(path, ec)) {
+    fs::path config = fs::path(path) / "adapter_config.json";
+    if (!fs::exists(config, ec)) {
+      inspect_model(r, path);
+      return r;
+    }
+    std::string weights = adapter_weights_in(path);
+    if (!weights.empty()) {
+      safetensors_file f(weights);
+      file_classification c = classify_tensors(tensor_names(f));
+      if (c.kind == file_kind::other_adapter) {
+        r.kind = inspect_kind::other_adapter;
+        r.other_description = c.description;
+        r.config_text = read_text_file(config.string());
+        add_file(r, f, fs::path(weights).filename().string());
+        return r;
+      }
+    }
+    inspect_lora(r, path, base);
+    return r;
+  }
+
+  // an index file names a sharded model
+  if (fs::path(path).extension() == ".json") {
+    inspect_model(r, path);
+    return r;
+  }
+
+  // one .safetensors file: judge it by its tensor names
+  safetensors_file f(path);
+  file_classification c = classify_tensors(tensor_names(f));
+  switch (c.kind) {
+    case file_kind::peft_lora:
+    case file_kind::kohya_lora:
+      inspect_lora(r, path, base);
+      break;
+    case file_kind::other_adapter:
+      r.kind = inspect_kind::other_adapter;
+      r.other_description = c.description;
+      add_file(r, f, fs::path(path).filename().string());
+      break;
+    case file_kind::model:
+      inspect_model(r, path);
+      break;
+  }
+  return r;
+}
+
+}  // namespace lora
