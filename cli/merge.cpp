@@ -1,10 +1,133 @@
-// PLACEHOLDER: replaced by the real subcommand (work in progress).
+// lora merge --base MODEL --adapter ADAPTER [--adapter ADAPTER2 --weight W ...]
+//            --out DIR [--dtype same|bf16|f16|f32] [--scale S] [--threads N]
+//            [--dry-run] [--force] [--quiet] [--allow-nonfinite]
+// Writes the base model with every adapter's delta merged in (core/merge), a
+// progress bar on stderr while it runs (terminal only), one summary line.
+#include <unistd.h>
+
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
 #include "cli/commands.h"
+#include "cli/progress.h"
+#include "core/merge.h"
 #include "formats/error.h"
+
 namespace lora::cli {
+
+namespace {
+
+struct merge_cli_options {
+  std::string base;
+  std::vector<std::string> adapters;
+  std::vector<double> weights;
+  std::string out;
+  std::string dtype = "same";
+  double scale = 1.0;
+  int threads = 0;
+  bool dry_run = false;
+  bool force = false;
+  bool quiet = false;
+  bool allow_nonfinite = false;
+};
+
+std::optional<dtype> parse_out_dtype(const std::string& s) {
+  if (s == "same") return std::nullopt;
+  if (s == "bf16") return dtype::BF16;
+  if (s == "f16") return dtype::F16;
+  if (s == "f32") return dtype::F32;
+  throw errors::usage(fmt::format("--dtype {} is not one of same, bf16, f16, f32", s));
+}
+
+int run_merge(const merge_cli_options& o) {
+  // one weight per adapter, or none (all 1)
+  if (!o.weights.empty() && o.weights.size() != o.adapters.size())
+    throw errors::usage(fmt::format("{} --weight values for {} --adapter values: give one per adapter, or none",
+                                    o.weights.size(), o.adapters.size()));
+  merge_options opts;
+  opts.base = o.base;
+  for (size_t i = 0; i < o.adapters.size(); ++i)
+    opts.adapters.push_back({o.adapters[i], o.weights.empty() ? 1.0 : o.weights[i]});
+  opts.out = o.out;
+  opts.out_type = parse_out_dtype(o.dtype);
+  opts.scale = o.scale;
+  opts.threads = o.threads;
+  opts.dry_run = o.dry_run;
+  opts.force = o.force;
+  opts.allow_nonfinite = o.allow_nonfinite;
+
+  progress_bar bar("merge", o.quiet || o.dry_run);
+  opts.progress = bar.callback();
+  const merge_report r = merge_model(opts);
+  bar.finish();
+  if (o.quiet) return 0;
+
+  if (!r.skipped_files.empty())
+    fmt::print(stderr, "lora merge: note: not copied (weights in another format, not merged): {}\n",
+               fmt::join(r.skipped_files, ", "));
+  const std::string tensors =
+      fmt::format("{} tensors: {} merged, {} replaced, {} converted, {} copied", r.n_tensors, r.n_merged,
+                  r.n_replaced, r.n_converted, r.n_copied);
+  if (r.dry_run) {
+    fmt::print("dry run: {} LoRA modules from {} adapter{}; would write {} ({} files) to {}, {} free; {}; nothing "
+               "written\n",
+               r.n_modules, opts.adapters.size(), opts.adapters.size() == 1 ? "" : "s", human_bytes(r.bytes_written),
+               r.files.size(), r.out, human_bytes(r.bytes_free), tensors);
+    return 0;
+  }
+  const double gbps = r.seconds > 0 ? static_cast<double>(r.bytes_written) / r.seconds / 1e9 : 0.0;
+  fmt::print("merged {} LoRA modules from {} adapter{} into {}: {}; {} written in {:.2f} s ({:.2f} GB/s)\n",
+             r.n_modules, opts.adapters.size(), opts.adapters.size() == 1 ? "" : "s", r.out, tensors,
+             human_bytes(r.bytes_written), r.seconds, gbps);
+  return 0;
+}
+
+}  // namespace
+
 CLI::App* setup_merge(CLI::App& app, runner& run) {
-  auto* sub = app.add_subcommand("merge", "not built yet");
-  sub->callback([&run] { run = [] () -> int { throw errors::usage("'merge' is not built yet"); }; });
+  auto o = std::make_shared<merge_cli_options>();
+  auto* sub = app.add_subcommand(
+      "merge",
+      "Merge LoRA adapters into a base model: W = W0 + sum_k weight_k * scale * s_k B_k A_k, computed in f32 and "
+      "rounded once, written as a complete model folder (same tensors, sharding and files as the base)");
+  sub->add_option("--base", o->base,
+                  "base model: a Hugging Face folder, or a bare .safetensors file (--out is then still a folder, "
+                  "holding that file name and config.json when one sits beside it)")
+      ->required();
+  sub->add_option("--adapter", o->adapters,
+                  "adapter: PEFT folder, PEFT .safetensors (config beside it) or kohya .safetensors; repeat for "
+                  "several (their deltas are summed, in order)")
+      ->required()
+      ->expected(1)
+      ->take_all();
+  sub->add_option("--weight", o->weights, "weight of each --adapter, in the same order (default 1 each)")
+      ->expected(1)
+      ->take_all();
+  sub->add_option("--out", o->out,
+                  "output folder; written beside it as <out>.tmp-XXXXXX and renamed when complete")
+      ->required();
+  sub->add_option("--dtype", o->dtype, "dtype of the floating-point tensors written (default: same as the base)")
+      ->check(CLI::IsMember({"same", "bf16", "f16", "f32"}))
+      ->default_str("same");
+  sub->add_option("--scale", o->scale, "multiplies every delta (default 1)");
+  sub->add_option("--threads", o->threads, "worker threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  sub->add_flag("--dry-run", o->dry_run, "check keys, shapes, dtypes and free space; write nothing");
+  sub->add_flag("--force", o->force, "replace --out when it exists (without it, an existing --out is refused: exit 2)");
+  sub->add_flag("--quiet", o->quiet, "no progress bar, no summary");
+  sub->add_flag("--allow-nonfinite", o->allow_nonfinite,
+                "write NaN / Inf values a merge produces (refused by default: exit 3)");
+  sub->footer(
+      "Modules_to_save tensors replace the base tensor whole (weight and --scale do not apply to them).\n"
+      "Exit codes: 0 merged, 2 bad command line or existing --out, 3 the adapter does not fit the base or a\n"
+      "merged value is not finite, 4 I/O failure (unreadable input, disk full). Nothing is left behind on error.");
+  sub->callback([o, &run] { run = [o] { return run_merge(*o); }; });
   return sub;
 }
+
 }  // namespace lora::cli

@@ -1,0 +1,275 @@
+#include "core/delta.h"
+
+#include <cblas.h>
+
+#include <climits>
+#include <cmath>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "core/dtype.h"
+#include "formats/error.h"
+
+namespace lora {
+
+namespace {
+
+std::string shape_text(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
+uint64_t product(const std::vector<int64_t>& shape, size_t from) {
+  uint64_t n = 1;
+  for (size_t i = from; i < shape.size(); ++i) n *= static_cast<uint64_t>(shape[i]);
+  return n;
+}
+
+// Decodes a tensor through core/dtype into a vector of T.
+template <typename T>
+std::vector<T> decode(const tensor_ref& t, const std::string& file, const std::string& key) {
+  if (!dtype_is_math(t.info->type))
+    throw errors::invalid(file, t.info->name,
+                          fmt::format("dtype {} is not supported for arithmetic (only F16, BF16, F32, F64) in module {}",
+                                      dtype_name(t.info->type), key));
+  std::vector<T> out(t.info->n_elements);
+  if constexpr (sizeof(T) == 4) to_f32(t.info->type, t.data(), out);
+  else to_f64(t.info->type, t.data(), out);
+  return out;
+}
+
+template <typename T>
+delta_factors_t<T> load_factors(const lora_module& m, const std::vector<int64_t>& target_shape, const std::string& file) {
+  delta_factors_t<T> f;
+  f.key = m.name;
+  f.target = m.target;
+  f.target_shape = target_shape;
+  f.scale = m.scale;
+  f.dora = m.dora;
+  f.transposed = m.kind == module_kind::embedding || (m.kind == module_kind::linear && m.fan_in_fan_out);
+  if (target_shape.empty())
+    throw errors::invalid(file, m.name, fmt::format("target {} is a scalar: no LoRA delta applies to it", m.target));
+  f.n_rows = target_shape[0];
+  f.n_cols = static_cast<int64_t>(product(target_shape, 1));
+
+  // rank from A; B and the module must agree
+  const auto& a_shape = m.a.info->shape;
+  const auto& b_shape = m.b.info->shape;
+  if (a_shape.size() < 2 || b_shape.size() < 2)
+    throw errors::shape_mismatch(file, m.name, "lora_A and lora_B of at least 2 dims",
+                                 fmt::format("A {} and B {}", shape_text(a_shape), shape_text(b_shape)));
+  f.rank = a_shape[0];
+  if (m.rank != 0 && m.rank != f.rank)
+    throw errors::shape_mismatch(file, m.name, fmt::format("rank {} (A's first dim)", f.rank),
+                                 fmt::format("rank {}", m.rank));
+
+  // the dims each factor must cover: A [r, k], B [n, r] (B may carry trailing 1s)
+  const int64_t k = f.transposed ? f.n_rows : f.n_cols;
+  const int64_t n = f.transposed ? f.n_cols : f.n_rows;
+  const bool a_ok = product(a_shape, 1) == static_cast<uint64_t>(k);
+  const bool b_ok = b_shape[0] == n && product(b_shape, 1) == static_cast<uint64_t>(f.rank);
+  bool kernel_ok = true;
+  if (!f.transposed && a_shape.size() == target_shape.size() && a_shape.size() > 2)
+    for (size_t i = 1; i < a_shape.size(); ++i) kernel_ok = kernel_ok && a_shape[i] == target_shape[i];
+  if (f.transposed && target_shape.size() != 2)
+    throw errors::shape_mismatch(file, m.name, "a 2-D target for a transposed (fan_in_fan_out / embedding) delta",
+                                 fmt::format("{} {}", m.target, shape_text(target_shape)));
+  if (!a_ok || !b_ok || !kernel_ok) {
+    const std::string layout = m.kind == module_kind::embedding ? "(B A)^T"
+                               : f.transposed                   ? "(B A)^T (fan_in_fan_out)"
+                                                                : "B A";
+    throw errors::shape_mismatch(
+        file, m.name, fmt::format("factors whose product {} is {} {}", layout, m.target, shape_text(target_shape)),
+        fmt::format("A {} and B {}", shape_text(a_shape), shape_text(b_shape)));
+  }
+
+  f.a = decode<T>(m.a, file, m.name);
+  f.b = decode<T>(m.b, file, m.name);
+  if (f.dora) {
+    if (!m.magnitude)
+      throw errors::invalid(file, m.name, "DoRA module without lora_magnitude_vector");
+    const uint64_t want = static_cast<uint64_t>(f.transposed ? f.n_cols : f.n_rows);
+    if (m.magnitude->info->n_elements != want)
+      throw errors::shape_mismatch(file, m.magnitude->info->name, fmt::format("{} magnitudes for module {} (one per output feature)", want, m.name),
+                                   fmt::format("{} {}", m.magnitude->info->n_elements,
+                                               shape_text(m.magnitude->info->shape)));
+    f.magnitude = decode<T>(*m.magnitude, file, m.name);
+  }
+  return f;
+}
+
+template <typename T>
+void check_rows(const delta_factors_t<T>& f, int64_t row_begin, int64_t row_end) {
+  if (row_begin < 0 || row_end < row_begin || row_end > f.n_rows)
+    throw errors::invalid("", f.target, fmt::format("rows [{}, {}) outside the tensor's {} rows", row_begin, row_end,
+                                                    f.n_rows));
+}
+
+int blas_int(int64_t v, const std::string& target) {
+  if (v > INT_MAX) throw errors::invalid("", target, fmt::format("dimension {} is too large for BLAS", v));
+  return static_cast<int>(v);
+}
+
+// DoRA, per-row norms: w_block rows already hold V; scale each row by m / ||V_row||.
+template <typename T>
+void dora_scale_rows(const delta_factors_t<T>& f, int64_t row_begin, int64_t row_end, T* w_block) {
+  const size_t n_cols = static_cast<size_t>(f.n_cols);
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    T* row = w_block + static_cast<size_t>(i - row_begin) * n_cols;
+    double sq = 0;
+    for (size_t j = 0; j < n_cols; ++j) sq += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+    // W' = (m / ||V||) V
+    const double factor = static_cast<double>(f.magnitude[static_cast<size_t>(i)]) / std::sqrt(sq);
+    for (size_t j = 0; j < n_cols; ++j) row[j] = static_cast<T>(static_cast<double>(row[j]) * factor);
+  }
+}
+
+// DoRA, per-column norms (fan_in_fan_out, embedding): w holds all of V.
+template <typename T>
+void dora_scale_columns(const delta_factors_t<T>& f, T* w) {
+  const size_t n_rows = static_cast<size_t>(f.n_rows);
+  const size_t n_cols = static_cast<size_t>(f.n_cols);
+  std::vector<double> sq(n_cols, 0.0);
+  for (size_t i = 0; i < n_rows; ++i)
+    for (size_t j = 0; j < n_cols; ++j) sq[j] += static_cast<double>(w[i * n_cols + j]) * static_cast<double>(w[i * n_cols + j]);
+  // W'[:, j] = (m_j / ||V[:, j]||) V[:, j]
+  for (size_t j = 0; j < n_cols; ++j) sq[j] = static_cast<double>(f.magnitude[j]) / std::sqrt(sq[j]);
+  for (size_t i = 0; i < n_rows; ++i)
+    for (size_t j = 0; j < n_cols; ++j) w[i * n_cols + j] = static_cast<T>(static_cast<double>(w[i * n_cols + j]) * sq[j]);
+}
+
+template <typename T>
+void apply_rows(const delta_factors_t<T>& f, double weight, int64_t row_begin, int64_t row_end, T* w_block) {
+  if (f.needs_whole_tensor() && (row_begin != 0 || row_end != f.n_rows))
+    throw errors::invalid("", f.target, "DoRA with per-column norms needs the whole tensor at once");
+  // V = W + weight * s * dW
+  add_delta_rows(f, weight, row_begin, row_end, w_block);
+  if (!f.dora) return;
+  if (f.transposed) dora_scale_columns(f, w_block);
+  else dora_scale_rows(f, row_begin, row_end, w_block);
+}
+
+template <typename T>
+void add_bias(const lora_module& m, double weight, std::span<T> bias, const std::string& file) {
+  if (!m.bias) throw errors::invalid(file, m.name, "module has no lora_B.bias");
+  if (m.bias->info->n_elements != bias.size())
+    throw errors::shape_mismatch(file, m.bias->info->name, fmt::format("[{}] (the base bias)", bias.size()),
+                                 shape_text(m.bias->info->shape));
+  std::vector<double> b = decode<double>(*m.bias, file, m.name);
+  // bias' = bias + w s b
+  const double ws = weight * m.scale;
+  for (size_t i = 0; i < bias.size(); ++i) bias[i] = static_cast<T>(static_cast<double>(bias[i]) + ws * b[i]);
+}
+
+}  // namespace
+
+delta_factors load_delta_factors(const lora_module& m, const std::vector<int64_t>& target_shape,
+                                 const std::string& file) {
+  return load_factors<float>(m, target_shape, file);
+}
+
+delta_factors_f64 load_delta_factors_f64(const lora_module& m, const std::vector<int64_t>& target_shape,
+                                         const std::string& file) {
+  return load_factors<double>(m, target_shape, file);
+}
+
+void add_delta_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block) {
+  check_rows(f, row_begin, row_end);
+  const int64_t n_block = row_end - row_begin;
+  if (n_block == 0 || f.n_cols == 0 || f.rank == 0) return;
+  const int m = blas_int(n_block, f.target);
+  const int n = blas_int(f.n_cols, f.target);
+  const int r = blas_int(f.rank, f.target);
+  const float alpha = static_cast<float>(weight * f.scale);
+  if (!f.transposed) {
+    // W[rb:re, :] += alpha * B[rb:re, :] @ A      (B [n_rows, r], A [r, n_cols])
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, r, alpha,
+                f.b.data() + static_cast<size_t>(row_begin) * static_cast<size_t>(r), r, f.a.data(), n, 1.0f, w_block, n);
+  } else {
+    // W[rb:re, :] += alpha * (A^T)[rb:re, :] @ B^T  (A [r, n_rows], B [n_cols, r])
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasTrans, m, n, r, alpha, f.a.data() + row_begin,
+                blas_int(f.n_rows, f.target), f.b.data(), r, 1.0f, w_block, n);
+  }
+}
+
+void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
+                    double* w_block) {
+  check_rows(f, row_begin, row_end);
+  const size_t r = static_cast<size_t>(f.rank);
+  const size_t n_rows = static_cast<size_t>(f.n_rows);
+  const size_t n_cols = static_cast<size_t>(f.n_cols);
+  const double ws = weight * f.scale;
+  std::vector<double> acc(n_cols);
+  for (int64_t ii = row_begin; ii < row_end; ++ii) {
+    const size_t i = static_cast<size_t>(ii);
+    std::fill(acc.begin(), acc.end(), 0.0);
+    if (!f.transposed) {
+      // dW[i, j] = sum_k B[i, k] A[k, j]
+      for (size_t k = 0; k < r; ++k) {
+        const double bik = f.b[i * r + k];
+        const double* a_row = f.a.data() + k * n_cols;
+        for (size_t j = 0; j < n_cols; ++j) acc[j] += bik * a_row[j];
+      }
+    } else {
+      // dW[i, j] = sum_k A[k, i] B[j, k]
+      for (size_t j = 0; j < n_cols; ++j)
+        for (size_t k = 0; k < r; ++k) acc[j] += f.a[k * n_rows + i] * f.b[j * r + k];
+    }
+    double* row = w_block + (i - static_cast<size_t>(row_begin)) * n_cols;
+    for (size_t j = 0; j < n_cols; ++j) row[j] += ws * acc[j];
+  }
+}
+
+double delta_element(const delta_factors& f, int64_t row, int64_t col) noexcept {
+  const size_t r = static_cast<size_t>(f.rank);
+  const size_t i = static_cast<size_t>(row), j = static_cast<size_t>(col);
+  double acc = 0;
+  if (!f.transposed) {
+    // s sum_k B[i, k] A[k, j]
+    for (size_t k = 0; k < r; ++k) acc += static_cast<double>(f.b[i * r + k]) * f.a[k * static_cast<size_t>(f.n_cols) + j];
+  } else {
+    // s sum_k A[k, i] B[j, k]
+    for (size_t k = 0; k < r; ++k) acc += static_cast<double>(f.a[k * static_cast<size_t>(f.n_rows) + i]) * f.b[j * r + k];
+  }
+  return f.scale * acc;
+}
+
+std::vector<double> delta_row_bounds(const delta_factors& f) {
+  const size_t r = static_cast<size_t>(f.rank);
+  const size_t n_rows = static_cast<size_t>(f.n_rows), n_cols = static_cast<size_t>(f.n_cols);
+  std::vector<double> bound(n_rows, 0.0);
+  if (!f.transposed) {
+    // |s| sum_k |B[i, k]| max_j |A[k, j]|
+    std::vector<double> a_max(r, 0.0);
+    for (size_t k = 0; k < r; ++k)
+      for (size_t j = 0; j < n_cols; ++j) a_max[k] = std::max(a_max[k], std::fabs(static_cast<double>(f.a[k * n_cols + j])));
+    for (size_t i = 0; i < n_rows; ++i)
+      for (size_t k = 0; k < r; ++k) bound[i] += std::fabs(static_cast<double>(f.b[i * r + k])) * a_max[k];
+  } else {
+    // |s| sum_k |A[k, i]| max_j |B[j, k]|
+    std::vector<double> b_max(r, 0.0);
+    for (size_t j = 0; j < n_cols; ++j)
+      for (size_t k = 0; k < r; ++k) b_max[k] = std::max(b_max[k], std::fabs(static_cast<double>(f.b[j * r + k])));
+    for (size_t k = 0; k < r; ++k)
+      for (size_t i = 0; i < n_rows; ++i) bound[i] += std::fabs(static_cast<double>(f.a[k * n_rows + i])) * b_max[k];
+  }
+  for (double& b : bound) b *= std::fabs(f.scale);
+  return bound;
+}
+
+void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block) {
+  apply_rows(f, weight, row_begin, row_end, w_block);
+}
+
+void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
+                       double* w_block) {
+  apply_rows(f, weight, row_begin, row_end, w_block);
+}
+
+void add_bias_delta(const lora_module& m, double weight, std::span<float> bias, const std::string& file) {
+  add_bias(m, weight, bias, file);
+}
+
+void add_bias_delta(const lora_module& m, double weight, std::span<double> bias, const std::string& file) {
+  add_bias(m, weight, bias, file);
+}
+
+}  // namespace lora

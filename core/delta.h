@@ -1,0 +1,119 @@
+// The weight delta of one LoRA module, laid out like the base tensor it
+// targets. The one place that turns A, B, the scale, the layout flags and
+// DoRA's magnitude into numbers: merge, verify and forward all call these.
+//
+// Every target tensor is viewed as a row-major matrix [n_rows, n_cols] with
+// n_rows = shape[0] and n_cols = the product of the other dims. With s the
+// module's scale (lora_module::scale) and w a caller weight:
+//
+//   linear          target [out, in]:          dW = w s B A           A [r, in],    B [out, r]
+//   fan_in_fan_out  target [in, out] (Conv1D): dW = w s (B A)^T       A [r, in],    B [out, r]
+//   embedding       target [vocab, dim]:       dW = w s (B A)^T       A [r, vocab], B [dim, r]
+//   conv            target [out, in, kh, kw]:  dW[o,i,h,w] = w s sum_r B[o,r] A[r,i,h,w]
+//                                              A [r, in, kh, kw], B [out, r, 1, 1]
+//
+// Conv (1x1 and kxk) is the linear case on the [out, in*kh*kw] view. The
+// "transposed" layouts (fan_in_fan_out, embedding) compute dW = w s A^T B^T.
+//
+// DoRA (PEFT, tuners/lora/variants.py + dora.py): V = W + dW;
+// W' = (m / ||V||) * V, the L2 norm taken per output feature over all of its
+// input elements: per row for linear and conv (m has n_rows entries: [out] or
+// PEFT's conv [1, out, 1, 1]), per column for fan_in_fan_out and embedding
+// (m has n_cols entries; PEFT builds DoraEmbeddingLayer(fan_in_fan_out=True),
+// so an embedding's m is [dim] and its norm runs over the vocabulary).
+//
+// lora_bias (PEFT): bias' = bias + w s b, b = lora_B.bias [out] (PEFT >= 0.15
+// scales the bias as its forward pass does; older releases did not).
+//
+// Precision: the f32 path runs one cblas_sgemm per row block with alpha = w s
+// and beta = 1, accumulating straight into a converted f32 block of W (no
+// separately rounded delta). The f64 path is the exact reference: plain
+// loops in double, for tests and `lora verify`.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "core/adapter.h"
+
+namespace lora {
+
+// A module's factors converted once (through core/dtype) and checked against
+// the target's shape, ready for any number of row blocks. T is float (the
+// BLAS path) or double (the exact reference).
+template <typename T>
+struct delta_factors_t {
+  std::string key;          // the module name, for messages
+  std::string target;       // the base tensor
+  std::vector<int64_t> target_shape;
+  int64_t n_rows = 0;       // target shape[0]
+  int64_t n_cols = 0;       // product of the other dims
+  int64_t rank = 0;
+  double scale = 0;         // the module's s (the caller's weight comes on top)
+  bool transposed = false;  // dW = s A^T B^T (fan_in_fan_out, embedding)
+  bool dora = false;
+  // A [rank, k], row-major: k = n_cols (plain) or n_rows (transposed).
+  std::vector<T> a;
+  // B [m, rank], row-major: m = n_rows (plain) or n_cols (transposed).
+  std::vector<T> b;
+  // DoRA m: n_rows entries (norm per row) or n_cols entries (per column).
+  std::vector<T> magnitude;
+
+  // DoRA with per-column norms needs every row of V before any row is final.
+  bool needs_whole_tensor() const noexcept { return dora && transposed; }
+};
+using delta_factors = delta_factors_t<float>;
+using delta_factors_f64 = delta_factors_t<double>;
+
+// Converts m.a, m.b (and m.magnitude for DoRA) and checks them against
+// `target_shape` (the base tensor's shape): B's rows and A's columns must
+// match the target's view, the rank must agree, a conv A must match the
+// kernel. `file` names the adapter in messages.
+// Throws lora::error: exit 3 (shape_mismatch / invalid, naming the adapter
+// key) for a disagreeing shape or a dtype that is not F16/BF16/F32/F64.
+// Borrows nothing: the factors own their converted copies.
+delta_factors load_delta_factors(const lora_module& m, const std::vector<int64_t>& target_shape,
+                                 const std::string& file);
+delta_factors_f64 load_delta_factors_f64(const lora_module& m, const std::vector<int64_t>& target_shape,
+                                         const std::string& file);
+
+// Adds weight * dW for rows [row_begin, row_end) of the target into w_block,
+// which holds exactly those rows: w_block[(i - row_begin) * n_cols + j].
+// f32: one cblas_sgemm, alpha = weight * s, beta = 1. f64: plain loops.
+// Ignores DoRA (the raw delta; see apply_module_rows). Never throws for
+// in-range rows (out-of-range rows throw lora::error exit 3).
+void add_delta_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block);
+void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
+                    double* w_block);
+
+// One element of the delta in double, dW[row, col] / weight = s * sum_k B A
+// in the target's view (exact products of the f32 factors). For re-computing
+// the rare elements whose f32 sum lies too close to a rounding boundary of
+// the output dtype. No DoRA; row and col must be in range (unchecked).
+double delta_element(const delta_factors& f, int64_t row, int64_t col) noexcept;
+
+// For each row i of the target view, a bound on the absolute terms of any of
+// its elements: bound[i] >= |s| * sum_k |B A terms| of dW[i, j] for every j
+// (|s| sum_k |B[i,k]| max_j |A[k,j]|, transposed alike). With it a caller
+// bounds the f32 error of W0 + dW without knowing W0.
+std::vector<double> delta_row_bounds(const delta_factors& f);
+
+// Applies the whole module to rows [row_begin, row_end) of W held in w_block
+// (W0 plus any earlier adapter's contribution):
+//   plain LoRA: W += weight * dW;
+//   DoRA:       V = W + weight * dW; W = (m / ||V||) * V (norm per output
+//               feature, computed in double).
+// DoRA with per-column norms (needs_whole_tensor()) requires the whole
+// tensor: row_begin == 0 and row_end == n_rows, else throws exit 3.
+void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block);
+void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
+                       double* w_block);
+
+// lora_bias: bias[o] += weight * s * b[o], b = m.bias (converted through
+// core/dtype). Throws exit 3 when m has no bias or its size is not bias.size().
+void add_bias_delta(const lora_module& m, double weight, std::span<float> bias, const std::string& file);
+void add_bias_delta(const lora_module& m, double weight, std::span<double> bias, const std::string& file);
+
+}  // namespace lora

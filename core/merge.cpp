@@ -1,0 +1,682 @@
+#include "core/merge.h"
+
+#include <cblas.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include <fmt/format.h>
+
+#include "core/adapter.h"
+#include "core/delta.h"
+#include "core/dtype.h"
+#include "core/thread-pool.h"
+#include "formats/error.h"
+#include "formats/model-files.h"
+#include "formats/safetensors.h"
+
+namespace lora {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// Elements per row block: 4 MiB of f32 per thread.
+constexpr uint64_t block_elements = uint64_t{1} << 20;
+
+// ---------------------------------------------------------------- files
+
+// A file descriptor closed on destruction.
+class unique_fd {
+ public:
+  explicit unique_fd(int fd) noexcept : fd_(fd) {}
+  unique_fd(const unique_fd&) = delete;
+  unique_fd& operator=(const unique_fd&) = delete;
+  ~unique_fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int get() const noexcept { return fd_; }
+
+ private:
+  int fd_;
+};
+
+// The folder everything is written to, beside --out; removed with its
+// contents on destruction unless release()d.
+class temp_folder {
+ public:
+  explicit temp_folder(const fs::path& out) {
+    std::string tmpl = out.string() + ".tmp-XXXXXX";
+    if (::mkdtemp(tmpl.data()) == nullptr)
+      throw errors::io(out.parent_path().string(), "cannot create the temporary output folder", errno);
+    path_ = tmpl;
+    // mkdtemp makes it 0700: give it the permissions a new folder gets
+    const mode_t mask = ::umask(0);
+    ::umask(mask);
+    ::chmod(path_.c_str(), 0777 & ~mask);
+  }
+  temp_folder(const temp_folder&) = delete;
+  temp_folder& operator=(const temp_folder&) = delete;
+  ~temp_folder() {
+    if (path_.empty()) return;
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  const std::string& path() const noexcept { return path_; }
+  void release() noexcept { path_.clear(); }
+
+ private:
+  std::string path_;
+};
+
+void fsync_path(const std::string& path, const std::string& label) {
+  unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0 || ::fsync(fd.get()) != 0) throw errors::io(label, "cannot sync", errno);
+}
+
+// Copies a whole file in the kernel (copy_file_range, read/write fallback),
+// then fsyncs the copy. Throws exit 4.
+void copy_file(const std::string& src, const std::string& dst) {
+  unique_fd in(::open(src.c_str(), O_RDONLY | O_CLOEXEC));
+  if (in.get() < 0) throw errors::io(src, "cannot open", errno);
+  struct stat st {};
+  if (::fstat(in.get(), &st) != 0) throw errors::io(src, "cannot stat", errno);
+  unique_fd out(::open(dst.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666));
+  if (out.get() < 0) throw errors::io(dst, "cannot create", errno);
+  uint64_t left = static_cast<uint64_t>(st.st_size);
+  while (left > 0) {
+    ssize_t c = ::copy_file_range(in.get(), nullptr, out.get(), nullptr, left, 0);
+    if (c < 0 && errno == EINTR) continue;
+    if (c < 0 && (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL)) break;
+    if (c < 0) throw errors::io(dst, "cannot write", errno);
+    if (c == 0) throw errors::io(src, "file shrank while being copied");
+    left -= static_cast<uint64_t>(c);
+  }
+  std::vector<char> buf(left > 0 ? (1u << 20) : 0);
+  while (left > 0) {
+    ssize_t r = ::read(in.get(), buf.data(), std::min<uint64_t>(left, buf.size()));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) throw errors::io(src, "cannot read", errno);
+    if (r == 0) throw errors::io(src, "file shrank while being copied");
+    for (ssize_t done = 0; done < r;) {
+      ssize_t w = ::write(out.get(), buf.data() + done, static_cast<size_t>(r - done));
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) throw errors::io(dst, "cannot write", errno);
+      done += w;
+    }
+    left -= static_cast<uint64_t>(r);
+  }
+  if (::fsync(out.get()) != 0) throw errors::io(dst, "cannot sync", errno);
+}
+
+// Weights in formats other than safetensors: copying them would ship stale,
+// unmerged weights beside the merged ones.
+bool is_other_weight_file(const std::string& name) {
+  static const char* suffixes[] = {".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx",
+                                   ".safetensors", ".index.json", ".npz", ".pkl"};
+  for (const char* s : suffixes) {
+    const size_t n = std::strlen(s);
+    if (name.size() >= n && name.compare(name.size() - n, n, s) == 0) return true;
+  }
+  return false;
+}
+
+// FNV-1a, 64 bits: a short, stable fingerprint for provenance metadata.
+std::string fnv1a64(const std::string& text) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : text) {
+    h ^= c;
+    h *= 0x100000001b3ull;
+  }
+  return fmt::format("{:016x}", h);
+}
+
+std::string mib(uint64_t bytes) { return fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1024.0 * 1024.0)); }
+
+// True when `inner` is `outer` or lies inside it (both canonical).
+bool inside(const fs::path& inner, const fs::path& outer) {
+  auto i = inner.begin();
+  for (auto o = outer.begin(); o != outer.end(); ++o, ++i)
+    if (i == inner.end() || *i != *o) return false;
+  return true;
+}
+
+// ---------------------------------------------------------------- numbers
+
+// How many values of a math-dtype buffer are NaN or infinite.
+uint64_t count_nonfinite(dtype type, std::span<const uint8_t> bytes) {
+  uint64_t n = 0;
+  const uint8_t* p = bytes.data();
+  switch (type) {
+    case dtype::BF16:
+    case dtype::F16: {
+      const uint16_t exp = type == dtype::BF16 ? 0x7f80u : 0x7c00u;
+      for (size_t i = 0; i + 1 < bytes.size(); i += 2) {
+        uint16_t h;
+        std::memcpy(&h, p + i, 2);
+        n += (h & exp) == exp;
+      }
+      break;
+    }
+    case dtype::F32:
+      for (size_t i = 0; i + 3 < bytes.size(); i += 4) {
+        uint32_t u;
+        std::memcpy(&u, p + i, 4);
+        n += (u & 0x7f800000u) == 0x7f800000u;
+      }
+      break;
+    case dtype::F64:
+      for (size_t i = 0; i + 7 < bytes.size(); i += 8) {
+        uint64_t u;
+        std::memcpy(&u, p + i, 8);
+        n += (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+      }
+      break;
+    default:
+      break;
+  }
+  return n;
+}
+
+// Distance, in f32 units in the last place, from f32 `x` (bits `u`, sign
+// cleared) to the nearest midpoint between two neighbouring values of BF16
+// (F16 when `f16`, subnormals included): where rounding x and rounding the
+// exact value it approximates may differ. 0 for zero and f32 subnormals.
+// Branch-free so that the scan below vectorizes.
+template <bool f16>
+inline uint32_t midpoint_distance(uint32_t u) noexcept {
+  const uint32_t e = u >> 23;
+  uint32_t drop = 16;  // BF16 keeps the top 16 bits of an f32
+  if constexpr (f16) {
+    drop = e >= 113 ? 13u : 13u + (113u - e);  // F16 subnormals keep fewer bits
+    drop = drop > 24 ? 24u : drop;
+  }
+  const uint32_t m = (u & 0x7fffffu) | 0x800000u;
+  const int32_t low = static_cast<int32_t>(m & ((2u << (drop - 1)) - 1u));
+  const int32_t diff = low - static_cast<int32_t>(1u << (drop - 1));
+  return e == 0 ? 0u : static_cast<uint32_t>(diff < 0 ? -diff : diff);
+}
+
+// The f32 value R is off the exact W0 + sum_k w_k dW_k by at most 1/2 ulp(R)
+// (the add into W0) + (r + 2) u sum|terms| (sgemm's length-r dot product and
+// its alpha; u = 2^-24), and ulp(R) >= u |R|: at most 1/2 + (r + 2)
+// sum|terms| / |R| ulps of R, with sum|terms| <= bound(row). An element is
+// suspect when its distance d to a rounding midpoint is within
+// 2 + (r + 3) bound / |R| ulps, i.e. (d - 2) |R| <= (r + 3) bound: only then
+// can rounding R and rounding the exact value differ.
+template <bool f16>
+inline bool suspect(float x, float cb) noexcept {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u &= 0x7fffffffu;
+  return (static_cast<float>(midpoint_distance<f16>(u)) - 2.0f) * std::fabs(x) <= cb;
+}
+
+// Recomputes, in double, the suspect elements of rows [rb, re) held in buf
+// (f32, already merged) and overwrites their rounded value in `out`:
+// W0 + sum_k w_k dW_k (delta_element) rounded once. Scans 64 elements at a
+// time with a vectorizable test; suspects are rare (~1e-4 of elements).
+template <bool f16>
+void fix_near_midpoints(const std::vector<const delta_factors*>& factors, const std::vector<double>& weights,
+                        const std::vector<float>& row_cb, dtype src_type, std::span<const uint8_t> in_bytes,
+                        int64_t rb, int64_t re, uint64_t n_cols, const float* buf, uint8_t* out) {
+  const size_t in_size = static_cast<size_t>(math_dtype_size(src_type));
+  for (int64_t row = rb; row < re; ++row) {
+    const float cb = row_cb[static_cast<size_t>(row)];
+    const size_t row_off = static_cast<size_t>(row - rb) * n_cols;
+    const float* x = buf + row_off;
+    for (uint64_t j0 = 0; j0 < n_cols; j0 += 64) {
+      const uint64_t j1 = std::min<uint64_t>(n_cols, j0 + 64);
+      bool any = false;
+      for (uint64_t j = j0; j < j1; ++j) any |= suspect<f16>(x[j], cb);
+      if (!any) continue;
+      for (uint64_t j = j0; j < j1; ++j) {
+        if (!suspect<f16>(x[j], cb)) continue;
+        const size_t e = row_off + j;
+        double exact = 0;
+        to_f64(src_type, in_bytes.subspan(e * in_size, in_size), std::span<double>(&exact, 1));
+        for (size_t i = 0; i < factors.size(); ++i)
+          exact += weights[i] * delta_element(*factors[i], row, static_cast<int64_t>(j));
+        const uint16_t h = f16 ? f64_to_f16(exact) : f64_to_bf16(exact);
+        std::memcpy(out + 2 * e, &h, 2);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- plan
+
+// One adapter's share of a tensor, in adapter order.
+struct contribution {
+  const lora_module* module = nullptr;
+  const std::string* adapter_file = nullptr;  // for messages
+  double weight = 1.0;                        // adapter weight * --scale
+  bool bias = false;                          // lora_B.bias into "<name>.bias"
+};
+
+struct tensor_job {
+  size_t shard = 0;
+  std::string name;
+  tensor_ref source;  // the base tensor or its modules_to_save replacement
+  bool replaced = false;
+  dtype out_type = dtype::F32;
+  std::vector<contribution> deltas;
+  bool copy = false;  // byte for byte
+  uint64_t out_begin = 0;
+  uint64_t out_bytes = 0;
+};
+
+// A per-thread scratch buffer of at least n elements, kept for the next
+// tensor; `slot` tells apart two buffers of the same type.
+template <typename T, int slot>
+T* scratch(size_t n) {
+  thread_local std::unique_ptr<T[]> buffer;
+  thread_local size_t capacity = 0;
+  if (capacity < n) {
+    buffer.reset(new T[n]);
+    capacity = n;
+  }
+  return buffer.get();
+}
+
+// Rounds rows of the f32/f64 buffer to the output dtype and checks for
+// values a merge made non-finite.
+template <typename T>
+void decode_rows(dtype type, std::span<const uint8_t> src, std::span<T> dst) {
+  if constexpr (sizeof(T) == 4) to_f32(type, src, dst);
+  else to_f64(type, src, dst);
+}
+template <typename T>
+void encode_rows(dtype type, std::span<const T> src, std::span<uint8_t> dst) {
+  if constexpr (sizeof(T) == 4) from_f32(type, src, dst);
+  else from_f64(type, src, dst);
+}
+
+// Computes one tensor in row blocks: decode W0 (or the replacement), apply
+// every contribution in order, round once, write.
+template <typename T>
+void run_compute(const tensor_job& job, safetensors_writer& writer, bool allow_nonfinite) {
+  const tensor_info& src = *job.source.info;
+  const int in_size = math_dtype_size(src.type);
+  const int out_size = math_dtype_size(job.out_type);
+  if (src.n_elements == 0) return;
+  const int64_t n_rows = src.shape.empty() ? 1 : src.shape[0];
+  const uint64_t n_cols = src.n_elements / static_cast<uint64_t>(n_rows);
+
+  // convert each module's factors once for the whole tensor
+  std::vector<std::optional<delta_factors_t<T>>> factors(job.deltas.size());
+  bool whole = false;
+  for (size_t i = 0; i < job.deltas.size(); ++i) {
+    const contribution& c = job.deltas[i];
+    if (c.bias) {
+      whole = true;  // a bias is one short vector
+      continue;
+    }
+    if constexpr (sizeof(T) == 4) factors[i] = load_delta_factors(*c.module, src.shape, *c.adapter_file);
+    else factors[i] = load_delta_factors_f64(*c.module, src.shape, *c.adapter_file);
+    whole = whole || factors[i]->needs_whole_tensor();
+  }
+  // f32 path, plain LoRA into a 16-bit output: fix up near-midpoint elements
+  bool exact_fixup = sizeof(T) == 4 && !job.deltas.empty() &&
+                     (job.out_type == dtype::BF16 || job.out_type == dtype::F16);
+  for (const contribution& c : job.deltas) exact_fixup = exact_fixup && !c.bias && !c.module->dora;
+  // per row: (r + 3) sum_k |w_k| bound_k (see suspect()), for the fix-up
+  std::vector<float> row_cb;
+  std::vector<const delta_factors*> fix_factors;
+  std::vector<double> fix_weights;
+  if constexpr (sizeof(T) == 4) {
+    if (exact_fixup) {
+      std::vector<double> bounds(static_cast<size_t>(n_rows), 0.0);
+      double rank_term = 0;
+      for (size_t i = 0; i < job.deltas.size(); ++i) {
+        const std::vector<double> b = delta_row_bounds(*factors[i]);
+        for (size_t row = 0; row < b.size(); ++row) bounds[row] += std::fabs(job.deltas[i].weight) * b[row];
+        rank_term += static_cast<double>(factors[i]->rank + 3);
+        fix_factors.push_back(&*factors[i]);
+        fix_weights.push_back(job.deltas[i].weight);
+      }
+      row_cb.resize(bounds.size());
+      for (size_t row = 0; row < bounds.size(); ++row) row_cb[row] = static_cast<float>(rank_term * bounds[row]);
+    }
+  }
+  const int64_t rows_per_block =
+      whole ? n_rows : std::max<int64_t>(1, static_cast<int64_t>(block_elements / std::max<uint64_t>(n_cols, 1)));
+
+  const size_t block_cap = static_cast<size_t>(std::min<int64_t>(rows_per_block, n_rows)) * n_cols;
+  // per-thread buffers, reused from tensor to tensor (no fresh pages, no zeroing)
+  T* buf = scratch<T, 0>(block_cap);
+  uint8_t* out = scratch<uint8_t, 1>(block_cap * static_cast<size_t>(out_size));
+  const std::span<const uint8_t> data = job.source.data();
+  const mapped_file& map = job.source.file->map();
+  const uint64_t file_offset = job.source.file->file_offset(src);
+  const uint64_t in_row_bytes = n_cols * static_cast<uint64_t>(in_size);
+
+  for (int64_t rb = 0; rb < n_rows; rb += rows_per_block) {
+    const int64_t re = std::min(n_rows, rb + rows_per_block);
+    const size_t n = static_cast<size_t>(re - rb) * n_cols;
+    const uint64_t in_begin = static_cast<uint64_t>(rb) * in_row_bytes;
+    if (re < n_rows) map.will_need(file_offset + in_begin + n * static_cast<size_t>(in_size), n * static_cast<size_t>(in_size));
+
+    // W = W0 (rows rb..re)
+    std::span<const uint8_t> in_bytes = data.subspan(in_begin, n * static_cast<size_t>(in_size));
+    decode_rows<T>(src.type, in_bytes, std::span<T>(buf, n));
+    // W += weight_k * dW_k, or DoRA's rescaling, adapter by adapter
+    for (size_t i = 0; i < job.deltas.size(); ++i) {
+      const contribution& c = job.deltas[i];
+      if (c.bias) add_bias_delta(*c.module, c.weight, std::span<T>(buf, n), *c.adapter_file);
+      else apply_module_rows(*factors[i], c.weight, rb, re, buf);
+    }
+    // one rounding to the output dtype
+    std::span<uint8_t> out_bytes(out, n * static_cast<size_t>(out_size));
+    encode_rows<T>(job.out_type, std::span<const T>(buf, n), out_bytes);
+    if constexpr (sizeof(T) == 4) {
+      // elements whose f32 value may round to the other side of a midpoint
+      if (exact_fixup) {
+        if (job.out_type == dtype::F16)
+          fix_near_midpoints<true>(fix_factors, fix_weights, row_cb, src.type, in_bytes, rb, re, n_cols, buf,
+                                   out_bytes.data());
+        else
+          fix_near_midpoints<false>(fix_factors, fix_weights, row_cb, src.type, in_bytes, rb, re, n_cols, buf,
+                                    out_bytes.data());
+      }
+    }
+    if (!allow_nonfinite) {
+      const uint64_t bad = count_nonfinite(job.out_type, out_bytes);
+      if (bad > 0 && bad > count_nonfinite(src.type, in_bytes))
+        throw errors::invalid(job.source.file->path(), job.name,
+                              fmt::format("the merge produced {} NaN or infinite values (rows {}..{}); refusing to "
+                                          "write them (--allow-nonfinite writes them anyway)",
+                                          bad, rb, re - 1));
+    }
+    writer.write_part(job.name, static_cast<uint64_t>(rb) * n_cols * static_cast<uint64_t>(out_size), out_bytes);
+    map.release(file_offset + in_begin, n * static_cast<size_t>(in_size));
+  }
+}
+
+void run_job(const tensor_job& job, safetensors_writer& writer, bool allow_nonfinite) {
+  if (job.copy) {
+    writer.copy_from(job.name, job.source.file->map().fd(), job.source.file->file_offset(*job.source.info));
+    return;
+  }
+  // f64 arithmetic when either side is F64 (no double rounding through f32)
+  if (job.out_type == dtype::F64 || job.source.info->type == dtype::F64)
+    run_compute<double>(job, writer, allow_nonfinite);
+  else
+    run_compute<float>(job, writer, allow_nonfinite);
+}
+
+// Metadata of an output shard: the base's, `format: pt` when absent
+// (transformers refuses a safetensors file whose metadata lacks it), and
+// provenance under `lora.`.
+metadata_map output_metadata(const std::optional<metadata_map>& base, const merge_options& options,
+                             const std::vector<adapter>& adapters) {
+  metadata_map m = base.value_or(metadata_map{});
+  if (!m.contains("format")) m["format"] = "pt";
+  m["lora.tool"] = std::string("lora ") + LORA_VERSION;
+  m["lora.scale"] = fmt::format("{}", options.scale);
+  m["lora.adapters"] = fmt::format("{}", adapters.size());
+  for (size_t i = 0; i < adapters.size(); ++i) {
+    std::error_code ec;
+    const std::string canonical = fs::weakly_canonical(adapters[i].path, ec).string();
+    m[fmt::format("lora.adapter.{}.path_fnv1a64", i)] = fnv1a64(ec ? adapters[i].path : canonical);
+    m[fmt::format("lora.adapter.{}.format", i)] = std::string(adapter_format_name(adapters[i].format));
+    m[fmt::format("lora.adapter.{}.weight", i)] = fmt::format("{}", options.adapters[i].weight);
+  }
+  return m;
+}
+
+// --out without trailing slashes; refuses an empty path.
+fs::path normalize_out(const std::string& out) {
+  if (out.empty()) throw errors::usage("--out is empty");
+  fs::path p = fs::path(out).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();
+  if (p.empty() || p == "." || p == "..") throw errors::usage(fmt::format("--out {} is not a folder name", out));
+  return p;
+}
+
+}  // namespace
+
+merge_report merge_model(const merge_options& options) {
+  const auto start = std::chrono::steady_clock::now();
+  merge_report report;
+  report.dry_run = options.dry_run;
+
+  // 1. the command line: adapters, weights, --out
+  if (options.adapters.empty()) throw errors::usage("no --adapter given");
+  if (!std::isfinite(options.scale)) throw errors::usage("--scale must be a finite number");
+  for (const merge_input& in : options.adapters)
+    if (!std::isfinite(in.weight)) throw errors::usage(fmt::format("the weight of {} is not finite", in.path));
+  const fs::path out = normalize_out(options.out);
+  report.out = out.string();
+  std::error_code ec;
+  const fs::path out_canonical = fs::weakly_canonical(out, ec);
+  if (inside(fs::weakly_canonical(options.base, ec), out_canonical))
+    throw errors::usage(fmt::format("--out {} would replace the base model {}", out.string(), options.base));
+  for (const merge_input& in : options.adapters)
+    if (inside(fs::weakly_canonical(in.path, ec), out_canonical))
+      throw errors::usage(fmt::format("--out {} would replace the adapter {}", out.string(), in.path));
+  const bool out_exists = fs::exists(fs::symlink_status(out, ec));
+  if (out_exists && !options.force)
+    throw errors::usage(fmt::format("output {} already exists (--force replaces it)", out.string()));
+
+  // 2. open the base and the adapters; every module must fit
+  model_files base = open_model(options.base);
+  const bool bare_file = fs::is_regular_file(base.path);
+  std::vector<adapter> adapters;
+  adapters.reserve(options.adapters.size());
+  for (const merge_input& in : options.adapters) {
+    adapters.push_back(load_adapter(in.path));
+    fit_report fit = fit_adapter(adapters.back(), base);
+    if (!fit.ok()) {
+      const fit_problem& p = fit.problems.front();
+      std::string what = p.what;
+      if (what.find("does the adapter belong") == std::string::npos)
+        what += " (does the adapter belong to this base model?)";
+      if (fit.problems.size() > 1) what += fmt::format(" [and {} more problems]", fit.problems.size() - 1);
+      throw errors::invalid(in.path, p.key, what);
+    }
+  }
+
+  // 3. what happens to each base tensor: contributions in adapter order
+  std::map<std::string, std::vector<contribution>> deltas;
+  std::map<std::string, const saved_tensor*> replacements;
+  std::map<std::string, std::string> replaced_by;
+  for (size_t k = 0; k < adapters.size(); ++k) {
+    const adapter& a = adapters[k];
+    const double weight = options.adapters[k].weight * options.scale;
+    for (const lora_module& m : a.modules) {
+      deltas[m.target].push_back({&m, &a.weights_path, weight, false});
+      if (m.bias) deltas[m.name + ".bias"].push_back({&m, &a.weights_path, weight, true});
+      ++report.n_modules;
+    }
+    for (const saved_tensor& s : a.saved) {
+      auto [it, fresh] = replaced_by.emplace(s.target, a.path);
+      if (!fresh)
+        throw errors::invalid(a.path, s.target,
+                              fmt::format("both {} and {} replace this tensor (modules_to_save)", it->second, a.path));
+      replacements[s.target] = &s;
+    }
+  }
+
+  // 4. jobs and the output layout of every shard
+  std::vector<tensor_job> jobs;
+  std::vector<safetensors_layout> layouts;
+  std::map<std::string, std::string> weight_map;
+  uint64_t total_tensor_bytes = 0;
+  for (size_t s = 0; s < base.shards.size(); ++s) {
+    const safetensors_file& shard = base.shards[s];
+    std::vector<tensor_spec> specs;
+    const size_t first_job = jobs.size();
+    for (const tensor_info& t : shard.tensors()) {
+      tensor_job job;
+      job.shard = s;
+      job.name = t.name;
+      job.source = tensor_ref{&shard, &t};
+      if (auto r = replacements.find(t.name); r != replacements.end()) {
+        job.source = r->second->tensor;
+        job.replaced = true;
+      }
+      if (auto d = deltas.find(t.name); d != deltas.end()) job.deltas = d->second;
+      // the output dtype: --dtype for floating-point tensors, else the base's
+      job.out_type = options.out_type && dtype_is_math(t.type) ? *options.out_type : t.type;
+      if ((!job.deltas.empty() || job.source.info->type != job.out_type) &&
+          !(dtype_is_math(job.source.info->type) && dtype_is_math(job.out_type)))
+        throw errors::invalid(job.source.file->path(), t.name,
+                              fmt::format("cannot {} a {} tensor (only F16, BF16, F32, F64)",
+                                          job.deltas.empty() ? "convert" : "merge into",
+                                          dtype_name(dtype_is_math(job.source.info->type) ? job.out_type
+                                                                                          : job.source.info->type)));
+      job.copy = job.deltas.empty() && job.source.info->type == job.out_type;
+      specs.push_back({t.name, job.out_type, t.shape});
+      weight_map[t.name] = base.shard_names[s];
+      jobs.push_back(std::move(job));
+    }
+    layouts.push_back(plan_safetensors(std::move(specs), output_metadata(shard.metadata(), options, adapters)));
+    for (size_t j = first_job; j < jobs.size(); ++j) {
+      const tensor_info* o = layouts.back().find(jobs[j].name);
+      jobs[j].out_begin = o->begin;
+      jobs[j].out_bytes = o->n_bytes();
+      total_tensor_bytes += o->n_bytes();
+    }
+  }
+  // every delta and replacement has a base tensor (fit_adapter checked; a
+  // bias target is checked here)
+  for (const auto& [target, list] : deltas)
+    if (!base.find_ref(target))
+      throw errors::invalid(*list.front().adapter_file, list.front().module->name,
+                            fmt::format("the base has no tensor {} (does the adapter belong to this base model?)", target));
+  // shapes and dtypes of every module, before anything is written
+  for (const tensor_job& job : jobs)
+    for (const contribution& c : job.deltas) {
+      if (c.bias) {
+        if (c.module->bias->info->n_elements != job.source.info->n_elements)
+          throw errors::shape_mismatch(*c.adapter_file, c.module->bias->info->name,
+                                       fmt::format("{} values ({})", job.source.info->n_elements, job.name),
+                                       fmt::format("{}", c.module->bias->info->n_elements));
+        continue;
+      }
+      (void)load_delta_factors(*c.module, job.source.info->shape, *c.adapter_file);
+    }
+  report.n_tensors = jobs.size();
+  for (const tensor_job& job : jobs) {
+    if (job.replaced) ++report.n_replaced;
+    if (!job.deltas.empty()) ++report.n_merged;
+    else if (!job.replaced) ++(job.copy ? report.n_copied : report.n_converted);
+  }
+
+  // 5. the other files of the base folder
+  std::vector<std::pair<std::string, std::string>> extra_files;  // source path, name
+  uint64_t extra_bytes = 0;
+  const std::string index_name = base.index_path.empty() ? "" : fs::path(base.index_path).filename().string();
+  if (bare_file) {
+    if (!base.config_path.empty()) extra_files.emplace_back(base.config_path, "config.json");
+  } else {
+    std::vector<std::string> names;
+    for (const auto& entry : fs::directory_iterator(base.folder, ec)) {
+      std::error_code ec2;
+      if (!entry.is_regular_file(ec2)) continue;  // subfolders are not part of the model
+      names.push_back(entry.path().filename().string());
+    }
+    if (ec) throw errors::io(base.folder, "cannot list the base folder", ec.value());
+    std::sort(names.begin(), names.end());
+    for (const std::string& name : names) {
+      if (name == index_name || std::find(base.shard_names.begin(), base.shard_names.end(), name) != base.shard_names.end())
+        continue;
+      if (is_other_weight_file(name)) {
+        report.skipped_files.push_back(name);
+        continue;
+      }
+      extra_files.emplace_back((fs::path(base.folder) / name).string(), name);
+    }
+  }
+  for (const auto& [src, name] : extra_files) {
+    extra_bytes += fs::file_size(src, ec);
+    report.files.push_back(name);
+  }
+  std::string index_text;
+  if (!base.index_path.empty()) {
+    index_text = make_safetensors_index(total_tensor_bytes, weight_map);
+    report.files.push_back(index_name);
+  }
+  for (size_t s = 0; s < layouts.size(); ++s) {
+    report.files.push_back(base.shard_names[s]);
+    report.bytes_written += layouts[s].file_size();
+  }
+  report.bytes_written += extra_bytes + index_text.size();
+  std::sort(report.files.begin(), report.files.end());
+
+  // 6. free space where --out goes
+  const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  struct statvfs vfs {};
+  if (::statvfs(parent.c_str(), &vfs) != 0)
+    throw errors::io(parent.string(), "cannot reach the output's parent folder", errno);
+  report.bytes_free = static_cast<uint64_t>(vfs.f_bavail) * static_cast<uint64_t>(vfs.f_frsize);
+  if (report.bytes_free < report.bytes_written)
+    throw errors::io(out.string(), fmt::format("not enough free space: the merged model needs {}, {} available",
+                                               mib(report.bytes_written), mib(report.bytes_free)));
+  if (options.dry_run) {
+    report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return report;
+  }
+
+  // 7. write into a temp folder beside --out
+  temp_folder tmp(out);
+  for (const auto& [src, name] : extra_files) copy_file(src, tmp.path() + "/" + name);
+  std::vector<std::unique_ptr<safetensors_writer>> writers;
+  for (size_t s = 0; s < layouts.size(); ++s)
+    writers.push_back(std::make_unique<safetensors_writer>(tmp.path() + "/" + base.shard_names[s], std::move(layouts[s])));
+
+  // tensors in output order, so reads and writes run front to back
+  std::sort(jobs.begin(), jobs.end(), [](const tensor_job& x, const tensor_job& y) {
+    return x.shard != y.shard ? x.shard < y.shard : x.out_begin < y.out_begin;
+  });
+  uint64_t total_bytes = 0;
+  for (const tensor_job& job : jobs) total_bytes += job.out_bytes;
+  std::mutex progress_mutex;
+  progress_event event;
+  event.total_items = jobs.size();
+  event.total_bytes = total_bytes;
+  // our thread pool runs the jobs; BLAS stays single-threaded inside each
+  openblas_set_num_threads(1);
+  parallel_for(jobs.size(), options.threads, [&](size_t i) {
+    const tensor_job& job = jobs[i];
+    run_job(job, *writers[job.shard], options.allow_nonfinite);
+    if (options.progress) {
+      std::lock_guard<std::mutex> lock(progress_mutex);
+      ++event.done_items;
+      event.done_bytes += job.out_bytes;
+      event.current = job.name;
+      options.progress(event);
+    }
+  });
+  for (auto& w : writers) w->commit();
+  if (!index_text.empty()) write_file_atomic(tmp.path() + "/" + index_name, index_text);
+  fsync_path(tmp.path(), tmp.path());
+
+  // 8. rename onto --out (swap with the old one under --force), then drop the old
+  if (out_exists) {
+    if (::renameat2(AT_FDCWD, tmp.path().c_str(), AT_FDCWD, out.c_str(), RENAME_EXCHANGE) != 0)
+      throw errors::io(out.string(), "cannot replace the existing output", errno);
+    // tmp now names the old output: the guard removes it
+  } else {
+    if (::renameat2(AT_FDCWD, tmp.path().c_str(), AT_FDCWD, out.c_str(), RENAME_NOREPLACE) != 0)
+      throw errors::io(out.string(), "cannot move the merged model into place", errno);
+    tmp.release();
+  }
+  fsync_path(parent.string(), parent.string());
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return report;
+}
+
+}  // namespace lora

@@ -1,0 +1,78 @@
+// Merging LoRA adapters into a base model: W = W0 + sum_k weight_k * scale *
+// dW_k (core/delta), computed in f32 with BLAS (f64 where a tensor is F64)
+// and rounded once to the output dtype, written as a complete model folder.
+// For 16-bit outputs of plain LoRA, the few elements whose f32 value lies
+// within the f32 error bound of a rounding midpoint are recomputed in double
+// (core/delta's delta_element), so they too round as the exact value would.
+//
+// Streaming: inputs stay memory-mapped; one tensor per job on a thread pool,
+// merged tensors in row blocks of a few MiB (f32) whose input pages are
+// released once done; untouched tensors are copied byte for byte in the
+// kernel (copy_file_range). Peak memory is a few row blocks per thread, plus
+// one whole tensor in f32 for the rare DoRA module whose norm runs per column
+// (fan_in_fan_out, embedding).
+//
+// Atomic: everything is written to `<out>.tmp-XXXXXX` beside --out, renamed
+// onto --out at the end (swapped with the old one under --force); any error
+// removes the temp folder, so nothing is left behind.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/progress.h"
+#include "formats/dtype.h"
+
+namespace lora {
+
+struct merge_input {
+  std::string path;     // PEFT folder, PEFT .safetensors or kohya file
+  double weight = 1.0;  // multiplies this adapter's deltas
+};
+
+struct merge_options {
+  std::string base;                 // model folder or bare .safetensors
+  std::vector<merge_input> adapters;  // applied in this order
+  std::string out;                  // the output folder
+  std::optional<dtype> out_type;    // nullopt: every tensor keeps its dtype
+  double scale = 1.0;               // multiplies every delta (and bias delta)
+  int threads = 0;                  // <= 0: all cores
+  bool dry_run = false;             // check everything, write nothing
+  bool force = false;               // replace an existing --out
+  bool allow_nonfinite = false;     // write NaN / Inf produced by a merge
+  progress_fn progress;             // may be empty
+};
+
+struct merge_report {
+  std::string out;
+  bool dry_run = false;
+  std::vector<std::string> files;          // written into out (names)
+  std::vector<std::string> skipped_files;  // base files not copied (other weight formats)
+  uint64_t n_tensors = 0;    // tensors in the output
+  uint64_t n_modules = 0;    // LoRA modules applied (over all adapters)
+  uint64_t n_merged = 0;     // tensors that received a delta (weights and biases)
+  uint64_t n_replaced = 0;   // modules_to_save tensors written in place of the base's
+  uint64_t n_converted = 0;  // untouched tensors converted to --dtype
+  uint64_t n_copied = 0;     // untouched tensors copied byte for byte
+  uint64_t bytes_written = 0;  // every file of the output (or that would be)
+  uint64_t bytes_free = 0;     // available on the output's file system before writing
+  double seconds = 0;
+};
+
+// Runs (or, with dry_run, checks) a merge. Checks first, before writing
+// anything: options, every adapter's fit to the base (keys, shapes), dtypes,
+// free disk space (statvfs).
+// Throws lora::error:
+//   exit 2: no adapter, a weight per adapter that does not match, --out
+//           exists without force, --out is (or holds) the base or an adapter;
+//   exit 3: malformed inputs, an adapter that does not fit the base (the first
+//           problem's key, with a hint), a non-arithmetic dtype to merge into,
+//           NaN / Inf in a merged tensor (unless allow_nonfinite);
+//   exit 4: unreadable inputs, not enough free space, failed writes (disk
+//           full, file size limit).
+// After an exception nothing is left at --out or beside it.
+merge_report merge_model(const merge_options& options);
+
+}  // namespace lora

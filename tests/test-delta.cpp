@@ -1,0 +1,313 @@
+// core/delta: every layout (linear, fan_in_fan_out, embedding, conv 1x1 and
+// kxk), DoRA per row and per column, lora_bias and the shape checks, against a
+// reference written out index by index in double precision.
+#include <doctest/doctest.h>
+
+#include <cmath>
+
+#include "core/delta.h"
+#include "formats/error.h"
+#include "tests/merge-testing.h"
+
+using namespace lora;
+using namespace lora::testing;
+
+namespace {
+
+enum class layout { linear, fan_in_fan_out, embedding, conv };
+
+// A module's tensors written to a file, and the module pointing into it.
+struct module_fixture {
+  temp_dir dir;
+  std::unique_ptr<safetensors_file> file;
+  lora_module module;
+  std::vector<int64_t> target_shape;
+  std::vector<double> w0;  // the base tensor, as stored (f32)
+  std::vector<double> a, b, m, bias;
+};
+
+// out, in: the module's output and input features; kh x kw kernel for conv.
+module_fixture make_module(layout kind, int64_t out, int64_t in, int64_t r, dtype factor_type, uint32_t seed,
+                           bool dora = false, int64_t kh = 1, int64_t kw = 1) {
+  module_fixture fx;
+  std::vector<int64_t> a_shape{r, in}, b_shape{out, r};
+  switch (kind) {
+    case layout::linear: fx.target_shape = {out, in}; break;
+    case layout::fan_in_fan_out: fx.target_shape = {in, out}; break;
+    case layout::embedding: fx.target_shape = {in, out}; break;  // [vocab, dim]: in = vocab, out = dim
+    case layout::conv:
+      fx.target_shape = {out, in, kh, kw};
+      a_shape = {r, in, kh, kw};
+      b_shape = {out, r, 1, 1};
+      break;
+  }
+  std::vector<test_tensor> tensors{
+      random_tensor("w0", dtype::F32, fx.target_shape, seed),
+      random_tensor("A", factor_type, a_shape, seed + 1),
+      random_tensor("B", factor_type, b_shape, seed + 2),
+      random_tensor("m", factor_type, {out}, seed + 3, 0.5, 2.0),
+      random_tensor("bias", factor_type, {out}, seed + 4),
+  };
+  write_safetensors(fx.dir / "m.safetensors", tensors);
+  fx.file = std::make_unique<safetensors_file>(fx.dir / "m.safetensors");
+  fx.w0 = read_f64(*fx.file, "w0");
+  fx.a = read_f64(*fx.file, "A");
+  fx.b = read_f64(*fx.file, "B");
+  fx.m = read_f64(*fx.file, "m");
+  fx.bias = read_f64(*fx.file, "bias");
+
+  lora_module& mod = fx.module;
+  mod.name = "layer.proj";
+  mod.target = "layer.proj.weight";
+  mod.kind = kind == layout::embedding ? module_kind::embedding
+             : kind == layout::conv    ? module_kind::conv
+                                       : module_kind::linear;
+  mod.fan_in_fan_out = kind == layout::fan_in_fan_out;
+  mod.a = tensor_ref{fx.file.get(), &fx.file->at("A")};
+  mod.b = tensor_ref{fx.file.get(), &fx.file->at("B")};
+  mod.rank = r;
+  mod.alpha = 3.0 * static_cast<double>(r);
+  mod.scale = 3.0;
+  mod.dora = dora;
+  if (dora) mod.magnitude = tensor_ref{fx.file.get(), &fx.file->at("m")};
+  mod.bias = tensor_ref{fx.file.get(), &fx.file->at("bias")};
+  return fx;
+}
+
+// dW written out index by index from the formulas (double, times weight * s).
+std::vector<double> reference_delta(layout kind, const std::vector<double>& a, const std::vector<double>& b,
+                                    int64_t out, int64_t in, int64_t r, double ws, int64_t kh = 1, int64_t kw = 1) {
+  std::vector<double> d(static_cast<size_t>(out * in * kh * kw), 0.0);
+  auto A = [&](int64_t k, int64_t i) { return a[static_cast<size_t>(k * in + i)]; };
+  auto B = [&](int64_t o, int64_t k) { return b[static_cast<size_t>(o * r + k)]; };
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t i = 0; i < in; ++i) {
+      if (kind == layout::conv) {
+        for (int64_t h = 0; h < kh; ++h)
+          for (int64_t w = 0; w < kw; ++w) {
+            double s = 0;
+            for (int64_t k = 0; k < r; ++k) s += B(o, k) * a[static_cast<size_t>(((k * in + i) * kh + h) * kw + w)];
+            d[static_cast<size_t>(((o * in + i) * kh + h) * kw + w)] = ws * s;
+          }
+        continue;
+      }
+      double s = 0;
+      for (int64_t k = 0; k < r; ++k) s += B(o, k) * A(k, i);
+      if (kind == layout::linear) d[static_cast<size_t>(o * in + i)] = ws * s;
+      else d[static_cast<size_t>(i * out + o)] = ws * s;  // stored [in, out] / [vocab, dim]
+    }
+  return d;
+}
+
+// |x - ref| <= tol * (|w0| + |ws| * sum_k |B||A|): a bound on f32 rounding of a
+// length-r dot product added to w0.
+std::vector<double> magnitude_bound(layout kind, const module_fixture& fx, int64_t out, int64_t in, int64_t r,
+                                    double ws, int64_t kh = 1, int64_t kw = 1) {
+  std::vector<double> abs_a, abs_b;  // reference_delta on |A|, |B|
+  for (double v : fx.a) abs_a.push_back(std::fabs(v));
+  for (double v : fx.b) abs_b.push_back(std::fabs(v));
+  std::vector<double> bound = reference_delta(kind, abs_a, abs_b, out, in, r, std::fabs(ws), kh, kw);
+  for (size_t i = 0; i < bound.size(); ++i) bound[i] += std::fabs(fx.w0[i]);
+  return bound;
+}
+
+void check_layout(layout kind, int64_t out, int64_t in, int64_t r, dtype factor_type, int64_t kh = 1,
+                  int64_t kw = 1) {
+  module_fixture fx = make_module(kind, out, in, r, factor_type, 11, false, kh, kw);
+  const double weight = 0.75;
+  const double ws = weight * fx.module.scale;
+  std::vector<double> want = reference_delta(kind, fx.a, fx.b, out, in, r, ws, kh, kw);
+  std::vector<double> bound = magnitude_bound(kind, fx, out, in, r, ws, kh, kw);
+  for (size_t i = 0; i < want.size(); ++i) want[i] += fx.w0[i];
+
+  // f32: in row blocks of 3 (uneven at the end), sgemm with beta = 1
+  delta_factors f = load_delta_factors(fx.module, fx.target_shape, "m.safetensors");
+  const int64_t n_rows = fx.target_shape[0];
+  const size_t n_cols = static_cast<size_t>(f.n_cols);
+  std::vector<float> w(fx.w0.begin(), fx.w0.end());
+  for (int64_t rb = 0; rb < n_rows; rb += 3) {
+    const int64_t re = std::min(n_rows, rb + 3);
+    add_delta_rows(f, weight, rb, re, w.data() + static_cast<size_t>(rb) * n_cols);
+  }
+  const double tol = static_cast<double>(r + 2) * 6e-8;  // (r + 2) f32 roundings
+  size_t bad = 0;
+  for (size_t i = 0; i < want.size(); ++i)
+    if (std::fabs(static_cast<double>(w[i]) - want[i]) > tol * bound[i]) ++bad;
+  CHECK(bad == 0);
+
+  // f64: the exact path, whole tensor at once
+  delta_factors_f64 f64 = load_delta_factors_f64(fx.module, fx.target_shape, "m.safetensors");
+  std::vector<double> wd = fx.w0;
+  add_delta_rows(f64, weight, 0, n_rows, wd.data());
+  double worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::fabs(wd[i] - want[i]) / (bound[i] + 1e-300));
+  CHECK(worst < 1e-14);
+
+  // the delta is not zero: the test can fail
+  double norm = 0;
+  for (size_t i = 0; i < want.size(); ++i) norm += std::fabs(want[i] - fx.w0[i]);
+  CHECK(norm > 1.0);
+}
+
+}  // namespace
+
+TEST_CASE("linear: W0 + s B A, f32 BLAS in row blocks and f64 reference") {
+  check_layout(layout::linear, 37, 53, 5, dtype::F32);
+  check_layout(layout::linear, 64, 16, 8, dtype::BF16);
+  check_layout(layout::linear, 7, 129, 1, dtype::F16);
+}
+
+TEST_CASE("fan_in_fan_out: target stored [in, out], dW = s (B A)^T") {
+  check_layout(layout::fan_in_fan_out, 37, 53, 5, dtype::F32);
+  check_layout(layout::fan_in_fan_out, 96, 32, 8, dtype::BF16);
+}
+
+TEST_CASE("embedding: A [r, vocab], B [dim, r], dW = s (B A)^T stored [vocab, dim]") {
+  check_layout(layout::embedding, 24, 101, 4, dtype::F32);  // dim 24, vocab 101
+  check_layout(layout::embedding, 16, 50, 8, dtype::F16);
+}
+
+TEST_CASE("conv: dW[o,i,h,w] = s sum_r B[o,r] A[r,i,h,w], 1x1 and 3x3") {
+  check_layout(layout::conv, 12, 8, 4, dtype::F32, 1, 1);
+  check_layout(layout::conv, 12, 8, 4, dtype::F16, 3, 3);
+  check_layout(layout::conv, 5, 3, 2, dtype::BF16, 3, 1);
+}
+
+TEST_CASE("DoRA per row (linear, conv): W = m / ||V_row|| V, V = W0 + s B A") {
+  for (layout kind : {layout::linear, layout::conv}) {
+    const int64_t out = 19, in = 23, r = 4, kh = kind == layout::conv ? 3 : 1;
+    module_fixture fx = make_module(kind, out, in, r, dtype::F32, 21, true, kh, kh);
+    const double weight = 1.0;
+    std::vector<double> v = reference_delta(kind, fx.a, fx.b, out, in, r, weight * fx.module.scale, kh, kh);
+    for (size_t i = 0; i < v.size(); ++i) v[i] += fx.w0[i];
+    const size_t n_cols = v.size() / static_cast<size_t>(out);
+    std::vector<double> want(v.size());
+    for (size_t o = 0; o < static_cast<size_t>(out); ++o) {
+      double sq = 0;
+      for (size_t j = 0; j < n_cols; ++j) sq += v[o * n_cols + j] * v[o * n_cols + j];
+      for (size_t j = 0; j < n_cols; ++j) want[o * n_cols + j] = fx.m[o] / std::sqrt(sq) * v[o * n_cols + j];
+    }
+    // f32 in blocks of 5 rows; f64 whole
+    delta_factors f = load_delta_factors(fx.module, fx.target_shape, "m");
+    CHECK_FALSE(f.needs_whole_tensor());
+    std::vector<float> w(fx.w0.begin(), fx.w0.end());
+    for (int64_t rb = 0; rb < out; rb += 5)
+      apply_module_rows(f, weight, rb, std::min<int64_t>(out, rb + 5), w.data() + static_cast<size_t>(rb) * n_cols);
+    delta_factors_f64 f64 = load_delta_factors_f64(fx.module, fx.target_shape, "m");
+    std::vector<double> wd = fx.w0;
+    apply_module_rows(f64, weight, 0, out, wd.data());
+    double worst32 = 0, worst64 = 0, scale = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      scale = std::max(scale, std::fabs(want[i]));
+      worst32 = std::max(worst32, std::fabs(w[i] - want[i]));
+      worst64 = std::max(worst64, std::fabs(wd[i] - want[i]));
+    }
+    CHECK(worst32 < 1e-5 * scale);
+    CHECK(worst64 < 1e-13 * scale);
+    // the magnitude really rescales: row norms equal m
+    for (size_t o = 0; o < static_cast<size_t>(out); ++o) {
+      double sq = 0;
+      for (size_t j = 0; j < n_cols; ++j) sq += wd[o * n_cols + j] * wd[o * n_cols + j];
+      CHECK(std::sqrt(sq) == doctest::Approx(fx.m[o]).epsilon(1e-12));
+    }
+  }
+}
+
+TEST_CASE("DoRA per column (fan_in_fan_out, embedding): norm per output feature over the input") {
+  for (layout kind : {layout::fan_in_fan_out, layout::embedding}) {
+    const int64_t out = 17, in = 29, r = 3;  // stored [in, out]
+    module_fixture fx = make_module(kind, out, in, r, dtype::BF16, 31, true);
+    const double weight = 0.5;
+    std::vector<double> v = reference_delta(kind, fx.a, fx.b, out, in, r, weight * fx.module.scale);
+    for (size_t i = 0; i < v.size(); ++i) v[i] += fx.w0[i];
+    std::vector<double> want(v.size());
+    for (size_t o = 0; o < static_cast<size_t>(out); ++o) {
+      double sq = 0;
+      for (size_t i = 0; i < static_cast<size_t>(in); ++i) sq += v[i * out + o] * v[i * out + o];
+      for (size_t i = 0; i < static_cast<size_t>(in); ++i) want[i * out + o] = fx.m[o] / std::sqrt(sq) * v[i * out + o];
+    }
+    delta_factors f = load_delta_factors(fx.module, fx.target_shape, "m");
+    CHECK(f.needs_whole_tensor());
+    std::vector<float> w(fx.w0.begin(), fx.w0.end());
+    // a partial block is refused: the norm needs every row
+    CHECK_THROWS_AS(apply_module_rows(f, weight, 0, 5, w.data()), lora::error);
+    apply_module_rows(f, weight, 0, in, w.data());
+    delta_factors_f64 f64 = load_delta_factors_f64(fx.module, fx.target_shape, "m");
+    std::vector<double> wd = fx.w0;
+    apply_module_rows(f64, weight, 0, in, wd.data());
+    double worst32 = 0, worst64 = 0, scale = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      scale = std::max(scale, std::fabs(want[i]));
+      worst32 = std::max(worst32, std::fabs(w[i] - want[i]));
+      worst64 = std::max(worst64, std::fabs(wd[i] - want[i]));
+    }
+    CHECK(worst32 < 1e-5 * scale);
+    CHECK(worst64 < 1e-13 * scale);
+  }
+}
+
+TEST_CASE("lora_bias: bias + w s b") {
+  module_fixture fx = make_module(layout::linear, 9, 4, 2, dtype::F16, 41);
+  std::vector<double> base = random_values(9, 5);
+  std::vector<double> got = base;
+  add_bias_delta(fx.module, 0.5, std::span<double>(got), "m");
+  for (size_t i = 0; i < 9; ++i) CHECK(got[i] == doctest::Approx(base[i] + 0.5 * 3.0 * fx.bias[i]).epsilon(1e-15));
+  std::vector<float> wrong(8, 0.0f);
+  CHECK_THROWS_AS(add_bias_delta(fx.module, 1.0, std::span<float>(wrong), "m"), lora::error);
+}
+
+TEST_CASE("shape and dtype checks name the module and exit 3") {
+  module_fixture fx = make_module(layout::linear, 8, 6, 2, dtype::F32, 51);
+  auto expect_invalid = [&](const lora_module& m, const std::vector<int64_t>& shape, const std::string& text) {
+    try {
+      (void)load_delta_factors(m, shape, "adapter.safetensors");
+      FAIL("no error for " << text);
+    } catch (const lora::error& e) {
+      CHECK(e.code() == exit_code::invalid_input);
+      CHECK_MESSAGE(std::string(e.what()).find("layer.proj") != std::string::npos, e.what());
+      CHECK_MESSAGE(std::string(e.what()).find(text) != std::string::npos, e.what());
+    }
+  };
+  expect_invalid(fx.module, {9, 6}, "[9, 6]");           // B has 8 rows
+  expect_invalid(fx.module, {8, 7}, "[8, 7]");           // A has 6 columns
+  expect_invalid(fx.module, {6, 8}, "[6, 8]");           // transposed base, flag not set
+  lora_module wrong_rank = fx.module;
+  wrong_rank.rank = 3;
+  expect_invalid(wrong_rank, {8, 6}, "rank");
+  lora_module fif = fx.module;
+  fif.fan_in_fan_out = true;
+  CHECK_NOTHROW((void)load_delta_factors(fif, {6, 8}, "a"));
+  expect_invalid(fif, {8, 6}, "fan_in_fan_out");
+  lora_module dora = fx.module;
+  dora.dora = true;
+  expect_invalid(dora, {8, 6}, "lora_magnitude_vector");
+  dora.magnitude = tensor_ref{fx.file.get(), &fx.file->at("bias")};  // [8]: fits
+  CHECK_NOTHROW((void)load_delta_factors(dora, {8, 6}, "a"));
+  dora.magnitude = tensor_ref{fx.file.get(), &fx.file->at("A")};  // [2, 6]: 12 values
+  expect_invalid(dora, {8, 6}, "magnitudes");
+
+  // a conv kernel that differs from the target's
+  module_fixture conv = make_module(layout::conv, 4, 3, 2, dtype::F32, 61, false, 3, 3);
+  try {
+    (void)load_delta_factors(conv.module, {4, 3, 1, 9}, "a");
+    FAIL("kernel mismatch accepted");
+  } catch (const lora::error& e) {
+    CHECK(e.code() == exit_code::invalid_input);
+  }
+
+  // a factor stored as I32 cannot be multiplied
+  temp_dir dir;
+  {
+    std::vector<tensor_spec> specs{{"A", dtype::I32, {2, 6}}, {"B", dtype::F32, {8, 2}}};
+    safetensors_layout l = plan_safetensors(specs, std::nullopt);
+    std::vector<uint8_t> zeros(64, 0);
+    write_bytes(dir / "i.safetensors", serialize_safetensors(l, [&](const tensor_info& t) {
+                  return std::span<const uint8_t>(zeros.data(), t.n_bytes());
+                }));
+  }
+  safetensors_file ifile(dir / "i.safetensors");
+  lora_module im = fx.module;
+  im.a = tensor_ref{&ifile, &ifile.at("A")};
+  im.b = tensor_ref{&ifile, &ifile.at("B")};
+  expect_invalid(im, {8, 6}, "I32");
+}
