@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# End-to-end: lora extract on testdata/tiny-llama and tuned models generated
+# here (tests/e2e/make-extract-models.py: base + rank-8 deltas + noise).
+# usage: e2e-extract.sh LORA_BIN SOURCE_DIR   (exit 77: skipped)
+set -u
+LORA=$1
+SRC=$2
+PY=/usr/bin/python3
+BASE=$SRC/testdata/tiny-llama
+if [ ! -x "$PY" ] || ! "$PY" -c 'import numpy' 2>/dev/null; then echo "skip: /usr/bin/python3 with numpy needed"; exit 77; fi
+if [ ! -f "$BASE/model.safetensors" ]; then echo "skip: $BASE missing"; exit 77; fi
+
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+fails=0
+pass() { echo "ok: $1"; }
+fail() { echo "FAIL: $1"; fails=$((fails + 1)); }
+
+"$PY" "$SRC/tests/e2e/make-extract-models.py" "$BASE" "$T/m" || { echo "generator failed"; exit 1; }
+TUNED=$T/m/tuned
+
+# expect_error NAME WANT_RC WANT_TEXT OUT -- ARGS...: exit code, message, nothing left behind
+expect_error() {
+  local name=$1 want_rc=$2 want_text=$3 out=$4
+  shift 5
+  "$LORA" extract "$@" >"$T/stdout" 2>"$T/stderr"
+  local rc=$?
+  local msg
+  msg=$(cat "$T/stderr")
+  if [ "$rc" != "$want_rc" ]; then fail "$name: exit $rc, want $want_rc ($msg)"; return; fi
+  if ! grep -qF -- "$want_text" "$T/stderr"; then fail "$name: message '$msg' lacks '$want_text'"; return; fi
+  if [ "$(wc -l <"$T/stderr")" != 1 ]; then fail "$name: error is not one line"; return; fi
+  if [ -n "$out" ] && ls -d "$out" "$out".tmp-* >/dev/null 2>&1; then fail "$name: output left behind"; return; fi
+  pass "$name ($msg)"
+}
+
+# --- a plain extraction, report checked against a float64 recomputation
+"$LORA" extract --base "$BASE" --tuned "$TUNED" --out "$T/r8" --rank 8 --json >"$T/r8.json" 2>"$T/err" \
+  && pass "extract --rank 8" || fail "extract --rank 8: $(cat "$T/err")"
+
+cat >"$T/check.py" <<'EOF'
+import json, struct, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from importlib.machinery import SourceFileLoader
+gen = SourceFileLoader("gen", sys.argv[1] + "/make-extract-models.py").load_module()
+
+def load(path):
+    t, meta = gen.read(path)
+    return {k: v[1].astype(np.float64) for k, v in t.items()}, t
+
+def check_peft(base_dir, tuned_dir, out_dir, report_path, want_rank=None):
+    base, _ = load(base_dir + "/model.safetensors")
+    tuned, _ = load(tuned_dir + "/model.safetensors")
+    ad, raw = load(out_dir + "/adapter_model.safetensors")
+    cfg = json.load(open(out_dir + "/adapter_config.json"))
+    rep = json.load(open(report_path))
+    assert cfg["peft_type"] == "LORA"
+    r = cfg["r"]
+    assert cfg["lora_alpha"] == r, cfg
+    assert rep["rank"] == r
+    mods = {m["module"]: m for m in rep["modules"]}
+    assert sorted(cfg["target_modules"]) == sorted(mods), (cfg["target_modules"], list(mods))
+    total_d, total_res = 0.0, 0.0
+    for p, m in mods.items():
+        a = ad[f"base_model.model.{p}.lora_A.weight"]
+        b = ad[f"base_model.model.{p}.lora_B.weight"]
+        assert raw[f"base_model.model.{p}.lora_A.weight"][0] == "BF16"
+        rank = a.shape[0]
+        assert b.shape[1] == rank and rank == m["rank"]
+        if want_rank is not None:
+            assert rank == want_rank, (p, rank)
+        # config: rank and alpha from r or the pattern (PEFT rule ^(.*\.)?(KEY)$)
+        import re
+        def lookup(pat, default):
+            for k, v in pat.items():
+                if re.match(rf"^(.*\.)?({k})$", p):
+                    return v
+            return default
+        assert lookup(cfg["rank_pattern"], r) == rank, (p, rank, cfg["rank_pattern"])
+        assert lookup(cfg["alpha_pattern"], cfg["lora_alpha"]) == rank, p
+        d = tuned[p + ".weight"] - base[p + ".weight"]
+        res = np.linalg.norm(d - b @ a)
+        err = res / np.linalg.norm(d)
+        assert abs(err - m["relative_error"]) <= 1e-4 * m["relative_error"] + 1e-7, (p, err, m["relative_error"])
+        assert abs(np.linalg.norm(d) - m["delta_norm"]) <= 1e-6 * m["delta_norm"]
+        total_d += np.linalg.norm(d) ** 2
+        total_res += res ** 2
+    assert abs(np.sqrt(total_res / total_d) - rep["total"]["relative_error"]) <= 1e-4 * rep["total"]["relative_error"]
+    return rep
+
+what = sys.argv[2]
+if what == "peft":
+    check_peft(*sys.argv[3:7], want_rank=int(sys.argv[7]) if len(sys.argv) > 7 else None)
+elif what == "energy":
+    rep = check_peft(*sys.argv[3:7])
+    f = float(sys.argv[7])
+    for m in rep["modules"]:
+        assert m["energy_kept"] >= f, m
+    assert len({m["rank"] for m in rep["modules"]}) > 1, "ranks should differ per module"
+elif what == "compare":  # randomized within 1% of exact, per module
+    ra = {m["module"]: m for m in json.load(open(sys.argv[3]))["modules"]}
+    ex = {m["module"]: m for m in json.load(open(sys.argv[4]))["modules"]}
+    assert ra.keys() == ex.keys()
+    for p in ra:
+        assert ex[p]["method"] == "exact"
+        assert ra[p]["relative_error"] <= 1.01 * ex[p]["relative_error"], (p, ra[p], ex[p])
+elif what == "merged":  # lora merge output vs the tuned model, bound by the reported error
+    base, _ = load(sys.argv[3] + "/model.safetensors")
+    tuned, _ = load(sys.argv[4] + "/model.safetensors")
+    merged, _ = load(sys.argv[5] + "/model.safetensors")
+    rep = json.load(open(sys.argv[6]))
+    for m in rep["modules"]:
+        k = m["tensor"]
+        d = np.linalg.norm(tuned[k] - base[k])
+        # merged is rounded to bf16 once more: half an ulp per element at most
+        half_ulp = np.linalg.norm(np.abs(merged[k]) * 2.0 ** -8 / 2)
+        got = np.linalg.norm(merged[k] - tuned[k])
+        assert got <= m["relative_error"] * d + half_ulp, (k, got, m["relative_error"] * d, half_ulp)
+elif what == "kohya":
+    ad, raw = load(sys.argv[3])
+    rep = json.load(open(sys.argv[4]))
+    for m in rep["modules"]:
+        k = "lora_te_" + m["module"].replace(".", "_")
+        assert ad[k + ".lora_down.weight"].shape == (m["rank"], m["shape"][1])
+        assert ad[k + ".lora_up.weight"].shape == (m["shape"][0], m["rank"])
+        assert raw[k + ".alpha"][0] == "F32" and float(ad[k + ".alpha"]) == m["rank"]
+    assert len(ad) == 3 * len(rep["modules"])
+elif what == "saved":
+    ad, raw = load(sys.argv[3] + "/adapter_model.safetensors")
+    cfg = json.load(open(sys.argv[3] + "/adapter_config.json"))
+    tuned, _ = load(sys.argv[4] + "/model.safetensors")
+    assert cfg["modules_to_save"] == ["model.layers.0.input_layernorm"], cfg["modules_to_save"]
+    k = "model.layers.0.input_layernorm.weight"
+    assert np.array_equal(ad["base_model.model." + k], tuned[k])
+print("ok")
+EOF
+check() { local name=$1; shift; if "$PY" "$T/check.py" "$SRC/tests/e2e" "$@" >"$T/chk" 2>&1; then pass "$name"; else fail "$name: $(tail -3 "$T/chk")"; fi; }
+
+check "rank-8 adapter: keys, shapes, config, errors recomputed in f64" peft "$BASE" "$TUNED" "$T/r8" "$T/r8.json" 8
+grep -q '"reason": "not a 2-D weight"' "$T/r8.json" && grep -q 'model.layers.0.input_layernorm.weight' "$T/r8.json" \
+  && pass "1-D delta listed" || fail "1-D delta not listed"
+grep -q '"unchanged": 7' "$T/r8.json" && pass "unchanged tensors counted (o_proj of layer 1 among them)" \
+  || fail "unchanged count"
+
+# --- energy target: per-module ranks through rank_pattern / alpha_pattern
+"$LORA" extract --base "$BASE" --tuned "$TUNED" --out "$T/e" --energy 0.995 --json >"$T/e.json" 2>"$T/err" \
+  && check "--energy 0.995: ranks reach the target, patterns give each module its rank" energy "$BASE" "$TUNED" "$T/e" "$T/e.json" 0.995 \
+  || fail "extract --energy: $(cat "$T/err")"
+
+# --- exact method; randomized within 1% of it
+"$LORA" extract --base "$BASE" --tuned "$TUNED" --out "$T/x" --rank 8 --method exact --json >"$T/x.json" 2>"$T/err" \
+  && check "--method exact: report recomputed" peft "$BASE" "$TUNED" "$T/x" "$T/x.json" 8 \
+  || fail "extract --method exact: $(cat "$T/err")"
+check "randomized error within 1% of exact, every module" compare "$T/r8.json" "$T/x.json"
+
+# --- deterministic for a seed
+"$LORA" extract --base "$BASE" --tuned "$TUNED" --out "$T/r8b" --rank 8 --quiet 2>/dev/null
+cmp -s "$T/r8/adapter_model.safetensors" "$T/r8b/adapter_model.safetensors" && pass "same seed, same bytes" \
+  || fail "two runs with the same seed differ"
+"$LORA" extract --base "$BASE" --tuned "$TUNED" --out "$T/r8c" --rank 8 --seed 5 --quiet 2>/dev/null
+cmp -s "$T/r8/adapter_model.safetensors" "$T/r8c/adapter_model.safetensors" && fail "--seed has no effect" \
+  || pass "another seed, another sketch"
+
+# --- extract then merge reproduces the tuned model within the reported error
+if "$LORA" merge --help >/dev/null 2>&1; then
+  if "$LORA" merge --base "$BASE" --adapter "$T/r8" --out "$T/merged" --quiet 2>"$T/err"; then
+    check "merge(extract) = tuned within the reported error (+ bf16 rounding)" merged "$BASE" "$TUNED" "$T/merged" "$T/r8.json"
+  else
+    fail "lora merge of the extracted adapter: $(cat "$T/err")"
+  fi
+else
+  echo "note: lora merge not built: merge check left to the f64 recomputation above"
+fi
+
+# --- kohya, save-modules, targets
+"$LORA" extract --base "$BASE" --tuned "$TUNED" --out "$T/k.safetensors" --rank 4 --format kohya --json >"$T/k.json" 2>"$T/err" \
+  && check "--format kohya: lora_te_ names, down/up shapes, alpha = r (F32)" kohya "$T/k.safetensors" "$T/k.json" \
+  || fail "extract --format kohya: $(cat "$T/err")"
+"$LORA" extract --base "$BASE" --tuned "$TUNED" --out "$T/s" --rank 4 --save-modules --quiet 2>"$T/err" \
+  && check "--save-modules: the norm delta saved whole, modules_to_save" saved "$T/s" "$TUNED" \
+  || fail "extract --save-modules: $(cat "$T/err")"
+"$LORA" extract --base "$BASE" --tuned "$TUNED" --out "$T/t" --rank 4 --targets 'q_proj|v_proj' --json >"$T/t.json" 2>"$T/err"
+n_mod=$("$PY" -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["modules"]))' "$T/t.json" 2>/dev/null)
+n_excl=$(grep -c '"reason": "excluded by --targets"' "$T/t.json")
+[ "$n_mod" = 4 ] && [ "$n_excl" = 9 ] && pass "--targets q_proj|v_proj: 4 modules, 9 excluded and listed" \
+  || fail "--targets: $n_mod modules, $n_excl excluded"
+
+# --- refusals: exit code, one-line message, nothing left behind
+expect_error "identical models" 3 "models are identical: nothing to extract" "$T/o1" -- \
+  --base "$BASE" --tuned "$BASE" --out "$T/o1" --rank 4
+expect_error "tensor missing in tuned" 3 "model.norm.weight: missing" "$T/o2" -- \
+  --base "$BASE" --tuned "$T/m/missing" --out "$T/o2" --rank 4
+expect_error "tensor only in tuned" 3 "model.norm.weight: not in the base model" "$T/o3" -- \
+  --base "$T/m/missing" --tuned "$TUNED" --out "$T/o3" --rank 4
+expect_error "shape mismatch" 3 "lm_head.weight" "$T/o4" -- \
+  --base "$BASE" --tuned "$T/m/shape" --out "$T/o4" --rank 4
+expect_error "integer delta" 3 "extra.ids: differs from the base, and I32 and I32 cannot be subtracted" "$T/o5" -- \
+  --base "$T/m/base-int" --tuned "$T/m/tuned-int" --out "$T/o5" --rank 4
+expect_error "existing --out" 2 "exists" "" -- --base "$BASE" --tuned "$TUNED" --out "$T/r8" --rank 4
+expect_error "no rank option" 2 "give one of --rank R, --energy F or --max-error E" "$T/o6" -- \
+  --base "$BASE" --tuned "$TUNED" --out "$T/o6"
+expect_error "bad --targets regex" 2 "--targets" "$T/o7" -- --base "$BASE" --tuned "$TUNED" --out "$T/o7" --rank 4 --targets '('
+expect_error "kohya with --save-modules" 2 "--save-modules needs --format peft" "$T/o8" -- \
+  --base "$BASE" --tuned "$TUNED" --out "$T/o8" --rank 4 --format kohya --save-modules
+expect_error "--energy out of range" 2 "--energy 1.5 must be in (0, 1]" "$T/o9" -- \
+  --base "$BASE" --tuned "$TUNED" --out "$T/o9" --energy 1.5
+expect_error "unreadable base" 4 "nope" "$T/o10" -- --base "$T/nope" --tuned "$TUNED" --out "$T/o10" --rank 4
+
+if ls "$T"/*.tmp-* >/dev/null 2>&1; then fail "temporary files left in $T"; else pass "no temporary files left"; fi
+echo "$fails failure(s)"
+[ "$fails" = 0 ]
