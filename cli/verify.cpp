@@ -1,10 +1,90 @@
-// PLACEHOLDER: replaced by the real subcommand (work in progress).
+// lora verify --base MODEL --adapter ADAPTER --merged MODEL [--tokens 1,2,3] [--json] [--threads N]
+// Checks that MERGED is BASE with ADAPTER merged in (core/verify); exit 0
+// when equivalent, 1 when not; the report names the worst tensors.
+#include <cmath>
+#include <memory>
+#include <string>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
 #include "cli/commands.h"
+#include "cli/token-list.h"
+#include "core/verify.h"
 #include "formats/error.h"
+
 namespace lora::cli {
+
+namespace {
+
+struct verify_cli_options {
+  std::string base, adapter, merged, tokens;
+  bool json = false;
+  int threads = 0;
+  int worst = 5;
+};
+
+double finite_or(double v, double fallback) { return std::isfinite(v) ? v : fallback; }
+
+int run_verify(const verify_cli_options& o) {
+  verify_options opts{o.base, o.adapter, o.merged, {}, o.threads};
+  if (!o.tokens.empty()) opts.tokens = parse_token_list(o.tokens);
+  const verify_report r = verify_merge(opts);
+  const int code = r.equivalent ? 0 : 1;
+  if (o.json) {
+    nlohmann::json j;
+    j["equivalent"] = r.equivalent;
+    j["tensors_checked"] = r.n_checked;
+    j["tensors_failed"] = r.n_failed;
+    j["worst"] = nlohmann::json::array();
+    for (size_t i = 0; i < r.tensors.size() && i < static_cast<size_t>(o.worst); ++i) {
+      const auto& c = r.tensors[i];
+      j["worst"].push_back({{"name", c.name}, {"kind", c.kind}, {"ok", c.ok}, {"max_error", c.max_error},
+                            {"tolerance", c.tolerance}, {"ratio", finite_or(c.ratio, 1e300)}, {"bad_elements", c.n_bad}});
+    }
+    j["failed"] = nlohmann::json::array();
+    for (const auto& c : r.tensors)
+      if (!c.ok) j["failed"].push_back(c.name);
+    if (r.model.ran)
+      j["model"] = {{"tokens", r.model.n_tokens}, {"max_abs", r.model.max_abs}, {"max_rel", r.model.max_rel},
+                    {"tolerance", r.model.tolerance}, {"top1_agreement", r.model.top1_agreement}, {"ok", r.model.ok}};
+    else
+      j["model"] = {{"skipped", r.model.skipped}};
+    fmt::print("{}\n", j.dump(2));
+    return code;
+  }
+  fmt::print("{}: {} tensors checked, {} failed\n", r.equivalent ? "equivalent" : "NOT equivalent", r.n_checked, r.n_failed);
+  for (size_t i = 0; i < r.tensors.size() && i < static_cast<size_t>(o.worst); ++i) {
+    const auto& c = r.tensors[i];
+    fmt::print("  {} {} ({}): max error {:.3g}, tolerance {:.3g}, {} elements over\n", c.ok ? "ok  " : "FAIL", c.name,
+               c.kind, c.max_error, c.tolerance, c.n_bad);
+  }
+  if (r.model.ran)
+    fmt::print("model: {} tokens, max |dlogit| {:.3g} (relative {:.3g}, tolerance {:.3g}), top-1 agreement {:.0f}% {}\n",
+               r.model.n_tokens, r.model.max_abs, r.model.max_rel, r.model.tolerance, 100 * r.model.top1_agreement,
+               r.model.ok ? "ok" : "FAIL");
+  else
+    fmt::print("model: skipped ({})\n", r.model.skipped);
+  return code;
+}
+
+}  // namespace
+
 CLI::App* setup_verify(CLI::App& app, runner& run) {
-  auto* sub = app.add_subcommand("verify", "not built yet");
-  sub->callback([&run] { run = [] () -> int { throw errors::usage("'verify' is not built yet"); }; });
+  auto o = std::make_shared<verify_cli_options>();
+  auto* sub = app.add_subcommand("verify",
+                                 "Check that a merged model equals base + adapter: every tensor against W0 + s B A "
+                                 "(tolerance from the merged dtype), and the logits of both through the forward pass");
+  sub->add_option("--base", o->base, "base model")->required();
+  sub->add_option("--adapter", o->adapter, "the adapter that was merged")->required();
+  sub->add_option("--merged", o->merged, "the merged model to check")->required();
+  sub->add_option("--tokens", o->tokens, "token ids for the model-level check (default: 16 seeded ids)");
+  sub->add_flag("--json", o->json, "machine-readable report on stdout");
+  sub->add_option("--threads", o->threads, "BLAS threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--worst", o->worst, "how many of the worst tensors to list (default 5)")->check(CLI::NonNegativeNumber);
+  sub->footer("Exit codes: 0 equivalent, 1 not equivalent, 2 bad command line, 3 invalid input, 4 I/O failure.");
+  sub->callback([o, &run] { run = [o] { return run_verify(*o); }; });
   return sub;
 }
+
 }  // namespace lora::cli

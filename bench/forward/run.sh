@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Forward benchmark: `lora forward` (whole command: open, convert, compute,
+# write) against PyTorch's f32 forward of the same weights (compute only,
+# weights already loaded), 128 tokens, ~100M-parameter Llama-shaped F32 model.
+# Not part of the test suite.  Usage: bench/forward/run.sh [PATH-TO-LORA]  (env RUNS=3, THREADS=2)
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+SRC=$(cd "$HERE/../.." && pwd)
+LORA=${1:-$SRC/build/lora}
+RUNS=${RUNS:-3}
+THREADS=${THREADS:-2}
+PY=/usr/bin/python3
+OUT=$SRC/bench/out/forward
+[ -x "$LORA" ] || { echo "no lora executable at $LORA (pass its path)" >&2; exit 2; }
+"$PY" "$HERE/make_model.py" "$OUT/model"
+TOKENS=$("$PY" -c "import random; r=random.Random(0); print(','.join(str(r.randrange(32000)) for _ in range(128)))")
+
+best=""
+for _ in $(seq "$RUNS"); do
+  t0=$(date +%s.%N)
+  "$LORA" forward --model "$OUT/model" --tokens "$TOKENS" --out "$OUT/lora-logits.safetensors" --threads "$THREADS" >/dev/null
+  t=$(echo "$(date +%s.%N) - $t0" | bc -l)
+  if [ -z "$best" ] || [ "$(echo "$t < $best" | bc -l)" = 1 ]; then best=$t; fi
+done
+pt=$(THREADS=$THREADS "$PY" "$HERE/torch_forward.py" "$OUT/model" "$TOKENS" "$OUT/torch-logits.safetensors" "$RUNS")
+diff=$("$PY" -c "
+import sys; sys.path.insert(0, '$SRC/tests/reference')
+from llama_reference import read_safetensors
+a = read_safetensors('$OUT/lora-logits.safetensors')['logits']; b = read_safetensors('$OUT/torch-logits.safetensors')['logits']
+print('%.3g (max |logit| %.3g)' % (float((a - b).abs().max()), float(b.abs().max())))")
+"$PY" -c "
+lora, pt = $best, $pt
+print('forward 128 tokens, ~100M params F32, $THREADS threads, best of $RUNS')
+print('lora forward (whole command): %.3f s  %.1f tokens/s' % (lora, 128 / lora))
+print('pytorch forward (compute only): %.3f s  %.1f tokens/s' % (pt, 128 / pt))
+print('ratio lora/pytorch tokens/s: %.2f' % (pt / lora))"
+echo "max |lora - pytorch| logits: $diff"

@@ -1,0 +1,90 @@
+// A CPU reference forward pass of the Llama family (llama, mistral, qwen2) as
+// Hugging Face transformers implements it, in f32 with BLAS:
+//
+//   x = embed_tokens[tokens]
+//   per layer:  h = RMSNorm(x) * w_in;  q, k, v = h Wq^T (+bq), h Wk^T (+bk), h Wv^T (+bv)
+//               RoPE(q), RoPE(k)  (rotate-half layout, inv_freq_i = theta^(-2i/d))
+//               a = softmax(q k^T / sqrt(d) + causal mask) v   (grouped-query: head h reads kv head h / (H / H_kv))
+//               x = x + a Wo^T;  h = RMSNorm(x) * w_post
+//               x = x + down(silu(gate(h)) * up(h))
+//   logits = RMSNorm(x) * w_norm  lm_head^T   (lm_head = embed_tokens when tied)
+//
+// With an adapter, LoRA is applied unmerged on the fly: y = x W0^T + s (x A^T) B^T
+// (+ s b for lora_bias); DoRA per PEFT: y = (m / ||W0 + s B A||_row) * (x W0^T + s (x A^T) B^T) + bias;
+// embedding LoRA: row t of embed_tokens + s (B A[:, t]); modules_to_save
+// replace the base tensor. The factors and DoRA's norm come from core/delta.
+// Weights are converted to f32 (core/dtype) one matrix at a time, as needed.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/adapter.h"
+#include "formats/hf-config.h"
+#include "formats/model-files.h"
+
+namespace lora {
+
+// ---- building blocks (row-major f32; exposed for tests) ----
+
+// out[t, :] = x[t, :] * rsqrt(mean(x[t, :]^2) + eps) * weight. out may alias x.
+void rms_norm(const float* x, int64_t n_tokens, int64_t dim, const float* weight, double eps, float* out);
+
+// Rotary embedding in place on x [n_tokens, n_heads, head_dim] at positions
+// 0..n_tokens-1: with d = head_dim, j < d/2, angle = pos * theta^(-2j/d):
+//   x'[j]       = x[j] cos - x[j + d/2] sin
+//   x'[j + d/2] = x[j + d/2] cos + x[j] sin
+void apply_rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, double theta);
+
+// Causal grouped-query attention: q [T, n_heads, d], k and v [T, n_kv_heads, d],
+// out [T, n_heads, d]; query head h uses kv head h / (n_heads / n_kv_heads);
+// out = softmax(q k^T / sqrt(d), keys <= query position) v.
+void causal_attention(const float* q, const float* k, const float* v, int64_t n_tokens, int64_t n_heads,
+                      int64_t n_kv_heads, int64_t head_dim, float* out);
+
+// out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). out may alias either input.
+void swiglu(const float* gate, const float* up, size_t n, float* out);
+
+// ---- the whole model ----
+
+struct logits_result {
+  int64_t n_tokens = 0;
+  int64_t n_vocab = 0;
+  std::vector<float> logits;  // [n_tokens, n_vocab], row-major
+};
+
+// Runs the model over `tokens` (positions 0..n-1). `adapter`, when given, must
+// have been fitted to `model` (fit_adapter). Borrows everything; threads <= 0:
+// all cores (BLAS threads).
+// Throws lora::error: exit 2 for no tokens or a token id outside [0, vocab);
+// exit 3 for a missing tensor or wrong shape (naming it), a non-arithmetic
+// dtype, more tokens than a sliding window, a module kind the forward pass
+// does not apply (fan_in_fan_out, conv).
+logits_result llama_forward(const model_files& model, const hf_config& config, const adapter* adapter,
+                            std::span<const int64_t> tokens, int threads);
+
+struct forward_options {
+  std::string model;                   // model folder (config.json required)
+  std::optional<std::string> adapter;  // PEFT folder / file, optional
+  std::vector<int64_t> tokens;
+  int threads = 0;
+};
+
+// Opens the model and its config.json, loads and fits the adapter, runs
+// llama_forward. Throws lora::error: exit 3 for a model without config.json,
+// an unsupported model_type (named), an adapter that does not fit (first
+// problem, with a count of the others); as llama_forward otherwise.
+logits_result run_forward(const forward_options& options);
+
+// The k largest logits of row `position` (ties: lower id first), as (id, logit).
+std::vector<std::pair<int64_t, float>> top_k(const logits_result& r, int64_t position, int64_t k);
+
+// Writes the logits as one F32 tensor "logits" [n_tokens, n_vocab] to `path`
+// (atomically, safetensors_writer). Throws lora::error (exit 4).
+void save_logits(const logits_result& r, const std::string& path);
+
+}  // namespace lora

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# lora verify on `lora merge` output for every merge case, and on merged models
+# broken on purpose: one tensor left unmerged, one element changed.
+LORA=$1
+SRC=$2
+. "$SRC/tests/e2e/lib.sh"
+TD="$SRC/testdata"
+
+# every merge case verifies (bf16 output as merged, and f32 output)
+for case in "tiny-llama lora-tiny-llama" "tiny-llama lora-tiny-llama-dora" "tiny-llama lora-tiny-llama-patterns" \
+            "tiny-llama lora-tiny-llama-extras" "tiny-llama lora-tiny-llama-kohya.safetensors" \
+            "tiny-qwen2 lora-tiny-qwen2-bias" "tiny-llama-f16-sharded lora-tiny-llama" "tiny-llama-f32 lora-tiny-llama-dora" \
+            "tiny-llama-f32 lora-tiny-llama-extras"; do
+  set -- $case
+  out="$E2E_TMP/m-$1-$2"
+  expect_exit 0 "$LORA" merge --base "$TD/$1" --adapter "$TD/$2" --out "$out" --quiet
+  expect_exit 0 "$LORA" verify --base "$TD/$1" --adapter "$TD/$2" --merged "$out" --json --threads 1
+  expect_json 'j["equivalent"]' true
+  expect_json 'j["model"]["ok"]' true
+done
+expect_exit 0 "$LORA" merge --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --out "$E2E_TMP/f32" --dtype f32 --quiet
+expect_exit 0 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$E2E_TMP/f32"
+expect_stdout_contains "equivalent: 21 tensors checked, 0 failed"
+
+# the base itself is not the merge
+expect_exit 1 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$TD/tiny-llama"
+expect_stdout_contains "NOT equivalent"
+
+# broken copies of the f32 merge: one tensor unmerged, one element changed
+"$PY" - "$E2E_TMP" "$TD" "$SRC" <<'PY'
+import os, shutil, sys
+sys.path.insert(0, sys.argv[3] + "/tests/reference")
+from llama_reference import read_safetensors, write_safetensors
+tmp, td = sys.argv[1], sys.argv[2]
+m = {k: v.numpy().copy() for k, v in read_safetensors(tmp + "/f32/model.safetensors").items()}
+b = read_safetensors(td + "/tiny-llama/model.safetensors")
+for name, edit in (("unmerged", lambda w: w.__setitem__("model.layers.1.self_attn.v_proj.weight", b["model.layers.1.self_attn.v_proj.weight"].numpy())),
+                   ("one-element", lambda w: w["model.layers.0.mlp.up_proj.weight"].__setitem__((5, 7), w["model.layers.0.mlp.up_proj.weight"][5, 7] + 1e-3))):
+    w = {k: v.copy() for k, v in m.items()}
+    edit(w)
+    os.makedirs(tmp + "/" + name)
+    shutil.copy(tmp + "/f32/config.json", tmp + "/" + name)
+    write_safetensors(tmp + "/" + name + "/model.safetensors", w)
+PY
+expect_exit 1 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$E2E_TMP/unmerged" --json
+expect_json 'j["failed"]' '["model.layers.1.self_attn.v_proj.weight"]'
+expect_json 'j["model"]["ok"]' false
+expect_exit 1 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$E2E_TMP/one-element"
+expect_stdout_contains "FAIL model.layers.0.mlp.up_proj.weight (merged)"
+expect_stdout_contains "1 elements over"
+
+# refusals
+expect_exit 3 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama-mismatch" --merged "$E2E_TMP/f32"
+expect_one_line_error
+expect_exit 2 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$E2E_TMP/f32" --tokens 1,,2
+finish

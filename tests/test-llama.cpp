@@ -1,0 +1,265 @@
+// core/llama: each building block against a double-precision reference, and
+// whole tiny models against (1) an independent double forward pass written
+// here and (2) logits PyTorch computed (tests/reference/llama_reference.py,
+// committed as tests/reference/llama-logits.safetensors).
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/adapter.h"
+#include "core/dtype.h"
+#include "core/llama.h"
+#include "formats/error.h"
+#include "formats/model-files.h"
+
+using namespace lora;
+
+namespace {
+
+const std::string td = std::string(LORA_SOURCE_DIR) + "/testdata/";
+const std::vector<int64_t> ref_tokens{1, 17, 42, 255, 0, 128, 7, 99, 3, 200, 64, 5};
+
+std::vector<float> randf(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+std::vector<double> to_d(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+// ---- double-precision reference (index by index) ----
+void ref_rms(std::vector<double>& x, int64_t T, int64_t D, const std::vector<double>& w, double eps) {
+  for (int64_t t = 0; t < T; ++t) {
+    double ss = 0;
+    for (int64_t i = 0; i < D; ++i) ss += x[t * D + i] * x[t * D + i];
+    const double inv = 1.0 / std::sqrt(ss / D + eps);
+    for (int64_t i = 0; i < D; ++i) x[t * D + i] = x[t * D + i] * inv * w[i];
+  }
+}
+void ref_rope(std::vector<double>& x, int64_t T, int64_t H, int64_t d, double theta) {
+  for (int64_t p = 0; p < T; ++p)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t j = 0; j < d / 2; ++j) {
+        const double ang = p * std::pow(theta, -2.0 * j / d);
+        double& a = x[(p * H + h) * d + j];
+        double& b = x[(p * H + h) * d + j + d / 2];
+        const double a0 = a, b0 = b;
+        a = a0 * std::cos(ang) - b0 * std::sin(ang);
+        b = b0 * std::cos(ang) + a0 * std::sin(ang);
+      }
+}
+std::vector<double> ref_attn(const std::vector<double>& q, const std::vector<double>& k, const std::vector<double>& v,
+                             int64_t T, int64_t H, int64_t KV, int64_t d) {
+  std::vector<double> out(static_cast<size_t>(T * H * d), 0.0);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < T; ++i) {
+      const int64_t kh = h / (H / KV);
+      std::vector<double> s(static_cast<size_t>(i + 1));
+      double mx = -1e300, sum = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        double dot = 0;
+        for (int64_t e = 0; e < d; ++e) dot += q[(i * H + h) * d + e] * k[(j * KV + kh) * d + e];
+        s[j] = dot / std::sqrt(double(d));
+        mx = std::max(mx, s[j]);
+      }
+      for (auto& x : s) sum += (x = std::exp(x - mx));
+      for (int64_t j = 0; j <= i; ++j)
+        for (int64_t e = 0; e < d; ++e) out[(i * H + h) * d + e] += s[j] / sum * v[(j * KV + kh) * d + e];
+    }
+  return out;
+}
+
+struct ref_model {
+  const model_files& m;
+  std::vector<double> get(const std::string& n) const {
+    tensor_ref t = m.at(n);
+    std::vector<double> v(t.info->n_elements);
+    to_f64(t.info->type, t.data(), v);
+    return v;
+  }
+  // y[T, out] = x W^T (+ b)
+  std::vector<double> lin(const std::vector<double>& x, int64_t T, const std::string& p, int64_t in, int64_t out,
+                          bool bias) const {
+    std::vector<double> W = get(p + ".weight"), y(static_cast<size_t>(T * out), 0.0);
+    std::vector<double> b = bias ? get(p + ".bias") : std::vector<double>(static_cast<size_t>(out), 0.0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t o = 0; o < out; ++o) {
+        double acc = b[o];
+        for (int64_t i = 0; i < in; ++i) acc += x[t * in + i] * W[o * in + i];
+        y[t * out + o] = acc;
+      }
+    return y;
+  }
+};
+
+std::vector<double> ref_forward(const model_files& mf, const hf_config& c, const std::vector<int64_t>& toks) {
+  ref_model r{mf};
+  const int64_t T = static_cast<int64_t>(toks.size()), D = c.hidden_size, H = c.num_attention_heads,
+                KV = c.num_key_value_heads, d = c.head_dim, F = c.intermediate_size;
+  std::vector<double> E = r.get("model.embed_tokens.weight"), x(static_cast<size_t>(T * D));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < D; ++i) x[t * D + i] = E[toks[t] * D + i];
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    std::vector<double> h = x;
+    ref_rms(h, T, D, r.get(p + "input_layernorm.weight"), c.rms_norm_eps);
+    auto q = r.lin(h, T, p + "self_attn.q_proj", D, H * d, c.qkv_bias);
+    auto k = r.lin(h, T, p + "self_attn.k_proj", D, KV * d, c.qkv_bias);
+    auto v = r.lin(h, T, p + "self_attn.v_proj", D, KV * d, c.qkv_bias);
+    ref_rope(q, T, H, d, c.rope_theta);
+    ref_rope(k, T, KV, d, c.rope_theta);
+    auto o = r.lin(ref_attn(q, k, v, T, H, KV, d), T, p + "self_attn.o_proj", H * d, D, c.o_bias);
+    for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
+    h = x;
+    ref_rms(h, T, D, r.get(p + "post_attention_layernorm.weight"), c.rms_norm_eps);
+    auto g = r.lin(h, T, p + "mlp.gate_proj", D, F, false);
+    auto u = r.lin(h, T, p + "mlp.up_proj", D, F, false);
+    for (size_t i = 0; i < g.size(); ++i) g[i] = g[i] / (1 + std::exp(-g[i])) * u[i];
+    auto dn = r.lin(g, T, p + "mlp.down_proj", F, D, false);
+    for (size_t i = 0; i < x.size(); ++i) x[i] += dn[i];
+  }
+  ref_rms(x, T, D, r.get("model.norm.weight"), c.rms_norm_eps);
+  return r.lin(x, T, c.tie_word_embeddings ? "model.embed_tokens" : "lm_head", D, c.vocab_size, false);
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<double>& b) {
+  REQUIRE(a.size() == b.size());
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(a[i] - b[i]));
+  return m;
+}
+
+double max_abs(const std::vector<double>& v) {
+  double m = 0;
+  for (double x : v) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("rms_norm matches the double reference") {
+  const int64_t T = 5, D = 48;
+  auto x = randf(T * D, 1), w = randf(D, 2);
+  std::vector<float> out(x.size());
+  rms_norm(x.data(), T, D, w.data(), 1e-5, out.data());
+  auto rx = to_d(x);
+  ref_rms(rx, T, D, to_d(w), 1e-5);
+  CHECK(max_abs_diff(out, rx) < 1e-6);
+}
+
+TEST_CASE("apply_rope pairs the first half of each head with the second half") {
+  const int64_t T = 9, H = 3, d = 16;
+  auto x = randf(T * H * d, 3);
+  auto rx = to_d(x);
+  apply_rope(x.data(), T, H, d, 10000.0);
+  ref_rope(rx, T, H, d, 10000.0);
+  CHECK(max_abs_diff(x, rx) < 1e-6);
+  // position 0 is the identity; position 1 rotates element 0 with element d/2 by 1 radian
+  auto y = randf(2 * d, 4);
+  auto y0 = y;
+  apply_rope(y.data(), 2, 1, d, 10000.0);
+  CHECK(y[0] == y0[0]);
+  CHECK(y[d + 0] == doctest::Approx(y0[d] * std::cos(1.0) - y0[d + d / 2] * std::sin(1.0)).epsilon(1e-6));
+}
+
+TEST_CASE("causal_attention with grouped-query heads and the causal mask") {
+  const int64_t T = 7, H = 4, KV = 2, d = 8;
+  auto q = randf(T * H * d, 5), k = randf(T * KV * d, 6), v = randf(T * KV * d, 7);
+  std::vector<float> out(q.size());
+  causal_attention(q.data(), k.data(), v.data(), T, H, KV, d, out.data());
+  CHECK(max_abs_diff(out, ref_attn(to_d(q), to_d(k), to_d(v), T, H, KV, d)) < 1e-6);
+  // the first position sees only itself: out = v_0 of its kv head
+  for (int64_t e = 0; e < d; ++e) CHECK(out[3 * d + e] == doctest::Approx(v[1 * d + e]).epsilon(1e-6));
+  // changing a later key/value does not change earlier outputs
+  auto v2 = v;
+  v2[(T - 1) * KV * d] += 5.0f;
+  std::vector<float> out2(q.size());
+  causal_attention(q.data(), k.data(), v2.data(), T, H, KV, d, out2.data());
+  for (int64_t i = 0; i < (T - 1) * H * d; ++i) CHECK(out2[i] == out[i]);
+}
+
+TEST_CASE("swiglu is silu(gate) * up") {
+  auto g = randf(100, 8), u = randf(100, 9);
+  std::vector<float> out(100);
+  swiglu(g.data(), u.data(), 100, out.data());
+  std::vector<double> r(100);
+  for (size_t i = 0; i < 100; ++i) r[i] = double(g[i]) / (1 + std::exp(-double(g[i]))) * u[i];
+  CHECK(max_abs_diff(out, r) < 1e-6);
+}
+
+TEST_CASE("whole models against the double-precision reference forward") {
+  for (const char* name : {"tiny-llama-f32", "tiny-llama", "tiny-qwen2", "tiny-llama-tied", "tiny-llama-f16-sharded"}) {
+    CAPTURE(name);
+    model_files m = open_model(td + name);
+    hf_config c = read_hf_config(m.config_path);
+    logits_result r = llama_forward(m, c, nullptr, ref_tokens, 1);
+    std::vector<double> want = ref_forward(m, c, ref_tokens);
+    // f32 accumulation over a 2-layer model: relative 1e-5 of the largest logit
+    CHECK(max_abs_diff(r.logits, want) < 1e-5 * max_abs(want));
+  }
+}
+
+TEST_CASE("whole models and adapters against PyTorch's logits") {
+  safetensors_file ref(std::string(LORA_SOURCE_DIR) + "/tests/reference/llama-logits.safetensors");
+  struct item { const char* key; const char* model; const char* adapter; };
+  for (item it : std::vector<item>{{"tiny-llama", "tiny-llama", nullptr},
+                                   {"tiny-llama-f16-sharded", "tiny-llama-f16-sharded", nullptr},
+                                   {"tiny-llama-tied", "tiny-llama-tied", nullptr},
+                                   {"tiny-qwen2", "tiny-qwen2", nullptr},
+                                   {"tiny-llama+lora-tiny-llama", "tiny-llama", "lora-tiny-llama"},
+                                   {"tiny-llama+lora-tiny-llama-dora", "tiny-llama", "lora-tiny-llama-dora"}}) {
+    CAPTURE(it.key);
+    forward_options o;
+    o.model = td + it.model;
+    if (it.adapter) o.adapter = td + it.adapter;
+    o.tokens = ref_tokens;
+    o.threads = 1;
+    logits_result r = run_forward(o);
+    const tensor_info& t = ref.at(it.key);
+    std::vector<double> want(t.n_elements);
+    to_f64(t.type, ref.data(t), want);
+    CHECK(max_abs_diff(r.logits, want) < 2e-5 * max_abs(want));
+  }
+}
+
+TEST_CASE("the adapter changes the logits; top_k orders them") {
+  forward_options o;
+  o.model = td + "tiny-llama";
+  o.tokens = {3, 4, 5};
+  logits_result base = run_forward(o);
+  o.adapter = td + "lora-tiny-llama-extras";  // embedding LoRA + modules_to_save lm_head
+  logits_result extra = run_forward(o);
+  CHECK(max_abs_diff(extra.logits, to_d(base.logits)) > 1e-2);
+  auto best = top_k(base, 1, 5);
+  REQUIRE(best.size() == 5);
+  for (size_t i = 1; i < best.size(); ++i) CHECK(best[i - 1].second >= best[i].second);
+  for (int64_t j = 0; j < base.n_vocab; ++j) CHECK(base.logits[base.n_vocab + j] <= best[0].second);
+}
+
+TEST_CASE("bad inputs are refused with the right exit code") {
+  forward_options o;
+  o.model = td + "tiny-llama";
+  auto code_of = [&] {
+    try {
+      run_forward(o);
+    } catch (const lora::error& e) {
+      return static_cast<int>(e.code());
+    }
+    return 0;
+  };
+  o.tokens = {1, 256};
+  CHECK(code_of() == 2);
+  o.tokens = {};
+  CHECK(code_of() == 2);
+  o.tokens = {1};
+  o.model = td + "tiny-unet";
+  CHECK(code_of() == 3);
+  o.model = td + "tiny-llama";
+  o.adapter = td + "lora-tiny-llama-mismatch";
+  CHECK(code_of() == 3);
+}
