@@ -16,5 +16,8 @@ CLI::App* setup_merge(CLI::App& app, runner& run);
 CLI::App* setup_extract(CLI::App& app, runner& run);
 CLI::App* setup_verify(CLI::App& app, runner& run);
 CLI::App* setup_forward(CLI::App& app, runner& run);
+CLI::App* setup_resize(CLI::App& app, runner& run);
+CLI::App* setup_combine(CLI::App& app, runner& run);
+CLI::App* setup_convert(CLI::App& app, runner& run);
 
 }  // namespace lora::cli

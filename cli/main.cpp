@@ -22,6 +22,9 @@ int main(int argc, char** argv) {
   lora::cli::setup_extract(app, run);
   lora::cli::setup_verify(app, run);
   lora::cli::setup_forward(app, run);
+  lora::cli::setup_resize(app, run);
+  lora::cli::setup_combine(app, run);
+  lora::cli::setup_convert(app, run);
 
   try {
     app.parse(argc, argv);
