@@ -10,6 +10,7 @@
 #include <fstream>
 #include <limits>
 #include <set>
+#include <unordered_set>
 #include <sstream>
 
 #include <fmt/format.h>
@@ -94,44 +95,80 @@ std::string clip(std::string s, size_t max = 160) {
   return s;
 }
 
-// Parses the header JSON, refusing duplicate keys in any object.
-json parse_strict(const std::string& text, const std::string& label) {
-  std::vector<std::set<std::string>> keys;
-  std::string duplicate;
+// A SAX pass over the header that builds nothing: it refuses nesting deeper
+// than a header needs and duplicate keys in any object. (nlohmann's parse
+// callback cannot do this cheaply: at every object end it rescans the parent
+// object, quadratic in the number of tensors.)
+class header_checker final : public json::json_sax_t {
+ public:
   // a header needs 3 levels (header, tensor entry, shape); stopping deep
   // nesting early bounds the memory a 100 MB header of "[[[[..." could take
-  constexpr int max_depth = 16;
-  auto callback = [&](int depth, json::parse_event_t event, json& parsed) {
-    switch (event) {
-      case json::parse_event_t::object_start:
-      case json::parse_event_t::array_start:
-        if (depth >= max_depth)
-          throw errors::invalid(label, "", fmt::format("header is not a safetensors header: JSON nested deeper than {} levels", max_depth));
-        if (event == json::parse_event_t::object_start) keys.emplace_back();
-        break;
-      case json::parse_event_t::object_end:
-        if (!keys.empty()) keys.pop_back();
-        break;
-      case json::parse_event_t::key:
-        if (!keys.empty() && !keys.back().insert(parsed.get<std::string>()).second && duplicate.empty())
-          duplicate = parsed.get<std::string>();
-        break;
-      default:
-        break;
-    }
+  static constexpr size_t max_depth = 16;
+
+  explicit header_checker(const std::string& label) : label_(label) {}
+
+  std::string duplicate;  // the first duplicated key, if any
+  std::string syntax_error;
+
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override {
+    enter();
+    keys_.emplace_back();
     return true;
-  };
-  json j;
-  try {
-    j = json::parse(text, callback, /*allow_exceptions=*/true, /*ignore_comments=*/false);
-  } catch (const json::exception& e) {
+  }
+  bool key(string_t& k) override {
+    if (!keys_.back().insert(k).second && duplicate.empty()) duplicate = k;
+    return true;
+  }
+  bool end_object() override {
+    keys_.pop_back();
+    --depth_;
+    return true;
+  }
+  bool start_array(std::size_t) override {
+    enter();
+    return true;
+  }
+  bool end_array() override {
+    --depth_;
+    return true;
+  }
+  bool parse_error(std::size_t, const std::string&, const json::exception& e) override {
     // nlohmann's message: "[json.exception.parse_error.101] parse error at line 1, column 5: ..."
     std::string what = e.what();
     auto pos = what.find("] ");
-    throw errors::invalid(label, "", "header is not valid JSON: " + clip(pos == std::string::npos ? what : what.substr(pos + 2)));
+    syntax_error = pos == std::string::npos ? what : what.substr(pos + 2);
+    return false;
   }
-  if (!duplicate.empty()) throw errors::invalid(label, duplicate, "duplicate key in header");
-  return j;
+
+ private:
+  void enter() {
+    if (++depth_ > max_depth)
+      throw errors::invalid(label_, "", fmt::format("header is not a safetensors header: JSON nested deeper than {} levels", max_depth));
+  }
+  const std::string& label_;
+  size_t depth_ = 0;
+  std::vector<std::unordered_set<std::string>> keys_;
+};
+
+// Parses the header JSON, refusing duplicate keys in any object: one
+// checking SAX pass, then the DOM parse (linear in the header size).
+json parse_strict(const std::string& text, const std::string& label) {
+  header_checker checker(label);
+  json::sax_parse(text, &checker, json::input_format_t::json, /*strict=*/true, /*ignore_comments=*/false);
+  if (!checker.syntax_error.empty()) throw errors::invalid(label, "", "header is not valid JSON: " + clip(checker.syntax_error));
+  if (!checker.duplicate.empty()) throw errors::invalid(label, checker.duplicate, "duplicate key in header");
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {
+    throw errors::invalid(label, "", std::string("header is not valid JSON: ") + clip(e.what()));
+  }
 }
 
 uint64_t checked_u64(const json& v, const std::string& label, const std::string& name, const char* field) {
