@@ -7,13 +7,29 @@
 namespace lora {
 
 namespace {
+// Error text must stay one line on a terminal: control characters that came
+// from a file (a tensor named "a\nb", an ANSI escape) are shown escaped.
+std::string one_line(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  for (char c : text) {
+    auto u = static_cast<unsigned char>(c);
+    if (c == '\n') out += "\\n";
+    else if (c == '\r') out += "\\r";
+    else if (c == '\t') out += "\\t";
+    else if (u < 0x20 || u == 0x7f) out += fmt::format("\\x{:02x}", u);
+    else out += c;
+  }
+  return out;
+}
+
 std::string join_message(const std::string& file, const std::string& tensor,
                          const std::string& detail) {
   std::string out;
   if (!file.empty()) out += file + ": ";
   if (!tensor.empty()) out += tensor + ": ";
   out += detail;
-  return out;
+  return one_line(out);
 }
 }  // namespace
 

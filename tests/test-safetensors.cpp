@@ -903,3 +903,20 @@ TEST_CASE("the fuzz seed and regression corpora parse or are refused with lora::
   CHECK(n_ok >= 8);  // every seed is a valid file
   MESSAGE(n_ok << " corpus files parsed, " << n_refused << " refused");
 }
+
+TEST_CASE("error text stays on one line: control characters in names are escaped") {
+  // a tensor name with a newline, a tab and an ANSI escape, and a bad dtype
+  std::string header = R"({"evil\nname\t\u001b[31m":{"dtype":"Q9","shape":[1],"data_offsets":[0,4]}})";
+  bytes_t file = file_of(header, 4);
+  try {
+    lora::parse_safetensors_header(file, file.size(), "f.safetensors");
+    FAIL("accepted a header with an unknown dtype");
+  } catch (const lora::error& e) {
+    std::string what = e.what();
+    CHECK(static_cast<int>(e.code()) == 3);
+    CHECK(what.find('\n') == std::string::npos);
+    CHECK(what.find('\x1b') == std::string::npos);
+    CHECK(what.find("evil\\nname\\t\\x1b[31m") != std::string::npos);
+    CHECK(e.tensor() == "evil\nname\t\x1b[31m");  // the structured field keeps the real name
+  }
+}
