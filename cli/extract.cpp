@@ -34,6 +34,7 @@ struct extract_cli_options {
   bool save_modules = false;
   bool json = false;
   bool quiet = false;
+  bool force = false;
   int threads = 0;
   uint64_t seed = 0;
 };
@@ -124,6 +125,7 @@ int run_extract_cmd(const extract_cli_options& o) {
   opts.format = o.format == "kohya" ? extract_format::kohya : extract_format::peft;
   opts.save_modules = o.save_modules;
   opts.threads = o.threads;
+  opts.force = o.force;
 
   progress_bar bar("extract", o.quiet || o.json);
   const extract_report r = run_extract(opts, bar.callback());
@@ -165,6 +167,7 @@ CLI::App* setup_extract(CLI::App& app, runner& run) {
   sub->add_flag("--save-modules", o->save_modules,
                 "write deltas that are not extracted (norms, biases, excluded weights) whole as modules_to_save; "
                 "the bias of an extracted module as lora_B.bias (PEFT only)");
+  sub->add_flag("--force", o->force, "replace --out when it exists (without it, an existing --out is refused: exit 2)");
   sub->add_flag("--json", o->json, "print the report as JSON");
   sub->add_flag("--quiet", o->quiet, "no progress bar, no report");
   sub->add_option("--threads", o->threads, "BLAS threads (default: all cores)")->check(CLI::NonNegativeNumber);

@@ -212,8 +212,8 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
     }
   }
   std::error_code exists_ec;
-  if (std::filesystem::exists(options.out, exists_ec))
-    throw errors::usage(fmt::format("--out {} exists: remove it or choose another path", options.out));
+  if (!options.force && std::filesystem::exists(options.out, exists_ec))
+    throw errors::usage(fmt::format("--out {} exists: remove it, choose another path or pass --force", options.out));
 
   model_files base = open_model(options.base);
   model_files tuned = open_model(options.tuned);
@@ -413,7 +413,7 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
   data.config.modules_to_save.assign(modules_to_save.begin(), modules_to_save.end());
   report.config_rank = *make_peft_config(data).r;
 
-  write_adapter(data, options.out, false);
+  write_adapter(data, options.out, options.force);
   const std::string weights =
       options.format == extract_format::kohya ? options.out : options.out + "/adapter_model.safetensors";
   std::error_code ec;

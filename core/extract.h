@@ -21,7 +21,7 @@ enum class extract_format { peft, kohya };
 struct extract_options {
   std::string base;   // MODEL: HF folder or .safetensors
   std::string tuned;  // MODEL with the same tensors and shapes
-  std::string out;    // PEFT: a folder; kohya: a .safetensors file. Must not exist.
+  std::string out;    // PEFT: a folder; kohya: a .safetensors file. Must not exist unless force.
   rank_rule rule;
   svd_options svd;  // method, seed (each module's seed mixes in its name)
   // Modules to extract: a regex matched against the module path P (tensor
@@ -35,6 +35,7 @@ struct extract_options {
   // module. PEFT only.
   bool save_modules = false;
   int threads = 0;  // BLAS threads; <= 0: all cores
+  bool force = false;  // replace an existing `out` (swapped in atomically at the end)
 };
 
 struct extracted_module {

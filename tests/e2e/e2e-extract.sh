@@ -198,6 +198,14 @@ expect_error "shape mismatch" 3 "lm_head.weight" "$T/o4" -- \
 expect_error "integer delta" 3 "extra.ids: differs from the base, and I32 and I32 cannot be subtracted" "$T/o5" -- \
   --base "$T/m/base-int" --tuned "$T/m/tuned-int" --out "$T/o5" --rank 4
 expect_error "existing --out" 2 "exists" "" -- --base "$BASE" --tuned "$TUNED" --out "$T/r8" --rank 4
+# --force replaces it atomically: the rank-4 adapter takes the place of the rank-8 one
+cp -r "$T/r8" "$T/forced" && touch "$T/forced/stale-file"
+if "$LORA" extract --base "$BASE" --tuned "$TUNED" --out "$T/forced" --rank 4 --force --quiet 2>"$T/err" \
+  && grep -q '"r": 4' "$T/forced/adapter_config.json" && [ ! -e "$T/forced/stale-file" ]; then
+  pass "--force replaces an existing --out"
+else
+  fail "--force: $(cat "$T/err")"
+fi
 expect_error "no rank option" 2 "give one of --rank R, --energy F or --max-error E" "$T/o6" -- \
   --base "$BASE" --tuned "$TUNED" --out "$T/o6"
 expect_error "bad --targets regex" 2 "--targets" "$T/o7" -- --base "$BASE" --tuned "$TUNED" --out "$T/o7" --rank 4 --targets '('
