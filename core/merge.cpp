@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -32,8 +33,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// Elements per row block: 4 MiB of f32 per thread.
-constexpr uint64_t block_elements = uint64_t{1} << 20;
+// Elements per row block: 256 KiB of f32 per thread, so that a block and its
+// input and output bytes stay in the L2 cache through every pass over it.
+constexpr uint64_t block_elements = uint64_t{1} << 16;
 
 // ---------------------------------------------------------------- files
 
@@ -192,20 +194,21 @@ uint64_t count_nonfinite(dtype type, std::span<const uint8_t> bytes) {
 // Distance, in f32 units in the last place, from f32 `x` (bits `u`, sign
 // cleared) to the nearest midpoint between two neighbouring values of BF16
 // (F16 when `f16`, subnormals included): where rounding x and rounding the
-// exact value it approximates may differ. 0 for zero and f32 subnormals.
-// Branch-free so that the scan below vectorizes.
+// exact value it approximates may differ. Branch-free so that the scan
+// below vectorizes.
 template <bool f16>
-inline uint32_t midpoint_distance(uint32_t u) noexcept {
-  const uint32_t e = u >> 23;
-  uint32_t drop = 16;  // BF16 keeps the top 16 bits of an f32
+inline int32_t midpoint_distance(uint32_t u) noexcept {
+  int32_t half = 1 << 15;  // BF16 keeps the top 16 bits of an f32
   if constexpr (f16) {
-    drop = e >= 113 ? 13u : 13u + (113u - e);  // F16 subnormals keep fewer bits
-    drop = drop > 24 ? 24u : drop;
+    const int32_t e = static_cast<int32_t>(u >> 23);
+    int32_t drop = 13 + (113 - e > 0 ? 113 - e : 0);  // F16 subnormals keep fewer bits
+    drop = drop > 24 ? 24 : drop;
+    half = 1 << (drop - 1);
   }
   const uint32_t m = (u & 0x7fffffu) | 0x800000u;
-  const int32_t low = static_cast<int32_t>(m & ((2u << (drop - 1)) - 1u));
-  const int32_t diff = low - static_cast<int32_t>(1u << (drop - 1));
-  return e == 0 ? 0u : static_cast<uint32_t>(diff < 0 ? -diff : diff);
+  const int32_t diff = static_cast<int32_t>(m & static_cast<uint32_t>(2 * half - 1)) - half;
+  const int32_t sign = diff >> 31;
+  return (diff ^ sign) - sign;
 }
 
 // The f32 value R is off the exact W0 + sum_k w_k dW_k by at most 1/2 ulp(R)
@@ -214,13 +217,15 @@ inline uint32_t midpoint_distance(uint32_t u) noexcept {
 // sum|terms| / |R| ulps of R, with sum|terms| <= bound(row). An element is
 // suspect when its distance d to a rounding midpoint is within
 // 2 + (r + 3) bound / |R| ulps, i.e. (d - 2) |R| <= (r + 3) bound: only then
-// can rounding R and rounding the exact value differ.
+// can rounding R and rounding the exact value differ. Zeros and f32
+// subnormals (where ulp(R) >= u |R| fails) are always suspect. The float
+// comparison is done on the bits (both sides are >= 0 or t is negative, and
+// then its bits are a negative int32), which keeps the loop free of branches.
 template <bool f16>
-inline bool suspect(float x, float cb) noexcept {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u &= 0x7fffffffu;
-  return (static_cast<float>(midpoint_distance<f16>(u)) - 2.0f) * std::fabs(x) <= cb;
+inline int32_t suspect(float x, int32_t cb_bits) noexcept {
+  const uint32_t u = std::bit_cast<uint32_t>(x) & 0x7fffffffu;
+  const float t = (static_cast<float>(midpoint_distance<f16>(u)) - 2.0f) * std::bit_cast<float>(u);
+  return static_cast<int32_t>(std::bit_cast<int32_t>(t) <= cb_bits) | static_cast<int32_t>(u < 0x800000u);
 }
 
 // Recomputes, in double, the suspect elements of rows [rb, re) held in buf
@@ -233,14 +238,14 @@ void fix_near_midpoints(const std::vector<const delta_factors*>& factors, const 
                         int64_t rb, int64_t re, uint64_t n_cols, const float* buf, uint8_t* out) {
   const size_t in_size = static_cast<size_t>(math_dtype_size(src_type));
   for (int64_t row = rb; row < re; ++row) {
-    const float cb = row_cb[static_cast<size_t>(row)];
+    const int32_t cb = std::bit_cast<int32_t>(row_cb[static_cast<size_t>(row)]);
     const size_t row_off = static_cast<size_t>(row - rb) * n_cols;
     const float* x = buf + row_off;
     for (uint64_t j0 = 0; j0 < n_cols; j0 += 64) {
       const uint64_t j1 = std::min<uint64_t>(n_cols, j0 + 64);
-      bool any = false;
+      int32_t any = 0;
       for (uint64_t j = j0; j < j1; ++j) any |= suspect<f16>(x[j], cb);
-      if (!any) continue;
+      if (any == 0) continue;
       for (uint64_t j = j0; j < j1; ++j) {
         if (!suspect<f16>(x[j], cb)) continue;
         const size_t e = row_off + j;
@@ -357,7 +362,7 @@ void run_compute(const tensor_job& job, safetensors_writer& writer, bool allow_n
   // per-thread buffers, reused from tensor to tensor (no fresh pages, no zeroing)
   T* buf = scratch<T, 0>(block_cap);
   uint8_t* out = scratch<uint8_t, 1>(block_cap * static_cast<size_t>(out_size));
-  const std::span<const uint8_t> data = job.source.data();
+  uint8_t* in = scratch<uint8_t, 2>(block_cap * static_cast<size_t>(in_size));
   const mapped_file& map = job.source.file->map();
   const uint64_t file_offset = job.source.file->file_offset(src);
   const uint64_t in_row_bytes = n_cols * static_cast<uint64_t>(in_size);
@@ -366,10 +371,12 @@ void run_compute(const tensor_job& job, safetensors_writer& writer, bool allow_n
     const int64_t re = std::min(n_rows, rb + rows_per_block);
     const size_t n = static_cast<size_t>(re - rb) * n_cols;
     const uint64_t in_begin = static_cast<uint64_t>(rb) * in_row_bytes;
-    if (re < n_rows) map.will_need(file_offset + in_begin + n * static_cast<size_t>(in_size), n * static_cast<size_t>(in_size));
 
-    // W = W0 (rows rb..re)
-    std::span<const uint8_t> in_bytes = data.subspan(in_begin, n * static_cast<size_t>(in_size));
+    // W = W0 (rows rb..re), read (not faulted in through the map: no page
+    // faults, nothing to release, resident memory stays the buffers)
+    const std::span<uint8_t> in_block(in, n * static_cast<size_t>(in_size));
+    map.read(file_offset + in_begin, in_block);
+    const std::span<const uint8_t> in_bytes = in_block;
     decode_rows<T>(src.type, in_bytes, std::span<T>(buf, n));
     // W += weight_k * dW_k, or DoRA's rescaling, adapter by adapter
     for (size_t i = 0; i < job.deltas.size(); ++i) {
@@ -400,7 +407,6 @@ void run_compute(const tensor_job& job, safetensors_writer& writer, bool allow_n
                                           bad, rb, re - 1));
     }
     writer.write_part(job.name, static_cast<uint64_t>(rb) * n_cols * static_cast<uint64_t>(out_size), out_bytes);
-    map.release(file_offset + in_begin, n * static_cast<size_t>(in_size));
   }
 }
 

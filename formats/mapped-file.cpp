@@ -79,6 +79,20 @@ void advise(const uint8_t* base, uint64_t size, uint64_t offset, uint64_t length
 }
 }  // namespace
 
+void mapped_file::read(uint64_t offset, std::span<uint8_t> into) const {
+  uint8_t* p = into.data();
+  uint64_t left = into.size();
+  while (left > 0) {
+    const ssize_t r = ::pread(fd_, p, left, static_cast<off_t>(offset));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) throw errors::io(path_, "cannot read", errno);
+    if (r == 0) throw errors::io(path_, "file shrank while being read");
+    p += r;
+    offset += static_cast<uint64_t>(r);
+    left -= static_cast<uint64_t>(r);
+  }
+}
+
 void mapped_file::release(uint64_t offset, uint64_t length) const noexcept {
   // Only whole pages inside the range: a neighbour tensor may share an edge page.
   advise(data_, size_, offset, length, MADV_DONTNEED, true);

@@ -26,6 +26,11 @@ class mapped_file {
   // The open descriptor, for in-kernel copies (copy_file_range). Borrowed.
   int fd() const noexcept { return fd_; }
 
+  // Copies [offset, offset + into.size()) of the file into `into` (pread):
+  // for streaming, where faulting the map in and releasing it again costs
+  // more than the copy. Throws lora::error (exit 4) on a failed or short read.
+  void read(uint64_t offset, std::span<uint8_t> into) const;
+
   // Tells the kernel that [offset, offset + length) will not be needed again
   // soon, so resident memory stays bounded while streaming. Best effort.
   void release(uint64_t offset, uint64_t length) const noexcept;
