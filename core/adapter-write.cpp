@@ -17,6 +17,7 @@
 #include <fmt/ranges.h>
 
 #include "formats/error.h"
+#include "formats/staged-folder.h"
 
 namespace lora {
 
@@ -130,42 +131,6 @@ void write_tensors(const std::string& path, const file_tensors& f, const std::op
   w.commit();
 }
 
-void fsync_path(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw errors::io(path, "cannot open to sync", errno);
-  const int rc = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  if (rc != 0) throw errors::io(path, "cannot sync", err);
-}
-
-// The folder a PEFT adapter is written to, beside the output; removed with
-// its contents on destruction unless released.
-class temp_folder {
- public:
-  explicit temp_folder(const fs::path& out) {
-    std::string tmpl = out.string() + ".tmp-XXXXXX";
-    if (::mkdtemp(tmpl.data()) == nullptr)
-      throw errors::io(out.parent_path().string(), "cannot create the temporary output folder", errno);
-    path_ = tmpl;
-    const mode_t mask = ::umask(0);
-    ::umask(mask);
-    ::chmod(path_.c_str(), 0777 & ~mask);
-  }
-  temp_folder(const temp_folder&) = delete;
-  temp_folder& operator=(const temp_folder&) = delete;
-  ~temp_folder() {
-    if (path_.empty()) return;
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const std::string& path() const noexcept { return path_; }
-  void release() noexcept { path_.clear(); }
-
- private:
-  std::string path_;
-};
-
 // Every module of `written` has the rank and scale `data` asked for.
 bool config_reads_back(const adapter_data& data, const std::string& folder) {
   adapter back = load_adapter(folder);
@@ -237,7 +202,7 @@ void write_adapter(const adapter_data& data, const std::string& out_arg, bool fo
   // PEFT: both files into a temp folder beside --out
   file_tensors f = peft_tensors(data, out.string());
   metadata_map metadata = data.metadata.value_or(metadata_map{{"format", "pt"}});
-  temp_folder tmp(out);
+  staged_folder tmp(out);
   write_tensors(tmp.path() + "/adapter_model.safetensors", f, metadata);
   const std::string config_path = tmp.path() + "/adapter_config.json";
   peft_config config = make_peft_config(data);
@@ -252,19 +217,9 @@ void write_adapter(const adapter_data& data, const std::string& out_arg, bool fo
     if (!config_reads_back(data, tmp.path()))
       throw errors::invalid(config_path, "", "internal: the written config does not give every module its rank and scale");
   }
-  fsync_path(tmp.path());
 
-  // rename onto --out (swap with the old one under force, then drop the old)
-  if (exists) {
-    if (::renameat2(AT_FDCWD, tmp.path().c_str(), AT_FDCWD, out.c_str(), RENAME_EXCHANGE) != 0)
-      throw errors::io(out.string(), "cannot replace", errno);
-    // tmp now names the old output: the guard removes it
-  } else {
-    if (::renameat2(AT_FDCWD, tmp.path().c_str(), AT_FDCWD, out.c_str(), RENAME_NOREPLACE) != 0)
-      throw errors::io(out.string(), "cannot rename the finished output into place", errno);
-    tmp.release();
-  }
-  fsync_path(out.parent_path().empty() ? std::string(".") : out.parent_path().string());
+  // rename onto --out (swapped with the old one under --force)
+  tmp.commit(exists);
 }
 
 }  // namespace lora

@@ -26,6 +26,7 @@
 #include "formats/error.h"
 #include "formats/model-files.h"
 #include "formats/safetensors.h"
+#include "formats/staged-folder.h"
 
 namespace lora {
 
@@ -53,39 +54,6 @@ class unique_fd {
  private:
   int fd_;
 };
-
-// The folder everything is written to, beside --out; removed with its
-// contents on destruction unless release()d.
-class temp_folder {
- public:
-  explicit temp_folder(const fs::path& out) {
-    std::string tmpl = out.string() + ".tmp-XXXXXX";
-    if (::mkdtemp(tmpl.data()) == nullptr)
-      throw errors::io(out.parent_path().string(), "cannot create the temporary output folder", errno);
-    path_ = tmpl;
-    // mkdtemp makes it 0700: give it the permissions a new folder gets
-    const mode_t mask = ::umask(0);
-    ::umask(mask);
-    ::chmod(path_.c_str(), 0777 & ~mask);
-  }
-  temp_folder(const temp_folder&) = delete;
-  temp_folder& operator=(const temp_folder&) = delete;
-  ~temp_folder() {
-    if (path_.empty()) return;
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const std::string& path() const noexcept { return path_; }
-  void release() noexcept { path_.clear(); }
-
- private:
-  std::string path_;
-};
-
-void fsync_path(const std::string& path, const std::string& label) {
-  unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (fd.get() < 0 || ::fsync(fd.get()) != 0) throw errors::io(label, "cannot sync", errno);
-}
 
 // Copies a whole file in the kernel (copy_file_range, read/write fallback),
 // then fsyncs the copy. Throws exit 4.
@@ -637,7 +605,7 @@ merge_report merge_model(const merge_options& options) {
   }
 
   // 7. write into a temp folder beside --out
-  temp_folder tmp(out);
+  staged_folder tmp(out);
   for (const auto& [src, name] : extra_files) copy_file(src, tmp.path() + "/" + name);
   std::vector<std::unique_ptr<safetensors_writer>> writers;
   for (size_t s = 0; s < layouts.size(); ++s)
@@ -668,19 +636,9 @@ merge_report merge_model(const merge_options& options) {
   });
   for (auto& w : writers) w->commit();
   if (!index_text.empty()) write_file_atomic(tmp.path() + "/" + index_name, index_text);
-  fsync_path(tmp.path(), tmp.path());
 
-  // 8. rename onto --out (swap with the old one under --force), then drop the old
-  if (out_exists) {
-    if (::renameat2(AT_FDCWD, tmp.path().c_str(), AT_FDCWD, out.c_str(), RENAME_EXCHANGE) != 0)
-      throw errors::io(out.string(), "cannot replace the existing output", errno);
-    // tmp now names the old output: the guard removes it
-  } else {
-    if (::renameat2(AT_FDCWD, tmp.path().c_str(), AT_FDCWD, out.c_str(), RENAME_NOREPLACE) != 0)
-      throw errors::io(out.string(), "cannot move the merged model into place", errno);
-    tmp.release();
-  }
-  fsync_path(parent.string(), parent.string());
+  // 8. rename onto --out (swapped with the old one under --force)
+  tmp.commit(out_exists);
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return report;
 }
