@@ -11,27 +11,11 @@
 
 #include "formats/adapter-config.h"
 #include "formats/error.h"
+#include "tests/test-support.h"
 
 namespace fs = std::filesystem;
 using namespace lora;
-
-namespace {
-
-// The lora::error thrown by f (the test fails when none is thrown).
-template <typename F>
-lora::error thrown(F&& f) {
-  try {
-    f();
-  } catch (const lora::error& e) {
-    return e;
-  }
-  FAIL("expected a lora::error");
-  throw std::logic_error("unreachable");
-}
-
-bool has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
-
-}  // namespace
+using namespace lora::testing;
 
 TEST_CASE("parse_peft_config reads the fields that change the math") {
   const std::string text = R"({

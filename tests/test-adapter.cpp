@@ -16,9 +16,11 @@
 #include "core/dtype.h"
 #include "formats/error.h"
 #include "formats/safetensors.h"
+#include "tests/test-support.h"
 
 namespace fs = std::filesystem;
 using namespace lora;
+using namespace lora::testing;
 
 namespace {
 
@@ -64,22 +66,6 @@ void write_safetensors(const fs::path& path, const std::vector<tdef>& defs) {
 }
 
 void write_text(const fs::path& path, const std::string& text) { write_file_atomic(path.string(), text); }
-
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    std::string tmpl = (fs::temp_directory_path() / "lora-test-adapter-XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-};
-
 std::string pk(const std::string& module, const std::string& suffix) { return "base_model.model." + module + "." + suffix; }
 
 // A linear PEFT pair: A [r, in], B [out, r].
@@ -99,7 +85,7 @@ std::string config(const std::string& extra = "") {
 // A PEFT folder <dir>/<sub> with adapter_config.json and adapter_model.safetensors.
 std::string peft_folder(const temp_dir& d, const std::string& config_json, const std::vector<tdef>& defs,
                         const std::string& sub = "adapter") {
-  fs::path p = d.path / sub;
+  fs::path p = fs::path(d.path) / sub;
   fs::create_directories(p);
   write_text(p / "adapter_config.json", config_json);
   write_safetensors(p / "adapter_model.safetensors", defs);
@@ -109,25 +95,12 @@ std::string peft_folder(const temp_dir& d, const std::string& config_json, const
 // A model folder with model.safetensors and, when model_type is given, config.json.
 std::string model_folder(const temp_dir& d, const std::vector<tdef>& defs, const std::string& model_type = "",
                          const std::string& sub = "base") {
-  fs::path p = d.path / sub;
+  fs::path p = fs::path(d.path) / sub;
   fs::create_directories(p);
   if (!model_type.empty()) write_text(p / "config.json", R"({"model_type": ")" + model_type + R"("})");
   write_safetensors(p / "model.safetensors", defs);
   return p.string();
 }
-
-template <typename F>
-lora::error thrown(F&& f) {
-  try {
-    f();
-  } catch (const lora::error& e) {
-    return e;
-  }
-  FAIL("expected a lora::error");
-  throw std::logic_error("unreachable");
-}
-
-bool has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 const lora_module& module_named(const adapter& a, const std::string& name) {
   for (const lora_module& m : a.modules)
@@ -433,12 +406,12 @@ TEST_CASE("PEFT: config problems") {
   CHECK(e.tensor() == "r");
 
   // weights alone: alpha unknown
-  fs::create_directories(d.path / "bare");
-  write_safetensors(d.path / "bare" / "adapter_model.safetensors", defs);
-  e = thrown([&] { load_adapter((d.path / "bare" / "adapter_model.safetensors").string()); });
+  fs::create_directories(fs::path(d.path) / "bare");
+  write_safetensors(fs::path(d.path) / "bare" / "adapter_model.safetensors", defs);
+  e = thrown([&] { load_adapter((fs::path(d.path) / "bare" / "adapter_model.safetensors").string()); });
   CHECK(e.code() == exit_code::invalid_input);
   CHECK(e.detail() == "PEFT LoRA weights without adapter_config.json beside them (alpha and options unknown)");
-  e = thrown([&] { load_adapter((d.path / "bare").string()); });
+  e = thrown([&] { load_adapter((fs::path(d.path) / "bare").string()); });
   CHECK(e.code() == exit_code::invalid_input);
   CHECK(has(e.detail(), "without adapter_config.json"));
 
@@ -458,28 +431,28 @@ TEST_CASE("PEFT: config problems") {
 
 TEST_CASE("load_adapter: missing paths and folders") {
   temp_dir d;
-  lora::error e = thrown([&] { load_adapter((d.path / "nope").string()); });
+  lora::error e = thrown([&] { load_adapter((fs::path(d.path) / "nope").string()); });
   CHECK(e.code() == exit_code::io);
   CHECK(has(e.what(), "no such file or folder"));
 
-  fs::create_directories(d.path / "empty");
-  e = thrown([&] { load_adapter((d.path / "empty").string()); });
+  fs::create_directories(fs::path(d.path) / "empty");
+  e = thrown([&] { load_adapter((fs::path(d.path) / "empty").string()); });
   CHECK(e.code() == exit_code::invalid_input);
   CHECK(e.detail() == "folder has no adapter_model.safetensors");
 
-  fs::create_directories(d.path / "pickle");
-  write_text(d.path / "pickle" / "adapter_model.bin", "not read");
-  e = thrown([&] { load_adapter((d.path / "pickle").string()); });
+  fs::create_directories(fs::path(d.path) / "pickle");
+  write_text(fs::path(d.path) / "pickle" / "adapter_model.bin", "not read");
+  e = thrown([&] { load_adapter((fs::path(d.path) / "pickle").string()); });
   CHECK(e.code() == exit_code::invalid_input);
   CHECK(has(e.detail(), "adapter_model.bin (pickle) is not read"));
 
-  write_safetensors(d.path / "model.safetensors", {{"model.layers.0.q.weight", {4, 4}}});
-  e = thrown([&] { load_adapter((d.path / "model.safetensors").string()); });
+  write_safetensors(fs::path(d.path) / "model.safetensors", {{"model.layers.0.q.weight", {4, 4}}});
+  e = thrown([&] { load_adapter((fs::path(d.path) / "model.safetensors").string()); });
   CHECK(e.code() == exit_code::invalid_input);
   CHECK(has(e.detail(), "holds no LoRA tensors"));
 
-  write_text(d.path / "garbage.safetensors", "not a safetensors file at all");
-  e = thrown([&] { load_adapter((d.path / "garbage.safetensors").string()); });
+  write_text(fs::path(d.path) / "garbage.safetensors", "not a safetensors file at all");
+  e = thrown([&] { load_adapter((fs::path(d.path) / "garbage.safetensors").string()); });
   CHECK(e.code() == exit_code::invalid_input);
 }
 
@@ -559,8 +532,8 @@ TEST_CASE("kohya: lora_down / lora_up / alpha in any float dtype") {
       {"lora_te2_y.lora_up.weight", {5, 2}},
       {"lora_te2_y.alpha", {}, dtype::F32, {0.5}},
   };
-  write_safetensors(d.path / "k.safetensors", defs);
-  adapter a = load_adapter((d.path / "k.safetensors").string());
+  write_safetensors(fs::path(d.path) / "k.safetensors", defs);
+  adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
   CHECK(a.format == adapter_format::kohya);
   CHECK(adapter_format_name(a.format) == "kohya");
   CHECK_FALSE(a.config);
@@ -578,12 +551,12 @@ TEST_CASE("kohya: lora_down / lora_up / alpha in any float dtype") {
 
 TEST_CASE("kohya: no alpha means alpha = r (scale 1), and so does alpha 0 (sd-scripts LoRAModule)") {
   temp_dir d;
-  write_safetensors(d.path / "k.safetensors", {{"lora_unet_a.lora_down.weight", {4, 8}},
+  write_safetensors(fs::path(d.path) / "k.safetensors", {{"lora_unet_a.lora_down.weight", {4, 8}},
                                                {"lora_unet_a.lora_up.weight", {6, 4}},
                                                {"lora_unet_b.lora_down.weight", {2, 8}},
                                                {"lora_unet_b.lora_up.weight", {6, 2}},
                                                {"lora_unet_b.alpha", {}, dtype::F32, {0.0}}});
-  adapter a = load_adapter((d.path / "k.safetensors").string());
+  adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
   CHECK(module_named(a, "lora_unet_a").alpha == 4.0);
   CHECK(module_named(a, "lora_unet_a").scale == 1.0);
   CHECK(module_named(a, "lora_unet_b").alpha == 2.0);
@@ -592,12 +565,12 @@ TEST_CASE("kohya: no alpha means alpha = r (scale 1), and so does alpha 0 (sd-sc
 
 TEST_CASE("kohya conv: 3x3 down with 1x1 up, and 1x1") {
   temp_dir d;
-  write_safetensors(d.path / "k.safetensors", {{"lora_unet_conv_in.lora_down.weight", {4, 3, 3, 3}},
+  write_safetensors(fs::path(d.path) / "k.safetensors", {{"lora_unet_conv_in.lora_down.weight", {4, 3, 3, 3}},
                                                {"lora_unet_conv_in.lora_up.weight", {8, 4, 1, 1}},
                                                {"lora_unet_conv_in.alpha", {}, dtype::F32, {1.0}},
                                                {"lora_unet_proj.lora_down.weight", {2, 8, 1, 1}},
                                                {"lora_unet_proj.lora_up.weight", {8, 2, 1, 1}}});
-  adapter a = load_adapter((d.path / "k.safetensors").string());
+  adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
   CHECK(module_named(a, "lora_unet_conv_in").kind == module_kind::conv);
   CHECK(module_named(a, "lora_unet_conv_in").scale == 0.25);
   CHECK(module_named(a, "lora_unet_proj").kind == module_kind::conv);
@@ -659,7 +632,7 @@ TEST_CASE("kohya refusals name the key") {
   for (size_t i = 0; i < cases.size(); ++i) {
     const bad_case& c = cases[i];
     CAPTURE(c.label);
-    fs::path p = d.path / fmt::format("k{}.safetensors", i);
+    fs::path p = fs::path(d.path) / fmt::format("k{}.safetensors", i);
     write_safetensors(p, c.defs);
     lora::error e = thrown([&] { load_adapter(p.string()); });
     CHECK(e.code() == exit_code::invalid_input);
@@ -715,8 +688,8 @@ TEST_CASE("classify_tensors names every kind") {
 
 TEST_CASE("load_adapter refuses other adapter kinds with their description") {
   temp_dir d;
-  write_safetensors(d.path / "loha.safetensors", {{"lora_unet_a.hada_w1_a", {8, 2}}, {"lora_unet_a.hada_w1_b", {2, 8}}});
-  lora::error e = thrown([&] { load_adapter((d.path / "loha.safetensors").string()); });
+  write_safetensors(fs::path(d.path) / "loha.safetensors", {{"lora_unet_a.hada_w1_a", {8, 2}}, {"lora_unet_a.hada_w1_b", {2, 8}}});
+  lora::error e = thrown([&] { load_adapter((fs::path(d.path) / "loha.safetensors").string()); });
   CHECK(e.code() == exit_code::invalid_input);
   CHECK(has(e.detail(), "not a LoRA adapter lora can read: LoHa"));
 }
@@ -876,7 +849,7 @@ TEST_CASE("fit: fan_in_fan_out follows the layer type as PEFT forces it") {
 
 TEST_CASE("fit: kohya names resolved by '.' -> '_' over the base keys") {
   temp_dir d;
-  write_safetensors(d.path / "k.safetensors",
+  write_safetensors(fs::path(d.path) / "k.safetensors",
                     {{"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", {2, 8}},
                      {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", {8, 2}},
                      {"lora_unet_conv_in.lora_down.weight", {2, 4, 3, 3}},
@@ -884,7 +857,7 @@ TEST_CASE("fit: kohya names resolved by '.' -> '_' over the base keys") {
                      {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", {2, 6}},
                      {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight", {6, 2}}});
   SUBCASE("all found") {
-    adapter a = load_adapter((d.path / "k.safetensors").string());
+    adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
     model_files base = open_model(model_folder(d, {{"down_blocks.0.attentions.0.proj_in.weight", {8, 8}},
                                                    {"down_blocks.0.attentions.0.proj_in.bias", {8}},
                                                    {"conv_in.weight", {8, 4, 3, 3}},
@@ -902,7 +875,7 @@ TEST_CASE("fit: kohya names resolved by '.' -> '_' over the base keys") {
     CHECK(a.modules[2].a.info->name == "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight");
   }
   SUBCASE("ambiguous and missing") {
-    adapter a = load_adapter((d.path / "k.safetensors").string());
+    adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
     model_files base = open_model(model_folder(d, {{"down_blocks.0.attentions.0.proj_in.weight", {8, 8}},
                                                    {"down_blocks_0.attentions.0.proj_in.weight", {8, 8}},
                                                    {"conv_in.weight", {8, 4, 3, 3}}},
@@ -919,7 +892,7 @@ TEST_CASE("fit: kohya names resolved by '.' -> '_' over the base keys") {
 
 TEST_CASE("fit: kohya names inside single-file checkpoint containers (as sd-scripts strips them)") {
   temp_dir d;
-  write_safetensors(d.path / "k.safetensors",
+  write_safetensors(fs::path(d.path) / "k.safetensors",
                     {{"lora_unet_input_blocks_4_1_proj_in.lora_down.weight", {2, 8}},
                      {"lora_unet_input_blocks_4_1_proj_in.lora_up.weight", {8, 2}},
                      {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", {2, 6}},
@@ -928,7 +901,7 @@ TEST_CASE("fit: kohya names inside single-file checkpoint containers (as sd-scri
                      {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", {12, 2}},
                      {"lora_unet_out.lora_down.weight", {2, 8}},
                      {"lora_unet_out.lora_up.weight", {8, 2}}});
-  adapter a = load_adapter((d.path / "k.safetensors").string());
+  adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
   model_files base = open_model(model_folder(d, {{"model.diffusion_model.input_blocks.4.1.proj_in.weight", {8, 8}},
                                                  {"conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight", {12, 6}},
                                                  {"cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight", {12, 6}},
@@ -946,9 +919,9 @@ TEST_CASE("fit: kohya names inside single-file checkpoint containers (as sd-scri
   CHECK(module_named(a, "out").target == "out.weight");
 
   // a container applies to its own prefix only: lora_te2_ does not look in the te1 container
-  write_safetensors(d.path / "k2.safetensors", {{"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", {2, 6}},
+  write_safetensors(fs::path(d.path) / "k2.safetensors", {{"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", {2, 6}},
                                                 {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", {12, 2}}});
-  adapter b = load_adapter((d.path / "k2.safetensors").string());
+  adapter b = load_adapter((fs::path(d.path) / "k2.safetensors").string());
   fit_report r2 = fit_adapter(b, base);
   REQUIRE(r2.problems.size() == 1);
   CHECK(has(r2.problems[0].what, "no base tensor matches lora_te2_text_model_encoder_layers_0_mlp_fc1"));
@@ -956,11 +929,11 @@ TEST_CASE("fit: kohya names inside single-file checkpoint containers (as sd-scri
 
 TEST_CASE("fit: kohya 1x1 conv LoRA on a Linear base and 2-D LoRA on a 1x1 conv base") {
   temp_dir d;
-  write_safetensors(d.path / "k.safetensors", {{"lora_unet_proj_in.lora_down.weight", {2, 8, 1, 1}},
+  write_safetensors(fs::path(d.path) / "k.safetensors", {{"lora_unet_proj_in.lora_down.weight", {2, 8, 1, 1}},
                                                {"lora_unet_proj_in.lora_up.weight", {6, 2, 1, 1}},
                                                {"lora_unet_proj_out.lora_down.weight", {2, 6}},
                                                {"lora_unet_proj_out.lora_up.weight", {8, 2}}});
-  adapter a = load_adapter((d.path / "k.safetensors").string());
+  adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
   REQUIRE(module_named(a, "lora_unet_proj_in").kind == module_kind::conv);
   REQUIRE(module_named(a, "lora_unet_proj_out").kind == module_kind::linear);
   model_files base = open_model(model_folder(d, {{"proj_in.weight", {6, 8}}, {"proj_out.weight", {8, 6, 1, 1}}}));
@@ -972,11 +945,11 @@ TEST_CASE("fit: kohya 1x1 conv LoRA on a Linear base and 2-D LoRA on a 1x1 conv 
 
 TEST_CASE("fit: two modules on one target") {
   temp_dir d;
-  write_safetensors(d.path / "k.safetensors", {{"lora_te1_text_model_q.lora_down.weight", {2, 6}},
+  write_safetensors(fs::path(d.path) / "k.safetensors", {{"lora_te1_text_model_q.lora_down.weight", {2, 6}},
                                                {"lora_te1_text_model_q.lora_up.weight", {6, 2}},
                                                {"lora_te2_text_model_q.lora_down.weight", {2, 6}},
                                                {"lora_te2_text_model_q.lora_up.weight", {6, 2}}});
-  adapter a = load_adapter((d.path / "k.safetensors").string());
+  adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
   fit_report r = fit_adapter(a, open_model(model_folder(d, {{"text_model.q.weight", {6, 6}}})));
   REQUIRE(r.problems.size() == 1);
   CHECK(r.problems[0].key == "lora_te2_text_model_q.lora_down.weight");

@@ -25,32 +25,14 @@
 #include "core/extract.h"
 #include "formats/error.h"
 #include "formats/safetensors.h"
+#include "tests/test-support.h"
 
 using namespace lora;
+using namespace lora::testing;
 namespace fs = std::filesystem;
 using mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 namespace {
-
-struct temp_folder {
-  std::string path;
-  temp_folder() {
-    std::string p = (fs::temp_directory_path() / "test-extract-XXXXXX").string();
-    REQUIRE(::mkdtemp(p.data()) != nullptr);
-    path = p;
-  }
-  ~temp_folder() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  // every entry of the folder (to see that nothing is left behind)
-  std::vector<std::string> entries() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(path)) out.push_back(e.path().filename().string());
-    return out;
-  }
-};
-
 struct tensor {
   dtype type;
   std::vector<int64_t> shape;
@@ -150,7 +132,7 @@ double optimal_error(const Eigen::VectorXd& s, int64_t r) {
   return std::sqrt(s.tail(s.size() - r).squaredNorm()) / s.norm();
 }
 
-extract_options options_for(const temp_folder& dir, const std::string& out, rank_rule rule) {
+extract_options options_for(const temp_dir& dir, const std::string& out, rank_rule rule) {
   extract_options o;
   o.base = dir.path + "/base";
   o.tuned = dir.path + "/tuned";
@@ -184,7 +166,7 @@ double merged_error(const pair_of_models& p, const safetensors_file& f, const st
 }  // namespace
 
 TEST_CASE("randomized extract: within 1% of optimal; merge(extract) reproduces tuned within the reported error") {
-  temp_folder dir;
+  temp_dir dir;
   pair_of_models p = make_models(dtype::F32);
   write_model(dir.path + "/base", p.base);
   write_model(dir.path + "/tuned", p.tuned);
@@ -240,7 +222,7 @@ TEST_CASE("randomized extract: within 1% of optimal; merge(extract) reproduces t
 }
 
 TEST_CASE("exact extract matches the optimal error to rounding") {
-  temp_folder dir;
+  temp_dir dir;
   pair_of_models p = make_models(dtype::F32);
   write_model(dir.path + "/base", p.base);
   write_model(dir.path + "/tuned", p.tuned);
@@ -260,7 +242,7 @@ TEST_CASE("exact extract matches the optimal error to rounding") {
 }
 
 TEST_CASE("energy and error targets choose each module's rank; patterns carry it") {
-  temp_folder dir;
+  temp_dir dir;
   pair_of_models p = make_models(dtype::F32);
   write_model(dir.path + "/base", p.base);
   write_model(dir.path + "/tuned", p.tuned);
@@ -294,7 +276,7 @@ TEST_CASE("energy and error targets choose each module's rank; patterns carry it
 }
 
 TEST_CASE("bf16 models: factors in bf16 by default, --dtype f32 on request; --save-modules") {
-  temp_folder dir;
+  temp_dir dir;
   pair_of_models p = make_models(dtype::BF16);
   write_model(dir.path + "/base", p.base);
   write_model(dir.path + "/tuned", p.tuned);
@@ -322,7 +304,7 @@ TEST_CASE("bf16 models: factors in bf16 by default, --dtype f32 on request; --sa
 }
 
 TEST_CASE("refusals: exit code, message, nothing left behind") {
-  temp_folder dir;
+  temp_dir dir;
   pair_of_models p = make_models(dtype::F32);
   write_model(dir.path + "/base", p.base);
   auto expect = [&](const extract_options& o, exit_code code, const std::string& text) {

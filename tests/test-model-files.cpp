@@ -18,28 +18,14 @@
 #include "formats/error.h"
 #include "formats/model-files.h"
 #include "formats/safetensors.h"
+#include "tests/test-support.h"
 
 namespace fs = std::filesystem;
 using namespace lora;
+using namespace lora::testing;
 using namespace std::string_literals;
 
 namespace {
-
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    std::string t = (fs::temp_directory_path() / "lora-test-model-XXXXXX").string();
-    REQUIRE(::mkdtemp(t.data()) != nullptr);
-    path = t;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-  std::string str() const { return path.string(); }
-};
-
 void write_text(const std::string& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary);
   out << text;
@@ -104,7 +90,7 @@ void check_refused(const std::string& path, const refusal& want) {
 TEST_CASE("a valid sharded model opens, from the folder or the index path") {
   temp_dir dir;
   write_sharded_model(dir);
-  for (const std::string& path : {dir.str(), dir / "model.safetensors.index.json"}) {
+  for (const std::string& path : {dir.path, dir / "model.safetensors.index.json"}) {
     CAPTURE(path);
     model_files m = open_model(path);
     CHECK(m.path == path);
@@ -142,9 +128,9 @@ TEST_CASE("an opened model can be moved: references stay valid") {
   temp_dir dir;
   write_sharded_model(dir);
   std::vector<model_files> models;
-  models.push_back(open_model(dir.str()));
-  models.push_back(open_model(dir.str()));
-  models.push_back(open_model(dir.str()));  // reallocates: models move
+  models.push_back(open_model(dir.path));
+  models.push_back(open_model(dir.path));
+  models.push_back(open_model(dir.path));  // reallocates: models move
   for (const auto& m : models) {
     tensor_ref a = m.at("a");
     CHECK(a.file == &m.shards[0]);
@@ -157,7 +143,7 @@ TEST_CASE("single-file models: folder with model.safetensors, bare file, config.
   temp_dir dir;
   write_shard(dir / "model.safetensors", {{"w", 6}, {"v", 2}});
   SUBCASE("folder without config.json") {
-    model_files m = open_model(dir.str());
+    model_files m = open_model(dir.path);
     CHECK(m.config_path.empty());
     CHECK(m.index_path.empty());
     CHECK(!m.index_total_size);
@@ -167,7 +153,7 @@ TEST_CASE("single-file models: folder with model.safetensors, bare file, config.
   }
   SUBCASE("folder with config.json") {
     write_text(dir / "config.json", "{}");
-    model_files m = open_model(dir.str());
+    model_files m = open_model(dir.path);
     CHECK(m.config_path == dir / "config.json");
   }
   SUBCASE("bare file path, config.json beside it") {
@@ -198,7 +184,7 @@ TEST_CASE("sharded models: every disagreement between the index and the shards i
   SUBCASE("missing shard") {
     fs::remove(dir / k_shard2);
     try {
-      open_model(dir.str());
+      open_model(dir.path);
       FAIL_CHECK("opened");
     } catch (const lora::error& e) {
       CHECK(e.code() == exit_code::io);
@@ -209,7 +195,7 @@ TEST_CASE("sharded models: every disagreement between the index and the shards i
   SUBCASE("malformed shard: refused naming the shard") {
     write_text(dir / k_shard2, "not a safetensors file");
     try {
-      open_model(dir.str());
+      open_model(dir.path);
       FAIL_CHECK("opened");
     } catch (const lora::error& e) {
       CHECK(e.code() == exit_code::invalid_input);
@@ -218,26 +204,26 @@ TEST_CASE("sharded models: every disagreement between the index and the shards i
   }
   SUBCASE("tensor in two shards") {
     write_shard(dir / k_shard2, {{"c", 5}, {"a", 3}});
-    check_refused(dir.str(), {3, "tensor is in two shards", "a"});
+    check_refused(dir.path, {3, "tensor is in two shards", "a"});
   }
   SUBCASE("weight_map names the wrong shard") {
     auto j = good_index();
     j["weight_map"]["c"] = k_shard1;
     j["weight_map"]["a"] = k_shard2;  // keep both files listed
     with_index(j);
-    check_refused(dir.str(), {3, "weight_map says", "a"});
+    check_refused(dir.path, {3, "weight_map says", "a"});
   }
   SUBCASE("weight_map names a tensor no shard holds") {
     auto j = good_index();
     j["weight_map"]["ghost"] = k_shard2;
     with_index(j);
-    check_refused(dir.str(), {3, "does not hold it", "ghost"});
+    check_refused(dir.path, {3, "does not hold it", "ghost"});
   }
   SUBCASE("tensor missing from weight_map") {
     auto j = good_index();
     j["weight_map"].erase("b");
     with_index(j);
-    check_refused(dir.str(), {3, "missing from weight_map", "b"});
+    check_refused(dir.path, {3, "missing from weight_map", "b"});
   }
   SUBCASE("shard missing from weight_map altogether") {
     auto j = good_index();
@@ -245,7 +231,7 @@ TEST_CASE("sharded models: every disagreement between the index and the shards i
     j["metadata"]["total_size"] = 28;
     with_index(j);
     // shard 2 is never opened: its tensor is not part of the model
-    model_files m = open_model(dir.str());
+    model_files m = open_model(dir.path);
     CHECK(m.shards.size() == 1);
     CHECK(!m.find("c"));
   }
@@ -253,47 +239,47 @@ TEST_CASE("sharded models: every disagreement between the index and the shards i
     auto j = good_index();
     j["metadata"]["total_size"] = 49;
     with_index(j);
-    check_refused(dir.str(), {3, "total_size is 49 but the shards hold 48 bytes", ""});
+    check_refused(dir.path, {3, "total_size is 49 but the shards hold 48 bytes", ""});
   }
   SUBCASE("total_size as a whole float is accepted") {
     write_text(index, R"({"metadata": {"total_size": 48.0}, "weight_map": {"a": ")" + std::string(k_shard1) +
                           R"(", "b": ")" + k_shard1 + R"(", "c": ")" + k_shard2 + R"("}})");
-    CHECK(open_model(dir.str()).index_total_size == uint64_t{48});
+    CHECK(open_model(dir.path).index_total_size == uint64_t{48});
   }
   SUBCASE("total_size of the wrong kind") {
     for (const char* ts : {"-1", "48.5", "\"48\"", "1e30", "1e300", "null", "[48]"}) {
       CAPTURE(ts);
       write_text(index, std::string(R"({"metadata": {"total_size": )") + ts + R"(}, "weight_map": {"a": ")" +
                             k_shard1 + R"(", "b": ")" + k_shard1 + R"(", "c": ")" + k_shard2 + R"("}})");
-      check_refused(dir.str(), {3, "total_size is not a non-negative integer", ""});
+      check_refused(dir.path, {3, "total_size is not a non-negative integer", ""});
     }
   }
   SUBCASE("no total_size is fine") {
     auto j = good_index();
     j.erase("metadata");
     with_index(j);
-    CHECK(!open_model(dir.str()).index_total_size);
+    CHECK(!open_model(dir.path).index_total_size);
   }
   SUBCASE("bad JSON index") {
     for (const std::string& text : {std::string("{\"weight_map\": {"), std::string("{} {}"), std::string(""),
                                     "{\"weight_map\": {}}\0 trailing"s, std::string("\xFF")}) {
       CAPTURE(text);
       write_text(index, text);
-      check_refused(dir.str(), {3, "index is not valid JSON", ""});
+      check_refused(dir.path, {3, "index is not valid JSON", ""});
     }
   }
   SUBCASE("index without a weight_map object") {
     for (const char* text : {"[]", "{}", "{\"weight_map\": []}", "{\"weight_map\": \"x\"}"}) {
       CAPTURE(text);
       write_text(index, text);
-      check_refused(dir.str(), {3, "no \"weight_map\" object", ""});
+      check_refused(dir.path, {3, "no \"weight_map\" object", ""});
     }
   }
   SUBCASE("weight_map value that is not a file name") {
     auto j = good_index();
     j["weight_map"]["c"] = 2;
     with_index(j);
-    check_refused(dir.str(), {3, "weight_map value is not a file name", "c"});
+    check_refused(dir.path, {3, "weight_map value is not a file name", "c"});
   }
   SUBCASE("path escapes in weight_map") {
     for (const char* bad : {"../x.safetensors", "/etc/passwd", "..", ".", "", "sub/model.safetensors",
@@ -302,7 +288,7 @@ TEST_CASE("sharded models: every disagreement between the index and the shards i
       auto j = good_index();
       j["weight_map"]["c"] = bad;
       with_index(j);
-      check_refused(dir.str(), {3, "not a file in the model folder", "c"});
+      check_refused(dir.path, {3, "not a file in the model folder", "c"});
     }
   }
 }
@@ -312,9 +298,9 @@ TEST_CASE("folders and paths that are not models") {
   SUBCASE("folder without weights") {
     write_text(dir / "config.json", "{}");
     write_text(dir / "README.md", "hello");
-    check_refused(dir.str(), {3, "neither model.safetensors nor model.safetensors.index.json", ""});
+    check_refused(dir.path, {3, "neither model.safetensors nor model.safetensors.index.json", ""});
   }
-  SUBCASE("empty folder") { check_refused(dir.str(), {3, "neither", ""}); }
+  SUBCASE("empty folder") { check_refused(dir.path, {3, "neither", ""}); }
   SUBCASE("path that does not exist") { check_refused(dir / "nothing-here", {4, "no such file or folder", ""}); }
   SUBCASE("bare file that is not safetensors") {
     write_text(dir / "x.safetensors", "1234567");

@@ -25,9 +25,11 @@
 #include "core/dtype.h"
 #include "formats/error.h"
 #include "formats/safetensors.h"
+#include "tests/test-support.h"
 
 namespace fs = std::filesystem;
 using namespace lora;
+using namespace lora::testing;
 
 namespace {
 
@@ -70,27 +72,6 @@ bytes_t f32_bytes(std::initializer_list<float> v) {
   std::memcpy(out.data(), std::data(v), out.size());
   return out;
 }
-
-// A fresh temporary folder, removed with everything in it.
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    std::string t = (fs::temp_directory_path() / "lora-test-st-XXXXXX").string();
-    REQUIRE(::mkdtemp(t.data()) != nullptr);
-    path = t;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-  std::vector<std::string> names() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(path)) out.push_back(e.path().filename().string());
-    std::sort(out.begin(), out.end());
-    return out;
-  }
-};
 
 // A malformed input and what its refusal must say.
 struct bad_case {
@@ -343,7 +324,7 @@ TEST_CASE("refusals through the file reader name the path; empty and missing fil
     CHECK(std::string(e.what()).find("absent.safetensors") != std::string::npos);
   }
   try {
-    safetensors_file f(dir.path.string());
+    safetensors_file f(dir.path);
     FAIL_CHECK("opened a folder");
   } catch (const lora::error& e) {
     CHECK(e.code() == exit_code::io);
@@ -707,7 +688,7 @@ TEST_CASE("streaming writer: out-of-order and partial writes, zero-size tensors,
     safetensors_writer w(out, plan_safetensors(specs, metadata_map{{"k", "v"}}));
     CHECK(w.path() == out);
     // the temp file sits beside the target; the target does not exist yet
-    auto names = dir.names();
+    auto names = dir.entries();
     REQUIRE(names.size() == 1);
     CHECK(names[0].rfind("out.safetensors.tmp-", 0) == 0);
     w.write("c", bytes_of("c"));
@@ -721,7 +702,7 @@ TEST_CASE("streaming writer: out-of-order and partial writes, zero-size tensors,
     w.commit();
   }
   CHECK(read_bytes(out) == want);
-  CHECK(dir.names() == std::vector<std::string>{"out.safetensors"});
+  CHECK(dir.entries() == std::vector<std::string>{"out.safetensors"});
   CHECK((fs::status(out).permissions() & fs::perms::others_read) != fs::perms::none);
 }
 
@@ -752,9 +733,9 @@ TEST_CASE("streaming writer: an uncommitted writer leaves nothing behind") {
   {
     safetensors_writer w(out, plan_safetensors({{"a", dtype::F32, {2}}}, std::nullopt));
     w.write("a", f32_bytes({1, 2}));
-    CHECK(dir.names().size() == 1);
+    CHECK(dir.entries().size() == 1);
   }
-  CHECK(dir.names().empty());
+  CHECK(dir.entries().empty());
   // an exception between create and commit: same
   try {
     safetensors_writer w(out, plan_safetensors({{"a", dtype::F32, {2}}}, std::nullopt));
@@ -765,7 +746,7 @@ TEST_CASE("streaming writer: an uncommitted writer leaves nothing behind") {
     CHECK(e.tensor() == "a");
     CHECK(e.detail().find("4 bytes given, 8 expected") != std::string::npos);
   }
-  CHECK(dir.names().empty());
+  CHECK(dir.entries().empty());
 }
 
 TEST_CASE("streaming writer: misuse is refused") {
@@ -835,7 +816,7 @@ TEST_CASE("write failures are I/O errors (exit 4) and leave nothing behind") {
     }
     REQUIRE(in_ctor.has_value());
     CHECK(in_ctor->code() == exit_code::io);
-    CHECK(dir.names().empty());
+    CHECK(dir.entries().empty());
     {
       safetensors_writer w(out, plan_safetensors(specs, std::nullopt));  // sized while the limit is off
       w.write("a", bytes_t(4096, 1));
@@ -853,7 +834,7 @@ TEST_CASE("write failures are I/O errors (exit 4) and leave nothing behind") {
     CHECK(in_write->code() == exit_code::io);
     CHECK(in_write->file() == out);
     CHECK(in_write->detail().find("write failed") != std::string::npos);
-    CHECK(dir.names().empty());
+    CHECK(dir.entries().empty());
     ::signal(SIGXFSZ, SIG_DFL);
   }
 }
@@ -865,7 +846,7 @@ TEST_CASE("write_file_atomic and read_text_file") {
   CHECK(read_text_file(p) == "{\"x\": 1}\n");
   write_file_atomic(p, "");
   CHECK(read_text_file(p).empty());
-  CHECK(dir.names() == std::vector<std::string>{"a.json"});
+  CHECK(dir.entries() == std::vector<std::string>{"a.json"});
   try {
     read_text_file(dir / "absent.json");
     FAIL_CHECK("read a missing file");
