@@ -1,6 +1,6 @@
-// lora verify --base MODEL --adapter ADAPTER --merged MODEL [--tokens 1,2,3] [--json] [--threads N]
+// lora verify --base MODEL --adapter ADAPTER --merged MODEL [--tokens 1,2,3] [--seed N] [--json] [--threads N]
 // Checks that MERGED is BASE with ADAPTER merged in (core/verify); exit 0
-// when equivalent, 1 when not; the report names the worst tensors.
+// when equivalent, 1 when not; the report names the worst tensors and layers.
 #include <cmath>
 #include <memory>
 #include <string>
@@ -22,12 +22,14 @@ struct verify_cli_options {
   bool json = false;
   int threads = 0;
   int worst = 5;
+  uint64_t seed = verify_options{}.seed;
 };
 
 double finite_or(double v, double fallback) { return std::isfinite(v) ? v : fallback; }
 
 int run_verify(const verify_cli_options& o) {
   verify_options opts{o.base, o.adapter, o.merged, {}, o.threads};
+  opts.seed = o.seed;
   if (!o.tokens.empty()) opts.tokens = parse_token_list(o.tokens);
   const verify_report r = verify_merge(opts);
   const int code = r.equivalent ? 0 : 1;
@@ -45,6 +47,15 @@ int run_verify(const verify_cli_options& o) {
     j["failed"] = nlohmann::json::array();
     for (const auto& c : r.tensors)
       if (!c.ok) j["failed"].push_back(c.name);
+    j["layers_checked"] = r.layers.size();
+    j["layers_failed"] = r.n_layers_failed;
+    j["layer_seed"] = o.seed;
+    j["layer_inputs"] = opts.n_inputs;
+    j["layers"] = nlohmann::json::array();
+    for (const auto& c : r.layers)
+      j["layers"].push_back({{"name", c.name}, {"kind", c.kind}, {"ok", c.ok}, {"max_abs", finite_or(c.max_abs, 1e300)},
+                             {"max_rel", finite_or(c.max_rel, 1e300)}, {"tolerance", c.tolerance},
+                             {"ratio", finite_or(c.ratio, 1e300)}, {"bad_outputs", c.n_bad}});
     if (r.model.ran)
       j["model"] = {{"tokens", r.model.n_tokens}, {"max_abs", r.model.max_abs}, {"max_rel", r.model.max_rel},
                     {"tolerance", r.model.tolerance}, {"top1_agreement", r.model.top1_agreement}, {"ok", r.model.ok}};
@@ -58,6 +69,13 @@ int run_verify(const verify_cli_options& o) {
     const auto& c = r.tensors[i];
     fmt::print("  {} {} ({}): max error {:.3g}, tolerance {:.3g}, {} elements over\n", c.ok ? "ok  " : "FAIL", c.name,
                c.kind, c.max_error, c.tolerance, c.n_bad);
+  }
+  fmt::print("layers: {} adapted modules checked on {} seeded inputs (seed {}), {} failed\n", r.layers.size(),
+             opts.n_inputs, o.seed, r.n_layers_failed);
+  for (size_t i = 0; i < r.layers.size() && i < static_cast<size_t>(o.worst); ++i) {
+    const auto& c = r.layers[i];
+    fmt::print("  {} {} ({}): max |dy| {:.3g} (relative {:.3g}), tolerance {:.3g}, ratio {:.3g}, {} outputs over\n",
+               c.ok ? "ok  " : "FAIL", c.name, c.kind, c.max_abs, c.max_rel, c.tolerance, c.ratio, c.n_bad);
   }
   if (r.model.ran)
     fmt::print("model: {} tokens, max |dlogit| {:.3g} (relative {:.3g}, tolerance {:.3g}), top-1 agreement {:.0f}% {}\n",
@@ -74,14 +92,16 @@ CLI::App* setup_verify(CLI::App& app, runner& run) {
   auto o = std::make_shared<verify_cli_options>();
   auto* sub = app.add_subcommand("verify",
                                  "Check that a merged model equals base + adapter: every tensor against W0 + s B A "
-                                 "(tolerance from the merged dtype), and the logits of both through the forward pass");
+                                 "(tolerance from the merged dtype), every adapted layer on seeded inputs (W_merged x "
+                                 "against W0 x + s B (A x)), and the logits of both through the forward pass");
   sub->add_option("--base", o->base, "base model")->required();
   sub->add_option("--adapter", o->adapter, "the adapter that was merged")->required();
   sub->add_option("--merged", o->merged, "the merged model to check")->required();
   sub->add_option("--tokens", o->tokens, "token ids for the model-level check (default: 16 seeded ids)");
+  sub->add_option("--seed", o->seed, "seed of the layer-level input vectors (default 1234)");
   sub->add_flag("--json", o->json, "machine-readable report on stdout");
   sub->add_option("--threads", o->threads, "BLAS threads (default: all cores)")->check(CLI::NonNegativeNumber);
-  sub->add_option("--worst", o->worst, "how many of the worst tensors to list (default 5)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--worst", o->worst, "how many of the worst tensors and layers to list (default 5)")->check(CLI::NonNegativeNumber);
   sub->footer("Exit codes: 0 equivalent, 1 not equivalent, 2 bad command line, 3 invalid input, 4 I/O failure.");
   sub->callback([o, &run] { run = [o] { return run_verify(*o); }; });
   return sub;

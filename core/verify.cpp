@@ -11,6 +11,7 @@
 #include "core/delta.h"
 #include "core/dtype.h"
 #include "core/llama.h"
+#include "core/thread-pool.h"
 #include "formats/error.h"
 #include "formats/hf-config.h"
 #include "formats/model-files.h"
@@ -59,10 +60,294 @@ tensor_check compare(const std::string& name, const std::string& kind, const std
   return c;
 }
 
+// ---------------------------------------------------------------- layer level
+
+// Unit roundoff of a float dtype: a value rounded once to it is within
+// u |v| of the exact v (half an ulp: 8, 11, 24, 53 significant bits).
+double unit_roundoff(dtype type) {
+  return type == dtype::BF16 ? 0x1p-8 : type == dtype::F16 ? 0x1p-11 : type == dtype::F32 ? 0x1p-24 : 0x1p-53;
+}
+
+// Half the subnormal spacing of a float dtype: the absolute rounding error
+// below the normal range, where u |v| no longer bounds it.
+double half_min_spacing(dtype type) {
+  return type == dtype::BF16 ? 0x1p-134 : type == dtype::F16 ? 0x1p-25 : type == dtype::F32 ? 0x1p-150 : 0x1p-1074;
+}
+
+// The module as a map from n_in inputs to n_out outputs, on the stored tensor
+// [n_rows, n_cols]: y = W x (plain, conv on the [out, in*kh*kw] view) or
+// y = W^T x (transposed: fan_in_fan_out [in, out], embedding [vocab, dim]).
+struct layer_shape {
+  size_t n_rows = 0, n_cols = 0, n_in = 0, n_out = 0;
+  bool transposed = false;
+};
+
+layer_shape shape_of(const delta_factors_f64& f) {
+  layer_shape s{static_cast<size_t>(f.n_rows), static_cast<size_t>(f.n_cols), 0, 0, f.transposed};
+  s.n_in = s.transposed ? s.n_rows : s.n_cols;
+  s.n_out = s.transposed ? s.n_cols : s.n_rows;
+  return s;
+}
+
+// What one pass over the stored rows of W0 (and of the merged W~) gathers
+// for n inputs x [n, n_in]; the [n, n_out] sums run over j of W(o, j) x_j,
+// W(o, j) = w[o, j] (plain) or w[j, o] (transposed).
+struct layer_sums {
+  std::vector<double> y0, abs0;  // W0 x, sum_j |W0(o, j) x_j|
+  std::vector<double> ym, absm;  // W~ x, sum_j |W~(o, j) x_j|  (when W~ is given)
+  std::vector<double> v_sq;      // DoRA: ||V_o||^2 per output feature, V = W0 + w s dW
+  std::vector<double> bound_sq;  // DoRA: ||(|W0| + T)_o||^2 (when T is given)
+  layer_sums(size_t n, size_t n_out)
+      : y0(n * n_out), abs0(n * n_out), ym(n * n_out), absm(n * n_out), v_sq(n_out), bound_sq(n_out) {}
+};
+
+// Adds stored rows [rb, re) to `acc`: w0 (and wm, when not null) hold
+// exactly those rows; t_bound (empty, or one entry per stored row) is
+// delta_row_bounds. DoRA's V rows are formed in v_buf through core/delta.
+void accumulate_rows(const delta_factors_f64& f, const layer_shape& s, double weight, size_t rb, size_t re,
+                     const double* w0, const double* wm, const std::vector<double>& t_bound, const double* x, size_t n,
+                     layer_sums& acc, std::vector<double>& v_buf) {
+  const size_t nc = s.n_cols;
+  for (size_t i = rb; i < re; ++i) {
+    const double* r0 = w0 + (i - rb) * nc;
+    const double* rm = wm ? wm + (i - rb) * nc : nullptr;
+    for (size_t v = 0; v < n; ++v) {
+      const double* xv = x + v * s.n_in;
+      const size_t at = v * s.n_out;
+      if (!s.transposed) {
+        // row i is output i: y_i = sum_j W[i, j] x_j
+        double y0 = 0, a0 = 0, ym = 0, am = 0;
+        for (size_t j = 0; j < nc; ++j) {
+          y0 += r0[j] * xv[j];
+          a0 += std::fabs(r0[j] * xv[j]);
+        }
+        if (rm)
+          for (size_t j = 0; j < nc; ++j) {
+            ym += rm[j] * xv[j];
+            am += std::fabs(rm[j] * xv[j]);
+          }
+        acc.y0[at + i] = y0;
+        acc.abs0[at + i] = a0;
+        acc.ym[at + i] = ym;
+        acc.absm[at + i] = am;
+      } else {
+        // row i is input i: y_o += W[i, o] x_i
+        const double xi = xv[i];
+        if (xi == 0) continue;  // one-hot embedding inputs: only the looked-up rows
+        for (size_t o = 0; o < nc; ++o) {
+          acc.y0[at + o] += r0[o] * xi;
+          acc.abs0[at + o] += std::fabs(r0[o] * xi);
+        }
+        if (rm)
+          for (size_t o = 0; o < nc; ++o) {
+            acc.ym[at + o] += rm[o] * xi;
+            acc.absm[at + o] += std::fabs(rm[o] * xi);
+          }
+      }
+    }
+  }
+  if (!f.dora) return;
+  // DoRA: V = W0 + w s dW for these rows; squares per output feature (row, or column when transposed)
+  v_buf.assign(w0, w0 + (re - rb) * nc);
+  add_delta_rows(f, weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), v_buf.data());
+  for (size_t i = rb; i < re; ++i)
+    for (size_t j = 0; j < nc; ++j) {
+      const double vij = v_buf[(i - rb) * nc + j], bij = t_bound.empty() ? 0 : std::fabs(w0[(i - rb) * nc + j]) + t_bound[i];
+      acc.v_sq[s.transposed ? j : i] += vij * vij;
+      acc.bound_sq[s.transposed ? j : i] += bij * bij;
+    }
+}
+
+// y_ref [n, n_out] from the W0 x of `acc`: y = W0 x + w s B (A x), DoRA:
+// y_o *= m_o / ||V_o||.
+std::vector<double> unmerged_from(const delta_factors_f64& f, const layer_shape& s, double weight, const double* x,
+                                  size_t n, const layer_sums& acc) {
+  const size_t r = static_cast<size_t>(f.rank);
+  const double ws = weight * f.scale;
+  std::vector<double> y(acc.y0), u(r);
+  for (size_t v = 0; v < n; ++v) {
+    const double* xv = x + v * s.n_in;
+    double* yv = y.data() + v * s.n_out;
+    // u = A x, A [r, n_in]
+    for (size_t k = 0; k < r; ++k) {
+      double sum = 0;
+      for (size_t j = 0; j < s.n_in; ++j) sum += f.a[k * s.n_in + j] * xv[j];
+      u[k] = sum;
+    }
+    // y += w s B u, B [n_out, r]
+    for (size_t o = 0; o < s.n_out; ++o) {
+      double sum = 0;
+      for (size_t k = 0; k < r; ++k) sum += f.b[o * r + k] * u[k];
+      yv[o] += ws * sum;
+      if (f.dora) yv[o] *= f.magnitude[o] / std::sqrt(acc.v_sq[o]);
+    }
+  }
+  return y;
+}
+
+std::string layer_kind(const lora_module& m) {
+  std::string k = m.kind == module_kind::linear && m.fan_in_fan_out ? "fan_in_fan_out" : std::string(module_kind_name(m.kind));
+  if (m.dora) k += "+dora";
+  if (m.bias) k += "+bias";
+  return k;
+}
+
+// One adapted module: n_inputs seeded inputs through the merged weight and
+// through base + adapter unmerged (module index `index` picks the inputs).
+//
+// Tolerance per output element o of one input x (W(o, j) as in layer_sums):
+//   2 u S_o + 2 eta sum_j |x_j|             S_o = sum_j |W~(o, j) x_j|
+//   + c f_o P_o                              P_o = sum_j (|W0(o, j)| + T(o, j)) |x_j|
+//   + DoRA: (c ||(|W0| + T)_o|| / ||V_o|| + uc) S_o
+//   + (n_in + r + 4) 2^-53 (S_o + f_o P_o)
+//   + bias: 2 u_b |b~_o| + 2 eta_b + (2 uc + 2^-52)(|b0_o| + |w s b_o|)
+// u, eta: unit roundoff and half the subnormal spacing of the merged dtype.
+// k = 2: each stored weight W~ is the exact merged value rounded once (merge
+// recomputes near-midpoint elements in double), so within u |W~| of it, and
+// that one rounding moves y by at most u S_o; the second u S_o covers merge's
+// f32 arithmetic before the rounding, negligible next to a 16-bit rounding.
+// For F32 / F64 outputs that arithmetic is as large as the rounding itself
+// (an F32 embedding merge of testdata reaches ratio 2.5 with 2 u S_o alone),
+// so it is bounded explicitly: c = (r + 4) uc, uc = 2^-24 (merge computes in
+// f32) or 2^-53 (in f64 when either side is F64); T(o, j) = delta_row_bounds
+// of the stored row holding W(o, j) (|s| sum_k |B A terms|); f_o = |m_o| /
+// ||V_o|| for DoRA, else 1. DoRA's norm of an f32 V is off by at most the
+// norm of V_o's error, and its product m / ||V|| V rounds once more in f32.
+// The (n_in + r + 4) 2^-53 term is this check's own double arithmetic.
+layer_check check_layer(const lora_module& m, size_t index, const std::string& adapter_file, const model_files& base,
+                        const model_files& merged, uint64_t seed, int n_inputs) {
+  layer_check c{m.name, layer_kind(m)};
+  auto fail = [&](const char* why) {
+    c.kind = why;
+    c.ok = false;
+    c.ratio = INFINITY;
+    c.n_bad = 1;
+    return c;
+  };
+  // 1. the tensors: base, merged, factors
+  const tensor_ref b = base.at(m.target);
+  std::optional<tensor_ref> mt = merged.find(m.target);
+  if (!mt) return fail("missing");
+  if (mt->info->shape != b.info->shape) return fail("shape");
+  if (!dtype_is_math(mt->info->type)) return fail("dtype");
+  const delta_factors_f64 f = load_delta_factors_f64(m, b.info->shape, adapter_file);
+  const std::vector<double> t_bound = delta_row_bounds(load_delta_factors(m, b.info->shape, adapter_file));
+  const layer_shape s = shape_of(f);
+  const dtype type = mt->info->type;
+  const bool f64_math = type == dtype::F64 || b.info->type == dtype::F64;
+  const double u = unit_roundoff(type), eta = half_min_spacing(type);
+  const double uc = f64_math ? 0x1p-53 : 0x1p-24;
+  const double c_acc = static_cast<double>(f.rank + 4) * uc;
+  const double c_eval = static_cast<double>(s.n_in + static_cast<size_t>(f.rank) + 4) * 0x1p-53;
+
+  // 2. the bias, for lora_bias: base + s b against the merged model's
+  std::vector<double> b0, b_ref, b_merged;
+  dtype b_type = type;
+  bool b_f64 = f64_math;
+  if (m.bias) {
+    const std::string name = m.name + ".bias";
+    std::optional<tensor_ref> bb = base.find(name), bm = merged.find(name);
+    if (!bb)
+      throw errors::invalid(adapter_file, m.name,
+                            fmt::format("the base has no tensor {} (does the adapter belong to this base model?)", name));
+    if (!bm) return fail("missing");
+    if (bm->info->shape != bb->info->shape || bb->info->n_elements != s.n_out) return fail("shape");
+    if (!dtype_is_math(bm->info->type)) return fail("dtype");
+    b0 = read_f64(*bb);
+    b_ref = b0;
+    add_bias_delta(m, 1.0, std::span<double>(b_ref), adapter_file);
+    b_merged = read_f64(*bm);
+    b_type = bm->info->type;
+    b_f64 = b_type == dtype::F64 || bb->info->type == dtype::F64;
+  }
+
+  // 3. seeded inputs: N(0, 1) vectors, or one-hot token rows for an embedding
+  std::seed_seq seq{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), static_cast<uint32_t>(index)};
+  std::mt19937_64 rng(seq);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const size_t n = static_cast<size_t>(n_inputs);
+  std::vector<double> x(n * s.n_in, 0.0);
+  if (m.kind == module_kind::embedding) {
+    for (size_t v = 0; v < n; ++v) x[v * s.n_in + rng() % s.n_in] = 1.0;
+  } else {
+    for (double& v : x) v = normal(rng);
+  }
+
+  // 4. one pass over the stored rows of W0 and W~, in blocks decoded to double
+  layer_sums acc(n, s.n_out);
+  const size_t rows_per_block = std::max<size_t>(1, (size_t{1} << 16) / std::max<size_t>(s.n_cols, 1));
+  const size_t in_size = static_cast<size_t>(math_dtype_size(b.info->type));
+  const size_t m_size = static_cast<size_t>(math_dtype_size(type));
+  std::vector<double> w0_buf, wm_buf, v_buf;
+  for (size_t rb = 0; rb < s.n_rows; rb += rows_per_block) {
+    const size_t re = std::min(s.n_rows, rb + rows_per_block), count = (re - rb) * s.n_cols;
+    w0_buf.resize(count);
+    wm_buf.resize(count);
+    to_f64(b.info->type, b.data().subspan(rb * s.n_cols * in_size, count * in_size), w0_buf);
+    to_f64(type, mt->data().subspan(rb * s.n_cols * m_size, count * m_size), wm_buf);
+    accumulate_rows(f, s, 1.0, rb, re, w0_buf.data(), wm_buf.data(), t_bound, x.data(), n, acc, v_buf);
+  }
+  const std::vector<double> y_ref = unmerged_from(f, s, 1.0, x.data(), n, acc);
+
+  // 5. y~ = W~ x against y_ref, element by element
+  double big = 0;
+  for (size_t v = 0; v < n; ++v) {
+    const double* xv = x.data() + v * s.n_in;
+    // P_o = sum_j |W0(o, j) x_j| + (T_o sum_j |x_j|, or sum_j T_j |x_j| when transposed)
+    double sum_x = 0, sum_tx = 0;
+    for (size_t j = 0; j < s.n_in; ++j) {
+      sum_x += std::fabs(xv[j]);
+      if (s.transposed) sum_tx += t_bound[j] * std::fabs(xv[j]);
+    }
+    for (size_t o = 0; o < s.n_out; ++o) {
+      const size_t at = v * s.n_out + o;
+      const double p_o = acc.abs0[at] + (s.transposed ? sum_tx : t_bound[o] * sum_x);
+      const double s_o = acc.absm[at];
+      const double f_o = f.dora ? std::fabs(f.magnitude[o]) / std::sqrt(acc.v_sq[o]) : 1.0;
+      double ym = acc.ym[at], yr = y_ref[at];
+      double tol = 2 * u * s_o + 2 * eta * sum_x + c_acc * f_o * p_o + c_eval * (s_o + f_o * p_o);
+      if (f.dora) tol += (c_acc * std::sqrt(acc.bound_sq[o] / acc.v_sq[o]) + uc) * s_o;
+      if (m.bias) {
+        ym += b_merged[o];
+        yr += b_ref[o];
+        const double ub = b_f64 ? 0x1p-53 : 0x1p-24;
+        tol += 2 * unit_roundoff(b_type) * std::fabs(b_merged[o]) + 2 * half_min_spacing(b_type) +
+               (2 * ub + 0x1p-52) * (std::fabs(b0[o]) + std::fabs(b_ref[o] - b0[o]));
+      }
+      const double diff = std::fabs(ym - yr);
+      const double ratio = std::isnan(diff) ? INFINITY : diff == 0 ? 0.0 : diff / tol;
+      big = std::max(big, std::fabs(yr));
+      if (ratio > 1) ++c.n_bad;
+      if (std::isnan(diff) || diff > c.max_abs) c.max_abs = std::isnan(diff) ? INFINITY : diff;
+      if (ratio > c.ratio || std::isnan(diff)) {
+        c.ratio = ratio;
+        c.tolerance = tol;
+      }
+    }
+  }
+  c.max_rel = big > 0 ? c.max_abs / big : c.max_abs;
+  c.ok = c.n_bad == 0;
+  return c;
+}
+
 }  // namespace
+
+std::vector<double> unmerged_layer_output(const delta_factors_f64& f, std::span<const double> w0,
+                                          std::span<const double> x, double weight) {
+  const layer_shape s = shape_of(f);
+  if (w0.size() != s.n_rows * s.n_cols || s.n_in == 0 || x.size() % s.n_in != 0)
+    throw errors::invalid("", f.target, fmt::format("{} input values and a W0 of {} do not fit a [{}, {}] weight",
+                                                    x.size(), w0.size(), s.n_rows, s.n_cols));
+  const size_t n = x.size() / s.n_in;
+  layer_sums acc(n, s.n_out);
+  std::vector<double> v_buf;
+  accumulate_rows(f, s, weight, 0, s.n_rows, w0.data(), nullptr, {}, x.data(), n, acc, v_buf);
+  return unmerged_from(f, s, weight, x.data(), n, acc);
+}
 
 verify_report verify_merge(const verify_options& o) {
   verify_report r;
+  if (o.n_inputs < 1) throw errors::usage("the layer check needs at least one input vector");
   // 1. inputs; the adapter must fit the base
   model_files base = open_model(o.base);
   model_files merged = open_model(o.merged);
@@ -149,7 +434,13 @@ verify_report verify_merge(const verify_options& o) {
   for (const std::string& name : merged.tensor_names)
     if (!base.find(name)) r.tensors.push_back({name, "extra", 0, 0, INFINITY, 1, false});
 
-  // 3. model level, for a supported architecture
+  // 3. layer level: every adapted module on seeded inputs, one module per job
+  r.layers.resize(a.modules.size());
+  parallel_for(a.modules.size(), o.threads, [&](size_t i) {
+    r.layers[i] = check_layer(a.modules[i], i, a.weights_path, base, merged, o.seed, o.n_inputs);
+  });
+
+  // 4. model level, for a supported architecture
   std::optional<std::string> mt;
   if (!base.config_path.empty()) mt = parse_model_type(read_text_file(base.config_path), base.config_path);
   if (!mt || !is_supported_architecture(*mt) || merged.config_path.empty()) {
@@ -181,10 +472,12 @@ verify_report verify_merge(const verify_options& o) {
     mc.ok = mc.max_rel <= mc.tolerance;
   }
 
-  // 4. verdict
+  // 5. verdict
   std::stable_sort(r.tensors.begin(), r.tensors.end(), [](const auto& p, const auto& q) { return p.ratio > q.ratio; });
+  std::stable_sort(r.layers.begin(), r.layers.end(), [](const auto& p, const auto& q) { return p.ratio > q.ratio; });
   for (const auto& c : r.tensors) r.n_failed += !c.ok;
-  r.equivalent = r.n_failed == 0 && r.model.ok;
+  for (const auto& c : r.layers) r.n_layers_failed += !c.ok;
+  r.equivalent = r.n_failed == 0 && r.n_layers_failed == 0 && r.model.ok;
   return r;
 }
 

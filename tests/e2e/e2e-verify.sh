@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # lora verify on `lora merge` output for every merge case, and on merged models
-# broken on purpose: one tensor left unmerged, one element changed.
+# broken on purpose: one tensor left unmerged, one element changed. The layer
+# level (every adapted module on seeded inputs) passes on good merges and
+# names the module on broken ones.
 LORA=$1
 SRC=$2
 . "$SRC/tests/e2e/lib.sh"
@@ -17,14 +19,29 @@ for case in "tiny-llama lora-tiny-llama" "tiny-llama lora-tiny-llama-dora" "tiny
   expect_exit 0 "$LORA" verify --base "$TD/$1" --adapter "$TD/$2" --merged "$out" --json --threads 1
   expect_json 'j["equivalent"]' true
   expect_json 'j["model"]["ok"]' true
+  expect_json 'j["layers_failed"]' 0
+  expect_json 'len(j["layers"]) == j["layers_checked"] > 0 and all(l["ok"] and l["ratio"] < 1 for l in j["layers"])' true
 done
+# conv (kohya on a UNet, no forward pass): the layer level still runs
+expect_exit 0 "$LORA" merge --base "$TD/tiny-unet" --adapter "$TD/lora-tiny-unet-kohya.safetensors" --out "$E2E_TMP/unet" --dtype bf16 --quiet
+expect_exit 0 "$LORA" verify --base "$TD/tiny-unet" --adapter "$TD/lora-tiny-unet-kohya.safetensors" --merged "$E2E_TMP/unet" --json
+expect_json 'sorted(l["kind"] for l in j["layers"] if l["ok"])' '["conv","conv","linear","linear"]'
+expect_json '"skipped" in j["model"]' true
 expect_exit 0 "$LORA" merge --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --out "$E2E_TMP/f32" --dtype f32 --quiet
 expect_exit 0 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$E2E_TMP/f32"
 expect_stdout_contains "equivalent: 21 tensors checked, 0 failed"
+expect_stdout_contains "layers: 14 adapted modules checked on 4 seeded inputs (seed 1234), 0 failed"
+expect_stdout_contains "  ok   model.layers."
+# another seed: other inputs, same verdict
+expect_exit 0 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$E2E_TMP/f32" --seed 77 --json
+expect_json 'j["layer_seed"]' 77
+expect_json 'j["layers_failed"]' 0
+expect_exit 2 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$E2E_TMP/f32" --seed x
 
 # the base itself is not the merge
 expect_exit 1 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$TD/tiny-llama"
 expect_stdout_contains "NOT equivalent"
+expect_stdout_contains "layers: 14 adapted modules checked on 4 seeded inputs (seed 1234), 14 failed"
 
 # broken copies of the f32 merge: one tensor unmerged, one element changed
 "$PY" - "$E2E_TMP" "$TD" "$SRC" <<'PY'
@@ -45,9 +62,15 @@ PY
 expect_exit 1 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$E2E_TMP/unmerged" --json
 expect_json 'j["failed"]' '["model.layers.1.self_attn.v_proj.weight"]'
 expect_json 'j["model"]["ok"]' false
+expect_json 'j["layers_failed"]' 1
+expect_json '[l["name"] for l in j["layers"] if not l["ok"]]' '["model.layers.1.self_attn.v_proj"]'
+expect_json 'j["layers"][0]["ratio"] > 1' true
 expect_exit 1 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$E2E_TMP/one-element"
 expect_stdout_contains "FAIL model.layers.0.mlp.up_proj.weight (merged)"
 expect_stdout_contains "1 elements over"
+expect_stdout_contains "FAIL model.layers.0.mlp.up_proj (linear)"
+expect_exit 1 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$E2E_TMP/one-element" --json
+expect_json '[l["name"] for l in j["layers"] if not l["ok"]]' '["model.layers.0.mlp.up_proj"]'
 
 # refusals
 expect_exit 3 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama-mismatch" --merged "$E2E_TMP/f32"
