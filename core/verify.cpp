@@ -443,8 +443,14 @@ verify_report verify_merge(const verify_options& o) {
   // 4. model level, for a supported architecture
   std::optional<std::string> mt;
   if (!base.config_path.empty()) mt = parse_model_type(read_text_file(base.config_path), base.config_path);
+  // (a merged model with missing or misshapen tensors has already failed
+  // above, and cannot be run)
+  const auto unrunnable = std::find_if(r.tensors.begin(), r.tensors.end(),
+                                       [](const tensor_check& c) { return c.kind == "missing" || c.kind == "shape"; });
   if (!mt || !is_supported_architecture(*mt) || merged.config_path.empty()) {
     r.model.skipped = mt ? fmt::format("model_type {} has no forward pass", *mt) : "no config.json";
+  } else if (unrunnable != r.tensors.end()) {
+    r.model.skipped = fmt::format("the merged model cannot run: {} is {}", unrunnable->name, unrunnable->kind);
   } else {
     const hf_config cb = read_hf_config(base.config_path), cm = read_hf_config(merged.config_path);
     std::vector<int64_t> tokens = o.tokens;

@@ -52,7 +52,8 @@ tmp, td = sys.argv[1], sys.argv[2]
 m = {k: v.numpy().copy() for k, v in read_safetensors(tmp + "/f32/model.safetensors").items()}
 b = read_safetensors(td + "/tiny-llama/model.safetensors")
 for name, edit in (("unmerged", lambda w: w.__setitem__("model.layers.1.self_attn.v_proj.weight", b["model.layers.1.self_attn.v_proj.weight"].numpy())),
-                   ("one-element", lambda w: w["model.layers.0.mlp.up_proj.weight"].__setitem__((5, 7), w["model.layers.0.mlp.up_proj.weight"][5, 7] + 1e-3))):
+                   ("one-element", lambda w: w["model.layers.0.mlp.up_proj.weight"].__setitem__((5, 7), w["model.layers.0.mlp.up_proj.weight"][5, 7] + 1e-3)),
+                   ("dropped", lambda w: w.pop("model.layers.1.self_attn.v_proj.weight"))):
     w = {k: v.copy() for k, v in m.items()}
     edit(w)
     os.makedirs(tmp + "/" + name)
@@ -71,6 +72,13 @@ expect_stdout_contains "1 elements over"
 expect_stdout_contains "FAIL model.layers.0.mlp.up_proj (linear)"
 expect_exit 1 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$E2E_TMP/one-element" --json
 expect_json '[l["name"] for l in j["layers"] if not l["ok"]]' '["model.layers.0.mlp.up_proj"]'
+
+# a merged model missing a tensor is not equivalent (exit 1, not a crash of
+# the model-level forward): the tensor and its layer are "missing"
+expect_exit 1 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --merged "$E2E_TMP/dropped" --json
+expect_json 'j["failed"]' '["model.layers.1.self_attn.v_proj.weight"]'
+expect_json '[l["kind"] for l in j["layers"] if not l["ok"]]' '["missing"]'
+expect_json 'j["model"]["skipped"]' 'the merged model cannot run: model.layers.1.self_attn.v_proj.weight is missing'
 
 # refusals
 expect_exit 3 "$LORA" verify --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama-mismatch" --merged "$E2E_TMP/f32"
