@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/out-dtype.h"
 #include "cli/progress.h"
 #include "cli/rank-report.h"
 #include "core/extract.h"
@@ -38,14 +39,6 @@ struct extract_cli_options {
   int threads = 0;
   uint64_t seed = 0;
 };
-
-std::optional<dtype> parse_out_dtype(const std::string& s) {
-  if (s == "same") return std::nullopt;
-  if (s == "bf16") return dtype::BF16;
-  if (s == "f16") return dtype::F16;
-  if (s == "f32") return dtype::F32;
-  throw errors::usage(fmt::format("--dtype {} is not one of same, bf16, f16, f32", s));
-}
 
 nlohmann::ordered_json report_json(const extract_report& r, const extract_options& opts) {
   nlohmann::ordered_json j;

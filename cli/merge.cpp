@@ -15,6 +15,7 @@
 #include <fmt/ranges.h>
 
 #include "cli/commands.h"
+#include "cli/out-dtype.h"
 #include "cli/progress.h"
 #include "core/merge.h"
 #include "formats/error.h"
@@ -36,14 +37,6 @@ struct merge_cli_options {
   bool quiet = false;
   bool allow_nonfinite = false;
 };
-
-std::optional<dtype> parse_out_dtype(const std::string& s) {
-  if (s == "same") return std::nullopt;
-  if (s == "bf16") return dtype::BF16;
-  if (s == "f16") return dtype::F16;
-  if (s == "f32") return dtype::F32;
-  throw errors::usage(fmt::format("--dtype {} is not one of same, bf16, f16, f32", s));
-}
 
 int run_merge(const merge_cli_options& o) {
   // one weight per adapter, or none (all 1)
