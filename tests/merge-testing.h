@@ -17,23 +17,9 @@
 
 #include "core/dtype.h"
 #include "formats/safetensors.h"
+#include "tests/test-support.h"
 
 namespace lora::testing {
-
-// A folder under $TMPDIR removed (with everything in it) on destruction.
-struct temp_dir {
-  std::string path;
-  temp_dir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "lora-merge-test-XXXXXX").string();
-    if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path = tmpl;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
 
 // A tensor to write: values are rounded once (from double) to `type`.
 struct test_tensor {

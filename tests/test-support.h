@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 #include "formats/error.h"
@@ -25,11 +26,13 @@ struct temp_dir {
     path = tmpl;
   }
   ~temp_dir() {
+    if (path.empty()) return;
     std::error_code ec;
     std::filesystem::remove_all(path, ec);
   }
   temp_dir(const temp_dir&) = delete;
   temp_dir& operator=(const temp_dir&) = delete;
+  temp_dir(temp_dir&& other) noexcept : path(std::move(other.path)) { other.path.clear(); }
   std::string operator/(const std::string& name) const { return path + "/" + name; }
   // every entry's name, sorted (to see that nothing is left behind)
   std::vector<std::string> entries() const {
