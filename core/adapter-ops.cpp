@@ -195,8 +195,12 @@ std::vector<std::string> sorted_names(const std::vector<module_data>& modules) {
 // math
 
 double recompressed::relative_error() const noexcept {
+  // sqrt(sum_{i>=k} s_i^2) / ||s B A||: summed from the dropped values, not
+  // as total - kept, which cancels to ~sqrt(eps) when nothing is dropped
   if (total_energy <= 0) return 0.0;
-  return std::sqrt(std::max(0.0, total_energy - kept_energy) / total_energy);
+  double dropped = 0;
+  for (size_t i = static_cast<size_t>(rank); i < s.size(); ++i) dropped += s[i] * s[i];
+  return std::sqrt(dropped / total_energy);
 }
 
 recompressed recompress(std::span<const double> b, std::span<const double> a, int64_t m, int64_t n, int64_t r,
@@ -500,10 +504,15 @@ combine_report combine_adapters(const combine_options& o) {
     const adapter& fa = ins[parts.front().adapter];
     for (const part& p : parts) {
       const lora_module& m = *p.module;
-      auto tail = [](const std::vector<int64_t>& s) { return std::vector<int64_t>(s.begin() + 1, s.end()); };
-      const bool same = m.kind == first.kind && m.fan_in_fan_out == first.fan_in_fan_out &&
-                        tail(m.a.info->shape) == tail(first.a.info->shape) &&
-                        m.b.info->shape.size() == first.b.info->shape.size() && m.b.info->shape[0] == first.b.info->shape[0];
+      // A's columns: linear / embedding compare in (a fitted kohya 1x1 conv
+      // on a Linear is [r, in, 1, 1]), conv compares [in, kh, kw]
+      auto tail = [](const lora_module& lm) {
+        const std::vector<int64_t>& s = lm.a.info->shape;
+        if (lm.kind != module_kind::conv) return std::vector<int64_t>{n_elements(s) / lm.rank};
+        return std::vector<int64_t>(s.begin() + 1, s.end());
+      };
+      const bool same = m.kind == first.kind && m.fan_in_fan_out == first.fan_in_fan_out && tail(m) == tail(first) &&
+                        m.b.info->shape[0] == first.b.info->shape[0];
       if (!same)
         throw errors::invalid(ins[p.adapter].weights_path, m.a.info->name,
                               fmt::format("module {} cannot be combined: {} {} with B {} here, {} {} with B {} in {}{}", name,
@@ -585,6 +594,7 @@ combine_report combine_adapters(const combine_options& o) {
       line.target_reached = rc.target_reached;
       line.measured_error = measured_error(f, 1.0, md.a, md.b, rc.rank, rc.total_energy);
     }
+    reshape_to_kind(md);  // linear / embedding 2-D, conv 4-D, whatever the first input's form
     line.rank_out = md.rank;
     md.alpha = static_cast<double>(md.rank);
     if (!bias.empty()) md.bias = make_tensor(out_type, {m}, bias);

@@ -39,7 +39,7 @@ struct recompressed {
   bool target_reached = true;  // false when --max-rank (or the input rank) stopped the rule
 
   double energy_fraction() const noexcept { return total_energy > 0 ? kept_energy / total_energy : 1.0; }
-  // ||s B A - B' A'||_F / ||s B A||_F = sqrt(1 - kept / total), before rounding
+  // ||s B A - B' A'||_F / ||s B A||_F = sqrt(sum_{i>=k} s_i^2 / total), before rounding
   double relative_error() const noexcept;
 };
 
