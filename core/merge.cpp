@@ -390,6 +390,24 @@ void run_job(const tensor_job& job, safetensors_writer& writer, bool allow_nonfi
     run_compute<float>(job, writer, allow_nonfinite);
 }
 
+// The jobs with the copies (`copy`) placed at evenly spaced positions among
+// the others, each group keeping its order.
+std::vector<tensor_job> spread_copies(std::vector<tensor_job> jobs) {
+  std::vector<tensor_job> copies, computed, out;
+  for (tensor_job& j : jobs) (j.copy ? copies : computed).push_back(std::move(j));
+  if (copies.empty() || computed.empty()) return copies.empty() ? computed : copies;
+  out.reserve(copies.size() + computed.size());
+  // copy k goes before computed job floor(k * n / n_copies)
+  size_t next = 0;
+  for (size_t k = 0; k < copies.size(); ++k) {
+    const size_t at = k * computed.size() / copies.size();
+    while (next < at) out.push_back(std::move(computed[next++]));
+    out.push_back(std::move(copies[k]));
+  }
+  while (next < computed.size()) out.push_back(std::move(computed[next++]));
+  return out;
+}
+
 // Metadata of an output shard: the base's, `format: pt` when absent
 // (transformers refuses a safetensors file whose metadata lacks it), and
 // provenance under `lora.`.
@@ -611,10 +629,14 @@ merge_report merge_model(const merge_options& options) {
   for (size_t s = 0; s < layouts.size(); ++s)
     writers.push_back(std::make_unique<safetensors_writer>(tmp.path() + "/" + base.shard_names[s], std::move(layouts[s])));
 
-  // tensors in output order, so reads and writes run front to back
+  // tensors in output order, so reads and writes run front to back; the
+  // in-kernel copies spread evenly among the computed tensors, so that two
+  // copies rarely run at once (they would contend for the output file's lock
+  // while the other core has arithmetic to do)
   std::sort(jobs.begin(), jobs.end(), [](const tensor_job& x, const tensor_job& y) {
     return x.shard != y.shard ? x.shard < y.shard : x.out_begin < y.out_begin;
   });
+  jobs = spread_copies(std::move(jobs));
   uint64_t total_bytes = 0;
   for (const tensor_job& job : jobs) total_bytes += job.out_bytes;
   std::mutex progress_mutex;
