@@ -628,6 +628,7 @@ merge_report merge_model(const merge_options& options) {
   std::vector<std::unique_ptr<safetensors_writer>> writers;
   for (size_t s = 0; s < layouts.size(); ++s)
     writers.push_back(std::make_unique<safetensors_writer>(tmp.path() + "/" + base.shard_names[s], std::move(layouts[s])));
+  for (auto& w : writers) w->sync_in_background(uint64_t{64} << 20);
 
   // tensors in output order, so reads and writes run front to back; the
   // in-kernel copies spread evenly among the computed tensors, so that two

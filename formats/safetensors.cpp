@@ -460,6 +460,7 @@ safetensors_writer::safetensors_writer(std::string path, safetensors_layout layo
 }
 
 safetensors_writer::~safetensors_writer() {
+  stop_syncing();
   if (fd_ >= 0) ::close(fd_);
   if (!committed_) ::unlink(tmp_path_.c_str());
 }
@@ -476,6 +477,7 @@ void safetensors_writer::write(std::string_view name, std::span<const uint8_t> b
     throw errors::invalid(path_, t.name, fmt::format("{} bytes given, {} expected", bytes.size(), t.n_bytes()));
   pwrite_all(fd_, bytes.data(), bytes.size(), 8 + layout_.header.size() + t.begin, path_);
   start_writeback(fd_, 8 + layout_.header.size() + t.begin, bytes.size());
+  note_written(bytes.size());
 }
 
 void safetensors_writer::write_part(std::string_view name, uint64_t offset, std::span<const uint8_t> bytes) {
@@ -489,6 +491,7 @@ void safetensors_writer::write_part(std::string_view name, uint64_t offset, std:
   constexpr uint64_t window = uint64_t{8} << 20;
   const uint64_t end = at_byte + bytes.size();
   if (at_byte / window != end / window) start_writeback(fd_, end / window * window - window, window);
+  note_written(bytes.size());
 }
 
 void safetensors_writer::copy_from(std::string_view name, int src_fd, uint64_t src_offset) {
@@ -522,9 +525,49 @@ void safetensors_writer::copy_from(std::string_view name, int src_fd, uint64_t s
     left -= static_cast<uint64_t>(r);
   }
   start_writeback(fd_, 8 + layout_.header.size() + t.begin, t.n_bytes());
+  note_written(t.n_bytes());
+}
+
+void safetensors_writer::sync_in_background(uint64_t every) {
+  if (syncer_.joinable() || every == 0) return;
+  sync_every_ = every;
+  syncer_ = std::thread([this] {
+    std::unique_lock<std::mutex> lock(sync_mutex_);
+    for (;;) {
+      sync_wake_.wait(lock, [this] { return sync_stop_ || written_ - synced_ >= sync_every_; });
+      if (sync_stop_) return;
+      const uint64_t mark = written_;
+      lock.unlock();
+      const int rc = ::fdatasync(fd_);
+      const int err = errno;
+      lock.lock();
+      if (rc != 0 && sync_errno_ == 0) sync_errno_ = err;
+      synced_ = mark;
+    }
+  });
+}
+
+void safetensors_writer::note_written(uint64_t n) {
+  if (!syncer_.joinable()) return;
+  std::lock_guard<std::mutex> lock(sync_mutex_);
+  written_ += n;
+  if (written_ - synced_ >= sync_every_) sync_wake_.notify_one();
+}
+
+void safetensors_writer::stop_syncing() noexcept {
+  if (!syncer_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> lock(sync_mutex_);
+    sync_stop_ = true;
+  }
+  sync_wake_.notify_one();
+  syncer_.join();
 }
 
 void safetensors_writer::commit() {
+  stop_syncing();
+  // a background sync that failed consumed the error: fsync would not see it
+  if (sync_errno_ != 0) throw errors::io(path_, "fsync failed", sync_errno_);
   sync_and_rename(fd_, tmp_path_, path_);
   committed_ = true;
   ::close(fd_);

@@ -2,13 +2,16 @@
 // streaming writer whose bytes match the reference implementation's.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -133,16 +136,31 @@ class safetensors_writer {
   void write_part(std::string_view name, uint64_t offset, std::span<const uint8_t> bytes);
   // Copies a tensor's bytes in-kernel from `src_fd` at `src_offset`.
   void copy_from(std::string_view name, int src_fd, uint64_t src_offset);
+  // Persists the data in the background while writing goes on: a thread
+  // fdatasyncs the file each time `every` more bytes have been written, so
+  // commit()'s fsync finds little left (on a virtual disk the final flush of
+  // a large file otherwise costs about as much as writing it). A failed sync
+  // is kept and thrown by commit().
+  void sync_in_background(uint64_t every);
   // fsync + rename onto path. Throws exit 4 on failure.
   void commit();
 
  private:
   const tensor_info& at(std::string_view name) const;
+  void note_written(uint64_t n);
+  void stop_syncing() noexcept;
   std::string path_;
   std::string tmp_path_;
   safetensors_layout layout_;
   int fd_ = -1;
   bool committed_ = false;
+  // background sync (sync_in_background); the counters are guarded by sync_mutex_
+  std::thread syncer_;
+  std::mutex sync_mutex_;
+  std::condition_variable sync_wake_;
+  uint64_t sync_every_ = 0, written_ = 0, synced_ = 0;
+  bool sync_stop_ = false;
+  int sync_errno_ = 0;
 };
 
 // Writes `bytes` to `path` atomically (temp file beside it, fsync, rename).

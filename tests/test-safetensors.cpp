@@ -727,6 +727,37 @@ TEST_CASE("streaming writer: parallel writers of distinct tensors") {
   CHECK(read_bytes(out) == want);
 }
 
+TEST_CASE("streaming writer: background sync while parallel writers write parts") {
+  temp_dir dir;
+  std::vector<tensor_spec> specs;
+  for (int i = 0; i < 8; ++i) specs.push_back({name_of(i), dtype::F32, {40000 + i}});
+  bytes_t want = make_file(specs, std::nullopt);
+  auto h = parse_safetensors_header(want, want.size(), "want");
+  const std::string out = dir / "synced.safetensors";
+  safetensors_writer w(out, plan_safetensors(specs, std::nullopt));
+  w.sync_in_background(64 << 10);  // a sync every 64 KiB: many while the threads write
+  std::vector<std::thread> threads;
+  for (int k = 0; k < 2; ++k)
+    threads.emplace_back([&, k] {
+      for (size_t i = static_cast<size_t>(k); i < h.tensors.size(); i += 2) {
+        const auto& t = h.tensors[i];
+        const auto bytes = std::span<const uint8_t>(want).subspan(h.data_start() + t.begin, t.n_bytes());
+        for (uint64_t at = 0; at < t.n_bytes(); at += 4096)
+          w.write_part(t.name, at, bytes.subspan(at, std::min<uint64_t>(4096, t.n_bytes() - at)));
+      }
+    });
+  for (auto& t : threads) t.join();
+  w.commit();
+  CHECK(read_bytes(out) == want);
+  // dropped while syncing in the background: the thread stops, nothing is left
+  {
+    safetensors_writer d(dir / "dropped.safetensors", plan_safetensors(specs, std::nullopt));
+    d.sync_in_background(1);
+    d.write(h.tensors[0].name, std::span<const uint8_t>(want).subspan(h.data_start(), h.tensors[0].n_bytes()));
+  }
+  CHECK(dir.entries() == std::vector<std::string>{"synced.safetensors"});
+}
+
 TEST_CASE("streaming writer: an uncommitted writer leaves nothing behind") {
   temp_dir dir;
   const std::string out = dir / "gone.safetensors";
