@@ -31,17 +31,23 @@ int run_resize(const resize_cli_options& o) {
   opts.rule = *rule;
   opts.force = o.force;
   const resize_report r = resize_adapter(opts);
+  size_t kept = 0;  // modules at their rank already: factors and scale as they were
+  for (const module_rank_report& m : r.modules) kept += m.rank_out == m.rank_in;
   if (o.json) {
     nlohmann::ordered_json j;
     j["out"] = r.out;
     j["format"] = std::string(adapter_format_name(r.format));
-    j["scale"] = 1.0;
+    j["scale"] = 1.0;  // of the re-ranked modules
+    j["kept_unchanged"] = kept;
     j["modules"] = rank_report_json(r.modules);
     fmt::print("{}\n", j.dump(2));
     return 0;
   }
   print_rank_table(r.modules);
-  fmt::print("wrote {} adapter {} (alpha = rank: scale 1)\n", adapter_format_name(r.format), r.out);
+  fmt::print("wrote {} adapter {} (alpha = rank: scale 1{})\n", adapter_format_name(r.format), r.out,
+             kept == 0 ? std::string()
+                       : fmt::format("; {} of {} modules were already at that rank and are kept unchanged", kept,
+                                     r.modules.size()));
   return 0;
 }
 

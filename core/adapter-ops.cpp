@@ -398,8 +398,6 @@ resize_report resize_adapter(const resize_options& o) {
     const factors f = read_factors(md.a, md.b, md.rank);
     recompressed rc = recompress(f.b, f.a, f.m, f.n, f.r, scale, o.rule);
     const int64_t k = rc.rank;
-    tensor_data a_new = make_tensor(md.a.type, a_shape(md.a.shape, k), rc.a);
-    tensor_data b_new = make_tensor(md.b.type, b_shape(md.b.shape, k), rc.b);
 
     module_rank_report& line = report.modules[i];
     line.name = md.name;
@@ -407,8 +405,20 @@ resize_report resize_adapter(const resize_options& o) {
     line.rank_out = k;
     line.energy_kept = rc.energy_fraction();
     line.relative_error = rc.relative_error();
-    line.measured_error = measured_error(f, scale, a_new, b_new, k, rc.total_energy);
     line.target_reached = rc.target_reached;
+    if (k == md.rank) {
+      // nothing dropped: the factors stay as they are, bytes and all (new
+      // factors would be rounded again to a 16-bit dtype), and so does the
+      // scale, as alpha = s r (rsLoRA is off in the output)
+      md.alpha = scale * static_cast<double>(k);
+      // the written delta is s' B A, s' = alpha / r: off by |s' - s| / |s| (an ulp at most)
+      const double written = lora_scale(md.alpha, k, false);
+      line.measured_error = scale != 0 ? std::fabs(written - scale) / std::fabs(scale) : 0.0;
+      return;
+    }
+    tensor_data a_new = make_tensor(md.a.type, a_shape(md.a.shape, k), rc.a);
+    tensor_data b_new = make_tensor(md.b.type, b_shape(md.b.shape, k), rc.b);
+    line.measured_error = measured_error(f, scale, a_new, b_new, k, rc.total_energy);
 
     // the scale is now 1: a lora_B bias takes the old scale (bias' = s b)
     if (md.bias && scale != 1.0) {

@@ -126,8 +126,9 @@ def weighted_sum(specs):
             out[p] = (d + float(w) * delta(m), size + abs(float(w)) * magnitude(m), r + m["rank"])
     return out
 
-def check_recompressed(ref, out, report, want_rank, unit_of):
-    """out's modules against the optimal rank-k error of ref[p] = (delta, _, rank_in); report = its --json."""
+def check_recompressed(ref, out, report, want_rank, unit_of, keeps_full=False):
+    """out's modules against the optimal rank-k error of ref[p] = (delta, _, rank_in); report = its --json.
+    keeps_full: a module whose rank does not change keeps its factors and scale (resize)."""
     y, _, _, _ = adapter(out)
     rep = json.load(open(report))
     problems = []
@@ -142,7 +143,7 @@ def check_recompressed(ref, out, report, want_rank, unit_of):
         opt = np.sqrt(np.sum(sv[k:] ** 2))
         nd = np.linalg.norm(d)
         err = np.linalg.norm(d - delta(y[p]))
-        if y[p]["scale"] != 1.0:
+        if y[p]["scale"] != 1.0 and not (keeps_full and k == rank_in):
             problems.append("%s: scale %r, expected 1 (alpha = rank)" % (p, y[p]["scale"]))
         if want_rank and k != min(want_rank, rank_in):
             problems.append("%s: rank %d" % (p, k))
@@ -175,8 +176,12 @@ def check_resize(src, out, report, want_rank):
     for p in set(x) & set(y):
         if (y[p]["a_dt"], y[p]["b_dt"]) != (x[p]["a_dt"], x[p]["b_dt"]):
             problems.append("%s: dtypes changed" % p)
+        # nothing dropped: the same factor bytes, the same scale (to an ulp)
+        if y[p]["rank"] == x[p]["rank"] and (y[p]["a_raw"] != x[p]["a_raw"] or y[p]["b_raw"] != x[p]["b_raw"]
+                                             or abs(y[p]["scale"] - x[p]["scale"]) > 2.0 ** -52 * abs(x[p]["scale"])):
+            problems.append("%s: kept at rank %d but factors or scale changed" % (p, x[p]["rank"]))
     ref = {p: (delta(m), None, m["rank"]) for p, m in x.items()}
-    return problems + check_recompressed(ref, out, report, want_rank, lambda p: unit(x[p]["a_dt"]))
+    return problems + check_recompressed(ref, out, report, want_rank, lambda p: unit(x[p]["a_dt"]), keeps_full=True)
 
 def check_combine_rank(out, report, want_rank, specs):
     return check_recompressed(weighted_sum(specs), out, report, want_rank, lambda p: U32)
@@ -324,6 +329,11 @@ expect_exit 0 "$LORA" resize --adapter "$TD/lora-tiny-llama-patterns" --energy 0
 echo "$OUT" >"$W/pat.json"
 check resize "$TD/lora-tiny-llama-patterns" "$W/pat" "$W/pat.json"
 expect_json 'all(m["energy_kept"] >= 0.8 for m in j["modules"])' true
+# modules already at the rank the rule picks are kept unchanged (counted, and
+# checked byte for byte by `check resize`)
+expect_json 'j["kept_unchanged"] == sum(m["rank_in"] == m["rank_out"] for m in j["modules"]) > 0' true
+expect_exit 0 "$LORA" resize --adapter "$TD/lora-tiny-llama-patterns" --energy 0.9 --out "$W/pat9"
+expect_stdout_contains "(alpha = rank: scale 1; 10 of 14 modules were already at that rank and are kept unchanged)"
 # --max-rank caps the energy rule and says so
 expect_exit 0 "$LORA" resize --adapter "$TD/lora-tiny-llama-patterns" --energy 0.999 --max-rank 2 --out "$W/capped" --json
 expect_json 'max(m["rank_out"] for m in j["modules"])' 2
