@@ -3,10 +3,12 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <bit>
 #include <climits>
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <memory>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -143,6 +145,26 @@ class weights {
     return out;
   }
 
+  // The whole tensor as f32, checked against `shape`, without a copy where
+  // the file already holds aligned F32 (the view then borrows the map).
+  struct f32_view {
+    const float* data = nullptr;
+    std::unique_ptr<float[]> own;  // converted values, when not borrowed
+  };
+  f32_view view(const std::string& name, const std::vector<int64_t>& shape) const {
+    tensor_ref t = require(name, shape);
+    f32_view v;
+    const std::span<const uint8_t> bytes = t.data();
+    if (t.info->type == dtype::F32 && reinterpret_cast<uintptr_t>(bytes.data()) % alignof(float) == 0) {
+      v.data = reinterpret_cast<const float*>(bytes.data());
+      return v;
+    }
+    v.own.reset(new float[t.info->n_elements]);  // no zeroing: every value is written
+    to_f32(t.info->type, bytes, std::span<float>(v.own.get(), t.info->n_elements));
+    v.data = v.own.get();
+    return v;
+  }
+
   tensor_ref require(const std::string& name, const std::vector<int64_t>& shape) const {
     std::optional<tensor_ref> t = find(name);
     if (!t) throw errors::invalid(model_.path, name, "tensor is missing from the model");
@@ -174,9 +196,9 @@ class weights {
 void linear(const weights& w, const std::string& prefix, bool has_bias, const float* x, int64_t n_tokens,
             int64_t n_in, int64_t n_out, float* y) {
   const std::string wname = prefix + ".weight";
-  std::vector<float> wmat = w.load(wname, {n_out, n_in});
+  const weights::f32_view wmat = w.view(wname, {n_out, n_in});
   // base: y = x W0^T
-  gemm_xyt(x, wmat.data(), n_tokens, n_out, n_in, 1.0f, 0.0f, y);
+  gemm_xyt(x, wmat.data, n_tokens, n_out, n_in, 1.0f, 0.0f, y);
 
   if (const lora_module* m = w.module(wname)) {
     if (m->kind != module_kind::linear || m->fan_in_fan_out)
@@ -191,7 +213,7 @@ void linear(const weights& w, const std::string& prefix, bool has_bias, const fl
       gemm_xyt(ax.data(), f.b.data(), n_tokens, n_out, f.rank, static_cast<float>(f.scale), 1.0f, y);
     } else {
       // DoRA: y = (m / ||V||_row) (x W0^T + s (x A^T) B^T), V = W0 + s B A (core/delta)
-      std::vector<float>& v = wmat;
+      std::vector<float> v(wmat.data, wmat.data + n_out * n_in);
       add_delta_rows(f, 1.0, 0, n_out, v.data());
       std::vector<float> gain(static_cast<size_t>(n_out));
       for (int64_t o = 0; o < n_out; ++o) {
@@ -316,8 +338,8 @@ logits_result llama_forward(const model_files& model, const hf_config& c, const 
                                (a && model.find_ref("lm_head.weight") && w.find("lm_head.weight")->info != model.find_ref("lm_head.weight")->info);
   if (c.tie_word_embeddings && !lm_head_adapted) {
     // tied: transformers points lm_head at embed_tokens (whatever the file holds as lm_head.weight)
-    std::vector<float> e = w.load("model.embed_tokens.weight", {c.vocab_size, hid});
-    gemm_xyt(h.data(), e.data(), n_tok, c.vocab_size, hid, 1.0f, 0.0f, r.logits.data());
+    const weights::f32_view e = w.view("model.embed_tokens.weight", {c.vocab_size, hid});
+    gemm_xyt(h.data(), e.data, n_tok, c.vocab_size, hid, 1.0f, 0.0f, r.logits.data());
   } else {
     if (!w.has("lm_head.weight"))
       throw errors::invalid(model.path, "lm_head.weight",
@@ -361,9 +383,9 @@ std::vector<std::pair<int64_t, float>> top_k(const logits_result& r, int64_t pos
 void save_logits(const logits_result& r, const std::string& path) {
   safetensors_layout layout = plan_safetensors({{"logits", dtype::F32, {r.n_tokens, r.n_vocab}}}, std::nullopt);
   safetensors_writer writer(path, std::move(layout));
-  std::vector<uint8_t> bytes(r.logits.size() * sizeof(float));
-  from_f32(dtype::F32, r.logits, bytes);
-  writer.write("logits", bytes);
+  static_assert(std::endian::native == std::endian::little, "safetensors is little-endian");
+  writer.write("logits", std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(r.logits.data()),
+                                                  r.logits.size() * sizeof(float)));
   writer.commit();
 }
 
