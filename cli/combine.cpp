@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "cli/commands.h"
+#include "cli/options.h"
 #include "cli/rank-report.h"
 
 namespace lora::cli {
@@ -17,8 +18,7 @@ namespace lora::cli {
 namespace {
 
 struct combine_cli_options {
-  std::vector<std::string> adapters;
-  std::vector<double> weights;
+  weighted_adapters adapters;
   std::string out;
   rank_cli_options rank;
   std::string format;
@@ -29,12 +29,8 @@ struct combine_cli_options {
 };
 
 int run_combine(const combine_cli_options& o) {
-  if (!o.weights.empty() && o.weights.size() != o.adapters.size())
-    throw errors::usage(fmt::format("{} --weight values for {} --adapter values: give one per adapter, or none",
-                                    o.weights.size(), o.adapters.size()));
   combine_options opts;
-  for (size_t i = 0; i < o.adapters.size(); ++i)
-    opts.adapters.push_back({o.adapters[i], o.weights.empty() ? 1.0 : o.weights[i]});
+  opts.adapters = weighted_inputs<combine_input>(o.adapters);
   opts.out = o.out;
   opts.rule = make_rank_rule(o.rank);
   if (o.format == "peft") opts.format = adapter_format::peft;
@@ -68,13 +64,7 @@ CLI::App* setup_combine(CLI::App& app, runner& run) {
       "combine",
       "Combine adapters into one whose delta is sum_i w_i s_i B_i A_i: exact by default (B = [w1 s1 B1 | w2 s2 B2 ...], "
       "A = [A1; A2; ...], scale 1), recompressed to a rank or energy target without forming B A");
-  sub->add_option("--adapter", o->adapters, "adapter (PEFT folder / file or kohya file); repeat for each")
-      ->required()
-      ->expected(1)
-      ->take_all();
-  sub->add_option("--weight", o->weights, "weight of each --adapter, in the same order (default 1 each)")
-      ->expected(1)
-      ->take_all();
+  add_weighted_adapter_options(sub, o->adapters, "adapter (PEFT folder / file or kohya file); repeat for each");
   sub->add_option("--out", o->out, "output: a PEFT folder or a kohya .safetensors file")->required();
   add_rank_options(sub, o->rank);
   sub->add_option("--format", o->format, "output format (default: the first adapter's)")

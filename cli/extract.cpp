@@ -13,7 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
-#include "cli/out-dtype.h"
+#include "cli/options.h"
 #include "cli/progress.h"
 #include "cli/rank-report.h"
 #include "core/extract.h"

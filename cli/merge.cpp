@@ -15,7 +15,7 @@
 #include <fmt/ranges.h>
 
 #include "cli/commands.h"
-#include "cli/out-dtype.h"
+#include "cli/options.h"
 #include "cli/progress.h"
 #include "core/merge.h"
 #include "formats/error.h"
@@ -26,8 +26,7 @@ namespace {
 
 struct merge_cli_options {
   std::string base;
-  std::vector<std::string> adapters;
-  std::vector<double> weights;
+  weighted_adapters adapters;
   std::string out;
   std::string dtype = "same";
   double scale = 1.0;
@@ -39,14 +38,9 @@ struct merge_cli_options {
 };
 
 int run_merge(const merge_cli_options& o) {
-  // one weight per adapter, or none (all 1)
-  if (!o.weights.empty() && o.weights.size() != o.adapters.size())
-    throw errors::usage(fmt::format("{} --weight values for {} --adapter values: give one per adapter, or none",
-                                    o.weights.size(), o.adapters.size()));
   merge_options opts;
   opts.base = o.base;
-  for (size_t i = 0; i < o.adapters.size(); ++i)
-    opts.adapters.push_back({o.adapters[i], o.weights.empty() ? 1.0 : o.weights[i]});
+  opts.adapters = weighted_inputs<merge_input>(o.adapters);
   opts.out = o.out;
   opts.out_type = parse_out_dtype(o.dtype);
   opts.scale = o.scale;
@@ -93,15 +87,9 @@ CLI::App* setup_merge(CLI::App& app, runner& run) {
                   "base model: a Hugging Face folder, or a bare .safetensors file (--out is then still a folder, "
                   "holding that file name and config.json when one sits beside it)")
       ->required();
-  sub->add_option("--adapter", o->adapters,
-                  "adapter: PEFT folder, PEFT .safetensors (config beside it) or kohya .safetensors; repeat for "
-                  "several (their deltas are summed, in order)")
-      ->required()
-      ->expected(1)
-      ->take_all();
-  sub->add_option("--weight", o->weights, "weight of each --adapter, in the same order (default 1 each)")
-      ->expected(1)
-      ->take_all();
+  add_weighted_adapter_options(sub, o->adapters,
+                               "adapter: PEFT folder, PEFT .safetensors (config beside it) or kohya .safetensors; "
+                               "repeat for several (their deltas are summed, in order)");
   sub->add_option("--out", o->out,
                   "output folder; written beside it as <out>.tmp-XXXXXX and renamed when complete")
       ->required();
