@@ -25,6 +25,7 @@
 #include "core/extract.h"
 #include "formats/error.h"
 #include "formats/safetensors.h"
+#include "tests/svd-testing.h"
 #include "tests/test-support.h"
 
 using namespace lora;
@@ -72,15 +73,6 @@ mat stored(const mat& v, dtype type) {
   std::vector<double> out(in.size());
   to_f64(type, bytes, out);
   return Eigen::Map<mat>(out.data(), v.rows(), v.cols());
-}
-
-mat orthonormal(int64_t rows, int64_t cols, std::mt19937_64& rng) {
-  std::normal_distribution<double> normal;
-  Eigen::MatrixXd g(rows, cols);
-  for (int64_t j = 0; j < cols; ++j)
-    for (int64_t i = 0; i < rows; ++i) g(i, j) = normal(rng);
-  Eigen::HouseholderQR<Eigen::MatrixXd> qr(g);
-  return qr.householderQ() * Eigen::MatrixXd::Identity(rows, cols);
 }
 
 mat gaussian(int64_t rows, int64_t cols, double sd, std::mt19937_64& rng) {

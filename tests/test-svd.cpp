@@ -11,22 +11,13 @@
 #include <vector>
 
 #include "core/svd.h"
+#include "tests/svd-testing.h"
 
 using namespace lora;
+using lora::testing::orthonormal;
 using mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 namespace {
-
-// Orthonormal columns [rows, cols] from the QR of a seeded Gaussian.
-mat random_orthonormal(int64_t rows, int64_t cols, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> normal;
-  Eigen::MatrixXd g(rows, cols);
-  for (int64_t j = 0; j < cols; ++j)
-    for (int64_t i = 0; i < rows; ++i) g(i, j) = normal(rng);
-  Eigen::HouseholderQR<Eigen::MatrixXd> qr(g);
-  return qr.householderQ() * Eigen::MatrixXd::Identity(rows, cols);
-}
 
 // A = U diag(s) V^T (+ noise * Gaussian), rounded to f32: the matrix under
 // test is the f32 one, so the reference SVD runs on its exact f64 widening.
@@ -38,8 +29,9 @@ struct test_matrix {
 
 test_matrix make_matrix(int64_t m, int64_t n, const std::vector<double>& s, double noise, uint64_t seed) {
   const int64_t k = static_cast<int64_t>(s.size());
-  mat u = random_orthonormal(m, k, seed);
-  mat v = random_orthonormal(n, k, seed + 1);
+  std::mt19937_64 rng_u(seed), rng_v(seed + 1);
+  mat u = orthonormal(m, k, rng_u);
+  mat v = orthonormal(n, k, rng_v);
   mat a = u * Eigen::VectorXd(Eigen::Map<const Eigen::VectorXd>(s.data(), k)).asDiagonal() * v.transpose();
   if (noise > 0) {
     std::mt19937_64 rng(seed + 2);

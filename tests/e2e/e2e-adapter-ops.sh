@@ -25,13 +25,6 @@ MLX=$SRC/../shared/fixtures/mlx_examples_minicpm_adapter
 W=$E2E_TMP/work
 mkdir -p "$W"
 
-# Nothing named NAME or NAME.tmp-* in $W.
-expect_nothing_left() {
-  local left
-  left=$(cd "$W" && ls -d "$1" "$1".tmp-* 2>/dev/null)
-  if [ -z "$left" ]; then pass; else fail "left behind after failure: $left"; fi
-}
-
 # expect_refusal CODE TEXT OUTNAME CMD...: exit code, one-line message holding
 # TEXT, nothing named OUTNAME left in $W.
 expect_refusal() {

@@ -16,13 +16,6 @@ TD=$SRC/testdata
 W=$E2E_TMP/work
 mkdir -p "$W"
 
-# Nothing named NAME or NAME.tmp-* in $W.
-expect_nothing_left() {
-  local left
-  left=$(cd "$W" && ls -d "$1" "$1".tmp-* 2>/dev/null)
-  if [ -z "$left" ]; then pass; else fail "left behind after failure: $left"; fi
-}
-
 # Independent check of a merged PEFT-adapter model (numpy, float64):
 # merged tensors within one unit in the last place of W0 + sum_k w_k s_k B_k A_k
 # (F32: within 1e-6 relative to |W0| + sum |terms|)

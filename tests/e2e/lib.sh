@@ -83,6 +83,14 @@ expect_eq() {
   if [ "$2" = "$3" ]; then pass; else fail "$1: got $2, expected $3"; fi
 }
 
+# expect_nothing_left NAME: nothing named NAME or NAME.tmp-* in the folder $W
+# (an output and its temp files after a failed command).
+expect_nothing_left() {
+  local left
+  left=$(cd "$W" && ls -d "$1" "$1".tmp-* 2>/dev/null)
+  if [ -z "$left" ]; then pass; else fail "left behind after failure: $left"; fi
+}
+
 finish() {
   echo "$PASSED passed, $FAILED failed"
   [ "$FAILED" = 0 ]
