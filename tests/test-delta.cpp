@@ -173,6 +173,23 @@ TEST_CASE("conv: dW[o,i,h,w] = s sum_r B[o,r] A[r,i,h,w], 1x1 and 3x3") {
   check_layout(layout::conv, 5, 3, 2, dtype::BF16, 3, 1);
 }
 
+namespace {
+
+// DoRA results against the double reference `want`: the f32 path within
+// 1e-5 and the f64 path within 1e-13 of the largest |want|.
+void check_dora_result(const std::vector<float>& w, const std::vector<double>& wd, const std::vector<double>& want) {
+  double worst32 = 0, worst64 = 0, scale = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    scale = std::max(scale, std::fabs(want[i]));
+    worst32 = std::max(worst32, std::fabs(w[i] - want[i]));
+    worst64 = std::max(worst64, std::fabs(wd[i] - want[i]));
+  }
+  CHECK(worst32 < 1e-5 * scale);
+  CHECK(worst64 < 1e-13 * scale);
+}
+
+}  // namespace
+
 TEST_CASE("DoRA per row (linear, conv): W = m / ||V_row|| V, V = W0 + s B A") {
   for (layout kind : {layout::linear, layout::conv}) {
     const int64_t out = 19, in = 23, r = 4, kh = kind == layout::conv ? 3 : 1;
@@ -196,14 +213,7 @@ TEST_CASE("DoRA per row (linear, conv): W = m / ||V_row|| V, V = W0 + s B A") {
     delta_factors_f64 f64 = load_delta_factors_f64(fx.module, fx.target_shape, "m");
     std::vector<double> wd = fx.w0;
     apply_module_rows(f64, weight, 0, out, wd.data());
-    double worst32 = 0, worst64 = 0, scale = 0;
-    for (size_t i = 0; i < want.size(); ++i) {
-      scale = std::max(scale, std::fabs(want[i]));
-      worst32 = std::max(worst32, std::fabs(w[i] - want[i]));
-      worst64 = std::max(worst64, std::fabs(wd[i] - want[i]));
-    }
-    CHECK(worst32 < 1e-5 * scale);
-    CHECK(worst64 < 1e-13 * scale);
+    check_dora_result(w, wd, want);
     // the magnitude really rescales: row norms equal m
     for (size_t o = 0; o < static_cast<size_t>(out); ++o) {
       double sq = 0;
@@ -235,14 +245,7 @@ TEST_CASE("DoRA per column (fan_in_fan_out, embedding): norm per output feature 
     delta_factors_f64 f64 = load_delta_factors_f64(fx.module, fx.target_shape, "m");
     std::vector<double> wd = fx.w0;
     apply_module_rows(f64, weight, 0, in, wd.data());
-    double worst32 = 0, worst64 = 0, scale = 0;
-    for (size_t i = 0; i < want.size(); ++i) {
-      scale = std::max(scale, std::fabs(want[i]));
-      worst32 = std::max(worst32, std::fabs(w[i] - want[i]));
-      worst64 = std::max(worst64, std::fabs(wd[i] - want[i]));
-    }
-    CHECK(worst32 < 1e-5 * scale);
-    CHECK(worst64 < 1e-13 * scale);
+    check_dora_result(w, wd, want);
   }
 }
 
