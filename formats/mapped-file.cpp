@@ -63,21 +63,16 @@ void mapped_file::reset() noexcept {
   size_ = 0;
 }
 
-namespace {
-// Rounds [offset, offset+length) inward/outward to whole pages for madvise.
-void advise(const uint8_t* base, uint64_t size, uint64_t offset, uint64_t length, int advice,
-            bool inward) noexcept {
-  if (base == nullptr || offset >= size) return;
-  if (length > size - offset) length = size - offset;
+void mapped_file::release(uint64_t offset, uint64_t length) const noexcept {
+  // Only whole pages inside the range: a neighbour tensor may share an edge page.
+  if (data_ == nullptr || offset >= size_) return;
+  if (length > size_ - offset) length = size_ - offset;
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-  uint64_t begin = inward ? (offset + page - 1) / page * page : offset / page * page;
-  uint64_t end = inward ? (offset + length) / page * page
-                        : (offset + length + page - 1) / page * page;
-  if (end > (size + page - 1) / page * page) end = (size + page - 1) / page * page;
+  const uint64_t begin = (offset + page - 1) / page * page;
+  const uint64_t end = (offset + length) / page * page;
   if (end <= begin) return;
-  ::madvise(const_cast<uint8_t*>(base) + begin, end - begin, advice);
+  ::madvise(const_cast<uint8_t*>(data_) + begin, end - begin, MADV_DONTNEED);
 }
-}  // namespace
 
 void mapped_file::read(uint64_t offset, std::span<uint8_t> into) const {
   uint8_t* p = into.data();
@@ -91,15 +86,6 @@ void mapped_file::read(uint64_t offset, std::span<uint8_t> into) const {
     offset += static_cast<uint64_t>(r);
     left -= static_cast<uint64_t>(r);
   }
-}
-
-void mapped_file::release(uint64_t offset, uint64_t length) const noexcept {
-  // Only whole pages inside the range: a neighbour tensor may share an edge page.
-  advise(data_, size_, offset, length, MADV_DONTNEED, true);
-}
-
-void mapped_file::will_need(uint64_t offset, uint64_t length) const noexcept {
-  advise(data_, size_, offset, length, MADV_WILLNEED, false);
 }
 
 }  // namespace lora

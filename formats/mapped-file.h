@@ -34,8 +34,6 @@ class mapped_file {
   // Tells the kernel that [offset, offset + length) will not be needed again
   // soon, so resident memory stays bounded while streaming. Best effort.
   void release(uint64_t offset, uint64_t length) const noexcept;
-  // Tells the kernel that [offset, offset + length) will be read soon.
-  void will_need(uint64_t offset, uint64_t length) const noexcept;
 
  private:
   void reset() noexcept;

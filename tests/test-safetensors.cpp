@@ -668,6 +668,15 @@ TEST_CASE("unaligned data (header not padded) reads correctly") {
   f.release(f.at("f"));  // best effort; the data stays readable
   to_f32(dtype::F32, f.data(f.at("f")), got_f);
   CHECK(got_f[1] == -2.25f);
+  // read(): the same bytes by pread; past the end is an I/O error
+  const tensor_info& t = f.at("f");
+  std::vector<uint8_t> copy(t.n_bytes());
+  f.map().read(f.file_offset(t), copy);
+  CHECK(std::equal(copy.begin(), copy.end(), f.data(t).begin()));
+  std::vector<uint8_t> past(16);
+  lora::error e = thrown([&] { f.map().read(f.map().size() - 8, past); });
+  CHECK(e.code() == exit_code::io);
+  CHECK(e.detail() == "file shrank while being read");
 }
 
 // ----------------------------------------------------------------------------
