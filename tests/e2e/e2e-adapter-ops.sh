@@ -44,21 +44,8 @@ import numpy as np
 
 U32 = 2.0 ** -24
 
-def read(path):
-    data = open(path, "rb").read()
-    n = struct.unpack("<Q", data[:8])[0]
-    h = json.loads(data[8:8 + n])
-    meta = h.pop("__metadata__", None)
-    out = {}
-    for name, e in h.items():
-        b = data[8 + n + e["data_offsets"][0]:8 + n + e["data_offsets"][1]]
-        dt = e["dtype"]
-        if dt == "BF16":
-            v = (np.frombuffer(b, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        else:
-            v = np.frombuffer(b, {"F16": np.float16, "F32": np.float32, "F64": np.float64}[dt])
-        out[name] = (dt, e["shape"], b, v.astype(np.float64).reshape(e["shape"]))
-    return out, meta
+sys.path.insert(0, os.environ["E2E_LIB"])
+from safetensors_np import read
 
 def pattern(pat, module, default):
     # PEFT: the first key matching ^(.*\.)?(KEY)$ wins
@@ -298,7 +285,7 @@ EOF
 
 check() {
   local got
-  got=$("$PY" "$E2E_TMP/check.py" "$@")
+  got=$(E2E_LIB="$SRC/tests/e2e" "$PY" "$E2E_TMP/check.py" "$@")
   expect_eq "check $1 (${*:2})" "$got" ok
 }
 

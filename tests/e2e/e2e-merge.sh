@@ -23,25 +23,15 @@ mkdir -p "$W"
 # (or equal in value when --dtype changed it). Args: BASE OUT SCALE ADAPTER:WEIGHT...
 # Prints "ok" or what differs.
 check_merge() {
-  "$PY" - "$@" <<'EOF'
+  E2E_LIB="$SRC/tests/e2e" "$PY" - "$@" <<'EOF'
 import json, os, struct, sys
 import numpy as np
 
+sys.path.insert(0, os.environ["E2E_LIB"])
+import safetensors_np
+
 def read(path):
-    data = open(path, "rb").read()
-    n = struct.unpack("<Q", data[:8])[0]
-    h = json.loads(data[8:8 + n])
-    h.pop("__metadata__", None)
-    out = {}
-    for name, e in h.items():
-        b = data[8 + n + e["data_offsets"][0]:8 + n + e["data_offsets"][1]]
-        dt = e["dtype"]
-        if dt == "BF16":
-            v = (np.frombuffer(b, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        else:
-            v = np.frombuffer(b, {"F16": np.float16, "F32": np.float32, "F64": np.float64}[dt])
-        out[name] = (dt, e["shape"], b, v.astype(np.float64).reshape(e["shape"]))
-    return out
+    return safetensors_np.read(path)[0]
 
 def model(path):
     if path.endswith(".safetensors"):
