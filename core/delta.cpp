@@ -232,7 +232,9 @@ double delta_element(const delta_factors& f, int64_t row, int64_t col) noexcept 
   return f.scale * acc;
 }
 
-std::vector<double> delta_row_bounds(const delta_factors& f) {
+namespace {
+template <typename T>
+std::vector<double> row_bounds(const delta_factors_t<T>& f) {
   const size_t r = static_cast<size_t>(f.rank);
   const size_t n_rows = static_cast<size_t>(f.n_rows), n_cols = static_cast<size_t>(f.n_cols);
   std::vector<double> bound(n_rows, 0.0);
@@ -254,6 +256,10 @@ std::vector<double> delta_row_bounds(const delta_factors& f) {
   for (double& b : bound) b *= std::fabs(f.scale);
   return bound;
 }
+}  // namespace
+
+std::vector<double> delta_row_bounds(const delta_factors& f) { return row_bounds(f); }
+std::vector<double> delta_row_bounds(const delta_factors_f64& f) { return row_bounds(f); }
 
 void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block) {
   apply_rows(f, weight, row_begin, row_end, w_block);

@@ -99,6 +99,7 @@ double delta_element(const delta_factors& f, int64_t row, int64_t col) noexcept;
 // (|s| sum_k |B[i,k]| max_j |A[k,j]|, transposed alike). With it a caller
 // bounds the f32 error of W0 + dW without knowing W0.
 std::vector<double> delta_row_bounds(const delta_factors& f);
+std::vector<double> delta_row_bounds(const delta_factors_f64& f);  // the same from the f64 factors
 
 // Applies the whole module to rows [row_begin, row_end) of W held in w_block
 // (W0 plus any earlier adapter's contribution):

@@ -231,7 +231,7 @@ layer_check check_layer(const lora_module& m, size_t index, const std::string& a
   if (mt->info->shape != b.info->shape) return fail("shape");
   if (!dtype_is_math(mt->info->type)) return fail("dtype");
   const delta_factors_f64 f = load_delta_factors_f64(m, b.info->shape, adapter_file);
-  const std::vector<double> t_bound = delta_row_bounds(load_delta_factors(m, b.info->shape, adapter_file));
+  const std::vector<double> t_bound = delta_row_bounds(f);
   const layer_shape s = shape_of(f);
   const dtype type = mt->info->type;
   const bool f64_math = type == dtype::F64 || b.info->type == dtype::F64;
@@ -417,7 +417,7 @@ verify_report verify_merge(const verify_options& o) {
       delta_factors_f64 f = load_delta_factors_f64(mod, b.info->shape, a.weights_path);
       apply_module_rows(f, 1.0, 0, f.n_rows, e.data());
       rank = f.rank;
-      row_bounds = delta_row_bounds(load_delta_factors(mod, b.info->shape, a.weights_path));
+      row_bounds = delta_row_bounds(f);
       if (f.dora) {
         // DoRA rescales V by m / ||V||: the slack scales with it (|E| / |V| per element, at least 1)
         std::vector<double> v = w0;
