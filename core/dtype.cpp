@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include "core/vectorize.h"
 #include "formats/error.h"
 
 namespace lora {
@@ -132,6 +133,21 @@ void check_sizes(dtype type, size_t n_bytes, size_t n_elements) {
                                               dtype_name(type), n_bytes));
 }
 
+// The 16-bit <-> f32 loops: the merge's inner loops, so built for each
+// vector width (see vectorize.h).
+LORA_VECTORIZE void decode_f16(const uint8_t* p, float* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(load<uint16_t>(p + 2 * i));
+}
+LORA_VECTORIZE void decode_bf16(const uint8_t* p, float* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(load<uint16_t>(p + 2 * i));
+}
+LORA_VECTORIZE void encode_f16(const float* src, uint8_t* p, size_t n) {
+  for (size_t i = 0; i < n; ++i) store<uint16_t>(p + 2 * i, f32_to_f16(src[i]));
+}
+LORA_VECTORIZE void encode_bf16(const float* src, uint8_t* p, size_t n) {
+  for (size_t i = 0; i < n; ++i) store<uint16_t>(p + 2 * i, f32_to_bf16(src[i]));
+}
+
 // decode to F (float or double)
 template <typename F>
 void decode(dtype type, std::span<const uint8_t> src, std::span<F> dst) {
@@ -140,10 +156,12 @@ void decode(dtype type, std::span<const uint8_t> src, std::span<F> dst) {
   const size_t n = dst.size();
   switch (type) {
     case dtype::F16:
-      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(f16_to_f32(load<uint16_t>(p + 2 * i)));
+      if constexpr (sizeof(F) == 4) decode_f16(p, dst.data(), n);
+      else for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(f16_to_f32(load<uint16_t>(p + 2 * i)));
       break;
     case dtype::BF16:
-      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(bf16_to_f32(load<uint16_t>(p + 2 * i)));
+      if constexpr (sizeof(F) == 4) decode_bf16(p, dst.data(), n);
+      else for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(bf16_to_f32(load<uint16_t>(p + 2 * i)));
       break;
     case dtype::F32:
       if constexpr (sizeof(F) == 4) std::memcpy(dst.data(), p, 4 * n);
@@ -168,10 +186,10 @@ void from_f32(dtype type, std::span<const float> src, std::span<uint8_t> dst) {
   const size_t n = src.size();
   switch (type) {
     case dtype::F16:
-      for (size_t i = 0; i < n; ++i) store<uint16_t>(p + 2 * i, f32_to_f16(src[i]));
+      encode_f16(src.data(), p, n);
       break;
     case dtype::BF16:
-      for (size_t i = 0; i < n; ++i) store<uint16_t>(p + 2 * i, f32_to_bf16(src[i]));
+      encode_bf16(src.data(), p, n);
       break;
     case dtype::F32:
       std::memcpy(p, src.data(), 4 * n);

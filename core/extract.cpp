@@ -16,6 +16,7 @@
 
 #include <fmt/format.h>
 
+#include "core/blas.h"
 #include "core/dtype.h"
 #include "core/thread-pool.h"
 #include "core/adapter-write.h"

@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "core/blas.h"
 #include "core/delta.h"
 #include "core/dtype.h"
 #include "core/thread-pool.h"
@@ -290,7 +291,7 @@ logits_result llama_forward(const model_files& model, const hf_config& c, const 
   if (c.sliding_window > 0 && n_tok > c.sliding_window)
     throw errors::invalid(c.path, "", fmt::format("{} tokens exceed sliding_window {} (sliding-window attention is not "
                                                   "implemented)", n_tok, c.sliding_window));
-  openblas_set_num_threads(resolve_threads(threads));
+  set_blas_threads(threads);
 
   const weights w(model, c, a);
   const int64_t hid = c.hidden_size, n_h = c.num_attention_heads, n_kv = c.num_key_value_heads, hd = c.head_dim;

@@ -20,9 +20,11 @@
 #include <fmt/format.h>
 
 #include "core/adapter.h"
+#include "core/blas.h"
 #include "core/delta.h"
 #include "core/dtype.h"
 #include "core/thread-pool.h"
+#include "core/vectorize.h"
 #include "formats/error.h"
 #include "formats/model-files.h"
 #include "formats/safetensors.h"
@@ -34,9 +36,11 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// Elements per row block: 256 KiB of f32 per thread, so that a block and its
-// input and output bytes stay in the L2 cache through every pass over it.
-constexpr uint64_t block_elements = uint64_t{1} << 16;
+// Elements per row block: 1 MiB of f32 per thread. Each sgemm call packs the
+// whole A factor (r x columns) again, so blocks need many rows to amortize
+// that (at 64K elements a 5632-column block had 11 rows and packed more than
+// it computed); beyond this size the passes over the block leave the caches.
+constexpr uint64_t block_elements = uint64_t{1} << 18;
 
 // ---------------------------------------------------------------- files
 
@@ -124,21 +128,27 @@ bool inside(const fs::path& inner, const fs::path& outer) {
 
 // ---------------------------------------------------------------- numbers
 
+// How many of the n 16-bit values at p have all the bits of `exp` set (NaN
+// or infinite, given the format's exponent mask).
+LORA_VECTORIZE uint64_t count_nonfinite16(const uint8_t* p, size_t n, uint16_t exp) {
+  uint64_t count = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * i, 2);
+    count += (h & exp) == exp;
+  }
+  return count;
+}
+
 // How many values of a math-dtype buffer are NaN or infinite.
 uint64_t count_nonfinite(dtype type, std::span<const uint8_t> bytes) {
   uint64_t n = 0;
   const uint8_t* p = bytes.data();
   switch (type) {
     case dtype::BF16:
-    case dtype::F16: {
-      const uint16_t exp = type == dtype::BF16 ? 0x7f80u : 0x7c00u;
-      for (size_t i = 0; i + 1 < bytes.size(); i += 2) {
-        uint16_t h;
-        std::memcpy(&h, p + i, 2);
-        n += (h & exp) == exp;
-      }
+    case dtype::F16:
+      n = count_nonfinite16(p, bytes.size() / 2, type == dtype::BF16 ? 0x7f80u : 0x7c00u);
       break;
-    }
     case dtype::F32:
       for (size_t i = 0; i + 3 < bytes.size(); i += 4) {
         uint32_t u;
@@ -196,9 +206,21 @@ inline int32_t suspect(float x, int32_t cb_bits) noexcept {
   return static_cast<int32_t>(std::bit_cast<int32_t>(t) <= cb_bits) | static_cast<int32_t>(u < 0x800000u);
 }
 
+// Whether any of x[0..n) is suspect (see above), for BF16 and F16 output.
+LORA_VECTORIZE bool any_suspect_bf16(const float* x, size_t n, int32_t cb_bits) {
+  int32_t any = 0;
+  for (size_t j = 0; j < n; ++j) any |= suspect<false>(x[j], cb_bits);
+  return any != 0;
+}
+LORA_VECTORIZE bool any_suspect_f16(const float* x, size_t n, int32_t cb_bits) {
+  int32_t any = 0;
+  for (size_t j = 0; j < n; ++j) any |= suspect<true>(x[j], cb_bits);
+  return any != 0;
+}
+
 // Recomputes, in double, the suspect elements of rows [rb, re) held in buf
 // (f32, already merged) and overwrites their rounded value in `out`:
-// W0 + sum_k w_k dW_k (delta_element) rounded once. Scans 64 elements at a
+// W0 + sum_k w_k dW_k (delta_element) rounded once. Scans 256 elements at a
 // time with a vectorizable test; suspects are rare (~1e-4 of elements).
 template <bool f16>
 void fix_near_midpoints(const std::vector<const delta_factors*>& factors, const std::vector<double>& weights,
@@ -209,11 +231,9 @@ void fix_near_midpoints(const std::vector<const delta_factors*>& factors, const 
     const int32_t cb = std::bit_cast<int32_t>(row_cb[static_cast<size_t>(row)]);
     const size_t row_off = static_cast<size_t>(row - rb) * n_cols;
     const float* x = buf + row_off;
-    for (uint64_t j0 = 0; j0 < n_cols; j0 += 64) {
-      const uint64_t j1 = std::min<uint64_t>(n_cols, j0 + 64);
-      int32_t any = 0;
-      for (uint64_t j = j0; j < j1; ++j) any |= suspect<f16>(x[j], cb);
-      if (any == 0) continue;
+    for (uint64_t j0 = 0; j0 < n_cols; j0 += 256) {
+      const uint64_t j1 = std::min<uint64_t>(n_cols, j0 + 256);
+      if (!(f16 ? any_suspect_f16 : any_suspect_bf16)(x + j0, j1 - j0, cb)) continue;
       for (uint64_t j = j0; j < j1; ++j) {
         if (!suspect<f16>(x[j], cb)) continue;
         const size_t e = row_off + j;
@@ -645,7 +665,7 @@ merge_report merge_model(const merge_options& options) {
   event.total_items = jobs.size();
   event.total_bytes = total_bytes;
   // our thread pool runs the jobs; BLAS stays single-threaded inside each
-  openblas_set_num_threads(1);
+  set_blas_threads(1);
   parallel_for(jobs.size(), options.threads, [&](size_t i) {
     const tensor_job& job = jobs[i];
     run_job(job, *writers[job.shard], options.allow_nonfinite);

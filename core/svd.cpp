@@ -9,7 +9,6 @@
 
 #include <fmt/format.h>
 
-#include "core/thread-pool.h"
 #include "formats/error.h"
 
 // Layout note. A row-major matrix a [m, n] has the same bytes as the
@@ -271,9 +270,5 @@ double residual_norm(std::span<double> a, std::span<const double> b, std::span<c
 
 double squared_norm(std::span<const float> a) { return sum_squares<float>(a); }
 double squared_norm(std::span<const double> a) { return sum_squares<double>(a); }
-
-void set_blas_threads(int threads) {
-  openblas_set_num_threads(resolve_threads(threads));
-}
 
 }  // namespace lora

@@ -109,7 +109,4 @@ double residual_norm(std::span<double> a, std::span<const double> b, std::span<c
 double squared_norm(std::span<const float> a);
 double squared_norm(std::span<const double> a);
 
-// Sets the number of BLAS threads (OpenBLAS); threads <= 0: all cores.
-void set_blas_threads(int threads);
-
 }  // namespace lora
