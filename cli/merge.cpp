@@ -1,6 +1,6 @@
 // lora merge --base MODEL --adapter ADAPTER [--adapter ADAPTER2 --weight W ...]
 //            --out DIR [--dtype same|bf16|f16|f32] [--scale S] [--threads N]
-//            [--dry-run] [--force] [--quiet] [--allow-nonfinite]
+//            [--dry-run] [--force] [--sync] [--quiet] [--allow-nonfinite]
 // Writes the base model with every adapter's delta merged in (core/merge), a
 // progress bar on stderr while it runs (terminal only), one summary line.
 #include <unistd.h>
@@ -35,6 +35,7 @@ struct merge_cli_options {
   bool force = false;
   bool quiet = false;
   bool allow_nonfinite = false;
+  bool sync = false;
 };
 
 int run_merge(const merge_cli_options& o) {
@@ -48,6 +49,7 @@ int run_merge(const merge_cli_options& o) {
   opts.dry_run = o.dry_run;
   opts.force = o.force;
   opts.allow_nonfinite = o.allow_nonfinite;
+  opts.sync = o.sync;
 
   progress_bar bar("merge", o.quiet || o.dry_run);
   opts.progress = bar.callback();
@@ -100,6 +102,9 @@ CLI::App* setup_merge(CLI::App& app, runner& run) {
   sub->add_option("--threads", o->threads, "worker threads (default: all cores)")->check(CLI::NonNegativeNumber);
   sub->add_flag("--dry-run", o->dry_run, "check keys, shapes, dtypes and free space; write nothing");
   sub->add_flag("--force", o->force, "replace --out when it exists (without it, an existing --out is refused: exit 2)");
+  sub->add_flag("--sync", o->sync,
+                "flush the output to disk (fsync) before moving it into place, so that it also survives a power "
+                "loss right after (default: like cp, leave the writing back to the kernel)");
   sub->add_flag("--quiet", o->quiet, "no progress bar, no summary");
   sub->add_flag("--allow-nonfinite", o->allow_nonfinite,
                 "write NaN / Inf values a merge produces (refused by default: exit 3)");

@@ -60,8 +60,8 @@ class unique_fd {
 };
 
 // Copies a whole file in the kernel (copy_file_range, read/write fallback),
-// then fsyncs the copy. Throws exit 4.
-void copy_file(const std::string& src, const std::string& dst) {
+// then fsyncs the copy when durable. Throws exit 4.
+void copy_file(const std::string& src, const std::string& dst, durability mode) {
   unique_fd in(::open(src.c_str(), O_RDONLY | O_CLOEXEC));
   if (in.get() < 0) throw errors::io(src, "cannot open", errno);
   struct stat st {};
@@ -91,7 +91,7 @@ void copy_file(const std::string& src, const std::string& dst) {
     }
     left -= static_cast<uint64_t>(r);
   }
-  if (::fsync(out.get()) != 0) throw errors::io(dst, "cannot sync", errno);
+  if (mode == durability::durable && ::fsync(out.get()) != 0) throw errors::io(dst, "cannot sync", errno);
 }
 
 // Weights in formats other than safetensors: copying them would ship stale,
@@ -643,11 +643,13 @@ merge_report merge_model(const merge_options& options) {
   }
 
   // 7. write into a temp folder beside --out
-  staged_folder tmp(out);
-  for (const auto& [src, name] : extra_files) copy_file(src, tmp.path() + "/" + name);
+  const durability mode = options.sync ? durability::durable : durability::visible;
+  staged_folder tmp(out, mode);
+  for (const auto& [src, name] : extra_files) copy_file(src, tmp.path() + "/" + name, mode);
   std::vector<std::unique_ptr<safetensors_writer>> writers;
   for (size_t s = 0; s < layouts.size(); ++s)
-    writers.push_back(std::make_unique<safetensors_writer>(tmp.path() + "/" + base.shard_names[s], std::move(layouts[s])));
+    writers.push_back(
+        std::make_unique<safetensors_writer>(tmp.path() + "/" + base.shard_names[s], std::move(layouts[s]), mode));
   for (auto& w : writers) w->sync_in_background(uint64_t{64} << 20);
 
   // tensors in output order, so reads and writes run front to back; the
@@ -678,7 +680,7 @@ merge_report merge_model(const merge_options& options) {
     }
   });
   for (auto& w : writers) w->commit();
-  if (!index_text.empty()) write_file_atomic(tmp.path() + "/" + index_name, index_text);
+  if (!index_text.empty()) write_file_atomic(tmp.path() + "/" + index_name, index_text, mode);
 
   // 8. rename onto --out (swapped with the old one under --force)
   tmp.commit(out_exists);

@@ -42,6 +42,7 @@ struct merge_options {
   bool dry_run = false;             // check everything, write nothing
   bool force = false;               // replace an existing --out
   bool allow_nonfinite = false;     // write NaN / Inf produced by a merge
+  bool sync = false;                // fsync the output before it is moved into place
   progress_fn progress;             // may be empty
 };
 

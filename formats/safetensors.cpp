@@ -432,15 +432,23 @@ void start_writeback(int fd, uint64_t offset, uint64_t n) noexcept {
   if (n > 0) ::sync_file_range(fd, static_cast<off64_t>(offset), static_cast<off64_t>(n), SYNC_FILE_RANGE_WRITE);
 }
 
-void sync_and_rename(int fd, const std::string& tmp, const std::string& path) {
-  if (::fsync(fd) != 0) throw errors::io(path, "fsync failed", errno);
+// Closes the finished temp file (after an fsync when durable) and renames it
+// onto `path`. Closes fd whatever happens: a write error that only shows at
+// close (NFS) is thrown too.
+void finish_and_rename(int fd, durability mode, const std::string& tmp, const std::string& path) {
+  if (mode == durability::durable && ::fsync(fd) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw errors::io(path, "fsync failed", err);
+  }
+  if (::close(fd) != 0) throw errors::io(path, "write failed", errno);
   if (::rename(tmp.c_str(), path.c_str()) != 0) throw errors::io(path, "cannot rename temporary file into place", errno);
 }
 
 }  // namespace
 
-safetensors_writer::safetensors_writer(std::string path, safetensors_layout layout)
-    : path_(std::move(path)), layout_(std::move(layout)) {
+safetensors_writer::safetensors_writer(std::string path, safetensors_layout layout, durability mode)
+    : path_(std::move(path)), layout_(std::move(layout)), mode_(mode) {
   fd_ = make_temp_beside(path_, tmp_path_);
   try {
     uint8_t n[8];
@@ -476,7 +484,7 @@ void safetensors_writer::write(std::string_view name, std::span<const uint8_t> b
   if (bytes.size() != t.n_bytes())
     throw errors::invalid(path_, t.name, fmt::format("{} bytes given, {} expected", bytes.size(), t.n_bytes()));
   pwrite_all(fd_, bytes.data(), bytes.size(), 8 + layout_.header.size() + t.begin, path_);
-  start_writeback(fd_, 8 + layout_.header.size() + t.begin, bytes.size());
+  if (mode_ == durability::durable) start_writeback(fd_, 8 + layout_.header.size() + t.begin, bytes.size());
   note_written(bytes.size());
 }
 
@@ -490,7 +498,8 @@ void safetensors_writer::write_part(std::string_view name, uint64_t offset, std:
   // crosses into the next one (each start is a request to the disk)
   constexpr uint64_t window = uint64_t{8} << 20;
   const uint64_t end = at_byte + bytes.size();
-  if (at_byte / window != end / window) start_writeback(fd_, end / window * window - window, window);
+  if (mode_ == durability::durable && at_byte / window != end / window)
+    start_writeback(fd_, end / window * window - window, window);
   note_written(bytes.size());
 }
 
@@ -524,12 +533,12 @@ void safetensors_writer::copy_from(std::string_view name, int src_fd, uint64_t s
     out += r;
     left -= static_cast<uint64_t>(r);
   }
-  start_writeback(fd_, 8 + layout_.header.size() + t.begin, t.n_bytes());
+  if (mode_ == durability::durable) start_writeback(fd_, 8 + layout_.header.size() + t.begin, t.n_bytes());
   note_written(t.n_bytes());
 }
 
 void safetensors_writer::sync_in_background(uint64_t every) {
-  if (syncer_.joinable() || every == 0) return;
+  if (mode_ != durability::durable || syncer_.joinable() || every == 0) return;
   sync_every_ = every;
   syncer_ = std::thread([this] {
     std::unique_lock<std::mutex> lock(sync_mutex_);
@@ -568,24 +577,28 @@ void safetensors_writer::commit() {
   stop_syncing();
   // a background sync that failed consumed the error: fsync would not see it
   if (sync_errno_ != 0) throw errors::io(path_, "fsync failed", sync_errno_);
-  sync_and_rename(fd_, tmp_path_, path_);
+  const int fd = fd_;
+  fd_ = -1;  // finish_and_rename closes it
+  finish_and_rename(fd, mode_, tmp_path_, path_);
   committed_ = true;
-  ::close(fd_);
-  fd_ = -1;
 }
 
-void write_file_atomic(const std::string& path, std::string_view bytes) {
+void write_file_atomic(const std::string& path, std::string_view bytes, durability mode) {
   std::string tmp;
-  int fd = make_temp_beside(path, tmp);
+  const int fd = make_temp_beside(path, tmp);
   try {
     pwrite_all(fd, reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), 0, path);
-    sync_and_rename(fd, tmp, path);
   } catch (...) {
     ::close(fd);
     ::unlink(tmp.c_str());
     throw;
   }
-  ::close(fd);
+  try {
+    finish_and_rename(fd, mode, tmp, path);  // closes fd
+  } catch (...) {
+    ::unlink(tmp.c_str());
+    throw;
+  }
 }
 
 std::string read_text_file(const std::string& path) {

@@ -17,6 +17,7 @@
 
 #include "formats/dtype.h"
 #include "formats/mapped-file.h"
+#include "formats/staged-folder.h"
 
 namespace lora {
 
@@ -116,12 +117,13 @@ std::vector<uint8_t> serialize_safetensors(
 // Streams a safetensors file to disk: the header is written at once, tensor
 // bytes by write()/copy_from() in any order (pwrite at fixed offsets, so
 // several threads may write distinct tensors at the same time). Everything
-// goes to `<path>.tmp-XXXXXX` beside the target; commit() fsyncs and renames.
-// Destroying an uncommitted writer removes the temp file.
+// goes to `<path>.tmp-XXXXXX` beside the target; commit() renames it there
+// (durable: after an fsync). Destroying an uncommitted writer removes the
+// temp file.
 class safetensors_writer {
  public:
   // Throws lora::error (exit 4) when the temp file cannot be created.
-  safetensors_writer(std::string path, safetensors_layout layout);
+  safetensors_writer(std::string path, safetensors_layout layout, durability mode = durability::durable);
   safetensors_writer(const safetensors_writer&) = delete;
   safetensors_writer& operator=(const safetensors_writer&) = delete;
   ~safetensors_writer();
@@ -140,9 +142,9 @@ class safetensors_writer {
   // fdatasyncs the file each time `every` more bytes have been written, so
   // commit()'s fsync finds little left (on a virtual disk the final flush of
   // a large file otherwise costs about as much as writing it). A failed sync
-  // is kept and thrown by commit().
+  // is kept and thrown by commit(). Nothing to do unless durable.
   void sync_in_background(uint64_t every);
-  // fsync + rename onto path. Throws exit 4 on failure.
+  // Renames onto path (durable: fsync first). Throws exit 4 on failure.
   void commit();
 
  private:
@@ -152,6 +154,7 @@ class safetensors_writer {
   std::string path_;
   std::string tmp_path_;
   safetensors_layout layout_;
+  durability mode_;
   int fd_ = -1;
   bool committed_ = false;
   // background sync (sync_in_background); the counters are guarded by sync_mutex_
@@ -163,9 +166,9 @@ class safetensors_writer {
   int sync_errno_ = 0;
 };
 
-// Writes `bytes` to `path` atomically (temp file beside it, fsync, rename).
-// Throws lora::error (exit 4).
-void write_file_atomic(const std::string& path, std::string_view bytes);
+// Writes `bytes` to `path` atomically (temp file beside it, fsync when
+// durable, rename). Throws lora::error (exit 4).
+void write_file_atomic(const std::string& path, std::string_view bytes, durability mode = durability::durable);
 
 // Reads a whole small file (config.json, an index). Throws exit 4.
 std::string read_text_file(const std::string& path);

@@ -14,7 +14,7 @@ namespace lora {
 
 namespace fs = std::filesystem;
 
-staged_folder::staged_folder(fs::path out) : out_(std::move(out)) {
+staged_folder::staged_folder(fs::path out, durability mode) : out_(std::move(out)), mode_(mode) {
   std::string tmpl = out_.string() + ".tmp-XXXXXX";
   if (::mkdtemp(tmpl.data()) == nullptr)
     throw errors::io(out_.parent_path().string(), "cannot create the temporary output folder", errno);
@@ -32,7 +32,8 @@ staged_folder::~staged_folder() {
 }
 
 void staged_folder::commit(bool replace) {
-  fsync_path(path_);
+  const bool durable = mode_ == durability::durable;
+  if (durable) fsync_path(path_);
   if (replace) {
     // swap in one step: readers see the old output or the new one, never none
     if (::renameat2(AT_FDCWD, path_.c_str(), AT_FDCWD, out_.c_str(), RENAME_EXCHANGE) != 0)
@@ -43,7 +44,7 @@ void staged_folder::commit(bool replace) {
     throw errors::io(out_.string(), "cannot move the finished output into place", errno);
   }
   path_.clear();
-  fsync_path(out_.has_parent_path() ? out_.parent_path().string() : std::string("."));
+  if (durable) fsync_path(out_.has_parent_path() ? out_.parent_path().string() : std::string("."));
 }
 
 void fsync_path(const std::string& path) {

@@ -683,36 +683,40 @@ TEST_CASE("unaligned data (header not padded) reads correctly") {
 // streaming writer
 
 TEST_CASE("streaming writer: out-of-order and partial writes, zero-size tensors, commit renames") {
-  temp_dir dir;
-  std::vector<tensor_spec> specs = {{"a", dtype::F32, {4}}, {"b", dtype::F16, {3}}, {"z", dtype::F16, {0}},
-                                    {"c", dtype::U8, {5}}, {"zz", dtype::BOOL, {0, 2}}};
-  bytes_t want = make_file(specs, metadata_map{{"k", "v"}});
-  auto h = parse_safetensors_header(want, want.size(), "want");
-  auto bytes_of = [&](const std::string& name) {
-    const tensor_info* t = h.find(name);
-    return std::span<const uint8_t>(want).subspan(h.data_start() + t->begin, t->n_bytes());
-  };
-  const std::string out = dir / "out.safetensors";
-  {
-    safetensors_writer w(out, plan_safetensors(specs, metadata_map{{"k", "v"}}));
-    CHECK(w.path() == out);
-    // the temp file sits beside the target; the target does not exist yet
-    auto names = dir.entries();
-    REQUIRE(names.size() == 1);
-    CHECK(names[0].rfind("out.safetensors.tmp-", 0) == 0);
-    w.write("c", bytes_of("c"));
-    auto a = bytes_of("a");
-    w.write_part("a", 8, a.subspan(8));
-    w.write("b", bytes_of("b"));
-    w.write_part("a", 0, a.subspan(0, 8));
-    w.write("z", {});
-    // "zz" (zero bytes, last in the file) is never written
-    CHECK(!fs::exists(out));
-    w.commit();
+  // the same bytes whether commit() fsyncs first (durable) or not (visible)
+  for (const durability mode : {durability::durable, durability::visible}) {
+    CAPTURE(static_cast<int>(mode));
+    temp_dir dir;
+    std::vector<tensor_spec> specs = {{"a", dtype::F32, {4}}, {"b", dtype::F16, {3}}, {"z", dtype::F16, {0}},
+                                      {"c", dtype::U8, {5}}, {"zz", dtype::BOOL, {0, 2}}};
+    bytes_t want = make_file(specs, metadata_map{{"k", "v"}});
+    auto h = parse_safetensors_header(want, want.size(), "want");
+    auto bytes_of = [&](const std::string& name) {
+      const tensor_info* t = h.find(name);
+      return std::span<const uint8_t>(want).subspan(h.data_start() + t->begin, t->n_bytes());
+    };
+    const std::string out = dir / "out.safetensors";
+    {
+      safetensors_writer w(out, plan_safetensors(specs, metadata_map{{"k", "v"}}), mode);
+      CHECK(w.path() == out);
+      // the temp file sits beside the target; the target does not exist yet
+      auto names = dir.entries();
+      REQUIRE(names.size() == 1);
+      CHECK(names[0].rfind("out.safetensors.tmp-", 0) == 0);
+      w.write("c", bytes_of("c"));
+      auto a = bytes_of("a");
+      w.write_part("a", 8, a.subspan(8));
+      w.write("b", bytes_of("b"));
+      w.write_part("a", 0, a.subspan(0, 8));
+      w.write("z", {});
+      // "zz" (zero bytes, last in the file) is never written
+      CHECK(!fs::exists(out));
+      w.commit();
+    }
+    CHECK(read_bytes(out) == want);
+    CHECK(dir.entries() == std::vector<std::string>{"out.safetensors"});
+    CHECK((fs::status(out).permissions() & fs::perms::others_read) != fs::perms::none);
   }
-  CHECK(read_bytes(out) == want);
-  CHECK(dir.entries() == std::vector<std::string>{"out.safetensors"});
-  CHECK((fs::status(out).permissions() & fs::perms::others_read) != fs::perms::none);
 }
 
 TEST_CASE("streaming writer: parallel writers of distinct tensors") {
@@ -722,7 +726,7 @@ TEST_CASE("streaming writer: parallel writers of distinct tensors") {
   bytes_t want = make_file(specs, std::nullopt);
   auto h = parse_safetensors_header(want, want.size(), "want");
   const std::string out = dir / "par.safetensors";
-  safetensors_writer w(out, plan_safetensors(specs, std::nullopt));
+  safetensors_writer w(out, plan_safetensors(specs, std::nullopt), durability::visible);
   std::vector<std::thread> threads;
   for (int k = 0; k < 4; ++k)
     threads.emplace_back([&, k] {
@@ -886,6 +890,8 @@ TEST_CASE("write_file_atomic and read_text_file") {
   CHECK(read_text_file(p) == "{\"x\": 1}\n");
   write_file_atomic(p, "");
   CHECK(read_text_file(p).empty());
+  write_file_atomic(p, "visible", durability::visible);  // no fsync: the same file
+  CHECK(read_text_file(p) == "visible");
   CHECK(dir.entries() == std::vector<std::string>{"a.json"});
   try {
     read_text_file(dir / "absent.json");

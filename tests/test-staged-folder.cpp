@@ -30,16 +30,18 @@ TEST_CASE("staged_folder: dropped without commit, nothing is left") {
   CHECK(dir.entries().empty());
 }
 
-TEST_CASE("staged_folder: commit moves the folder into place") {
-  temp_dir dir;
-  {
-    staged_folder tmp(dir / "out");
-    write(tmp.path() + "/a.json", "new");
-    tmp.commit(false);
-    CHECK(tmp.path().empty());
+TEST_CASE("staged_folder: commit moves the folder into place (durable or not)") {
+  for (const durability mode : {durability::durable, durability::visible}) {
+    temp_dir dir;
+    {
+      staged_folder tmp(dir / "out", mode);
+      write(tmp.path() + "/a.json", "new");
+      tmp.commit(false);
+      CHECK(tmp.path().empty());
+    }
+    CHECK(dir.entries() == std::vector<std::string>{"out"});
+    CHECK(read(dir / "out/a.json") == "new");
   }
-  CHECK(dir.entries() == std::vector<std::string>{"out"});
-  CHECK(read(dir / "out/a.json") == "new");
 }
 
 TEST_CASE("staged_folder: an existing output is refused unless replaced, then swapped and the old removed") {

@@ -202,6 +202,23 @@ refuse 3 "model.layers.0.self_attn.q_proj.weight: the merge produced 4096 NaN or
 expect_stderr_contains "--allow-nonfinite"
 expect_exit 0 "$LORA" merge --base "$TD/tiny-llama" --adapter "$W/huge" --out "$W/inf" --allow-nonfinite
 
+# durability: no fsync by default (like cp and PyTorch's save); --sync syncs
+# every file written and both folders; the bytes are the same either way
+if strace -f -qq -o /dev/null true 2>/dev/null; then
+  sync_calls() {  # CMD...: how many fsync / fdatasync / sync_file_range calls it made
+    strace -f -qq -e trace=fsync,fdatasync,sync_file_range -o "$W/strace.log" "$@" >/dev/null 2>&1
+    grep -c -E '(fsync|fdatasync|sync_file_range)\(' "$W/strace.log"
+  }
+  n=$(sync_calls "$LORA" merge --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --out "$W/unsynced")
+  expect_eq "sync calls without --sync" "$n" 0
+  n=$(sync_calls "$LORA" merge --base "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --out "$W/synced" --sync)
+  # 2 config files, model.safetensors, the temp folder, the parent folder
+  if [ "$n" -ge 5 ]; then pass; else fail "--sync made $n sync calls, expected at least 5"; fi
+  expect_eq "--sync writes the same files" "$(diff -r "$W/unsynced" "$W/synced" && echo same)" same
+else
+  echo "SKIP: strace cannot trace here, the --sync checks did not run" >&2
+fi
+
 # disk full: the file size limit (SIGXFSZ ignored so write() fails with EFBIG)
 expect_exit 4 bash -c "trap '' XFSZ; ulimit -f 100; exec \"\$0\" merge --base \"\$1\" --adapter \"\$2\" --out \"\$3\"" \
   "$LORA" "$TD/tiny-llama" "$TD/lora-tiny-llama" "$W/bad"
