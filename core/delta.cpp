@@ -23,21 +23,30 @@ uint64_t product(const std::vector<int64_t>& shape, size_t from) {
   return n;
 }
 
-// Decodes a tensor through core/dtype into a vector of T.
-template <typename T>
-std::vector<T> decode(const tensor_ref& t, const std::string& file, const std::string& key) {
+// Refuses a tensor whose dtype the arithmetic cannot take (exit 3).
+void check_math_dtype(const tensor_ref& t, const std::string& file, const std::string& key) {
   if (!dtype_is_math(t.info->type))
     throw errors::invalid(file, t.info->name,
                           fmt::format("dtype {} is not supported for arithmetic (only F16, BF16, F32, F64) in module {}",
                                       dtype_name(t.info->type), key));
+}
+
+// Decodes a tensor through core/dtype into a vector of T.
+template <typename T>
+std::vector<T> decode(const tensor_ref& t, const std::string& file, const std::string& key) {
+  check_math_dtype(t, file, key);
   std::vector<T> out(t.info->n_elements);
   if constexpr (sizeof(T) == 4) to_f32(t.info->type, t.data(), out);
   else to_f64(t.info->type, t.data(), out);
   return out;
 }
 
+// Everything about a module's factors but their values: layout, rank, scale,
+// checked against the target (see load_delta_factors); `with_values` also
+// decodes A, B and the DoRA magnitudes.
 template <typename T>
-delta_factors_t<T> load_factors(const lora_module& m, const std::vector<int64_t>& target_shape, const std::string& file) {
+delta_factors_t<T> load_factors(const lora_module& m, const std::vector<int64_t>& target_shape, const std::string& file,
+                                bool with_values) {
   delta_factors_t<T> f;
   f.key = m.name;
   f.target = m.target;
@@ -81,8 +90,12 @@ delta_factors_t<T> load_factors(const lora_module& m, const std::vector<int64_t>
         fmt::format("A {} and B {}", shape_text(a_shape), shape_text(b_shape)));
   }
 
-  f.a = decode<T>(m.a, file, m.name);
-  f.b = decode<T>(m.b, file, m.name);
+  check_math_dtype(m.a, file, m.name);
+  check_math_dtype(m.b, file, m.name);
+  if (with_values) {
+    f.a = decode<T>(m.a, file, m.name);
+    f.b = decode<T>(m.b, file, m.name);
+  }
   if (f.dora) {
     if (!m.magnitude)
       throw errors::invalid(file, m.name, "DoRA module without lora_magnitude_vector");
@@ -91,7 +104,8 @@ delta_factors_t<T> load_factors(const lora_module& m, const std::vector<int64_t>
       throw errors::shape_mismatch(file, m.magnitude->info->name, fmt::format("{} magnitudes for module {} (one per output feature)", want, m.name),
                                    fmt::format("{} {}", m.magnitude->info->n_elements,
                                                shape_text(m.magnitude->info->shape)));
-    f.magnitude = decode<T>(*m.magnitude, file, m.name);
+    check_math_dtype(*m.magnitude, file, m.name);
+    if (with_values) f.magnitude = decode<T>(*m.magnitude, file, m.name);
   }
   return f;
 }
@@ -163,12 +177,16 @@ void add_bias(const lora_module& m, double weight, std::span<T> bias, const std:
 
 delta_factors load_delta_factors(const lora_module& m, const std::vector<int64_t>& target_shape,
                                  const std::string& file) {
-  return load_factors<float>(m, target_shape, file);
+  return load_factors<float>(m, target_shape, file, true);
 }
 
 delta_factors_f64 load_delta_factors_f64(const lora_module& m, const std::vector<int64_t>& target_shape,
                                          const std::string& file) {
-  return load_factors<double>(m, target_shape, file);
+  return load_factors<double>(m, target_shape, file, true);
+}
+
+void check_delta_factors(const lora_module& m, const std::vector<int64_t>& target_shape, const std::string& file) {
+  (void)load_factors<float>(m, target_shape, file, false);
 }
 
 void add_delta_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block) {

@@ -78,6 +78,9 @@ delta_factors load_delta_factors(const lora_module& m, const std::vector<int64_t
                                  const std::string& file);
 delta_factors_f64 load_delta_factors_f64(const lora_module& m, const std::vector<int64_t>& target_shape,
                                          const std::string& file);
+// The same checks without converting anything (planning: cheap, whatever
+// the adapter's size).
+void check_delta_factors(const lora_module& m, const std::vector<int64_t>& target_shape, const std::string& file);
 
 // Adds weight * dW for rows [row_begin, row_end) of the target into w_block,
 // which holds exactly those rows: w_block[(i - row_begin) * n_cols + j].

@@ -461,6 +461,9 @@ fs::path normalize_out(const std::string& out) {
 
 merge_report merge_model(const merge_options& options) {
   const auto start = std::chrono::steady_clock::now();
+  // our thread pool runs the jobs, BLAS stays single-threaded inside each;
+  // set first, so that OpenBLAS's idle workers stop spinning while we plan
+  set_blas_threads(1);
   merge_report report;
   report.dry_run = options.dry_run;
 
@@ -578,7 +581,7 @@ merge_report merge_model(const merge_options& options) {
                                        fmt::format("{}", c.module->bias->info->n_elements));
         continue;
       }
-      (void)load_delta_factors(*c.module, job.source.info->shape, *c.adapter_file);
+      check_delta_factors(*c.module, job.source.info->shape, *c.adapter_file);
     }
   report.n_tensors = jobs.size();
   for (const tensor_job& job : jobs) {
@@ -666,8 +669,6 @@ merge_report merge_model(const merge_options& options) {
   progress_event event;
   event.total_items = jobs.size();
   event.total_bytes = total_bytes;
-  // our thread pool runs the jobs; BLAS stays single-threaded inside each
-  set_blas_threads(1);
   parallel_for(jobs.size(), options.threads, [&](size_t i) {
     const tensor_job& job = jobs[i];
     run_job(job, *writers[job.shard], options.allow_nonfinite);

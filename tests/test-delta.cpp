@@ -259,18 +259,23 @@ TEST_CASE("lora_bias: bias + w s b") {
   CHECK_THROWS_AS(add_bias_delta(fx.module, 1.0, std::span<float>(wrong), "m"), lora::error);
 }
 
-TEST_CASE("shape and dtype checks name the module and exit 3") {
+TEST_CASE("shape and dtype checks name the module and exit 3 (load_delta_factors and check_delta_factors alike)") {
   module_fixture fx = make_module(layout::linear, 8, 6, 2, dtype::F32, 51);
   auto expect_invalid = [&](const lora_module& m, const std::vector<int64_t>& shape, const std::string& text) {
-    try {
-      (void)load_delta_factors(m, shape, "adapter.safetensors");
-      FAIL("no error for " << text);
-    } catch (const lora::error& e) {
-      CHECK(e.code() == exit_code::invalid_input);
-      CHECK_MESSAGE(std::string(e.what()).find("layer.proj") != std::string::npos, e.what());
-      CHECK_MESSAGE(std::string(e.what()).find(text) != std::string::npos, e.what());
+    for (const bool convert : {true, false}) {
+      CAPTURE(convert);
+      try {
+        if (convert) (void)load_delta_factors(m, shape, "adapter.safetensors");
+        else check_delta_factors(m, shape, "adapter.safetensors");
+        FAIL("no error for " << text);
+      } catch (const lora::error& e) {
+        CHECK(e.code() == exit_code::invalid_input);
+        CHECK_MESSAGE(std::string(e.what()).find("layer.proj") != std::string::npos, e.what());
+        CHECK_MESSAGE(std::string(e.what()).find(text) != std::string::npos, e.what());
+      }
     }
   };
+  CHECK_NOTHROW(check_delta_factors(fx.module, {8, 6}, "a"));
   expect_invalid(fx.module, {9, 6}, "[9, 6]");           // B has 8 rows
   expect_invalid(fx.module, {8, 7}, "[8, 7]");           // A has 6 columns
   expect_invalid(fx.module, {6, 8}, "[6, 8]");           // transposed base, flag not set
@@ -280,22 +285,28 @@ TEST_CASE("shape and dtype checks name the module and exit 3") {
   lora_module fif = fx.module;
   fif.fan_in_fan_out = true;
   CHECK_NOTHROW((void)load_delta_factors(fif, {6, 8}, "a"));
+  CHECK_NOTHROW(check_delta_factors(fif, {6, 8}, "a"));
   expect_invalid(fif, {8, 6}, "fan_in_fan_out");
   lora_module dora = fx.module;
   dora.dora = true;
   expect_invalid(dora, {8, 6}, "lora_magnitude_vector");
   dora.magnitude = tensor_ref{fx.file.get(), &fx.file->at("bias")};  // [8]: fits
   CHECK_NOTHROW((void)load_delta_factors(dora, {8, 6}, "a"));
+  CHECK_NOTHROW(check_delta_factors(dora, {8, 6}, "a"));
   dora.magnitude = tensor_ref{fx.file.get(), &fx.file->at("A")};  // [2, 6]: 12 values
   expect_invalid(dora, {8, 6}, "magnitudes");
 
   // a conv kernel that differs from the target's
   module_fixture conv = make_module(layout::conv, 4, 3, 2, dtype::F32, 61, false, 3, 3);
-  try {
-    (void)load_delta_factors(conv.module, {4, 3, 1, 9}, "a");
-    FAIL("kernel mismatch accepted");
-  } catch (const lora::error& e) {
-    CHECK(e.code() == exit_code::invalid_input);
+  CHECK_NOTHROW(check_delta_factors(conv.module, {4, 3, 3, 3}, "a"));
+  for (const bool convert : {true, false}) {
+    try {
+      if (convert) (void)load_delta_factors(conv.module, {4, 3, 1, 9}, "a");
+      else check_delta_factors(conv.module, {4, 3, 1, 9}, "a");
+      FAIL("kernel mismatch accepted");
+    } catch (const lora::error& e) {
+      CHECK(e.code() == exit_code::invalid_input);
+    }
   }
 
   // a factor stored as I32 cannot be multiplied
