@@ -293,6 +293,7 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
   for (const auto& j : jobs) total_bytes += j.tuned.info->n_bytes();
   double sum_delta = 0, sum_residual = 0, sum_kept = 0;
   for (size_t i = 0; i < jobs.size(); ++i) {
+    check_interrupted();
     const job& j = jobs[i];
     const int64_t m = j.base.info->shape[0], n = j.base.info->shape[1];
     extracted_module rec;

@@ -304,6 +304,7 @@ logits_result llama_forward(const model_files& model, const hf_config& c, const 
       v(static_cast<size_t>(n_tok * kv_dim)), att(q.size()), proj(x.size()), gate(static_cast<size_t>(n_tok * ffn)),
       up(gate.size());
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    check_interrupted();
     const std::string p = fmt::format("model.layers.{}.", l);
     // 3. attention block: x += o(attn(rope(q), rope(k), v)) over RMSNorm(x)
     std::vector<float> norm_w = w.load(p + "input_layernorm.weight", {hid});

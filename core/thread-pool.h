@@ -1,6 +1,7 @@
 // Runs n independent jobs on up to `threads` threads; the first exception
 // thrown by a job is rethrown in the caller once every started job is done,
-// and no new job starts after it.
+// and no new job starts after it, nor after an interrupting signal
+// (check_interrupted throws, exit 130).
 #pragma once
 
 #include <atomic>
@@ -10,6 +11,8 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include "formats/error.h"
 
 namespace lora {
 
@@ -32,6 +35,7 @@ inline void parallel_for(size_t n, int threads, const std::function<void(size_t)
       size_t i = next.fetch_add(1);
       if (i >= n) return;
       try {
+        check_interrupted();
         job(i);
       } catch (...) {
         std::lock_guard<std::mutex> lock(mutex);

@@ -366,6 +366,7 @@ verify_report verify_merge(const verify_options& o) {
 
   // 2. weight level: every base tensor against its expected value
   for (const std::string& name : base.tensor_names) {
+    check_interrupted();
     tensor_ref b = base.at(name);
     std::optional<tensor_ref> m = merged.find(name);
     tensor_check c{name, "missing"};

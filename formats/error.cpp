@@ -1,5 +1,7 @@
 #include "formats/error.h"
 
+#include <atomic>
+#include <csignal>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -60,4 +62,21 @@ error io(const std::string& file, const std::string& detail, int errno_value) {
 error usage(const std::string& detail) { return error(exit_code::usage, "", "", detail); }
 
 }  // namespace errors
+
+namespace {
+std::atomic<int> recorded_signal{0};
+static_assert(std::atomic<int>::is_always_lock_free, "request_interrupt must be async-signal-safe");
+}  // namespace
+
+void request_interrupt(int signal_number) noexcept { recorded_signal.store(signal_number); }
+
+int interrupt_signal() noexcept { return recorded_signal.load(std::memory_order_relaxed); }
+
+void check_interrupted() {
+  const int s = interrupt_signal();
+  if (s == 0) return;
+  const char* name = s == SIGINT ? "SIGINT" : s == SIGTERM ? "SIGTERM" : s == SIGHUP ? "SIGHUP" : "a signal";
+  throw error(exit_code::interrupted, "", "", fmt::format("interrupted by {}; nothing was left behind", name));
+}
+
 }  // namespace lora

@@ -17,6 +17,7 @@ enum class exit_code : int {
   usage = 2,          // bad command line
   invalid_input = 3,  // malformed file, adapter does not fit the base
   io = 4,             // cannot read, cannot write, disk full
+  interrupted = 130,  // SIGINT, SIGTERM or SIGHUP arrived; partial output removed
 };
 
 class error : public std::runtime_error {
@@ -48,5 +49,15 @@ error io(const std::string& file, const std::string& detail, int errno_value = 0
 // A bad command line (exit 2).
 error usage(const std::string& detail);
 }  // namespace errors
+
+// Interruption is cooperative: the signal handler (cli) only records the
+// signal; long loops call check_interrupted() between steps, which throws
+// (exit 130) so that the usual unwinding removes any partial output.
+// request_interrupt is async-signal-safe; 0 clears the record (tests).
+void request_interrupt(int signal_number) noexcept;
+// The signal recorded, 0 when none.
+int interrupt_signal() noexcept;
+// Throws lora::error (exit 130) naming the signal once one was recorded.
+void check_interrupted();
 
 }  // namespace lora

@@ -480,6 +480,7 @@ const tensor_info& safetensors_writer::at(std::string_view name) const {
 }
 
 void safetensors_writer::write(std::string_view name, std::span<const uint8_t> bytes) {
+  check_interrupted();
   const tensor_info& t = at(name);
   if (bytes.size() != t.n_bytes())
     throw errors::invalid(path_, t.name, fmt::format("{} bytes given, {} expected", bytes.size(), t.n_bytes()));
@@ -489,6 +490,7 @@ void safetensors_writer::write(std::string_view name, std::span<const uint8_t> b
 }
 
 void safetensors_writer::write_part(std::string_view name, uint64_t offset, std::span<const uint8_t> bytes) {
+  check_interrupted();
   const tensor_info& t = at(name);
   if (offset > t.n_bytes() || bytes.size() > t.n_bytes() - offset)
     throw errors::invalid(path_, t.name, "partial write runs past the tensor's end");
@@ -509,7 +511,8 @@ void safetensors_writer::copy_from(std::string_view name, int src_fd, uint64_t s
   loff_t out = static_cast<loff_t>(8 + layout_.header.size() + t.begin);
   uint64_t left = t.n_bytes();
   while (left > 0) {
-    ssize_t c = ::copy_file_range(src_fd, &in, fd_, &out, left, 0);
+    check_interrupted();  // between pieces of at most 64 MiB
+    ssize_t c = ::copy_file_range(src_fd, &in, fd_, &out, std::min<uint64_t>(left, uint64_t{64} << 20), 0);
     if (c < 0) {
       if (errno == EINTR) continue;
       if (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL) break;  // fall back
@@ -521,6 +524,7 @@ void safetensors_writer::copy_from(std::string_view name, int src_fd, uint64_t s
   // fallback: pread / pwrite through a buffer
   std::vector<uint8_t> buf(left > 0 ? std::min<uint64_t>(left, 8u << 20) : 0);
   while (left > 0) {
+    check_interrupted();
     uint64_t chunk = std::min<uint64_t>(left, buf.size());
     ssize_t r = ::pread(src_fd, buf.data(), chunk, in);
     if (r < 0) {

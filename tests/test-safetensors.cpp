@@ -822,6 +822,28 @@ TEST_CASE("streaming writer: misuse is refused") {
   CHECK(code_of([&] { serialize_safetensors(layout, [](const tensor_info&) { return std::span<const uint8_t>(); }); }) == 3);
 }
 
+TEST_CASE("an interrupting signal stops the writer (exit 130) and the temp file goes") {
+  temp_dir dir;
+  const std::string out = dir / "int.safetensors";
+  std::vector<uint8_t> bytes(64, 1);
+  {
+    safetensors_writer w(out, plan_safetensors({{"a", dtype::U8, {64}}, {"b", dtype::U8, {64}}}, std::nullopt),
+                         durability::visible);
+    w.write("a", bytes);
+    request_interrupt(SIGINT);
+    lora::error e = thrown([&] { w.write_part("b", 0, bytes); });
+    request_interrupt(0);
+    CHECK(e.code() == exit_code::interrupted);
+    CHECK(static_cast<int>(e.code()) == 130);
+    CHECK(std::string(e.what()) == "interrupted by SIGINT; nothing was left behind");
+    request_interrupt(SIGTERM);
+    CHECK(thrown([&] { w.copy_from("b", -1, 0); }).code() == exit_code::interrupted);
+    request_interrupt(0);
+  }
+  CHECK(dir.entries().empty());
+  CHECK_NOTHROW(check_interrupted());
+}
+
 TEST_CASE("write failures are I/O errors (exit 4) and leave nothing behind") {
   temp_dir dir;
   SUBCASE("the folder does not exist") {

@@ -219,6 +219,59 @@ else
   echo "SKIP: strace cannot trace here, the --sync checks did not run" >&2
 fi
 
+# interrupted (SIGINT, SIGTERM) while writing: exit 130, one line, nothing left.
+# A merge slow enough to be caught mid-way: one 4096 x 4096 BF16 weight and a
+# rank-1024 adapter on it (34 GFLOP, about a second on one thread)
+mkdir -p "$W/slow-base" "$W/slow-lora"
+"$PY" - "$W/slow-base" "$W/slow-lora" <<'EOF'
+import json, struct, sys
+import numpy as np
+def save(path, tensors):
+    h, off, blobs = {}, 0, []
+    for k, (dt, shape, b) in sorted(tensors.items()):
+        h[k] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + len(b)]}; off += len(b); blobs.append(b)
+    hj = json.dumps(h, separators=(",", ":")).encode(); hj += b" " * (-len(hj) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hj)) + hj)
+        for b in blobs: f.write(b)
+rng = np.random.default_rng(5)
+w = (rng.standard_normal((4096, 4096), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+save(sys.argv[1] + "/model.safetensors", {"model.layers.0.mlp.down_proj.weight": ("BF16", [4096, 4096], w.tobytes())})
+json.dump({"model_type": "llama"}, open(sys.argv[1] + "/config.json", "w"))
+json.dump({"peft_type": "LORA", "r": 1024, "lora_alpha": 1024, "target_modules": ["down_proj"]},
+          open(sys.argv[2] + "/adapter_config.json", "w"))
+p = "base_model.model.model.layers.0.mlp.down_proj."
+a = (rng.standard_normal((1024, 4096), dtype=np.float32) * 1e-3).tobytes()
+b = (rng.standard_normal((4096, 1024), dtype=np.float32) * 1e-3).tobytes()
+save(sys.argv[2] + "/adapter_model.safetensors",
+     {p + "lora_A.weight": ("F32", [1024, 4096], a), p + "lora_B.weight": ("F32", [4096, 1024], b)})
+EOF
+interrupt_merge() {  # SIGNAL NAME: starts the slow merge, signals it once its temp folder exists
+  LAST_CMD="lora merge (slow) interrupted by SIG$1"
+  "$LORA" merge --base "$W/slow-base" --adapter "$W/slow-lora" --out "$W/$2" --threads 1 --quiet \
+    >"$OUT_FILE" 2>"$ERR_FILE" &
+  local pid=$! i
+  for i in $(seq 1000); do
+    compgen -G "$W/$2.tmp-*" >/dev/null && break
+    sleep 0.01
+  done
+  kill "-$1" "$pid"
+  wait "$pid"
+  CODE=$?
+  ERR=$(cat "$ERR_FILE")
+}
+interrupt_merge INT int
+expect_eq "exit code after SIGINT" "$CODE" 130
+expect_stderr_contains "lora merge: error: interrupted by SIGINT; nothing was left behind"
+expect_one_line_error
+expect_nothing_left int
+interrupt_merge TERM term
+expect_eq "exit code after SIGTERM" "$CODE" 130
+expect_stderr_contains "interrupted by SIGTERM"
+expect_nothing_left term
+# the same merge left alone completes
+expect_exit 0 "$LORA" merge --base "$W/slow-base" --adapter "$W/slow-lora" --out "$W/slow-done" --quiet
+
 # disk full: the file size limit (SIGXFSZ ignored so write() fails with EFBIG)
 expect_exit 4 bash -c "trap '' XFSZ; ulimit -f 100; exec \"\$0\" merge --base \"\$1\" --adapter \"\$2\" --out \"\$3\"" \
   "$LORA" "$TD/tiny-llama" "$TD/lora-tiny-llama" "$W/bad"
