@@ -1,10 +1,7 @@
 #include "core/merge.h"
 
 #include <cblas.h>
-#include <fcntl.h>
-#include <sys/stat.h>
 #include <sys/statvfs.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <bit>
@@ -43,56 +40,6 @@ namespace fs = std::filesystem;
 constexpr uint64_t block_elements = uint64_t{1} << 18;
 
 // ---------------------------------------------------------------- files
-
-// A file descriptor closed on destruction.
-class unique_fd {
- public:
-  explicit unique_fd(int fd) noexcept : fd_(fd) {}
-  unique_fd(const unique_fd&) = delete;
-  unique_fd& operator=(const unique_fd&) = delete;
-  ~unique_fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  int get() const noexcept { return fd_; }
-
- private:
-  int fd_;
-};
-
-// Copies a whole file in the kernel (copy_file_range, read/write fallback),
-// then fsyncs the copy when durable. Throws exit 4.
-void copy_file(const std::string& src, const std::string& dst, durability mode) {
-  unique_fd in(::open(src.c_str(), O_RDONLY | O_CLOEXEC));
-  if (in.get() < 0) throw errors::io(src, "cannot open", errno);
-  struct stat st {};
-  if (::fstat(in.get(), &st) != 0) throw errors::io(src, "cannot stat", errno);
-  unique_fd out(::open(dst.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666));
-  if (out.get() < 0) throw errors::io(dst, "cannot create", errno);
-  uint64_t left = static_cast<uint64_t>(st.st_size);
-  while (left > 0) {
-    ssize_t c = ::copy_file_range(in.get(), nullptr, out.get(), nullptr, left, 0);
-    if (c < 0 && errno == EINTR) continue;
-    if (c < 0 && (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL)) break;
-    if (c < 0) throw errors::io(dst, "cannot write", errno);
-    if (c == 0) throw errors::io(src, "file shrank while being copied");
-    left -= static_cast<uint64_t>(c);
-  }
-  std::vector<char> buf(left > 0 ? (1u << 20) : 0);
-  while (left > 0) {
-    ssize_t r = ::read(in.get(), buf.data(), std::min<uint64_t>(left, buf.size()));
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) throw errors::io(src, "cannot read", errno);
-    if (r == 0) throw errors::io(src, "file shrank while being copied");
-    for (ssize_t done = 0; done < r;) {
-      ssize_t w = ::write(out.get(), buf.data() + done, static_cast<size_t>(r - done));
-      if (w < 0 && errno == EINTR) continue;
-      if (w < 0) throw errors::io(dst, "cannot write", errno);
-      done += w;
-    }
-    left -= static_cast<uint64_t>(r);
-  }
-  if (mode == durability::durable && ::fsync(out.get()) != 0) throw errors::io(dst, "cannot sync", errno);
-}
 
 // Weights in formats other than safetensors: copying them would ship stale,
 // unmerged weights beside the merged ones.

@@ -425,11 +425,41 @@ int make_temp_beside(const std::string& path, std::string& tmp) {
   return fd;
 }
 
-// Starts writing [offset, offset + n) back to disk without waiting, so that
-// the final fsync finds little left to do and disk writes overlap the work
-// that produces the next bytes. Advisory: a failure here shows up at fsync.
-void start_writeback(int fd, uint64_t offset, uint64_t n) noexcept {
-  if (n > 0) ::sync_file_range(fd, static_cast<off64_t>(offset), static_cast<off64_t>(n), SYNC_FILE_RANGE_WRITE);
+// Copies n bytes from src_fd at src_offset to dst_fd at dst_offset: in the
+// kernel (copy_file_range) in pieces of at most 64 MiB with an interruption
+// check between them, else (another file system, no support) through a
+// buffer. `what` names the source in messages; errors are about `path`
+// (exit 4, or 130 when interrupted).
+void copy_bytes(int src_fd, uint64_t src_offset, int dst_fd, uint64_t dst_offset, uint64_t n,
+                const std::string& path, const std::string& what) {
+  loff_t in = static_cast<loff_t>(src_offset);
+  loff_t out = static_cast<loff_t>(dst_offset);
+  uint64_t left = n;
+  while (left > 0) {
+    check_interrupted();
+    ssize_t c = ::copy_file_range(src_fd, &in, dst_fd, &out, std::min<uint64_t>(left, uint64_t{64} << 20), 0);
+    if (c < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL) break;  // fall back
+      throw errors::io(path, fmt::format("copying {} failed", what), errno);
+    }
+    if (c == 0) throw errors::io(path, fmt::format("copying {} failed: source ended early", what));
+    left -= static_cast<uint64_t>(c);
+  }
+  std::vector<uint8_t> buf(left > 0 ? std::min<uint64_t>(left, 8u << 20) : 0);
+  while (left > 0) {
+    check_interrupted();
+    const ssize_t r = ::pread(src_fd, buf.data(), std::min<uint64_t>(left, buf.size()), in);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw errors::io(path, fmt::format("reading {} failed", what), errno);
+    }
+    if (r == 0) throw errors::io(path, fmt::format("copying {} failed: source ended early", what));
+    pwrite_all(dst_fd, buf.data(), static_cast<uint64_t>(r), static_cast<uint64_t>(out), path);
+    in += r;
+    out += r;
+    left -= static_cast<uint64_t>(r);
+  }
 }
 
 // Closes the finished temp file (after an fsync when durable) and renames it
@@ -485,7 +515,7 @@ void safetensors_writer::write(std::string_view name, std::span<const uint8_t> b
   if (bytes.size() != t.n_bytes())
     throw errors::invalid(path_, t.name, fmt::format("{} bytes given, {} expected", bytes.size(), t.n_bytes()));
   pwrite_all(fd_, bytes.data(), bytes.size(), 8 + layout_.header.size() + t.begin, path_);
-  if (mode_ == durability::durable) start_writeback(fd_, 8 + layout_.header.size() + t.begin, bytes.size());
+  start_writeback(8 + layout_.header.size() + t.begin, bytes.size());
   note_written(bytes.size());
 }
 
@@ -500,45 +530,25 @@ void safetensors_writer::write_part(std::string_view name, uint64_t offset, std:
   // crosses into the next one (each start is a request to the disk)
   constexpr uint64_t window = uint64_t{8} << 20;
   const uint64_t end = at_byte + bytes.size();
-  if (mode_ == durability::durable && at_byte / window != end / window)
-    start_writeback(fd_, end / window * window - window, window);
+  if (at_byte / window != end / window) start_writeback(end / window * window - window, window);
   note_written(bytes.size());
 }
 
 void safetensors_writer::copy_from(std::string_view name, int src_fd, uint64_t src_offset) {
   const tensor_info& t = at(name);
-  loff_t in = static_cast<loff_t>(src_offset);
-  loff_t out = static_cast<loff_t>(8 + layout_.header.size() + t.begin);
-  uint64_t left = t.n_bytes();
-  while (left > 0) {
-    check_interrupted();  // between pieces of at most 64 MiB
-    ssize_t c = ::copy_file_range(src_fd, &in, fd_, &out, std::min<uint64_t>(left, uint64_t{64} << 20), 0);
-    if (c < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL) break;  // fall back
-      throw errors::io(path_, fmt::format("copying tensor {} failed", t.name), errno);
-    }
-    if (c == 0) throw errors::io(path_, fmt::format("copying tensor {} failed: source ended early", t.name));
-    left -= static_cast<uint64_t>(c);
-  }
-  // fallback: pread / pwrite through a buffer
-  std::vector<uint8_t> buf(left > 0 ? std::min<uint64_t>(left, 8u << 20) : 0);
-  while (left > 0) {
-    check_interrupted();
-    uint64_t chunk = std::min<uint64_t>(left, buf.size());
-    ssize_t r = ::pread(src_fd, buf.data(), chunk, in);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      throw errors::io(path_, fmt::format("reading tensor {} failed", t.name), errno);
-    }
-    if (r == 0) throw errors::io(path_, fmt::format("copying tensor {} failed: source ended early", t.name));
-    pwrite_all(fd_, buf.data(), static_cast<uint64_t>(r), static_cast<uint64_t>(out), path_);
-    in += r;
-    out += r;
-    left -= static_cast<uint64_t>(r);
-  }
-  if (mode_ == durability::durable) start_writeback(fd_, 8 + layout_.header.size() + t.begin, t.n_bytes());
+  const uint64_t at_byte = 8 + layout_.header.size() + t.begin;
+  copy_bytes(src_fd, src_offset, fd_, at_byte, t.n_bytes(), path_, "tensor " + t.name);
+  start_writeback(at_byte, t.n_bytes());
   note_written(t.n_bytes());
+}
+
+// Starts writing [offset, offset + n) back to disk without waiting, so that
+// the final fsync finds little left to do and disk writes overlap the work
+// that produces the next bytes. Only when durable (nothing will wait for the
+// disk otherwise). Advisory: a failure here shows up at fsync.
+void safetensors_writer::start_writeback(uint64_t offset, uint64_t n) const noexcept {
+  if (mode_ == durability::durable && n > 0)
+    ::sync_file_range(fd_, static_cast<off64_t>(offset), static_cast<off64_t>(n), SYNC_FILE_RANGE_WRITE);
 }
 
 void safetensors_writer::sync_in_background(uint64_t every) {
@@ -603,6 +613,29 @@ void write_file_atomic(const std::string& path, std::string_view bytes, durabili
     ::unlink(tmp.c_str());
     throw;
   }
+}
+
+void copy_file(const std::string& src, const std::string& dst, durability mode) {
+  const int in = ::open(src.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in < 0) throw errors::io(src, "cannot open", errno);
+  const int out = ::open(dst.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  if (out < 0) {
+    const int err = errno;
+    ::close(in);
+    throw errors::io(dst, "cannot create", err);
+  }
+  try {
+    struct stat st {};
+    if (::fstat(in, &st) != 0) throw errors::io(src, "cannot stat", errno);
+    copy_bytes(in, 0, out, 0, static_cast<uint64_t>(st.st_size), dst, src);
+    if (mode == durability::durable && ::fsync(out) != 0) throw errors::io(dst, "cannot sync", errno);
+  } catch (...) {
+    ::close(in);
+    ::close(out);
+    throw;
+  }
+  ::close(in);
+  if (::close(out) != 0) throw errors::io(dst, "write failed", errno);
 }
 
 std::string read_text_file(const std::string& path) {

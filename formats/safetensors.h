@@ -149,6 +149,7 @@ class safetensors_writer {
 
  private:
   const tensor_info& at(std::string_view name) const;
+  void start_writeback(uint64_t offset, uint64_t n) const noexcept;
   void note_written(uint64_t n);
   void stop_syncing() noexcept;
   std::string path_;
@@ -169,6 +170,12 @@ class safetensors_writer {
 // Writes `bytes` to `path` atomically (temp file beside it, fsync when
 // durable, rename). Throws lora::error (exit 4).
 void write_file_atomic(const std::string& path, std::string_view bytes, durability mode = durability::durable);
+
+// Copies the whole file `src` to `dst`, which must not exist (in the kernel
+// where the file system can), then fsyncs it when durable. The caller removes
+// a partial `dst` on error (it sits in a staged folder). Throws lora::error
+// (exit 4; 130 when interrupted).
+void copy_file(const std::string& src, const std::string& dst, durability mode = durability::durable);
 
 // Reads a whole small file (config.json, an index). Throws exit 4.
 std::string read_text_file(const std::string& path);

@@ -905,6 +905,23 @@ TEST_CASE("write failures are I/O errors (exit 4) and leave nothing behind") {
   }
 }
 
+TEST_CASE("copy_file copies every byte, durable or not, and refuses to overwrite") {
+  temp_dir dir;
+  std::string text(3 * 1000 * 1000 + 7, '\0');
+  for (size_t i = 0; i < text.size(); ++i) text[i] = static_cast<char>(i * 131 % 251);
+  write_file_atomic(dir / "src.bin", text);
+  copy_file(dir / "src.bin", dir / "a.bin");
+  copy_file(dir / "src.bin", dir / "b.bin", durability::visible);
+  CHECK(read_text_file(dir / "a.bin") == text);
+  CHECK(read_text_file(dir / "b.bin") == text);
+  CHECK(thrown([&] { copy_file(dir / "src.bin", dir / "a.bin"); }).code() == exit_code::io);
+  CHECK(thrown([&] { copy_file(dir / "absent.bin", dir / "c.bin"); }).code() == exit_code::io);
+  CHECK(!fs::exists(dir / "c.bin"));
+  write_file_atomic(dir / "empty.bin", "");
+  copy_file(dir / "empty.bin", dir / "empty.copy");
+  CHECK(read_text_file(dir / "empty.copy").empty());
+}
+
 TEST_CASE("write_file_atomic and read_text_file") {
   temp_dir dir;
   const std::string p = dir / "a.json";

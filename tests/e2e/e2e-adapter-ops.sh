@@ -371,24 +371,18 @@ expect_exit 0 "$LORA" merge --base "$TD/tiny-llama" --adapter "$A1" --weight 0.7
 expect_exit 0 "$LORA" verify --base "$TD/tiny-llama" --adapter "$W/c" --merged "$W/b12" --json
 expect_json 'j["equivalent"]' true
 # different targets: a kohya adapter with two modules combines module by module with A1 (--base maps the names)
-"$PY" - "$W/two.safetensors" <<'PY'
-import json, struct, sys
+E2E_LIB="$SRC/tests/e2e" "$PY" - "$W/two.safetensors" <<'PY'
+import os, sys
 import numpy as np
+sys.path.insert(0, os.environ["E2E_LIB"])
+import safetensors_np
 rng = np.random.default_rng(7)
 t = {}
 for p, (o, i) in {"model_layers_0_self_attn_q_proj": (64, 64), "model_layers_1_mlp_down_proj": (64, 176)}.items():
     t["lora_te_%s.lora_down.weight" % p] = rng.uniform(-0.2, 0.2, (2, i)).astype(np.float32)
     t["lora_te_%s.lora_up.weight" % p] = rng.uniform(-0.2, 0.2, (o, 2)).astype(np.float32)
     t["lora_te_%s.alpha" % p] = np.array(3.0, np.float32)
-h, off, blobs = {}, 0, []
-for k in sorted(t):
-    b = t[k].tobytes()
-    h[k] = {"dtype": "F32", "shape": list(t[k].shape), "data_offsets": [off, off + len(b)]}
-    off += len(b)
-    blobs.append(b)
-js = json.dumps(h).encode()
-js += b" " * (-len(js) % 8)
-open(sys.argv[1], "wb").write(struct.pack("<Q", len(js)) + js + b"".join(blobs))
+safetensors_np.write(sys.argv[1], t)
 PY
 expect_exit 0 "$LORA" combine --adapter "$W/two.safetensors" --weight 2 --adapter "$A1" --weight 0.5 --base "$TD/tiny-llama" --format kohya --out "$W/ck.safetensors" --json
 expect_json 'j["format"]' kohya
@@ -459,19 +453,14 @@ else
 fi
 
 # malformed MLX adapters, made here from a valid pair
-"$PY" - "$W" <<'PY'
-import json, os, struct, sys
+E2E_LIB="$SRC/tests/e2e" "$PY" - "$W" <<'PY'
+import json, os, sys
 import numpy as np
+sys.path.insert(0, os.environ["E2E_LIB"])
+import safetensors_np
 w = sys.argv[1]
 def st(path, t):
-    h, off, blobs = {}, 0, []
-    for k in sorted(t):
-        b = t[k].astype(np.float32).tobytes()
-        h[k] = {"dtype": "F32", "shape": list(t[k].shape), "data_offsets": [off, off + len(b)]}
-        off += len(b)
-        blobs.append(b)
-    js = json.dumps(h).encode()
-    open(path, "wb").write(struct.pack("<Q", len(js)) + js + b"".join(blobs))
+    safetensors_np.write(path, {k: v.astype(np.float32) for k, v in t.items()})
 rng = np.random.default_rng(3)
 pair = {"m.q_proj.lora_a": rng.standard_normal((8, 2)), "m.q_proj.lora_b": rng.standard_normal((2, 6))}
 cases = {

@@ -185,18 +185,16 @@ expect_eq "base untouched" "$(cmp "$TD/tiny-llama/model.safetensors" "$W/base-co
 
 # a merge that overflows: exit 3 naming the tensor; --allow-nonfinite writes it
 mkdir -p "$W/huge"
-"$PY" - "$W/huge" <<'EOF'
-import json, struct, sys
+E2E_LIB="$SRC/tests/e2e" "$PY" - "$W/huge" <<'EOF'
+import json, os, sys
 import numpy as np
+sys.path.insert(0, os.environ["E2E_LIB"])
+import safetensors_np
 d = sys.argv[1]
 json.dump({"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj"]}, open(d + "/adapter_config.json", "w"))
 t = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.full((1, 64), 1e30, np.float32),
      "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.full((64, 1), 1e30, np.float32)}
-h, off, blobs = {}, 0, []
-for k in sorted(t):
-    b = t[k].tobytes(); h[k] = {"dtype": "F32", "shape": list(t[k].shape), "data_offsets": [off, off + len(b)]}; off += len(b); blobs.append(b)
-hj = json.dumps(h, separators=(",", ":")).encode(); hj += b" " * (-len(hj) % 8)
-open(d + "/adapter_model.safetensors", "wb").write(struct.pack("<Q", len(hj)) + hj + b"".join(blobs))
+safetensors_np.write(d + "/adapter_model.safetensors", t)
 EOF
 refuse 3 "model.layers.0.self_attn.q_proj.weight: the merge produced 4096 NaN or infinite values" --base "$TD/tiny-llama" --adapter "$W/huge"
 expect_stderr_contains "--allow-nonfinite"
@@ -223,17 +221,11 @@ fi
 # A merge slow enough to be caught mid-way: one 4096 x 4096 BF16 weight and a
 # rank-1024 adapter on it (34 GFLOP, about a second on one thread)
 mkdir -p "$W/slow-base" "$W/slow-lora"
-"$PY" - "$W/slow-base" "$W/slow-lora" <<'EOF'
-import json, struct, sys
+E2E_LIB="$SRC/tests/e2e" "$PY" - "$W/slow-base" "$W/slow-lora" <<'EOF'
+import json, os, sys
 import numpy as np
-def save(path, tensors):
-    h, off, blobs = {}, 0, []
-    for k, (dt, shape, b) in sorted(tensors.items()):
-        h[k] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + len(b)]}; off += len(b); blobs.append(b)
-    hj = json.dumps(h, separators=(",", ":")).encode(); hj += b" " * (-len(hj) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hj)) + hj)
-        for b in blobs: f.write(b)
+sys.path.insert(0, os.environ["E2E_LIB"])
+from safetensors_np import write as save
 rng = np.random.default_rng(5)
 w = (rng.standard_normal((4096, 4096), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
 save(sys.argv[1] + "/model.safetensors", {"model.layers.0.mlp.down_proj.weight": ("BF16", [4096, 4096], w.tobytes())})
@@ -241,10 +233,9 @@ json.dump({"model_type": "llama"}, open(sys.argv[1] + "/config.json", "w"))
 json.dump({"peft_type": "LORA", "r": 1024, "lora_alpha": 1024, "target_modules": ["down_proj"]},
           open(sys.argv[2] + "/adapter_config.json", "w"))
 p = "base_model.model.model.layers.0.mlp.down_proj."
-a = (rng.standard_normal((1024, 4096), dtype=np.float32) * 1e-3).tobytes()
-b = (rng.standard_normal((4096, 1024), dtype=np.float32) * 1e-3).tobytes()
 save(sys.argv[2] + "/adapter_model.safetensors",
-     {p + "lora_A.weight": ("F32", [1024, 4096], a), p + "lora_B.weight": ("F32", [4096, 1024], b)})
+     {p + "lora_A.weight": rng.standard_normal((1024, 4096), dtype=np.float32) * np.float32(1e-3),
+      p + "lora_B.weight": rng.standard_normal((4096, 1024), dtype=np.float32) * np.float32(1e-3)})
 EOF
 interrupt_merge() {  # SIGNAL NAME: starts the slow merge, signals it once its temp folder exists
   LAST_CMD="lora merge (slow) interrupted by SIG$1"

@@ -1,7 +1,10 @@
-"""An independent safetensors reader for the end-to-end checks (numpy only).
+"""An independent safetensors reader and writer for the end-to-end tests
+(numpy only).
 
 read(path) -> ({name: (dtype, shape, raw bytes, float64 array)}, metadata or None)
 for files holding BF16 / F16 / F32 / F64 tensors.
+write(path, {name: numpy array of float16/32/64, or (dtype, shape, raw bytes)})
+writes a file the way the reference does (names sorted, header padded to 8).
 """
 import json
 import struct
@@ -24,3 +27,20 @@ def read(path):
             v = np.frombuffer(b, {"F16": np.float16, "F32": np.float32, "F64": np.float64}[dt])
         out[name] = (dt, e["shape"], b, v.astype(np.float64).reshape(e["shape"]))
     return out, meta
+
+
+def write(path, tensors):
+    names = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
+    h, off, blobs = {}, 0, []
+    for k in sorted(tensors):
+        v = tensors[k]
+        dt, shape, b = v if isinstance(v, tuple) else (names[v.dtype], list(v.shape), v.tobytes())
+        h[k] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + len(b)]}
+        off += len(b)
+        blobs.append(b)
+    hj = json.dumps(h, separators=(",", ":")).encode()
+    hj += b" " * (-len(hj) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hj)) + hj)
+        for b in blobs:
+            f.write(b)
