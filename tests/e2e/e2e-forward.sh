@@ -12,13 +12,15 @@ expect_stdout_contains "position 11 (token 5):"
 expect_exit 0 "$LORA" forward --model "$TD/tiny-llama" --adapter "$TD/lora-tiny-llama" --tokens $T --out "$E2E_TMP/lora.safetensors"
 # the logits match PyTorch's (tests/reference) and the adapter moves them
 got=$("$PY" - "$E2E_TMP" "$SRC" <<'PY'
-import sys; sys.path.insert(0, sys.argv[2] + "/tests/reference")
-from llama_reference import read_safetensors
-ref = read_safetensors(sys.argv[2] + "/tests/reference/llama-logits.safetensors")
-b = read_safetensors(sys.argv[1] + "/base.safetensors")["logits"]
-l = read_safetensors(sys.argv[1] + "/lora.safetensors")["logits"]
-ok = (b - ref["tiny-llama"]).abs().max() < 1e-4 and (l - ref["tiny-llama+lora-tiny-llama"]).abs().max() < 1e-4 \
-     and (l - b).abs().max() > 1e-2 and list(b.shape) == [12, 256]
+import sys; sys.path.insert(0, sys.argv[2] + "/tests/e2e")
+import numpy as np
+from safetensors_np import read
+def tensors(path): return {k: v[3] for k, v in read(path)[0].items()}
+ref = tensors(sys.argv[2] + "/tests/reference/llama-logits.safetensors")
+b = tensors(sys.argv[1] + "/base.safetensors")["logits"]
+l = tensors(sys.argv[1] + "/lora.safetensors")["logits"]
+ok = np.abs(b - ref["tiny-llama"]).max() < 1e-4 and np.abs(l - ref["tiny-llama+lora-tiny-llama"]).max() < 1e-4 \
+     and np.abs(l - b).max() > 1e-2 and list(b.shape) == [12, 256]
 print("ok" if ok else "mismatch")
 PY
 )
