@@ -13,6 +13,7 @@
 #include "cli/token-list.h"
 #include "core/llama.h"
 #include "formats/error.h"
+#include "formats/staged-folder.h"
 
 namespace lora::cli {
 
@@ -33,6 +34,8 @@ int run_forward_cmd(const forward_cli_options& o) {
   if (!o.adapter.empty()) opts.adapter = o.adapter;
   opts.tokens = parse_token_list(o.tokens);
   opts.threads = o.threads;
+  // the logits file never replaces an input (an existing other file is replaced)
+  check_output(o.out, {{"model", o.model}, {"adapter", o.adapter}}, /*force=*/true);
   const logits_result r = run_forward(opts);
   save_logits(r, o.out);
 

@@ -1,7 +1,5 @@
 // Entry point: parses the command line, runs one subcommand, and turns every
 // failure into one line on stderr and a documented exit code.
-#include <signal.h>
-
 #include <cstdio>
 #include <exception>
 #include <new>
@@ -11,24 +9,8 @@
 
 #include "cli/commands.h"
 #include "formats/error.h"
-
-namespace {
-
-// SIGINT, SIGTERM and SIGHUP only ask the running command to stop: it
-// notices at its next step (lora::check_interrupted), unwinds and removes
-// its partial output, and exits 130. A second signal kills at once
-// (SA_RESETHAND); system calls resume after the handler (SA_RESTART).
-extern "C" void on_interrupt(int signal_number) { lora::request_interrupt(signal_number); }
-
-void install_interrupt_handlers() {
-  struct sigaction sa {};
-  sa.sa_handler = on_interrupt;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART | SA_RESETHAND;
-  for (int s : {SIGINT, SIGTERM, SIGHUP}) sigaction(s, &sa, nullptr);
-}
-
-}  // namespace
+#include "formats/interrupt.h"
+#include "formats/mapped-file.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"lora: inspect, merge, extract and verify LoRA adapters stored as safetensors"};
@@ -61,9 +43,11 @@ int main(int argc, char** argv) {
   }
 
   const std::string cmd = app.get_subcommands().front()->get_name();
-  install_interrupt_handlers();
+  lora::install_interrupt_handling(cmd);
   try {
-    return run();
+    const int code = run();
+    lora::check_mapped_inputs();  // a result computed from an input that shrank is not one
+    return code;
   } catch (const lora::error& e) {
     fmt::print(stderr, "lora {}: error: {}\n", cmd, e.what());
     return static_cast<int>(e.code());

@@ -57,9 +57,11 @@ int run_merge(const merge_cli_options& o) {
   bar.finish();
   if (o.quiet) return 0;
 
-  if (!r.skipped_files.empty())
-    fmt::print(stderr, "lora merge: note: not copied (weights in another format, not merged): {}\n",
-               fmt::join(r.skipped_files, ", "));
+  if (!r.skipped_files.empty()) {
+    std::vector<std::string> items;
+    for (const auto& [name, why] : r.skipped_files) items.push_back(fmt::format("{} ({})", name, why));
+    fmt::print(stderr, "lora merge: note: not copied from the base folder: {}\n", fmt::join(items, ", "));
+  }
   const std::string tensors =
       fmt::format("{} tensors: {} merged, {} replaced, {} converted, {} copied", r.n_tensors, r.n_merged,
                   r.n_replaced, r.n_converted, r.n_copied);

@@ -14,6 +14,7 @@
 #include "core/thread-pool.h"
 #include "formats/error.h"
 #include "formats/mlx-config.h"
+#include "formats/staged-folder.h"
 
 namespace lora {
 
@@ -384,6 +385,7 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base) 
 // resize
 
 resize_report resize_adapter(const resize_options& o) {
+  check_output(o.out, {{"adapter", o.adapter}}, o.force);
   adapter in = load_adapter(o.adapter);
   adapter_data out = adapter_to_data(in);
   resize_report report;
@@ -444,6 +446,9 @@ combine_report combine_adapters(const combine_options& o) {
   if (o.adapters.empty()) throw errors::usage("no --adapter given");
   for (const combine_input& c : o.adapters)
     if (!std::isfinite(c.weight)) throw errors::usage(fmt::format("the weight of {} is not finite", c.path));
+  std::vector<named_input> inputs{{"base model", o.base}};
+  for (const combine_input& c : o.adapters) inputs.push_back({"adapter", c.path});
+  check_output(o.out, inputs, o.force);
 
   // load; with a base, every adapter is fitted (kohya names resolved)
   std::vector<adapter> ins;
@@ -629,6 +634,7 @@ convert_report convert_adapter(const convert_options& o) {
   convert_report report;
   report.to = o.to;
   report.out = o.out;
+  check_output(o.out, {{"adapter", o.adapter}, {"base model", o.base}}, o.force);
   std::optional<model_files> base;
   if (!o.base.empty()) base = open_model(o.base);
 

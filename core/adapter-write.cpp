@@ -203,19 +203,23 @@ void write_adapter(const adapter_data& data, const std::string& out_arg, bool fo
   file_tensors f = peft_tensors(data, out.string());
   metadata_map metadata = data.metadata.value_or(metadata_map{{"format", "pt"}});
   staged_folder tmp(out);
-  write_tensors(tmp.path() + "/adapter_model.safetensors", f, metadata);
-  const std::string config_path = tmp.path() + "/adapter_config.json";
-  peft_config config = make_peft_config(data);
-  write_file_atomic(config_path, render_peft_config(config));
-
-  // read it back: a plain module path in a pattern is a regex, and could
-  // also match another module; escape the dots when that happens
-  if (!config_reads_back(data, tmp.path())) {
-    for (auto& [k, v] : config.rank_pattern) k = exact_pattern(k);
-    for (auto& [k, v] : config.alpha_pattern) k = exact_pattern(k);
+  try {
+    write_tensors(tmp.path() + "/adapter_model.safetensors", f, metadata);
+    const std::string config_path = tmp.path() + "/adapter_config.json";
+    peft_config config = make_peft_config(data);
     write_file_atomic(config_path, render_peft_config(config));
-    if (!config_reads_back(data, tmp.path()))
-      throw errors::invalid(config_path, "", "internal: the written config does not give every module its rank and scale");
+
+    // read it back: a plain module path in a pattern is a regex, and could
+    // also match another module; escape the dots when that happens
+    if (!config_reads_back(data, tmp.path())) {
+      for (auto& [k, v] : config.rank_pattern) k = exact_pattern(k);
+      for (auto& [k, v] : config.alpha_pattern) k = exact_pattern(k);
+      write_file_atomic(config_path, render_peft_config(config));
+      if (!config_reads_back(data, tmp.path()))
+        throw errors::invalid(config_path, "", "internal: the written config does not give every module its rank and scale");
+    }
+  } catch (const error& e) {
+    throw tmp.shown(e);  // name the output, not the temp folder about to be removed
   }
 
   // rename onto --out (swapped with the old one under --force)

@@ -19,6 +19,7 @@
 #include "core/blas.h"
 #include "core/dtype.h"
 #include "core/thread-pool.h"
+#include "formats/staged-folder.h"
 #include "core/adapter-write.h"
 #include "formats/adapter-config.h"
 #include "formats/error.h"
@@ -212,9 +213,7 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
       throw errors::usage(fmt::format("--targets '{}' is not a valid regex: {}", options.targets, e.what()));
     }
   }
-  std::error_code exists_ec;
-  if (!options.force && std::filesystem::exists(options.out, exists_ec))
-    throw errors::usage(fmt::format("--out {} exists: remove it, choose another path or pass --force", options.out));
+  check_output(options.out, {{"base model", options.base}, {"tuned model", options.tuned}}, options.force);
 
   model_files base = open_model(options.base);
   model_files tuned = open_model(options.tuned);

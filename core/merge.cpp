@@ -65,14 +65,6 @@ std::string fnv1a64(const std::string& text) {
 
 std::string mib(uint64_t bytes) { return fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1024.0 * 1024.0)); }
 
-// True when `inner` is `outer` or lies inside it (both canonical).
-bool inside(const fs::path& inner, const fs::path& outer) {
-  auto i = inner.begin();
-  for (auto o = outer.begin(); o != outer.end(); ++o, ++i)
-    if (i == inner.end() || *i != *o) return false;
-  return true;
-}
-
 // ---------------------------------------------------------------- numbers
 
 // How many of the n 16-bit values at p have all the bits of `exp` set (NaN
@@ -421,16 +413,11 @@ merge_report merge_model(const merge_options& options) {
     if (!std::isfinite(in.weight)) throw errors::usage(fmt::format("the weight of {} is not finite", in.path));
   const fs::path out = normalize_out(options.out);
   report.out = out.string();
+  std::vector<named_input> inputs{{"base model", options.base}};
+  for (const merge_input& in : options.adapters) inputs.push_back({"adapter", in.path});
+  check_output(out.string(), inputs, options.force);
   std::error_code ec;
-  const fs::path out_canonical = fs::weakly_canonical(out, ec);
-  if (inside(fs::weakly_canonical(options.base, ec), out_canonical))
-    throw errors::usage(fmt::format("--out {} would replace the base model {}", out.string(), options.base));
-  for (const merge_input& in : options.adapters)
-    if (inside(fs::weakly_canonical(in.path, ec), out_canonical))
-      throw errors::usage(fmt::format("--out {} would replace the adapter {}", out.string(), in.path));
   const bool out_exists = fs::exists(fs::symlink_status(out, ec));
-  if (out_exists && !options.force)
-    throw errors::usage(fmt::format("output {} already exists (--force replaces it)", out.string()));
 
   // 2. open the base and the adapters; every module must fit
   model_files base = open_model(options.base);
@@ -537,34 +524,21 @@ merge_report merge_model(const merge_options& options) {
     else if (!job.replaced) ++(job.copy ? report.n_copied : report.n_converted);
   }
 
-  // 5. the other files of the base folder
+  // 5. the other files of the base folder: plain files and links inside the
+  // model's tree only (formats' list_folder_files), never other weights
   std::vector<std::pair<std::string, std::string>> extra_files;  // source path, name
   uint64_t extra_bytes = 0;
   const std::string index_name = base.index_path.empty() ? "" : fs::path(base.index_path).filename().string();
-  if (bare_file) {
-    if (!base.config_path.empty()) extra_files.emplace_back(base.config_path, "config.json");
-  } else {
-    std::vector<std::string> names;
-    for (const auto& entry : fs::directory_iterator(base.folder, ec)) {
-      std::error_code ec2;
-      if (!entry.is_regular_file(ec2)) continue;  // subfolders are not part of the model
-      names.push_back(entry.path().filename().string());
+  for (folder_file& f : list_folder_files(base)) {
+    if (bare_file && f.name != "config.json") continue;  // a bare file's folder is not the model's
+    if (f.skip.empty() && is_other_weight_file(f.name)) f.skip = "weights in another format, not merged";
+    if (!f.skip.empty()) {
+      report.skipped_files.push_back({f.name, f.skip});
+      continue;
     }
-    if (ec) throw errors::io(base.folder, "cannot list the base folder", ec.value());
-    std::sort(names.begin(), names.end());
-    for (const std::string& name : names) {
-      if (name == index_name || std::find(base.shard_names.begin(), base.shard_names.end(), name) != base.shard_names.end())
-        continue;
-      if (is_other_weight_file(name)) {
-        report.skipped_files.push_back(name);
-        continue;
-      }
-      extra_files.emplace_back((fs::path(base.folder) / name).string(), name);
-    }
-  }
-  for (const auto& [src, name] : extra_files) {
-    extra_bytes += fs::file_size(src, ec);
-    report.files.push_back(name);
+    extra_bytes += fs::file_size(f.source, ec);
+    report.files.push_back(f.name);
+    extra_files.emplace_back(f.source, f.name);
   }
   std::string index_text;
   if (!base.index_path.empty()) {
@@ -595,40 +569,44 @@ merge_report merge_model(const merge_options& options) {
   // 7. write into a temp folder beside --out
   const durability mode = options.sync ? durability::durable : durability::visible;
   staged_folder tmp(out, mode);
-  for (const auto& [src, name] : extra_files) copy_file(src, tmp.path() + "/" + name, mode);
-  std::vector<std::unique_ptr<safetensors_writer>> writers;
-  for (size_t s = 0; s < layouts.size(); ++s)
-    writers.push_back(
-        std::make_unique<safetensors_writer>(tmp.path() + "/" + base.shard_names[s], std::move(layouts[s]), mode));
-  for (auto& w : writers) w->sync_in_background(uint64_t{64} << 20);
+  try {
+    for (const auto& [src, name] : extra_files) copy_file(src, tmp.path() + "/" + name, mode);
+    std::vector<std::unique_ptr<safetensors_writer>> writers;
+    for (size_t s = 0; s < layouts.size(); ++s)
+      writers.push_back(
+          std::make_unique<safetensors_writer>(tmp.path() + "/" + base.shard_names[s], std::move(layouts[s]), mode));
+    for (auto& w : writers) w->sync_in_background(uint64_t{64} << 20);
 
-  // tensors in output order, so reads and writes run front to back; the
-  // in-kernel copies spread evenly among the computed tensors, so that two
-  // copies rarely run at once (they would contend for the output file's lock
-  // while the other core has arithmetic to do)
-  std::sort(jobs.begin(), jobs.end(), [](const tensor_job& x, const tensor_job& y) {
-    return x.shard != y.shard ? x.shard < y.shard : x.out_begin < y.out_begin;
-  });
-  jobs = spread_copies(std::move(jobs));
-  uint64_t total_bytes = 0;
-  for (const tensor_job& job : jobs) total_bytes += job.out_bytes;
-  std::mutex progress_mutex;
-  progress_event event;
-  event.total_items = jobs.size();
-  event.total_bytes = total_bytes;
-  parallel_for(jobs.size(), options.threads, [&](size_t i) {
-    const tensor_job& job = jobs[i];
-    run_job(job, *writers[job.shard], options.allow_nonfinite);
-    if (options.progress) {
-      std::lock_guard<std::mutex> lock(progress_mutex);
-      ++event.done_items;
-      event.done_bytes += job.out_bytes;
-      event.current = job.name;
-      options.progress(event);
-    }
-  });
-  for (auto& w : writers) w->commit();
-  if (!index_text.empty()) write_file_atomic(tmp.path() + "/" + index_name, index_text, mode);
+    // tensors in output order, so reads and writes run front to back; the
+    // in-kernel copies spread evenly among the computed tensors, so that two
+    // copies rarely run at once (they would contend for the output file's lock
+    // while the other core has arithmetic to do)
+    std::sort(jobs.begin(), jobs.end(), [](const tensor_job& x, const tensor_job& y) {
+      return x.shard != y.shard ? x.shard < y.shard : x.out_begin < y.out_begin;
+    });
+    jobs = spread_copies(std::move(jobs));
+    uint64_t total_bytes = 0;
+    for (const tensor_job& job : jobs) total_bytes += job.out_bytes;
+    std::mutex progress_mutex;
+    progress_event event;
+    event.total_items = jobs.size();
+    event.total_bytes = total_bytes;
+    parallel_for(jobs.size(), options.threads, [&](size_t i) {
+      const tensor_job& job = jobs[i];
+      run_job(job, *writers[job.shard], options.allow_nonfinite);
+      if (options.progress) {
+        std::lock_guard<std::mutex> lock(progress_mutex);
+        ++event.done_items;
+        event.done_bytes += job.out_bytes;
+        event.current = job.name;
+        options.progress(event);
+      }
+    });
+    for (auto& w : writers) w->commit();
+    if (!index_text.empty()) write_file_atomic(tmp.path() + "/" + index_name, index_text, mode);
+  } catch (const error& e) {
+    throw tmp.shown(e);  // name the output, not the temp folder about to be removed
+  }
 
   // 8. rename onto --out (swapped with the old one under --force)
   tmp.commit(out_exists);

@@ -50,7 +50,9 @@ struct merge_report {
   std::string out;
   bool dry_run = false;
   std::vector<std::string> files;          // written into out (names)
-  std::vector<std::string> skipped_files;  // base files not copied (other weight formats)
+  // entries of the base folder not copied, with why: weights in another
+  // format, links out of the model's tree, folders, FIFOs, devices
+  std::vector<std::pair<std::string, std::string>> skipped_files;  // name, reason
   uint64_t n_tensors = 0;    // tensors in the output
   uint64_t n_modules = 0;    // LoRA modules applied (over all adapters)
   uint64_t n_merged = 0;     // tensors that received a delta (weights and biases)

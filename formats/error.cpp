@@ -1,4 +1,5 @@
 #include "formats/error.h"
+#include "formats/mapped-file.h"
 
 #include <atomic>
 #include <csignal>
@@ -73,6 +74,7 @@ void request_interrupt(int signal_number) noexcept { recorded_signal.store(signa
 int interrupt_signal() noexcept { return recorded_signal.load(std::memory_order_relaxed); }
 
 void check_interrupted() {
+  check_mapped_inputs();  // an input that shrank is the real cause of what follows
   const int s = interrupt_signal();
   if (s == 0) return;
   const char* name = s == SIGINT ? "SIGINT" : s == SIGTERM ? "SIGTERM" : s == SIGHUP ? "SIGHUP" : "a signal";

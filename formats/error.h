@@ -57,7 +57,8 @@ error usage(const std::string& detail);
 void request_interrupt(int signal_number) noexcept;
 // The signal recorded, 0 when none.
 int interrupt_signal() noexcept;
-// Throws lora::error (exit 130) naming the signal once one was recorded.
+// Throws lora::error naming the signal (exit 130) once one was recorded, or
+// naming a mapped input that shrank (exit 4, formats/mapped-file.h) first.
 void check_interrupted();
 
 }  // namespace lora

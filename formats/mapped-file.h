@@ -8,6 +8,24 @@
 
 namespace lora {
 
+// Opens `path` read-only as an input: a regular file (symlinks followed),
+// never blocking on a FIFO or a device (opened O_NONBLOCK, checked with
+// fstat, then set back to blocking). Returns the descriptor (the caller
+// closes it) and, when `size` is given, the file's size in bytes.
+// Throws lora::error (exit 4) naming the file: cannot open, a directory, a
+// FIFO, a device or a socket.
+int open_regular_file(const std::string& path, uint64_t* size = nullptr);
+
+// A mapped input that shrinks while it is read would raise SIGBUS on the
+// next access past its new end. Every mapped_file is guarded instead: a
+// SIGBUS handler (installed with the first map) replaces the missing page
+// with a page of zeros and records the file, and check_mapped_inputs()
+// throws lora::error (exit 4) naming it: "file shrank while being read".
+// check_interrupted() calls it, so every step of every command, the writers'
+// commits and the end of each command notice it before any result is kept.
+// A SIGBUS at an address no mapped_file holds keeps its default action.
+void check_mapped_inputs();
+
 class mapped_file {
  public:
   // Opens and maps `path` read-only. Throws lora::error (exit 4) when the
@@ -41,6 +59,7 @@ class mapped_file {
   int fd_ = -1;
   const uint8_t* data_ = nullptr;
   uint64_t size_ = 0;
+  int guard_slot_ = -1;  // this map's entry in the SIGBUS guard, -1 when none
 };
 
 }  // namespace lora

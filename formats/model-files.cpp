@@ -147,6 +147,66 @@ model_files open_model(const std::string& path) {
   return m;
 }
 
+namespace {
+
+// True when `inner` lies inside `outer` (both canonical).
+bool within(const fs::path& inner, const fs::path& outer) {
+  auto i = inner.begin();
+  for (auto o = outer.begin(); o != outer.end(); ++o, ++i)
+    if (i == inner.end() || *i != *o) return false;
+  return true;
+}
+
+// The tree a model folder's symlinks may point into: the folder, or the
+// repository folder of a Hugging Face cache snapshot (huggingface_hub's
+// file_download.py: snapshots/<revision>/<file> links to ../../blobs/<etag>).
+fs::path model_tree(const fs::path& folder) {
+  if (folder.parent_path().filename() == "snapshots") return folder.parent_path().parent_path();
+  return folder;
+}
+
+// Why the entry `path` is not copied, or "" when it is; `source` gets the
+// file to read.
+std::string copy_verdict(const fs::path& path, const fs::path& tree, std::string& source) {
+  std::error_code ec;
+  const fs::file_status link = fs::symlink_status(path, ec);
+  if (ec) return "cannot be read";
+  fs::path target = path;
+  if (fs::is_symlink(link)) {
+    target = fs::canonical(path, ec);
+    if (ec) return "a broken symlink";
+    if (!within(target, tree)) return "a symlink out of the model folder";
+  }
+  const fs::file_status st = fs::status(target, ec);
+  if (ec) return "cannot be read";
+  if (fs::is_directory(st)) return "a folder";
+  if (!fs::is_regular_file(st)) return "not a regular file";
+  source = target.string();
+  return "";
+}
+
+}  // namespace
+
+std::vector<folder_file> list_folder_files(const model_files& m) {
+  std::error_code ec;
+  const fs::path folder = fs::canonical(m.folder, ec);
+  if (ec) throw errors::io(m.folder, "cannot reach the model folder", ec.value());
+  const fs::path tree = model_tree(folder);
+  const std::string index_name = m.index_path.empty() ? "" : fs::path(m.index_path).filename().string();
+  std::vector<folder_file> files;
+  for (const auto& entry : fs::directory_iterator(folder, ec)) {
+    folder_file f;
+    f.name = entry.path().filename().string();
+    if (f.name == index_name || std::find(m.shard_names.begin(), m.shard_names.end(), f.name) != m.shard_names.end())
+      continue;
+    f.skip = copy_verdict(entry.path(), tree, f.source);
+    files.push_back(std::move(f));
+  }
+  if (ec) throw errors::io(m.folder, "cannot list the model folder", ec.value());
+  std::sort(files.begin(), files.end(), [](const folder_file& a, const folder_file& b) { return a.name < b.name; });
+  return files;
+}
+
 std::string make_safetensors_index(uint64_t total_size, const std::map<std::string, std::string>& weight_map) {
   json j;
   j["metadata"] = {{"total_size", total_size}};

@@ -49,6 +49,25 @@ struct model_files {
 // Throws lora::error (exit 3 malformed, exit 4 unreadable).
 model_files open_model(const std::string& path);
 
+// A file of a model folder other than its weights, and what to do with it.
+struct folder_file {
+  std::string name;    // file name inside the folder
+  std::string source;  // the path to read (a symlink's resolved target)
+  std::string skip;    // why it is not to be copied; empty: copy it
+};
+
+// The entries of the folder `folder` that are not the model's safetensors
+// files (`m`'s shards and index), sorted by name, each either to copy or
+// with the reason it is not: only regular files are copied; a symlink is
+// followed only when its target is a regular file inside the model's own
+// tree, which is the folder itself or, in the Hugging Face cache layout
+// (`<repo>/snapshots/<hash>/<file> -> ../../blobs/<sha>`), the `<repo>`
+// folder. Links out of the tree (`/etc/shadow`, `/proc/...`), folders,
+// FIFOs, devices and sockets are skipped. Reads the file system only (lstat,
+// realpath); never opens an entry. Throws lora::error (exit 4) when the
+// folder cannot be listed.
+std::vector<folder_file> list_folder_files(const model_files& m);
+
 // The JSON text of a model.safetensors.index.json for these tensors:
 // {"metadata": {"total_size": N}, "weight_map": {tensor: file}} (keys sorted,
 // two-space indent as transformers writes it).

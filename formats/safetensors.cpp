@@ -7,11 +7,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <set>
 #include <unordered_set>
-#include <sstream>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -422,6 +420,8 @@ int make_temp_beside(const std::string& path, std::string& tmp) {
   if (fd < 0) throw errors::io(path, "cannot create temporary file", errno);
   tmp.assign(buf.data());
   ::fchmod(fd, 0644);
+  mark_temp_held(fd);
+  register_temp(tmp);
   return fd;
 }
 
@@ -466,13 +466,20 @@ void copy_bytes(int src_fd, uint64_t src_offset, int dst_fd, uint64_t dst_offset
 // onto `path`. Closes fd whatever happens: a write error that only shows at
 // close (NFS) is thrown too.
 void finish_and_rename(int fd, durability mode, const std::string& tmp, const std::string& path) {
+  try {
+    check_interrupted();  // nothing is kept once a signal came or an input shrank
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
   if (mode == durability::durable && ::fsync(fd) != 0) {
     const int err = errno;
     ::close(fd);
     throw errors::io(path, "fsync failed", err);
   }
   if (::close(fd) != 0) throw errors::io(path, "write failed", errno);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) throw errors::io(path, "cannot rename temporary file into place", errno);
+  if (move_temp_into_place(tmp, [&] { return ::rename(tmp.c_str(), path.c_str()); }) != 0)
+    throw errors::io(path, "cannot rename temporary file into place", errno);
 }
 
 }  // namespace
@@ -492,6 +499,7 @@ safetensors_writer::safetensors_writer(std::string path, safetensors_layout layo
   } catch (...) {
     ::close(fd_);
     ::unlink(tmp_path_.c_str());
+    forget_temp(tmp_path_);
     fd_ = -1;
     throw;
   }
@@ -500,7 +508,10 @@ safetensors_writer::safetensors_writer(std::string path, safetensors_layout layo
 safetensors_writer::~safetensors_writer() {
   stop_syncing();
   if (fd_ >= 0) ::close(fd_);
-  if (!committed_) ::unlink(tmp_path_.c_str());
+  if (!committed_) {
+    ::unlink(tmp_path_.c_str());
+    forget_temp(tmp_path_);
+  }
 }
 
 const tensor_info& safetensors_writer::at(std::string_view name) const {
@@ -605,29 +616,46 @@ void write_file_atomic(const std::string& path, std::string_view bytes, durabili
   } catch (...) {
     ::close(fd);
     ::unlink(tmp.c_str());
+    forget_temp(tmp);
     throw;
   }
   try {
     finish_and_rename(fd, mode, tmp, path);  // closes fd
   } catch (...) {
     ::unlink(tmp.c_str());
+    forget_temp(tmp);
     throw;
   }
 }
 
 void copy_file(const std::string& src, const std::string& dst, durability mode) {
-  const int in = ::open(src.c_str(), O_RDONLY | O_CLOEXEC);
-  if (in < 0) throw errors::io(src, "cannot open", errno);
-  const int out = ::open(dst.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  uint64_t size = 0;
+  const int in = open_regular_file(src, &size);
+  struct stat st {};
+  ::fstat(in, &st);
+  const int out = ::open(dst.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (out < 0) {
     const int err = errno;
     ::close(in);
     throw errors::io(dst, "cannot create", err);
   }
   try {
-    struct stat st {};
-    if (::fstat(in, &st) != 0) throw errors::io(src, "cannot stat", errno);
-    copy_bytes(in, 0, out, 0, static_cast<uint64_t>(st.st_size), dst, src);
+    // the source's permissions (a 0600 file stays 0600), whatever the umask
+    if (::fchmod(out, st.st_mode & 0777) != 0) throw errors::io(dst, "cannot set permissions", errno);
+    // data extents only, so holes stay holes (SEEK_DATA / SEEK_HOLE; a file
+    // system without them reports the whole file as data)
+    uint64_t at = 0;
+    while (at < size) {
+      const off_t data = ::lseek(in, static_cast<off_t>(at), SEEK_DATA);
+      if (data < 0 && errno == ENXIO) break;  // only a hole is left
+      const uint64_t begin = data < 0 ? at : static_cast<uint64_t>(data);
+      const off_t hole = data < 0 ? -1 : ::lseek(in, data, SEEK_HOLE);
+      const uint64_t end = hole < 0 ? size : std::min<uint64_t>(static_cast<uint64_t>(hole), size);
+      if (end <= begin) break;
+      copy_bytes(in, begin, out, begin, end - begin, dst, src);
+      at = end;
+    }
+    if (::ftruncate(out, static_cast<off_t>(size)) != 0) throw errors::io(dst, "write failed", errno);
     if (mode == durability::durable && ::fsync(out) != 0) throw errors::io(dst, "cannot sync", errno);
   } catch (...) {
     ::close(in);
@@ -639,12 +667,25 @@ void copy_file(const std::string& src, const std::string& dst, durability mode) 
 }
 
 std::string read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw errors::io(path, "cannot open", errno);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw errors::io(path, "cannot read", errno);
-  return ss.str();
+  uint64_t size = 0;
+  const int fd = open_regular_file(path, &size);
+  std::string text;
+  try {
+    text.resize(size);
+    uint64_t got = 0;
+    while (got < size) {
+      const ssize_t r = ::pread(fd, text.data() + got, size - got, static_cast<off_t>(got));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) throw errors::io(path, "cannot read", errno);
+      if (r == 0) throw errors::io(path, "file shrank while being read");
+      got += static_cast<uint64_t>(r);
+    }
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  ::close(fd);
+  return text;
 }
 
 }  // namespace lora

@@ -171,13 +171,16 @@ class safetensors_writer {
 // durable, rename). Throws lora::error (exit 4).
 void write_file_atomic(const std::string& path, std::string_view bytes, durability mode = durability::durable);
 
-// Copies the whole file `src` to `dst`, which must not exist (in the kernel
-// where the file system can), then fsyncs it when durable. The caller removes
-// a partial `dst` on error (it sits in a staged folder). Throws lora::error
-// (exit 4; 130 when interrupted).
+// Copies the whole regular file `src` to `dst`, which must not exist: its
+// data extents only, in the kernel where the file system can (holes stay
+// holes), with the source's permission bits (0600 stays 0600), then fsyncs
+// it when durable. The caller removes a partial `dst` on error (it sits in a
+// staged folder). Throws lora::error (exit 4: `src` is not a regular file,
+// cannot be read, or `dst` cannot be written; 130 when interrupted).
 void copy_file(const std::string& src, const std::string& dst, durability mode = durability::durable);
 
-// Reads a whole small file (config.json, an index). Throws exit 4.
+// Reads a whole small file (config.json, an index) with open_regular_file's
+// checks (a FIFO is refused, not waited on). Throws exit 4.
 std::string read_text_file(const std::string& path);
 
 }  // namespace lora

@@ -2,11 +2,17 @@
 
 #include <fcntl.h>
 #include <stdio.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <mutex>
+#include <set>
 #include <system_error>
+
+#include <fmt/format.h>
 
 #include "formats/error.h"
 
@@ -14,37 +20,159 @@ namespace lora {
 
 namespace fs = std::filesystem;
 
+namespace {
+std::mutex temps_mutex;
+std::set<std::string> temps;  // under temps_mutex
+}  // namespace
+
+void register_temp(const std::string& path) {
+  std::lock_guard<std::mutex> lock(temps_mutex);
+  temps.insert(path);
+}
+
+void forget_temp(const std::string& path) noexcept {
+  std::lock_guard<std::mutex> lock(temps_mutex);
+  temps.erase(path);
+}
+
+int move_temp_into_place(const std::string& tmp, const std::function<int()>& move) {
+  std::lock_guard<std::mutex> lock(temps_mutex);
+  const int rc = move();
+  const int err = errno;
+  if (rc == 0) temps.erase(tmp);
+  errno = err;
+  return rc;
+}
+
+void remove_temps_for_exit() noexcept {
+  temps_mutex.lock();  // never unlocked: the process ends next
+  for (const std::string& t : temps) {
+    std::error_code ec;
+    fs::remove_all(t, ec);
+  }
+}
+
 staged_folder::staged_folder(fs::path out, durability mode) : out_(std::move(out)), mode_(mode) {
   std::string tmpl = out_.string() + ".tmp-XXXXXX";
   if (::mkdtemp(tmpl.data()) == nullptr)
     throw errors::io(out_.parent_path().string(), "cannot create the temporary output folder", errno);
   path_ = tmpl;
+  register_temp(path_);
   // mkdtemp makes it 0700: give it the permissions a new folder gets
   const mode_t mask = ::umask(0);
   ::umask(mask);
   ::chmod(path_.c_str(), 0777 & ~mask);
+  lock_fd_ = ::open(path_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (lock_fd_ >= 0) mark_temp_held(lock_fd_);
 }
 
 staged_folder::~staged_folder() {
-  if (path_.empty()) return;
-  std::error_code ec;
-  fs::remove_all(path_, ec);
+  if (!path_.empty()) {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+    forget_temp(path_);
+  }
+  if (lock_fd_ >= 0) ::close(lock_fd_);
+}
+
+error staged_folder::shown(const error& e) const {
+  if (path_.empty() || !e.file().starts_with(path_)) return e;
+  return error(e.code(), out_.string() + e.file().substr(path_.size()), e.tensor(), e.detail());
 }
 
 void staged_folder::commit(bool replace) {
+  check_interrupted();  // nothing is kept once a signal came or an input shrank
   const bool durable = mode_ == durability::durable;
   if (durable) fsync_path(path_);
   if (replace) {
     // swap in one step: readers see the old output or the new one, never none
-    if (::renameat2(AT_FDCWD, path_.c_str(), AT_FDCWD, out_.c_str(), RENAME_EXCHANGE) != 0)
+    if (move_temp_into_place(path_, [&] {
+          return ::renameat2(AT_FDCWD, path_.c_str(), AT_FDCWD, out_.c_str(), RENAME_EXCHANGE);
+        }) != 0)
       throw errors::io(out_.string(), "cannot replace the existing output", errno);
     std::error_code ec;
     fs::remove_all(path_, ec);  // path_ now names the old output
-  } else if (::renameat2(AT_FDCWD, path_.c_str(), AT_FDCWD, out_.c_str(), RENAME_NOREPLACE) != 0) {
+  } else if (move_temp_into_place(path_, [&] {
+               return ::renameat2(AT_FDCWD, path_.c_str(), AT_FDCWD, out_.c_str(), RENAME_NOREPLACE);
+             }) != 0) {
     throw errors::io(out_.string(), "cannot move the finished output into place", errno);
   }
   path_.clear();
   if (durable) fsync_path(out_.has_parent_path() ? out_.parent_path().string() : std::string("."));
+}
+
+namespace {
+
+// True when `inner` is `outer` or lies inside it (both absolute, normal).
+bool inside(const fs::path& inner, const fs::path& outer) {
+  auto i = inner.begin();
+  for (auto o = outer.begin(); o != outer.end(); ++o, ++i)
+    if (i == inner.end() || *i != *o) return false;
+  return true;
+}
+
+// The path with every symlink of its existing part resolved, made absolute.
+fs::path resolved(const std::string& path) {
+  std::error_code ec;
+  fs::path p = fs::weakly_canonical(fs::absolute(path, ec), ec);
+  return ec ? fs::absolute(path, ec).lexically_normal() : p;
+}
+
+}  // namespace
+
+void mark_temp_held(int fd) noexcept { ::flock(fd, LOCK_EX | LOCK_NB); }
+
+std::vector<std::string> stale_temps(const fs::path& out, size_t& live) {
+  live = 0;
+  std::vector<std::string> stale;
+  fs::path name = out.filename();
+  if (name.empty()) name = out.parent_path().filename();
+  const std::string prefix = name.string() + ".tmp-";
+  const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(parent, ec)) {
+    const std::string n = entry.path().filename().string();
+    if (!n.starts_with(prefix)) continue;
+    // a temp that a running lora holds is locked; probing must not block or
+    // follow a FIFO planted under that name
+    const int fd = ::open(entry.path().c_str(), O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
+    if (fd >= 0 && ::flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
+      ++live;
+    } else {
+      stale.push_back(entry.path().string());
+    }
+    if (fd >= 0) ::close(fd);
+  }
+  std::sort(stale.begin(), stale.end());
+  return stale;
+}
+
+void check_output(const std::string& out, const std::vector<named_input>& inputs, bool force) {
+  if (out.empty()) throw errors::usage("--out is empty");
+  const fs::path out_abs = resolved(out);
+  for (const named_input& in : inputs) {
+    if (in.path.empty()) continue;
+    const fs::path in_abs = resolved(in.path);
+    if (inside(in_abs, out_abs))
+      throw errors::usage(fmt::format("--out {} would replace the {} {}", out, in.role, in.path));
+    if (inside(out_abs, in_abs))
+      throw errors::usage(fmt::format("--out {} lies inside the {} {}: write it somewhere else", out, in.role, in.path));
+  }
+  size_t live = 0;
+  const std::vector<std::string> stale = stale_temps(out_abs, live);
+  if (live > 0)
+    throw errors::usage(fmt::format("another lora run is writing {} (its temporary output is beside it)", out));
+  if (!stale.empty() && !force)
+    throw errors::usage(fmt::format("{} was left by an interrupted run{}: remove it, or --force removes it", stale.front(),
+                                    stale.size() > 1 ? fmt::format(" (and {} more)", stale.size() - 1) : ""));
+  for (const std::string& s : stale) {
+    std::error_code ec;
+    fs::remove_all(s, ec);
+    if (ec) throw errors::io(s, "cannot remove the temporary output of an interrupted run", ec.value());
+  }
+  std::error_code ec;
+  if (!force && fs::exists(fs::symlink_status(out, ec)))
+    throw errors::usage(fmt::format("output {} already exists (--force replaces it)", out));
 }
 
 void fsync_path(const std::string& path) {
