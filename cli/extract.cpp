@@ -147,7 +147,8 @@ CLI::App* setup_extract(CLI::App& app, runner& run) {
   add_rank_options(sub, o->rank);
   sub->get_option("--rank")->description("rank of every extracted module (capped at min(rows, cols) and --max-rank)");
   sub->add_option("--targets", o->targets,
-                  "regex on module paths, matched as ^(.*\\.)?(REGEX)$ (default: every 2-D linear weight; "
+                  "regex (RE2 syntax: no backreferences or lookaround) on module paths, matched as ^(.*\\.)?(REGEX)$ "
+                  "(default: every 2-D linear weight; "
                   "embeddings and lm_head only when selected here)");
   sub->add_option("--method", o->method,
                   "randomized (default: range finder, 10 oversamples, 2 power iterations, f32 BLAS) or exact "

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
-#include <regex>
 #include <set>
 #include <unordered_map>
 
@@ -12,6 +11,7 @@
 #include <fmt/ranges.h>
 
 #include "core/dtype.h"
+#include "core/module-pattern.h"
 #include "formats/error.h"
 
 namespace lora {
@@ -167,32 +167,20 @@ std::string_view role_name(peft_role r) {
   return "";
 }
 
-// A rank_pattern / alpha_pattern key compiled as PEFT's get_pattern_key
-// matches it: re.match(rf"(.*\.)?({key})$", module_path).
-struct compiled_pattern {
-  std::string key;
-  std::regex re;
-};
-
+// The rank_pattern / alpha_pattern keys, compiled in file order; a key RE2
+// cannot compile is refused by name (exit 3).
 template <typename V>
-std::vector<compiled_pattern> compile_patterns(const std::vector<std::pair<std::string, V>>& patterns,
-                                               const std::string& label, const std::string& field) {
-  std::vector<compiled_pattern> out;
+std::vector<module_pattern> compile_patterns(const std::vector<std::pair<std::string, V>>& patterns,
+                                             const std::string& label, const std::string& field) {
+  std::vector<module_pattern> out;
   for (const auto& [key, value] : patterns) {
     try {
-      out.push_back({key, std::regex("(.*\\.)?(" + key + ")", std::regex::ECMAScript)});
-    } catch (const std::regex_error& e) {
+      out.emplace_back(key);
+    } catch (const pattern_error& e) {
       throw errors::invalid(label, field + "." + key, fmt::format("not a valid regular expression: {}", e.what()));
     }
   }
   return out;
-}
-
-// The index of the first pattern that matches the whole module path.
-std::optional<size_t> first_match(const std::vector<compiled_pattern>& patterns, const std::string& path) {
-  for (size_t i = 0; i < patterns.size(); ++i)
-    if (std::regex_match(path, patterns[i].re)) return i;
-  return std::nullopt;
 }
 
 void load_peft(adapter& a, const std::string& config_label) {

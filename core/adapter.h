@@ -92,7 +92,8 @@ double lora_scale(double alpha, int64_t rank, bool rslora) noexcept;
 // PEFT .safetensors file with its config beside it, or a kohya single file.
 // Throws lora::error (exit 3) naming the key: a missing half, a rank that
 // disagrees between A, B and the config (rank_pattern keys are regexes matched
-// as ^(.*\.)?(KEY)$ against the module path, first match in file order wins),
+// as ^(.*\.)?(KEY)$ against the module path, first match in file order wins;
+// core/module-pattern, RE2: a key using a backreference or lookaround is refused),
 // a key that is neither LoRA nor a known extra, DoRA / lora_bias tensors the
 // config does not announce, peft_type other than LORA, PEFT weights without a
 // config, and adapters of other kinds (LoHa, LoKr, MLX lora_a/lora_b,

@@ -11,13 +11,13 @@
 #include <filesystem>
 #include <map>
 #include <memory>
-#include <regex>
 #include <set>
 
 #include <fmt/format.h>
 
 #include "core/blas.h"
 #include "core/dtype.h"
+#include "core/module-pattern.h"
 #include "core/thread-pool.h"
 #include "formats/staged-folder.h"
 #include "core/adapter-write.h"
@@ -205,11 +205,11 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
   // options the output format cannot hold
   if (options.format == extract_format::kohya && options.save_modules)
     throw errors::usage("--save-modules needs --format peft (kohya files have no modules_to_save)");
-  std::optional<std::regex> targets;
+  std::optional<module_pattern> targets;  // PEFT's ^(.*\.)?(REGEX)$, in linear time
   if (!options.targets.empty()) {
     try {
-      targets.emplace("^(.*\\.)?(" + options.targets + ")$", std::regex::ECMAScript);
-    } catch (const std::regex_error& e) {
+      targets.emplace(options.targets);
+    } catch (const pattern_error& e) {
       throw errors::usage(fmt::format("--targets '{}' is not a valid regex: {}", options.targets, e.what()));
     }
   }
@@ -261,7 +261,7 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
     if (!two_d) {
       reason = "not a 2-D weight";
     } else if (targets) {
-      if (!std::regex_match(path, *targets)) reason = "excluded by --targets";
+      if (!targets->matches(path)) reason = "excluded by --targets";
     } else if (embedding) {
       reason = "embedding (select it with --targets)";
     } else if (head) {

@@ -25,7 +25,8 @@ struct extract_options {
   rank_rule rule;
   svd_options svd;  // method, seed (each module's seed mixes in its name)
   // Modules to extract: a regex matched against the module path P (tensor
-  // "<P>.weight") as ^(.*\.)?(REGEX)$, the rule rank_pattern keys follow.
+  // "<P>.weight") as ^(.*\.)?(REGEX)$, the rule rank_pattern keys follow
+  // (core/module-pattern, RE2 syntax; a regex RE2 refuses is a usage error).
   // Empty: every 2-D linear weight except embeddings and lm_head.
   std::string targets;
   std::optional<dtype> out_dtype;  // factors' dtype; nullopt: the base tensor's

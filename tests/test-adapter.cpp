@@ -427,6 +427,15 @@ TEST_CASE("PEFT: config problems") {
   CHECK(e.code() == exit_code::invalid_input);
   CHECK(e.tensor() == "rank_pattern.q(");
   CHECK(has(e.detail(), "not a valid regular expression"));
+
+  // a construct RE2 does not have, in alpha_pattern: refused by key, with the construct named
+  folder = peft_folder(d, config(R"("alpha_pattern": {"q_proj": 4, "(q)_\\1": 8})"), defs, "backref");
+  e = thrown([&] { load_adapter(folder); });
+  CHECK(e.code() == exit_code::invalid_input);
+  CHECK(e.file() == folder + "/adapter_config.json");
+  CHECK(e.tensor() == "alpha_pattern.(q)_\\1");
+  CHECK(e.detail() == "not a valid regular expression: invalid escape sequence: \\1 (a backreference is not supported: "
+                      "patterns are matched by RE2, in linear time)");
 }
 
 TEST_CASE("load_adapter: missing paths and folders") {
