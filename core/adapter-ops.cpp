@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "core/delta.h"
 #include "core/dtype.h"
 #include "core/thread-pool.h"
 #include "formats/error.h"
@@ -67,6 +68,21 @@ tensor_data make_tensor(dtype type, std::vector<int64_t> shape, std::span<const 
   return t;
 }
 
+// make_tensor for a tensor about to be written: refuses (exit 3, naming the
+// input `file` and `module`) values that do not fit `type` once rounded, so
+// that finite inputs never give a NaN / Inf output. `what` names the tensor
+// ("lora_A", "lora_B", "lora_B bias").
+tensor_data make_finite_tensor(dtype type, std::vector<int64_t> shape, std::span<const double> values,
+                               const std::string& file, const std::string& module, std::string_view what) {
+  tensor_data t = make_tensor(type, std::move(shape), values);
+  if (count_nonfinite(type, t.bytes) == 0) return t;
+  double largest = 0;
+  for (double v : values) largest = std::max(largest, std::fabs(v));
+  throw errors::invalid(file, module,
+                        fmt::format("the new {} overflows {}: a value of magnitude {:.3g} (largest finite {:.3g})", what,
+                                    dtype_name(type), largest, max_finite(type)));
+}
+
 tensor_data copy_tensor(const tensor_ref& r) {
   tensor_data t;
   t.type = r.info->type;
@@ -121,6 +137,23 @@ double measured_error(const factors& old, double scale, const tensor_data& a_new
   std::copy(old.a.begin(), old.a.end(), ac.begin());
   std::copy(an.begin(), an.end(), ac.begin() + r * n);
   return low_rank_norm(bc, ac, m, n, w) / std::sqrt(total_energy);
+}
+
+// How combine's exact stacking carries a part's weight * scale c: all of it
+// on B (c B_i, A_i untouched: one rounding, A's bytes kept) when max |c B_i|
+// fits `type`; else split so that both factors peak alike,
+// c_b = sqrt(|c| max|A_i| / max|B_i|), c_a = c / c_b (c_b B_i)(c_a A_i) = c B_i A_i,
+// which keeps the factors finite whenever sqrt(|c| max|B_i| max|A_i|) fits.
+struct scale_split {
+  double b = 1, a = 1;
+};
+scale_split split_scale(double c, std::span<const double> b, std::span<const double> a, dtype type) {
+  double b_max = 0, a_max = 0;
+  for (double v : b) b_max = std::max(b_max, std::fabs(v));
+  for (double v : a) a_max = std::max(a_max, std::fabs(v));
+  if (std::fabs(c) * b_max <= max_finite(type) || a_max == 0 || b_max == 0) return {c, 1.0};
+  const double cb = std::sqrt(std::fabs(c) * (a_max / b_max));
+  return {cb, c / cb};
 }
 
 // kohya metadata after a change of ranks: sd-scripts' ss_network_dim /
@@ -213,6 +246,8 @@ recompressed recompress(std::span<const double> b, std::span<const double> a, in
   thin_qr qa = qr_of(am.transpose());
   // the core C = s R_B R_A^T [p, q] carries every singular value of s B A
   mat core = scale * qb.r * qa.r.transpose();
+  if (!std::isfinite(core.squaredNorm()))
+    throw errors::invalid("", "", fmt::format("the delta s B A (scale {:.3g}) overflows f64: ||s B A||^2 is not finite", scale));
   const int64_t p = core.rows(), q = core.cols();
   std::vector<double> c(core.data(), core.data() + core.size());
   low_rank_svd svd = exact_svd(c, p, q, rule);
@@ -392,13 +427,15 @@ resize_report resize_adapter(const resize_options& o) {
   report.format = in.format;
   report.out = o.out;
   report.modules.resize(out.modules.size());
+  const std::string& file = in.weights_path;
+  for (const lora_module& m : in.modules) check_finite_factors(m, file);
 
   // every module on its own: recompress s B A, round once to the input dtypes
   parallel_for(out.modules.size(), 0, [&](size_t i) {
     module_data& md = out.modules[i];
     const double scale = in.modules[i].scale;
     const factors f = read_factors(md.a, md.b, md.rank);
-    recompressed rc = recompress(f.b, f.a, f.m, f.n, f.r, scale, o.rule);
+    recompressed rc = named_svd_errors(file, md.name, [&] { return recompress(f.b, f.a, f.m, f.n, f.r, scale, o.rule); });
     const int64_t k = rc.rank;
 
     module_rank_report& line = report.modules[i];
@@ -413,20 +450,22 @@ resize_report resize_adapter(const resize_options& o) {
       // factors would be rounded again to a 16-bit dtype), and so does the
       // scale, as alpha = s r (rsLoRA is off in the output)
       md.alpha = scale * static_cast<double>(k);
+      if (!std::isfinite(md.alpha))
+        throw errors::invalid(file, md.name, fmt::format("the new alpha = s * r = {:.3g} * {} overflows f64", scale, k));
       // the written delta is s' B A, s' = alpha / r: off by |s' - s| / |s| (an ulp at most)
       const double written = lora_scale(md.alpha, k, false);
       line.measured_error = scale != 0 ? std::fabs(written - scale) / std::fabs(scale) : 0.0;
       return;
     }
-    tensor_data a_new = make_tensor(md.a.type, a_shape(md.a.shape, k), rc.a);
-    tensor_data b_new = make_tensor(md.b.type, b_shape(md.b.shape, k), rc.b);
+    tensor_data a_new = make_finite_tensor(md.a.type, a_shape(md.a.shape, k), rc.a, file, md.name, "lora_A");
+    tensor_data b_new = make_finite_tensor(md.b.type, b_shape(md.b.shape, k), rc.b, file, md.name, "lora_B");
     line.measured_error = measured_error(f, scale, a_new, b_new, k, rc.total_energy);
 
     // the scale is now 1: a lora_B bias takes the old scale (bias' = s b)
     if (md.bias && scale != 1.0) {
       std::vector<double> v = values_f64(md.bias->type, md.bias->bytes, n_elements(md.bias->shape));
       for (double& x : v) x *= scale;
-      md.bias = make_tensor(md.bias->type, md.bias->shape, v);
+      md.bias = make_finite_tensor(md.bias->type, md.bias->shape, v, file, md.name, "lora_B bias");
     }
     md.a = std::move(a_new);
     md.b = std::move(b_new);
@@ -481,6 +520,7 @@ combine_report combine_adapters(const combine_options& o) {
       if (m.dora)
         throw errors::invalid(a.weights_path, m.magnitude->info->name,
                               "DoRA modules cannot be combined (the result is not a sum of LoRA deltas)");
+      check_finite_factors(m, a.weights_path);
       dtypes.insert(m.a.info->type);
       dtypes.insert(m.b.info->type);
     }
@@ -566,19 +606,27 @@ combine_report combine_adapters(const combine_options& o) {
     const int64_t m = first.b.info->shape[0];
     const int64_t n = static_cast<int64_t>(first.a.info->n_elements) / first.rank;
     int64_t total_rank = 0;
-    for (const part& p : parts) total_rank += p.module->rank;
+    std::string files;  // the adapters of this module, for messages
+    for (const part& p : parts) {
+      total_rank += p.module->rank;
+      files += (files.empty() ? "" : " + ") + ins[p.adapter].weights_path;
+    }
     std::vector<double> b(static_cast<size_t>(m * total_rank)), a(static_cast<size_t>(total_rank * n));
     std::vector<double> bias;
     int64_t col = 0;
     for (const part& p : parts) {
       const lora_module& lm = *p.module;
       const double w = o.adapters[p.adapter].weight * lm.scale;
+      if (!std::isfinite(w))
+        throw errors::invalid(ins[p.adapter].weights_path, md.name,
+                              fmt::format("weight {:.3g} * scale {:.3g} overflows f64", o.adapters[p.adapter].weight, lm.scale));
       const int64_t r = lm.rank;
       std::vector<double> bi = values_f64(lm.b.info->type, lm.b.data(), m * r);
       std::vector<double> ai = values_f64(lm.a.info->type, lm.a.data(), r * n);
+      const scale_split sp = split_scale(w, bi, ai, out_type);
       for (int64_t i = 0; i < m; ++i)
-        for (int64_t c = 0; c < r; ++c) b[i * total_rank + col + c] = w * bi[i * r + c];
-      std::copy(ai.begin(), ai.end(), a.begin() + col * n);
+        for (int64_t c = 0; c < r; ++c) b[i * total_rank + col + c] = sp.b * bi[i * r + c];
+      for (int64_t e = 0; e < r * n; ++e) a[col * n + e] = sp.a * ai[e];
       col += r;
       // lora_B bias: sum_i w_i s_i b_i
       if (lm.bias) {
@@ -594,15 +642,16 @@ combine_report combine_adapters(const combine_options& o) {
     line.rank_in = total_rank;
     if (!o.rule) {
       // exact: the stacked factors as they are
-      md.a = make_tensor(out_type, a_shape(as, total_rank), a);
-      md.b = make_tensor(out_type, b_shape(bs, total_rank), b);
+      md.a = make_finite_tensor(out_type, a_shape(as, total_rank), a, files, md.name, "lora_A");
+      md.b = make_finite_tensor(out_type, b_shape(bs, total_rank), b, files, md.name, "lora_B");
       md.rank = total_rank;
       const double total = std::pow(low_rank_norm(b, a, m, n, total_rank), 2);
       line.measured_error = measured_error(f, 1.0, md.a, md.b, total_rank, total);
     } else {
-      recompressed rc = recompress(b, a, m, n, total_rank, 1.0, *o.rule);
-      md.a = make_tensor(out_type, a_shape(as, rc.rank), rc.a);
-      md.b = make_tensor(out_type, b_shape(bs, rc.rank), rc.b);
+      recompressed rc =
+          named_svd_errors(files, md.name, [&] { return recompress(b, a, m, n, total_rank, 1.0, *o.rule); });
+      md.a = make_finite_tensor(out_type, a_shape(as, rc.rank), rc.a, files, md.name, "lora_A");
+      md.b = make_finite_tensor(out_type, b_shape(bs, rc.rank), rc.b, files, md.name, "lora_B");
       md.rank = rc.rank;
       line.energy_kept = rc.energy_fraction();
       line.relative_error = rc.relative_error();
@@ -612,7 +661,7 @@ combine_report combine_adapters(const combine_options& o) {
     reshape_to_kind(md);  // linear / embedding 2-D, conv 4-D, whatever the first input's form
     line.rank_out = md.rank;
     md.alpha = static_cast<double>(md.rank);
-    if (!bias.empty()) md.bias = make_tensor(out_type, {m}, bias);
+    if (!bias.empty()) md.bias = make_finite_tensor(out_type, {m}, bias, files, md.name, "lora_B bias");
   });
   if (format == adapter_format::kohya) {
     std::optional<metadata_map> meta;
@@ -642,8 +691,14 @@ convert_report convert_adapter(const convert_options& o) {
   if (is_mlx_adapter(o.adapter)) {
     report.from = "mlx";
     d = load_mlx_adapter(o.adapter, base ? &*base : nullptr);
+    // NaN / Inf in a factor (the names as mlx_lm wrote them)
+    for (const module_data& m : d.modules)
+      for (const auto& [t, key] : {std::pair{&m.a, ".lora_a"}, std::pair{&m.b, ".lora_b"}})
+        if (const uint64_t bad = count_nonfinite(t->type, t->bytes); bad > 0)
+          throw errors::invalid(o.adapter, m.name + key, fmt::format("{} of its values are NaN or infinite", bad));
   } else {
     adapter a = load_adapter(o.adapter);
+    for (const lora_module& m : a.modules) check_finite_factors(m, a.weights_path);
     report.from = std::string(adapter_format_name(a.format));
     if (a.format == adapter_format::kohya && o.to == adapter_format::peft && !base)
       throw errors::usage(fmt::format("converting the kohya adapter {} to PEFT needs --base MODEL: kohya names (\"{}\") "
@@ -677,7 +732,11 @@ convert_report convert_adapter(const convert_options& o) {
   if (o.to == adapter_format::kohya) {
     if (d.use_rslora) {
       // kohya s = alpha / r: alpha = s * r with s = alpha_peft / sqrt(r)
-      for (module_data& m : d.modules) m.alpha = lora_scale(m.alpha, m.rank, true) * static_cast<double>(m.rank);
+      for (module_data& m : d.modules) {
+        m.alpha = lora_scale(m.alpha, m.rank, true) * static_cast<double>(m.rank);
+        if (!std::isfinite(m.alpha))
+          throw errors::invalid(o.adapter, m.name, fmt::format("the kohya alpha = s * r (rsLoRA) overflows f64 at rank {}", m.rank));
+      }
       d.use_rslora = false;
     }
     d.kohya_prefix = resolve_prefix(o.kohya_prefix, d.modules);

@@ -189,6 +189,17 @@ void check_delta_factors(const lora_module& m, const std::vector<int64_t>& targe
   (void)load_factors<float>(m, target_shape, file, false);
 }
 
+void check_finite_factors(const lora_module& m, const std::string& file) {
+  for (const tensor_ref* t : {&m.a, &m.b, m.magnitude ? &*m.magnitude : nullptr, m.bias ? &*m.bias : nullptr}) {
+    if (t == nullptr) continue;
+    const uint64_t bad = count_nonfinite(t->info->type, t->data());
+    if (bad > 0)
+      throw errors::invalid(file, t->info->name,
+                            fmt::format("{} of its {} values are NaN or infinite (module {})", bad, t->info->n_elements,
+                                        m.name));
+  }
+}
+
 void add_delta_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block) {
   check_rows(f, row_begin, row_end);
   const int64_t n_block = row_end - row_begin;

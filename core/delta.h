@@ -82,6 +82,13 @@ delta_factors_f64 load_delta_factors_f64(const lora_module& m, const std::vector
 // the adapter's size).
 void check_delta_factors(const lora_module& m, const std::vector<int64_t>& target_shape, const std::string& file);
 
+// Scans the module's tensors as stored (lora_A, lora_B, and the DoRA
+// magnitude and lora_B bias when present) for NaN or infinite values, by
+// their bits (nothing converted). Every command runs it in its check phase,
+// before computing or writing anything (merge --dry-run included).
+// Throws lora::error (exit 3) naming `file` and the first tensor holding one.
+void check_finite_factors(const lora_module& m, const std::string& file);
+
 // Adds weight * dW for rows [row_begin, row_end) of the target into w_block,
 // which holds exactly those rows: w_block[(i - row_begin) * n_cols + j].
 // f32: one cblas_sgemm, alpha = weight * s, beta = 1. f64: plain loops.

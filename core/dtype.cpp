@@ -224,4 +224,61 @@ void from_f64(dtype type, std::span<const double> src, std::span<uint8_t> dst) {
   }
 }
 
+namespace {
+// How many of the n 16-bit values at p have all the bits of `exp` set (NaN
+// or infinite, given the format's exponent mask).
+LORA_VECTORIZE uint64_t count_nonfinite16(const uint8_t* p, size_t n, uint16_t exp) {
+  uint64_t count = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, p + 2 * i, 2);
+    count += (h & exp) == exp;
+  }
+  return count;
+}
+}  // namespace
+
+uint64_t count_nonfinite(dtype type, std::span<const uint8_t> bytes) noexcept {
+  uint64_t n = 0;
+  const uint8_t* p = bytes.data();
+  switch (type) {
+    case dtype::BF16:
+    case dtype::F16:
+      n = count_nonfinite16(p, bytes.size() / 2, type == dtype::BF16 ? 0x7f80u : 0x7c00u);
+      break;
+    case dtype::F32:
+      for (size_t i = 0; i + 3 < bytes.size(); i += 4) {
+        uint32_t u;
+        std::memcpy(&u, p + i, 4);
+        n += (u & 0x7f800000u) == 0x7f800000u;
+      }
+      break;
+    case dtype::F64:
+      for (size_t i = 0; i + 7 < bytes.size(); i += 8) {
+        uint64_t u;
+        std::memcpy(&u, p + i, 8);
+        n += (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+      }
+      break;
+    default:
+      break;
+  }
+  return n;
+}
+
+double max_finite(dtype type) {
+  switch (type) {
+    case dtype::F16:
+      return 65504.0;
+    case dtype::BF16:
+      return 0x1.fep127;  // 0x7f7f: the largest f32 with 8 significant bits
+    case dtype::F32:
+      return std::numeric_limits<float>::max();
+    case dtype::F64:
+      return std::numeric_limits<double>::max();
+    default:
+      throw errors::invalid("", "", fmt::format("dtype {} is not F16, BF16, F32 or F64", dtype_name(type)));
+  }
+}
+
 }  // namespace lora

@@ -31,6 +31,15 @@ void to_f64(dtype type, std::span<const uint8_t> src, std::span<double> dst);
 void from_f32(dtype type, std::span<const float> src, std::span<uint8_t> dst);
 void from_f64(dtype type, std::span<const double> src, std::span<uint8_t> dst);
 
+// How many values of `bytes` (elements of `type`) are NaN or infinite, by
+// their exponent bits (no conversion). 0 for a dtype that is not F16, BF16,
+// F32 or F64. Never throws.
+uint64_t count_nonfinite(dtype type, std::span<const uint8_t> bytes) noexcept;
+
+// The largest finite value of a math dtype (F16 65504, BF16 ~3.39e38, F32
+// ~3.40e38, F64 ~1.80e308). Throws lora::error (exit 3) for another dtype.
+double max_finite(dtype type);
+
 // Bytes per element of a math dtype.
 int math_dtype_size(dtype type);
 

@@ -166,10 +166,25 @@ written_factors factorize(std::span<T> delta, int64_t m, int64_t n, const rank_r
     to_f64(type, out.a, a);
   }
   if (!all_finite<T>(b) || !all_finite<T>(a))
-    throw errors::invalid("", rec.tensor,
-                          fmt::format("factors overflow {}: use --dtype f32", dtype_name(type)));
+    throw errors::invalid("", "",
+                          fmt::format("the factors B = U sqrt(S), A = sqrt(S) V^T overflow {} (largest singular value "
+                                      "{:.3g}): use --dtype f32", dtype_name(type), svd.s.empty() ? 0.0 : svd.s[0]));
   rec.error = residual_norm(std::span<T>(delta), b, a, m, n, r) / rec.delta_norm;
   return out;
+}
+
+// A delta W_tuned - W_base that is not finite: names the model holding NaN /
+// Inf, or says that the difference of finite weights overflowed f32 (the
+// randomized path) or f64. Always throws lora::error (exit 3).
+[[noreturn]] void refuse_nonfinite_delta(const tensor_ref& base, const std::string& base_path, const tensor_ref& tuned,
+                                         const std::string& tuned_path, const std::string& tensor, bool in_f64) {
+  for (const auto& [ref, path] : {std::pair{&tuned, &tuned_path}, std::pair{&base, &base_path}})
+    if (const uint64_t bad = count_nonfinite(ref->info->type, ref->data()); bad > 0)
+      throw errors::invalid(*path, tensor, fmt::format("{} of its values are NaN or infinite", bad));
+  throw errors::invalid(tuned_path, tensor,
+                        in_f64 ? "W_tuned - W_base overflows f64 (finite weights of opposite sign near the f64 limit)"
+                               : "W_tuned - W_base overflows f32 (finite weights of opposite sign near the f32 limit): "
+                                 "--method exact computes the delta in f64");
 }
 
 // sd-scripts prefix: lora_unet_ for a diffusion UNet, lora_te_ otherwise
@@ -309,12 +324,13 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
     auto run = [&](auto delta) {
       // the norm is finite exactly when every element is (f32 squares cannot overflow f64)
       rec.delta_norm = norm_of<typename decltype(delta)::element_type>(delta);
-      if (!std::isfinite(rec.delta_norm)) throw errors::invalid(tuned.path, j.tensor, "the delta holds NaN or Inf");
+      if (!std::isfinite(rec.delta_norm)) refuse_nonfinite_delta(j.base, base.path, j.tuned, tuned.path, j.tensor,
+                               std::is_same_v<typename decltype(delta)::element_type, double>);
       if (rec.delta_norm == 0) {
         zero = true;
         return;
       }
-      f = factorize(delta, m, n, options.rule, svd_opts, type, rec);
+      f = named_svd_errors(tuned.path, j.tensor, [&] { return factorize(delta, m, n, options.rule, svd_opts, type, rec); });
     };
     if (options.svd.method == svd_method::exact) {
       std::span<double> d = scratch64.get(j.tuned.info->n_elements);

@@ -366,6 +366,7 @@ logits_result run_forward(const forward_options& o) {
       if (fit.problems.size() > 1) what += fmt::format(" [and {} more problems]", fit.problems.size() - 1);
       throw errors::invalid(*o.adapter, p.key, what);
     }
+    for (const lora_module& m : a->modules) check_finite_factors(m, a->weights_path);
   }
   return llama_forward(model, config, a ? &*a : nullptr, o.tokens, o.threads);
 }

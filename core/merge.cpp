@@ -67,47 +67,6 @@ std::string mib(uint64_t bytes) { return fmt::format("{:.1f} MiB", static_cast<d
 
 // ---------------------------------------------------------------- numbers
 
-// How many of the n 16-bit values at p have all the bits of `exp` set (NaN
-// or infinite, given the format's exponent mask).
-LORA_VECTORIZE uint64_t count_nonfinite16(const uint8_t* p, size_t n, uint16_t exp) {
-  uint64_t count = 0;
-  for (size_t i = 0; i < n; ++i) {
-    uint16_t h;
-    std::memcpy(&h, p + 2 * i, 2);
-    count += (h & exp) == exp;
-  }
-  return count;
-}
-
-// How many values of a math-dtype buffer are NaN or infinite.
-uint64_t count_nonfinite(dtype type, std::span<const uint8_t> bytes) {
-  uint64_t n = 0;
-  const uint8_t* p = bytes.data();
-  switch (type) {
-    case dtype::BF16:
-    case dtype::F16:
-      n = count_nonfinite16(p, bytes.size() / 2, type == dtype::BF16 ? 0x7f80u : 0x7c00u);
-      break;
-    case dtype::F32:
-      for (size_t i = 0; i + 3 < bytes.size(); i += 4) {
-        uint32_t u;
-        std::memcpy(&u, p + i, 4);
-        n += (u & 0x7f800000u) == 0x7f800000u;
-      }
-      break;
-    case dtype::F64:
-      for (size_t i = 0; i + 7 < bytes.size(); i += 8) {
-        uint64_t u;
-        std::memcpy(&u, p + i, 8);
-        n += (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
-      }
-      break;
-    default:
-      break;
-  }
-  return n;
-}
-
 // Distance, in f32 units in the last place, from f32 `x` (bits `u`, sign
 // cleared) to the nearest midpoint between two neighbouring values of BF16
 // (F16 when `f16`, subnormals included): where rounding x and rounding the
@@ -517,6 +476,11 @@ merge_report merge_model(const merge_options& options) {
       }
       check_delta_factors(*c.module, job.source.info->shape, *c.adapter_file);
     }
+  // NaN / Inf in any adapter tensor, before anything is computed: the dry run
+  // refuses what the real merge refuses (--allow-nonfinite lets them through)
+  if (!options.allow_nonfinite)
+    for (const adapter& a : adapters)
+      for (const lora_module& m : a.modules) check_finite_factors(m, a.weights_path);
   report.n_tensors = jobs.size();
   for (const tensor_job& job : jobs) {
     if (job.replaced) ++report.n_replaced;

@@ -72,7 +72,8 @@ struct merge_report {
 //           exists without force, --out is (or holds) the base or an adapter;
 //   exit 3: malformed inputs, an adapter that does not fit the base (the first
 //           problem's key, with a hint), a non-arithmetic dtype to merge into,
-//           NaN / Inf in a merged tensor (unless allow_nonfinite);
+//           NaN / Inf in an adapter tensor (found while checking, so by
+//           the dry run too) or in a merged tensor (unless allow_nonfinite);
 //   exit 4: unreadable inputs, not enough free space, failed writes (disk
 //           full, file size limit).
 // After an exception nothing is left at --out or beside it.

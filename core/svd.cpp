@@ -47,10 +47,19 @@ std::vector<float> gaussian(size_t n, uint64_t seed) {
   return out;
 }
 
+// LAPACK's info: > 0 the iteration did not converge, < 0 argument -info was
+// illegal (NaN input makes some implementations report either). The caller
+// adds the file and module (named_svd_errors).
 void check_lapack(int info, const char* routine) {
-  if (info != 0)
-    throw errors::invalid("", "",
-                          fmt::format("{} failed (info {}): NaN or Inf in the matrix, or no convergence", routine, info));
+  if (info > 0) throw errors::invalid("", "", fmt::format("SVD did not converge ({} info {})", routine, info));
+  if (info < 0) throw errors::invalid("", "", fmt::format("SVD failed ({}: argument {} illegal)", routine, -info));
+}
+
+// Refuses a matrix whose squared norm is not finite: NaN / Inf in it, or
+// values so large that their energies overflow f64 (|a| ~ 1e154).
+void check_energy(double total) {
+  if (!std::isfinite(total))
+    throw errors::invalid("", "", "the matrix holds NaN or Inf, or values too large for an SVD (||a||^2 overflows f64)");
 }
 
 // Replaces the column-major y [rows, cols] (rows >= cols) by the Q of its QR.
@@ -176,6 +185,8 @@ rank_choice choose_rank(std::span<const double> s, double total_energy, const ra
 
 low_rank_svd exact_svd(std::span<const double> a, int64_t m, int64_t n, const rank_rule& rule) {
   const int64_t k = std::min(m, n);
+  const double total = sum_squares<double>(a);
+  check_energy(total);
   // dgesdd on At [n, m]: At = uu diag(s) vvt, so A = vvt^T diag(s) uu^T:
   // U [m, k] row-major is vvt [k, m] column-major; V^T [k, n] row-major is uu.
   std::vector<double> work(a.begin(), a.end());
@@ -195,7 +206,7 @@ low_rank_svd exact_svd(std::span<const double> a, int64_t m, int64_t n, const ra
   out.u = std::move(vvt);
   out.vt = std::move(uu);
   out.s = std::move(s);
-  out.total_energy = sum_squares<double>(a);
+  out.total_energy = total;
   finish(out, choose_rank(out.s, out.total_energy, rule, rank_cap(rule, m, n)));
   return out;
 }
@@ -209,6 +220,7 @@ low_rank_svd truncated_svd(std::span<const float> a, int64_t m, int64_t n, const
   const int64_t full = std::min(m, n);
   const int64_t cap = rank_cap(rule, m, n);
   const double total = sum_squares<float>(a);
+  check_energy(total);
 
   // k: how many values we trust; the sketch holds l = k + oversample
   int64_t k = rule.type == rank_rule::kind::fixed
@@ -217,6 +229,11 @@ low_rank_svd truncated_svd(std::span<const float> a, int64_t m, int64_t n, const
   for (;;) {
     const int64_t l = std::min(k + options.oversample, full);
     low_rank_svd out = randomized_sketch(a, m, n, l, options);
+    // f32 products of values near the f32 limit overflow (the f64 path does not)
+    for (double v : out.s)
+      if (!std::isfinite(v))
+        throw errors::invalid("", "", "the randomized SVD overflowed f32 (values near the f32 limit): --method exact "
+                                      "computes it in f64");
     out.total_energy = total;
     rank_choice choice = choose_rank(out.s, total, rule, cap);
     if (rule.type == rank_rule::kind::fixed) choice.rank = std::min(choice.rank, k);

@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "formats/error.h"
+
 namespace lora {
 
 enum class svd_method { randomized, exact };
@@ -79,13 +81,30 @@ rank_choice choose_rank(std::span<const double> s, double total_energy, const ra
 // within the first k = l - oversample values, the cap is reached, or l = min(m, n)
 // (then the sketch spans the whole range and the result is exact).
 // exact: widens a to f64 and calls exact_svd.
-// Throws lora::error (exit 3) when LAPACK fails (NaN / Inf input).
+// Throws lora::error (exit 3, no file or module: see named_svd_errors) for
+// NaN / Inf input (checked before LAPACK runs) or when LAPACK fails ("SVD did
+// not converge").
 low_rank_svd truncated_svd(std::span<const float> a, int64_t m, int64_t n, const rank_rule& rule,
                            const svd_options& options);
 
 // Exact truncated SVD of the f64 matrix a [m, n] by LAPACK dgesdd.
-// Throws lora::error (exit 3) when LAPACK fails.
+// Throws lora::error (exit 3, no file or module) for NaN / Inf input, for
+// ||a||_F^2 overflowing f64, or when LAPACK fails.
 low_rank_svd exact_svd(std::span<const double> a, int64_t m, int64_t n, const rank_rule& rule);
+
+// Runs f() (an SVD of one module's matrix) and gives a lora::error (exit 3)
+// it throws without a file (the SVD's own failures above) the adapter or
+// model `file` and the `module`, so the one-line message names both. Other
+// errors (interrupted, I/O, already named) pass through unchanged.
+template <class F>
+auto named_svd_errors(const std::string& file, const std::string& module, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const error& e) {
+    if (!e.file().empty() || e.code() != exit_code::invalid_input) throw;
+    throw errors::invalid(file, module, e.detail());
+  }
+}
 
 // The balanced LoRA split of a truncated SVD, the one place it is made:
 // B = U_r sqrt(S_r) [m, r], A = sqrt(S_r) V_r^T [r, n], so B A = U_r S_r V_r^T

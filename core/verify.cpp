@@ -359,6 +359,7 @@ verify_report verify_merge(const verify_options& o) {
   std::map<std::string, const lora_module*> modules, bias_modules;
   std::map<std::string, const tensor_ref*> saved;
   for (const lora_module& m : a.modules) {
+    check_finite_factors(m, a.weights_path);
     modules[m.target] = &m;
     if (m.bias) bias_modules[m.name + ".bias"] = &m;
   }

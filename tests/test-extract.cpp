@@ -320,7 +320,7 @@ TEST_CASE("refusals: exit code, message, nothing left behind") {
   fs::remove_all(dir.path + "/tuned");
   write_model(dir.path + "/tuned", q.tuned);
   expect(options_for(dir, "out", {rank_rule::kind::fixed, 2, 0}), exit_code::invalid_input,
-         "model.layers.0.mlp.up_proj.weight: the delta holds NaN or Inf");
+         "tuned: model.layers.0.mlp.up_proj.weight: 1 of its values are NaN or infinite");
   // only a 1-D tensor changed
   q.tuned = p.base;
   q.tuned["model.norm.weight"].values(0, 0) += 1;

@@ -290,3 +290,30 @@ TEST_CASE("NaN input is refused with exit 3") {
   CHECK_THROWS_WITH(truncated_svd(a, 20, 10, fixed(2), randomized()), doctest::Contains("NaN"));
   CHECK_THROWS_WITH(truncated_svd(a, 20, 10, fixed(2), exact()), doctest::Contains("NaN"));
 }
+
+TEST_CASE("SVD failures are exit 3 and named_svd_errors names the file and module") {
+  const rank_rule rule{rank_rule::kind::fixed, 1, 0};
+  std::vector<double> a = {1, 2, 3, 4, 5, 6};
+  // NaN, Inf, and finite values whose energy overflows f64: refused before LAPACK runs
+  for (double bad : {std::nan(""), static_cast<double>(INFINITY), 1e200}) {
+    a[4] = bad;
+    try {
+      named_svd_errors("adapter.safetensors", "model.q_proj", [&] { return exact_svd(a, 2, 3, rule); });
+      FAIL("no error for " << bad);
+    } catch (const error& e) {
+      CHECK(e.code() == exit_code::invalid_input);
+      CHECK(e.file() == "adapter.safetensors");
+      CHECK(e.tensor() == "model.q_proj");
+      CHECK(e.detail().find("NaN or Inf") != std::string::npos);
+    }
+  }
+  std::vector<float> f = {1, 2, 3, 4, NAN, 6};
+  CHECK_THROWS_AS(truncated_svd(f, 2, 3, rule, svd_options{}), error);
+  // errors that already name a file pass through untouched
+  try {
+    named_svd_errors("x", "y", []() -> int { throw errors::invalid("f", "t", "d"); });
+  } catch (const error& e) {
+    CHECK(e.file() == "f");
+    CHECK(e.tensor() == "t");
+  }
+}

@@ -498,4 +498,38 @@ expect_stderr_contains "lora-tiny-llama.safetensors already exists (--force repl
 expect_one_line_error
 expect_exit 0 "$LORA" convert "$A2" --to kohya --out "$W/lora-tiny-llama.safetensors" --force
 check kohya-scales "$A2" "$W/lora-tiny-llama.safetensors"
+# ---------------------------------------------------------------- finite inputs, finite outputs
+# a huge but finite lora_alpha (s = 2.5e37): resize and combine give finite
+# factors equal to the double reference, or refuse naming file and module
+cp -r "$TD/lora-tiny-llama" "$W/huge" && sed -i 's/"lora_alpha": *[0-9.]*/"lora_alpha": 1e38/' "$W/huge/adapter_config.json"
+cp -r "$TD/lora-tiny-llama" "$W/vast" && sed -i 's/"lora_alpha": *[0-9.]*/"lora_alpha": 1e300/' "$W/vast/adapter_config.json"
+expect_exit 0 "$LORA" resize --adapter "$W/huge" --rank 2 --out "$W/huge-r2" --json
+cp "$OUT_FILE" "$W/huge-r2.json"
+check resize "$W/huge" "$W/huge-r2" "$W/huge-r2.json" 2
+# weight 100: w s B_1 (~4e38) alone would overflow f32; the split keeps it finite and exact
+expect_exit 0 "$LORA" combine --adapter "$W/huge" --weight 100 --adapter "$A1" --weight 1 --out "$W/huge-c"
+check combine "$W/huge-c" "$W/huge:100" "$A1:1"
+expect_exit 0 "$LORA" combine --adapter "$W/huge" --weight 100 --adapter "$A1" --weight 1 --rank 4 --out "$W/huge-c4" --json
+cp "$OUT_FILE" "$W/huge-c4.json"
+check combine-rank "$W/huge-c4" "$W/huge-c4.json" 4 "$W/huge:100" "$A1:1"
+# s = 2.5e299: the delta's energy overflows f64 and its factors any dtype
+expect_refusal 3 "vast/adapter_model.safetensors: model.layers.0.mlp.down_proj: the delta s B A (s = 2.5e+299) is too large: its squared norm overflows f64" vast-r "$LORA" resize --adapter "$W/vast" --rank 2 --out "$W/vast-r"
+expect_refusal 3 "vast/adapter_model.safetensors + $A1/adapter_model.safetensors: model.layers.0.mlp.down_proj: the delta is too large" vast-c4 "$LORA" combine --adapter "$W/vast" --weight 1 --adapter "$A1" --weight 1 --rank 4 --out "$W/vast-c4"
+expect_refusal 3 "model.layers.0.mlp.down_proj: the new lora_A overflows F32: a value of magnitude 1.08e+149" vast-c "$LORA" combine --adapter "$W/vast" --weight 1 --adapter "$A1" --weight 1 --out "$W/vast-c"
+# NaN in one factor: every command refuses it, naming the file and the tensor
+cp -r "$TD/lora-tiny-llama" "$W/nan"
+"$PY" - "$W/nan/adapter_model.safetensors" "$SRC/tests/e2e" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[2])
+import numpy as np
+from safetensors_np import read, write
+t, _ = read(sys.argv[1])
+out = {k: v[3].astype(np.float32) for k, v in t.items()}
+out["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][1, 2] = np.nan
+write(sys.argv[1], out)
+PY
+NAN_MSG="nan/adapter_model.safetensors: base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight: 1 of its 256 values are NaN or infinite (module model.layers.0.self_attn.q_proj)"
+expect_refusal 3 "$NAN_MSG" nan-r "$LORA" resize --adapter "$W/nan" --rank 2 --out "$W/nan-r"
+expect_refusal 3 "$NAN_MSG" nan-c "$LORA" combine --adapter "$A1" --weight 1 --adapter "$W/nan" --weight 1 --out "$W/nan-c"
+expect_refusal 3 "$NAN_MSG" nan-k.safetensors "$LORA" convert "$W/nan" --to kohya --out "$W/nan-k.safetensors"
 finish

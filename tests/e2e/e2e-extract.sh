@@ -215,6 +215,49 @@ expect_error "--energy out of range" 2 "--energy 1.5 must be in (0, 1]" "$T/o9" 
   --base "$BASE" --tuned "$TUNED" --out "$T/o9" --energy 1.5
 expect_error "unreadable base" 4 "nope" "$T/o10" -- --base "$T/nope" --tuned "$TUNED" --out "$T/o10" --rank 4
 
+# --- a delta W_tuned - W_base that overflows f32 (3e38 - (-3e38)) from finite weights:
+# the randomized (f32) path refuses naming file and tensor; the exact (f64) path
+# writes finite factors whose product is the f64 delta
+mkdir -p "$T/ovf"
+"$PY" - "$T/ovf" "$SRC/tests/e2e" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[2])
+import numpy as np
+from safetensors_np import write
+rng = np.random.default_rng(7)
+w = rng.standard_normal((16, 8)).astype(np.float32)
+u, v = rng.standard_normal((16, 2)), rng.standard_normal((2, 8))
+t = (w + u @ v).astype(np.float32)
+w[3, 5], t[3, 5] = -3e38, 3e38
+write(sys.argv[1] + "/base.safetensors", {"model.layers.0.self_attn.q_proj.weight": w})
+write(sys.argv[1] + "/tuned.safetensors", {"model.layers.0.self_attn.q_proj.weight": t})
+PY
+expect_error "f32 delta overflow" 3 "tuned.safetensors: model.layers.0.self_attn.q_proj.weight: W_tuned - W_base overflows f32" "$T/ovf/r" -- \
+  --base "$T/ovf/base.safetensors" --tuned "$T/ovf/tuned.safetensors" --out "$T/ovf/r" --rank 3
+if "$LORA" extract --base "$T/ovf/base.safetensors" --tuned "$T/ovf/tuned.safetensors" --out "$T/ovf/x" --rank 8 \
+  --method exact >/dev/null 2>"$T/err"; then
+  got=$("$PY" - "$T/ovf" "$SRC/tests/e2e" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[2])
+import numpy as np
+from safetensors_np import read
+b, _ = read(sys.argv[1] + "/base.safetensors")
+t, _ = read(sys.argv[1] + "/tuned.safetensors")
+a, _ = read(sys.argv[1] + "/x/adapter_model.safetensors")
+k = "model.layers.0.self_attn.q_proj.weight"
+d = t[k][3] - b[k][3]
+pre = "base_model.model.model.layers.0.self_attn.q_proj."
+A, B = a[pre + "lora_A.weight"][3], a[pre + "lora_B.weight"][3]
+# f32 factors of a rank-8 split of [16, 8]: off by a few f32 units of ||dW||
+err = np.linalg.norm(B @ A - d) / np.linalg.norm(d)
+print("ok" if np.all(np.isfinite(A)) and np.all(np.isfinite(B)) and err < 1e-6 else "err %.3g" % err)
+PY
+)
+  [ "$got" = ok ] && pass "exact extract of an f32-overflowing delta" || fail "exact extract of an f32-overflowing delta: $got"
+else
+  fail "exact extract of an f32-overflowing delta: $(cat "$T/err")"
+fi
+
 if ls "$T"/*.tmp-* >/dev/null 2>&1; then fail "temporary files left in $T"; else pass "no temporary files left"; fi
 echo "$fails failure(s)"
 [ "$fails" = 0 ]

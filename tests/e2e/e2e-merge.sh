@@ -269,4 +269,26 @@ expect_exit 4 bash -c "trap '' XFSZ; ulimit -f 100; exec \"\$0\" merge --base \"
 expect_stderr_contains "File too large"
 expect_one_line_error
 expect_nothing_left bad
+# NaN in one adapter factor: --dry-run refuses it with the real merge's exit
+# code and message (the factor scan is part of the checks), nothing written
+cp -r "$TD/lora-tiny-llama" "$W/nan"
+"$PY" - "$W/nan/adapter_model.safetensors" "$SRC/tests/e2e" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[2])
+import numpy as np
+from safetensors_np import read, write
+t, _ = read(sys.argv[1])
+out = {k: v[3].astype(np.float32) for k, v in t.items()}
+out["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][1, 2] = np.nan
+write(sys.argv[1], out)
+PY
+NAN_MSG="nan/adapter_model.safetensors: base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight: 1 of its 256 values are NaN or infinite (module model.layers.0.self_attn.q_proj)"
+expect_exit 3 "$LORA" merge --base "$TD/tiny-llama" --adapter "$W/nan" --out "$W/nan-m" --dry-run
+expect_stderr_contains "$NAN_MSG"
+expect_one_line_error
+dry_err=$ERR
+expect_nothing_left nan-m
+expect_exit 3 "$LORA" merge --base "$TD/tiny-llama" --adapter "$W/nan" --out "$W/nan-m"
+expect_eq "dry run and merge refuse alike" "${ERR/--dry-run/}" "$dry_err"
+expect_nothing_left nan-m
 finish
