@@ -136,18 +136,64 @@ void dora_scale_rows(const delta_factors_t<T>& f, int64_t row_begin, int64_t row
   }
 }
 
+template <typename T>
+void check_norms(const delta_factors_t<T>& f, size_t n) {
+  const size_t want = static_cast<size_t>(f.transposed ? f.n_cols : f.n_rows);
+  if (n != want)
+    throw errors::invalid("", f.target, fmt::format("{} DoRA norms for {} output features", n, want));
+}
+
+// DoRA: squares of V per output feature, rows [row_begin, row_end) of V in v_block
+// (per row: sq[i] = sum_j V[i, j]^2; per column: sq[j] += sum_i V[i, j]^2).
+template <typename T>
+void dora_norms_sq(const delta_factors_t<T>& f, int64_t row_begin, int64_t row_end, const T* v_block,
+                   std::span<double> sq) {
+  check_rows(f, row_begin, row_end);
+  check_norms(f, sq.size());
+  const size_t n_cols = static_cast<size_t>(f.n_cols);
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const T* row = v_block + static_cast<size_t>(i - row_begin) * n_cols;
+    if (!f.transposed) {
+      double s = 0;
+      for (size_t j = 0; j < n_cols; ++j) s += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+      sq[static_cast<size_t>(i)] = s;
+    } else {
+      for (size_t j = 0; j < n_cols; ++j) sq[j] += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+    }
+  }
+}
+
+// DoRA: W' = (m / sqrt(sq)) V per output feature, rows [row_begin, row_end) of V in w_block.
+template <typename T>
+void scale_by_norms(const delta_factors_t<T>& f, int64_t row_begin, int64_t row_end, T* w_block,
+                    std::span<const double> sq) {
+  check_rows(f, row_begin, row_end);
+  check_norms(f, sq.size());
+  const size_t n_cols = static_cast<size_t>(f.n_cols);
+  std::vector<double> col_factor;
+  if (f.transposed) {
+    col_factor.resize(n_cols);
+    for (size_t j = 0; j < n_cols; ++j) col_factor[j] = static_cast<double>(f.magnitude[j]) / std::sqrt(sq[j]);
+  }
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    T* row = w_block + static_cast<size_t>(i - row_begin) * n_cols;
+    if (f.transposed) {
+      for (size_t j = 0; j < n_cols; ++j) row[j] = static_cast<T>(static_cast<double>(row[j]) * col_factor[j]);
+    } else {
+      const size_t ii = static_cast<size_t>(i);
+      const double factor = static_cast<double>(f.magnitude[ii]) / std::sqrt(sq[ii]);
+      for (size_t j = 0; j < n_cols; ++j) row[j] = static_cast<T>(static_cast<double>(row[j]) * factor);
+    }
+  }
+}
+
 // DoRA, per-column norms (fan_in_fan_out, embedding): w holds all of V.
 template <typename T>
 void dora_scale_columns(const delta_factors_t<T>& f, T* w) {
-  const size_t n_rows = static_cast<size_t>(f.n_rows);
-  const size_t n_cols = static_cast<size_t>(f.n_cols);
-  std::vector<double> sq(n_cols, 0.0);
-  for (size_t i = 0; i < n_rows; ++i)
-    for (size_t j = 0; j < n_cols; ++j) sq[j] += static_cast<double>(w[i * n_cols + j]) * static_cast<double>(w[i * n_cols + j]);
+  std::vector<double> sq(static_cast<size_t>(f.n_cols), 0.0);
+  dora_norms_sq(f, 0, f.n_rows, w, sq);
   // W'[:, j] = (m_j / ||V[:, j]||) V[:, j]
-  for (size_t j = 0; j < n_cols; ++j) sq[j] = static_cast<double>(f.magnitude[j]) / std::sqrt(sq[j]);
-  for (size_t i = 0; i < n_rows; ++i)
-    for (size_t j = 0; j < n_cols; ++j) w[i * n_cols + j] = static_cast<T>(static_cast<double>(w[i * n_cols + j]) * sq[j]);
+  scale_by_norms<T>(f, 0, f.n_rows, w, sq);
 }
 
 template <typename T>
@@ -297,6 +343,28 @@ void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin,
 void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
                        double* w_block) {
   apply_rows(f, weight, row_begin, row_end, w_block);
+}
+
+void add_dora_norms_sq(const delta_factors& f, int64_t row_begin, int64_t row_end, const float* v_block,
+                       std::span<double> norms_sq) {
+  dora_norms_sq(f, row_begin, row_end, v_block, norms_sq);
+}
+
+void add_dora_norms_sq(const delta_factors_f64& f, int64_t row_begin, int64_t row_end, const double* v_block,
+                       std::span<double> norms_sq) {
+  dora_norms_sq(f, row_begin, row_end, v_block, norms_sq);
+}
+
+void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block,
+                       std::span<const double> norms_sq) {
+  add_delta_rows(f, weight, row_begin, row_end, w_block);
+  if (f.dora) scale_by_norms(f, row_begin, row_end, w_block, norms_sq);
+}
+
+void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
+                       double* w_block, std::span<const double> norms_sq) {
+  add_delta_rows(f, weight, row_begin, row_end, w_block);
+  if (f.dora) scale_by_norms(f, row_begin, row_end, w_block, norms_sq);
 }
 
 void add_bias_delta(const lora_module& m, double weight, std::span<float> bias, const std::string& file) {

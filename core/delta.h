@@ -122,6 +122,29 @@ void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin,
 void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
                        double* w_block);
 
+// DoRA in row blocks, first pass: the squared L2 norm of V = W + weight * dW
+// per output feature, from rows [row_begin, row_end) of V held in v_block
+// (W's rows after add_delta_rows): per row, norms_sq[i] = sum_j V[i, j]^2
+// for those rows; per column (needs_whole_tensor()), norms_sq[j] +=
+// sum_i V[i, j]^2, so the caller zeroes norms_sq and feeds every row block
+// once (rows in increasing order give the sums apply_module_rows forms).
+// norms_sq has one entry per output feature (f.magnitude.size()). Throws
+// exit 3 for out-of-range rows or a norms_sq of another size.
+void add_dora_norms_sq(const delta_factors& f, int64_t row_begin, int64_t row_end, const float* v_block,
+                       std::span<double> norms_sq);
+void add_dora_norms_sq(const delta_factors_f64& f, int64_t row_begin, int64_t row_end, const double* v_block,
+                       std::span<double> norms_sq);
+
+// apply_module_rows for any row block, DoRA with V's squared norms given
+// (add_dora_norms_sq over every row, same weight): V = W + weight * dW;
+// W = (m / sqrt(norms_sq)) * V per output feature. The second pass of a
+// per-column DoRA done in blocks; the same values as the whole-tensor call.
+// Plain LoRA ignores norms_sq. Throws exit 3 as add_dora_norms_sq.
+void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block,
+                       std::span<const double> norms_sq);
+void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
+                       double* w_block, std::span<const double> norms_sq);
+
 // lora_bias: bias[o] += weight * s * b[o], b = m.bias (converted through
 // core/dtype). Throws exit 3 when m has no bias or its size is not bias.size().
 void add_bias_delta(const lora_module& m, double weight, std::span<float> bias, const std::string& file);

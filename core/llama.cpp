@@ -280,9 +280,7 @@ std::vector<float> embed(const weights& w, const hf_config& c, std::span<const i
 
 }  // namespace
 
-logits_result llama_forward(const model_files& model, const hf_config& c, const adapter* a,
-                            std::span<const int64_t> tokens, int threads) {
-  // 1. check the input
+void check_forward_input(const hf_config& c, std::span<const int64_t> tokens) {
   if (tokens.empty()) throw errors::usage("no tokens to run");
   for (int64_t tok : tokens)
     if (tok < 0 || tok >= c.vocab_size)
@@ -291,6 +289,13 @@ logits_result llama_forward(const model_files& model, const hf_config& c, const 
   if (c.sliding_window > 0 && n_tok > c.sliding_window)
     throw errors::invalid(c.path, "", fmt::format("{} tokens exceed sliding_window {} (sliding-window attention is not "
                                                   "implemented)", n_tok, c.sliding_window));
+}
+
+logits_result llama_forward(const model_files& model, const hf_config& c, const adapter* a,
+                            std::span<const int64_t> tokens, int threads) {
+  // 1. check the input
+  check_forward_input(c, tokens);
+  const int64_t n_tok = static_cast<int64_t>(tokens.size());
   set_blas_threads(threads);
 
   const weights w(model, c, a);

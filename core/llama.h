@@ -57,6 +57,13 @@ struct logits_result {
   std::vector<float> logits;  // [n_tokens, n_vocab], row-major
 };
 
+// The checks llama_forward makes of its input before any weight is read, for
+// callers that want them early (lora verify, before its weight level).
+// Throws lora::error: exit 2 for no tokens or a token id outside
+// [0, config.vocab_size); exit 3 (naming config.path) for more tokens than a
+// sliding window.
+void check_forward_input(const hf_config& config, std::span<const int64_t> tokens);
+
 // Runs the model over `tokens` (positions 0..n-1). `adapter`, when given, must
 // have been fitted to `model` (fit_adapter). Borrows everything; threads <= 0:
 // all cores (BLAS threads).

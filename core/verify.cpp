@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <random>
 
@@ -21,10 +22,44 @@ namespace lora {
 
 namespace {
 
+// A whole (small) tensor decoded to double: biases.
 std::vector<double> read_f64(const tensor_ref& t) {
   std::vector<double> v(t.info->n_elements);
   to_f64(t.info->type, t.data(), v);
   return v;
+}
+
+// Elements per block of the weight and layer levels (512 KiB of double per
+// buffer; a longer row is a block of its own): resident memory stays a few
+// blocks whatever the tensor's size, as in merge.
+constexpr size_t block_elements = size_t{1} << 16;
+
+size_t rows_per_block(size_t n_cols) { return std::max<size_t>(1, block_elements / std::max<size_t>(n_cols, 1)); }
+
+// A tensor as a row-major matrix: shape[0] rows (1 for a scalar) of the other dims.
+struct row_view {
+  size_t n_rows = 0, n_cols = 0;
+};
+
+row_view rows_of(const tensor_info& t) {
+  const size_t n_rows = t.shape.empty() ? 1 : static_cast<size_t>(t.shape[0]);
+  return {n_rows, n_rows == 0 ? 0 : static_cast<size_t>(t.n_elements) / n_rows};
+}
+
+// Bytes [begin, begin + n) of t's data, read with pread into buf: the map's
+// pages are never faulted in, so nothing of the file stays resident.
+std::span<const uint8_t> read_bytes(const tensor_ref& t, uint64_t begin, size_t n, std::vector<uint8_t>& buf) {
+  buf.resize(n);
+  t.file->map().read(t.file->file_offset(*t.info) + begin, buf);
+  return buf;
+}
+
+// Rows [rb, re) of a math-dtype tensor viewed as [n_rows, n_cols], decoded to double into out.
+void read_rows_f64(const tensor_ref& t, size_t n_cols, size_t rb, size_t re, std::vector<uint8_t>& buf,
+                   std::vector<double>& out) {
+  const size_t size = static_cast<size_t>(math_dtype_size(t.info->type));
+  out.resize((re - rb) * n_cols);
+  to_f64(t.info->type, read_bytes(t, rb * n_cols * size, out.size() * size, buf), out);
 }
 
 // One unit in the last place of `type` at magnitude x (subnormal spacing near 0).
@@ -35,17 +70,18 @@ double ulp(dtype type, double x) {
   return std::ldexp(1.0, e - mant);
 }
 
-// expected vs merged: tolerance = 2 ulp(|E|) + ulp(|dW|) (a second rounding
-// of the delta, as PEFT does) + f32 slack (rank + 4) 2^-24 (|W0| + |E| + |dW| + T_row),
+// expected vs merged, one block of rows from `first_row` on (n_cols each),
+// into c (the caller sets c.ok once every block is in):
+// tolerance = 2 ulp(|E|) + ulp(|dW|) (a second rounding of the delta, as PEFT
+// does) + f32 slack (rank + 4) 2^-24 (|W0| + |E| + |dW| + T_row),
 // T_row = |s| sum_k |B A terms| of the row (delta_row_bounds): the f32 sum's error.
-tensor_check compare(const std::string& name, const std::string& kind, const std::vector<double>& w0,
-                     const std::vector<double>& expected, const std::vector<double>& merged, dtype type, int64_t rank,
-                     const std::vector<double>& row_bounds = {}) {
-  tensor_check c{name, kind};
+void compare_block(tensor_check& c, dtype type, int64_t rank, const std::vector<double>& row_bounds, size_t n_cols,
+                   size_t first_row, const std::vector<double>& w0, const std::vector<double>& expected,
+                   const std::vector<double>& merged) {
   const double eps32 = std::ldexp(1.0, -24) * static_cast<double>(rank + 4);
   for (size_t i = 0; i < expected.size(); ++i) {
     const double e = expected[i], d = std::fabs(e - w0[i]);
-    const double terms = row_bounds.empty() ? 0.0 : row_bounds[i / (expected.size() / row_bounds.size())];
+    const double terms = row_bounds.empty() ? 0.0 : row_bounds[first_row + i / n_cols];
     const double tol = 2 * ulp(type, std::fabs(e)) + ulp(type, d) + eps32 * (std::fabs(w0[i]) + std::fabs(e) + d + terms);
     const double err = std::fabs(merged[i] - e);
     const double ratio = std::isnan(err) ? INFINITY : err / tol;
@@ -56,7 +92,125 @@ tensor_check compare(const std::string& name, const std::string& kind, const std
       c.tolerance = tol;
     }
   }
+}
+
+// DoRA's first pass: ||V_o||^2 per output feature, V = W0 + s dW, block by block.
+std::vector<double> dora_norms_sq(const delta_factors_f64& f, const tensor_ref& base) {
+  std::vector<double> sq(f.magnitude.size(), 0.0), v;
+  std::vector<uint8_t> buf;
+  const size_t n_rows = static_cast<size_t>(f.n_rows), n_cols = static_cast<size_t>(f.n_cols);
+  for (size_t rb = 0; rb < n_rows; rb += rows_per_block(n_cols)) {
+    check_interrupted();
+    const size_t re = std::min(n_rows, rb + rows_per_block(n_cols));
+    read_rows_f64(base, n_cols, rb, re, buf, v);
+    add_delta_rows(f, 1.0, static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data());
+    add_dora_norms_sq(f, static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data(), sq);
+  }
+  return sq;
+}
+
+// What a touched tensor should hold: the adapter's replacement
+// (modules_to_save), the base bias plus s b (lora_bias), or W0 + s B A
+// (DoRA-rescaled). Exactly one is set.
+struct expectation {
+  const tensor_ref* replacement = nullptr;
+  const lora_module* bias = nullptr;
+  const lora_module* module = nullptr;
+};
+
+// A touched tensor against its expected value E, formed in double through
+// core/delta one block of rows at a time (DoRA: a first pass for the norms).
+tensor_check check_touched(const std::string& name, const tensor_ref& b, const tensor_ref& m, const expectation& x,
+                           const std::string& adapter_file) {
+  tensor_check c{name, x.replacement ? "replaced" : x.bias ? "bias" : "merged"};
+  const tensor_ref& source = x.replacement ? *x.replacement : b;
+  if (source.info->n_elements != b.info->n_elements || !dtype_is_math(source.info->type))
+    throw errors::invalid(adapter_file, name, "the replacement tensor does not fit the base's (modules_to_save)");
+  const auto [n_rows, n_cols] = rows_of(*b.info);
+  std::optional<delta_factors_f64> f;
+  std::vector<double> row_bounds, norms;
+  if (x.module) {
+    f = load_delta_factors_f64(*x.module, b.info->shape, adapter_file);
+    row_bounds = delta_row_bounds(*f);
+    if (f->dora) {
+      // DoRA rescales V by m / ||V||: the slack scales with it (|E| / |V| = |m_o| / ||V_o||, at least 1)
+      norms = dora_norms_sq(*f, b);
+      double gain = 1;
+      for (size_t o = 0; o < norms.size(); ++o)
+        if (norms[o] > 0) gain = std::max(gain, std::fabs(f->magnitude[o] / std::sqrt(norms[o])));
+      for (double& t : row_bounds) t *= gain;
+    }
+  }
+  // a bias is one short vector: one block
+  const size_t rows = x.bias ? std::max<size_t>(n_rows, 1) : rows_per_block(n_cols);
+  std::vector<uint8_t> buf;
+  std::vector<double> w0, e, mv;
+  for (size_t rb = 0; rb < n_rows; rb += rows) {
+    check_interrupted();
+    const size_t re = std::min(n_rows, rb + rows);
+    read_rows_f64(source, n_cols, rb, re, buf, w0);
+    e = w0;
+    if (x.bias) add_bias_delta(*x.bias, 1.0, std::span<double>(e), adapter_file);
+    if (f) apply_module_rows(*f, 1.0, static_cast<int64_t>(rb), static_cast<int64_t>(re), e.data(), norms);
+    read_rows_f64(m, n_cols, rb, re, buf, mv);
+    compare_block(c, m.info->type, f ? f->rank : 0, row_bounds, n_cols, rb, w0, e, mv);
+  }
   c.ok = c.n_bad == 0;
+  return c;
+}
+
+// An untouched tensor against the base, block by block: byte for byte in the
+// same dtype, value for value after a dtype change (the base rounded once to
+// the merged dtype). n_bad counts the differing elements (bytes, for a dtype
+// without arithmetic); max_error is the largest |merged - expected| among
+// them (infinite where only one is NaN; 0 without arithmetic).
+tensor_check check_untouched(const std::string& name, const tensor_ref& b, const tensor_ref& m) {
+  tensor_check c{name, "untouched"};
+  const dtype bt = b.info->type, mt = m.info->type;
+  const bool math = dtype_is_math(bt) && dtype_is_math(mt);
+  if (!math && bt != mt) {
+    c.n_bad = b.info->n_elements;  // not comparable
+  } else if (!math) {
+    std::vector<uint8_t> bb, mb;
+    const uint64_t n = b.info->n_bytes();
+    for (uint64_t at = 0; at < n; at += block_elements) {
+      check_interrupted();
+      const size_t k = static_cast<size_t>(std::min<uint64_t>(block_elements, n - at));
+      const std::span<const uint8_t> x = read_bytes(b, at, k, bb), y = read_bytes(m, at, k, mb);
+      for (size_t i = 0; i < k; ++i) c.n_bad += x[i] != y[i];
+    }
+  } else {
+    const size_t bs = static_cast<size_t>(math_dtype_size(bt)), ms = static_cast<size_t>(math_dtype_size(mt));
+    std::vector<uint8_t> bb, mb, round;
+    std::vector<double> x, y;
+    const uint64_t n = b.info->n_elements;
+    for (uint64_t at = 0; at < n; at += block_elements) {
+      check_interrupted();
+      const size_t k = static_cast<size_t>(std::min<uint64_t>(block_elements, n - at));
+      const std::span<const uint8_t> xb = read_bytes(b, at * bs, k * bs, bb), yb = read_bytes(m, at * ms, k * ms, mb);
+      x.resize(k);
+      y.resize(k);
+      to_f64(bt, xb, x);
+      to_f64(mt, yb, y);
+      if (bt != mt) {
+        // the base rounded once to the merged dtype
+        round.resize(k * ms);
+        from_f64(mt, x, round);
+        to_f64(mt, round, x);
+      }
+      for (size_t i = 0; i < k; ++i) {
+        const bool nan = std::isnan(x[i]) || std::isnan(y[i]);
+        const bool differs = bt == mt ? std::memcmp(xb.data() + i * bs, yb.data() + i * bs, bs) != 0
+                                      : !(x[i] == y[i]) && !(std::isnan(x[i]) && std::isnan(y[i]));
+        if (!differs) continue;
+        ++c.n_bad;
+        const double err = nan ? (std::isnan(x[i]) && std::isnan(y[i]) ? 0.0 : INFINITY) : std::fabs(x[i] - y[i]);
+        c.max_error = std::max(c.max_error, err);
+      }
+    }
+  }
+  c.ok = c.n_bad == 0;
+  if (!c.ok) c.ratio = INFINITY;
   return c;
 }
 
@@ -273,18 +427,15 @@ layer_check check_layer(const lora_module& m, size_t index, const std::string& a
     for (double& v : x) v = normal(rng);
   }
 
-  // 4. one pass over the stored rows of W0 and W~, in blocks decoded to double
+  // 4. one pass over the stored rows of W0 and W~, in blocks read with pread and decoded to double
   layer_sums acc(n, s.n_out);
-  const size_t rows_per_block = std::max<size_t>(1, (size_t{1} << 16) / std::max<size_t>(s.n_cols, 1));
-  const size_t in_size = static_cast<size_t>(math_dtype_size(b.info->type));
-  const size_t m_size = static_cast<size_t>(math_dtype_size(type));
+  std::vector<uint8_t> bytes;
   std::vector<double> w0_buf, wm_buf, v_buf;
-  for (size_t rb = 0; rb < s.n_rows; rb += rows_per_block) {
-    const size_t re = std::min(s.n_rows, rb + rows_per_block), count = (re - rb) * s.n_cols;
-    w0_buf.resize(count);
-    wm_buf.resize(count);
-    to_f64(b.info->type, b.data().subspan(rb * s.n_cols * in_size, count * in_size), w0_buf);
-    to_f64(type, mt->data().subspan(rb * s.n_cols * m_size, count * m_size), wm_buf);
+  for (size_t rb = 0; rb < s.n_rows; rb += rows_per_block(s.n_cols)) {
+    const size_t re = std::min(s.n_rows, rb + rows_per_block(s.n_cols));
+    check_interrupted();
+    read_rows_f64(b, s.n_cols, rb, re, bytes, w0_buf);
+    read_rows_f64(*mt, s.n_cols, rb, re, bytes, wm_buf);
     accumulate_rows(f, s, 1.0, rb, re, w0_buf.data(), wm_buf.data(), t_bound, x.data(), n, acc, v_buf);
   }
   const std::vector<double> y_ref = unmerged_from(f, s, 1.0, x.data(), n, acc);
@@ -345,17 +496,40 @@ std::vector<double> unmerged_layer_output(const delta_factors_f64& f, std::span<
   return unmerged_from(f, s, weight, x.data(), n, acc);
 }
 
-verify_report verify_merge(const verify_options& o) {
-  verify_report r;
-  if (o.n_inputs < 1) throw errors::usage("the layer check needs at least one input vector");
-  // 1. inputs; the adapter must fit the base
-  model_files base = open_model(o.base);
-  model_files merged = open_model(o.merged);
-  adapter a = load_adapter(o.adapter);
-  fit_report fit = fit_adapter(a, base);
-  if (!fit.ok())
-    throw errors::invalid(o.adapter, fit.problems.front().key,
-                          fit.problems.front().what + " (does the adapter belong to this base model?)");
+namespace {
+
+// The model level's inputs, read and checked before any weight is: both
+// config.json files parsed (a malformed one is refused at once, exit 3
+// naming it) and the token ids checked against the vocabulary (exit 2).
+struct model_inputs {
+  hf_config base, merged;
+  std::vector<int64_t> tokens;
+};
+
+// nullopt when the model level cannot run (`skipped` says why).
+std::optional<model_inputs> prepare_model_level(const verify_options& o, const model_files& base,
+                                                const model_files& merged, std::string& skipped) {
+  std::optional<std::string> mt;
+  if (!base.config_path.empty()) mt = parse_model_type(read_text_file(base.config_path), base.config_path);
+  if (!merged.config_path.empty()) (void)parse_model_type(read_text_file(merged.config_path), merged.config_path);
+  if (!mt || !is_supported_architecture(*mt) || merged.config_path.empty()) {
+    skipped = mt ? fmt::format("model_type {} has no forward pass", *mt) : "no config.json";
+    return std::nullopt;
+  }
+  model_inputs in{read_hf_config(base.config_path), read_hf_config(merged.config_path), o.tokens};
+  if (in.tokens.empty()) {
+    std::mt19937_64 rng(1234);
+    for (int i = 0; i < 16; ++i)
+      in.tokens.push_back(static_cast<int64_t>(rng() % static_cast<uint64_t>(in.base.vocab_size)));
+  }
+  check_forward_input(in.base, in.tokens);
+  check_forward_input(in.merged, in.tokens);
+  return in;
+}
+
+// Weight level: every base tensor against its expected value, then the
+// merged model's extra tensors; appended to r.tensors.
+void check_weights(const model_files& base, const model_files& merged, const adapter& a, verify_report& r) {
   std::map<std::string, const lora_module*> modules, bias_modules;
   std::map<std::string, const tensor_ref*> saved;
   for (const lora_module& m : a.modules) {
@@ -364,8 +538,6 @@ verify_report verify_merge(const verify_options& o) {
     if (m.bias) bias_modules[m.name + ".bias"] = &m;
   }
   for (const saved_tensor& s : a.saved) saved[s.target] = &s.tensor;
-
-  // 2. weight level: every base tensor against its expected value
   for (const std::string& name : base.tensor_names) {
     check_interrupted();
     tensor_ref b = base.at(name);
@@ -375,66 +547,57 @@ verify_report verify_merge(const verify_options& o) {
     if (m->info->shape != b.info->shape) { c.kind = "shape"; c.ok = false; r.tensors.push_back(c); continue; }
     ++r.n_checked;
     const bool math = dtype_is_math(b.info->type) && dtype_is_math(m->info->type);
-    const bool touched = modules.count(name) || saved.count(name) || bias_modules.count(name);
-    if (!touched || !math) {
-      // untouched: equal to the base (byte for byte, or value for value after a dtype change)
-      c.kind = "untouched";
-      if (b.info->type == m->info->type) {
-        auto x = b.data(), y = m->data();
-        c.ok = std::equal(x.begin(), x.end(), y.begin(), y.end());
-        c.n_bad = c.ok ? 0 : 1;
-      } else if (math) {
-        std::vector<double> x = read_f64(b), y = read_f64(*m);
-        std::vector<uint8_t> buf(x.size() * static_cast<size_t>(math_dtype_size(m->info->type)));
-        from_f64(m->info->type, x, buf);
-        std::vector<double> xr(x.size());
-        to_f64(m->info->type, buf, xr);
-        for (size_t i = 0; i < x.size(); ++i)
-          if (!(xr[i] == y[i]) && !(std::isnan(xr[i]) && std::isnan(y[i]))) {
-            ++c.n_bad;
-            c.max_error = std::max(c.max_error, std::fabs(xr[i] - y[i]));
-          }
-        c.ok = c.n_bad == 0;
-      } else {
-        c.ok = false;
-      }
-      if (!c.ok) c.ratio = INFINITY;
-      r.tensors.push_back(c);
-      continue;
-    }
-    // touched: expected E in f64 through core/delta
-    std::vector<double> w0 = read_f64(b), e = w0;
-    int64_t rank = 0;
-    std::vector<double> row_bounds;
-    if (auto s = saved.find(name); s != saved.end()) {
-      c.kind = "replaced";
-      e = read_f64(*s->second);
-      w0 = e;
-    } else if (auto bm = bias_modules.find(name); bm != bias_modules.end()) {
-      c.kind = "bias";
-      add_bias_delta(*bm->second, 1.0, std::span<double>(e), a.weights_path);
-    } else {
-      c.kind = "merged";
-      const lora_module& mod = *modules.at(name);
-      delta_factors_f64 f = load_delta_factors_f64(mod, b.info->shape, a.weights_path);
-      apply_module_rows(f, 1.0, 0, f.n_rows, e.data());
-      rank = f.rank;
-      row_bounds = delta_row_bounds(f);
-      if (f.dora) {
-        // DoRA rescales V by m / ||V||: the slack scales with it (|E| / |V| per element, at least 1)
-        std::vector<double> v = w0;
-        add_delta_rows(f, 1.0, 0, f.n_rows, v.data());
-        double gain = 1;
-        for (size_t i = 0; i < v.size(); ++i)
-          if (v[i] != 0) gain = std::max(gain, std::fabs(e[i] / v[i]));
-        for (double& x : row_bounds) x *= gain;
-      }
-    }
-    tensor_check cc = compare(name, c.kind, w0, e, read_f64(*m), m->info->type, rank, row_bounds);
-    r.tensors.push_back(cc);
+    expectation x;
+    if (auto it = saved.find(name); it != saved.end()) x.replacement = it->second;
+    else if (auto it = bias_modules.find(name); it != bias_modules.end()) x.bias = it->second;
+    else if (auto it = modules.find(name); it != modules.end()) x.module = it->second;
+    const bool touched = x.replacement || x.bias || x.module;
+    r.tensors.push_back(touched && math ? check_touched(name, b, *m, x, a.weights_path) : check_untouched(name, b, *m));
   }
   for (const std::string& name : merged.tensor_names)
     if (!base.find(name)) r.tensors.push_back({name, "extra", 0, 0, INFINITY, 1, false});
+}
+
+// Model level: logits of the base with the adapter applied unmerged against the merged model's.
+void check_model(const model_files& base, const model_files& merged, const adapter& a, const model_inputs& in,
+                 int threads, model_check& mc) {
+  logits_result x = llama_forward(base, in.base, &a, in.tokens, threads);
+  logits_result y = llama_forward(merged, in.merged, nullptr, in.tokens, threads);
+  mc.ran = true;
+  mc.n_tokens = x.n_tokens;
+  double big = 0;
+  int64_t agree = 0;
+  for (size_t i = 0; i < x.logits.size(); ++i) {
+    mc.max_abs = std::max(mc.max_abs, static_cast<double>(std::fabs(x.logits[i] - y.logits[i])));
+    big = std::max(big, static_cast<double>(std::fabs(x.logits[i])));
+  }
+  for (int64_t p = 0; p < x.n_tokens; ++p) agree += top_k(x, p, 1)[0].first == top_k(y, p, 1)[0].first;
+  mc.max_rel = big > 0 ? mc.max_abs / big : mc.max_abs;
+  mc.top1_agreement = static_cast<double>(agree) / static_cast<double>(x.n_tokens);
+  // the merged weights' own rounding: relative 2^-5 for bf16, 2^-8 for f16, 1e-4 for f32
+  dtype wt = merged.at(merged.tensor_names.front()).info->type;
+  mc.tolerance = wt == dtype::BF16 ? 0x1p-5 : wt == dtype::F16 ? 0x1p-8 : 1e-4;
+  mc.ok = mc.max_rel <= mc.tolerance;
+}
+
+}  // namespace
+
+verify_report verify_merge(const verify_options& o) {
+  verify_report r;
+  if (o.n_inputs < 1) throw errors::usage("the layer check needs at least one input vector");
+  // 1. inputs, all checked before the expensive levels: the models' headers,
+  // their config.json (model level), the adapter fitting the base
+  model_files base = open_model(o.base);
+  model_files merged = open_model(o.merged);
+  const std::optional<model_inputs> model_in = prepare_model_level(o, base, merged, r.model.skipped);
+  adapter a = load_adapter(o.adapter);
+  fit_report fit = fit_adapter(a, base);
+  if (!fit.ok())
+    throw errors::invalid(o.adapter, fit.problems.front().key,
+                          fit.problems.front().what + " (does the adapter belong to this base model?)");
+
+  // 2. weight level: every base tensor against its expected value, block by block
+  check_weights(base, merged, a, r);
 
   // 3. layer level: every adapted module on seeded inputs, one module per job
   r.layers.resize(a.modules.size());
@@ -442,43 +605,14 @@ verify_report verify_merge(const verify_options& o) {
     r.layers[i] = check_layer(a.modules[i], i, a.weights_path, base, merged, o.seed, o.n_inputs);
   });
 
-  // 4. model level, for a supported architecture
-  std::optional<std::string> mt;
-  if (!base.config_path.empty()) mt = parse_model_type(read_text_file(base.config_path), base.config_path);
-  // (a merged model with missing or misshapen tensors has already failed
-  // above, and cannot be run)
+  // 4. model level, for a supported architecture (a merged model with missing
+  // or misshapen tensors has already failed above, and cannot be run)
   const auto unrunnable = std::find_if(r.tensors.begin(), r.tensors.end(),
                                        [](const tensor_check& c) { return c.kind == "missing" || c.kind == "shape"; });
-  if (!mt || !is_supported_architecture(*mt) || merged.config_path.empty()) {
-    r.model.skipped = mt ? fmt::format("model_type {} has no forward pass", *mt) : "no config.json";
-  } else if (unrunnable != r.tensors.end()) {
+  if (model_in && unrunnable != r.tensors.end())
     r.model.skipped = fmt::format("the merged model cannot run: {} is {}", unrunnable->name, unrunnable->kind);
-  } else {
-    const hf_config cb = read_hf_config(base.config_path), cm = read_hf_config(merged.config_path);
-    std::vector<int64_t> tokens = o.tokens;
-    if (tokens.empty()) {
-      std::mt19937_64 rng(1234);
-      for (int i = 0; i < 16; ++i) tokens.push_back(static_cast<int64_t>(rng() % static_cast<uint64_t>(cb.vocab_size)));
-    }
-    logits_result x = llama_forward(base, cb, &a, tokens, o.threads);
-    logits_result y = llama_forward(merged, cm, nullptr, tokens, o.threads);
-    model_check& mc = r.model;
-    mc.ran = true;
-    mc.n_tokens = x.n_tokens;
-    double big = 0;
-    int64_t agree = 0;
-    for (size_t i = 0; i < x.logits.size(); ++i) {
-      mc.max_abs = std::max(mc.max_abs, static_cast<double>(std::fabs(x.logits[i] - y.logits[i])));
-      big = std::max(big, static_cast<double>(std::fabs(x.logits[i])));
-    }
-    for (int64_t p = 0; p < x.n_tokens; ++p) agree += top_k(x, p, 1)[0].first == top_k(y, p, 1)[0].first;
-    mc.max_rel = big > 0 ? mc.max_abs / big : mc.max_abs;
-    mc.top1_agreement = static_cast<double>(agree) / static_cast<double>(x.n_tokens);
-    // the merged weights' own rounding: relative 2^-5 for bf16, 2^-8 for f16, 1e-4 for f32
-    dtype wt = merged.at(merged.tensor_names.front()).info->type;
-    mc.tolerance = wt == dtype::BF16 ? 0x1p-5 : wt == dtype::F16 ? 0x1p-8 : 1e-4;
-    mc.ok = mc.max_rel <= mc.tolerance;
-  }
+  else if (model_in)
+    check_model(base, merged, a, *model_in, o.threads, r.model);
 
   // 5. verdict
   std::stable_sort(r.tensors.begin(), r.tensors.end(), [](const auto& p, const auto& q) { return p.ratio > q.ratio; });

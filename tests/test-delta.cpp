@@ -249,6 +249,59 @@ TEST_CASE("DoRA per column (fan_in_fan_out, embedding): norm per output feature 
   }
 }
 
+TEST_CASE("DoRA in two block passes: add_dora_norms_sq, then apply_module_rows with the norms (per row and per column)") {
+  for (layout kind : {layout::linear, layout::fan_in_fan_out, layout::embedding}) {
+    CAPTURE(static_cast<int>(kind));
+    const int64_t out = 17, in = 29, r = 3;
+    module_fixture fx = make_module(kind, out, in, r, dtype::F32, 41, true);
+    const bool per_column = kind != layout::linear;
+    const int64_t n_rows = fx.target_shape[0];
+    const size_t n_cols = static_cast<size_t>(fx.target_shape[1]);
+    const double weight = 0.8;
+    // the double reference: V = W0 + w s dW, W = m / ||V_o|| V per output feature o
+    std::vector<double> v = reference_delta(kind, fx.a, fx.b, out, in, r, weight * fx.module.scale);
+    for (size_t i = 0; i < v.size(); ++i) v[i] += fx.w0[i];
+    std::vector<double> want(v.size());
+    for (size_t o = 0; o < static_cast<size_t>(out); ++o) {
+      auto at = [&](size_t j) { return per_column ? j * n_cols + o : o * n_cols + j; };
+      double sq = 0;
+      for (size_t j = 0; j < static_cast<size_t>(in); ++j) sq += v[at(j)] * v[at(j)];
+      for (size_t j = 0; j < static_cast<size_t>(in); ++j) want[at(j)] = fx.m[o] / std::sqrt(sq) * v[at(j)];
+    }
+    // blocks of 4 rows (uneven at the end): pass 1 the norms of V, pass 2 the values
+    auto two_passes = [&](const auto& f, auto w) {
+      using T = typename decltype(w)::value_type;
+      std::vector<double> sq(static_cast<size_t>(out), 0.0);
+      for (int64_t rb = 0; rb < n_rows; rb += 4) {
+        const int64_t re = std::min(n_rows, rb + 4);
+        std::vector<T> block(w.begin() + rb * static_cast<int64_t>(n_cols), w.begin() + re * static_cast<int64_t>(n_cols));
+        add_delta_rows(f, weight, rb, re, block.data());
+        add_dora_norms_sq(f, rb, re, block.data(), sq);
+      }
+      for (int64_t rb = 0; rb < n_rows; rb += 4)
+        apply_module_rows(f, weight, rb, std::min(n_rows, rb + 4), w.data() + static_cast<size_t>(rb) * n_cols, sq);
+      return w;
+    };
+    const delta_factors f = load_delta_factors(fx.module, fx.target_shape, "m");
+    const delta_factors_f64 f64 = load_delta_factors_f64(fx.module, fx.target_shape, "m");
+    CHECK(f.needs_whole_tensor() == per_column);
+    const std::vector<float> w = two_passes(f, std::vector<float>(fx.w0.begin(), fx.w0.end()));
+    const std::vector<double> wd = two_passes(f64, fx.w0);
+    check_dora_result(w, wd, want);
+    // the same values as the whole-tensor call, bit for bit
+    std::vector<float> whole(fx.w0.begin(), fx.w0.end());
+    apply_module_rows(f, weight, 0, n_rows, whole.data());
+    std::vector<double> whole64 = fx.w0;
+    apply_module_rows(f64, weight, 0, n_rows, whole64.data());
+    CHECK(w == whole);
+    CHECK(wd == whole64);
+    // norms of the wrong size are refused
+    std::vector<double> short_sq(static_cast<size_t>(out) - 1, 1.0), tmp = fx.w0;
+    CHECK_THROWS_AS(add_dora_norms_sq(f64, 0, 1, tmp.data(), short_sq), lora::error);
+    CHECK_THROWS_AS(apply_module_rows(f64, weight, 0, 1, tmp.data(), short_sq), lora::error);
+  }
+}
+
 TEST_CASE("lora_bias: bias + w s b") {
   module_fixture fx = make_module(layout::linear, 9, 4, 2, dtype::F16, 41);
   std::vector<double> base = random_values(9, 5);

@@ -45,13 +45,13 @@ void edited_copy(const std::string& src, const std::string& dst,
 
 // A PEFT adapter folder: adapter_config.json (r, lora_alpha, targets, flags) + tensors.
 void write_peft_adapter(const std::string& dir, int r, double alpha, const std::string& target, bool dora,
-                        const std::vector<test_tensor>& tensors) {
+                        const std::vector<test_tensor>& tensors, bool fan_in_fan_out = true) {
   std::filesystem::create_directories(dir);
   write_text(dir + "/adapter_config.json",
              fmt::format(R"({{"peft_type": "LORA", "r": {}, "lora_alpha": {}, "target_modules": ["{}"],
-                 "fan_in_fan_out": true, "use_dora": {}, "use_rslora": false, "lora_bias": false,
+                 "fan_in_fan_out": {}, "use_dora": {}, "use_rslora": false, "lora_bias": false,
                  "task_type": "CAUSAL_LM", "modules_to_save": null, "rank_pattern": {{}}, "alpha_pattern": {{}}}})",
-                         r, alpha, target, dora ? "true" : "false"));
+                         r, alpha, target, fan_in_fan_out ? "true" : "false", dora ? "true" : "false"));
   write_safetensors(dir + "/adapter_model.safetensors", tensors);
 }
 
@@ -390,4 +390,121 @@ TEST_CASE("the unmerged reference W0 x + s B (A x) equals W0 + s B A formed expl
   std::vector<double> w0(t.info->n_elements);
   to_f64(t.info->type, t.data(), w0);
   CHECK_THROWS_AS(unmerged_layer_output(f, w0, std::vector<double>(static_cast<size_t>(f.n_cols) + 1)), lora::error);
+}
+
+namespace {
+
+// A GPT-2-like base whose weights span several of verify's row blocks (64K
+// elements): Conv1D c_attn stored [in, out] = [4096, 48] (fan_in_fan_out:
+// DoRA's norm runs per column, over all 4096 rows), c_proj [48, 4096]
+// (linear: per row), wte [2048, 64] (untouched); and rank-4 PEFT adapters on
+// c_attn or c_proj, LoRA or DoRA.
+struct big_case {
+  std::string base, adapter, tensor;
+  bool fan_in_fan_out = false;
+};
+
+big_case write_big_case(const std::string& dir, bool ffo, bool dora) {
+  if (!std::filesystem::exists(dir + "/big")) {
+    std::filesystem::create_directories(dir + "/big");
+    write_text(dir + "/big/config.json", R"({"model_type": "gpt2", "n_embd": 64, "n_layer": 1})");
+    write_safetensors(dir + "/big/model.safetensors",
+                      {random_tensor("transformer.h.0.attn.c_attn.weight", dtype::F32, {4096, 48}, 91),
+                       random_tensor("transformer.h.0.mlp.c_proj.weight", dtype::F32, {48, 4096}, 92),
+                       random_tensor("transformer.wte.weight", dtype::F32, {2048, 64}, 93)});
+  }
+  const std::string module = ffo ? "transformer.h.0.attn.c_attn" : "transformer.h.0.mlp.c_proj";
+  const std::string p = "base_model.model." + module + ".";
+  std::vector<test_tensor> t = {random_tensor(p + "lora_A.weight", dtype::F32, {4, 4096}, 94),
+                                random_tensor(p + "lora_B.weight", dtype::F32, {48, 4}, 95, -0.1, 0.1)};
+  if (dora) t.push_back(random_tensor(p + "lora_magnitude_vector", dtype::F32, {48}, 96, 1.0, 3.0));
+  const std::string name = fmt::format("big-{}-{}", ffo ? "ffo" : "linear", dora ? "dora" : "lora");
+  write_peft_adapter(dir + "/" + name, 4, 8, ffo ? "c_attn" : "c_proj", dora, t, ffo);
+  return {dir + "/big", dir + "/" + name, module + ".weight", ffo};
+}
+
+// The expected merged weight in double, written out index by index from the
+// files (not through core/delta): W(o, j) = W0(o, j) + s sum_k B[o, k] A[k, j],
+// DoRA: W(o, :) *= m_o / ||V(o, :)||; W(o, j) stored at [o, j], or [j, o] for
+// fan_in_fan_out. s = alpha / r = 2.
+std::vector<double> reference_weight(const big_case& c, bool dora) {
+  safetensors_file base(c.base + "/model.safetensors"), ad(c.adapter + "/adapter_model.safetensors");
+  const std::string p = "base_model.model." + c.tensor.substr(0, c.tensor.size() - 7) + ".";
+  const std::vector<double> w0 = read_f64(base, c.tensor), a = read_f64(ad, p + "lora_A.weight"),
+                            b = read_f64(ad, p + "lora_B.weight");
+  const size_t n_out = 48, n_in = 4096, r = 4;
+  std::vector<double> w(w0.size());
+  auto at = [&](size_t o, size_t j) { return c.fan_in_fan_out ? j * n_out + o : o * n_in + j; };
+  for (size_t o = 0; o < n_out; ++o)
+    for (size_t j = 0; j < n_in; ++j) {
+      double acc = 0;
+      for (size_t k = 0; k < r; ++k) acc += b[o * r + k] * a[k * n_in + j];
+      w[at(o, j)] = w0[at(o, j)] + 2.0 * acc;
+    }
+  if (dora) {
+    const std::vector<double> m = read_f64(ad, p + "lora_magnitude_vector");
+    for (size_t o = 0; o < n_out; ++o) {
+      double sq = 0;
+      for (size_t j = 0; j < n_in; ++j) sq += w[at(o, j)] * w[at(o, j)];
+      for (size_t j = 0; j < n_in; ++j) w[at(o, j)] *= m[o] / std::sqrt(sq);
+    }
+  }
+  return w;
+}
+
+}  // namespace
+
+TEST_CASE("weight level in row blocks: tensors of several blocks against the double reference (DoRA per row and per column)") {
+  temp_dir dir;
+  for (bool ffo : {true, false})
+    for (bool dora : {false, true}) {
+      CAPTURE(ffo);
+      CAPTURE(dora);
+      const big_case c = write_big_case(dir.path, ffo, dora);
+      const std::string good = merge_into(dir, {c.base, c.adapter, 1, {}}, dtype::F32,
+                                           std::filesystem::path(c.adapter).filename().string() + "-merged");
+      verify_options vo{c.base, c.adapter, good, {}, 1};
+      const verify_report ok = verify_merge(vo);
+      CHECK(ok.equivalent);
+      CHECK(ok.n_checked == 3);
+      REQUIRE(ok.layers.size() == 1);
+      CHECK(ok.layers.front().kind == std::string(ffo ? "fan_in_fan_out" : "linear") + (dora ? "+dora" : ""));
+
+      // one element of the last block moved by 1e-3: the reported error is
+      // |merged - E| there, E from the double reference (1e-9 relative: the
+      // f32 merge's own error is below 1e-6 of the move)
+      const std::vector<double> want = reference_weight(c, dora);
+      const size_t at = want.size() - 5;
+      const std::string bad = good + "-moved";
+      double moved = 0;
+      edited_copy(good, bad, [&](auto& ts) {
+        ts[c.tensor].values[at] += 1e-3;
+        moved = static_cast<double>(static_cast<float>(ts[c.tensor].values[at]));
+      });
+      vo.merged = bad;
+      const verify_report r = verify_merge(vo);
+      CHECK(!r.equivalent);
+      REQUIRE(r.n_failed == 1);
+      const tensor_check& t = r.tensors.front();
+      CHECK(t.name == c.tensor);
+      CHECK(t.kind == "merged");
+      CHECK(t.n_bad == 1);
+      CHECK(t.max_error == doctest::Approx(std::fabs(moved - want[at])).epsilon(1e-9));
+      CHECK(t.max_error > 9e-4);
+    }
+
+  // an untouched tensor of two blocks moved in its last element: its true error, one element
+  const big_case c = write_big_case(dir.path, false, false);
+  const std::string good = merge_into(dir, {c.base, c.adapter, 1, {}}, std::nullopt, "untouched-good");
+  edited_copy(good, dir / "untouched-bad", [&](auto& ts) { ts["transformer.wte.weight"].values.back() += 0.125; });
+  verify_options vo{c.base, c.adapter, dir / "untouched-bad", {}, 1};
+  const verify_report r = verify_merge(vo);
+  REQUIRE(r.n_failed == 1);
+  const tensor_check& t = r.tensors.front();
+  CHECK(t.name == "transformer.wte.weight");
+  CHECK(t.kind == "untouched");
+  CHECK(t.n_bad == 1);
+  safetensors_file base(c.base + "/model.safetensors"), moved(dir / "untouched-bad" + "/model.safetensors");
+  CHECK(t.max_error == std::fabs(read_f64(moved, "transformer.wte.weight").back() - read_f64(base, "transformer.wte.weight").back()));
+  CHECK(t.max_error == doctest::Approx(0.125).epsilon(1e-6));
 }
