@@ -353,6 +353,7 @@ logits_result llama_forward(const model_files& model, const hf_config& c, const 
                             fmt::format("tensor is missing and tie_word_embeddings is false in {}", c.path));
     linear(w, "lm_head", false, h.data(), n_tok, hid, c.vocab_size, r.logits.data());
   }
+  check_interrupted();  // no logits from an input that shrank while it was read
   return r;
 }
 

@@ -614,7 +614,8 @@ verify_report verify_merge(const verify_options& o) {
   else if (model_in)
     check_model(base, merged, a, *model_in, o.threads, r.model);
 
-  // 5. verdict
+  // 5. verdict (none from an input that shrank while it was read)
+  check_interrupted();
   std::stable_sort(r.tensors.begin(), r.tensors.end(), [](const auto& p, const auto& q) { return p.ratio > q.ratio; });
   std::stable_sort(r.layers.begin(), r.layers.end(), [](const auto& p, const auto& q) { return p.ratio > q.ratio; });
   for (const auto& c : r.tensors) r.n_failed += !c.ok;
