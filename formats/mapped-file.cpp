@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <utility>
 
@@ -34,13 +35,23 @@ mapped_file::mapped_file(const std::string& path) : path_(path) {
     throw errors::io(path, "cannot map", e);
   }
   data_ = static_cast<const uint8_t*>(p);
+  mapped_ = true;
+}
+
+mapped_file mapped_file::borrow(std::string label, std::span<const uint8_t> bytes) {
+  mapped_file m;
+  m.path_ = std::move(label);
+  m.data_ = bytes.data();
+  m.size_ = bytes.size();
+  return m;
 }
 
 mapped_file::mapped_file(mapped_file&& other) noexcept
     : path_(std::move(other.path_)),
       fd_(std::exchange(other.fd_, -1)),
       data_(std::exchange(other.data_, nullptr)),
-      size_(std::exchange(other.size_, 0)) {}
+      size_(std::exchange(other.size_, 0)),
+      mapped_(std::exchange(other.mapped_, false)) {}
 
 mapped_file& mapped_file::operator=(mapped_file&& other) noexcept {
   if (this != &other) {
@@ -49,6 +60,7 @@ mapped_file& mapped_file::operator=(mapped_file&& other) noexcept {
     fd_ = std::exchange(other.fd_, -1);
     data_ = std::exchange(other.data_, nullptr);
     size_ = std::exchange(other.size_, 0);
+    mapped_ = std::exchange(other.mapped_, false);
   }
   return *this;
 }
@@ -56,16 +68,18 @@ mapped_file& mapped_file::operator=(mapped_file&& other) noexcept {
 mapped_file::~mapped_file() { reset(); }
 
 void mapped_file::reset() noexcept {
-  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+  if (mapped_) ::munmap(const_cast<uint8_t*>(data_), size_);
   if (fd_ >= 0) ::close(fd_);
   data_ = nullptr;
   fd_ = -1;
   size_ = 0;
+  mapped_ = false;
 }
 
 void mapped_file::release(uint64_t offset, uint64_t length) const noexcept {
   // Only whole pages inside the range: a neighbour tensor may share an edge page.
-  if (data_ == nullptr || offset >= size_) return;
+  // (MADV_DONTNEED on borrowed heap memory would zero it)
+  if (!mapped_ || offset >= size_) return;
   if (length > size_ - offset) length = size_ - offset;
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   const uint64_t begin = (offset + page - 1) / page * page;
@@ -75,6 +89,11 @@ void mapped_file::release(uint64_t offset, uint64_t length) const noexcept {
 }
 
 void mapped_file::read(uint64_t offset, std::span<uint8_t> into) const {
+  if (fd_ < 0) {  // borrowed bytes
+    if (offset > size_ || into.size() > size_ - offset) throw errors::io(path_, "read past the end of the bytes");
+    std::copy_n(data_ + offset, into.size(), into.data());
+    return;
+  }
   uint8_t* p = into.data();
   uint64_t left = into.size();
   while (left > 0) {

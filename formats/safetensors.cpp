@@ -226,8 +226,10 @@ safetensors_header parse_safetensors_header(std::span<const uint8_t> bytes, uint
 
 // --- reader -------------------------------------------------------------------
 
-safetensors_file::safetensors_file(const std::string& path)
-    : map_(path), header_(parse_safetensors_header(map_.bytes(), map_.size(), path)) {}
+safetensors_file::safetensors_file(const std::string& path) : safetensors_file(mapped_file(path)) {}
+
+safetensors_file::safetensors_file(mapped_file map)
+    : map_(std::move(map)), header_(parse_safetensors_header(map_.bytes(), map_.size(), map_.path())) {}
 
 const tensor_info& safetensors_file::at(std::string_view name) const {
   const tensor_info* t = find(name);
