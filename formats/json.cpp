@@ -120,7 +120,10 @@ nlohmann::ordered_json json_or_text(std::string_view text) {
   try {
     return parse_ordered_json_bounded(text, "", "text");
   } catch (const error&) {
-    return std::string(text);
+    // not JSON: the text as a string, its invalid UTF-8 bytes replaced by
+    // U+FFFD (dump() throws on invalid UTF-8, so the value could not be printed)
+    using ojson = nlohmann::ordered_json;
+    return ojson::parse(ojson(std::string(text)).dump(-1, ' ', false, ojson::error_handler_t::replace));
   }
 }
 

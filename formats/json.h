@@ -40,8 +40,8 @@ nlohmann::ordered_json parse_ordered_json_bounded(std::string_view text, const s
                                                   std::string_view what, const json_limits& limits = {});
 
 // For display (inspect --json): the value of `text` when it parses within
-// the default limits, else the text itself as a JSON string. Never throws
-// lora::error.
+// the default limits, else the text itself as a JSON string (invalid UTF-8
+// replaced by U+FFFD, so that dump() cannot throw). Never throws lora::error.
 nlohmann::ordered_json json_or_text(std::string_view text);
 
 }  // namespace lora
