@@ -15,6 +15,7 @@
 #include "cli/progress.h"
 #include "core/inspect.h"
 #include "formats/error.h"
+#include "formats/json.h"
 
 namespace lora::cli {
 
@@ -82,12 +83,7 @@ ordered_json report_json(const inspect_report& r) {
   if (r.kind == inspect_kind::other_adapter) j["adapter_kind"] = r.other_description;
   if (r.kind == inspect_kind::model) j["model_type"] = r.model_type ? ordered_json(*r.model_type) : ordered_json(nullptr);
   if (r.kind != inspect_kind::model) {
-    ordered_json config = nullptr;
-    if (!r.config_text.empty()) {
-      config = ordered_json::parse(r.config_text, nullptr, /*allow_exceptions=*/false);
-      if (config.is_discarded()) config = r.config_text;
-    }
-    j["config"] = std::move(config);
+    j["config"] = r.config_text.empty() ? ordered_json(nullptr) : json_or_text(r.config_text);
   }
 
   ordered_json files = ordered_json::array();

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <set>
 #include <unordered_map>
@@ -226,9 +227,10 @@ void load_peft(adapter& a, const std::string& config_label) {
 
   // pair A with B for every module
   for (const auto& [name, mp] : by_module) {
-    auto get = [&](peft_role r) -> const tensor_info* {
-      auto it = mp.parts.find(r);
-      return it == mp.parts.end() ? nullptr : it->second;
+    // (clang before 16 cannot capture a structured binding: name the map)
+    auto get = [&parts = mp.parts](peft_role r) -> const tensor_info* {
+      auto it = parts.find(r);
+      return it == parts.end() ? nullptr : it->second;
     };
     const tensor_info* la = get(peft_role::a);
     const tensor_info* lb = get(peft_role::b);
@@ -418,6 +420,47 @@ void load_kohya(adapter& a) {
   }
 }
 
+// Classifies the opened a.file and loads it. `config_label` names
+// adapter_config.json (empty: there is none); `read_config` returns its text
+// and is called only for a PEFT file (a kohya file ignores a config beside it).
+void load_opened(adapter& a, const std::string& config_label, const std::function<std::string()>& read_config) {
+  // what kind of file is it
+  std::vector<std::string> names;
+  names.reserve(a.file->tensors().size());
+  for (const tensor_info& t : a.file->tensors()) names.push_back(t.name);
+  file_classification c = classify_tensors(names);
+  switch (c.kind) {
+    case file_kind::model:
+      throw errors::invalid(a.weights_path, "", "holds no LoRA tensors (lora_A/lora_B or lora_down/lora_up): is it a model?");
+    case file_kind::other_adapter:
+      throw errors::invalid(a.weights_path, "", fmt::format("not a LoRA adapter lora can read: {}", c.description));
+    case file_kind::kohya_lora:
+      a.format = adapter_format::kohya;
+      load_kohya(a);
+      break;
+    case file_kind::peft_lora: {
+      a.format = adapter_format::peft;
+      if (config_label.empty())
+        throw errors::invalid(a.weights_path, "",
+                              "PEFT LoRA weights without adapter_config.json beside them (alpha and options unknown)");
+      a.config = parse_peft_config(read_config(), config_label);
+      if (a.config->peft_type != "LORA")
+        throw errors::invalid(config_label, "peft_type",
+                              a.config->peft_type.empty()
+                                  ? std::string("missing: only LORA adapters are read")
+                                  : fmt::format("\"{}\" is not supported: only LORA adapters are read", a.config->peft_type));
+      if (a.config->layer_replication)
+        throw errors::invalid(config_label, "layer_replication",
+                              "the adapter duplicates base layers (layer_replication): merging it into the base is not supported");
+      load_peft(a, config_label);
+      break;
+    }
+  }
+
+  std::sort(a.modules.begin(), a.modules.end(), [](const lora_module& x, const lora_module& y) { return x.name < y.name; });
+  std::sort(a.saved.begin(), a.saved.end(), [](const saved_tensor& x, const saved_tensor& y) { return x.target < y.target; });
+}
+
 }  // namespace
 
 adapter load_adapter(const std::string& path) {
@@ -444,42 +487,17 @@ adapter load_adapter(const std::string& path) {
     if (fs::exists(beside, ec)) config_path = beside.string();
   }
   a.file = std::make_unique<safetensors_file>(a.weights_path);
+  load_opened(a, config_path, [&] { return read_text_file(config_path); });
+  return a;
+}
 
-  // what kind of file is it
-  std::vector<std::string> names;
-  names.reserve(a.file->tensors().size());
-  for (const tensor_info& t : a.file->tensors()) names.push_back(t.name);
-  file_classification c = classify_tensors(names);
-  switch (c.kind) {
-    case file_kind::model:
-      throw errors::invalid(a.weights_path, "", "holds no LoRA tensors (lora_A/lora_B or lora_down/lora_up): is it a model?");
-    case file_kind::other_adapter:
-      throw errors::invalid(a.weights_path, "", fmt::format("not a LoRA adapter lora can read: {}", c.description));
-    case file_kind::kohya_lora:
-      a.format = adapter_format::kohya;
-      load_kohya(a);
-      break;
-    case file_kind::peft_lora: {
-      a.format = adapter_format::peft;
-      if (config_path.empty())
-        throw errors::invalid(a.weights_path, "",
-                              "PEFT LoRA weights without adapter_config.json beside them (alpha and options unknown)");
-      a.config = parse_peft_config(read_text_file(config_path), config_path);
-      if (a.config->peft_type != "LORA")
-        throw errors::invalid(config_path, "peft_type",
-                              a.config->peft_type.empty()
-                                  ? std::string("missing: only LORA adapters are read")
-                                  : fmt::format("\"{}\" is not supported: only LORA adapters are read", a.config->peft_type));
-      if (a.config->layer_replication)
-        throw errors::invalid(config_path, "layer_replication",
-                              "the adapter duplicates base layers (layer_replication): merging it into the base is not supported");
-      load_peft(a, config_path);
-      break;
-    }
-  }
-
-  std::sort(a.modules.begin(), a.modules.end(), [](const lora_module& x, const lora_module& y) { return x.name < y.name; });
-  std::sort(a.saved.begin(), a.saved.end(), [](const saved_tensor& x, const saved_tensor& y) { return x.target < y.target; });
+adapter load_adapter_bytes(std::span<const uint8_t> weights, const std::string& weights_label,
+                           const std::optional<std::string>& config_text, const std::string& config_label) {
+  adapter a;
+  a.path = weights_label;
+  a.weights_path = weights_label;
+  a.file = std::make_unique<safetensors_file>(mapped_file::borrow(weights_label, weights));
+  load_opened(a, config_text ? config_label : std::string(), [&] { return *config_text; });
   return a;
 }
 

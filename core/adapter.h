@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -100,6 +101,15 @@ double lora_scale(double alpha, int64_t rank, bool rslora) noexcept;
 // diffusers attention processors, ...) named as such. Exit 4 when unreadable.
 // Modules are sorted by name, saved tensors by target.
 adapter load_adapter(const std::string& path);
+
+// load_adapter over bytes already in memory, touching no file (the fuzz
+// target, tests): `weights` is the .safetensors file, named `weights_label`
+// in messages; `config_text` the adapter_config.json beside it (nullopt: there
+// is none), named `config_label`. Borrows `weights`: it must outlive the
+// adapter. Throws as load_adapter (exit 3); the file-based load_adapter is
+// the one the commands use.
+adapter load_adapter_bytes(std::span<const uint8_t> weights, const std::string& weights_label,
+                           const std::optional<std::string>& config_text, const std::string& config_label);
 
 // How an adapter fits a base model.
 struct fit_problem {

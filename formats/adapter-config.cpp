@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "formats/error.h"
+#include "formats/json.h"
 #include "formats/safetensors.h"
 
 namespace lora {
@@ -88,12 +89,7 @@ json number(double d) {
 
 peft_config parse_peft_config(const std::string& text, const std::string& label) {
   // parse; the whole file must be one JSON object
-  ojson j;
-  try {
-    j = ojson::parse(text);
-  } catch (const ojson::exception& e) {
-    throw errors::invalid(label, "", fmt::format("adapter config is not valid JSON: {}", e.what()));
-  }
+  ojson j = parse_ordered_json_bounded(text, label, "adapter config");
   if (!j.is_object()) throw errors::invalid(label, "", "adapter config is not a JSON object");
 
   peft_config c;
@@ -187,12 +183,7 @@ std::string render_peft_config(const peft_config& c) {
 
 std::optional<std::string> read_model_type(const std::string& config_path) {
   const std::string text = read_text_file(config_path);
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw errors::invalid(config_path, "", fmt::format("config is not valid JSON: {}", e.what()));
-  }
+  json j = parse_json_bounded(text, config_path, "config");
   if (!j.is_object()) throw errors::invalid(config_path, "", "config is not a JSON object");
   auto it = j.find("model_type");
   if (it == j.end() || !it->is_string()) return std::nullopt;

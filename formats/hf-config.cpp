@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "formats/error.h"
+#include "formats/json.h"
 #include "formats/safetensors.h"
 
 namespace lora {
@@ -13,8 +14,7 @@ namespace {
 using json = nlohmann::json;
 
 json parse_object(std::string_view text, const std::string& label) {
-  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) throw errors::invalid(label, "", "config.json is not valid JSON");
+  json j = parse_json_bounded(text, label, "config.json");
   if (!j.is_object()) throw errors::invalid(label, "", "config.json is not a JSON object");
   return j;
 }

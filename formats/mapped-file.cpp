@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <csignal>
@@ -141,7 +142,16 @@ mapped_file::mapped_file(const std::string& path) : path_(path) {
     throw errors::io(path, "cannot map", e);
   }
   data_ = static_cast<const uint8_t*>(p);
+  mapped_ = true;
   guard_slot_ = guard_map(data_, size_, path_);
+}
+
+mapped_file mapped_file::borrow(std::string label, std::span<const uint8_t> bytes) {
+  mapped_file m;
+  m.path_ = std::move(label);
+  m.data_ = bytes.data();
+  m.size_ = bytes.size();
+  return m;
 }
 
 mapped_file::mapped_file(mapped_file&& other) noexcept
@@ -149,6 +159,7 @@ mapped_file::mapped_file(mapped_file&& other) noexcept
       fd_(std::exchange(other.fd_, -1)),
       data_(std::exchange(other.data_, nullptr)),
       size_(std::exchange(other.size_, 0)),
+      mapped_(std::exchange(other.mapped_, false)),
       guard_slot_(std::exchange(other.guard_slot_, -1)) {}
 
 mapped_file& mapped_file::operator=(mapped_file&& other) noexcept {
@@ -158,6 +169,7 @@ mapped_file& mapped_file::operator=(mapped_file&& other) noexcept {
     fd_ = std::exchange(other.fd_, -1);
     data_ = std::exchange(other.data_, nullptr);
     size_ = std::exchange(other.size_, 0);
+    mapped_ = std::exchange(other.mapped_, false);
     guard_slot_ = std::exchange(other.guard_slot_, -1);
   }
   return *this;
@@ -168,16 +180,18 @@ mapped_file::~mapped_file() { reset(); }
 void mapped_file::reset() noexcept {
   unguard_map(guard_slot_);
   guard_slot_ = -1;
-  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+  if (mapped_) ::munmap(const_cast<uint8_t*>(data_), size_);
   if (fd_ >= 0) ::close(fd_);
   data_ = nullptr;
   fd_ = -1;
   size_ = 0;
+  mapped_ = false;
 }
 
 void mapped_file::release(uint64_t offset, uint64_t length) const noexcept {
   // Only whole pages inside the range: a neighbour tensor may share an edge page.
-  if (data_ == nullptr || offset >= size_) return;
+  // (MADV_DONTNEED on borrowed heap memory would zero it)
+  if (!mapped_ || offset >= size_) return;
   if (length > size_ - offset) length = size_ - offset;
   const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   const uint64_t begin = (offset + page - 1) / page * page;
@@ -187,6 +201,11 @@ void mapped_file::release(uint64_t offset, uint64_t length) const noexcept {
 }
 
 void mapped_file::read(uint64_t offset, std::span<uint8_t> into) const {
+  if (fd_ < 0) {  // borrowed bytes
+    if (offset > size_ || into.size() > size_ - offset) throw errors::io(path_, "read past the end of the bytes");
+    std::copy_n(data_ + offset, into.size(), into.data());
+    return;
+  }
   uint8_t* p = into.data();
   uint64_t left = into.size();
   while (left > 0) {

@@ -32,6 +32,10 @@ class mapped_file {
   // file cannot be opened, stat'ed or mapped. An empty file maps to an
   // empty span.
   explicit mapped_file(const std::string& path);
+  // A view over bytes already in memory (fuzzing, tests), under the name
+  // `label`: borrows `bytes`, which must outlive it; fd() is -1 (in-kernel
+  // copies fail with exit 4), read() copies, release() does nothing.
+  static mapped_file borrow(std::string label, std::span<const uint8_t> bytes);
   mapped_file(mapped_file&& other) noexcept;
   mapped_file& operator=(mapped_file&& other) noexcept;
   mapped_file(const mapped_file&) = delete;
@@ -54,11 +58,13 @@ class mapped_file {
   void release(uint64_t offset, uint64_t length) const noexcept;
 
  private:
+  mapped_file() = default;
   void reset() noexcept;
   std::string path_;
   int fd_ = -1;
   const uint8_t* data_ = nullptr;
   uint64_t size_ = 0;
+  bool mapped_ = false;   // data_ is our mmap (else borrowed, or empty)
   int guard_slot_ = -1;  // this map's entry in the SIGBUS guard, -1 when none
 };
 

@@ -6,17 +6,13 @@
 #include <nlohmann/json.hpp>
 
 #include "formats/error.h"
+#include "formats/json.h"
 
 namespace lora {
 
 mlx_adapter_config parse_mlx_adapter_config(const std::string& text, const std::string& label) {
   using json = nlohmann::json;
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw errors::invalid(label, "", fmt::format("adapter config is not valid JSON: {}", e.what()));
-  }
+  json j = parse_json_bounded(text, label, "adapter config");
   if (!j.is_object()) throw errors::invalid(label, "", "adapter config is not a JSON object");
 
   mlx_adapter_config c;

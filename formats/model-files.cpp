@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "formats/error.h"
+#include "formats/json.h"
 
 namespace lora {
 
@@ -54,15 +55,7 @@ void add_shard_tensors(model_files& m, size_t shard) {
 
 void open_index(model_files& m) {
   const std::string label = m.index_path;
-  json j;
-  try {
-    const std::string text = read_text_file(m.index_path);
-    // nlohmann stops at a NUL byte and would ignore what follows
-    if (text.find('\0') != std::string::npos) throw errors::invalid(label, "", "index is not valid JSON: it holds a NUL byte");
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw errors::invalid(label, "", fmt::format("index is not valid JSON: {}", e.what()));
-  }
+  json j = parse_json_bounded(read_text_file(m.index_path), label, "index");
   if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
     throw errors::invalid(label, "", "index has no \"weight_map\" object");
   if (j.contains("metadata") && j["metadata"].is_object() && j["metadata"].contains("total_size")) {

@@ -9,13 +9,13 @@
 #include <cstring>
 #include <limits>
 #include <set>
-#include <unordered_set>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "formats/error.h"
+#include "formats/json.h"
 
 namespace lora {
 
@@ -85,88 +85,6 @@ std::string shape_text(const std::vector<int64_t>& shape) { return fmt::format("
 std::string describe(const json& v) {
   if (v.is_number()) return v.dump();
   return std::string("a JSON ") + v.type_name();
-}
-
-// nlohmann's messages may quote a whole token (up to the header limit): keep one short line.
-std::string clip(std::string s, size_t max = 160) {
-  if (s.size() > max) s = s.substr(0, max) + "...";
-  return s;
-}
-
-// A SAX pass over the header that builds nothing: it refuses nesting deeper
-// than a header needs and duplicate keys in any object. (nlohmann's parse
-// callback cannot do this cheaply: at every object end it rescans the parent
-// object, quadratic in the number of tensors.)
-class header_checker final : public json::json_sax_t {
- public:
-  // a header needs 3 levels (header, tensor entry, shape); stopping deep
-  // nesting early bounds the memory a 100 MB header of "[[[[..." could take
-  static constexpr size_t max_depth = 16;
-
-  explicit header_checker(const std::string& label) : label_(label) {}
-
-  std::string duplicate;  // the first duplicated key, if any
-  std::string syntax_error;
-
-  bool null() override { return true; }
-  bool boolean(bool) override { return true; }
-  bool number_integer(number_integer_t) override { return true; }
-  bool number_unsigned(number_unsigned_t) override { return true; }
-  bool number_float(number_float_t, const string_t&) override { return true; }
-  bool string(string_t&) override { return true; }
-  bool binary(binary_t&) override { return true; }
-  bool start_object(std::size_t) override {
-    enter();
-    keys_.emplace_back();
-    return true;
-  }
-  bool key(string_t& k) override {
-    if (!keys_.back().insert(k).second && duplicate.empty()) duplicate = k;
-    return true;
-  }
-  bool end_object() override {
-    keys_.pop_back();
-    --depth_;
-    return true;
-  }
-  bool start_array(std::size_t) override {
-    enter();
-    return true;
-  }
-  bool end_array() override {
-    --depth_;
-    return true;
-  }
-  bool parse_error(std::size_t, const std::string&, const json::exception& e) override {
-    // nlohmann's message: "[json.exception.parse_error.101] parse error at line 1, column 5: ..."
-    std::string what = e.what();
-    auto pos = what.find("] ");
-    syntax_error = pos == std::string::npos ? what : what.substr(pos + 2);
-    return false;
-  }
-
- private:
-  void enter() {
-    if (++depth_ > max_depth)
-      throw errors::invalid(label_, "", fmt::format("header is not a safetensors header: JSON nested deeper than {} levels", max_depth));
-  }
-  const std::string& label_;
-  size_t depth_ = 0;
-  std::vector<std::unordered_set<std::string>> keys_;
-};
-
-// Parses the header JSON, refusing duplicate keys in any object: one
-// checking SAX pass, then the DOM parse (linear in the header size).
-json parse_strict(const std::string& text, const std::string& label) {
-  header_checker checker(label);
-  json::sax_parse(text, &checker, json::input_format_t::json, /*strict=*/true, /*ignore_comments=*/false);
-  if (!checker.syntax_error.empty()) throw errors::invalid(label, "", "header is not valid JSON: " + clip(checker.syntax_error));
-  if (!checker.duplicate.empty()) throw errors::invalid(label, checker.duplicate, "duplicate key in header");
-  try {
-    return json::parse(text);
-  } catch (const json::exception& e) {
-    throw errors::invalid(label, "", std::string("header is not valid JSON: ") + clip(e.what()));
-  }
 }
 
 uint64_t checked_u64(const json& v, const std::string& label, const std::string& name, const char* field) {
@@ -253,15 +171,14 @@ safetensors_header parse_safetensors_header(std::span<const uint8_t> bytes, uint
   if (!valid_utf8(text_bytes, bad_at))
     throw errors::invalid(label, "", fmt::format("header is not valid UTF-8 (byte {} of the header)", bad_at));
   std::string text(reinterpret_cast<const char*>(text_bytes.data()), text_bytes.size());
-  // nlohmann stops reading at a NUL byte and would ignore whatever follows it;
-  // JSON text never contains one (inside strings it must be escaped)
-  if (auto nul = text.find('\0'); nul != std::string::npos)
-    throw errors::invalid(label, "", fmt::format("header is not valid JSON: NUL byte at byte {} of the header", nul));
   // nlohmann skips a leading UTF-8 byte order mark; JSON (and the reference reader) does not
   if (text.starts_with("\xEF\xBB\xBF"))
     throw errors::invalid(label, "", "header is not valid JSON: it starts with a byte order mark");
 
-  json j = parse_strict(text, label);
+  // NUL bytes, syntax, duplicate keys in any object; a header needs 3 levels
+  // (header, tensor entry, shape): stopping deep nesting early bounds the
+  // memory a 100 MB header of "[[[[..." could take
+  json j = parse_json_bounded(text, label, "header", {.max_depth = 16, .refuse_duplicate_keys = true});
   if (!j.is_object()) throw errors::invalid(label, "", "header is not a JSON object");
 
   for (auto it = j.begin(); it != j.end(); ++it) {
@@ -307,8 +224,10 @@ safetensors_header parse_safetensors_header(std::span<const uint8_t> bytes, uint
 
 // --- reader -------------------------------------------------------------------
 
-safetensors_file::safetensors_file(const std::string& path)
-    : map_(path), header_(parse_safetensors_header(map_.bytes(), map_.size(), path)) {}
+safetensors_file::safetensors_file(const std::string& path) : safetensors_file(mapped_file(path)) {}
+
+safetensors_file::safetensors_file(mapped_file map)
+    : map_(std::move(map)), header_(parse_safetensors_header(map_.bytes(), map_.size(), map_.path())) {}
 
 const tensor_info& safetensors_file::at(std::string_view name) const {
   const tensor_info* t = find(name);

@@ -59,6 +59,9 @@ class safetensors_file {
  public:
   // Throws lora::error: exit 4 when it cannot be read, 3 when malformed.
   explicit safetensors_file(const std::string& path);
+  // Parses the header of a file already mapped, or of bytes in memory
+  // (mapped_file::borrow). Throws lora::error (exit 3) when malformed.
+  explicit safetensors_file(mapped_file map);
 
   const std::string& path() const noexcept { return map_.path(); }
   const safetensors_header& header() const noexcept { return header_; }

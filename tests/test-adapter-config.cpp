@@ -11,6 +11,7 @@
 
 #include "formats/adapter-config.h"
 #include "formats/error.h"
+#include "formats/json.h"
 #include "tests/test-support.h"
 
 namespace fs = std::filesystem;
@@ -150,6 +151,43 @@ TEST_CASE("parse_peft_config: not JSON, not an object") {
   CHECK(std::string(e.what()) == "cfg.json: adapter config is not a JSON object");
   e = thrown([] { parse_peft_config("", "cfg.json"); });
   CHECK(e.code() == exit_code::invalid_input);
+}
+
+TEST_CASE("parse_peft_config: nesting is bounded before anything recurses") {
+  // the document nests 1 (object) + arrays levels; max_json_depth passes
+  const std::string head = R"({"peft_type": "LORA", "r": 8, "unknown": )";
+  CHECK(parse_peft_config(nested_json(head, max_json_depth - 1, "}"), "cfg.json").r == 8);
+  const std::string deeper = "cfg.json: adapter config has JSON nested deeper than " + std::to_string(max_json_depth) + " levels";
+  lora::error e = thrown([&] { parse_peft_config(nested_json(head, max_json_depth, "}"), "cfg.json"); });
+  CHECK(e.code() == exit_code::invalid_input);
+  CHECK(std::string(e.what()) == deeper);
+  // 100,000 levels: in a field shown by the error message (json::dump recursed
+  // per level and overflowed the stack), in an unknown field, unclosed
+  for (const std::string& text : {nested_json(R"({"r": )", 100000, "}"), nested_json(head, 100000, "}"),
+                                  nested_json(head, 100000, "}", /*closed=*/false), nested_json("", 100000, "")}) {
+    e = thrown([&] { parse_peft_config(text, "cfg.json"); });
+    CHECK(e.code() == exit_code::invalid_input);
+    CHECK(std::string(e.what()) == deeper);
+  }
+  // a NUL byte: nlohmann would stop there and ignore the rest
+  e = thrown([] { parse_peft_config(std::string("{\"r\": 8}\0{", 10), "cfg.json"); });
+  CHECK(std::string(e.what()) == "cfg.json: adapter config is not valid JSON: NUL byte at byte 8");
+}
+
+TEST_CASE("read_model_type: nesting is bounded") {
+  temp_dir dir;
+  auto write = [&](const std::string& text) {
+    std::ofstream(dir / "config.json") << text;
+    return dir / "config.json";
+  };
+  CHECK(read_model_type(write(nested_json(R"({"model_type": "gpt2", "x": )", max_json_depth - 1, "}"))) ==
+        std::optional<std::string>("gpt2"));
+  for (size_t levels : {size_t{max_json_depth}, size_t{100000}}) {
+    lora::error e = thrown([&] { read_model_type(write(nested_json(R"({"model_type": "gpt2", "x": )", levels, "}"))); });
+    CHECK(e.code() == exit_code::invalid_input);
+    CHECK(std::string(e.what()) ==
+          (dir / "config.json") + ": config has JSON nested deeper than " + std::to_string(max_json_depth) + " levels");
+  }
 }
 
 TEST_CASE("render_peft_config writes what PEFT writes: sorted keys, two-space indent") {

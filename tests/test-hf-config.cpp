@@ -5,6 +5,8 @@
 
 #include "formats/error.h"
 #include "formats/hf-config.h"
+#include "formats/json.h"
+#include "tests/test-support.h"
 
 using namespace lora;
 
@@ -59,4 +61,19 @@ TEST_CASE("refusals name the file and the field") {
   CHECK(error_of(base_json(R"(,"rms_norm_eps":"x")")).find("rms_norm_eps") != std::string::npos);
   CHECK(error_of(base_json(R"(,"vocab_size":-1)")).find("vocab_size") != std::string::npos);
   CHECK(parse_hf_config(base_json(R"(,"rope_scaling":null)"), "c").rope_theta == 10000.0);
+}
+
+TEST_CASE("nesting is bounded before anything recurses") {
+  // base_json's object is level 1: an extra field of max_json_depth - 1 arrays passes
+  std::string head = base_json(R"(,"x":)");
+  head.pop_back();  // its "}"
+  CHECK(parse_hf_config(lora::testing::nested_json(head, max_json_depth - 1, "}"), "cfg.json").hidden_size == 64);
+  const std::string deeper = "cfg.json: config.json has JSON nested deeper than " + std::to_string(max_json_depth) + " levels";
+  CHECK(error_of(lora::testing::nested_json(head, max_json_depth, "}")) == deeper);
+  CHECK(error_of(lora::testing::nested_json(head, 100000, "}")) == deeper);
+  CHECK(error_of(lora::testing::nested_json(head, 100000, "}", /*closed=*/false)) == deeper);
+  CHECK(error_of(lora::testing::nested_json(R"({"rms_norm_eps":)", 100000, "}")) == deeper);
+  // parse_model_type (verify's path) goes through the same parse
+  lora::error e = lora::testing::thrown([&] { parse_model_type(lora::testing::nested_json(head, 100000, "}"), "cfg.json"); });
+  CHECK(std::string(e.what()) == deeper);
 }

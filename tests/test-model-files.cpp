@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "formats/error.h"
+#include "formats/json.h"
 #include "formats/model-files.h"
 #include "formats/safetensors.h"
 #include "tests/test-support.h"
@@ -259,6 +260,25 @@ TEST_CASE("sharded models: every disagreement between the index and the shards i
     j.erase("metadata");
     with_index(j);
     CHECK(!open_model(dir.path).index_total_size);
+  }
+  SUBCASE("index nesting is bounded") {
+    // an extra field nesting max_json_depth - 1 arrays in the top object passes
+    auto with_nested = [&](size_t levels, bool closed) {
+      std::string text = good_index().dump();
+      text.pop_back();
+      write_text(index, nested_json(text + R"(,"x":)", levels, "}", closed));
+    };
+    with_nested(max_json_depth - 1, true);
+    CHECK(open_model(dir.path).tensor_names.size() == 3);
+    const std::string deeper = "index has JSON nested deeper than " + std::to_string(max_json_depth) + " levels";
+    for (auto [levels, closed] : {std::pair{size_t{max_json_depth}, true}, {size_t{100000}, true}, {size_t{100000}, false}}) {
+      CAPTURE(levels);
+      with_nested(levels, closed);
+      check_refused(dir.path, {3, deeper, ""});
+    }
+    write_text(index, nested_json("", 100000, ""));
+    check_refused(dir.path, {3, deeper, ""});
+    CHECK(thrown([&] { open_model(dir.path); }).file() == index);
   }
   SUBCASE("bad JSON index") {
     for (const std::string& text : {std::string("{\"weight_map\": {"), std::string("{} {}"), std::string(""),

@@ -57,4 +57,10 @@ lora::error thrown(F&& f) {
 
 inline bool has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
+// `head` + a value nested `levels` arrays deep + `tail`: with head `{"x":`
+// and tail `}` the document nests levels + 1 deep. Unclosed: no `]` at all.
+inline std::string nested_json(const std::string& head, size_t levels, const std::string& tail, bool closed = true) {
+  return head + std::string(levels, '[') + (closed ? std::string(levels, ']') + tail : std::string());
+}
+
 }  // namespace lora::testing
