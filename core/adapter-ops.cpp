@@ -247,7 +247,8 @@ recompressed recompress(std::span<const double> b, std::span<const double> a, in
   // the core C = s R_B R_A^T [p, q] carries every singular value of s B A
   mat core = scale * qb.r * qa.r.transpose();
   if (!std::isfinite(core.squaredNorm()))
-    throw errors::invalid("", "", fmt::format("the delta s B A (scale {:.3g}) overflows f64: ||s B A||^2 is not finite", scale));
+    throw errors::invalid("", "", fmt::format("the delta{} is too large: its squared norm overflows f64",
+                                              scale == 1.0 ? "" : fmt::format(" s B A (s = {:.3g})", scale)));
   const int64_t p = core.rows(), q = core.cols();
   std::vector<double> c(core.data(), core.data() + core.size());
   low_rank_svd svd = exact_svd(c, p, q, rule);

@@ -298,7 +298,8 @@ void run_compute(const tensor_job& job, safetensors_writer& writer, bool allow_n
 
 void run_job(const tensor_job& job, safetensors_writer& writer, bool allow_nonfinite) {
   if (job.copy) {
-    writer.copy_from(job.name, job.source.file->map().fd(), job.source.file->file_offset(*job.source.info));
+    writer.copy_from(job.name, job.source.file->map().fd(), job.source.file->file_offset(*job.source.info),
+                     job.source.file->path());
     return;
   }
   // f64 arithmetic when either side is F64 (no double rounding through f32)

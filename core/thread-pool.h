@@ -1,7 +1,8 @@
-// Runs n independent jobs on up to `threads` threads; the first exception
-// thrown by a job is rethrown in the caller once every started job is done,
-// and no new job starts after it, nor after an interrupting signal
-// (check_interrupted throws, exit 130).
+// Runs n independent jobs on up to `threads` threads; no new job starts once
+// one has thrown, nor after an interrupting signal (check_interrupted throws,
+// exit 130). Once every started job is done, the exception of the failed job
+// with the lowest index is rethrown in the caller: jobs start in index order,
+// so that is the error a run on one thread gives, whatever the timing.
 #pragma once
 
 #include <atomic>
@@ -28,6 +29,7 @@ inline void parallel_for(size_t n, int threads, const std::function<void(size_t)
   std::atomic<size_t> next{0};
   std::atomic<bool> failed{false};
   std::exception_ptr first;
+  size_t first_index = n;
   std::mutex mutex;
   auto worker = [&] {
     for (;;) {
@@ -39,7 +41,10 @@ inline void parallel_for(size_t n, int threads, const std::function<void(size_t)
         job(i);
       } catch (...) {
         std::lock_guard<std::mutex> lock(mutex);
-        if (!first) first = std::current_exception();
+        if (i < first_index) {
+          first = std::current_exception();
+          first_index = i;
+        }
         failed.store(true);
         return;
       }

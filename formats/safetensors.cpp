@@ -347,10 +347,15 @@ int make_temp_beside(const std::string& path, std::string& tmp) {
 // Copies n bytes from src_fd at src_offset to dst_fd at dst_offset: in the
 // kernel (copy_file_range) in pieces of at most 64 MiB with an interruption
 // check between them, else (another file system, no support) through a
-// buffer. `what` names the source in messages; errors are about `path`
-// (exit 4, or 130 when interrupted).
+// buffer. `what` names the bytes in messages; errors are about `path`
+// (exit 4, or 130 when interrupted), except a source that ends early: that
+// is `src_path` (when given) having shrunk while it was read.
 void copy_bytes(int src_fd, uint64_t src_offset, int dst_fd, uint64_t dst_offset, uint64_t n,
-                const std::string& path, const std::string& what) {
+                const std::string& path, const std::string& what, const std::string& src_path) {
+  const auto shrank = [&] {
+    return src_path.empty() ? errors::io(path, fmt::format("copying {} failed: source ended early", what))
+                            : errors::io(src_path, "file shrank while being read");
+  };
   loff_t in = static_cast<loff_t>(src_offset);
   loff_t out = static_cast<loff_t>(dst_offset);
   uint64_t left = n;
@@ -362,7 +367,7 @@ void copy_bytes(int src_fd, uint64_t src_offset, int dst_fd, uint64_t dst_offset
       if (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL) break;  // fall back
       throw errors::io(path, fmt::format("copying {} failed", what), errno);
     }
-    if (c == 0) throw errors::io(path, fmt::format("copying {} failed: source ended early", what));
+    if (c == 0) throw shrank();
     left -= static_cast<uint64_t>(c);
   }
   std::vector<uint8_t> buf(left > 0 ? std::min<uint64_t>(left, 8u << 20) : 0);
@@ -373,7 +378,7 @@ void copy_bytes(int src_fd, uint64_t src_offset, int dst_fd, uint64_t dst_offset
       if (errno == EINTR) continue;
       throw errors::io(path, fmt::format("reading {} failed", what), errno);
     }
-    if (r == 0) throw errors::io(path, fmt::format("copying {} failed: source ended early", what));
+    if (r == 0) throw shrank();
     pwrite_all(dst_fd, buf.data(), static_cast<uint64_t>(r), static_cast<uint64_t>(out), path);
     in += r;
     out += r;
@@ -464,10 +469,11 @@ void safetensors_writer::write_part(std::string_view name, uint64_t offset, std:
   note_written(bytes.size());
 }
 
-void safetensors_writer::copy_from(std::string_view name, int src_fd, uint64_t src_offset) {
+void safetensors_writer::copy_from(std::string_view name, int src_fd, uint64_t src_offset,
+                                   const std::string& src_path) {
   const tensor_info& t = at(name);
   const uint64_t at_byte = 8 + layout_.header.size() + t.begin;
-  copy_bytes(src_fd, src_offset, fd_, at_byte, t.n_bytes(), path_, "tensor " + t.name);
+  copy_bytes(src_fd, src_offset, fd_, at_byte, t.n_bytes(), path_, "tensor " + t.name, src_path);
   start_writeback(at_byte, t.n_bytes());
   note_written(t.n_bytes());
 }
@@ -571,7 +577,7 @@ void copy_file(const std::string& src, const std::string& dst, durability mode) 
       const off_t hole = data < 0 ? -1 : ::lseek(in, data, SEEK_HOLE);
       const uint64_t end = hole < 0 ? size : std::min<uint64_t>(static_cast<uint64_t>(hole), size);
       if (end <= begin) break;
-      copy_bytes(in, begin, out, begin, end - begin, dst, src);
+      copy_bytes(in, begin, out, begin, end - begin, dst, src, src);
       at = end;
     }
     if (::ftruncate(out, static_cast<off_t>(size)) != 0) throw errors::io(dst, "write failed", errno);

@@ -139,8 +139,9 @@ class safetensors_writer {
   void write(std::string_view name, std::span<const uint8_t> bytes);
   // Writes part of a tensor: `bytes` go at `offset` bytes into the tensor.
   void write_part(std::string_view name, uint64_t offset, std::span<const uint8_t> bytes);
-  // Copies a tensor's bytes in-kernel from `src_fd` at `src_offset`.
-  void copy_from(std::string_view name, int src_fd, uint64_t src_offset);
+  // Copies a tensor's bytes in-kernel from `src_fd` at `src_offset`; a
+  // source that ends early is exit 4 naming `src_path` (when given).
+  void copy_from(std::string_view name, int src_fd, uint64_t src_offset, const std::string& src_path = "");
   // Persists the data in the background while writing goes on: a thread
   // fdatasyncs the file each time `every` more bytes have been written, so
   // commit()'s fsync finds little left (on a virtual disk the final flush of

@@ -4,8 +4,10 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "core/thread-pool.h"
@@ -56,4 +58,23 @@ TEST_CASE("parallel_for stops at an interrupting signal with exit 130") {
   request_interrupt(0);
   CHECK(e.code() == exit_code::interrupted);
   CHECK(started.load() == 0);
+}
+
+TEST_CASE("parallel_for rethrows the lowest failed job's error, whatever finishes first") {
+  // job 3 fails late, job 4 at once: on two threads job 4 fails first, but
+  // one thread would have met job 3's error, so that is the one reported
+  for (int round = 0; round < 20; ++round) {
+    try {
+      parallel_for(8, 2, [&](size_t i) {
+        if (i == 3) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+          throw std::runtime_error("job 3");
+        }
+        if (i == 4) throw std::runtime_error("job 4");
+      });
+      FAIL("no exception");
+    } catch (const std::runtime_error& e) {
+      REQUIRE(std::string(e.what()) == "job 3");
+    }
+  }
 }

@@ -289,7 +289,10 @@ signal_merge() {
     compgen -G "$W/$out.tmp-*" >/dev/null && break
     sleep 0.01
   done
-  for s in "$@"; do kill "-$s" "$pid"; done
+  for s in "$@"; do
+    kill "-$s" "$pid" 2>/dev/null
+    sleep 0.2  # standard signals do not queue: the second must come after the first was handled
+  done
   wait "$pid"
   CODE=$?
   ERR=$(cat "$ERR_FILE")
