@@ -78,7 +78,7 @@ CLI::App* setup_combine(CLI::App& app, runner& run) {
   sub->footer(
       "Modules present in some adapters only take those. DoRA and modules_to_save are refused (not sums of deltas).\n"
       "Factors keep the inputs' dtype when they all share one, else F32. Exit codes: 0 written, 2 bad command\n"
-      "line or existing --out, 3 invalid or incompatible adapters (the module is named), 4 I/O failure.");
+      "line, existing --out or an --out over an input, 3 invalid or incompatible adapters (the module is named), 4 I/O failure.");
   sub->callback([o, &run] { run = [o] { return run_combine(*o); }; });
   return sub;
 }

@@ -168,7 +168,7 @@ CLI::App* setup_extract(CLI::App& app, runner& run) {
   sub->add_option("--seed", o->seed, "seed of the randomized sketch (default 0; same seed, same adapter)");
   sub->footer(
       "Errors are measured on the factors as written: ||dW - B A||_F / ||dW||_F.\n"
-      "Exit codes: 0 extracted, 2 bad command line or existing --out, 3 the models do not match (a tensor\n"
+      "Exit codes: 0 extracted, 2 bad command line, existing --out or an --out over an input, 3 the models do not match (a tensor\n"
       "missing, shapes, dtypes that cannot be subtracted) or are identical, 4 I/O failure. Nothing is left\n"
       "behind on error.");
   sub->callback([o, &run] { run = [o] { return run_extract_cmd(*o); }; });

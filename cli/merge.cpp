@@ -112,7 +112,7 @@ CLI::App* setup_merge(CLI::App& app, runner& run) {
                 "write NaN / Inf values a merge produces (refused by default: exit 3)");
   sub->footer(
       "Modules_to_save tensors replace the base tensor whole (weight and --scale do not apply to them).\n"
-      "Exit codes: 0 merged, 2 bad command line or existing --out, 3 the adapter does not fit the base or a\n"
+      "Exit codes: 0 merged, 2 bad command line, existing --out or an --out over an input, 3 the adapter does not fit the base or a\n"
       "merged value is not finite, 4 I/O failure (unreadable input, disk full). Nothing is left behind on error.");
   sub->callback([o, &run] { run = [o] { return run_merge(*o); }; });
   return sub;

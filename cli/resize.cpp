@@ -68,8 +68,8 @@ CLI::App* setup_resize(CLI::App& app, runner& run) {
   sub->add_flag("--json", o->json, "print the per-module report as JSON");
   sub->footer(
       "Energy is sum of the kept s_i^2 over ||s B A||^2; rel error = ||s B A - B'A'|| / ||s B A|| (exact), written =\n"
-      "the same for the factors as rounded to their dtype. Exit codes: 0 written, 2 bad command line or existing\n"
-      "--out, 3 invalid adapter, 4 I/O failure. Nothing is left behind on error.");
+      "the same for the factors as rounded to their dtype. Exit codes: 0 written, 2 bad command line, existing\n"
+      "--out or an --out over an input, 3 invalid adapter, 4 I/O failure. Nothing is left behind on error.");
   sub->callback([o, &run] { run = [o] { return run_resize(*o); }; });
   return sub;
 }
