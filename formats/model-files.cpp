@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "formats/error.h"
+#include "formats/staged-folder.h"
 #include "formats/json.h"
 
 namespace lora {
@@ -142,14 +143,6 @@ model_files open_model(const std::string& path) {
 
 namespace {
 
-// True when `inner` lies inside `outer` (both canonical).
-bool within(const fs::path& inner, const fs::path& outer) {
-  auto i = inner.begin();
-  for (auto o = outer.begin(); o != outer.end(); ++o, ++i)
-    if (i == inner.end() || *i != *o) return false;
-  return true;
-}
-
 // The tree a model folder's symlinks may point into: the folder, or the
 // repository folder of a Hugging Face cache snapshot (huggingface_hub's
 // file_download.py: snapshots/<revision>/<file> links to ../../blobs/<etag>).
@@ -168,7 +161,7 @@ std::string copy_verdict(const fs::path& path, const fs::path& tree, std::string
   if (fs::is_symlink(link)) {
     target = fs::canonical(path, ec);
     if (ec) return "a broken symlink";
-    if (!within(target, tree)) return "a symlink out of the model folder";
+    if (!path_within(target, tree)) return "a symlink out of the model folder";
   }
   const fs::file_status st = fs::status(target, ec);
   if (ec) return "cannot be read";

@@ -103,14 +103,6 @@ void staged_folder::commit(bool replace) {
 
 namespace {
 
-// True when `inner` is `outer` or lies inside it (both absolute, normal).
-bool inside(const fs::path& inner, const fs::path& outer) {
-  auto i = inner.begin();
-  for (auto o = outer.begin(); o != outer.end(); ++o, ++i)
-    if (i == inner.end() || *i != *o) return false;
-  return true;
-}
-
 // The path with every symlink of its existing part resolved, made absolute.
 fs::path resolved(const std::string& path) {
   std::error_code ec;
@@ -119,6 +111,13 @@ fs::path resolved(const std::string& path) {
 }
 
 }  // namespace
+
+bool path_within(const fs::path& inner, const fs::path& outer) {
+  auto i = inner.begin();
+  for (auto o = outer.begin(); o != outer.end(); ++o, ++i)
+    if (i == inner.end() || *i != *o) return false;
+  return true;
+}
 
 void mark_temp_held(int fd) noexcept { ::flock(fd, LOCK_EX | LOCK_NB); }
 
@@ -153,9 +152,9 @@ void check_output(const std::string& out, const std::vector<named_input>& inputs
   for (const named_input& in : inputs) {
     if (in.path.empty()) continue;
     const fs::path in_abs = resolved(in.path);
-    if (inside(in_abs, out_abs))
+    if (path_within(in_abs, out_abs))
       throw errors::usage(fmt::format("--out {} would replace the {} {}", out, in.role, in.path));
-    if (inside(out_abs, in_abs))
+    if (path_within(out_abs, in_abs))
       throw errors::usage(fmt::format("--out {} lies inside the {} {}: write it somewhere else", out, in.role, in.path));
   }
   size_t live = 0;

@@ -54,6 +54,10 @@ class staged_folder {
 // fsync of a file or folder. Throws lora::error (exit 4).
 void fsync_path(const std::string& path);
 
+// True when `inner` is `outer` or lies inside it, compared part by part
+// (both absolute and normal, e.g. from std::filesystem::canonical).
+bool path_within(const std::filesystem::path& inner, const std::filesystem::path& outer);
+
 // One input of a command, for check_output: its role in messages ("base
 // model", "adapter") and the path the user gave.
 struct named_input {

@@ -518,16 +518,7 @@ expect_refusal 3 "vast/adapter_model.safetensors + $A1/adapter_model.safetensors
 expect_refusal 3 "model.layers.0.mlp.down_proj: the new lora_A overflows F32: a value of magnitude 1.08e+149" vast-c "$LORA" combine --adapter "$W/vast" --weight 1 --adapter "$A1" --weight 1 --out "$W/vast-c"
 # NaN in one factor: every command refuses it, naming the file and the tensor
 cp -r "$TD/lora-tiny-llama" "$W/nan"
-"$PY" - "$W/nan/adapter_model.safetensors" "$SRC/tests/e2e" <<'PY'
-import sys
-sys.path.insert(0, sys.argv[2])
-import numpy as np
-from safetensors_np import read, write
-t, _ = read(sys.argv[1])
-out = {k: v[3].astype(np.float32) for k, v in t.items()}
-out["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][1, 2] = np.nan
-write(sys.argv[1], out)
-PY
+"$PY" "$SRC/tests/e2e/make_inputs.py" nan-factor "$W/nan/adapter_model.safetensors"
 NAN_MSG="nan/adapter_model.safetensors: base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight: 1 of its 256 values are NaN or infinite (module model.layers.0.self_attn.q_proj)"
 expect_refusal 3 "$NAN_MSG" nan-r "$LORA" resize --adapter "$W/nan" --rank 2 --out "$W/nan-r"
 expect_refusal 3 "$NAN_MSG" nan-c "$LORA" combine --adapter "$A1" --weight 1 --adapter "$W/nan" --weight 1 --out "$W/nan-c"

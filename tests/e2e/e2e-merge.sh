@@ -220,23 +220,7 @@ fi
 # interrupted (SIGINT, SIGTERM) while writing: exit 130, one line, nothing left.
 # A merge slow enough to be caught mid-way: one 4096 x 4096 BF16 weight and a
 # rank-1024 adapter on it (34 GFLOP, about a second on one thread)
-mkdir -p "$W/slow-base" "$W/slow-lora"
-E2E_LIB="$SRC/tests/e2e" "$PY" - "$W/slow-base" "$W/slow-lora" <<'EOF'
-import json, os, sys
-import numpy as np
-sys.path.insert(0, os.environ["E2E_LIB"])
-from safetensors_np import write as save
-rng = np.random.default_rng(5)
-w = (rng.standard_normal((4096, 4096), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
-save(sys.argv[1] + "/model.safetensors", {"model.layers.0.mlp.down_proj.weight": ("BF16", [4096, 4096], w.tobytes())})
-json.dump({"model_type": "llama"}, open(sys.argv[1] + "/config.json", "w"))
-json.dump({"peft_type": "LORA", "r": 1024, "lora_alpha": 1024, "target_modules": ["down_proj"]},
-          open(sys.argv[2] + "/adapter_config.json", "w"))
-p = "base_model.model.model.layers.0.mlp.down_proj."
-save(sys.argv[2] + "/adapter_model.safetensors",
-     {p + "lora_A.weight": rng.standard_normal((1024, 4096), dtype=np.float32) * np.float32(1e-3),
-      p + "lora_B.weight": rng.standard_normal((4096, 1024), dtype=np.float32) * np.float32(1e-3)})
-EOF
+"$PY" "$SRC/tests/e2e/make_inputs.py" slow-merge "$W/slow-base" "$W/slow-lora"
 interrupt_merge() {  # SIGNAL NAME: starts the slow merge, signals it once its temp folder exists
   LAST_CMD="lora merge (slow) interrupted by SIG$1"
   "$LORA" merge --base "$W/slow-base" --adapter "$W/slow-lora" --out "$W/$2" --threads 1 --quiet \
@@ -272,16 +256,7 @@ expect_nothing_left bad
 # NaN in one adapter factor: --dry-run refuses it with the real merge's exit
 # code and message (the factor scan is part of the checks), nothing written
 cp -r "$TD/lora-tiny-llama" "$W/nan"
-"$PY" - "$W/nan/adapter_model.safetensors" "$SRC/tests/e2e" <<'PY'
-import sys
-sys.path.insert(0, sys.argv[2])
-import numpy as np
-from safetensors_np import read, write
-t, _ = read(sys.argv[1])
-out = {k: v[3].astype(np.float32) for k, v in t.items()}
-out["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][1, 2] = np.nan
-write(sys.argv[1], out)
-PY
+"$PY" "$SRC/tests/e2e/make_inputs.py" nan-factor "$W/nan/adapter_model.safetensors"
 NAN_MSG="nan/adapter_model.safetensors: base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight: 1 of its 256 values are NaN or infinite (module model.layers.0.self_attn.q_proj)"
 expect_exit 3 "$LORA" merge --base "$TD/tiny-llama" --adapter "$W/nan" --out "$W/nan-m" --dry-run
 expect_stderr_contains "$NAN_MSG"

@@ -257,25 +257,8 @@ wait "$holder" 2>/dev/null
 rm -rf "$W/busy.tmp-Zz99Yy"
 
 # ---------------------------------------------------------------- signals
-# a merge slow enough to be caught mid-way (as in e2e-merge.sh): one 4096 x
-# 4096 BF16 weight, a rank-1024 adapter on it
-mkdir -p "$W/slow-base" "$W/slow-lora"
-E2E_LIB="$SRC/tests/e2e" "$PY" - "$W/slow-base" "$W/slow-lora" <<'EOF'
-import json, os, sys
-import numpy as np
-sys.path.insert(0, os.environ["E2E_LIB"])
-from safetensors_np import write as save
-rng = np.random.default_rng(5)
-w = (rng.standard_normal((4096, 4096), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
-save(sys.argv[1] + "/model.safetensors", {"model.layers.0.mlp.down_proj.weight": ("BF16", [4096, 4096], w.tobytes())})
-json.dump({"model_type": "llama"}, open(sys.argv[1] + "/config.json", "w"))
-json.dump({"peft_type": "LORA", "r": 1024, "lora_alpha": 1024, "target_modules": ["down_proj"]},
-          open(sys.argv[2] + "/adapter_config.json", "w"))
-p = "base_model.model.model.layers.0.mlp.down_proj."
-save(sys.argv[2] + "/adapter_model.safetensors",
-     {p + "lora_A.weight": rng.standard_normal((1024, 4096), dtype=np.float32) * np.float32(1e-3),
-      p + "lora_B.weight": rng.standard_normal((4096, 1024), dtype=np.float32) * np.float32(1e-3)})
-EOF
+# a merge slow enough to be caught mid-way (as in e2e-merge.sh)
+"$PY" "$SRC/tests/e2e/make_inputs.py" slow-merge "$W/slow-base" "$W/slow-lora"
 # signal_merge OUT SIGNALS...: starts the slow merge into $W/OUT, sends the
 # signals one right after the other once its temp folder exists
 signal_merge() {
