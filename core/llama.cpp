@@ -16,6 +16,7 @@
 #include "core/blas.h"
 #include "core/delta.h"
 #include "core/dtype.h"
+#include "core/stored-gemm.h"
 #include "core/thread-pool.h"
 #include "formats/error.h"
 
@@ -125,7 +126,8 @@ void gemm_xyt(const float* x, const float* y, int64_t m, int64_t n, int64_t k, f
 // base's) and the adapter's LoRA modules, by target.
 class weights {
  public:
-  weights(const model_files& model, const hf_config& config, const adapter* a) : model_(model), config_(config), adapter_(a) {
+  weights(const model_files& model, const hf_config& config, const adapter* a, int threads, int64_t block_elements)
+      : model_(model), config_(config), adapter_(a), threads_(threads), block_elements_(block_elements) {
     if (a) {
       for (const lora_module& m : a->modules) modules_[m.target] = &m;
       for (const saved_tensor& s : a->saved) saved_[s.target] = &s.tensor;
@@ -146,24 +148,36 @@ class weights {
     return out;
   }
 
-  // The whole tensor as f32, checked against `shape`, without a copy where
-  // the file already holds aligned F32 (the view then borrows the map).
-  struct f32_view {
-    const float* data = nullptr;
-    std::unique_ptr<float[]> own;  // converted values, when not borrowed
-  };
-  f32_view view(const std::string& name, const std::vector<int64_t>& shape) const {
-    tensor_ref t = require(name, shape);
-    f32_view v;
-    const std::span<const uint8_t> bytes = t.data();
-    if (t.info->type == dtype::F32 && reinterpret_cast<uintptr_t>(bytes.data()) % alignof(float) == 0) {
-      v.data = reinterpret_cast<const float*>(bytes.data());
-      return v;
+  // y[T, n_rows] = x[T, n_cols] W^T for the tensor `name`, checked against
+  // [n_rows, n_cols], in its stored dtype one row block at a time
+  // (core/stored-gemm); its pages are released as the blocks are done.
+  void product(const std::string& name, int64_t n_rows, int64_t n_cols, const float* x, int64_t n_tokens, float* y,
+               const stored_block_fn& on_block = {}) const {
+    const stored_matrix m = stored(name, n_rows, n_cols);
+    stored_gemm(m, x, n_tokens, y, threads_, scratch_, block_elements_, on_block);
+  }
+
+  // Calls on_block for each row block of `name` in f32, in increasing row
+  // order on this thread, then releases its pages.
+  void for_each_block(const std::string& name, int64_t n_rows, int64_t n_cols, const stored_block_fn& on_block) const {
+    const stored_matrix m = stored(name, n_rows, n_cols);
+    const int64_t rows = std::max<int64_t>(1, (block_elements_ > 0 ? block_elements_ : stored_gemm_block_elements) /
+                                                  std::max<int64_t>(n_cols, 1));
+    const size_t esize = static_cast<size_t>(math_dtype_size(m.type)), cols = static_cast<size_t>(n_cols);
+    float* buf = scratch_.block(0, static_cast<size_t>(std::min(rows, n_rows)) * cols);
+    for (int64_t rb = 0; rb < n_rows; rb += rows) {
+      check_interrupted();
+      const int64_t re = std::min(n_rows, rb + rows);
+      const size_t n = static_cast<size_t>(re - rb) * cols;
+      to_f32(m.type, m.bytes.subspan(static_cast<size_t>(rb) * cols * esize, n * esize), std::span<float>(buf, n));
+      on_block(rb, re, buf);
     }
-    v.own.reset(new float[t.info->n_elements]);  // no zeroing: every value is written
-    to_f32(t.info->type, bytes, std::span<float>(v.own.get(), t.info->n_elements));
-    v.data = v.own.get();
-    return v;
+    release(name);
+  }
+
+  // Drops the tensor's pages from memory (it is read again from the page cache if needed).
+  void release(const std::string& name) const {
+    if (std::optional<tensor_ref> t = find(name)) t->file->release(*t->info);
   }
 
   tensor_ref require(const std::string& name, const std::vector<int64_t>& shape) const {
@@ -191,90 +205,120 @@ class weights {
   const adapter* adapter_;
   std::map<std::string, const lora_module*> modules_;
   std::map<std::string, const tensor_ref*> saved_;
+  int threads_;
+  int64_t block_elements_;
+  mutable stored_gemm_scratch scratch_;
+
+  stored_matrix stored(const std::string& name, int64_t n_rows, int64_t n_cols) const {
+    const tensor_ref t = require(name, {n_rows, n_cols});
+    return {t.info->type, t.data(), n_rows, n_cols, &t.file->map()};
+  }
 };
+
+// The adapter's factors for the linear module on `wname`, if any. Throws
+// lora::error (exit 3) for a module kind the forward pass does not apply.
+std::optional<delta_factors> linear_factors(const weights& w, const std::string& wname, int64_t n_out, int64_t n_in) {
+  const lora_module* m = w.module(wname);
+  if (!m) return std::nullopt;
+  if (m->kind != module_kind::linear || m->fan_in_fan_out)
+    throw errors::invalid(w.adapter_file(), m->name,
+                          fmt::format("the forward pass applies linear LoRA modules only, not {}{}",
+                                      module_kind_name(m->kind), m->fan_in_fan_out ? " (fan_in_fan_out)" : ""));
+  return load_delta_factors(*m, {n_out, n_in}, w.adapter_file());
+}
+
+// y[T, out] += b[out] on every row
+void add_bias_rows(std::span<const float> b, int64_t n_tokens, float* y) {
+  const int64_t n_out = static_cast<int64_t>(b.size());
+  for (int64_t t = 0; t < n_tokens; ++t)
+    for (int64_t o = 0; o < n_out; ++o) y[t * n_out + o] += b[static_cast<size_t>(o)];
+}
 
 // y[T, out] = x[T, in] W^T (+ LoRA / DoRA) (+ bias), W = "<prefix>.weight" [out, in].
 void linear(const weights& w, const std::string& prefix, bool has_bias, const float* x, int64_t n_tokens,
             int64_t n_in, int64_t n_out, float* y) {
   const std::string wname = prefix + ".weight";
-  const weights::f32_view wmat = w.view(wname, {n_out, n_in});
+  w.require(wname, {n_out, n_in});
+  const std::optional<delta_factors> f = linear_factors(w, wname, n_out, n_in);
+  // DoRA: ||V_o||^2 per output row, V = W0 + s B A (core/delta), from each row block of W0 after its product
+  std::vector<double> norms_sq;
+  stored_block_fn dora_norms;
+  if (f && f->dora) {
+    norms_sq.assign(static_cast<size_t>(n_out), 0.0);
+    dora_norms = [&](int64_t rb, int64_t re, float* block) {
+      add_delta_rows(*f, 1.0, rb, re, block);
+      add_dora_norms_sq(*f, rb, re, block, norms_sq);
+    };
+  }
   // base: y = x W0^T
-  gemm_xyt(x, wmat.data, n_tokens, n_out, n_in, 1.0f, 0.0f, y);
+  w.product(wname, n_out, n_in, x, n_tokens, y, dora_norms);
 
-  if (const lora_module* m = w.module(wname)) {
-    if (m->kind != module_kind::linear || m->fan_in_fan_out)
-      throw errors::invalid(w.adapter_file(), m->name,
-                            fmt::format("the forward pass applies linear LoRA modules only, not {}{}",
-                                        module_kind_name(m->kind), m->fan_in_fan_out ? " (fan_in_fan_out)" : ""));
-    const delta_factors f = load_delta_factors(*m, {n_out, n_in}, w.adapter_file());
+  if (f) {
     // lora[T, out] = s (x A^T) B^T   (A [r, in], B [out, r])
-    std::vector<float> ax(static_cast<size_t>(n_tokens * f.rank));
-    gemm_xyt(x, f.a.data(), n_tokens, f.rank, n_in, 1.0f, 0.0f, ax.data());
-    if (!f.dora) {
-      gemm_xyt(ax.data(), f.b.data(), n_tokens, n_out, f.rank, static_cast<float>(f.scale), 1.0f, y);
-    } else {
-      // DoRA: y = (m / ||V||_row) (x W0^T + s (x A^T) B^T), V = W0 + s B A (core/delta)
-      std::vector<float> v(wmat.data, wmat.data + n_out * n_in);
-      add_delta_rows(f, 1.0, 0, n_out, v.data());
-      std::vector<float> gain(static_cast<size_t>(n_out));
+    std::vector<float> ax(static_cast<size_t>(n_tokens * f->rank));
+    gemm_xyt(x, f->a.data(), n_tokens, f->rank, n_in, 1.0f, 0.0f, ax.data());
+    gemm_xyt(ax.data(), f->b.data(), n_tokens, n_out, f->rank, static_cast<float>(f->scale), 1.0f, y);
+    if (f->dora) {
+      // DoRA: y = (m / ||V||_row) (x W0^T + s (x A^T) B^T)
       for (int64_t o = 0; o < n_out; ++o) {
-        double sq = 0;
-        for (int64_t i = 0; i < n_in; ++i) sq += static_cast<double>(v[o * n_in + i]) * v[o * n_in + i];
-        gain[static_cast<size_t>(o)] = static_cast<float>(f.magnitude[static_cast<size_t>(o)] / std::sqrt(sq));
+        const float gain = static_cast<float>(f->magnitude[static_cast<size_t>(o)] / std::sqrt(norms_sq[static_cast<size_t>(o)]));
+        for (int64_t t = 0; t < n_tokens; ++t) y[t * n_out + o] *= gain;
       }
-      gemm_xyt(ax.data(), f.b.data(), n_tokens, n_out, f.rank, static_cast<float>(f.scale), 1.0f, y);
-      for (int64_t t = 0; t < n_tokens; ++t)
-        for (int64_t o = 0; o < n_out; ++o) y[t * n_out + o] *= gain[static_cast<size_t>(o)];
     }
     // lora_bias: y += s b
-    if (m->bias) {
+    if (const lora_module* m = w.module(wname); m->bias) {
       std::vector<float> bias_delta(static_cast<size_t>(n_out), 0.0f);
       add_bias_delta(*m, 1.0, bias_delta, w.adapter_file());
-      for (int64_t t = 0; t < n_tokens; ++t)
-        for (int64_t o = 0; o < n_out; ++o) y[t * n_out + o] += bias_delta[static_cast<size_t>(o)];
+      add_bias_rows(bias_delta, n_tokens, y);
     }
   }
 
   // the base (or modules_to_save) bias
-  if (has_bias) {
-    std::vector<float> b = w.load(prefix + ".bias", {n_out});
-    for (int64_t t = 0; t < n_tokens; ++t)
-      for (int64_t o = 0; o < n_out; ++o) y[t * n_out + o] += b[static_cast<size_t>(o)];
-  }
+  if (has_bias) add_bias_rows(w.load(prefix + ".bias", {n_out}), n_tokens, y);
 }
 
-// x[T, hidden] = embed_tokens[tokens] (+ embedding LoRA)
+// DoRA on an embedding: ||V[:, j]||^2 per column over the whole vocabulary,
+// V = E + s (B A)^T, one row block at a time in increasing row order (core/delta).
+std::vector<double> embedding_dora_norms(const weights& w, const delta_factors& f, const std::string& name) {
+  std::vector<double> norms_sq(static_cast<size_t>(f.n_cols), 0.0);
+  w.for_each_block(name, f.n_rows, f.n_cols, [&](int64_t rb, int64_t re, float* block) {
+    add_delta_rows(f, 1.0, rb, re, block);
+    add_dora_norms_sq(f, rb, re, block, norms_sq);
+  });
+  return norms_sq;
+}
+
+// x[T, hidden] = embed_tokens[tokens] (+ embedding LoRA): only the tokens' rows are decoded
 std::vector<float> embed(const weights& w, const hf_config& c, std::span<const int64_t> tokens) {
   const std::string name = "model.embed_tokens.weight";
   const int64_t dim = c.hidden_size;
   tensor_ref t = w.require(name, {c.vocab_size, dim});
   const lora_module* m = w.module(name);
   std::optional<delta_factors> f;
-  std::vector<float> merged;  // DoRA on an embedding: the norm runs over the whole vocabulary
+  std::vector<double> norms_sq;
   if (m) {
     if (m->kind != module_kind::embedding)
       throw errors::invalid(w.adapter_file(), m->name, "a LoRA module on embed_tokens must be an embedding module");
     f = load_delta_factors(*m, {c.vocab_size, dim}, w.adapter_file());
-    if (f->dora) {
-      merged = w.load(name, {c.vocab_size, dim});
-      apply_module_rows(*f, 1.0, 0, c.vocab_size, merged.data());
-    }
+    if (f->dora) norms_sq = embedding_dora_norms(w, *f, name);
   }
-  const size_t esize = static_cast<size_t>(math_dtype_size(t.info->type));
+  const size_t esize = static_cast<size_t>(math_dtype_size(t.info->type)), row_bytes = static_cast<size_t>(dim) * esize;
   std::vector<float> x(tokens.size() * static_cast<size_t>(dim));
   for (size_t i = 0; i < tokens.size(); ++i) {
     const int64_t tok = tokens[i];
     float* row = x.data() + i * static_cast<size_t>(dim);
-    if (!merged.empty()) {
-      std::memcpy(row, merged.data() + tok * dim, static_cast<size_t>(dim) * sizeof(float));
-      continue;
-    }
-    to_f32(t.info->type, t.data().subspan(static_cast<size_t>(tok) * static_cast<size_t>(dim) * esize, static_cast<size_t>(dim) * esize),
+    to_f32(t.info->type, t.data().subspan(static_cast<size_t>(tok) * row_bytes, row_bytes),
            std::span<float>(row, static_cast<size_t>(dim)));
-    // embedding LoRA: row += s (B A[:, tok])  (dW = s (B A)^T, row tok)
-    if (f)
+    if (!f) continue;
+    if (f->dora) {
+      // V = E + s (B A)^T on this row; W' = (m / ||V[:, j]||) V
+      apply_module_rows(*f, 1.0, tok, tok + 1, row, norms_sq);
+    } else {
+      // embedding LoRA: row += s (B A[:, tok])  (dW = s (B A)^T, row tok)
       for (int64_t j = 0; j < dim; ++j) row[j] += static_cast<float>(delta_element(*f, tok, j));
+    }
   }
+  w.release(name);
   return x;
 }
 
@@ -292,13 +336,13 @@ void check_forward_input(const hf_config& c, std::span<const int64_t> tokens) {
 }
 
 logits_result llama_forward(const model_files& model, const hf_config& c, const adapter* a,
-                            std::span<const int64_t> tokens, int threads) {
+                            std::span<const int64_t> tokens, int threads, int64_t block_elements) {
   // 1. check the input
   check_forward_input(c, tokens);
   const int64_t n_tok = static_cast<int64_t>(tokens.size());
-  set_blas_threads(threads);
+  set_blas_threads(1);  // the weight products share their row blocks out to `threads` threads
 
-  const weights w(model, c, a);
+  const weights w(model, c, a, threads, block_elements);
   const int64_t hid = c.hidden_size, n_h = c.num_attention_heads, n_kv = c.num_key_value_heads, hd = c.head_dim;
   const int64_t q_dim = n_h * hd, kv_dim = n_kv * hd, ffn = c.intermediate_size;
 
@@ -345,8 +389,7 @@ logits_result llama_forward(const model_files& model, const hf_config& c, const 
                                (a && model.find_ref("lm_head.weight") && w.find("lm_head.weight")->info != model.find_ref("lm_head.weight")->info);
   if (c.tie_word_embeddings && !lm_head_adapted) {
     // tied: transformers points lm_head at embed_tokens (whatever the file holds as lm_head.weight)
-    const weights::f32_view e = w.view("model.embed_tokens.weight", {c.vocab_size, hid});
-    gemm_xyt(h.data(), e.data, n_tok, c.vocab_size, hid, 1.0f, 0.0f, r.logits.data());
+    w.product("model.embed_tokens.weight", c.vocab_size, hid, h.data(), n_tok, r.logits.data());
   } else {
     if (!w.has("lm_head.weight"))
       throw errors::invalid(model.path, "lm_head.weight",

@@ -13,7 +13,11 @@
 // (+ s b for lora_bias); DoRA per PEFT: y = (m / ||W0 + s B A||_row) * (x W0^T + s (x A^T) B^T) + bias;
 // embedding LoRA: row t of embed_tokens + s (B A[:, t]); modules_to_save
 // replace the base tensor. The factors and DoRA's norm come from core/delta.
-// Weights are converted to f32 (core/dtype) one matrix at a time, as needed.
+// The weight products read each matrix in its stored dtype, decoding one
+// block of rows to f32 at a time inside the product (core/stored-gemm): no
+// f32 copy of a matrix, and each block's pages are released once used, so
+// memory is the activations plus one block buffer per thread, whatever the
+// model's size. Only the tokens' rows of embed_tokens are decoded.
 #pragma once
 
 #include <cstdint>
@@ -66,13 +70,17 @@ void check_forward_input(const hf_config& config, std::span<const int64_t> token
 
 // Runs the model over `tokens` (positions 0..n-1). `adapter`, when given, must
 // have been fitted to `model` (fit_adapter). Borrows everything; threads <= 0:
-// all cores (BLAS threads).
+// all cores (the weight products' row blocks; BLAS runs single-threaded).
+// block_elements: elements of a weight matrix decoded per block (rows =
+// max(1, block_elements / n_cols)); <= 0: stored_gemm_block_elements; at
+// least a matrix's size: the whole matrix decoded, then one sgemm (the
+// computation before row blocks, kept for tests).
 // Throws lora::error: exit 2 for no tokens or a token id outside [0, vocab);
 // exit 3 for a missing tensor or wrong shape (naming it), a non-arithmetic
 // dtype, more tokens than a sliding window, a module kind the forward pass
 // does not apply (fan_in_fan_out, conv).
 logits_result llama_forward(const model_files& model, const hf_config& config, const adapter* adapter,
-                            std::span<const int64_t> tokens, int threads);
+                            std::span<const int64_t> tokens, int threads, int64_t block_elements = 0);
 
 struct forward_options {
   std::string model;                   // model folder (config.json required)

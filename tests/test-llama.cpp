@@ -5,6 +5,9 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
@@ -12,8 +15,11 @@
 #include "core/adapter.h"
 #include "core/dtype.h"
 #include "core/llama.h"
+#include "core/stored-gemm.h"
 #include "formats/error.h"
 #include "formats/model-files.h"
+#include "formats/safetensors.h"
+#include "test-support.h"
 
 using namespace lora;
 
@@ -262,4 +268,157 @@ TEST_CASE("bad inputs are refused with the right exit code") {
   o.model = td + "tiny-llama";
   o.adapter = td + "lora-tiny-llama-mismatch";
   CHECK(code_of() == 3);
+}
+
+// ---- row-block products against the whole-matrix product ----
+
+namespace {
+
+struct named_tensor {
+  std::string name;
+  dtype type;
+  std::vector<int64_t> shape;
+  std::vector<float> values;  // rounded once to `type` on writing
+};
+
+void write_tensors(const std::string& path, const std::vector<named_tensor>& ts) {
+  std::vector<tensor_spec> specs;
+  for (const named_tensor& t : ts) specs.push_back({t.name, t.type, t.shape});
+  safetensors_writer out(path, plan_safetensors(specs, std::nullopt), durability::visible);
+  for (const named_tensor& t : ts) {
+    std::vector<uint8_t> bytes(t.values.size() * static_cast<size_t>(math_dtype_size(t.type)));
+    from_f32(t.type, t.values, bytes);
+    out.write(t.name, bytes);
+  }
+  out.commit();
+}
+
+std::vector<float> scaled(size_t n, uint32_t seed, float s, float offset = 0) {
+  std::vector<float> v = randf(n, seed);
+  for (float& x : v) x = offset + s * x;
+  return v;
+}
+
+// A BF16 Llama (hidden 512, 8 heads, 4 KV heads, intermediate 1408, 2 layers,
+// vocab 4096) whose matrices span several default row blocks (gate/up: 6,
+// down: 6, q/o: 2, lm_head and embed_tokens: 16), and a PEFT LoRA and DoRA
+// adapter on q, v, down, lm_head and embed_tokens, under `dir`.
+void write_block_model(const std::string& dir) {
+  const int64_t H = 512, F = 1408, L = 2, NH = 8, KV = 4, V = 4096, hd = H / NH, r = 4;
+  std::filesystem::create_directories(dir + "/model");
+  std::ofstream(dir + "/model/config.json")
+      << R"({"model_type": "llama", "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 2,
+             "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 4096, "rms_norm_eps": 1e-5,
+             "rope_theta": 10000.0, "tie_word_embeddings": false, "hidden_act": "silu"})";
+  std::vector<named_tensor> m;
+  uint32_t seed = 100;
+  auto mat = [&](const std::string& n, int64_t o, int64_t i) {
+    m.push_back({n, dtype::BF16, {o, i}, scaled(static_cast<size_t>(o * i), seed++, 1.7f / std::sqrt(float(i)))});
+  };
+  m.push_back({"model.embed_tokens.weight", dtype::BF16, {V, H}, scaled(static_cast<size_t>(V * H), seed++, 1.0f)});
+  mat("lm_head.weight", V, H);
+  m.push_back({"model.norm.weight", dtype::BF16, {H}, scaled(H, seed++, 0.1f, 1.0f)});
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    m.push_back({p + "input_layernorm.weight", dtype::BF16, {H}, scaled(H, seed++, 0.1f, 1.0f)});
+    m.push_back({p + "post_attention_layernorm.weight", dtype::BF16, {H}, scaled(H, seed++, 0.1f, 1.0f)});
+    mat(p + "self_attn.q_proj.weight", NH * hd, H);
+    mat(p + "self_attn.k_proj.weight", KV * hd, H);
+    mat(p + "self_attn.v_proj.weight", KV * hd, H);
+    mat(p + "self_attn.o_proj.weight", H, NH * hd);
+    mat(p + "mlp.gate_proj.weight", F, H);
+    mat(p + "mlp.up_proj.weight", F, H);
+    mat(p + "mlp.down_proj.weight", H, F);
+  }
+  write_tensors(dir + "/model/model.safetensors", m);
+  for (bool dora : {false, true}) {
+    const std::string a = dir + (dora ? "/dora" : "/lora");
+    std::filesystem::create_directories(a);
+    std::ofstream(a + "/adapter_config.json")
+        << R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": )" << (dora ? "true" : "false")
+        << R"(, "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head", "embed_tokens"]})";
+    std::vector<named_tensor> t;
+    auto module = [&](const std::string& p, int64_t o, int64_t i, float mag) {
+      const std::string k = "base_model.model." + p;
+      t.push_back({k + ".lora_A.weight", dtype::F32, {r, i}, scaled(static_cast<size_t>(r * i), seed++, 0.2f)});
+      t.push_back({k + ".lora_B.weight", dtype::F32, {o, r}, scaled(static_cast<size_t>(o * r), seed++, 0.2f)});
+      if (dora) t.push_back({k + ".lora_magnitude_vector", dtype::F32, {o}, scaled(o, seed++, 0.1f * mag, mag)});
+    };
+    for (int64_t l = 0; l < L; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      module(p + "self_attn.q_proj", NH * hd, H, 1.0f);
+      module(p + "self_attn.v_proj", KV * hd, H, 1.0f);
+      module(p + "mlp.down_proj", H, F, 1.0f);
+    }
+    module("lm_head", V, H, 1.0f);
+    // embedding: A [r, vocab], B [dim, r]; DoRA m [dim], norms over the vocabulary (about 37 here)
+    const std::string e = "base_model.model.model.embed_tokens.";
+    t.push_back({e + "lora_embedding_A", dtype::F32, {r, V}, scaled(static_cast<size_t>(r * V), seed++, 0.2f)});
+    t.push_back({e + "lora_embedding_B", dtype::F32, {H, r}, scaled(static_cast<size_t>(H * r), seed++, 0.2f)});
+    if (dora) t.push_back({e + "lora_magnitude_vector", dtype::F32, {H}, scaled(H, seed++, 3.0f, 37.0f)});
+    write_tensors(a + "/adapter_model.safetensors", t);
+  }
+}
+
+logits_result forward_with(const model_files& m, const std::string& adapter_path, int threads, int64_t block) {
+  const hf_config c = read_hf_config(m.config_path);
+  if (adapter_path.empty()) return llama_forward(m, c, nullptr, ref_tokens, threads, block);
+  adapter a = load_adapter(adapter_path);
+  REQUIRE(fit_adapter(a, m).ok());
+  return llama_forward(m, c, &a, ref_tokens, threads, block);
+}
+
+// Row blocks change only how the BLAS kernel partitions the output columns;
+// each logit's dot products run over the same terms. Stated tolerance:
+// relative 1e-6 of the largest logit (f32 carries 6e-8; the blocks may change
+// the kernel's order of the n_cols-term sums, amplified through the layers).
+void check_blocks_match_whole(const model_files& m, const std::string& adapter_path, int64_t block) {
+  const logits_result whole = forward_with(m, adapter_path, 1, INT64_MAX);  // decode a whole matrix, one sgemm
+  const std::vector<double> want = to_d(whole.logits);
+  std::vector<float> first;
+  for (int threads : {1, 2}) {
+    CAPTURE(threads);
+    const logits_result blocks = forward_with(m, adapter_path, threads, block);
+    const double diff = max_abs_diff(blocks.logits, want);
+    MESSAGE("max |blocks - whole| = ", diff, " of max |logit| ", max_abs(want));
+    CHECK(diff <= 1e-6 * max_abs(want));
+    // the same blocks whatever the thread count: the same bits
+    if (first.empty()) first = blocks.logits;
+    else CHECK(blocks.logits == first);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("row-block products give the whole-matrix logits: testdata models, small blocks") {
+  struct item { const char* model; const char* adapter; };
+  for (item it : std::vector<item>{{"tiny-llama", ""},
+                                   {"tiny-llama", "lora-tiny-llama"},
+                                   {"tiny-llama", "lora-tiny-llama-dora"},
+                                   {"tiny-llama", "lora-tiny-llama-extras"},
+                                   {"tiny-llama-tied", ""},
+                                   {"tiny-llama-f16-sharded", ""},
+                                   {"tiny-llama-f32", ""}}) {
+    CAPTURE(it.model);
+    CAPTURE(it.adapter);
+    model_files m = open_model(td + it.model);
+    // 200 elements: 3 rows of 64 per block (the 176-column down_proj: 1 row), a boundary inside every matrix
+    check_blocks_match_whole(m, *it.adapter ? td + it.adapter : std::string(), 200);
+  }
+}
+
+TEST_CASE("row-block products give the whole-matrix logits: a BF16 model of several default blocks per matrix") {
+  lora::testing::temp_dir dir;
+  write_block_model(dir.path);
+  CHECK(int64_t{1408} * 512 > 5 * stored_gemm_block_elements);  // gate/up/down: 6 blocks each
+  model_files m = open_model(dir / "model");
+  for (const char* a : {"", "lora", "dora"}) {
+    CAPTURE(a);
+    check_blocks_match_whole(m, *a ? dir / a : std::string(), 0);
+  }
+  // the adapters act (a test of equal logits that could not fail otherwise)
+  const logits_result base = forward_with(m, "", 2, 0), lora = forward_with(m, dir / "lora", 2, 0),
+                      dora = forward_with(m, dir / "dora", 2, 0);
+  CHECK(max_abs_diff(lora.logits, to_d(base.logits)) > 1e-2);
+  CHECK(max_abs_diff(dora.logits, to_d(lora.logits)) > 1e-2);
 }
