@@ -31,7 +31,7 @@ TEST_CASE("defaults follow transformers") {
   CHECK(c.num_key_value_heads == 4);
   CHECK(c.head_dim == 16);
   CHECK(c.rms_norm_eps == 1e-6);
-  CHECK(c.rope_theta == 10000.0);
+  CHECK(c.layers.at(0).rope.theta == 10000.0);
   CHECK(!c.tie_word_embeddings);
   CHECK(!c.qkv_bias);
   hf_config q = parse_hf_config(R"({"model_type":"qwen2","hidden_size":64,"intermediate_size":8,"num_hidden_layers":1,)"
@@ -60,7 +60,7 @@ TEST_CASE("refusals name the file and the field") {
   CHECK(error_of(base_json(R"(,"hidden_act":"gelu")")).find("hidden_act") != std::string::npos);
   CHECK(error_of(base_json(R"(,"rms_norm_eps":"x")")).find("rms_norm_eps") != std::string::npos);
   CHECK(error_of(base_json(R"(,"vocab_size":-1)")).find("vocab_size") != std::string::npos);
-  CHECK(parse_hf_config(base_json(R"(,"rope_scaling":null)"), "c").rope_theta == 10000.0);
+  CHECK(parse_hf_config(base_json(R"(,"rope_scaling":null)"), "c").layers.at(1).rope.type == "default");
 }
 
 TEST_CASE("nesting is bounded before anything recurses") {

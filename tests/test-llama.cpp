@@ -111,8 +111,8 @@ std::vector<double> ref_forward(const model_files& mf, const hf_config& c, const
     auto q = r.lin(h, T, p + "self_attn.q_proj", D, H * d, c.qkv_bias);
     auto k = r.lin(h, T, p + "self_attn.k_proj", D, KV * d, c.qkv_bias);
     auto v = r.lin(h, T, p + "self_attn.v_proj", D, KV * d, c.qkv_bias);
-    ref_rope(q, T, H, d, c.rope_theta);
-    ref_rope(k, T, KV, d, c.rope_theta);
+    ref_rope(q, T, H, d, c.layers[0].rope.theta);
+    ref_rope(k, T, KV, d, c.layers[0].rope.theta);
     auto o = r.lin(ref_attn(q, k, v, T, H, KV, d), T, p + "self_attn.o_proj", H * d, D, c.o_bias);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     h = x;
