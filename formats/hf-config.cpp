@@ -220,24 +220,37 @@ int64_t window_field(const json& j, int64_t fallback, const std::string& label) 
   return opt_positive(j, "sliding_window", label).value_or(0);
 }
 
+// qwen2's window: sliding_window (Qwen2Config default 4096) only with use_sliding_window.
+int64_t qwen2_window(const json& j, const std::string& label) {
+  return boolean(j, "use_sliding_window", false, label) ? window_field(j, 4096, label) : 0;
+}
+
+// qwen2's layer_types when config.json has none (Qwen2Config.__init__):
+// "sliding_attention" for layers i >= max_window_layers (default 28) when a window is set.
+std::vector<std::string> qwen2_layer_types(const json& j, int64_t n_layers, const std::string& label) {
+  const bool windowed = qwen2_window(j, label) > 0;
+  const int64_t first_sliding = non_negative(j, "max_window_layers", 28, label);
+  std::vector<std::string> types;
+  for (int64_t l = 0; l < n_layers; ++l)
+    types.push_back(windowed && l >= first_sliding ? "sliding_attention" : "full_attention");
+  return types;
+}
+
 // Per-layer sliding windows. mistral (MistralConfig, default 4096): every
-// layer. qwen2 (Qwen2Config): sliding_window only with use_sliding_window,
-// on layers whose layer_types entry is "sliding_attention", by default layers
-// i >= max_window_layers (default 28). llama: none.
+// layer. qwen2: layers whose layer_types entry is "sliding_attention". llama: none.
 void read_layer_windows(const json& j, const std::optional<std::vector<std::string>>& layer_types, hf_config& c,
                         const std::string& label) {
   if (c.model_type == "mistral") {
     const int64_t w = window_field(j, 4096, label);
     for (layer_attention& l : c.layers) l.sliding_window = w;
   } else if (c.model_type == "qwen2") {
-    const int64_t w = boolean(j, "use_sliding_window", false, label) ? window_field(j, 4096, label) : 0;
-    const int64_t first_sliding = non_negative(j, "max_window_layers", 28, label);
+    const int64_t w = qwen2_window(j, label);
     for (size_t l = 0; l < c.layers.size(); ++l) {
-      const bool sliding = layer_types ? (*layer_types)[l] == "sliding_attention"
-                                       : w > 0 && static_cast<int64_t>(l) >= first_sliding;
-      if (layer_types && !sliding && (*layer_types)[l] != "full_attention")
+      const std::string& type = (*layer_types)[l];
+      if (type != "full_attention" && type != "sliding_attention")
         throw errors::invalid(label, "", fmt::format("field layer_types: {} is not supported (full_attention, "
-                                                     "sliding_attention)", (*layer_types)[l]));
+                                                     "sliding_attention)", type));
+      const bool sliding = type == "sliding_attention";
       if (sliding && w == 0)  // masking_utils refuses a sliding layer without a window
         throw errors::invalid(label, "", fmt::format("field layer_types names sliding_attention for layer {} but "
                                                      "sliding_window is unset (use_sliding_window false or null)", l));
@@ -314,7 +327,8 @@ hf_config parse_hf_config(std::string_view json_text, const std::string& label) 
   if (c.num_hidden_layers > max_hidden_layers)
     throw errors::invalid(label, "", fmt::format("field num_hidden_layers {} exceeds {}", c.num_hidden_layers, max_hidden_layers));
   c.layers.resize(static_cast<size_t>(c.num_hidden_layers));
-  const std::optional<std::vector<std::string>> layer_types = read_layer_types(j, c.num_hidden_layers, label);
+  std::optional<std::vector<std::string>> layer_types = read_layer_types(j, c.num_hidden_layers, label);
+  if (!layer_types && c.model_type == "qwen2") layer_types = qwen2_layer_types(j, c.num_hidden_layers, label);
   read_layer_ropes(j, layer_types, c, label);
   read_layer_windows(j, layer_types, c, label);
   return c;

@@ -156,6 +156,13 @@ TEST_CASE("sliding windows: mistral every layer, qwen2 from max_window_layers on
                       R"("layer_types":["sliding_attention","full_attention","sliding_attention"]})", "c");
   CHECK(q.layers[0].sliding_window == 7);
   CHECK(q.layers[1].sliding_window == 0);
+  // 5.x nests rope_parameters by qwen2's derived layer_types too
+  q = parse_hf_config(R"({"model_type":"qwen2",)" + sizes + R"(,"sliding_window":5,"use_sliding_window":true,"max_window_layers":2,)"
+                      R"("rope_parameters":{"full_attention":{"rope_theta":5e5},"sliding_attention":{"rope_type":"linear","factor":2}}})", "c");
+  CHECK(q.layers[1].rope.theta == 500000.0);
+  CHECK(q.layers[2].rope.type == "linear");
+  CHECK(q.layers[2].rope.theta == 10000.0);
+  CHECK(q.layers[2].sliding_window == 5);
   CHECK(error_of(R"({"model_type":"qwen2",)" + sizes + R"(,"layer_types":["sliding_attention","full_attention","full_attention"]})")
             .find("sliding_window is unset") != std::string::npos);
   CHECK(error_of(R"({"model_type":"qwen2",)" + sizes + R"(,"layer_types":["chunked_attention","full_attention","full_attention"]})")
