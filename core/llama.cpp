@@ -36,32 +36,8 @@ void rms_norm(const float* x, int64_t n_tokens, int64_t dim, const float* weight
   }
 }
 
-void apply_rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, double theta) {
-  const int64_t half = head_dim / 2;
-  std::vector<float> cos_t(static_cast<size_t>(half)), sin_t(static_cast<size_t>(half));
-  for (int64_t p = 0; p < n_tokens; ++p) {
-    // angle_j = p * theta^(-2j/d)
-    for (int64_t j = 0; j < half; ++j) {
-      const double inv_freq = std::pow(theta, -2.0 * static_cast<double>(j) / static_cast<double>(head_dim));
-      const double angle = static_cast<double>(p) * inv_freq;
-      cos_t[static_cast<size_t>(j)] = static_cast<float>(std::cos(angle));
-      sin_t[static_cast<size_t>(j)] = static_cast<float>(std::sin(angle));
-    }
-    for (int64_t h = 0; h < n_heads; ++h) {
-      float* v = x + (p * n_heads + h) * head_dim;
-      // rotate half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-      for (int64_t j = 0; j < half; ++j) {
-        const float x1 = v[j], x2 = v[j + half];
-        const float c = cos_t[static_cast<size_t>(j)], s = sin_t[static_cast<size_t>(j)];
-        v[j] = x1 * c - x2 * s;
-        v[j + half] = x2 * c + x1 * s;
-      }
-    }
-  }
-}
-
 void causal_attention(const float* q, const float* k, const float* v, int64_t n_tokens, int64_t n_heads,
-                      int64_t n_kv_heads, int64_t head_dim, float* out) {
+                      int64_t n_kv_heads, int64_t head_dim, float* out, int64_t window) {
   const int64_t group = n_heads / n_kv_heads;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   std::vector<float> scores(static_cast<size_t>(n_tokens));
@@ -69,18 +45,20 @@ void causal_attention(const float* q, const float* k, const float* v, int64_t n_
     const int64_t kvh = h / group;
     for (int64_t i = 0; i < n_tokens; ++i) {
       const float* qi = q + (i * n_heads + h) * head_dim;
-      // scores_j = q_i . k_j / sqrt(d), j <= i
+      // keys j0 <= j <= i: j > i - window with a sliding window
+      const int64_t j0 = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
+      // scores_j = q_i . k_j / sqrt(d)
       float max_score = -INFINITY;
-      for (int64_t j = 0; j <= i; ++j) {
+      for (int64_t j = j0; j <= i; ++j) {
         const float* kj = k + (j * n_kv_heads + kvh) * head_dim;
         float dot = 0;
         for (int64_t d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
         scores[static_cast<size_t>(j)] = dot * scale;
         max_score = std::max(max_score, scores[static_cast<size_t>(j)]);
       }
-      // softmax over j <= i
+      // softmax over j0 <= j <= i
       double sum = 0;
-      for (int64_t j = 0; j <= i; ++j) {
+      for (int64_t j = j0; j <= i; ++j) {
         scores[static_cast<size_t>(j)] = std::exp(scores[static_cast<size_t>(j)] - max_score);
         sum += scores[static_cast<size_t>(j)];
       }
@@ -88,7 +66,7 @@ void causal_attention(const float* q, const float* k, const float* v, int64_t n_
       // out_i = sum_j p_j v_j
       float* oi = out + (i * n_heads + h) * head_dim;
       std::fill(oi, oi + head_dim, 0.0f);
-      for (int64_t j = 0; j <= i; ++j) {
+      for (int64_t j = j0; j <= i; ++j) {
         const float p = scores[static_cast<size_t>(j)] * inv_sum;
         const float* vj = v + (j * n_kv_heads + kvh) * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) oi[d] += p * vj[d];
@@ -329,10 +307,6 @@ void check_forward_input(const hf_config& c, std::span<const int64_t> tokens) {
   for (int64_t tok : tokens)
     if (tok < 0 || tok >= c.vocab_size)
       throw errors::usage(fmt::format("token id {} is outside the vocabulary [0, {})", tok, c.vocab_size));
-  const int64_t n_tok = static_cast<int64_t>(tokens.size());
-  if (c.sliding_window > 0 && n_tok > c.sliding_window)
-    throw errors::invalid(c.path, "", fmt::format("{} tokens exceed sliding_window {} (sliding-window attention is not "
-                                                  "implemented)", n_tok, c.sliding_window));
 }
 
 logits_result llama_forward(const model_files& model, const hf_config& c, const adapter* a,
@@ -361,9 +335,11 @@ logits_result llama_forward(const model_files& model, const hf_config& c, const 
     linear(w, p + "self_attn.q_proj", c.qkv_bias, h.data(), n_tok, hid, q_dim, q.data());
     linear(w, p + "self_attn.k_proj", c.qkv_bias, h.data(), n_tok, hid, kv_dim, k.data());
     linear(w, p + "self_attn.v_proj", c.qkv_bias, h.data(), n_tok, hid, kv_dim, v.data());
-    apply_rope(q.data(), n_tok, n_h, hd, c.rope_theta);
-    apply_rope(k.data(), n_tok, n_kv, hd, c.rope_theta);
-    causal_attention(q.data(), k.data(), v.data(), n_tok, n_h, n_kv, hd, att.data());
+    const layer_attention& la = c.layers[static_cast<size_t>(l)];
+    const rope_frequencies freqs = compute_rope_frequencies(la.rope, hd, c.max_position_embeddings, n_tok);
+    apply_rope(q.data(), n_tok, n_h, hd, freqs);
+    apply_rope(k.data(), n_tok, n_kv, hd, freqs);
+    causal_attention(q.data(), k.data(), v.data(), n_tok, n_h, n_kv, hd, att.data(), la.sliding_window);
     linear(w, p + "self_attn.o_proj", c.o_bias, att.data(), n_tok, q_dim, hid, proj.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
 

@@ -3,8 +3,8 @@
 //
 //   x = embed_tokens[tokens]
 //   per layer:  h = RMSNorm(x) * w_in;  q, k, v = h Wq^T (+bq), h Wk^T (+bk), h Wv^T (+bv)
-//               RoPE(q), RoPE(k)  (rotate-half layout, inv_freq_i = theta^(-2i/d))
-//               a = softmax(q k^T / sqrt(d) + causal mask) v   (grouped-query: head h reads kv head h / (H / H_kv))
+//               RoPE(q), RoPE(k)  (rotate-half layout, inv_freq per rope_type: core/rope.h)
+//               a = softmax(q k^T / sqrt(d) + causal (sliding-window) mask) v   (grouped-query: head h reads kv head h / (H / H_kv))
 //               x = x + a Wo^T;  h = RMSNorm(x) * w_post
 //               x = x + down(silu(gate(h)) * up(h))
 //   logits = RMSNorm(x) * w_norm  lm_head^T   (lm_head = embed_tokens when tied)
@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "core/adapter.h"
+#include "core/rope.h"
 #include "formats/hf-config.h"
 #include "formats/model-files.h"
 
@@ -38,17 +39,16 @@ namespace lora {
 // out[t, :] = x[t, :] * rsqrt(mean(x[t, :]^2) + eps) * weight. out may alias x.
 void rms_norm(const float* x, int64_t n_tokens, int64_t dim, const float* weight, double eps, float* out);
 
-// Rotary embedding in place on x [n_tokens, n_heads, head_dim] at positions
-// 0..n_tokens-1: with d = head_dim, j < d/2, angle = pos * theta^(-2j/d):
-//   x'[j]       = x[j] cos - x[j + d/2] sin
-//   x'[j + d/2] = x[j + d/2] cos + x[j] sin
-void apply_rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, double theta);
+// apply_rope and the per-type frequencies: core/rope.h
 
 // Causal grouped-query attention: q [T, n_heads, d], k and v [T, n_kv_heads, d],
 // out [T, n_heads, d]; query head h uses kv head h / (n_heads / n_kv_heads);
-// out = softmax(q k^T / sqrt(d), keys <= query position) v.
+// out = softmax(q k^T / sqrt(d), keys j with i - window < j <= i for query i) v;
+// window 0 (or >= n_tokens): every key j <= i. The sliding window is
+// transformers' masking_utils sliding_window_overlay (kv_idx > q_idx - window)
+// on the causal mask, as mistral and qwen2 use it.
 void causal_attention(const float* q, const float* k, const float* v, int64_t n_tokens, int64_t n_heads,
-                      int64_t n_kv_heads, int64_t head_dim, float* out);
+                      int64_t n_kv_heads, int64_t head_dim, float* out, int64_t window = 0);
 
 // out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). out may alias either input.
 void swiglu(const float* gate, const float* up, size_t n, float* out);
@@ -63,9 +63,8 @@ struct logits_result {
 
 // The checks llama_forward makes of its input before any weight is read, for
 // callers that want them early (lora verify, before its weight level).
-// Throws lora::error: exit 2 for no tokens or a token id outside
-// [0, config.vocab_size); exit 3 (naming config.path) for more tokens than a
-// sliding window.
+// Throws lora::error (exit 2) for no tokens or a token id outside
+// [0, config.vocab_size).
 void check_forward_input(const hf_config& config, std::span<const int64_t> tokens);
 
 // Runs the model over `tokens` (positions 0..n-1). `adapter`, when given, must
@@ -77,7 +76,7 @@ void check_forward_input(const hf_config& config, std::span<const int64_t> token
 // computation before row blocks, kept for tests).
 // Throws lora::error: exit 2 for no tokens or a token id outside [0, vocab);
 // exit 3 for a missing tensor or wrong shape (naming it), a non-arithmetic
-// dtype, more tokens than a sliding window, a module kind the forward pass
+// dtype, a module kind the forward pass
 // does not apply (fan_in_fan_out, conv).
 logits_result llama_forward(const model_files& model, const hf_config& config, const adapter* adapter,
                             std::span<const int64_t> tokens, int threads, int64_t block_elements = 0);

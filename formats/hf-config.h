@@ -6,8 +6,38 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace lora {
+
+// One rotary embedding's parameters: the `rope_parameters` dict of
+// transformers 5.x after standardize_rope_params, filled from either
+// `rope_scaling` (4.x) with the top-level `rope_theta`, or `rope_parameters`
+// (5.x, which holds `rope_theta`). Follows src/transformers/modeling_rope_utils.py
+// (RotaryEmbeddingConfigMixin, transformers 5.x as of commit 26892c16 of
+// zucchini-nlp/transformers; the 4.x `rope_scaling` field is read as 5.x reads it).
+struct rope_parameters {
+  std::string type = "default";  // default | linear | dynamic | yarn | longrope | llama3
+  double theta = 10000.0;        // rope_theta, the base
+  // factor: required by linear, dynamic, llama3; yarn and longrope fall back
+  // to max_position_embeddings / original_max_position_embeddings (nullopt).
+  std::optional<double> factor;
+  std::optional<double> attention_factor;  // yarn, longrope: nullopt = the type's formula
+  double beta_fast = 32.0, beta_slow = 1.0;  // yarn (HF: `get(...) or 32`, so 0 and null mean the default)
+  double mscale = 0.0, mscale_all_dim = 0.0;  // yarn; 0 = absent (HF tests them for truth)
+  bool truncate = true;                       // yarn: floor/ceil the correction range
+  double low_freq_factor = 0.0, high_freq_factor = 0.0;  // llama3
+  // yarn, longrope, llama3: the top-level field when the config has one
+  // (Phi-3), else the dict's, else max_position_embeddings.
+  int64_t original_max_position_embeddings = 0;
+  std::vector<double> short_factor, long_factor;  // longrope, head_dim / 2 each
+};
+
+// The attention of one decoder layer.
+struct layer_attention {
+  rope_parameters rope;
+  int64_t sliding_window = 0;  // 0: full causal attention; W: key j seen by query i when i - W < j <= i
+};
 
 struct hf_config {
   std::string path;        // the file, for messages
@@ -20,16 +50,20 @@ struct hf_config {
   int64_t head_dim = 0;             // default: hidden_size / num_attention_heads
   int64_t vocab_size = 0;
   double rms_norm_eps = 1e-6;       // LlamaConfig's default
-  double rope_theta = 10000.0;
+  // LlamaConfig's default 2048; MistralConfig 131072; Qwen2Config 32768.
+  int64_t max_position_embeddings = 2048;
   bool tie_word_embeddings = false;
   // q/k/v(/o) biases: llama/mistral `attention_bias` (q, k, v and o_proj);
   // qwen2 always has q/k/v biases and none on o_proj.
   bool qkv_bias = false;
   bool o_bias = false;
   bool mlp_bias = false;  // llama `mlp_bias`: gate/up/down_proj biases
-  // Sliding-window attention (mistral, qwen2 with use_sliding_window): 0 = none.
-  // The forward pass refuses sequences longer than the window.
-  int64_t sliding_window = 0;
+  // One per hidden layer: its rotary embedding (5.x may nest rope_parameters
+  // per layer type) and sliding window (mistral: every layer unless
+  // sliding_window is null; qwen2: layers whose layer_types entry is
+  // "sliding_attention", by default those from max_window_layers on when
+  // use_sliding_window).
+  std::vector<layer_attention> layers;
 };
 
 // True for the model_type values the forward pass implements.
@@ -43,8 +77,13 @@ std::optional<std::string> parse_model_type(std::string_view json_text, const st
 // Throws lora::error (exit 3) naming the file and the field: not JSON, an
 // unsupported model_type ("model_type gpt2 is not supported ..."), a missing
 // or mistyped required field, non-positive sizes, heads that do not divide
-// (hidden_size by heads without head_dim, heads by kv heads), rope_scaling
-// other than null / rope_type "default", hidden_act other than silu.
+// (hidden_size by heads without head_dim, heads by kv heads), hidden_act
+// other than silu; a rope_scaling / rope_parameters whose rope_type is not
+// one of default, linear, dynamic, yarn, longrope, llama3 (named), that lacks
+// a field its type requires or holds a mistyped one (named, e.g.
+// "rope_scaling.factor"), partial_rotary_factor other than 1, longrope
+// factor lists not head_dim / 2 long; layer_types of the wrong length or
+// with an unknown entry, or naming sliding_attention without a sliding_window.
 hf_config parse_hf_config(std::string_view json_text, const std::string& label);
 
 // Reads and parses a config.json file. Throws exit 4 when unreadable, else as above.

@@ -31,7 +31,7 @@ TEST_CASE("defaults follow transformers") {
   CHECK(c.num_key_value_heads == 4);
   CHECK(c.head_dim == 16);
   CHECK(c.rms_norm_eps == 1e-6);
-  CHECK(c.rope_theta == 10000.0);
+  CHECK(c.layers.at(0).rope.theta == 10000.0);
   CHECK(!c.tie_word_embeddings);
   CHECK(!c.qkv_bias);
   hf_config q = parse_hf_config(R"({"model_type":"qwen2","hidden_size":64,"intermediate_size":8,"num_hidden_layers":1,)"
@@ -55,12 +55,13 @@ TEST_CASE("refusals name the file and the field") {
   CHECK(e.find("cfg.json") != std::string::npos);
   CHECK(e.find("model_type gpt2") != std::string::npos);
   CHECK(error_of(R"({"model_type":"llama"})").find("hidden_size") != std::string::npos);
-  CHECK(error_of(base_json(R"(,"rope_scaling":{"rope_type":"llama3","factor":8})")).find("rope_scaling") != std::string::npos);
+  CHECK(error_of(base_json(R"(,"rope_scaling":{"rope_type":"llama3","factor":8})")) ==
+        "cfg.json: field rope_scaling.low_freq_factor is missing (rope_type llama3 needs it)");
   CHECK(error_of(base_json(R"(,"num_key_value_heads":3)")).find("num_key_value_heads") != std::string::npos);
   CHECK(error_of(base_json(R"(,"hidden_act":"gelu")")).find("hidden_act") != std::string::npos);
   CHECK(error_of(base_json(R"(,"rms_norm_eps":"x")")).find("rms_norm_eps") != std::string::npos);
   CHECK(error_of(base_json(R"(,"vocab_size":-1)")).find("vocab_size") != std::string::npos);
-  CHECK(parse_hf_config(base_json(R"(,"rope_scaling":null)"), "c").rope_theta == 10000.0);
+  CHECK(parse_hf_config(base_json(R"(,"rope_scaling":null)"), "c").layers.at(1).rope.type == "default");
 }
 
 TEST_CASE("nesting is bounded before anything recurses") {
@@ -76,4 +77,94 @@ TEST_CASE("nesting is bounded before anything recurses") {
   // parse_model_type (verify's path) goes through the same parse
   lora::error e = lora::testing::thrown([&] { parse_model_type(lora::testing::nested_json(head, 100000, "}"), "cfg.json"); });
   CHECK(std::string(e.what()) == deeper);
+}
+
+TEST_CASE("rope_scaling (4.x) and rope_parameters (5.x)") {
+  // Llama 3.1's rope_scaling
+  hf_config c = parse_hf_config(base_json(R"(,"rope_theta":500000.0,"max_position_embeddings":131072,"rope_scaling":)"
+                                          R"({"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,)"
+                                          R"("original_max_position_embeddings":8192,"rope_type":"llama3"})"),
+                                "cfg.json");
+  REQUIRE(c.layers.size() == 2);
+  for (const layer_attention& l : c.layers) {
+    CHECK(l.rope.type == "llama3");
+    CHECK(l.rope.theta == 500000.0);
+    CHECK(*l.rope.factor == 8.0);
+    CHECK(l.rope.high_freq_factor == 4.0);
+    CHECK(l.rope.original_max_position_embeddings == 8192);
+    CHECK(l.sliding_window == 0);
+  }
+  CHECK(c.max_position_embeddings == 131072);
+  // 5.x: rope_theta inside rope_parameters wins over the default
+  c = parse_hf_config(base_json(R"(,"rope_parameters":{"rope_theta":500000,"rope_type":"default"})"), "cfg.json");
+  CHECK(c.layers[1].rope.theta == 500000.0);
+  CHECK(c.layers[1].rope.type == "default");
+  // 4.x "type"; rope_scaling wins over rope_parameters (`rope_scaling or rope_parameters`)
+  c = parse_hf_config(base_json(R"(,"rope_parameters":{"rope_type":"default"},"rope_scaling":{"type":"linear","factor":2})"), "c");
+  CHECK(c.layers[0].rope.type == "linear");
+  CHECK(*c.layers[0].rope.factor == 2.0);
+  // yarn: original_max_position_embeddings defaults to max_position_embeddings; a top-level one wins
+  c = parse_hf_config(base_json(R"(,"max_position_embeddings":512,"rope_scaling":{"rope_type":"yarn","factor":4})"), "c");
+  CHECK(c.layers[0].rope.original_max_position_embeddings == 512);
+  CHECK(c.layers[0].rope.beta_fast == 32.0);
+  c = parse_hf_config(base_json(R"(,"original_max_position_embeddings":64,"rope_scaling":{"rope_type":"yarn","factor":4,)"
+                                R"("original_max_position_embeddings":32})"), "c");
+  CHECK(c.layers[0].rope.original_max_position_embeddings == 64);
+  // nested per layer type (5.x with layer_types)
+  c = parse_hf_config(base_json(R"(,"layer_types":["full_attention","sliding_attention"],"rope_parameters":)"
+                                R"({"full_attention":{"rope_type":"default","rope_theta":1000000},)"
+                                R"("sliding_attention":{"rope_type":"linear","factor":2,"rope_theta":10000}})"), "c");
+  CHECK(c.layers[0].rope.type == "default");
+  CHECK(c.layers[0].rope.theta == 1000000.0);
+  CHECK(c.layers[1].rope.type == "linear");
+  CHECK(c.layers[1].sliding_window == 0);  // llama has no sliding window
+}
+
+TEST_CASE("rope refusals name config.json's field and the type") {
+  CHECK(error_of(base_json(R"(,"rope_scaling":{"rope_type":"su","factor":2})")) ==
+        "cfg.json: field rope_scaling.rope_type su is not supported (known: default, linear, dynamic, yarn, longrope, llama3)");
+  CHECK(error_of(base_json(R"(,"rope_parameters":{"rope_type":"mrope","rope_theta":1e6})")).find("rope_parameters.rope_type mrope") !=
+        std::string::npos);
+  CHECK(error_of(base_json(R"(,"rope_scaling":{"type":"dynamic"})")) ==
+        "cfg.json: field rope_scaling.factor is missing (rope_type dynamic needs it)");
+  CHECK(error_of(base_json(R"(,"rope_scaling":{"type":"linear","factor":"2"})")).find("rope_scaling.factor must be") != std::string::npos);
+  CHECK(error_of(base_json(R"(,"rope_scaling":{"rope_type":"longrope","short_factor":[1],"long_factor":[1]})"))
+            .find("rope_scaling.short_factor must be a list of 8 positive numbers") != std::string::npos);
+  CHECK(error_of(base_json(R"(,"rope_scaling":{"rope_type":"llama3","factor":8,"low_freq_factor":4,"high_freq_factor":1})"))
+            .find("high_freq_factor") != std::string::npos);
+  CHECK(error_of(base_json(R"(,"partial_rotary_factor":0.5)")).find("partial_rotary_factor") != std::string::npos);
+  CHECK(error_of(base_json(R"(,"rope_scaling":[1])")).find("rope_scaling must be an object") != std::string::npos);
+  CHECK(error_of(base_json(R"(,"layer_types":["full_attention"],"rope_parameters":{"full_attention":{"rope_type":"x"}})"))
+            .find("layer_types must list 2 strings") != std::string::npos);
+  CHECK(error_of(base_json(R"(,"layer_types":["full_attention","sliding_attention"],"rope_parameters":{"full_attention":{}})")) ==
+        "cfg.json: field rope_parameters.sliding_attention is missing (layer 1 is sliding_attention)");
+}
+
+TEST_CASE("sliding windows: mistral every layer, qwen2 from max_window_layers on") {
+  const std::string sizes = R"("hidden_size":64,"intermediate_size":8,"num_hidden_layers":3,"num_attention_heads":4,"vocab_size":9)";
+  hf_config m = parse_hf_config(R"({"model_type":"mistral",)" + sizes + R"(,"sliding_window":5})", "c");
+  for (const layer_attention& l : m.layers) CHECK(l.sliding_window == 5);
+  CHECK(parse_hf_config(R"({"model_type":"mistral",)" + sizes + "}", "c").layers[2].sliding_window == 4096);
+  CHECK(parse_hf_config(R"({"model_type":"mistral",)" + sizes + R"(,"sliding_window":null})", "c").layers[2].sliding_window == 0);
+  hf_config q = parse_hf_config(R"({"model_type":"qwen2",)" + sizes + R"(,"sliding_window":5,"use_sliding_window":true,"max_window_layers":1})", "c");
+  CHECK(q.layers[0].sliding_window == 0);
+  CHECK(q.layers[1].sliding_window == 5);
+  CHECK(q.layers[2].sliding_window == 5);
+  q = parse_hf_config(R"({"model_type":"qwen2",)" + sizes + R"(,"sliding_window":5,"use_sliding_window":false,"max_window_layers":0})", "c");
+  CHECK(q.layers[2].sliding_window == 0);
+  q = parse_hf_config(R"({"model_type":"qwen2",)" + sizes + R"(,"use_sliding_window":true,"sliding_window":7,)"
+                      R"("layer_types":["sliding_attention","full_attention","sliding_attention"]})", "c");
+  CHECK(q.layers[0].sliding_window == 7);
+  CHECK(q.layers[1].sliding_window == 0);
+  // 5.x nests rope_parameters by qwen2's derived layer_types too
+  q = parse_hf_config(R"({"model_type":"qwen2",)" + sizes + R"(,"sliding_window":5,"use_sliding_window":true,"max_window_layers":2,)"
+                      R"("rope_parameters":{"full_attention":{"rope_theta":5e5},"sliding_attention":{"rope_type":"linear","factor":2}}})", "c");
+  CHECK(q.layers[1].rope.theta == 500000.0);
+  CHECK(q.layers[2].rope.type == "linear");
+  CHECK(q.layers[2].rope.theta == 10000.0);
+  CHECK(q.layers[2].sliding_window == 5);
+  CHECK(error_of(R"({"model_type":"qwen2",)" + sizes + R"(,"layer_types":["sliding_attention","full_attention","full_attention"]})")
+            .find("sliding_window is unset") != std::string::npos);
+  CHECK(error_of(R"({"model_type":"qwen2",)" + sizes + R"(,"layer_types":["chunked_attention","full_attention","full_attention"]})")
+            .find("chunked_attention is not supported") != std::string::npos);
 }

@@ -117,8 +117,8 @@ std::vector<double> ref_forward(const model_files& mf, const hf_config& c, const
     auto q = r.lin(h, T, p + "self_attn.q_proj", D, H * d, c.qkv_bias);
     auto k = r.lin(h, T, p + "self_attn.k_proj", D, KV * d, c.qkv_bias);
     auto v = r.lin(h, T, p + "self_attn.v_proj", D, KV * d, c.qkv_bias);
-    ref_rope(q, T, H, d, c.rope_theta);
-    ref_rope(k, T, KV, d, c.rope_theta);
+    ref_rope(q, T, H, d, c.layers[0].rope.theta);
+    ref_rope(k, T, KV, d, c.layers[0].rope.theta);
     auto o = r.lin(ref_attn(q, k, v, T, H, KV, d), T, p + "self_attn.o_proj", H * d, D, c.o_bias);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     h = x;
@@ -421,4 +421,33 @@ TEST_CASE("row-block products give the whole-matrix logits: a BF16 model of seve
                       dora = forward_with(m, dir / "dora", 2, 0);
   CHECK(max_abs_diff(lora.logits, to_d(base.logits)) > 1e-2);
   CHECK(max_abs_diff(dora.logits, to_d(lora.logits)) > 1e-2);
+
+TEST_CASE("causal_attention with a sliding window: key j seen by query i when i - window < j <= i") {
+  const int64_t T = 9, H = 2, KV = 1, d = 4, W = 3;
+  auto q = randf(T * H * d, 11), k = randf(T * KV * d, 12), v = randf(T * KV * d, 13);
+  std::vector<float> out(q.size()), full(q.size());
+  causal_attention(q.data(), k.data(), v.data(), T, H, KV, d, out.data(), W);
+  causal_attention(q.data(), k.data(), v.data(), T, H, KV, d, full.data(), 0);
+  // the first W positions see every earlier key: as full attention
+  for (int64_t i = 0; i < W * H * d; ++i) CHECK(out[i] == full[i]);
+  // query i against the double reference over keys i-W+1..i only
+  const std::vector<double> qd = to_d(q);
+  for (int64_t i = W; i < T; ++i) {
+    const int64_t j0 = i - W + 1;
+    std::vector<double> qs(qd.begin() + i * H * d, qd.begin() + (i + 1) * H * d);
+    std::vector<double> ks, vs;
+    for (int64_t j = j0; j <= i; ++j)
+      for (int64_t e = 0; e < d; ++e) ks.push_back(k[j * d + e]), vs.push_back(v[j * d + e]);
+    // put query i last in a window of W positions: the causal reference sees all W keys
+    std::vector<double> qw(static_cast<size_t>(W * H * d), 0.0);
+    std::copy(qs.begin(), qs.end(), qw.begin() + (W - 1) * H * d);
+    const std::vector<double> r = ref_attn(qw, ks, vs, W, H, KV, d);
+    for (int64_t e = 0; e < H * d; ++e) CHECK(out[i * H * d + e] == doctest::Approx(r[(W - 1) * H * d + e]).epsilon(1e-5));
+  }
+  // a key just outside the window does not matter
+  auto v2 = v;
+  v2[0] += 5.0f;
+  std::vector<float> out2(q.size());
+  causal_attention(q.data(), k.data(), v2.data(), T, H, KV, d, out2.data(), W);
+  for (int64_t i = W * H * d; i < T * H * d; ++i) CHECK(out2[i] == out[i]);
 }
