@@ -421,6 +421,7 @@ TEST_CASE("row-block products give the whole-matrix logits: a BF16 model of seve
                       dora = forward_with(m, dir / "dora", 2, 0);
   CHECK(max_abs_diff(lora.logits, to_d(base.logits)) > 1e-2);
   CHECK(max_abs_diff(dora.logits, to_d(lora.logits)) > 1e-2);
+}
 
 TEST_CASE("causal_attention with a sliding window: key j seen by query i when i - window < j <= i") {
   const int64_t T = 9, H = 2, KV = 1, d = 4, W = 3;
