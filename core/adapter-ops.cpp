@@ -195,15 +195,6 @@ std::string resolve_prefix(const std::string& option, const std::vector<module_d
   return option;
 }
 
-// The first fit problem as an error (exit 3).
-void require_fit(adapter& a, const model_files& base) {
-  fit_report fit = fit_adapter(a, base);
-  if (fit.ok()) return;
-  const fit_problem& p = fit.problems.front();
-  std::string more = fit.problems.size() > 1 ? fmt::format(" (and {} more)", fit.problems.size() - 1) : "";
-  throw errors::invalid(a.weights_path, p.key, p.what + more);
-}
-
 // After fit_adapter, a factor's number of dimensions follows the layer:
 // linear / embedding A [r, in], B [out, r]; conv B [out, r, 1, 1], A 4-D.
 void reshape_to_kind(module_data& m) {
@@ -380,13 +371,17 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base) 
     if (base != nullptr) {
       const tensor_ref* w = base->find_ref(name + ".weight");
       if (w == nullptr)
-        throw errors::invalid(label, la->name, fmt::format("the base has no tensor {}.weight (does the adapter belong to this base model?)", name));
+        throw fit_error(label, base->path,
+                        {{{la->name, fmt::format("the base has no tensor {}.weight", name), fit_issue::no_base_tensor}}});
       const std::vector<int64_t> linear{out, in}, embedding{in, out};
       if (w->info->shape == linear && w->info->shape != embedding) m.kind = module_kind::linear;
       else if (w->info->shape == embedding && w->info->shape != linear) m.kind = module_kind::embedding;
       else if (w->info->shape != linear)
-        throw errors::invalid(label, la->name, fmt::format("base {}.weight is {}, the LoRA makes {} (does the adapter belong to this base model?)",
-                                                           name, shape_string(w->info->shape), shape_string(linear)));
+        throw fit_error(label, base->path,
+                        {{{la->name,
+                           fmt::format("base {}.weight is {}, the LoRA makes {}", name, shape_string(w->info->shape),
+                                       shape_string(linear)),
+                           fit_issue::shape}}});
     }
 
     // transpose: A = lora_a^T [r, in], B = lora_b^T [out, r] (no rounding)

@@ -559,8 +559,9 @@ void check_linear(lora_module& m, const tensor_info& w, const std::optional<std:
   const bool fits_plain = w.shape == plain;
   const bool fits_transposed = w.shape == transposed;
   if (!fits_plain && !fits_transposed) {
-    problems.push_back({m.a.info->name, fmt::format("base {} is {}, the LoRA makes {} (does the adapter belong to this base model?)",
-                                                    m.target, shape_string(w.shape), shape_string(plain))});
+    problems.push_back({m.a.info->name,
+                        fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_string(w.shape), shape_string(plain)),
+                        fit_issue::shape});
     return;
   }
   if (fits_plain != fits_transposed) {
@@ -578,7 +579,8 @@ void check_linear(lora_module& m, const tensor_info& w, const std::optional<std:
     problems.push_back({m.a.info->name,
                         fmt::format("orientation ambiguous: {} is square {}, the name looks like GPT-2 Conv1D (stored [in, out]) "
                                     "but fan_in_fan_out is false and the base has no config.json model_type",
-                                    m.target, shape_string(w.shape))});
+                                    m.target, shape_string(w.shape)),
+                        fit_issue::orientation});
   }
   // otherwise the config's fan_in_fan_out stands
 }
@@ -615,13 +617,15 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
         if (auto it = nested[i].find(key); it != nested[i].end()) found = &it->second;
       }
       if (found == nullptr) {
-        problems.push_back({m.name, fmt::format("no base tensor matches {} (looked for a \"<module>.weight\" whose dots read as "
-                                                "underscores give \"{}\"); does the adapter belong to this base model?",
-                                                m.name, key)});
+        problems.push_back({m.name,
+                            fmt::format("no base tensor matches {} (looked for a \"<module>.weight\" whose dots read as "
+                                        "underscores give \"{}\")", m.name, key),
+                            fit_issue::no_base_tensor});
         continue;
       }
       if (found->size() > 1) {
-        problems.push_back({m.name, fmt::format("ambiguous: matches both {}.weight and {}.weight", (*found)[0], (*found)[1])});
+        problems.push_back({m.name, fmt::format("ambiguous: matches both {}.weight and {}.weight", (*found)[0], (*found)[1]),
+                            fit_issue::ambiguous});
         continue;
       }
       m.name = (*found)[0];
@@ -636,12 +640,13 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
     if (m.target.empty()) continue;
     auto [it, inserted] = claimed.emplace(m.target, m.a.info->name);
     if (!inserted)
-      problems.push_back({m.a.info->name, fmt::format("{} is also the target of {}", m.target, it->second)});
+      problems.push_back({m.a.info->name, fmt::format("{} is also the target of {}", m.target, it->second), fit_issue::conflict});
   }
   for (const saved_tensor& s : a.saved) {
     auto [it, inserted] = claimed.emplace(s.target, s.tensor.info->name);
     if (!inserted)
-      problems.push_back({s.tensor.info->name, fmt::format("replaces {}, which {} also changes", s.target, it->second)});
+      problems.push_back({s.tensor.info->name, fmt::format("replaces {}, which {} also changes", s.target, it->second),
+                          fit_issue::conflict});
   }
 
   // shapes of every module against its base tensor
@@ -649,7 +654,7 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
     if (m.target.empty()) continue;
     const tensor_ref* base_w = base.find_ref(m.target);
     if (base_w == nullptr) {
-      problems.push_back({m.a.info->name, fmt::format("the base has no tensor {} (does the adapter belong to this base model?)", m.target)});
+      problems.push_back({m.a.info->name, fmt::format("the base has no tensor {}", m.target), fit_issue::no_base_tensor});
       continue;
     }
     const tensor_info& w = *base_w->info;
@@ -662,7 +667,8 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
           // a 2-D LoRA on a 1x1 conv: the same bytes as [r, in, 1, 1]
           if (w.shape[0] != out || w.shape[1] != sa[1])
             problems.push_back({m.a.info->name, fmt::format("base {} is {}, the LoRA makes [{}, {}, 1, 1]", m.target,
-                                                            shape_string(w.shape), out, sa[1])});
+                                                            shape_string(w.shape), out, sa[1]),
+                                fit_issue::shape});
           else
             m.kind = module_kind::conv;
         } else {
@@ -677,7 +683,8 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
           check_linear(m, w, model_type, problems);
         } else if (w.shape != want) {
           problems.push_back({m.a.info->name, fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_string(w.shape),
-                                                          shape_string(want))});
+                                                          shape_string(want)),
+                              fit_issue::shape});
         }
         break;
       }
@@ -686,21 +693,25 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
         std::vector<int64_t> want{sa[1], sb[0]};
         if (w.shape != want)
           problems.push_back({m.a.info->name, fmt::format("base {} is {}, the embedding LoRA makes {}", m.target,
-                                                          shape_string(w.shape), shape_string(want))});
+                                                          shape_string(w.shape), shape_string(want)),
+                              fit_issue::shape});
         break;
       }
     }
     if (m.magnitude && static_cast<int64_t>(m.magnitude->info->n_elements) != out)
       problems.push_back({m.magnitude->info->name, fmt::format("DoRA magnitude has {} elements, the delta has {} output features",
-                                                               m.magnitude->info->n_elements, out)});
+                                                               m.magnitude->info->n_elements, out),
+                          fit_issue::inconsistent});
     if (m.bias) {
       const std::string bias_name = m.name + ".bias";
       const tensor_ref* base_b = base.find_ref(bias_name);
       if (base_b == nullptr)
-        problems.push_back({m.bias->info->name, fmt::format("the base has no {} for the lora_B bias", bias_name)});
+        problems.push_back({m.bias->info->name, fmt::format("the base has no {} for the lora_B bias", bias_name),
+                            fit_issue::no_base_tensor});
       else if (base_b->info->shape != m.bias->info->shape)
         problems.push_back({m.bias->info->name, fmt::format("base {} is {}, the lora_B bias is {}", bias_name,
-                                                            shape_string(base_b->info->shape), shape_string(m.bias->info->shape))});
+                                                            shape_string(base_b->info->shape), shape_string(m.bias->info->shape)),
+                            fit_issue::shape});
     }
   }
 
@@ -708,12 +719,46 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
   for (const saved_tensor& s : a.saved) {
     const tensor_ref* base_t = base.find_ref(s.target);
     if (base_t == nullptr)
-      problems.push_back({s.tensor.info->name, fmt::format("the base has no tensor {} to replace", s.target)});
+      problems.push_back({s.tensor.info->name, fmt::format("the base has no tensor {} to replace", s.target),
+                          fit_issue::no_base_tensor});
     else if (base_t->info->shape != s.tensor.info->shape)
       problems.push_back({s.tensor.info->name, fmt::format("base {} is {}, the saved module is {}", s.target,
-                                                           shape_string(base_t->info->shape), shape_string(s.tensor.info->shape))});
+                                                           shape_string(base_t->info->shape), shape_string(s.tensor.info->shape)),
+                          fit_issue::shape});
   }
   return report;
+}
+
+namespace {
+
+// One hint for the whole report, from the kinds of its problems.
+std::string_view fit_hint(const fit_report& report) {
+  auto any = [&](std::initializer_list<fit_issue> kinds) {
+    return std::any_of(report.problems.begin(), report.problems.end(), [&](const fit_problem& p) {
+      return std::find(kinds.begin(), kinds.end(), p.issue) != kinds.end();
+    });
+  };
+  if (any({fit_issue::no_base_tensor, fit_issue::shape})) return "does the adapter belong to this base model?";
+  if (any({fit_issue::orientation}))
+    return "set fan_in_fan_out in adapter_config.json, or give the base a config.json with its model_type";
+  return {};
+}
+
+}  // namespace
+
+error fit_error(const std::string& adapter_path, const std::string& base_path, const fit_report& report) {
+  const size_t n = report.problems.size();
+  if (n == 0) return errors::invalid(adapter_path, "", fmt::format("does not fit {}: no problem was reported", base_path));
+  const fit_problem& first = report.problems.front();
+  std::string what = n == 1 ? fmt::format("does not fit {}: 1 problem: {}: {}", base_path, first.key, first.what)
+                            : fmt::format("does not fit {}: {} problems, first {}: {}", base_path, n, first.key, first.what);
+  if (const std::string_view hint = fit_hint(report); !hint.empty()) what += fmt::format(" ({})", hint);
+  return errors::invalid(adapter_path, "", what);
+}
+
+void require_fit(adapter& a, const model_files& base) {
+  const fit_report report = fit_adapter(a, base);
+  if (!report.ok()) throw fit_error(a.path, base.path, report);
 }
 
 }  // namespace lora

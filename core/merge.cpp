@@ -386,15 +386,7 @@ merge_report merge_model(const merge_options& options) {
   adapters.reserve(options.adapters.size());
   for (const merge_input& in : options.adapters) {
     adapters.push_back(load_adapter(in.path));
-    fit_report fit = fit_adapter(adapters.back(), base);
-    if (!fit.ok()) {
-      const fit_problem& p = fit.problems.front();
-      std::string what = p.what;
-      if (what.find("does the adapter belong") == std::string::npos)
-        what += " (does the adapter belong to this base model?)";
-      if (fit.problems.size() > 1) what += fmt::format(" [and {} more problems]", fit.problems.size() - 1);
-      throw errors::invalid(in.path, p.key, what);
-    }
+    require_fit(adapters.back(), base);
   }
 
   // 3. what happens to each base tensor: contributions in adapter order
@@ -463,8 +455,8 @@ merge_report merge_model(const merge_options& options) {
   // bias target is checked here)
   for (const auto& [target, list] : deltas)
     if (!base.find_ref(target))
-      throw errors::invalid(*list.front().adapter_file, list.front().module->name,
-                            fmt::format("the base has no tensor {} (does the adapter belong to this base model?)", target));
+      throw fit_error(*list.front().adapter_file, base.path,
+                      {{{list.front().module->name, fmt::format("the base has no tensor {}", target), fit_issue::no_base_tensor}}});
   // shapes and dtypes of every module, before anything is written
   for (const tensor_job& job : jobs)
     for (const contribution& c : job.deltas) {

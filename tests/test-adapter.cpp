@@ -774,7 +774,7 @@ TEST_CASE("fit: PEFT linear, embedding, conv, bias, DoRA, modules_to_save fit th
   r = fit_adapter(a, wrong);
   std::string text = problems_text(r);
   CHECK(r.problems.size() == 5);
-  CHECK(has(text, pk("model.q", "lora_A.weight") + ": base model.q.weight is [5, 7], the LoRA makes [5, 6] (does the adapter belong to this base model?)"));
+  CHECK(has(text, pk("model.q", "lora_A.weight") + ": base model.q.weight is [5, 7], the LoRA makes [5, 6]\n"));
   CHECK(has(text, pk("model.q", "lora_B.bias") + ": the base has no model.q.bias for the lora_B bias"));
   CHECK(has(text, "base model.embed.weight is [11, 6], the embedding LoRA makes [10, 6]"));
   CHECK(has(text, "base model.conv.weight is [4, 3, 5, 5], the LoRA makes [4, 3, 3, 3]"));
@@ -786,7 +786,7 @@ TEST_CASE("fit: PEFT linear, embedding, conv, bias, DoRA, modules_to_save fit th
   r = fit_adapter(a, unrelated);
   text = problems_text(r);
   CHECK(r.problems.size() == 4);
-  CHECK(has(text, "the base has no tensor model.q.weight (does the adapter belong to this base model?)"));
+  CHECK(has(text, "the base has no tensor model.q.weight\n"));
   CHECK(has(text, "the base has no tensor score.weight to replace"));
 }
 
@@ -895,7 +895,8 @@ TEST_CASE("fit: kohya names resolved by '.' -> '_' over the base keys") {
     CHECK(has(text, "lora_unet_down_blocks_0_attentions_0_proj_in: ambiguous: matches both "
                     "down_blocks.0.attentions.0.proj_in.weight and down_blocks_0.attentions.0.proj_in.weight"));
     CHECK(has(text, "lora_te_text_model_encoder_layers_0_self_attn_q_proj: no base tensor matches"));
-    CHECK(has(text, "does the adapter belong to this base model?"));
+    CHECK_FALSE(has(text, "does the adapter belong to this base model?"));  // the hint is fit_error's
+    CHECK(has(fit_error("k.safetensors", "amb", r).what(), "(does the adapter belong to this base model?)"));
   }
 }
 
@@ -1012,4 +1013,28 @@ TEST_CASE("the real gradience tiny LoRA loads and fits a synthetic GPT-2 base") 
   CHECK(r2.problems.size() == 6);
   for (const fit_problem& p : r2.problems) CHECK(has(p.what, "orientation ambiguous"));
   CHECK(module_named(b, "transformer.h.0.attn.c_attn").fan_in_fan_out);
+}
+
+TEST_CASE("fit_error: one rendering, the count, the first problem, one hint") {
+  const fit_problem shape{"a.lora_A.weight", "base a.weight is [4, 4], the LoRA makes [4, 5]", fit_issue::shape};
+  const fit_problem gone{"b.lora_A.weight", "the base has no tensor b.weight", fit_issue::no_base_tensor};
+  const fit_problem turn{"c.lora_A.weight", "orientation ambiguous: c.weight is square [6, 6]", fit_issue::orientation};
+  const fit_problem both{"lora_unet_x", "ambiguous: matches both x.weight and x_.weight", fit_issue::ambiguous};
+  const std::string hint = " (does the adapter belong to this base model?)";
+
+  lora::error one = fit_error("ad", "base", {{shape}});
+  CHECK(one.code() == exit_code::invalid_input);
+  CHECK(one.file() == "ad");
+  CHECK(one.tensor().empty());
+  CHECK(one.detail() == "does not fit base: 1 problem: a.lora_A.weight: base a.weight is [4, 4], the LoRA makes [4, 5]" + hint);
+
+  // several problems: the count and the first; the hint once, from any of them
+  lora::error two = fit_error("ad", "base", {{turn, gone}});
+  CHECK(two.detail() == "does not fit base: 2 problems, first c.lora_A.weight: orientation ambiguous: c.weight is square [6, 6]" + hint);
+
+  // an orientation problem alone: its own hint; an ambiguity alone: none
+  CHECK(has(fit_error("ad", "base", {{turn}}).detail(),
+            "(set fan_in_fan_out in adapter_config.json, or give the base a config.json with its model_type)"));
+  CHECK(fit_error("ad", "base", {{both}}).detail() ==
+        "does not fit base: 1 problem: lora_unet_x: ambiguous: matches both x.weight and x_.weight");
 }
