@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "core/adapter-names.h"
 #include "core/delta.h"
 #include "core/dtype.h"
 #include "core/thread-pool.h"
@@ -171,28 +172,6 @@ metadata_map kohya_metadata(const std::optional<metadata_map>& in, const std::ve
   m["ss_network_alpha"] = alphas.size() == 1 ? py_float(*alphas.begin()) : "Dynamic";
   if (!m.count("ss_network_module")) m["ss_network_module"] = "networks.lora";
   return m;
-}
-
-// lora_unet_ for UNet / diffusion-transformer module names, else lora_te_.
-std::string auto_kohya_prefix(const std::vector<module_data>& modules) {
-  static const std::set<std::string> unet_roots = {
-      "down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding",
-      "input_blocks", "middle_block", "output_blocks", "transformer_blocks", "single_transformer_blocks",
-      "time_text_embed", "context_embedder", "x_embedder", "proj_out", "norm_out", "conv_norm_out",
-      "diffusion_model"};
-  for (const module_data& m : modules) {
-    std::string root = m.name.substr(0, m.name.find('.'));
-    if (unet_roots.count(root)) return "lora_unet_";
-  }
-  return "lora_te_";
-}
-
-std::string resolve_prefix(const std::string& option, const std::vector<module_data>& modules) {
-  if (option.empty() || option == "auto") return auto_kohya_prefix(modules);
-  static const std::set<std::string> known = {"lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_"};
-  if (!known.count(option))
-    throw errors::usage(fmt::format("--kohya-prefix {} is not one of auto, lora_unet_, lora_te_, lora_te1_, lora_te2_, lora_te3_", option));
-  return option;
 }
 
 // After fit_adapter, a factor's number of dimensions follows the layer:
@@ -582,7 +561,7 @@ combine_report combine_adapters(const combine_options& o) {
     out.modules.push_back(std::move(md));
     jobs.push_back(parts);
   }
-  if (format == adapter_format::kohya) out.kohya_prefix = resolve_prefix(o.kohya_prefix, out.modules);
+  if (format == adapter_format::kohya) out.kohya_prefix = resolve_kohya_prefix(o.kohya_prefix, sorted_names(out.modules));
   if (format == adapter_format::peft) {
     std::set<std::string> fif;
     for (const auto& parts : jobs) fif.insert(parts.front().module->fan_in_fan_out ? "1" : "0");
@@ -735,7 +714,7 @@ convert_report convert_adapter(const convert_options& o) {
       }
       d.use_rslora = false;
     }
-    d.kohya_prefix = resolve_prefix(o.kohya_prefix, d.modules);
+    d.kohya_prefix = resolve_kohya_prefix(o.kohya_prefix, sorted_names(d.modules));
     d.metadata = kohya_metadata(d.format == adapter_format::kohya ? d.metadata : std::nullopt, d.modules);
   } else {
     d.metadata = metadata_map{{"format", "pt"}};

@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "core/adapter-names.h"
 #include "core/dtype.h"
 #include "core/module-pattern.h"
 #include "formats/error.h"
@@ -40,10 +41,6 @@ double lora_scale(double alpha, int64_t rank, bool rslora) noexcept {
 
 namespace {
 
-constexpr std::string_view peft_prefix = "base_model.model.";
-// sd-scripts: lora.py (unet, te, te1/te2 for SDXL), lora_flux.py / lora_sd3.py
-// (te1 CLIP-L, te2 CLIP-G, te3 T5).
-constexpr std::string_view kohya_prefixes[] = {"lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_"};
 
 std::string shape_string(const std::vector<int64_t>& shape) {
   return fmt::format("[{}]", fmt::join(shape, ", "));
@@ -366,7 +363,7 @@ void load_kohya(adapter& a) {
     bool prefixed = false;
     for (std::string_view p : kohya_prefixes) prefixed = prefixed || (starts_with(key, p) && key.size() > p.size());
     if (!prefixed)
-      throw errors::invalid(label, t.name, "kohya key without a known prefix (lora_unet_, lora_te_, lora_te1_, lora_te2_, lora_te3_)");
+      throw errors::invalid(label, t.name, fmt::format("kohya key without a known prefix ({})", fmt::join(kohya_prefixes, ", ")));
     const tensor_info** slot = nullptr;
     std::string module;
     auto take = [&](std::string_view suffix) {
@@ -520,12 +517,6 @@ bool conv1d_style_name(std::string_view module) {
   size_t dot = module.rfind('.');
   std::string_view last = dot == std::string_view::npos ? module : module.substr(dot + 1);
   return last == "c_attn" || last == "c_proj" || last == "c_fc";
-}
-
-std::string_view kohya_prefix_of(std::string_view name) {
-  for (std::string_view p : kohya_prefixes)
-    if (starts_with(name, p)) return p;
-  return {};
 }
 
 // Single-file checkpoints nest the networks sd-scripts names directly:

@@ -20,6 +20,7 @@
 #include "core/module-pattern.h"
 #include "core/thread-pool.h"
 #include "formats/staged-folder.h"
+#include "core/adapter-names.h"
 #include "core/adapter-write.h"
 #include "formats/adapter-config.h"
 #include "formats/error.h"
@@ -185,16 +186,6 @@ written_factors factorize(std::span<T> delta, int64_t m, int64_t n, const rank_r
                         in_f64 ? "W_tuned - W_base overflows f64 (finite weights of opposite sign near the f64 limit)"
                                : "W_tuned - W_base overflows f32 (finite weights of opposite sign near the f32 limit): "
                                  "--method exact computes the delta in f64");
-}
-
-// sd-scripts prefix: lora_unet_ for a diffusion UNet, lora_te_ otherwise
-// (a text encoder / language model; the convention testdata/ also uses).
-std::string kohya_prefix(const model_files& base) {
-  for (const auto& name : base.tensor_names)
-    if (name.starts_with("down_blocks.") || name.starts_with("up_blocks.") || name.starts_with("mid_block.") ||
-        name.find("diffusion_model.") != std::string::npos)
-      return "lora_unet_";
-  return "lora_te_";
 }
 
 }  // namespace
@@ -371,7 +362,6 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
   // rank per module, so every scale is 1) and writes atomically
   adapter_data data;
   data.format = options.format == extract_format::kohya ? adapter_format::kohya : adapter_format::peft;
-  data.kohya_prefix = kohya_prefix(base);
   data.config.peft_type = "LORA";
   data.config.base_model_name_or_path = options.base;
   std::map<std::string, size_t> module_index;  // module path -> position in data.modules
@@ -400,6 +390,7 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
   }
   factors.clear();
   std::sort(data.config.target_modules.begin(), data.config.target_modules.end());
+  data.kohya_prefix = auto_kohya_prefix(data.config.target_modules);  // the one rule convert uses
 
   // deltas not extracted: the bias of an extracted module becomes lora_B.bias
   // (a delta; lora_bias: true); anything else is saved whole (modules_to_save)
@@ -415,13 +406,13 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
         std::vector<uint8_t> bytes(d.size() * math_dtype_size(type));
         from_f64(type, d, bytes);
         data.modules[it->second].bias = tensor_data{type, rec.shape, std::move(bytes)};
-        rec.saved_as = "base_model.model." + path + ".lora_B.bias";
+        rec.saved_as = std::string(peft_prefix) + path + ".lora_B.bias";
       } else if (it != module_index.end()) {
         continue;  // another tensor of a LoRA module: PEFT cannot also save it whole
       } else {
         const auto bytes = t.data();
         data.saved.push_back({rec.tensor, tensor_data{t.info->type, rec.shape, {bytes.begin(), bytes.end()}}});
-        rec.saved_as = "base_model.model." + rec.tensor;
+        rec.saved_as = std::string(peft_prefix) + rec.tensor;
         modules_to_save.insert(path);
       }
     }
