@@ -29,8 +29,6 @@ struct inspect_options {
   bool json = false;
 };
 
-std::string shape_text(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
-
 // "12,345"
 std::string grouped(uint64_t n) {
   std::string digits = std::to_string(n), out;

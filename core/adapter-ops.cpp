@@ -31,8 +31,6 @@ bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
 }
 
-std::string shape_string(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
-
 int64_t n_elements(const std::vector<int64_t>& shape) {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
@@ -328,11 +326,11 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base) 
     if (la->shape.size() != 2 || lb->shape.size() != 2)
       throw errors::invalid(label, la->name,
                             fmt::format("lora_a {} and lora_b {}: expected [in, r] and [r, out] (switch / MoE LoRA is not converted)",
-                                        shape_string(la->shape), shape_string(lb->shape)));
+                                        shape_text(la->shape), shape_text(lb->shape)));
     const int64_t in = la->shape[0], r = la->shape[1], out = lb->shape[1];
     if (lb->shape[0] != r)
       throw errors::invalid(label, lb->name, fmt::format("rank disagrees: lora_a is {} (rank {}), lora_b is {} (rank {})",
-                                                         shape_string(la->shape), r, shape_string(lb->shape), lb->shape[0]));
+                                                         shape_text(la->shape), r, shape_text(lb->shape), lb->shape[0]));
     if (r <= 0) throw errors::invalid(label, la->name, "rank 0");
     if (cfg.rank && *cfg.rank != r)
       throw errors::invalid(label, la->name,
@@ -358,8 +356,8 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base) 
       else if (w->info->shape != linear)
         throw fit_error(label, base->path,
                         {{{la->name,
-                           fmt::format("base {}.weight is {}, the LoRA makes {}", name, shape_string(w->info->shape),
-                                       shape_string(linear)),
+                           fmt::format("base {}.weight is {}, the LoRA makes {}", name, shape_text(w->info->shape),
+                                       shape_text(linear)),
                            fit_issue::shape}}});
     }
 
@@ -381,7 +379,7 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base) 
     m.b = transpose(f, *lb);
     m.rank = r;
     // scale = alpha / r with alpha = scale * r
-    m.alpha = cfg.scale * static_cast<double>(r);
+    m.alpha = alpha_for_scale(cfg.scale, r, false);
     d.modules.push_back(std::move(m));
   }
   d.config.peft_type = "LORA";
@@ -424,7 +422,7 @@ resize_report resize_adapter(const resize_options& o) {
       // nothing dropped: the factors stay as they are, bytes and all (new
       // factors would be rounded again to a 16-bit dtype), and so does the
       // scale, as alpha = s r (rsLoRA is off in the output)
-      md.alpha = scale * static_cast<double>(k);
+      md.alpha = alpha_for_scale(scale, k, false);
       if (!std::isfinite(md.alpha))
         throw errors::invalid(file, md.name, fmt::format("the new alpha = s * r = {:.3g} * {} overflows f64", scale, k));
       // the written delta is s' B A, s' = alpha / r: off by |s' - s| / |s| (an ulp at most)
@@ -546,9 +544,9 @@ combine_report combine_adapters(const combine_options& o) {
       if (!same)
         throw errors::invalid(ins[p.adapter].weights_path, m.a.info->name,
                               fmt::format("module {} cannot be combined: {} {} with B {} here, {} {} with B {} in {}{}", name,
-                                          module_kind_name(m.kind), shape_string(m.a.info->shape),
-                                          shape_string(m.b.info->shape), module_kind_name(first.kind),
-                                          shape_string(first.a.info->shape), shape_string(first.b.info->shape),
+                                          module_kind_name(m.kind), shape_text(m.a.info->shape),
+                                          shape_text(m.b.info->shape), module_kind_name(first.kind),
+                                          shape_text(first.a.info->shape), shape_text(first.b.info->shape),
                                           fa.weights_path, m.fan_in_fan_out != first.fan_in_fan_out ? " (fan_in_fan_out differs)" : ""));
     }
     module_data md;
@@ -708,7 +706,7 @@ convert_report convert_adapter(const convert_options& o) {
     if (d.use_rslora) {
       // kohya s = alpha / r: alpha = s * r with s = alpha_peft / sqrt(r)
       for (module_data& m : d.modules) {
-        m.alpha = lora_scale(m.alpha, m.rank, true) * static_cast<double>(m.rank);
+        m.alpha = alpha_for_scale(lora_scale(m.alpha, m.rank, true), m.rank, false);
         if (!std::isfinite(m.alpha))
           throw errors::invalid(o.adapter, m.name, fmt::format("the kohya alpha = s * r (rsLoRA) overflows f64 at rank {}", m.rank));
       }

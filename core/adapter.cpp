@@ -39,12 +39,14 @@ double lora_scale(double alpha, int64_t rank, bool rslora) noexcept {
   return rslora ? alpha / std::sqrt(r) : alpha / r;
 }
 
+// alpha = s * r (LoRA), s * sqrt(r) (rsLoRA).
+double alpha_for_scale(double scale, int64_t rank, bool rslora) noexcept {
+  const double r = static_cast<double>(rank);
+  return rslora ? scale * std::sqrt(r) : scale * r;
+}
+
 namespace {
 
-
-std::string shape_string(const std::vector<int64_t>& shape) {
-  return fmt::format("[{}]", fmt::join(shape, ", "));
-}
 
 bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
@@ -265,16 +267,16 @@ void load_peft(adapter& a, const std::string& config_label) {
     if (sa.size() == 4 && m.kind == module_kind::linear) {
       if (sb.size() != 4 || sb[2] != 1 || sb[3] != 1)
         throw errors::invalid(label, tb->name, fmt::format("conv lora_B must be [out, r, 1, 1], found {} (lora_A is {})",
-                                                           shape_string(sb), shape_string(sa)));
+                                                           shape_text(sb), shape_text(sa)));
       m.kind = module_kind::conv;
     } else if (sa.size() != 2 || sb.size() != 2) {
       throw errors::invalid(label, ta->name,
                             fmt::format("unsupported shapes {} and {}: expected A [r, in] and B [out, r] (or 4-D conv)",
-                                        shape_string(sa), shape_string(sb)));
+                                        shape_text(sa), shape_text(sb)));
     }
     if (sa[0] != sb[1])
       throw errors::invalid(label, tb->name, fmt::format("rank disagrees: {} is {} (rank {}), {} is {} (rank {})",
-                                                         ta->name, shape_string(sa), sa[0], tb->name, shape_string(sb), sb[1]));
+                                                         ta->name, shape_text(sa), sa[0], tb->name, shape_text(sb), sb[1]));
     if (sa[0] <= 0) throw errors::invalid(label, ta->name, "rank 0");
     m.rank = sa[0];
     m.a = {&f, ta};
@@ -310,7 +312,7 @@ void load_peft(adapter& a, const std::string& config_label) {
       for (int64_t dim : mag->shape) n_big += dim != 1;
       const bool ok = static_cast<int64_t>(mag->n_elements) == want && n_big <= 1 && !mag->shape.empty();
       if (!ok)
-        throw errors::shape_mismatch(label, mag->name, fmt::format("[{}]", want), shape_string(mag->shape));
+        throw errors::shape_mismatch(label, mag->name, fmt::format("[{}]", want), shape_text(mag->shape));
       m.magnitude = tensor_ref{&f, mag};
       m.dora = true;
     } else if (config.use_dora) {
@@ -325,7 +327,7 @@ void load_peft(adapter& a, const std::string& config_label) {
       if (m.kind == module_kind::embedding)
         throw errors::invalid(label, bias->name, "a bias on an embedding LoRA");
       if (bias->shape.size() != 1 || bias->shape[0] != sb[0])
-        throw errors::shape_mismatch(label, bias->name, fmt::format("[{}]", sb[0]), shape_string(bias->shape));
+        throw errors::shape_mismatch(label, bias->name, fmt::format("[{}]", sb[0]), shape_text(bias->shape));
       m.bias = tensor_ref{&f, bias};
     }
     a.modules.push_back(std::move(m));
@@ -338,7 +340,7 @@ void load_peft(adapter& a, const std::string& config_label) {
 // alpha is a scalar of any float dtype.
 double read_alpha(const safetensors_file& f, const tensor_info& t) {
   if (t.n_elements != 1)
-    throw errors::invalid(f.path(), t.name, fmt::format("alpha must be a scalar, found shape {}", shape_string(t.shape)));
+    throw errors::invalid(f.path(), t.name, fmt::format("alpha must be a scalar, found shape {}", shape_text(t.shape)));
   if (!dtype_is_math(t.type))
     throw errors::invalid(f.path(), t.name, fmt::format("alpha must be a float, found dtype {}", dtype_name(t.type)));
   double v = 0;
@@ -400,11 +402,11 @@ void load_kohya(adapter& a) {
       throw errors::invalid(label, p.down->name,
                             fmt::format("unsupported shapes: lora_down {}, lora_up {} (expected [r, in] and [out, r], "
                                         "or [r, in, kh, kw] and [out, r, 1, 1])",
-                                        shape_string(sd), shape_string(su)));
+                                        shape_text(sd), shape_text(su)));
     }
     if (sd[0] != su[1])
       throw errors::invalid(label, p.up->name, fmt::format("rank disagrees: lora_down is {} (rank {}), lora_up is {} (rank {})",
-                                                           shape_string(sd), sd[0], shape_string(su), su[1]));
+                                                           shape_text(sd), sd[0], shape_text(su), su[1]));
     if (sd[0] <= 0) throw errors::invalid(label, p.down->name, "rank 0");
     m.rank = sd[0];
     m.a = {&f, p.down};
@@ -551,7 +553,7 @@ void check_linear(lora_module& m, const tensor_info& w, const std::optional<std:
   const bool fits_transposed = w.shape == transposed;
   if (!fits_plain && !fits_transposed) {
     problems.push_back({m.a.info->name,
-                        fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_string(w.shape), shape_string(plain)),
+                        fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_text(w.shape), shape_text(plain)),
                         fit_issue::shape});
     return;
   }
@@ -570,7 +572,7 @@ void check_linear(lora_module& m, const tensor_info& w, const std::optional<std:
     problems.push_back({m.a.info->name,
                         fmt::format("orientation ambiguous: {} is square {}, the name looks like GPT-2 Conv1D (stored [in, out]) "
                                     "but fan_in_fan_out is false and the base has no config.json model_type",
-                                    m.target, shape_string(w.shape)),
+                                    m.target, shape_text(w.shape)),
                         fit_issue::orientation});
   }
   // otherwise the config's fan_in_fan_out stands
@@ -658,7 +660,7 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
           // a 2-D LoRA on a 1x1 conv: the same bytes as [r, in, 1, 1]
           if (w.shape[0] != out || w.shape[1] != sa[1])
             problems.push_back({m.a.info->name, fmt::format("base {} is {}, the LoRA makes [{}, {}, 1, 1]", m.target,
-                                                            shape_string(w.shape), out, sa[1]),
+                                                            shape_text(w.shape), out, sa[1]),
                                 fit_issue::shape});
           else
             m.kind = module_kind::conv;
@@ -673,8 +675,8 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
           m.kind = module_kind::linear;
           check_linear(m, w, model_type, problems);
         } else if (w.shape != want) {
-          problems.push_back({m.a.info->name, fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_string(w.shape),
-                                                          shape_string(want)),
+          problems.push_back({m.a.info->name, fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_text(w.shape),
+                                                          shape_text(want)),
                               fit_issue::shape});
         }
         break;
@@ -684,7 +686,7 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
         std::vector<int64_t> want{sa[1], sb[0]};
         if (w.shape != want)
           problems.push_back({m.a.info->name, fmt::format("base {} is {}, the embedding LoRA makes {}", m.target,
-                                                          shape_string(w.shape), shape_string(want)),
+                                                          shape_text(w.shape), shape_text(want)),
                               fit_issue::shape});
         break;
       }
@@ -701,7 +703,7 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
                             fit_issue::no_base_tensor});
       else if (base_b->info->shape != m.bias->info->shape)
         problems.push_back({m.bias->info->name, fmt::format("base {} is {}, the lora_B bias is {}", bias_name,
-                                                            shape_string(base_b->info->shape), shape_string(m.bias->info->shape)),
+                                                            shape_text(base_b->info->shape), shape_text(m.bias->info->shape)),
                             fit_issue::shape});
     }
   }
@@ -714,7 +716,7 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
                           fit_issue::no_base_tensor});
     else if (base_t->info->shape != s.tensor.info->shape)
       problems.push_back({s.tensor.info->name, fmt::format("base {} is {}, the saved module is {}", s.target,
-                                                           shape_string(base_t->info->shape), shape_string(s.tensor.info->shape)),
+                                                           shape_text(base_t->info->shape), shape_text(s.tensor.info->shape)),
                           fit_issue::shape});
   }
   return report;

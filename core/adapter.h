@@ -90,6 +90,11 @@ file_classification classify_tensors(const std::vector<std::string>& names);
 // The scale of one module: alpha / r, or alpha / sqrt(r) with rsLoRA.
 double lora_scale(double alpha, int64_t rank, bool rslora) noexcept;
 
+// The inverse of lora_scale: the alpha that gives `scale` at `rank`,
+// scale * r, or scale * sqrt(r) with rsLoRA. May be inf when the product
+// overflows: callers check. Pure (resize, combine and convert write it).
+double alpha_for_scale(double scale, int64_t rank, bool rslora) noexcept;
+
 // Loads a PEFT folder (adapter_config.json + adapter_model.safetensors), a
 // PEFT .safetensors file with its config beside it, or a kohya single file.
 // Throws lora::error (exit 3) naming the key: a missing half, a rank that

@@ -18,6 +18,7 @@
 #include "core/blas.h"
 #include "core/dtype.h"
 #include "core/module-pattern.h"
+#include "core/scratch.h"
 #include "core/thread-pool.h"
 #include "formats/staged-folder.h"
 #include "core/adapter-names.h"
@@ -30,39 +31,6 @@
 namespace lora {
 
 namespace {
-
-bool is_math(dtype t) { return t == dtype::F16 || t == dtype::BF16 || t == dtype::F32 || t == dtype::F64; }
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-  return fmt::format("[{}]", fmt::join(shape, ", "));
-}
-
-// FNV-1a: mixes a module's name into the seed, so a module's result does not
-// depend on which other modules are extracted.
-uint64_t fnv1a(std::string_view s) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
-  return h;
-}
-
-// A buffer reused from module to module: allocated once at the largest size,
-// never zero-filled (a fresh std::vector per module spent more time in memset
-// and page faults than the SVD).
-template <class T>
-class scratch {
- public:
-  std::span<T> get(size_t n) {
-    if (n > capacity_) {
-      data_.reset(new T[n]);
-      capacity_ = n;
-    }
-    return {data_.get(), n};
-  }
-
- private:
-  std::unique_ptr<T[]> data_;
-  size_t capacity_ = 0;
-};
 
 // dW = W_tuned - W_base into `out`, in T (f32 for the randomized path, f64 for
 // exact), converted through core/dtype in cache-sized chunks.
@@ -255,7 +223,7 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
       ++report.n_unchanged;
       continue;
     }
-    if (!is_math(b.info->type) || !is_math(t.info->type))
+    if (!dtype_is_math(b.info->type) || !dtype_is_math(t.info->type))
       throw errors::invalid(tuned.path, name,
                             fmt::format("differs from the base, and {} and {} cannot be subtracted",
                                         dtype_name(b.info->type), dtype_name(t.info->type)));
@@ -309,7 +277,7 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
     rec.cols = n;
     const dtype type = options.out_dtype.value_or(j.base.info->type);
     svd_options svd_opts = options.svd;
-    svd_opts.seed = options.svd.seed ^ fnv1a(j.path);
+    svd_opts.seed = options.svd.seed ^ fnv1a64(j.path);  // independent of which other modules run
     written_factors f;
     bool zero = false;
     auto run = [&](auto delta) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/adapter.h"
+#include "core/adapter-names.h"
 #include "core/dtype.h"
 #include "formats/error.h"
 #include "formats/safetensors.h"
@@ -1037,4 +1038,25 @@ TEST_CASE("fit_error: one rendering, the count, the first problem, one hint") {
             "(set fan_in_fan_out in adapter_config.json, or give the base a config.json with its model_type)"));
   CHECK(fit_error("ad", "base", {{both}}).detail() ==
         "does not fit base: 1 problem: lora_unet_x: ambiguous: matches both x.weight and x_.weight");
+}
+
+TEST_CASE("alpha_for_scale inverts lora_scale") {
+  CHECK(alpha_for_scale(0.5, 8, false) == 4.0);
+  CHECK(alpha_for_scale(2.0, 16, true) == 8.0);
+  for (bool rs : {false, true})
+    for (int64_t r : {1, 3, 64}) CHECK(lora_scale(alpha_for_scale(1.25, r, rs), r, rs) == doctest::Approx(1.25).epsilon(1e-15));
+}
+
+TEST_CASE("kohya names: one prefix rule for extract and convert") {
+  CHECK(auto_kohya_prefix({"transformer_blocks.0.attn.to_q"}) == "lora_unet_");
+  CHECK(auto_kohya_prefix({"model.diffusion_model.input_blocks.1.1.proj_in"}) == "lora_unet_");
+  CHECK(auto_kohya_prefix({"text_model.encoder.layers.0.self_attn.q_proj", "down_blocks.0.resnets.0.conv1"}) == "lora_unet_");
+  CHECK(auto_kohya_prefix({"model.layers.0.self_attn.q_proj"}) == "lora_te_");
+  CHECK(resolve_kohya_prefix("lora_te2_", {"transformer_blocks.0.x"}) == "lora_te2_");
+  CHECK_THROWS_WITH(resolve_kohya_prefix("lora_x_", {}),
+                    doctest::Contains("--kohya-prefix lora_x_ is not one of auto, lora_unet_, lora_te_, lora_te1_, lora_te2_, lora_te3_"));
+  CHECK(kohya_module_name("transformer_blocks.0.attn.to_q", "lora_unet_") == "lora_unet_transformer_blocks_0_attn_to_q");
+  CHECK(kohya_module_name("lora_te1_text_model_q", "lora_unet_") == "lora_te1_text_model_q");
+  CHECK(kohya_prefix_of("lora_te1_x") == "lora_te1_");
+  CHECK(kohya_prefix_of("lora_tex") == "");
 }
