@@ -29,8 +29,6 @@ struct inspect_options {
   bool json = false;
 };
 
-std::string shape_text(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
-
 // "12,345"
 std::string grouped(uint64_t n) {
   std::string digits = std::to_string(n), out;
@@ -279,13 +277,7 @@ int run_inspect(const inspect_options& o) {
     print_report(r);
   std::fflush(stdout);
 
-  if (r.fit && !r.fit->ok()) {
-    const fit_problem& first = r.fit->problems.front();
-    throw errors::invalid(o.path, "",
-                          fmt::format("does not fit {}: {} problem{} (first: {}: {})", r.base_path,
-                                      r.fit->problems.size(), r.fit->problems.size() == 1 ? "" : "s", first.key,
-                                      first.what));
-  }
+  if (r.fit && !r.fit->ok()) throw fit_error(o.path, r.base_path, *r.fit);
   return static_cast<int>(exit_code::ok);
 }
 

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "core/adapter-names.h"
 #include "core/delta.h"
 #include "core/dtype.h"
 #include "core/thread-pool.h"
@@ -29,8 +30,6 @@ using const_map = Eigen::Map<const mat>;
 bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
 }
-
-std::string shape_string(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
 
 int64_t n_elements(const std::vector<int64_t>& shape) {
   int64_t n = 1;
@@ -171,37 +170,6 @@ metadata_map kohya_metadata(const std::optional<metadata_map>& in, const std::ve
   m["ss_network_alpha"] = alphas.size() == 1 ? py_float(*alphas.begin()) : "Dynamic";
   if (!m.count("ss_network_module")) m["ss_network_module"] = "networks.lora";
   return m;
-}
-
-// lora_unet_ for UNet / diffusion-transformer module names, else lora_te_.
-std::string auto_kohya_prefix(const std::vector<module_data>& modules) {
-  static const std::set<std::string> unet_roots = {
-      "down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding",
-      "input_blocks", "middle_block", "output_blocks", "transformer_blocks", "single_transformer_blocks",
-      "time_text_embed", "context_embedder", "x_embedder", "proj_out", "norm_out", "conv_norm_out",
-      "diffusion_model"};
-  for (const module_data& m : modules) {
-    std::string root = m.name.substr(0, m.name.find('.'));
-    if (unet_roots.count(root)) return "lora_unet_";
-  }
-  return "lora_te_";
-}
-
-std::string resolve_prefix(const std::string& option, const std::vector<module_data>& modules) {
-  if (option.empty() || option == "auto") return auto_kohya_prefix(modules);
-  static const std::set<std::string> known = {"lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_"};
-  if (!known.count(option))
-    throw errors::usage(fmt::format("--kohya-prefix {} is not one of auto, lora_unet_, lora_te_, lora_te1_, lora_te2_, lora_te3_", option));
-  return option;
-}
-
-// The first fit problem as an error (exit 3).
-void require_fit(adapter& a, const model_files& base) {
-  fit_report fit = fit_adapter(a, base);
-  if (fit.ok()) return;
-  const fit_problem& p = fit.problems.front();
-  std::string more = fit.problems.size() > 1 ? fmt::format(" (and {} more)", fit.problems.size() - 1) : "";
-  throw errors::invalid(a.weights_path, p.key, p.what + more);
 }
 
 // After fit_adapter, a factor's number of dimensions follows the layer:
@@ -358,11 +326,11 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base) 
     if (la->shape.size() != 2 || lb->shape.size() != 2)
       throw errors::invalid(label, la->name,
                             fmt::format("lora_a {} and lora_b {}: expected [in, r] and [r, out] (switch / MoE LoRA is not converted)",
-                                        shape_string(la->shape), shape_string(lb->shape)));
+                                        shape_text(la->shape), shape_text(lb->shape)));
     const int64_t in = la->shape[0], r = la->shape[1], out = lb->shape[1];
     if (lb->shape[0] != r)
       throw errors::invalid(label, lb->name, fmt::format("rank disagrees: lora_a is {} (rank {}), lora_b is {} (rank {})",
-                                                         shape_string(la->shape), r, shape_string(lb->shape), lb->shape[0]));
+                                                         shape_text(la->shape), r, shape_text(lb->shape), lb->shape[0]));
     if (r <= 0) throw errors::invalid(label, la->name, "rank 0");
     if (cfg.rank && *cfg.rank != r)
       throw errors::invalid(label, la->name,
@@ -380,13 +348,17 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base) 
     if (base != nullptr) {
       const tensor_ref* w = base->find_ref(name + ".weight");
       if (w == nullptr)
-        throw errors::invalid(label, la->name, fmt::format("the base has no tensor {}.weight (does the adapter belong to this base model?)", name));
+        throw fit_error(label, base->path,
+                        {{{la->name, fmt::format("the base has no tensor {}.weight", name), fit_issue::no_base_tensor}}});
       const std::vector<int64_t> linear{out, in}, embedding{in, out};
       if (w->info->shape == linear && w->info->shape != embedding) m.kind = module_kind::linear;
       else if (w->info->shape == embedding && w->info->shape != linear) m.kind = module_kind::embedding;
       else if (w->info->shape != linear)
-        throw errors::invalid(label, la->name, fmt::format("base {}.weight is {}, the LoRA makes {} (does the adapter belong to this base model?)",
-                                                           name, shape_string(w->info->shape), shape_string(linear)));
+        throw fit_error(label, base->path,
+                        {{{la->name,
+                           fmt::format("base {}.weight is {}, the LoRA makes {}", name, shape_text(w->info->shape),
+                                       shape_text(linear)),
+                           fit_issue::shape}}});
     }
 
     // transpose: A = lora_a^T [r, in], B = lora_b^T [out, r] (no rounding)
@@ -407,7 +379,7 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base) 
     m.b = transpose(f, *lb);
     m.rank = r;
     // scale = alpha / r with alpha = scale * r
-    m.alpha = cfg.scale * static_cast<double>(r);
+    m.alpha = alpha_for_scale(cfg.scale, r, false);
     d.modules.push_back(std::move(m));
   }
   d.config.peft_type = "LORA";
@@ -450,7 +422,7 @@ resize_report resize_adapter(const resize_options& o) {
       // nothing dropped: the factors stay as they are, bytes and all (new
       // factors would be rounded again to a 16-bit dtype), and so does the
       // scale, as alpha = s r (rsLoRA is off in the output)
-      md.alpha = scale * static_cast<double>(k);
+      md.alpha = alpha_for_scale(scale, k, false);
       if (!std::isfinite(md.alpha))
         throw errors::invalid(file, md.name, fmt::format("the new alpha = s * r = {:.3g} * {} overflows f64", scale, k));
       // the written delta is s' B A, s' = alpha / r: off by |s' - s| / |s| (an ulp at most)
@@ -572,9 +544,9 @@ combine_report combine_adapters(const combine_options& o) {
       if (!same)
         throw errors::invalid(ins[p.adapter].weights_path, m.a.info->name,
                               fmt::format("module {} cannot be combined: {} {} with B {} here, {} {} with B {} in {}{}", name,
-                                          module_kind_name(m.kind), shape_string(m.a.info->shape),
-                                          shape_string(m.b.info->shape), module_kind_name(first.kind),
-                                          shape_string(first.a.info->shape), shape_string(first.b.info->shape),
+                                          module_kind_name(m.kind), shape_text(m.a.info->shape),
+                                          shape_text(m.b.info->shape), module_kind_name(first.kind),
+                                          shape_text(first.a.info->shape), shape_text(first.b.info->shape),
                                           fa.weights_path, m.fan_in_fan_out != first.fan_in_fan_out ? " (fan_in_fan_out differs)" : ""));
     }
     module_data md;
@@ -587,7 +559,7 @@ combine_report combine_adapters(const combine_options& o) {
     out.modules.push_back(std::move(md));
     jobs.push_back(parts);
   }
-  if (format == adapter_format::kohya) out.kohya_prefix = resolve_prefix(o.kohya_prefix, out.modules);
+  if (format == adapter_format::kohya) out.kohya_prefix = resolve_kohya_prefix(o.kohya_prefix, sorted_names(out.modules));
   if (format == adapter_format::peft) {
     std::set<std::string> fif;
     for (const auto& parts : jobs) fif.insert(parts.front().module->fan_in_fan_out ? "1" : "0");
@@ -734,13 +706,13 @@ convert_report convert_adapter(const convert_options& o) {
     if (d.use_rslora) {
       // kohya s = alpha / r: alpha = s * r with s = alpha_peft / sqrt(r)
       for (module_data& m : d.modules) {
-        m.alpha = lora_scale(m.alpha, m.rank, true) * static_cast<double>(m.rank);
+        m.alpha = alpha_for_scale(lora_scale(m.alpha, m.rank, true), m.rank, false);
         if (!std::isfinite(m.alpha))
           throw errors::invalid(o.adapter, m.name, fmt::format("the kohya alpha = s * r (rsLoRA) overflows f64 at rank {}", m.rank));
       }
       d.use_rslora = false;
     }
-    d.kohya_prefix = resolve_prefix(o.kohya_prefix, d.modules);
+    d.kohya_prefix = resolve_kohya_prefix(o.kohya_prefix, sorted_names(d.modules));
     d.metadata = kohya_metadata(d.format == adapter_format::kohya ? d.metadata : std::nullopt, d.modules);
   } else {
     d.metadata = metadata_map{{"format", "pt"}};

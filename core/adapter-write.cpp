@@ -16,6 +16,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "core/adapter-names.h"
 #include "formats/error.h"
 #include "formats/staged-folder.h"
 
@@ -24,11 +25,6 @@ namespace lora {
 namespace fs = std::filesystem;
 
 namespace {
-
-constexpr std::string_view kohya_prefixes[] = {"lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_"};
-constexpr std::string_view peft_prefix = "base_model.model.";
-
-bool starts_with(std::string_view s, std::string_view p) { return s.substr(0, p.size()) == p; }
 
 // The most common value; ties go to the smaller one.
 template <typename T>
@@ -146,14 +142,6 @@ bool config_reads_back(const adapter_data& data, const std::string& folder) {
 }
 
 }  // namespace
-
-std::string kohya_module_name(const std::string& name, const std::string& prefix) {
-  for (std::string_view p : kohya_prefixes)
-    if (starts_with(name, p)) return name;
-  std::string out = prefix + name;
-  std::replace(out.begin() + static_cast<std::ptrdiff_t>(prefix.size()), out.end(), '.', '_');
-  return out;
-}
 
 peft_config make_peft_config(const adapter_data& data) {
   peft_config c = data.config;

@@ -61,11 +61,6 @@ struct adapter_data {
   std::optional<metadata_map> metadata;  // written as the file's __metadata__
 };
 
-// The kohya name of a dotted module path: prefix + path with '.' read as '_'
-// ("lora_unet_" + "down_blocks.0.attentions.0.proj_in"). A name that already
-// starts with a kohya prefix (lora_unet_, lora_te_, lora_te1_..3_) is kept.
-std::string kohya_module_name(const std::string& name, const std::string& prefix);
-
 // The PEFT config for these modules: r = the most common rank, lora_alpha =
 // the most common alpha (ties: the smaller), rank_pattern / alpha_pattern =
 // {module path: value} for every module that differs; the other fields from

@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "core/adapter-names.h"
 #include "core/dtype.h"
 #include "core/module-pattern.h"
 #include "formats/error.h"
@@ -38,16 +39,14 @@ double lora_scale(double alpha, int64_t rank, bool rslora) noexcept {
   return rslora ? alpha / std::sqrt(r) : alpha / r;
 }
 
+// alpha = s * r (LoRA), s * sqrt(r) (rsLoRA).
+double alpha_for_scale(double scale, int64_t rank, bool rslora) noexcept {
+  const double r = static_cast<double>(rank);
+  return rslora ? scale * std::sqrt(r) : scale * r;
+}
+
 namespace {
 
-constexpr std::string_view peft_prefix = "base_model.model.";
-// sd-scripts: lora.py (unet, te, te1/te2 for SDXL), lora_flux.py / lora_sd3.py
-// (te1 CLIP-L, te2 CLIP-G, te3 T5).
-constexpr std::string_view kohya_prefixes[] = {"lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_"};
-
-std::string shape_string(const std::vector<int64_t>& shape) {
-  return fmt::format("[{}]", fmt::join(shape, ", "));
-}
 
 bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
@@ -268,16 +267,16 @@ void load_peft(adapter& a, const std::string& config_label) {
     if (sa.size() == 4 && m.kind == module_kind::linear) {
       if (sb.size() != 4 || sb[2] != 1 || sb[3] != 1)
         throw errors::invalid(label, tb->name, fmt::format("conv lora_B must be [out, r, 1, 1], found {} (lora_A is {})",
-                                                           shape_string(sb), shape_string(sa)));
+                                                           shape_text(sb), shape_text(sa)));
       m.kind = module_kind::conv;
     } else if (sa.size() != 2 || sb.size() != 2) {
       throw errors::invalid(label, ta->name,
                             fmt::format("unsupported shapes {} and {}: expected A [r, in] and B [out, r] (or 4-D conv)",
-                                        shape_string(sa), shape_string(sb)));
+                                        shape_text(sa), shape_text(sb)));
     }
     if (sa[0] != sb[1])
       throw errors::invalid(label, tb->name, fmt::format("rank disagrees: {} is {} (rank {}), {} is {} (rank {})",
-                                                         ta->name, shape_string(sa), sa[0], tb->name, shape_string(sb), sb[1]));
+                                                         ta->name, shape_text(sa), sa[0], tb->name, shape_text(sb), sb[1]));
     if (sa[0] <= 0) throw errors::invalid(label, ta->name, "rank 0");
     m.rank = sa[0];
     m.a = {&f, ta};
@@ -313,7 +312,7 @@ void load_peft(adapter& a, const std::string& config_label) {
       for (int64_t dim : mag->shape) n_big += dim != 1;
       const bool ok = static_cast<int64_t>(mag->n_elements) == want && n_big <= 1 && !mag->shape.empty();
       if (!ok)
-        throw errors::shape_mismatch(label, mag->name, fmt::format("[{}]", want), shape_string(mag->shape));
+        throw errors::shape_mismatch(label, mag->name, fmt::format("[{}]", want), shape_text(mag->shape));
       m.magnitude = tensor_ref{&f, mag};
       m.dora = true;
     } else if (config.use_dora) {
@@ -328,7 +327,7 @@ void load_peft(adapter& a, const std::string& config_label) {
       if (m.kind == module_kind::embedding)
         throw errors::invalid(label, bias->name, "a bias on an embedding LoRA");
       if (bias->shape.size() != 1 || bias->shape[0] != sb[0])
-        throw errors::shape_mismatch(label, bias->name, fmt::format("[{}]", sb[0]), shape_string(bias->shape));
+        throw errors::shape_mismatch(label, bias->name, fmt::format("[{}]", sb[0]), shape_text(bias->shape));
       m.bias = tensor_ref{&f, bias};
     }
     a.modules.push_back(std::move(m));
@@ -341,7 +340,7 @@ void load_peft(adapter& a, const std::string& config_label) {
 // alpha is a scalar of any float dtype.
 double read_alpha(const safetensors_file& f, const tensor_info& t) {
   if (t.n_elements != 1)
-    throw errors::invalid(f.path(), t.name, fmt::format("alpha must be a scalar, found shape {}", shape_string(t.shape)));
+    throw errors::invalid(f.path(), t.name, fmt::format("alpha must be a scalar, found shape {}", shape_text(t.shape)));
   if (!dtype_is_math(t.type))
     throw errors::invalid(f.path(), t.name, fmt::format("alpha must be a float, found dtype {}", dtype_name(t.type)));
   double v = 0;
@@ -366,7 +365,7 @@ void load_kohya(adapter& a) {
     bool prefixed = false;
     for (std::string_view p : kohya_prefixes) prefixed = prefixed || (starts_with(key, p) && key.size() > p.size());
     if (!prefixed)
-      throw errors::invalid(label, t.name, "kohya key without a known prefix (lora_unet_, lora_te_, lora_te1_, lora_te2_, lora_te3_)");
+      throw errors::invalid(label, t.name, fmt::format("kohya key without a known prefix ({})", fmt::join(kohya_prefixes, ", ")));
     const tensor_info** slot = nullptr;
     std::string module;
     auto take = [&](std::string_view suffix) {
@@ -403,11 +402,11 @@ void load_kohya(adapter& a) {
       throw errors::invalid(label, p.down->name,
                             fmt::format("unsupported shapes: lora_down {}, lora_up {} (expected [r, in] and [out, r], "
                                         "or [r, in, kh, kw] and [out, r, 1, 1])",
-                                        shape_string(sd), shape_string(su)));
+                                        shape_text(sd), shape_text(su)));
     }
     if (sd[0] != su[1])
       throw errors::invalid(label, p.up->name, fmt::format("rank disagrees: lora_down is {} (rank {}), lora_up is {} (rank {})",
-                                                           shape_string(sd), sd[0], shape_string(su), su[1]));
+                                                           shape_text(sd), sd[0], shape_text(su), su[1]));
     if (sd[0] <= 0) throw errors::invalid(label, p.down->name, "rank 0");
     m.rank = sd[0];
     m.a = {&f, p.down};
@@ -522,12 +521,6 @@ bool conv1d_style_name(std::string_view module) {
   return last == "c_attn" || last == "c_proj" || last == "c_fc";
 }
 
-std::string_view kohya_prefix_of(std::string_view name) {
-  for (std::string_view p : kohya_prefixes)
-    if (starts_with(name, p)) return p;
-  return {};
-}
-
 // Single-file checkpoints nest the networks sd-scripts names directly:
 // sd-scripts strips these prefixes when it loads a checkpoint (model_util /
 // sdxl_model_util), so a kohya name may match the key without them.
@@ -559,8 +552,9 @@ void check_linear(lora_module& m, const tensor_info& w, const std::optional<std:
   const bool fits_plain = w.shape == plain;
   const bool fits_transposed = w.shape == transposed;
   if (!fits_plain && !fits_transposed) {
-    problems.push_back({m.a.info->name, fmt::format("base {} is {}, the LoRA makes {} (does the adapter belong to this base model?)",
-                                                    m.target, shape_string(w.shape), shape_string(plain))});
+    problems.push_back({m.a.info->name,
+                        fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_text(w.shape), shape_text(plain)),
+                        fit_issue::shape});
     return;
   }
   if (fits_plain != fits_transposed) {
@@ -578,7 +572,8 @@ void check_linear(lora_module& m, const tensor_info& w, const std::optional<std:
     problems.push_back({m.a.info->name,
                         fmt::format("orientation ambiguous: {} is square {}, the name looks like GPT-2 Conv1D (stored [in, out]) "
                                     "but fan_in_fan_out is false and the base has no config.json model_type",
-                                    m.target, shape_string(w.shape))});
+                                    m.target, shape_text(w.shape)),
+                        fit_issue::orientation});
   }
   // otherwise the config's fan_in_fan_out stands
 }
@@ -615,13 +610,15 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
         if (auto it = nested[i].find(key); it != nested[i].end()) found = &it->second;
       }
       if (found == nullptr) {
-        problems.push_back({m.name, fmt::format("no base tensor matches {} (looked for a \"<module>.weight\" whose dots read as "
-                                                "underscores give \"{}\"); does the adapter belong to this base model?",
-                                                m.name, key)});
+        problems.push_back({m.name,
+                            fmt::format("no base tensor matches {} (looked for a \"<module>.weight\" whose dots read as "
+                                        "underscores give \"{}\")", m.name, key),
+                            fit_issue::no_base_tensor});
         continue;
       }
       if (found->size() > 1) {
-        problems.push_back({m.name, fmt::format("ambiguous: matches both {}.weight and {}.weight", (*found)[0], (*found)[1])});
+        problems.push_back({m.name, fmt::format("ambiguous: matches both {}.weight and {}.weight", (*found)[0], (*found)[1]),
+                            fit_issue::ambiguous});
         continue;
       }
       m.name = (*found)[0];
@@ -636,12 +633,13 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
     if (m.target.empty()) continue;
     auto [it, inserted] = claimed.emplace(m.target, m.a.info->name);
     if (!inserted)
-      problems.push_back({m.a.info->name, fmt::format("{} is also the target of {}", m.target, it->second)});
+      problems.push_back({m.a.info->name, fmt::format("{} is also the target of {}", m.target, it->second), fit_issue::conflict});
   }
   for (const saved_tensor& s : a.saved) {
     auto [it, inserted] = claimed.emplace(s.target, s.tensor.info->name);
     if (!inserted)
-      problems.push_back({s.tensor.info->name, fmt::format("replaces {}, which {} also changes", s.target, it->second)});
+      problems.push_back({s.tensor.info->name, fmt::format("replaces {}, which {} also changes", s.target, it->second),
+                          fit_issue::conflict});
   }
 
   // shapes of every module against its base tensor
@@ -649,7 +647,7 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
     if (m.target.empty()) continue;
     const tensor_ref* base_w = base.find_ref(m.target);
     if (base_w == nullptr) {
-      problems.push_back({m.a.info->name, fmt::format("the base has no tensor {} (does the adapter belong to this base model?)", m.target)});
+      problems.push_back({m.a.info->name, fmt::format("the base has no tensor {}", m.target), fit_issue::no_base_tensor});
       continue;
     }
     const tensor_info& w = *base_w->info;
@@ -662,7 +660,8 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
           // a 2-D LoRA on a 1x1 conv: the same bytes as [r, in, 1, 1]
           if (w.shape[0] != out || w.shape[1] != sa[1])
             problems.push_back({m.a.info->name, fmt::format("base {} is {}, the LoRA makes [{}, {}, 1, 1]", m.target,
-                                                            shape_string(w.shape), out, sa[1])});
+                                                            shape_text(w.shape), out, sa[1]),
+                                fit_issue::shape});
           else
             m.kind = module_kind::conv;
         } else {
@@ -676,8 +675,9 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
           m.kind = module_kind::linear;
           check_linear(m, w, model_type, problems);
         } else if (w.shape != want) {
-          problems.push_back({m.a.info->name, fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_string(w.shape),
-                                                          shape_string(want))});
+          problems.push_back({m.a.info->name, fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_text(w.shape),
+                                                          shape_text(want)),
+                              fit_issue::shape});
         }
         break;
       }
@@ -686,21 +686,25 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
         std::vector<int64_t> want{sa[1], sb[0]};
         if (w.shape != want)
           problems.push_back({m.a.info->name, fmt::format("base {} is {}, the embedding LoRA makes {}", m.target,
-                                                          shape_string(w.shape), shape_string(want))});
+                                                          shape_text(w.shape), shape_text(want)),
+                              fit_issue::shape});
         break;
       }
     }
     if (m.magnitude && static_cast<int64_t>(m.magnitude->info->n_elements) != out)
       problems.push_back({m.magnitude->info->name, fmt::format("DoRA magnitude has {} elements, the delta has {} output features",
-                                                               m.magnitude->info->n_elements, out)});
+                                                               m.magnitude->info->n_elements, out),
+                          fit_issue::inconsistent});
     if (m.bias) {
       const std::string bias_name = m.name + ".bias";
       const tensor_ref* base_b = base.find_ref(bias_name);
       if (base_b == nullptr)
-        problems.push_back({m.bias->info->name, fmt::format("the base has no {} for the lora_B bias", bias_name)});
+        problems.push_back({m.bias->info->name, fmt::format("the base has no {} for the lora_B bias", bias_name),
+                            fit_issue::no_base_tensor});
       else if (base_b->info->shape != m.bias->info->shape)
         problems.push_back({m.bias->info->name, fmt::format("base {} is {}, the lora_B bias is {}", bias_name,
-                                                            shape_string(base_b->info->shape), shape_string(m.bias->info->shape))});
+                                                            shape_text(base_b->info->shape), shape_text(m.bias->info->shape)),
+                            fit_issue::shape});
     }
   }
 
@@ -708,12 +712,46 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
   for (const saved_tensor& s : a.saved) {
     const tensor_ref* base_t = base.find_ref(s.target);
     if (base_t == nullptr)
-      problems.push_back({s.tensor.info->name, fmt::format("the base has no tensor {} to replace", s.target)});
+      problems.push_back({s.tensor.info->name, fmt::format("the base has no tensor {} to replace", s.target),
+                          fit_issue::no_base_tensor});
     else if (base_t->info->shape != s.tensor.info->shape)
       problems.push_back({s.tensor.info->name, fmt::format("base {} is {}, the saved module is {}", s.target,
-                                                           shape_string(base_t->info->shape), shape_string(s.tensor.info->shape))});
+                                                           shape_text(base_t->info->shape), shape_text(s.tensor.info->shape)),
+                          fit_issue::shape});
   }
   return report;
+}
+
+namespace {
+
+// One hint for the whole report, from the kinds of its problems.
+std::string_view fit_hint(const fit_report& report) {
+  auto any = [&](std::initializer_list<fit_issue> kinds) {
+    return std::any_of(report.problems.begin(), report.problems.end(), [&](const fit_problem& p) {
+      return std::find(kinds.begin(), kinds.end(), p.issue) != kinds.end();
+    });
+  };
+  if (any({fit_issue::no_base_tensor, fit_issue::shape})) return "does the adapter belong to this base model?";
+  if (any({fit_issue::orientation}))
+    return "set fan_in_fan_out in adapter_config.json, or give the base a config.json with its model_type";
+  return {};
+}
+
+}  // namespace
+
+error fit_error(const std::string& adapter_path, const std::string& base_path, const fit_report& report) {
+  const size_t n = report.problems.size();
+  if (n == 0) return errors::invalid(adapter_path, "", fmt::format("does not fit {}: no problem was reported", base_path));
+  const fit_problem& first = report.problems.front();
+  std::string what = n == 1 ? fmt::format("does not fit {}: 1 problem: {}: {}", base_path, first.key, first.what)
+                            : fmt::format("does not fit {}: {} problems, first {}: {}", base_path, n, first.key, first.what);
+  if (const std::string_view hint = fit_hint(report); !hint.empty()) what += fmt::format(" ({})", hint);
+  return errors::invalid(adapter_path, "", what);
+}
+
+void require_fit(adapter& a, const model_files& base) {
+  const fit_report report = fit_adapter(a, base);
+  if (!report.ok()) throw fit_error(a.path, base.path, report);
 }
 
 }  // namespace lora

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "formats/adapter-config.h"
+#include "formats/error.h"
 #include "formats/model-files.h"
 
 namespace lora {
@@ -89,6 +90,11 @@ file_classification classify_tensors(const std::vector<std::string>& names);
 // The scale of one module: alpha / r, or alpha / sqrt(r) with rsLoRA.
 double lora_scale(double alpha, int64_t rank, bool rslora) noexcept;
 
+// The inverse of lora_scale: the alpha that gives `scale` at `rank`,
+// scale * r, or scale * sqrt(r) with rsLoRA. May be inf when the product
+// overflows: callers check. Pure (resize, combine and convert write it).
+double alpha_for_scale(double scale, int64_t rank, bool rslora) noexcept;
+
 // Loads a PEFT folder (adapter_config.json + adapter_model.safetensors), a
 // PEFT .safetensors file with its config beside it, or a kohya single file.
 // Throws lora::error (exit 3) naming the key: a missing half, a rank that
@@ -111,10 +117,20 @@ adapter load_adapter(const std::string& path);
 adapter load_adapter_bytes(std::span<const uint8_t> weights, const std::string& weights_label,
                            const std::optional<std::string>& config_text, const std::string& config_label);
 
-// How an adapter fits a base model.
+// How an adapter fits a base model. A problem is a value: its kind decides
+// the hint fit_error() gives, once, for the whole report.
+enum class fit_issue {
+  no_base_tensor,  // the base lacks the target (or no base key matches a kohya name)
+  shape,           // the base tensor's shape is not the one the adapter changes
+  ambiguous,       // a kohya name matches two base tensors
+  conflict,        // two adapter entries change the same base tensor
+  orientation,     // GPT-2 Conv1D ([in, out]) or nn.Linear cannot be told apart
+  inconsistent,    // the adapter disagrees with itself (DoRA magnitude length)
+};
 struct fit_problem {
   std::string key;   // the adapter key (or module name)
-  std::string what;  // what is wrong, with a hint
+  std::string what;  // what is wrong, without a hint
+  fit_issue issue = fit_issue::no_base_tensor;
 };
 struct fit_report {
   std::vector<fit_problem> problems;  // empty: every module fits
@@ -141,5 +157,19 @@ struct fit_report {
 // ambiguous"). Throws only when the base's config.json is unreadable (exit 4)
 // or not JSON (exit 3).
 fit_report fit_adapter(adapter& a, const model_files& base);
+
+// The one rendering of a fit report that is not ok(), shared by every command
+// (merge, combine, convert --base, verify, forward, inspect --base): an
+// exit-3 lora::error naming `adapter_path` (the file or folder the user named),
+// with the text "does not fit <base_path>: <n> problem(s), first <key>: <what>"
+// followed by one hint chosen from the problems' kinds ("does the adapter
+// belong to this base model?" for a missing or misshapen base tensor; a
+// fan_in_fan_out hint for an orientation the base cannot decide). Pure.
+// Follows llama.cpp's adapter loader, which names the tensor and the hint.
+error fit_error(const std::string& adapter_path, const std::string& base_path, const fit_report& report);
+
+// fit_adapter(a, base), then throws fit_error(a.path, base.path, report) when
+// a module does not fit. Throws as fit_adapter too.
+void require_fit(adapter& a, const model_files& base);
 
 }  // namespace lora

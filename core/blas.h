@@ -1,7 +1,15 @@
-// How many threads OpenBLAS may use: the one place that sets it.
+// How many threads OpenBLAS may use (the one place that sets it), and the
+// one check of a dimension passed to BLAS.
 #pragma once
 
+#include <cstdint>
+#include <string>
+
 namespace lora {
+
+// A dimension as the int BLAS takes. Throws lora::error (exit 3) naming
+// `tensor` (may be empty) when v is negative or above INT_MAX. Pure.
+int blas_int(int64_t v, const std::string& tensor);
 
 // threads <= 0: all cores. With 1, OpenBLAS's idle worker threads are also
 // stopped: they otherwise spin (sched_yield) for about 0.1 s after the

@@ -8,14 +8,13 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "core/blas.h"
 #include "core/dtype.h"
 #include "formats/error.h"
 
 namespace lora {
 
 namespace {
-
-std::string shape_text(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
 
 uint64_t product(const std::vector<int64_t>& shape, size_t from) {
   uint64_t n = 1;
@@ -115,11 +114,6 @@ void check_rows(const delta_factors_t<T>& f, int64_t row_begin, int64_t row_end)
   if (row_begin < 0 || row_end < row_begin || row_end > f.n_rows)
     throw errors::invalid("", f.target, fmt::format("rows [{}, {}) outside the tensor's {} rows", row_begin, row_end,
                                                     f.n_rows));
-}
-
-int blas_int(int64_t v, const std::string& target) {
-  if (v > INT_MAX) throw errors::invalid("", target, fmt::format("dimension {} is too large for BLAS", v));
-  return static_cast<int>(v);
 }
 
 // DoRA, per-row norms: w_block rows already hold V; scale each row by m / ||V_row||.

@@ -18,8 +18,10 @@
 #include "core/blas.h"
 #include "core/dtype.h"
 #include "core/module-pattern.h"
+#include "core/scratch.h"
 #include "core/thread-pool.h"
 #include "formats/staged-folder.h"
+#include "core/adapter-names.h"
 #include "core/adapter-write.h"
 #include "formats/adapter-config.h"
 #include "formats/error.h"
@@ -29,39 +31,6 @@
 namespace lora {
 
 namespace {
-
-bool is_math(dtype t) { return t == dtype::F16 || t == dtype::BF16 || t == dtype::F32 || t == dtype::F64; }
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-  return fmt::format("[{}]", fmt::join(shape, ", "));
-}
-
-// FNV-1a: mixes a module's name into the seed, so a module's result does not
-// depend on which other modules are extracted.
-uint64_t fnv1a(std::string_view s) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ull;
-  return h;
-}
-
-// A buffer reused from module to module: allocated once at the largest size,
-// never zero-filled (a fresh std::vector per module spent more time in memset
-// and page faults than the SVD).
-template <class T>
-class scratch {
- public:
-  std::span<T> get(size_t n) {
-    if (n > capacity_) {
-      data_.reset(new T[n]);
-      capacity_ = n;
-    }
-    return {data_.get(), n};
-  }
-
- private:
-  std::unique_ptr<T[]> data_;
-  size_t capacity_ = 0;
-};
 
 // dW = W_tuned - W_base into `out`, in T (f32 for the randomized path, f64 for
 // exact), converted through core/dtype in cache-sized chunks.
@@ -187,16 +156,6 @@ written_factors factorize(std::span<T> delta, int64_t m, int64_t n, const rank_r
                                  "--method exact computes the delta in f64");
 }
 
-// sd-scripts prefix: lora_unet_ for a diffusion UNet, lora_te_ otherwise
-// (a text encoder / language model; the convention testdata/ also uses).
-std::string kohya_prefix(const model_files& base) {
-  for (const auto& name : base.tensor_names)
-    if (name.starts_with("down_blocks.") || name.starts_with("up_blocks.") || name.starts_with("mid_block.") ||
-        name.find("diffusion_model.") != std::string::npos)
-      return "lora_unet_";
-  return "lora_te_";
-}
-
 }  // namespace
 
 std::string module_path(const std::string& tensor) {
@@ -264,7 +223,7 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
       ++report.n_unchanged;
       continue;
     }
-    if (!is_math(b.info->type) || !is_math(t.info->type))
+    if (!dtype_is_math(b.info->type) || !dtype_is_math(t.info->type))
       throw errors::invalid(tuned.path, name,
                             fmt::format("differs from the base, and {} and {} cannot be subtracted",
                                         dtype_name(b.info->type), dtype_name(t.info->type)));
@@ -318,7 +277,7 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
     rec.cols = n;
     const dtype type = options.out_dtype.value_or(j.base.info->type);
     svd_options svd_opts = options.svd;
-    svd_opts.seed = options.svd.seed ^ fnv1a(j.path);
+    svd_opts.seed = options.svd.seed ^ fnv1a64(j.path);  // independent of which other modules run
     written_factors f;
     bool zero = false;
     auto run = [&](auto delta) {
@@ -371,7 +330,6 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
   // rank per module, so every scale is 1) and writes atomically
   adapter_data data;
   data.format = options.format == extract_format::kohya ? adapter_format::kohya : adapter_format::peft;
-  data.kohya_prefix = kohya_prefix(base);
   data.config.peft_type = "LORA";
   data.config.base_model_name_or_path = options.base;
   std::map<std::string, size_t> module_index;  // module path -> position in data.modules
@@ -400,6 +358,7 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
   }
   factors.clear();
   std::sort(data.config.target_modules.begin(), data.config.target_modules.end());
+  data.kohya_prefix = auto_kohya_prefix(data.config.target_modules);  // the one rule convert uses
 
   // deltas not extracted: the bias of an extracted module becomes lora_B.bias
   // (a delta; lora_bias: true); anything else is saved whole (modules_to_save)
@@ -415,13 +374,13 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
         std::vector<uint8_t> bytes(d.size() * math_dtype_size(type));
         from_f64(type, d, bytes);
         data.modules[it->second].bias = tensor_data{type, rec.shape, std::move(bytes)};
-        rec.saved_as = "base_model.model." + path + ".lora_B.bias";
+        rec.saved_as = std::string(peft_prefix) + path + ".lora_B.bias";
       } else if (it != module_index.end()) {
         continue;  // another tensor of a LoRA module: PEFT cannot also save it whole
       } else {
         const auto bytes = t.data();
         data.saved.push_back({rec.tensor, tensor_data{t.info->type, rec.shape, {bytes.begin(), bytes.end()}}});
-        rec.saved_as = "base_model.model." + rec.tensor;
+        rec.saved_as = std::string(peft_prefix) + rec.tensor;
         modules_to_save.insert(path);
       }
     }

@@ -384,13 +384,7 @@ logits_result run_forward(const forward_options& o) {
   std::optional<adapter> a;
   if (o.adapter) {
     a = load_adapter(*o.adapter);
-    fit_report fit = fit_adapter(*a, model);
-    if (!fit.ok()) {
-      const fit_problem& p = fit.problems.front();
-      std::string what = p.what + " (does the adapter belong to this base model?)";
-      if (fit.problems.size() > 1) what += fmt::format(" [and {} more problems]", fit.problems.size() - 1);
-      throw errors::invalid(*o.adapter, p.key, what);
-    }
+    require_fit(*a, model);
     for (const lora_module& m : a->modules) check_finite_factors(m, a->weights_path);
   }
   return llama_forward(model, config, a ? &*a : nullptr, o.tokens, o.threads);

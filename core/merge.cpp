@@ -20,6 +20,7 @@
 #include "core/blas.h"
 #include "core/delta.h"
 #include "core/dtype.h"
+#include "core/scratch.h"
 #include "core/thread-pool.h"
 #include "core/vectorize.h"
 #include "formats/error.h"
@@ -51,16 +52,6 @@ bool is_other_weight_file(const std::string& name) {
     if (name.size() >= n && name.compare(name.size() - n, n, s) == 0) return true;
   }
   return false;
-}
-
-// FNV-1a, 64 bits: a short, stable fingerprint for provenance metadata.
-std::string fnv1a64(const std::string& text) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : text) {
-    h ^= c;
-    h *= 0x100000001b3ull;
-  }
-  return fmt::format("{:016x}", h);
 }
 
 std::string mib(uint64_t bytes) { return fmt::format("{:.1f} MiB", static_cast<double>(bytes) / (1024.0 * 1024.0)); }
@@ -171,14 +162,9 @@ struct tensor_job {
 // A per-thread scratch buffer of at least n elements, kept for the next
 // tensor; `slot` tells apart two buffers of the same type.
 template <typename T, int slot>
-T* scratch(size_t n) {
-  thread_local std::unique_ptr<T[]> buffer;
-  thread_local size_t capacity = 0;
-  if (capacity < n) {
-    buffer.reset(new T[n]);
-    capacity = n;
-  }
-  return buffer.get();
+T* thread_scratch(size_t n) {
+  thread_local scratch<T> buffer;
+  return buffer.get(n).data();
 }
 
 // Rounds rows of the f32/f64 buffer to the output dtype and checks for
@@ -246,9 +232,9 @@ void run_compute(const tensor_job& job, safetensors_writer& writer, bool allow_n
 
   const size_t block_cap = static_cast<size_t>(std::min<int64_t>(rows_per_block, n_rows)) * n_cols;
   // per-thread buffers, reused from tensor to tensor (no fresh pages, no zeroing)
-  T* buf = scratch<T, 0>(block_cap);
-  uint8_t* out = scratch<uint8_t, 1>(block_cap * static_cast<size_t>(out_size));
-  uint8_t* in = scratch<uint8_t, 2>(block_cap * static_cast<size_t>(in_size));
+  T* buf = thread_scratch<T, 0>(block_cap);
+  uint8_t* out = thread_scratch<uint8_t, 1>(block_cap * static_cast<size_t>(out_size));
+  uint8_t* in = thread_scratch<uint8_t, 2>(block_cap * static_cast<size_t>(in_size));
   const mapped_file& map = job.source.file->map();
   const uint64_t file_offset = job.source.file->file_offset(src);
   const uint64_t in_row_bytes = n_cols * static_cast<uint64_t>(in_size);
@@ -340,7 +326,7 @@ metadata_map output_metadata(const std::optional<metadata_map>& base, const merg
   for (size_t i = 0; i < adapters.size(); ++i) {
     std::error_code ec;
     const std::string canonical = fs::weakly_canonical(adapters[i].path, ec).string();
-    m[fmt::format("lora.adapter.{}.path_fnv1a64", i)] = fnv1a64(ec ? adapters[i].path : canonical);
+    m[fmt::format("lora.adapter.{}.path_fnv1a64", i)] = fmt::format("{:016x}", fnv1a64(ec ? adapters[i].path : canonical));
     m[fmt::format("lora.adapter.{}.format", i)] = std::string(adapter_format_name(adapters[i].format));
     m[fmt::format("lora.adapter.{}.weight", i)] = fmt::format("{}", options.adapters[i].weight);
   }
@@ -386,15 +372,7 @@ merge_report merge_model(const merge_options& options) {
   adapters.reserve(options.adapters.size());
   for (const merge_input& in : options.adapters) {
     adapters.push_back(load_adapter(in.path));
-    fit_report fit = fit_adapter(adapters.back(), base);
-    if (!fit.ok()) {
-      const fit_problem& p = fit.problems.front();
-      std::string what = p.what;
-      if (what.find("does the adapter belong") == std::string::npos)
-        what += " (does the adapter belong to this base model?)";
-      if (fit.problems.size() > 1) what += fmt::format(" [and {} more problems]", fit.problems.size() - 1);
-      throw errors::invalid(in.path, p.key, what);
-    }
+    require_fit(adapters.back(), base);
   }
 
   // 3. what happens to each base tensor: contributions in adapter order
@@ -463,8 +441,8 @@ merge_report merge_model(const merge_options& options) {
   // bias target is checked here)
   for (const auto& [target, list] : deltas)
     if (!base.find_ref(target))
-      throw errors::invalid(*list.front().adapter_file, list.front().module->name,
-                            fmt::format("the base has no tensor {} (does the adapter belong to this base model?)", target));
+      throw fit_error(*list.front().adapter_file, base.path,
+                      {{{list.front().module->name, fmt::format("the base has no tensor {}", target), fit_issue::no_base_tensor}}});
   // shapes and dtypes of every module, before anything is written
   for (const tensor_job& job : jobs)
     for (const contribution& c : job.deltas) {

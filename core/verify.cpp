@@ -402,8 +402,7 @@ layer_check check_layer(const lora_module& m, size_t index, const std::string& a
     const std::string name = m.name + ".bias";
     std::optional<tensor_ref> bb = base.find(name), bm = merged.find(name);
     if (!bb)
-      throw errors::invalid(adapter_file, m.name,
-                            fmt::format("the base has no tensor {} (does the adapter belong to this base model?)", name));
+      throw fit_error(adapter_file, base.path, {{{m.name, fmt::format("the base has no tensor {}", name), fit_issue::no_base_tensor}}});
     if (!bm) return fail("missing");
     if (bm->info->shape != bb->info->shape || bb->info->n_elements != s.n_out) return fail("shape");
     if (!dtype_is_math(bm->info->type)) return fail("dtype");
@@ -591,10 +590,7 @@ verify_report verify_merge(const verify_options& o) {
   model_files merged = open_model(o.merged);
   const std::optional<model_inputs> model_in = prepare_model_level(o, base, merged, r.model.skipped);
   adapter a = load_adapter(o.adapter);
-  fit_report fit = fit_adapter(a, base);
-  if (!fit.ok())
-    throw errors::invalid(o.adapter, fit.problems.front().key,
-                          fit.problems.front().what + " (does the adapter belong to this base model?)");
+  require_fit(a, base);
 
   // 2. weight level: every base tensor against its expected value, block by block
   check_weights(base, merged, a, r);

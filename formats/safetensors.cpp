@@ -77,8 +77,6 @@ uint64_t read_u64_le(const uint8_t* p) {
   return v;
 }
 
-std::string shape_text(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
-
 // A short description of a JSON value for messages: numbers as written,
 // anything else by its type (dumping a deeply nested array would recurse
 // once per level and could exhaust the stack).
@@ -612,5 +610,7 @@ std::string read_text_file(const std::string& path) {
   ::close(fd);
   return text;
 }
+
+std::string shape_text(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
 
 }  // namespace lora

@@ -187,4 +187,8 @@ void copy_file(const std::string& src, const std::string& dst, durability mode =
 // checks (a FIFO is refused, not waited on). Throws exit 4.
 std::string read_text_file(const std::string& path);
 
+// A shape as messages print it: "[64, 48]" ("[]" for a scalar). Pure; the one
+// copy every layer uses (safetensors' own messages spell shapes this way).
+std::string shape_text(const std::vector<int64_t>& shape);
+
 }  // namespace lora

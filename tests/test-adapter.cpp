@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/adapter.h"
+#include "core/adapter-names.h"
 #include "core/dtype.h"
 #include "formats/error.h"
 #include "formats/safetensors.h"
@@ -774,7 +775,7 @@ TEST_CASE("fit: PEFT linear, embedding, conv, bias, DoRA, modules_to_save fit th
   r = fit_adapter(a, wrong);
   std::string text = problems_text(r);
   CHECK(r.problems.size() == 5);
-  CHECK(has(text, pk("model.q", "lora_A.weight") + ": base model.q.weight is [5, 7], the LoRA makes [5, 6] (does the adapter belong to this base model?)"));
+  CHECK(has(text, pk("model.q", "lora_A.weight") + ": base model.q.weight is [5, 7], the LoRA makes [5, 6]\n"));
   CHECK(has(text, pk("model.q", "lora_B.bias") + ": the base has no model.q.bias for the lora_B bias"));
   CHECK(has(text, "base model.embed.weight is [11, 6], the embedding LoRA makes [10, 6]"));
   CHECK(has(text, "base model.conv.weight is [4, 3, 5, 5], the LoRA makes [4, 3, 3, 3]"));
@@ -786,7 +787,7 @@ TEST_CASE("fit: PEFT linear, embedding, conv, bias, DoRA, modules_to_save fit th
   r = fit_adapter(a, unrelated);
   text = problems_text(r);
   CHECK(r.problems.size() == 4);
-  CHECK(has(text, "the base has no tensor model.q.weight (does the adapter belong to this base model?)"));
+  CHECK(has(text, "the base has no tensor model.q.weight\n"));
   CHECK(has(text, "the base has no tensor score.weight to replace"));
 }
 
@@ -895,7 +896,8 @@ TEST_CASE("fit: kohya names resolved by '.' -> '_' over the base keys") {
     CHECK(has(text, "lora_unet_down_blocks_0_attentions_0_proj_in: ambiguous: matches both "
                     "down_blocks.0.attentions.0.proj_in.weight and down_blocks_0.attentions.0.proj_in.weight"));
     CHECK(has(text, "lora_te_text_model_encoder_layers_0_self_attn_q_proj: no base tensor matches"));
-    CHECK(has(text, "does the adapter belong to this base model?"));
+    CHECK_FALSE(has(text, "does the adapter belong to this base model?"));  // the hint is fit_error's
+    CHECK(has(fit_error("k.safetensors", "amb", r).what(), "(does the adapter belong to this base model?)"));
   }
 }
 
@@ -1012,4 +1014,49 @@ TEST_CASE("the real gradience tiny LoRA loads and fits a synthetic GPT-2 base") 
   CHECK(r2.problems.size() == 6);
   for (const fit_problem& p : r2.problems) CHECK(has(p.what, "orientation ambiguous"));
   CHECK(module_named(b, "transformer.h.0.attn.c_attn").fan_in_fan_out);
+}
+
+TEST_CASE("fit_error: one rendering, the count, the first problem, one hint") {
+  const fit_problem shape{"a.lora_A.weight", "base a.weight is [4, 4], the LoRA makes [4, 5]", fit_issue::shape};
+  const fit_problem gone{"b.lora_A.weight", "the base has no tensor b.weight", fit_issue::no_base_tensor};
+  const fit_problem turn{"c.lora_A.weight", "orientation ambiguous: c.weight is square [6, 6]", fit_issue::orientation};
+  const fit_problem both{"lora_unet_x", "ambiguous: matches both x.weight and x_.weight", fit_issue::ambiguous};
+  const std::string hint = " (does the adapter belong to this base model?)";
+
+  lora::error one = fit_error("ad", "base", {{shape}});
+  CHECK(one.code() == exit_code::invalid_input);
+  CHECK(one.file() == "ad");
+  CHECK(one.tensor().empty());
+  CHECK(one.detail() == "does not fit base: 1 problem: a.lora_A.weight: base a.weight is [4, 4], the LoRA makes [4, 5]" + hint);
+
+  // several problems: the count and the first; the hint once, from any of them
+  lora::error two = fit_error("ad", "base", {{turn, gone}});
+  CHECK(two.detail() == "does not fit base: 2 problems, first c.lora_A.weight: orientation ambiguous: c.weight is square [6, 6]" + hint);
+
+  // an orientation problem alone: its own hint; an ambiguity alone: none
+  CHECK(has(fit_error("ad", "base", {{turn}}).detail(),
+            "(set fan_in_fan_out in adapter_config.json, or give the base a config.json with its model_type)"));
+  CHECK(fit_error("ad", "base", {{both}}).detail() ==
+        "does not fit base: 1 problem: lora_unet_x: ambiguous: matches both x.weight and x_.weight");
+}
+
+TEST_CASE("alpha_for_scale inverts lora_scale") {
+  CHECK(alpha_for_scale(0.5, 8, false) == 4.0);
+  CHECK(alpha_for_scale(2.0, 16, true) == 8.0);
+  for (bool rs : {false, true})
+    for (int64_t r : {1, 3, 64}) CHECK(lora_scale(alpha_for_scale(1.25, r, rs), r, rs) == doctest::Approx(1.25).epsilon(1e-15));
+}
+
+TEST_CASE("kohya names: one prefix rule for extract and convert") {
+  CHECK(auto_kohya_prefix({"transformer_blocks.0.attn.to_q"}) == "lora_unet_");
+  CHECK(auto_kohya_prefix({"model.diffusion_model.input_blocks.1.1.proj_in"}) == "lora_unet_");
+  CHECK(auto_kohya_prefix({"text_model.encoder.layers.0.self_attn.q_proj", "down_blocks.0.resnets.0.conv1"}) == "lora_unet_");
+  CHECK(auto_kohya_prefix({"model.layers.0.self_attn.q_proj"}) == "lora_te_");
+  CHECK(resolve_kohya_prefix("lora_te2_", {"transformer_blocks.0.x"}) == "lora_te2_");
+  CHECK_THROWS_WITH(resolve_kohya_prefix("lora_x_", {}),
+                    doctest::Contains("--kohya-prefix lora_x_ is not one of auto, lora_unet_, lora_te_, lora_te1_, lora_te2_, lora_te3_"));
+  CHECK(kohya_module_name("transformer_blocks.0.attn.to_q", "lora_unet_") == "lora_unet_transformer_blocks_0_attn_to_q");
+  CHECK(kohya_module_name("lora_te1_text_model_q", "lora_unet_") == "lora_te1_text_model_q");
+  CHECK(kohya_prefix_of("lora_te1_x") == "lora_te1_");
+  CHECK(kohya_prefix_of("lora_tex") == "");
 }

@@ -258,6 +258,39 @@ else
   fail "exact extract of an f32-overflowing delta: $(cat "$T/err")"
 fi
 
+# --- kohya names of a DiT (diffusers transformer_blocks): lora_unet_, as convert --to kohya names them
+mkdir -p "$T/dit"
+"$PY" - "$SRC/tests/e2e" "$T/dit" <<'PY'
+import sys; sys.path.insert(0, sys.argv[1])
+import numpy as np
+from safetensors_np import write
+rng = np.random.default_rng(12)
+base = {f"transformer_blocks.0.attn.to_{p}.weight": rng.standard_normal((8, 8)).astype(np.float32) for p in "qkv"}
+tuned = {k: v + np.outer(rng.standard_normal(8), rng.standard_normal(8)).astype(np.float32) for k, v in base.items()}
+write(sys.argv[2] + "/base.safetensors", base)
+write(sys.argv[2] + "/tuned.safetensors", tuned)
+PY
+dit_keys() {
+  "$PY" - "$SRC/tests/e2e" "$1" <<'PY'
+import sys; sys.path.insert(0, sys.argv[1])
+from safetensors_np import read
+print(" ".join(sorted(k for k in read(sys.argv[2])[0] if k.endswith(".lora_down.weight"))))
+PY
+}
+want="lora_unet_transformer_blocks_0_attn_to_k.lora_down.weight lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight lora_unet_transformer_blocks_0_attn_to_v.lora_down.weight"
+if "$LORA" extract --base "$T/dit/base.safetensors" --tuned "$T/dit/tuned.safetensors" --out "$T/dit/k.safetensors" \
+     --rank 1 --format kohya >/dev/null 2>"$T/err" &&
+   "$LORA" extract --base "$T/dit/base.safetensors" --tuned "$T/dit/tuned.safetensors" --out "$T/dit/peft" \
+     --rank 1 >/dev/null 2>>"$T/err" &&
+   "$LORA" convert "$T/dit/peft" --to kohya --out "$T/dit/c.safetensors" >/dev/null 2>>"$T/err"; then
+  got=$(dit_keys "$T/dit/k.safetensors")
+  converted=$(dit_keys "$T/dit/c.safetensors")
+  if [ "$got" = "$want" ] && [ "$converted" = "$want" ]; then pass "DiT --format kohya: lora_unet_ names, as convert --to kohya"
+  else fail "DiT kohya names: extract [$got], convert [$converted], want [$want]"; fi
+else
+  fail "DiT extract / convert: $(cat "$T/err")"
+fi
+
 if ls "$T"/*.tmp-* >/dev/null 2>&1; then fail "temporary files left in $T"; else pass "no temporary files left"; fi
 echo "$fails failure(s)"
 [ "$fails" = 0 ]
