@@ -86,18 +86,11 @@ void swiglu(const float* gate, const float* up, size_t n, float* out) {
 
 namespace {
 
-std::string shape_text(const std::vector<int64_t>& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
-
-int blas_int(int64_t v) {
-  if (v > INT_MAX || v < 0) throw errors::invalid("", "", fmt::format("dimension {} is too large for BLAS", v));
-  return static_cast<int>(v);
-}
-
 // C[m, n] (+)= alpha * X[m, k] Y[n, k]^T  (row-major)
 void gemm_xyt(const float* x, const float* y, int64_t m, int64_t n, int64_t k, float alpha, float beta, float* c) {
   if (m == 0 || n == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_int(m), blas_int(n), blas_int(k), alpha, x, blas_int(k), y,
-              blas_int(k), beta, c, blas_int(n));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_int(m, ""), blas_int(n, ""), blas_int(k, ""), alpha, x,
+              blas_int(k, ""), y, blas_int(k, ""), beta, c, blas_int(n, ""));
 }
 
 // The model's tensors (with the adapter's modules_to_save in place of the
