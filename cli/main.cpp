@@ -44,18 +44,21 @@ int main(int argc, char** argv) {
 
   const std::string cmd = app.get_subcommands().front()->get_name();
   lora::install_interrupt_handling(cmd);
+  // the last line is ours or the interrupt watchdog's, never both
+  auto finish = [&](int code, const std::string& line) {
+    lora::claim_exit();
+    if (!line.empty()) fmt::print(stderr, "lora {}: error: {}\n", cmd, line);
+    return code;
+  };
   try {
     const int code = run();
     lora::check_mapped_inputs();  // a result computed from an input that shrank is not one
-    return code;
+    return finish(code, "");
   } catch (const lora::error& e) {
-    fmt::print(stderr, "lora {}: error: {}\n", cmd, e.what());
-    return static_cast<int>(e.code());
+    return finish(static_cast<int>(e.code()), e.what());
   } catch (const std::bad_alloc&) {
-    fmt::print(stderr, "lora {}: error: out of memory\n", cmd);
-    return static_cast<int>(lora::exit_code::io);
+    return finish(static_cast<int>(lora::exit_code::io), "out of memory");
   } catch (const std::exception& e) {
-    fmt::print(stderr, "lora {}: error: internal error: {}\n", cmd, e.what());
-    return static_cast<int>(lora::exit_code::invalid_input);
+    return finish(static_cast<int>(lora::exit_code::invalid_input), std::string("internal error: ") + e.what());
   }
 }

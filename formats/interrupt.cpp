@@ -21,6 +21,8 @@ namespace {
 
 int wake_pipe[2] = {-1, -1};
 std::atomic<int> n_signals{0};
+// who ends the process: 0 nobody yet, 1 main (claim_exit), 2 the watchdog
+std::atomic<int> exit_owner{0};
 
 // Async-signal-safe: records the signal and wakes the watchdog through the
 // pipe (the self-pipe trick); the third signal gets the default action.
@@ -57,6 +59,8 @@ void watchdog(std::string command, int grace_ms) {
   const int first = wait_signal(-1);
   if (first == 0) return;
   wait_signal(grace_ms);  // a second signal, or the grace period over
+  int nobody = 0;
+  if (!exit_owner.compare_exchange_strong(nobody, 2)) return;  // main is ending the command itself
   remove_temps_for_exit();
   const std::string line =
       fmt::format("lora {}: error: interrupted by {}; nothing was left behind\n", command, signal_name(first));
@@ -65,6 +69,12 @@ void watchdog(std::string command, int grace_ms) {
 }
 
 }  // namespace
+
+void claim_exit() noexcept {
+  int nobody = 0;
+  if (exit_owner.compare_exchange_strong(nobody, 1)) return;
+  for (;;) ::pause();  // the watchdog is ending the process
+}
 
 void install_interrupt_handling(const std::string& command, double grace_seconds) noexcept {
   if (::pipe2(wake_pipe, O_CLOEXEC | O_NONBLOCK) != 0) return;

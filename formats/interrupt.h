@@ -17,4 +17,10 @@ namespace lora {
 // Call once, from main, before any thread of ours starts. Throws nothing.
 void install_interrupt_handling(const std::string& command, double grace_seconds = 2.0) noexcept;
 
+// Called by main once the command has ended (it unwound, removing its temp
+// outputs), before it prints its last line: from then on the watchdog does
+// nothing, so that one line is printed, never two. When the watchdog has
+// already begun a forced exit, this waits for it (it prints and exits).
+void claim_exit() noexcept;
+
 }  // namespace lora
