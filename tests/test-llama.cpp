@@ -22,19 +22,12 @@
 #include "test-support.h"
 
 using namespace lora;
+using lora::testing::randf;
 
 namespace {
 
 const std::string td = std::string(LORA_SOURCE_DIR) + "/testdata/";
 const std::vector<int64_t> ref_tokens{1, 17, 42, 255, 0, 128, 7, 99, 3, 200, 64, 5};
-
-std::vector<float> randf(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
 
 std::vector<double> to_d(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 

@@ -14,16 +14,9 @@
 #include "test-support.h"
 
 using namespace lora;
+using lora::testing::randf;
 
 namespace {
-
-std::vector<float> randf(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
 
 // W [rows, cols] stored as `type` at byte `offset` of the returned buffer
 // (offset 1: unaligned for every dtype wider than a byte).

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <random>
 #include <filesystem>
 #include <stdexcept>
 #include <string>
@@ -53,6 +55,15 @@ lora::error thrown(F&& f) {
   }
   FAIL("expected a lora::error");
   throw std::logic_error("unreachable");
+}
+
+// n floats uniform in [-1, 1), the same for the same seed (mt19937).
+inline std::vector<float> randf(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
 }
 
 inline bool has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
