@@ -51,8 +51,9 @@ int run_combine(const combine_cli_options& o) {
     return 0;
   }
   print_rank_table(r.modules);
-  fmt::print("wrote {} adapter {} combining {} adapters ({}, {}, alpha = rank: scale 1)\n", adapter_format_name(r.format),
-             r.out, opts.adapters.size(), r.exact ? "exact: ranks concatenated" : "recompressed", dtype_name(r.out_type));
+  fmt::print("wrote {} adapter {} combining {} adapters ({}, {}, alpha = rank: scale 1)\n",
+             adapter_format_name(r.format), r.out, opts.adapters.size(),
+             r.exact ? "exact: ranks concatenated" : "recompressed", dtype_name(r.out_type));
   return 0;
 }
 
@@ -60,10 +61,11 @@ int run_combine(const combine_cli_options& o) {
 
 CLI::App* setup_combine(CLI::App& app, runner& run) {
   auto o = std::make_shared<combine_cli_options>();
-  auto* sub = app.add_subcommand(
-      "combine",
-      "Combine adapters into one whose delta is sum_i w_i s_i B_i A_i: exact by default (B = [w1 s1 B1 | w2 s2 B2 ...], "
-      "A = [A1; A2; ...], scale 1), recompressed to a rank or energy target without forming B A");
+  auto* sub =
+      app.add_subcommand("combine",
+                         "Combine adapters into one whose delta is sum_i w_i s_i B_i A_i: exact by default (B = [w1 s1 "
+                         "B1 | w2 s2 B2 ...], "
+                         "A = [A1; A2; ...], scale 1), recompressed to a rank or energy target without forming B A");
   add_weighted_adapter_options(sub, o->adapters, "adapter (PEFT folder / file or kohya file); repeat for each");
   sub->add_option("--out", o->out, "output: a PEFT folder or a kohya .safetensors file")->required();
   add_rank_options(sub, o->rank);
@@ -78,7 +80,8 @@ CLI::App* setup_combine(CLI::App& app, runner& run) {
   sub->footer(
       "Modules present in some adapters only take those. DoRA and modules_to_save are refused (not sums of deltas).\n"
       "Factors keep the inputs' dtype when they all share one, else F32. Exit codes: 0 written, 2 bad command\n"
-      "line, existing --out or an --out over an input, 3 invalid or incompatible adapters (the module is named), 4 I/O failure.");
+      "line, existing --out or an --out over an input, 3 invalid or incompatible adapters (the module is named), 4 I/O "
+      "failure.");
   sub->callback([o, &run] { run = [o] { return run_combine(*o); }; });
   return sub;
 }

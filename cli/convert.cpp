@@ -80,7 +80,8 @@ CLI::App* setup_convert(CLI::App& app, runner& run) {
   sub->footer(
       "Scales: PEFT alpha / r (rank_pattern, alpha_pattern) <-> kohya per-module .alpha / r; rsLoRA becomes kohya\n"
       "alpha = s * r; mlx_lm lora_parameters.scale becomes lora_alpha = scale * r. Exit codes: 0 written, 2 bad\n"
-      "command line, existing --out, an --out over an input or kohya -> PEFT without --base, 3 what the target format cannot hold (DoRA,\n"
+      "command line, existing --out, an --out over an input or kohya -> PEFT without --base, 3 what the target format "
+      "cannot hold (DoRA,\n"
       "bias, embedding LoRA, modules_to_save into kohya) or invalid input, 4 I/O failure.");
   sub->callback([o, &run] { run = [o] { return run_convert(*o); }; });
   return sub;

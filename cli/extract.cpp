@@ -69,11 +69,12 @@ nlohmann::ordered_json report_json(const extract_report& r, const extract_option
   j["modules"] = modules;
   auto others = nlohmann::ordered_json::array();
   for (const auto& o : r.others)
-    others.push_back({{"tensor", o.tensor},
-                      {"shape", o.shape},
-                      {"reason", o.reason},
-                      {"delta_norm", o.delta_norm},
-                      {"saved_as", o.saved_as.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(o.saved_as)}});
+    others.push_back(
+        {{"tensor", o.tensor},
+         {"shape", o.shape},
+         {"reason", o.reason},
+         {"delta_norm", o.delta_norm},
+         {"saved_as", o.saved_as.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(o.saved_as)}});
   j["not_extracted"] = others;
   j["unchanged"] = r.n_unchanged;
   j["tensors"] = r.n_tensors;
@@ -168,7 +169,8 @@ CLI::App* setup_extract(CLI::App& app, runner& run) {
   sub->add_option("--seed", o->seed, "seed of the randomized sketch (default 0; same seed, same adapter)");
   sub->footer(
       "Errors are measured on the factors as written: ||dW - B A||_F / ||dW||_F.\n"
-      "Exit codes: 0 extracted, 2 bad command line, existing --out or an --out over an input, 3 the models do not match (a tensor\n"
+      "Exit codes: 0 extracted, 2 bad command line, existing --out or an --out over an input, 3 the models do not "
+      "match (a tensor\n"
       "missing, shapes, dtypes that cannot be subtracted) or are identical, 4 I/O failure. Nothing is left\n"
       "behind on error.");
   sub->callback([o, &run] { run = [o] { return run_extract_cmd(*o); }; });

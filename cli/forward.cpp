@@ -64,7 +64,8 @@ CLI::App* setup_forward(CLI::App& app, runner& run) {
   sub->add_option("--top-k", o->top_k, "print the K best tokens at each position")->check(CLI::NonNegativeNumber);
   sub->add_option("--threads", o->threads, "BLAS threads (default: all cores)")->check(CLI::NonNegativeNumber);
   sub->footer(
-      "Exit codes: 0 done, 2 bad command line (bad token list, token id outside the vocabulary, --out inside an input), 3 unsupported\n"
+      "Exit codes: 0 done, 2 bad command line (bad token list, token id outside the vocabulary, --out inside an "
+      "input), 3 unsupported\n"
       "model_type or config field, missing or misshapen tensor, adapter that does not fit, 4 I/O failure.");
   sub->callback([o, &run] { run = [o] { return run_forward_cmd(*o); }; });
   return sub;

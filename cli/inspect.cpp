@@ -79,15 +79,20 @@ ordered_json report_json(const inspect_report& r) {
   j["path"] = r.path;
   if (r.kind == inspect_kind::adapter) j["format"] = std::string(adapter_format_name(r.lora->format));
   if (r.kind == inspect_kind::other_adapter) j["adapter_kind"] = r.other_description;
-  if (r.kind == inspect_kind::model) j["model_type"] = r.model_type ? ordered_json(*r.model_type) : ordered_json(nullptr);
+  if (r.kind == inspect_kind::model)
+    j["model_type"] = r.model_type ? ordered_json(*r.model_type) : ordered_json(nullptr);
   if (r.kind != inspect_kind::model) {
     j["config"] = r.config_text.empty() ? ordered_json(nullptr) : json_or_text(r.config_text);
   }
 
   ordered_json files = ordered_json::array();
   for (const inspect_file& f : r.files)
-    files.push_back({{"name", f.name}, {"path", f.path}, {"bytes", f.bytes}, {"header_bytes", f.header_bytes},
-                     {"tensors", f.n_tensors}, {"metadata", metadata_json(f.metadata)}});
+    files.push_back({{"name", f.name},
+                     {"path", f.path},
+                     {"bytes", f.bytes},
+                     {"header_bytes", f.header_bytes},
+                     {"tensors", f.n_tensors},
+                     {"metadata", metadata_json(f.metadata)}});
   j["files"] = std::move(files);
   if (!r.index_path.empty())
     j["index"] = {{"path", r.index_path},
@@ -101,14 +106,19 @@ ordered_json report_json(const inspect_report& r) {
     j["modules"] = std::move(modules);
     ordered_json saved = ordered_json::array();
     for (const saved_tensor& s : r.lora->saved)
-      saved.push_back({{"target", s.target}, {"key", s.tensor.info->name}, {"dtype", std::string(dtype_name(s.tensor.info->type))},
+      saved.push_back({{"target", s.target},
+                       {"key", s.tensor.info->name},
+                       {"dtype", std::string(dtype_name(s.tensor.info->type))},
                        {"shape", s.tensor.info->shape}});
     j["modules_to_save"] = std::move(saved);
   }
 
   ordered_json tensors = ordered_json::array();
   for (const inspect_tensor& t : r.tensors)
-    tensors.push_back({{"name", t.name}, {"dtype", std::string(dtype_name(t.type))}, {"shape", t.shape}, {"bytes", t.n_bytes},
+    tensors.push_back({{"name", t.name},
+                       {"dtype", std::string(dtype_name(t.type))},
+                       {"shape", t.shape},
+                       {"bytes", t.n_bytes},
                        {"file", t.file}});
   j["tensors"] = std::move(tensors);
   j["totals"] = {{"tensors", r.tensors.size()}, {"parameters", r.n_parameters}, {"bytes", r.n_bytes}};
@@ -285,8 +295,9 @@ int run_inspect(const inspect_options& o) {
 
 CLI::App* setup_inspect(CLI::App& app, runner& run) {
   auto opts = std::make_shared<inspect_options>();
-  auto* sub = app.add_subcommand("inspect", "List the files, metadata and tensors of a model, an adapter or any "
-                                            "safetensors file; for a LoRA adapter, its modules, ranks and scales");
+  auto* sub = app.add_subcommand("inspect",
+                                 "List the files, metadata and tensors of a model, an adapter or any "
+                                 "safetensors file; for a LoRA adapter, its modules, ranks and scales");
   sub->add_option("path", opts->path, "model folder, adapter folder, or .safetensors file")->required();
   sub->add_flag("--json", opts->json, "print one JSON object instead of tables");
   sub->add_option("--base", opts->base, "check that the adapter fits this base model (exit 3 when it does not)");

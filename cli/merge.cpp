@@ -62,14 +62,14 @@ int run_merge(const merge_cli_options& o) {
     for (const auto& [name, why] : r.skipped_files) items.push_back(fmt::format("{} ({})", name, why));
     fmt::print(stderr, "lora merge: note: not copied from the base folder: {}\n", fmt::join(items, ", "));
   }
-  const std::string tensors =
-      fmt::format("{} tensors: {} merged, {} replaced, {} converted, {} copied", r.n_tensors, r.n_merged,
-                  r.n_replaced, r.n_converted, r.n_copied);
+  const std::string tensors = fmt::format("{} tensors: {} merged, {} replaced, {} converted, {} copied", r.n_tensors,
+                                          r.n_merged, r.n_replaced, r.n_converted, r.n_copied);
   if (r.dry_run) {
-    fmt::print("dry run: {} LoRA modules from {} adapter{}; would write {} ({} files) to {}, {} free; {}; nothing "
-               "written\n",
-               r.n_modules, opts.adapters.size(), opts.adapters.size() == 1 ? "" : "s", human_bytes(r.bytes_written),
-               r.files.size(), r.out, human_bytes(r.bytes_free), tensors);
+    fmt::print(
+        "dry run: {} LoRA modules from {} adapter{}; would write {} ({} files) to {}, {} free; {}; nothing "
+        "written\n",
+        r.n_modules, opts.adapters.size(), opts.adapters.size() == 1 ? "" : "s", human_bytes(r.bytes_written),
+        r.files.size(), r.out, human_bytes(r.bytes_free), tensors);
     return 0;
   }
   const double gbps = r.seconds > 0 ? static_cast<double>(r.bytes_written) / r.seconds / 1e9 : 0.0;
@@ -94,8 +94,7 @@ CLI::App* setup_merge(CLI::App& app, runner& run) {
   add_weighted_adapter_options(sub, o->adapters,
                                "adapter: PEFT folder, PEFT .safetensors (config beside it) or kohya .safetensors; "
                                "repeat for several (their deltas are summed, in order)");
-  sub->add_option("--out", o->out,
-                  "output folder; written beside it as <out>.tmp-XXXXXX and renamed when complete")
+  sub->add_option("--out", o->out, "output folder; written beside it as <out>.tmp-XXXXXX and renamed when complete")
       ->required();
   sub->add_option("--dtype", o->dtype, "dtype of the floating-point tensors written (default: same as the base)")
       ->check(CLI::IsMember({"same", "bf16", "f16", "f32"}))
@@ -112,7 +111,8 @@ CLI::App* setup_merge(CLI::App& app, runner& run) {
                 "write NaN / Inf values a merge produces (refused by default: exit 3)");
   sub->footer(
       "Modules_to_save tensors replace the base tensor whole (weight and --scale do not apply to them).\n"
-      "Exit codes: 0 merged, 2 bad command line, existing --out or an --out over an input, 3 the adapter does not fit the base or a\n"
+      "Exit codes: 0 merged, 2 bad command line, existing --out or an --out over an input, 3 the adapter does not fit "
+      "the base or a\n"
       "merged value is not finite, 4 I/O failure (unreadable input, disk full). Nothing is left behind on error.");
   sub->callback([o, &run] { run = [o] { return run_merge(*o); }; });
   return sub;

@@ -45,7 +45,8 @@ std::vector<Input> weighted_inputs(const weighted_adapters& o) {
     throw errors::usage(fmt::format("{} --weight values for {} --adapter values: give one per adapter, or none",
                                     o.weights.size(), o.adapters.size()));
   std::vector<Input> inputs;
-  for (size_t i = 0; i < o.adapters.size(); ++i) inputs.push_back({o.adapters[i], o.weights.empty() ? 1.0 : o.weights[i]});
+  for (size_t i = 0; i < o.adapters.size(); ++i)
+    inputs.push_back({o.adapters[i], o.weights.empty() ? 1.0 : o.weights[i]});
   return inputs;
 }
 

@@ -20,8 +20,10 @@ std::string human_bytes(uint64_t n) {
 }
 
 progress_bar::progress_bar(std::string label, bool quiet)
-    : label_(std::move(label)), enabled_(!quiet && ::isatty(STDERR_FILENO) == 1),
-      start_(std::chrono::steady_clock::now()), last_(start_) {}
+    : label_(std::move(label)),
+      enabled_(!quiet && ::isatty(STDERR_FILENO) == 1),
+      start_(std::chrono::steady_clock::now()),
+      last_(start_) {}
 
 progress_bar::~progress_bar() { finish(); }
 
@@ -40,7 +42,7 @@ void progress_bar::draw(const progress_event& e, bool force) {
   if (!force && now - last_ < std::chrono::milliseconds(100)) return;
   last_ = now;
   const double secs = std::chrono::duration<double>(now - start_).count();
-  const double frac = e.total_bytes > 0 ? static_cast<double>(e.done_bytes) / static_cast<double>(e.total_bytes)
+  const double frac = e.total_bytes > 0   ? static_cast<double>(e.done_bytes) / static_cast<double>(e.total_bytes)
                       : e.total_items > 0 ? static_cast<double>(e.done_items) / static_cast<double>(e.total_items)
                                           : 1.0;
   const int width = 24;

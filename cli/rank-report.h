@@ -43,7 +43,8 @@ inline std::optional<rank_rule> make_rank_rule(const rank_cli_options& o) {
     rule.type = rank_rule::kind::fixed;
     rule.value = static_cast<double>(*o.rank);
   } else if (o.energy) {
-    if (!(*o.energy > 0 && *o.energy <= 1)) throw errors::usage(fmt::format("--energy {} must be in (0, 1]", *o.energy));
+    if (!(*o.energy > 0 && *o.energy <= 1))
+      throw errors::usage(fmt::format("--energy {} must be in (0, 1]", *o.energy));
     rule.type = rank_rule::kind::energy;
     rule.value = *o.energy;
   } else if (o.max_error) {

@@ -59,7 +59,8 @@ CLI::App* setup_resize(CLI::App& app, runner& run) {
       "resize",
       "Re-rank every module of an adapter (PEFT or kohya) without forming B A: QR of B and A^T, SVD of the small core, "
       "balanced factors B' = Q_B U sqrt(S), A' = sqrt(S) V^T Q_A^T; writes alpha = new rank (scale 1)");
-  sub->add_option("--adapter", o->adapter, "adapter: PEFT folder, PEFT .safetensors (config beside it) or kohya .safetensors")
+  sub->add_option("--adapter", o->adapter,
+                  "adapter: PEFT folder, PEFT .safetensors (config beside it) or kohya .safetensors")
       ->required();
   sub->add_option("--out", o->out, "output (same format as the input: a PEFT folder or a kohya .safetensors file)")
       ->required();

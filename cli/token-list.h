@@ -23,7 +23,8 @@ inline std::vector<int64_t> parse_token_list(const std::string& text) {
     int64_t v = 0;
     auto [ptr, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
     if (item.empty() || ec != std::errc() || ptr != item.data() + item.size() || v < 0)
-      throw errors::usage(fmt::format("--tokens {}: '{}' is not a non-negative integer (expected e.g. 1,2,3)", text, item));
+      throw errors::usage(
+          fmt::format("--tokens {}: '{}' is not a non-negative integer (expected e.g. 1,2,3)", text, item));
     out.push_back(v);
     if (comma == std::string::npos) break;
     start = comma + 1;

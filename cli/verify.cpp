@@ -41,8 +41,13 @@ int run_verify(const verify_cli_options& o) {
     j["worst"] = nlohmann::json::array();
     for (size_t i = 0; i < r.tensors.size() && i < static_cast<size_t>(o.worst); ++i) {
       const auto& c = r.tensors[i];
-      j["worst"].push_back({{"name", c.name}, {"kind", c.kind}, {"ok", c.ok}, {"max_error", c.max_error},
-                            {"tolerance", c.tolerance}, {"ratio", finite_or(c.ratio, 1e300)}, {"bad_elements", c.n_bad}});
+      j["worst"].push_back({{"name", c.name},
+                            {"kind", c.kind},
+                            {"ok", c.ok},
+                            {"max_error", c.max_error},
+                            {"tolerance", c.tolerance},
+                            {"ratio", finite_or(c.ratio, 1e300)},
+                            {"bad_elements", c.n_bad}});
     }
     j["failed"] = nlohmann::json::array();
     for (const auto& c : r.tensors)
@@ -53,18 +58,28 @@ int run_verify(const verify_cli_options& o) {
     j["layer_inputs"] = opts.n_inputs;
     j["layers"] = nlohmann::json::array();
     for (const auto& c : r.layers)
-      j["layers"].push_back({{"name", c.name}, {"kind", c.kind}, {"ok", c.ok}, {"max_abs", finite_or(c.max_abs, 1e300)},
-                             {"max_rel", finite_or(c.max_rel, 1e300)}, {"tolerance", c.tolerance},
-                             {"ratio", finite_or(c.ratio, 1e300)}, {"bad_outputs", c.n_bad}});
+      j["layers"].push_back({{"name", c.name},
+                             {"kind", c.kind},
+                             {"ok", c.ok},
+                             {"max_abs", finite_or(c.max_abs, 1e300)},
+                             {"max_rel", finite_or(c.max_rel, 1e300)},
+                             {"tolerance", c.tolerance},
+                             {"ratio", finite_or(c.ratio, 1e300)},
+                             {"bad_outputs", c.n_bad}});
     if (r.model.ran)
-      j["model"] = {{"tokens", r.model.n_tokens}, {"max_abs", r.model.max_abs}, {"max_rel", r.model.max_rel},
-                    {"tolerance", r.model.tolerance}, {"top1_agreement", r.model.top1_agreement}, {"ok", r.model.ok}};
+      j["model"] = {{"tokens", r.model.n_tokens},
+                    {"max_abs", r.model.max_abs},
+                    {"max_rel", r.model.max_rel},
+                    {"tolerance", r.model.tolerance},
+                    {"top1_agreement", r.model.top1_agreement},
+                    {"ok", r.model.ok}};
     else
       j["model"] = {{"skipped", r.model.skipped}};
     fmt::print("{}\n", j.dump(2));
     return code;
   }
-  fmt::print("{}: {} tensors checked, {} failed\n", r.equivalent ? "equivalent" : "NOT equivalent", r.n_checked, r.n_failed);
+  fmt::print("{}: {} tensors checked, {} failed\n", r.equivalent ? "equivalent" : "NOT equivalent", r.n_checked,
+             r.n_failed);
   for (size_t i = 0; i < r.tensors.size() && i < static_cast<size_t>(o.worst); ++i) {
     const auto& c = r.tensors[i];
     fmt::print("  {} {} ({}): max error {:.3g}, tolerance {:.3g}, {} elements over\n", c.ok ? "ok  " : "FAIL", c.name,
@@ -78,9 +93,10 @@ int run_verify(const verify_cli_options& o) {
                c.ok ? "ok  " : "FAIL", c.name, c.kind, c.max_abs, c.max_rel, c.tolerance, c.ratio, c.n_bad);
   }
   if (r.model.ran)
-    fmt::print("model: {} tokens, max |dlogit| {:.3g} (relative {:.3g}, tolerance {:.3g}), top-1 agreement {:.0f}% {}\n",
-               r.model.n_tokens, r.model.max_abs, r.model.max_rel, r.model.tolerance, 100 * r.model.top1_agreement,
-               r.model.ok ? "ok" : "FAIL");
+    fmt::print(
+        "model: {} tokens, max |dlogit| {:.3g} (relative {:.3g}, tolerance {:.3g}), top-1 agreement {:.0f}% {}\n",
+        r.model.n_tokens, r.model.max_abs, r.model.max_rel, r.model.tolerance, 100 * r.model.top1_agreement,
+        r.model.ok ? "ok" : "FAIL");
   else
     fmt::print("model: skipped ({})\n", r.model.skipped);
   return code;
@@ -101,7 +117,8 @@ CLI::App* setup_verify(CLI::App& app, runner& run) {
   sub->add_option("--seed", o->seed, "seed of the layer-level input vectors (default 1234)");
   sub->add_flag("--json", o->json, "machine-readable report on stdout");
   sub->add_option("--threads", o->threads, "BLAS threads (default: all cores)")->check(CLI::NonNegativeNumber);
-  sub->add_option("--worst", o->worst, "how many of the worst tensors and layers to list (default 5)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--worst", o->worst, "how many of the worst tensors and layers to list (default 5)")
+      ->check(CLI::NonNegativeNumber);
   sub->footer("Exit codes: 0 equivalent, 1 not equivalent, 2 bad command line, 3 invalid input, 4 I/O failure.");
   sub->callback([o, &run] { run = [o] { return run_verify(*o); }; });
   return sub;

@@ -25,10 +25,11 @@ std::string kohya_module_name(const std::string& name, const std::string& prefix
 
 std::string auto_kohya_prefix(const std::vector<std::string>& module_paths) {
   static const std::set<std::string, std::less<>> unet_roots = {
-      "down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding",
-      "input_blocks", "middle_block", "output_blocks", "transformer_blocks", "single_transformer_blocks",
-      "time_text_embed", "context_embedder", "x_embedder", "proj_out", "norm_out", "conv_norm_out",
-      "diffusion_model"};
+      "down_blocks",     "up_blocks",        "mid_block",          "conv_in",
+      "conv_out",        "time_embedding",   "add_embedding",      "input_blocks",
+      "middle_block",    "output_blocks",    "transformer_blocks", "single_transformer_blocks",
+      "time_text_embed", "context_embedder", "x_embedder",         "proj_out",
+      "norm_out",        "conv_norm_out",    "diffusion_model"};
   for (const std::string& path : module_paths) {
     const std::string_view root = std::string_view(path).substr(0, path.find('.'));
     if (unet_roots.count(root) || path.find("diffusion_model.") != std::string::npos) return "lora_unet_";
@@ -39,7 +40,8 @@ std::string auto_kohya_prefix(const std::vector<std::string>& module_paths) {
 std::string resolve_kohya_prefix(const std::string& option, const std::vector<std::string>& module_paths) {
   if (option.empty() || option == "auto") return auto_kohya_prefix(module_paths);
   if (std::find(std::begin(kohya_prefixes), std::end(kohya_prefixes), option) == std::end(kohya_prefixes))
-    throw errors::usage(fmt::format("--kohya-prefix {} is not one of auto, {}", option, fmt::join(kohya_prefixes, ", ")));
+    throw errors::usage(
+        fmt::format("--kohya-prefix {} is not one of auto, {}", option, fmt::join(kohya_prefixes, ", ")));
   return option;
 }
 

@@ -78,8 +78,8 @@ tensor_data make_finite_tensor(dtype type, std::vector<int64_t> shape, std::span
   double largest = 0;
   for (double v : values) largest = std::max(largest, std::fabs(v));
   throw errors::invalid(file, module,
-                        fmt::format("the new {} overflows {}: a value of magnitude {:.3g} (largest finite {:.3g})", what,
-                                    dtype_name(type), largest, max_finite(type)));
+                        fmt::format("the new {} overflows {}: a value of magnitude {:.3g} (largest finite {:.3g})",
+                                    what, dtype_name(type), largest, max_finite(type)));
 }
 
 tensor_data copy_tensor(const tensor_ref& r) {
@@ -215,8 +215,9 @@ recompressed recompress(std::span<const double> b, std::span<const double> a, in
   // the core C = s R_B R_A^T [p, q] carries every singular value of s B A
   mat core = scale * qb.r * qa.r.transpose();
   if (!std::isfinite(core.squaredNorm()))
-    throw errors::invalid("", "", fmt::format("the delta{} is too large: its squared norm overflows f64",
-                                              scale == 1.0 ? "" : fmt::format(" s B A (s = {:.3g})", scale)));
+    throw errors::invalid("", "",
+                          fmt::format("the delta{} is too large: its squared norm overflows f64",
+                                      scale == 1.0 ? "" : fmt::format(" s B A (s = {:.3g})", scale)));
   const int64_t p = core.rows(), q = core.cols();
   std::vector<double> c(core.data(), core.data() + core.size());
   low_rank_svd svd = exact_svd(c, p, q, rule);
@@ -294,10 +295,12 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base) 
   safetensors_file f(weights.string());
   const std::string label = weights.string();
   if (!fs::exists(config_path, ec))
-    throw errors::invalid(label, "", "MLX LoRA weights without adapter_config.json beside them (lora_parameters.scale unknown)");
+    throw errors::invalid(label, "",
+                          "MLX LoRA weights without adapter_config.json beside them (lora_parameters.scale unknown)");
   const mlx_adapter_config cfg = parse_mlx_adapter_config(read_text_file(config_path.string()), config_path.string());
   if (cfg.use_dora || cfg.fine_tune_type == "dora")
-    throw errors::invalid(config_path.string(), "fine_tune_type", "an MLX DoRA adapter: only LoRA adapters are converted");
+    throw errors::invalid(config_path.string(), "fine_tune_type",
+                          "an MLX DoRA adapter: only LoRA adapters are converted");
   if (!cfg.fine_tune_type.empty() && cfg.fine_tune_type != "lora")
     throw errors::invalid(config_path.string(), "fine_tune_type",
                           fmt::format("\"{}\": only LoRA adapters are converted", cfg.fine_tune_type));
@@ -305,12 +308,15 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base) 
   // pair lora_a with lora_b
   std::map<std::string, std::pair<const tensor_info*, const tensor_info*>> by_module;
   for (const tensor_info& t : f.tensors()) {
-    if (ends_with(t.name, ".lora_a") && t.name.size() > 7) by_module[t.name.substr(0, t.name.size() - 7)].first = &t;
-    else if (ends_with(t.name, ".lora_b") && t.name.size() > 7) by_module[t.name.substr(0, t.name.size() - 7)].second = &t;
+    if (ends_with(t.name, ".lora_a") && t.name.size() > 7)
+      by_module[t.name.substr(0, t.name.size() - 7)].first = &t;
+    else if (ends_with(t.name, ".lora_b") && t.name.size() > 7)
+      by_module[t.name.substr(0, t.name.size() - 7)].second = &t;
     else if (ends_with(t.name, ".m"))
       throw errors::invalid(label, t.name, "DoRA magnitude (.m): MLX DoRA adapters are not converted");
     else
-      throw errors::invalid(label, t.name, "unknown key in an MLX LoRA adapter (expected <module>.lora_a and <module>.lora_b)");
+      throw errors::invalid(label, t.name,
+                            "unknown key in an MLX LoRA adapter (expected <module>.lora_a and <module>.lora_b)");
   }
   if (by_module.empty()) throw errors::invalid(label, "", "holds no lora_a / lora_b tensors");
 
@@ -324,13 +330,15 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base) 
     if (!la) throw errors::invalid(label, lb->name, "lora_b without its lora_a");
     if (!lb) throw errors::invalid(label, la->name, "lora_a without its lora_b");
     if (la->shape.size() != 2 || lb->shape.size() != 2)
-      throw errors::invalid(label, la->name,
-                            fmt::format("lora_a {} and lora_b {}: expected [in, r] and [r, out] (switch / MoE LoRA is not converted)",
-                                        shape_text(la->shape), shape_text(lb->shape)));
+      throw errors::invalid(
+          label, la->name,
+          fmt::format("lora_a {} and lora_b {}: expected [in, r] and [r, out] (switch / MoE LoRA is not converted)",
+                      shape_text(la->shape), shape_text(lb->shape)));
     const int64_t in = la->shape[0], r = la->shape[1], out = lb->shape[1];
     if (lb->shape[0] != r)
-      throw errors::invalid(label, lb->name, fmt::format("rank disagrees: lora_a is {} (rank {}), lora_b is {} (rank {})",
-                                                         shape_text(la->shape), r, shape_text(lb->shape), lb->shape[0]));
+      throw errors::invalid(label, lb->name,
+                            fmt::format("rank disagrees: lora_a is {} (rank {}), lora_b is {} (rank {})",
+                                        shape_text(la->shape), r, shape_text(lb->shape), lb->shape[0]));
     if (r <= 0) throw errors::invalid(label, la->name, "rank 0");
     if (cfg.rank && *cfg.rank != r)
       throw errors::invalid(label, la->name,
@@ -348,11 +356,14 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base) 
     if (base != nullptr) {
       const tensor_ref* w = base->find_ref(name + ".weight");
       if (w == nullptr)
-        throw fit_error(label, base->path,
-                        {{{la->name, fmt::format("the base has no tensor {}.weight", name), fit_issue::no_base_tensor}}});
+        throw fit_error(
+            label, base->path,
+            {{{la->name, fmt::format("the base has no tensor {}.weight", name), fit_issue::no_base_tensor}}});
       const std::vector<int64_t> linear{out, in}, embedding{in, out};
-      if (w->info->shape == linear && w->info->shape != embedding) m.kind = module_kind::linear;
-      else if (w->info->shape == embedding && w->info->shape != linear) m.kind = module_kind::embedding;
+      if (w->info->shape == linear && w->info->shape != embedding)
+        m.kind = module_kind::linear;
+      else if (w->info->shape == embedding && w->info->shape != linear)
+        m.kind = module_kind::embedding;
       else if (w->info->shape != linear)
         throw fit_error(label, base->path,
                         {{{la->name,
@@ -408,7 +419,8 @@ resize_report resize_adapter(const resize_options& o) {
     module_data& md = out.modules[i];
     const double scale = in.modules[i].scale;
     const factors f = read_factors(md.a, md.b, md.rank);
-    recompressed rc = named_svd_errors(file, md.name, [&] { return recompress(f.b, f.a, f.m, f.n, f.r, scale, o.rule); });
+    recompressed rc =
+        named_svd_errors(file, md.name, [&] { return recompress(f.b, f.a, f.m, f.n, f.r, scale, o.rule); });
     const int64_t k = rc.rank;
 
     module_rank_report& line = report.modules[i];
@@ -424,7 +436,8 @@ resize_report resize_adapter(const resize_options& o) {
       // scale, as alpha = s r (rsLoRA is off in the output)
       md.alpha = alpha_for_scale(scale, k, false);
       if (!std::isfinite(md.alpha))
-        throw errors::invalid(file, md.name, fmt::format("the new alpha = s * r = {:.3g} * {} overflows f64", scale, k));
+        throw errors::invalid(file, md.name,
+                              fmt::format("the new alpha = s * r = {:.3g} * {} overflows f64", scale, k));
       // the written delta is s' B A, s' = alpha / r: off by |s' - s| / |s| (an ulp at most)
       const double written = lora_scale(md.alpha, k, false);
       line.measured_error = scale != 0 ? std::fabs(written - scale) / std::fabs(scale) : 0.0;
@@ -478,13 +491,15 @@ combine_report combine_adapters(const combine_options& o) {
   } else {
     for (const adapter& a : ins)
       if (a.format != ins.front().format)
-        throw errors::usage(fmt::format("{} is a {} adapter and {} a {} one: give --base MODEL to match kohya names to "
-                                        "module paths", ins.front().path, adapter_format_name(ins.front().format), a.path,
-                                        adapter_format_name(a.format)));
+        throw errors::usage(fmt::format(
+            "{} is a {} adapter and {} a {} one: give --base MODEL to match kohya names to "
+            "module paths",
+            ins.front().path, adapter_format_name(ins.front().format), a.path, adapter_format_name(a.format)));
   }
   const adapter_format format = o.format.value_or(ins.front().format);
   if (format == adapter_format::peft && o.base.empty() && ins.front().format == adapter_format::kohya)
-    throw errors::usage("a PEFT output from kohya adapters needs --base MODEL (kohya names lose the dots of the module paths)");
+    throw errors::usage(
+        "a PEFT output from kohya adapters needs --base MODEL (kohya names lose the dots of the module paths)");
 
   // what combine cannot do: DoRA (not a sum of deltas), modules_to_save
   std::set<dtype> dtypes;
@@ -498,8 +513,9 @@ combine_report combine_adapters(const combine_options& o) {
       dtypes.insert(m.b.info->type);
     }
     if (!a.saved.empty())
-      throw errors::invalid(a.weights_path, a.saved.front().tensor.info->name,
-                            "modules_to_save tensors cannot be combined (they replace a base tensor, they are not deltas)");
+      throw errors::invalid(
+          a.weights_path, a.saved.front().tensor.info->name,
+          "modules_to_save tensors cannot be combined (they replace a base tensor, they are not deltas)");
   }
   const dtype out_type = dtypes.size() == 1 ? *dtypes.begin() : dtype::F32;
 
@@ -542,12 +558,12 @@ combine_report combine_adapters(const combine_options& o) {
       const bool same = m.kind == first.kind && m.fan_in_fan_out == first.fan_in_fan_out && tail(m) == tail(first) &&
                         m.b.info->shape[0] == first.b.info->shape[0];
       if (!same)
-        throw errors::invalid(ins[p.adapter].weights_path, m.a.info->name,
-                              fmt::format("module {} cannot be combined: {} {} with B {} here, {} {} with B {} in {}{}", name,
-                                          module_kind_name(m.kind), shape_text(m.a.info->shape),
-                                          shape_text(m.b.info->shape), module_kind_name(first.kind),
-                                          shape_text(first.a.info->shape), shape_text(first.b.info->shape),
-                                          fa.weights_path, m.fan_in_fan_out != first.fan_in_fan_out ? " (fan_in_fan_out differs)" : ""));
+        throw errors::invalid(
+            ins[p.adapter].weights_path, m.a.info->name,
+            fmt::format("module {} cannot be combined: {} {} with B {} here, {} {} with B {} in {}{}", name,
+                        module_kind_name(m.kind), shape_text(m.a.info->shape), shape_text(m.b.info->shape),
+                        module_kind_name(first.kind), shape_text(first.a.info->shape), shape_text(first.b.info->shape),
+                        fa.weights_path, m.fan_in_fan_out != first.fan_in_fan_out ? " (fan_in_fan_out differs)" : ""));
     }
     module_data md;
     md.name = name;
@@ -559,14 +575,16 @@ combine_report combine_adapters(const combine_options& o) {
     out.modules.push_back(std::move(md));
     jobs.push_back(parts);
   }
-  if (format == adapter_format::kohya) out.kohya_prefix = resolve_kohya_prefix(o.kohya_prefix, sorted_names(out.modules));
+  if (format == adapter_format::kohya)
+    out.kohya_prefix = resolve_kohya_prefix(o.kohya_prefix, sorted_names(out.modules));
   if (format == adapter_format::peft) {
     std::set<std::string> fif;
     for (const auto& parts : jobs) fif.insert(parts.front().module->fan_in_fan_out ? "1" : "0");
     out.config.fan_in_fan_out = fif.count("1") > 0;
     if (fif.size() > 1)
-      throw errors::invalid(o.adapters.front().path, "",
-                            "some modules are fan_in_fan_out (GPT-2 Conv1D) and some not: one PEFT config cannot say both");
+      throw errors::invalid(
+          o.adapters.front().path, "",
+          "some modules are fan_in_fan_out (GPT-2 Conv1D) and some not: one PEFT config cannot say both");
     out.config.target_modules = sorted_names(out.modules);
   }
 
@@ -591,8 +609,9 @@ combine_report combine_adapters(const combine_options& o) {
       const lora_module& lm = *p.module;
       const double w = o.adapters[p.adapter].weight * lm.scale;
       if (!std::isfinite(w))
-        throw errors::invalid(ins[p.adapter].weights_path, md.name,
-                              fmt::format("weight {:.3g} * scale {:.3g} overflows f64", o.adapters[p.adapter].weight, lm.scale));
+        throw errors::invalid(
+            ins[p.adapter].weights_path, md.name,
+            fmt::format("weight {:.3g} * scale {:.3g} overflows f64", o.adapters[p.adapter].weight, lm.scale));
       const int64_t r = lm.rank;
       std::vector<double> bi = values_f64(lm.b.info->type, lm.b.data(), m * r);
       std::vector<double> ai = values_f64(lm.a.info->type, lm.a.data(), r * n);
@@ -674,9 +693,10 @@ convert_report convert_adapter(const convert_options& o) {
     for (const lora_module& m : a.modules) check_finite_factors(m, a.weights_path);
     report.from = std::string(adapter_format_name(a.format));
     if (a.format == adapter_format::kohya && o.to == adapter_format::peft && !base)
-      throw errors::usage(fmt::format("converting the kohya adapter {} to PEFT needs --base MODEL: kohya names (\"{}\") "
-                                      "lose the dots of the module paths, the base's tensor names give them back",
-                                      o.adapter, a.modules.empty() ? "" : a.modules.front().name));
+      throw errors::usage(
+          fmt::format("converting the kohya adapter {} to PEFT needs --base MODEL: kohya names (\"{}\") "
+                      "lose the dots of the module paths, the base's tensor names give them back",
+                      o.adapter, a.modules.empty() ? "" : a.modules.front().name));
     std::map<const tensor_info*, std::string> kohya_name;  // kept for kohya -> kohya
     for (const lora_module& m : a.modules) kohya_name[m.a.info] = m.name;
     if (base) require_fit(a, *base);
@@ -686,7 +706,8 @@ convert_report convert_adapter(const convert_options& o) {
         if (m.fan_in_fan_out)
           throw errors::invalid(a.weights_path, m.a.info->name,
                                 fmt::format("module {} is fan_in_fan_out (GPT-2 Conv1D, weight [in, out]): kohya files "
-                                            "have no such layout", m.name));
+                                            "have no such layout",
+                                            m.name));
     d = adapter_to_data(a);
     if (base && o.to == adapter_format::peft)
       for (module_data& m : d.modules) reshape_to_kind(m);
@@ -708,7 +729,8 @@ convert_report convert_adapter(const convert_options& o) {
       for (module_data& m : d.modules) {
         m.alpha = alpha_for_scale(lora_scale(m.alpha, m.rank, true), m.rank, false);
         if (!std::isfinite(m.alpha))
-          throw errors::invalid(o.adapter, m.name, fmt::format("the kohya alpha = s * r (rsLoRA) overflows f64 at rank {}", m.rank));
+          throw errors::invalid(o.adapter, m.name,
+                                fmt::format("the kohya alpha = s * r (rsLoRA) overflows f64 at rank {}", m.rank));
       }
       d.use_rslora = false;
     }

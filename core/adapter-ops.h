@@ -88,12 +88,12 @@ adapter_data load_mlx_adapter(const std::string& path, const model_files* base);
 // One module's line in a resize / combine report.
 struct module_rank_report {
   std::string name;
-  int64_t rank_in = 0;           // input rank (combine: the sum over the adapters)
+  int64_t rank_in = 0;  // input rank (combine: the sum over the adapters)
   int64_t rank_out = 0;
-  double energy_kept = 1;        // sum_{i<k} s_i^2 / ||delta||^2
-  double relative_error = 0;     // ||delta - B'A'|| / ||delta||, exact arithmetic
-  double measured_error = 0;     // the same for the factors as written (after rounding to their dtype)
-  bool target_reached = true;    // false: --max-rank or the input rank stopped the rule
+  double energy_kept = 1;      // sum_{i<k} s_i^2 / ||delta||^2
+  double relative_error = 0;   // ||delta - B'A'|| / ||delta||, exact arithmetic
+  double measured_error = 0;   // the same for the factors as written (after rounding to their dtype)
+  bool target_reached = true;  // false: --max-rank or the input rank stopped the rule
 };
 
 struct resize_options {
@@ -126,10 +126,10 @@ struct combine_input {
 struct combine_options {
   std::vector<combine_input> adapters;
   std::string out;
-  std::optional<rank_rule> rule;          // nullopt: exact (concatenated ranks)
-  std::optional<adapter_format> format;   // nullopt: the first adapter's
-  std::string base;                       // needed to mix PEFT and kohya inputs
-  std::string kohya_prefix = "auto";      // kohya output names for dotted modules
+  std::optional<rank_rule> rule;         // nullopt: exact (concatenated ranks)
+  std::optional<adapter_format> format;  // nullopt: the first adapter's
+  std::string base;                      // needed to mix PEFT and kohya inputs
+  std::string kohya_prefix = "auto";     // kohya output names for dotted modules
   bool force = false;
 };
 
@@ -154,10 +154,10 @@ struct combine_report {
 combine_report combine_adapters(const combine_options& options);
 
 struct convert_options {
-  std::string adapter;              // PEFT folder / file, kohya file, mlx_lm folder / file
+  std::string adapter;  // PEFT folder / file, kohya file, mlx_lm folder / file
   adapter_format to = adapter_format::peft;
   std::string out;
-  std::string base;                 // model folder / file; required for kohya -> PEFT
+  std::string base;                   // model folder / file; required for kohya -> PEFT
   std::string kohya_prefix = "auto";  // lora_unet_ for UNet / DiT module names, else lora_te_
   bool force = false;
 };

@@ -54,8 +54,8 @@ void check_bytes(const tensor_data& t, const std::string& key, const std::string
   for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
   std::optional<uint64_t> want = dtype_bytes(t.type, n);
   if (!want || *want != t.bytes.size())
-    throw errors::invalid(label, key, fmt::format("internal: {} bytes for {} elements of {}", t.bytes.size(), n,
-                                                  dtype_name(t.type)));
+    throw errors::invalid(
+        label, key, fmt::format("internal: {} bytes for {} elements of {}", t.bytes.size(), n, dtype_name(t.type)));
 }
 
 // The tensors of one file, by key.
@@ -176,7 +176,8 @@ void write_adapter(const adapter_data& data, const std::string& out_arg, bool fo
   while (out.has_relative_path() && !out.has_filename()) out = out.parent_path();  // "dir/" -> "dir"
   std::error_code ec;
   const bool exists = fs::exists(fs::symlink_status(out, ec));
-  if (exists && !force) throw errors::usage(fmt::format("output {} already exists (--force replaces it)", out.string()));
+  if (exists && !force)
+    throw errors::usage(fmt::format("output {} already exists (--force replaces it)", out.string()));
 
   // kohya: one file, atomic by itself
   if (data.format == adapter_format::kohya) {
@@ -204,7 +205,8 @@ void write_adapter(const adapter_data& data, const std::string& out_arg, bool fo
       for (auto& [k, v] : config.alpha_pattern) k = exact_pattern(k);
       write_file_atomic(config_path, render_peft_config(config));
       if (!config_reads_back(data, tmp.path()))
-        throw errors::invalid(config_path, "", "internal: the written config does not give every module its rank and scale");
+        throw errors::invalid(config_path, "",
+                              "internal: the written config does not give every module its rank and scale");
     }
   } catch (const error& e) {
     throw tmp.shown(e);  // name the output, not the temp folder about to be removed

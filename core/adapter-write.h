@@ -31,8 +31,8 @@ struct module_data {
   // writer turns into one with the adapter's kohya_prefix.
   std::string name;
   module_kind kind = module_kind::linear;
-  tensor_data a;  // lora_A / lora_embedding_A / lora_down: [r, in(, kh, kw)] or [r, vocab]
-  tensor_data b;  // lora_B / lora_embedding_B / lora_up:   [out, r(, 1, 1)] or [dim, r]
+  tensor_data a;                         // lora_A / lora_embedding_A / lora_down: [r, in(, kh, kw)] or [r, vocab]
+  tensor_data b;                         // lora_B / lora_embedding_B / lora_up:   [out, r(, 1, 1)] or [dim, r]
   std::optional<tensor_data> magnitude;  // PEFT DoRA m
   std::optional<tensor_data> bias;       // PEFT lora_B.bias
   int64_t rank = 0;

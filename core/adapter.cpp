@@ -20,15 +20,16 @@ namespace lora {
 
 namespace fs = std::filesystem;
 
-std::string_view adapter_format_name(adapter_format f) noexcept {
-  return f == adapter_format::peft ? "peft" : "kohya";
-}
+std::string_view adapter_format_name(adapter_format f) noexcept { return f == adapter_format::peft ? "peft" : "kohya"; }
 
 std::string_view module_kind_name(module_kind k) noexcept {
   switch (k) {
-    case module_kind::linear: return "linear";
-    case module_kind::embedding: return "embedding";
-    case module_kind::conv: return "conv";
+    case module_kind::linear:
+      return "linear";
+    case module_kind::embedding:
+      return "embedding";
+    case module_kind::conv:
+      return "conv";
   }
   return "linear";
 }
@@ -46,7 +47,6 @@ double alpha_for_scale(double scale, int64_t rank, bool rslora) noexcept {
 }
 
 namespace {
-
 
 bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
@@ -76,24 +76,34 @@ struct other_kind {
 
 // Adapter kinds that are not plain LoRA, each recognised by a key form.
 const other_kind other_kinds[] = {
-    {"LoHa (LyCORIS hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b)", [](std::string_view k) { return contains(k, "hada_w1") || contains(k, "hada_w2") || contains(k, "hada_t1"); }},
-    {"LoKr (LyCORIS lokr_w1, lokr_w2, ...)", [](std::string_view k) { return contains(k, ".lokr_w") || contains(k, ".lokr_t"); }},
-    {"LoCon/LyCORIS with Tucker decomposition (lora_mid)", [](std::string_view k) { return contains(k, ".lora_mid."); }},
-    {"LyCORIS full weight difference (diff, diff_b)", [](std::string_view k) { return ends_with(k, ".diff") || ends_with(k, ".diff_b"); }},
-    {"LyCORIS norm adapter (w_norm, b_norm)", [](std::string_view k) { return ends_with(k, ".w_norm") || ends_with(k, ".b_norm"); }},
-    {"MLX LoRA (lora_a [in, r], lora_b [r, out])", [](std::string_view k) { return ends_with(k, ".lora_a") || ends_with(k, ".lora_b"); }},
-    {"diffusers attention-processor LoRA (processor.to_k_lora.down.weight, ...)", [](std::string_view k) {
-       return contains(k, "_lora.down.") || contains(k, "_lora.up.") || contains(k, ".lora.down.") || contains(k, ".lora.up.") ||
-              contains(k, ".lora_linear_layer.");
+    {"LoHa (LyCORIS hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b)",
+     [](std::string_view k) { return contains(k, "hada_w1") || contains(k, "hada_w2") || contains(k, "hada_t1"); }},
+    {"LoKr (LyCORIS lokr_w1, lokr_w2, ...)",
+     [](std::string_view k) { return contains(k, ".lokr_w") || contains(k, ".lokr_t"); }},
+    {"LoCon/LyCORIS with Tucker decomposition (lora_mid)",
+     [](std::string_view k) { return contains(k, ".lora_mid."); }},
+    {"LyCORIS full weight difference (diff, diff_b)",
+     [](std::string_view k) { return ends_with(k, ".diff") || ends_with(k, ".diff_b"); }},
+    {"LyCORIS norm adapter (w_norm, b_norm)",
+     [](std::string_view k) { return ends_with(k, ".w_norm") || ends_with(k, ".b_norm"); }},
+    {"MLX LoRA (lora_a [in, r], lora_b [r, out])",
+     [](std::string_view k) { return ends_with(k, ".lora_a") || ends_with(k, ".lora_b"); }},
+    {"diffusers attention-processor LoRA (processor.to_k_lora.down.weight, ...)",
+     [](std::string_view k) {
+       return contains(k, "_lora.down.") || contains(k, "_lora.up.") || contains(k, ".lora.down.") ||
+              contains(k, ".lora.up.") || contains(k, ".lora_linear_layer.");
      }},
     {"cloneofsimo LoRA (<module>:<N>:up / :down)", is_cloneofsimo_key},
     {"IA3 ((IA)^3 ia3_l scaling vectors)", [](std::string_view k) { return contains(k, "ia3_l"); }},
-    {"VeRA (vera_lambda_b, vera_lambda_d)", [](std::string_view k) { return contains(k, "vera_lambda") || contains(k, "vera_A"); }},
-    {"OFT (oft_r)", [](std::string_view k) { return contains(k, ".oft_r") || contains(k, ".oft_blocks") || contains(k, ".oft_R"); }},
+    {"VeRA (vera_lambda_b, vera_lambda_d)",
+     [](std::string_view k) { return contains(k, "vera_lambda") || contains(k, "vera_A"); }},
+    {"OFT (oft_r)",
+     [](std::string_view k) { return contains(k, ".oft_r") || contains(k, ".oft_blocks") || contains(k, ".oft_R"); }},
     {"BOFT (boft_R, boft_s)", [](std::string_view k) { return contains(k, ".boft_"); }},
     {"AdaLoRA (lora_E)", [](std::string_view k) { return contains(k, ".lora_E"); }},
     {"prompt tuning (prompt_embeddings)", [](std::string_view k) { return k == "prompt_embeddings"; }},
-    {"adaption prompt (adaption_prompt, adaption_gate)", [](std::string_view k) { return contains(k, "adaption_prompt") || contains(k, "adaption_gate"); }},
+    {"adaption prompt (adaption_prompt, adaption_gate)",
+     [](std::string_view k) { return contains(k, "adaption_prompt") || contains(k, "adaption_gate"); }},
 };
 
 bool is_peft_lora_key(std::string_view k) {
@@ -157,12 +167,18 @@ struct module_parts {
 
 std::string_view role_name(peft_role r) {
   switch (r) {
-    case peft_role::a: return "lora_A";
-    case peft_role::b: return "lora_B";
-    case peft_role::embedding_a: return "lora_embedding_A";
-    case peft_role::embedding_b: return "lora_embedding_B";
-    case peft_role::magnitude: return "lora_magnitude_vector";
-    case peft_role::bias: return "lora_B.bias";
+    case peft_role::a:
+      return "lora_A";
+    case peft_role::b:
+      return "lora_B";
+    case peft_role::embedding_a:
+      return "lora_embedding_A";
+    case peft_role::embedding_b:
+      return "lora_embedding_B";
+    case peft_role::magnitude:
+      return "lora_magnitude_vector";
+    case peft_role::bias:
+      return "lora_B.bias";
   }
   return "";
 }
@@ -202,16 +218,17 @@ void load_peft(adapter& a, const std::string& config_label) {
       std::string module(rest.substr(0, rest.size() - found->suffix.size()));
       auto [it, inserted] = by_module[module].parts.emplace(found->role, &t);
       if (!inserted)
-        throw errors::invalid(label, t.name,
-                              fmt::format("second {} tensor for module {} (also {})", role_name(found->role), module,
-                                          it->second->name));
+        throw errors::invalid(
+            label, t.name,
+            fmt::format("second {} tensor for module {} (also {})", role_name(found->role), module, it->second->name));
       continue;
     }
     if (contains(rest, "token_adapter.trainable_tokens_delta"))
       throw errors::invalid(label, t.name, "trainable tokens (trainable_token_indices) are not supported");
     if (contains(rest, "lora_"))
-      throw errors::invalid(label, t.name, "unknown LoRA key (expected lora_A.weight, lora_B.weight, lora_B.bias, "
-                                           "lora_embedding_A/B or lora_magnitude_vector)");
+      throw errors::invalid(label, t.name,
+                            "unknown LoRA key (expected lora_A.weight, lora_B.weight, lora_B.bias, "
+                            "lora_embedding_A/B or lora_magnitude_vector)");
     if ((ends_with(rest, ".weight") || ends_with(rest, ".bias")) && rest.front() != '.' && !contains(rest, "..")) {
       // modules_to_save (or a trained bias): replaces the base tensor whole
       a.saved.push_back({std::string(rest), tensor_ref{&f, &t}});
@@ -245,7 +262,8 @@ void load_peft(adapter& a, const std::string& config_label) {
     const tensor_info* ta = nullptr;
     const tensor_info* tb = nullptr;
     if ((la || lb) && (ea || eb))
-      throw errors::invalid(label, any->name, fmt::format("module {} has both lora_A/lora_B and lora_embedding_A/B", name));
+      throw errors::invalid(label, any->name,
+                            fmt::format("module {} has both lora_A/lora_B and lora_embedding_A/B", name));
     if (ea || eb) {
       if (!ea) throw errors::invalid(label, eb->name, "lora_embedding_B without its lora_embedding_A");
       if (!eb) throw errors::invalid(label, ea->name, "lora_embedding_A without its lora_embedding_B");
@@ -254,7 +272,9 @@ void load_peft(adapter& a, const std::string& config_label) {
       tb = eb;
     } else {
       if (!la && !lb)
-        throw errors::invalid(label, any->name, fmt::format("{} without lora_A and lora_B for module {}", role_name(mp.parts.begin()->first), name));
+        throw errors::invalid(
+            label, any->name,
+            fmt::format("{} without lora_A and lora_B for module {}", role_name(mp.parts.begin()->first), name));
       if (!la) throw errors::invalid(label, lb->name, "lora_B without its lora_A");
       if (!lb) throw errors::invalid(label, la->name, "lora_A without its lora_B");
       ta = la;
@@ -266,8 +286,9 @@ void load_peft(adapter& a, const std::string& config_label) {
     const auto& sb = tb->shape;
     if (sa.size() == 4 && m.kind == module_kind::linear) {
       if (sb.size() != 4 || sb[2] != 1 || sb[3] != 1)
-        throw errors::invalid(label, tb->name, fmt::format("conv lora_B must be [out, r, 1, 1], found {} (lora_A is {})",
-                                                           shape_text(sb), shape_text(sa)));
+        throw errors::invalid(
+            label, tb->name,
+            fmt::format("conv lora_B must be [out, r, 1, 1], found {} (lora_A is {})", shape_text(sb), shape_text(sa)));
       m.kind = module_kind::conv;
     } else if (sa.size() != 2 || sb.size() != 2) {
       throw errors::invalid(label, ta->name,
@@ -275,8 +296,9 @@ void load_peft(adapter& a, const std::string& config_label) {
                                         shape_text(sa), shape_text(sb)));
     }
     if (sa[0] != sb[1])
-      throw errors::invalid(label, tb->name, fmt::format("rank disagrees: {} is {} (rank {}), {} is {} (rank {})",
-                                                         ta->name, shape_text(sa), sa[0], tb->name, shape_text(sb), sb[1]));
+      throw errors::invalid(label, tb->name,
+                            fmt::format("rank disagrees: {} is {} (rank {}), {} is {} (rank {})", ta->name,
+                                        shape_text(sa), sa[0], tb->name, shape_text(sb), sb[1]));
     if (sa[0] <= 0) throw errors::invalid(label, ta->name, "rank 0");
     m.rank = sa[0];
     m.a = {&f, ta};
@@ -287,11 +309,12 @@ void load_peft(adapter& a, const std::string& config_label) {
     if (rp) {
       int64_t want = config.rank_pattern[*rp].second;
       if (want != m.rank)
-        throw errors::invalid(label, ta->name, fmt::format("rank {} from the shapes, but {} rank_pattern \"{}\" says {}",
-                                                           m.rank, config_label, config.rank_pattern[*rp].first, want));
+        throw errors::invalid(label, ta->name,
+                              fmt::format("rank {} from the shapes, but {} rank_pattern \"{}\" says {}", m.rank,
+                                          config_label, config.rank_pattern[*rp].first, want));
     } else if (config.r && *config.r != m.rank) {
-      throw errors::invalid(label, ta->name,
-                            fmt::format("rank {} from the shapes, but {} says r = {}", m.rank, config_label, *config.r));
+      throw errors::invalid(
+          label, ta->name, fmt::format("rank {} from the shapes, but {} says r = {}", m.rank, config_label, *config.r));
     }
 
     // alpha: alpha_pattern, then lora_alpha, then PEFT's default 8
@@ -311,21 +334,20 @@ void load_peft(adapter& a, const std::string& config_label) {
       int n_big = 0;
       for (int64_t dim : mag->shape) n_big += dim != 1;
       const bool ok = static_cast<int64_t>(mag->n_elements) == want && n_big <= 1 && !mag->shape.empty();
-      if (!ok)
-        throw errors::shape_mismatch(label, mag->name, fmt::format("[{}]", want), shape_text(mag->shape));
+      if (!ok) throw errors::shape_mismatch(label, mag->name, fmt::format("[{}]", want), shape_text(mag->shape));
       m.magnitude = tensor_ref{&f, mag};
       m.dora = true;
     } else if (config.use_dora) {
-      throw errors::invalid(label, ta->name,
-                            fmt::format("{} has use_dora true, but module {} has no lora_magnitude_vector", config_label, name));
+      throw errors::invalid(
+          label, ta->name,
+          fmt::format("{} has use_dora true, but module {} has no lora_magnitude_vector", config_label, name));
     }
 
     // bias delta (lora_bias): [out]
     if (bias) {
       if (!config.lora_bias)
         throw errors::invalid(label, bias->name, fmt::format("lora_B bias, but {} has lora_bias false", config_label));
-      if (m.kind == module_kind::embedding)
-        throw errors::invalid(label, bias->name, "a bias on an embedding LoRA");
+      if (m.kind == module_kind::embedding) throw errors::invalid(label, bias->name, "a bias on an embedding LoRA");
       if (bias->shape.size() != 1 || bias->shape[0] != sb[0])
         throw errors::shape_mismatch(label, bias->name, fmt::format("[{}]", sb[0]), shape_text(bias->shape));
       m.bias = tensor_ref{&f, bias};
@@ -365,7 +387,8 @@ void load_kohya(adapter& a) {
     bool prefixed = false;
     for (std::string_view p : kohya_prefixes) prefixed = prefixed || (starts_with(key, p) && key.size() > p.size());
     if (!prefixed)
-      throw errors::invalid(label, t.name, fmt::format("kohya key without a known prefix ({})", fmt::join(kohya_prefixes, ", ")));
+      throw errors::invalid(label, t.name,
+                            fmt::format("kohya key without a known prefix ({})", fmt::join(kohya_prefixes, ", ")));
     const tensor_info** slot = nullptr;
     std::string module;
     auto take = [&](std::string_view suffix) {
@@ -373,15 +396,17 @@ void load_kohya(adapter& a) {
       module = std::string(key.substr(0, key.size() - suffix.size()));
       return true;
     };
-    if (take(".lora_down.weight")) slot = &by_module[module].down;
-    else if (take(".lora_up.weight")) slot = &by_module[module].up;
-    else if (take(".alpha")) slot = &by_module[module].alpha;
+    if (take(".lora_down.weight"))
+      slot = &by_module[module].down;
+    else if (take(".lora_up.weight"))
+      slot = &by_module[module].up;
+    else if (take(".alpha"))
+      slot = &by_module[module].alpha;
     else if (ends_with(key, ".dora_scale"))
       throw errors::invalid(label, t.name, "DoRA in a kohya / LyCORIS file (dora_scale) is not supported");
     else
       throw errors::invalid(label, t.name, "unknown kohya key (expected .lora_down.weight, .lora_up.weight or .alpha)");
-    if (module.find('.') != std::string::npos)
-      throw errors::invalid(label, t.name, "kohya module name contains '.'");
+    if (module.find('.') != std::string::npos) throw errors::invalid(label, t.name, "kohya module name contains '.'");
     *slot = &t;
   }
 
@@ -405,8 +430,9 @@ void load_kohya(adapter& a) {
                                         shape_text(sd), shape_text(su)));
     }
     if (sd[0] != su[1])
-      throw errors::invalid(label, p.up->name, fmt::format("rank disagrees: lora_down is {} (rank {}), lora_up is {} (rank {})",
-                                                           shape_text(sd), sd[0], shape_text(su), su[1]));
+      throw errors::invalid(label, p.up->name,
+                            fmt::format("rank disagrees: lora_down is {} (rank {}), lora_up is {} (rank {})",
+                                        shape_text(sd), sd[0], shape_text(su), su[1]));
     if (sd[0] <= 0) throw errors::invalid(label, p.down->name, "rank 0");
     m.rank = sd[0];
     m.a = {&f, p.down};
@@ -430,7 +456,8 @@ void load_opened(adapter& a, const std::string& config_label, const std::functio
   file_classification c = classify_tensors(names);
   switch (c.kind) {
     case file_kind::model:
-      throw errors::invalid(a.weights_path, "", "holds no LoRA tensors (lora_A/lora_B or lora_down/lora_up): is it a model?");
+      throw errors::invalid(a.weights_path, "",
+                            "holds no LoRA tensors (lora_A/lora_B or lora_down/lora_up): is it a model?");
     case file_kind::other_adapter:
       throw errors::invalid(a.weights_path, "", fmt::format("not a LoRA adapter lora can read: {}", c.description));
     case file_kind::kohya_lora:
@@ -444,20 +471,24 @@ void load_opened(adapter& a, const std::string& config_label, const std::functio
                               "PEFT LoRA weights without adapter_config.json beside them (alpha and options unknown)");
       a.config = parse_peft_config(read_config(), config_label);
       if (a.config->peft_type != "LORA")
-        throw errors::invalid(config_label, "peft_type",
-                              a.config->peft_type.empty()
-                                  ? std::string("missing: only LORA adapters are read")
-                                  : fmt::format("\"{}\" is not supported: only LORA adapters are read", a.config->peft_type));
+        throw errors::invalid(
+            config_label, "peft_type",
+            a.config->peft_type.empty()
+                ? std::string("missing: only LORA adapters are read")
+                : fmt::format("\"{}\" is not supported: only LORA adapters are read", a.config->peft_type));
       if (a.config->layer_replication)
-        throw errors::invalid(config_label, "layer_replication",
-                              "the adapter duplicates base layers (layer_replication): merging it into the base is not supported");
+        throw errors::invalid(
+            config_label, "layer_replication",
+            "the adapter duplicates base layers (layer_replication): merging it into the base is not supported");
       load_peft(a, config_label);
       break;
     }
   }
 
-  std::sort(a.modules.begin(), a.modules.end(), [](const lora_module& x, const lora_module& y) { return x.name < y.name; });
-  std::sort(a.saved.begin(), a.saved.end(), [](const saved_tensor& x, const saved_tensor& y) { return x.target < y.target; });
+  std::sort(a.modules.begin(), a.modules.end(),
+            [](const lora_module& x, const lora_module& y) { return x.name < y.name; });
+  std::sort(a.saved.begin(), a.saved.end(),
+            [](const saved_tensor& x, const saved_tensor& y) { return x.target < y.target; });
 }
 
 }  // namespace
@@ -474,7 +505,8 @@ adapter load_adapter(const std::string& path) {
     fs::path weights = fs::path(path) / "adapter_model.safetensors";
     if (!fs::exists(weights, ec)) {
       if (fs::exists(fs::path(path) / "adapter_model.bin", ec))
-        throw errors::invalid(path, "", "adapter_model.bin (pickle) is not read: convert it to adapter_model.safetensors");
+        throw errors::invalid(path, "",
+                              "adapter_model.bin (pickle) is not read: convert it to adapter_model.safetensors");
       throw errors::invalid(path, "", "folder has no adapter_model.safetensors");
     }
     a.weights_path = weights.string();
@@ -529,9 +561,9 @@ struct container_prefix {
   std::string_view base;   // the checkpoint's key prefix
 };
 constexpr container_prefix container_prefixes[] = {
-    {"lora_unet_", "model.diffusion_model."},             // SDXL (LDM names), Flux/SD3 in ComfyUI files
-    {"lora_te_", "cond_stage_model.transformer."},         // SD 1.x checkpoint, CLIP text model
-    {"lora_te1_", "conditioner.embedders.0.transformer."}, // SDXL checkpoint, CLIP-L text model
+    {"lora_unet_", "model.diffusion_model."},               // SDXL (LDM names), Flux/SD3 in ComfyUI files
+    {"lora_te_", "cond_stage_model.transformer."},          // SD 1.x checkpoint, CLIP text model
+    {"lora_te1_", "conditioner.embedders.0.transformer."},  // SDXL checkpoint, CLIP-L text model
 };
 
 // "<module>.weight" keys of the base, their dots read as underscores.
@@ -552,9 +584,10 @@ void check_linear(lora_module& m, const tensor_info& w, const std::optional<std:
   const bool fits_plain = w.shape == plain;
   const bool fits_transposed = w.shape == transposed;
   if (!fits_plain && !fits_transposed) {
-    problems.push_back({m.a.info->name,
-                        fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_text(w.shape), shape_text(plain)),
-                        fit_issue::shape});
+    problems.push_back(
+        {m.a.info->name,
+         fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_text(w.shape), shape_text(plain)),
+         fit_issue::shape});
     return;
   }
   if (fits_plain != fits_transposed) {
@@ -569,11 +602,12 @@ void check_linear(lora_module& m, const tensor_info& w, const std::optional<std:
     return;
   }
   if (conv1d_style_name(m.name) && !m.fan_in_fan_out) {
-    problems.push_back({m.a.info->name,
-                        fmt::format("orientation ambiguous: {} is square {}, the name looks like GPT-2 Conv1D (stored [in, out]) "
-                                    "but fan_in_fan_out is false and the base has no config.json model_type",
-                                    m.target, shape_text(w.shape)),
-                        fit_issue::orientation});
+    problems.push_back(
+        {m.a.info->name,
+         fmt::format("orientation ambiguous: {} is square {}, the name looks like GPT-2 Conv1D (stored [in, out]) "
+                     "but fan_in_fan_out is false and the base has no config.json model_type",
+                     m.target, shape_text(w.shape)),
+         fit_issue::orientation});
   }
   // otherwise the config's fan_in_fan_out stands
 }
@@ -610,21 +644,25 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
         if (auto it = nested[i].find(key); it != nested[i].end()) found = &it->second;
       }
       if (found == nullptr) {
-        problems.push_back({m.name,
-                            fmt::format("no base tensor matches {} (looked for a \"<module>.weight\" whose dots read as "
-                                        "underscores give \"{}\")", m.name, key),
-                            fit_issue::no_base_tensor});
+        problems.push_back(
+            {m.name,
+             fmt::format("no base tensor matches {} (looked for a \"<module>.weight\" whose dots read as "
+                         "underscores give \"{}\")",
+                         m.name, key),
+             fit_issue::no_base_tensor});
         continue;
       }
       if (found->size() > 1) {
-        problems.push_back({m.name, fmt::format("ambiguous: matches both {}.weight and {}.weight", (*found)[0], (*found)[1]),
+        problems.push_back({m.name,
+                            fmt::format("ambiguous: matches both {}.weight and {}.weight", (*found)[0], (*found)[1]),
                             fit_issue::ambiguous});
         continue;
       }
       m.name = (*found)[0];
       m.target = m.name + ".weight";
     }
-    std::sort(a.modules.begin(), a.modules.end(), [](const lora_module& x, const lora_module& y) { return x.name < y.name; });
+    std::sort(a.modules.begin(), a.modules.end(),
+              [](const lora_module& x, const lora_module& y) { return x.name < y.name; });
   }
 
   // every target at most once
@@ -633,7 +671,8 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
     if (m.target.empty()) continue;
     auto [it, inserted] = claimed.emplace(m.target, m.a.info->name);
     if (!inserted)
-      problems.push_back({m.a.info->name, fmt::format("{} is also the target of {}", m.target, it->second), fit_issue::conflict});
+      problems.push_back(
+          {m.a.info->name, fmt::format("{} is also the target of {}", m.target, it->second), fit_issue::conflict});
   }
   for (const saved_tensor& s : a.saved) {
     auto [it, inserted] = claimed.emplace(s.target, s.tensor.info->name);
@@ -647,7 +686,8 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
     if (m.target.empty()) continue;
     const tensor_ref* base_w = base.find_ref(m.target);
     if (base_w == nullptr) {
-      problems.push_back({m.a.info->name, fmt::format("the base has no tensor {}", m.target), fit_issue::no_base_tensor});
+      problems.push_back(
+          {m.a.info->name, fmt::format("the base has no tensor {}", m.target), fit_issue::no_base_tensor});
       continue;
     }
     const tensor_info& w = *base_w->info;
@@ -659,9 +699,10 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
         if (w.shape.size() == 4 && w.shape[2] == 1 && w.shape[3] == 1) {
           // a 2-D LoRA on a 1x1 conv: the same bytes as [r, in, 1, 1]
           if (w.shape[0] != out || w.shape[1] != sa[1])
-            problems.push_back({m.a.info->name, fmt::format("base {} is {}, the LoRA makes [{}, {}, 1, 1]", m.target,
-                                                            shape_text(w.shape), out, sa[1]),
-                                fit_issue::shape});
+            problems.push_back(
+                {m.a.info->name,
+                 fmt::format("base {} is {}, the LoRA makes [{}, {}, 1, 1]", m.target, shape_text(w.shape), out, sa[1]),
+                 fit_issue::shape});
           else
             m.kind = module_kind::conv;
         } else {
@@ -675,9 +716,10 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
           m.kind = module_kind::linear;
           check_linear(m, w, model_type, problems);
         } else if (w.shape != want) {
-          problems.push_back({m.a.info->name, fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_text(w.shape),
-                                                          shape_text(want)),
-                              fit_issue::shape});
+          problems.push_back(
+              {m.a.info->name,
+               fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_text(w.shape), shape_text(want)),
+               fit_issue::shape});
         }
         break;
       }
@@ -685,15 +727,17 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
         // dW = (B A)^T is [vocab, dim]
         std::vector<int64_t> want{sa[1], sb[0]};
         if (w.shape != want)
-          problems.push_back({m.a.info->name, fmt::format("base {} is {}, the embedding LoRA makes {}", m.target,
-                                                          shape_text(w.shape), shape_text(want)),
+          problems.push_back({m.a.info->name,
+                              fmt::format("base {} is {}, the embedding LoRA makes {}", m.target, shape_text(w.shape),
+                                          shape_text(want)),
                               fit_issue::shape});
         break;
       }
     }
     if (m.magnitude && static_cast<int64_t>(m.magnitude->info->n_elements) != out)
-      problems.push_back({m.magnitude->info->name, fmt::format("DoRA magnitude has {} elements, the delta has {} output features",
-                                                               m.magnitude->info->n_elements, out),
+      problems.push_back({m.magnitude->info->name,
+                          fmt::format("DoRA magnitude has {} elements, the delta has {} output features",
+                                      m.magnitude->info->n_elements, out),
                           fit_issue::inconsistent});
     if (m.bias) {
       const std::string bias_name = m.name + ".bias";
@@ -702,8 +746,9 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
         problems.push_back({m.bias->info->name, fmt::format("the base has no {} for the lora_B bias", bias_name),
                             fit_issue::no_base_tensor});
       else if (base_b->info->shape != m.bias->info->shape)
-        problems.push_back({m.bias->info->name, fmt::format("base {} is {}, the lora_B bias is {}", bias_name,
-                                                            shape_text(base_b->info->shape), shape_text(m.bias->info->shape)),
+        problems.push_back({m.bias->info->name,
+                            fmt::format("base {} is {}, the lora_B bias is {}", bias_name,
+                                        shape_text(base_b->info->shape), shape_text(m.bias->info->shape)),
                             fit_issue::shape});
     }
   }
@@ -715,8 +760,9 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
       problems.push_back({s.tensor.info->name, fmt::format("the base has no tensor {} to replace", s.target),
                           fit_issue::no_base_tensor});
     else if (base_t->info->shape != s.tensor.info->shape)
-      problems.push_back({s.tensor.info->name, fmt::format("base {} is {}, the saved module is {}", s.target,
-                                                           shape_text(base_t->info->shape), shape_text(s.tensor.info->shape)),
+      problems.push_back({s.tensor.info->name,
+                          fmt::format("base {} is {}, the saved module is {}", s.target,
+                                      shape_text(base_t->info->shape), shape_text(s.tensor.info->shape)),
                           fit_issue::shape});
   }
   return report;
@@ -741,10 +787,12 @@ std::string_view fit_hint(const fit_report& report) {
 
 error fit_error(const std::string& adapter_path, const std::string& base_path, const fit_report& report) {
   const size_t n = report.problems.size();
-  if (n == 0) return errors::invalid(adapter_path, "", fmt::format("does not fit {}: no problem was reported", base_path));
+  if (n == 0)
+    return errors::invalid(adapter_path, "", fmt::format("does not fit {}: no problem was reported", base_path));
   const fit_problem& first = report.problems.front();
-  std::string what = n == 1 ? fmt::format("does not fit {}: 1 problem: {}: {}", base_path, first.key, first.what)
-                            : fmt::format("does not fit {}: {} problems, first {}: {}", base_path, n, first.key, first.what);
+  std::string what =
+      n == 1 ? fmt::format("does not fit {}: 1 problem: {}: {}", base_path, first.key, first.what)
+             : fmt::format("does not fit {}: {} problems, first {}: {}", base_path, n, first.key, first.what);
   if (const std::string_view hint = fit_hint(report); !hint.empty()) what += fmt::format(" ({})", hint);
   return errors::invalid(adapter_path, "", what);
 }

@@ -44,8 +44,8 @@ struct lora_module {
   // DoRA m: one per row of B (linear / conv out, embedding dim); PEFT
   // stores [out], conv [1, out, 1, 1]: read it as n_elements values.
   std::optional<tensor_ref> magnitude;
-  std::optional<tensor_ref> bias;       // lora_B.bias, [out]: added to "<name>.bias"
-  int64_t rank = 0;  // from the shapes (A rows == B columns)
+  std::optional<tensor_ref> bias;  // lora_B.bias, [out]: added to "<name>.bias"
+  int64_t rank = 0;                // from the shapes (A rows == B columns)
   // PEFT: alpha_pattern (first match), else lora_alpha, else 8.
   // kohya: the .alpha scalar; absent or 0 reads as rank (sd-scripts LoRAModule).
   double alpha = 0;
@@ -64,8 +64,8 @@ struct saved_tensor {
 };
 
 struct adapter {
-  std::string path;         // what the user named
-  std::string weights_path; // the .safetensors file
+  std::string path;          // what the user named
+  std::string weights_path;  // the .safetensors file
   adapter_format format = adapter_format::peft;
   std::unique_ptr<safetensors_file> file;  // owns the map every tensor_ref borrows from
   std::optional<peft_config> config;       // PEFT only

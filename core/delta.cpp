@@ -25,9 +25,10 @@ uint64_t product(const std::vector<int64_t>& shape, size_t from) {
 // Refuses a tensor whose dtype the arithmetic cannot take (exit 3).
 void check_math_dtype(const tensor_ref& t, const std::string& file, const std::string& key) {
   if (!dtype_is_math(t.info->type))
-    throw errors::invalid(file, t.info->name,
-                          fmt::format("dtype {} is not supported for arithmetic (only F16, BF16, F32, F64) in module {}",
-                                      dtype_name(t.info->type), key));
+    throw errors::invalid(
+        file, t.info->name,
+        fmt::format("dtype {} is not supported for arithmetic (only F16, BF16, F32, F64) in module {}",
+                    dtype_name(t.info->type), key));
 }
 
 // Decodes a tensor through core/dtype into a vector of T.
@@ -35,8 +36,10 @@ template <typename T>
 std::vector<T> decode(const tensor_ref& t, const std::string& file, const std::string& key) {
   check_math_dtype(t, file, key);
   std::vector<T> out(t.info->n_elements);
-  if constexpr (sizeof(T) == 4) to_f32(t.info->type, t.data(), out);
-  else to_f64(t.info->type, t.data(), out);
+  if constexpr (sizeof(T) == 4)
+    to_f32(t.info->type, t.data(), out);
+  else
+    to_f64(t.info->type, t.data(), out);
   return out;
 }
 
@@ -96,13 +99,13 @@ delta_factors_t<T> load_factors(const lora_module& m, const std::vector<int64_t>
     f.b = decode<T>(m.b, file, m.name);
   }
   if (f.dora) {
-    if (!m.magnitude)
-      throw errors::invalid(file, m.name, "DoRA module without lora_magnitude_vector");
+    if (!m.magnitude) throw errors::invalid(file, m.name, "DoRA module without lora_magnitude_vector");
     const uint64_t want = static_cast<uint64_t>(f.transposed ? f.n_cols : f.n_rows);
     if (m.magnitude->info->n_elements != want)
-      throw errors::shape_mismatch(file, m.magnitude->info->name, fmt::format("{} magnitudes for module {} (one per output feature)", want, m.name),
-                                   fmt::format("{} {}", m.magnitude->info->n_elements,
-                                               shape_text(m.magnitude->info->shape)));
+      throw errors::shape_mismatch(
+          file, m.magnitude->info->name,
+          fmt::format("{} magnitudes for module {} (one per output feature)", want, m.name),
+          fmt::format("{} {}", m.magnitude->info->n_elements, shape_text(m.magnitude->info->shape)));
     check_math_dtype(*m.magnitude, file, m.name);
     if (with_values) f.magnitude = decode<T>(*m.magnitude, file, m.name);
   }
@@ -112,8 +115,8 @@ delta_factors_t<T> load_factors(const lora_module& m, const std::vector<int64_t>
 template <typename T>
 void check_rows(const delta_factors_t<T>& f, int64_t row_begin, int64_t row_end) {
   if (row_begin < 0 || row_end < row_begin || row_end > f.n_rows)
-    throw errors::invalid("", f.target, fmt::format("rows [{}, {}) outside the tensor's {} rows", row_begin, row_end,
-                                                    f.n_rows));
+    throw errors::invalid("", f.target,
+                          fmt::format("rows [{}, {}) outside the tensor's {} rows", row_begin, row_end, f.n_rows));
 }
 
 // DoRA, per-row norms: w_block rows already hold V; scale each row by m / ||V_row||.
@@ -133,8 +136,7 @@ void dora_scale_rows(const delta_factors_t<T>& f, int64_t row_begin, int64_t row
 template <typename T>
 void check_norms(const delta_factors_t<T>& f, size_t n) {
   const size_t want = static_cast<size_t>(f.transposed ? f.n_cols : f.n_rows);
-  if (n != want)
-    throw errors::invalid("", f.target, fmt::format("{} DoRA norms for {} output features", n, want));
+  if (n != want) throw errors::invalid("", f.target, fmt::format("{} DoRA norms for {} output features", n, want));
 }
 
 // DoRA: squares of V per output feature, rows [row_begin, row_end) of V in v_block
@@ -197,8 +199,10 @@ void apply_rows(const delta_factors_t<T>& f, double weight, int64_t row_begin, i
   // V = W + weight * s * dW
   add_delta_rows(f, weight, row_begin, row_end, w_block);
   if (!f.dora) return;
-  if (f.transposed) dora_scale_columns(f, w_block);
-  else dora_scale_rows(f, row_begin, row_end, w_block);
+  if (f.transposed)
+    dora_scale_columns(f, w_block);
+  else
+    dora_scale_rows(f, row_begin, row_end, w_block);
 }
 
 template <typename T>
@@ -234,9 +238,9 @@ void check_finite_factors(const lora_module& m, const std::string& file) {
     if (t == nullptr) continue;
     const uint64_t bad = count_nonfinite(t->info->type, t->data());
     if (bad > 0)
-      throw errors::invalid(file, t->info->name,
-                            fmt::format("{} of its {} values are NaN or infinite (module {})", bad, t->info->n_elements,
-                                        m.name));
+      throw errors::invalid(
+          file, t->info->name,
+          fmt::format("{} of its {} values are NaN or infinite (module {})", bad, t->info->n_elements, m.name));
   }
 }
 
@@ -251,7 +255,8 @@ void add_delta_rows(const delta_factors& f, double weight, int64_t row_begin, in
   if (!f.transposed) {
     // W[rb:re, :] += alpha * B[rb:re, :] @ A      (B [n_rows, r], A [r, n_cols])
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, r, alpha,
-                f.b.data() + static_cast<size_t>(row_begin) * static_cast<size_t>(r), r, f.a.data(), n, 1.0f, w_block, n);
+                f.b.data() + static_cast<size_t>(row_begin) * static_cast<size_t>(r), r, f.a.data(), n, 1.0f, w_block,
+                n);
   } else {
     // W[rb:re, :] += alpha * (A^T)[rb:re, :] @ B^T  (A [r, n_rows], B [n_cols, r])
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasTrans, m, n, r, alpha, f.a.data() + row_begin,
@@ -259,8 +264,7 @@ void add_delta_rows(const delta_factors& f, double weight, int64_t row_begin, in
   }
 }
 
-void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
-                    double* w_block) {
+void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end, double* w_block) {
   check_rows(f, row_begin, row_end);
   const size_t r = static_cast<size_t>(f.rank);
   const size_t n_rows = static_cast<size_t>(f.n_rows);
@@ -293,10 +297,12 @@ double delta_element(const delta_factors& f, int64_t row, int64_t col) noexcept 
   double acc = 0;
   if (!f.transposed) {
     // s sum_k B[i, k] A[k, j]
-    for (size_t k = 0; k < r; ++k) acc += static_cast<double>(f.b[i * r + k]) * f.a[k * static_cast<size_t>(f.n_cols) + j];
+    for (size_t k = 0; k < r; ++k)
+      acc += static_cast<double>(f.b[i * r + k]) * f.a[k * static_cast<size_t>(f.n_cols) + j];
   } else {
     // s sum_k A[k, i] B[j, k]
-    for (size_t k = 0; k < r; ++k) acc += static_cast<double>(f.a[k * static_cast<size_t>(f.n_rows) + i]) * f.b[j * r + k];
+    for (size_t k = 0; k < r; ++k)
+      acc += static_cast<double>(f.a[k * static_cast<size_t>(f.n_rows) + i]) * f.b[j * r + k];
   }
   return f.scale * acc;
 }
@@ -311,7 +317,8 @@ std::vector<double> row_bounds(const delta_factors_t<T>& f) {
     // |s| sum_k |B[i, k]| max_j |A[k, j]|
     std::vector<double> a_max(r, 0.0);
     for (size_t k = 0; k < r; ++k)
-      for (size_t j = 0; j < n_cols; ++j) a_max[k] = std::max(a_max[k], std::fabs(static_cast<double>(f.a[k * n_cols + j])));
+      for (size_t j = 0; j < n_cols; ++j)
+        a_max[k] = std::max(a_max[k], std::fabs(static_cast<double>(f.a[k * n_cols + j])));
     for (size_t i = 0; i < n_rows; ++i)
       for (size_t k = 0; k < r; ++k) bound[i] += std::fabs(static_cast<double>(f.b[i * r + k])) * a_max[k];
   } else {
@@ -334,8 +341,7 @@ void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin,
   apply_rows(f, weight, row_begin, row_end, w_block);
 }
 
-void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
-                       double* w_block) {
+void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end, double* w_block) {
   apply_rows(f, weight, row_begin, row_end, w_block);
 }
 
@@ -355,8 +361,8 @@ void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin,
   if (f.dora) scale_by_norms(f, row_begin, row_end, w_block, norms_sq);
 }
 
-void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
-                       double* w_block, std::span<const double> norms_sq) {
+void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end, double* w_block,
+                       std::span<const double> norms_sq) {
   add_delta_rows(f, weight, row_begin, row_end, w_block);
   if (f.dora) scale_by_norms(f, row_begin, row_end, w_block, norms_sq);
 }

@@ -45,11 +45,11 @@ namespace lora {
 // BLAS path) or double (the exact reference).
 template <typename T>
 struct delta_factors_t {
-  std::string key;          // the module name, for messages
-  std::string target;       // the base tensor
+  std::string key;     // the module name, for messages
+  std::string target;  // the base tensor
   std::vector<int64_t> target_shape;
-  int64_t n_rows = 0;       // target shape[0]
-  int64_t n_cols = 0;       // product of the other dims
+  int64_t n_rows = 0;  // target shape[0]
+  int64_t n_cols = 0;  // product of the other dims
   int64_t rank = 0;
   double scale = 0;         // the module's s (the caller's weight comes on top)
   bool transposed = false;  // dW = s A^T B^T (fan_in_fan_out, embedding)
@@ -95,8 +95,7 @@ void check_finite_factors(const lora_module& m, const std::string& file);
 // Ignores DoRA (the raw delta; see apply_module_rows). Never throws for
 // in-range rows (out-of-range rows throw lora::error exit 3).
 void add_delta_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block);
-void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
-                    double* w_block);
+void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end, double* w_block);
 
 // One element of the delta in double, dW[row, col] / weight = s * sum_k B A
 // in the target's view (exact products of the f32 factors). For re-computing
@@ -119,8 +118,7 @@ std::vector<double> delta_row_bounds(const delta_factors_f64& f);  // the same f
 // DoRA with per-column norms (needs_whole_tensor()) requires the whole
 // tensor: row_begin == 0 and row_end == n_rows, else throws exit 3.
 void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block);
-void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
-                       double* w_block);
+void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end, double* w_block);
 
 // DoRA in row blocks, first pass: the squared L2 norm of V = W + weight * dW
 // per output feature, from rows [row_begin, row_end) of V held in v_block
@@ -142,8 +140,8 @@ void add_dora_norms_sq(const delta_factors_f64& f, int64_t row_begin, int64_t ro
 // Plain LoRA ignores norms_sq. Throws exit 3 as add_dora_norms_sq.
 void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block,
                        std::span<const double> norms_sq);
-void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end,
-                       double* w_block, std::span<const double> norms_sq);
+void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end, double* w_block,
+                       std::span<const double> norms_sq);
 
 // lora_bias: bias[o] += weight * s * b[o], b = m.bias (converted through
 // core/dtype). Throws exit 3 when m has no bias or its size is not bias.size().

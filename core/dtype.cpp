@@ -58,7 +58,7 @@ uint16_t f32_to_f16(float f) noexcept {
   } else {
     const uint32_t mant_odd = (u >> 13) & 1u;
     u += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu;  // rebias, round half up...
-    u += mant_odd;                                             // ...and to even on ties
+    u += mant_odd;                                          // ...and to even on ties
     o = static_cast<uint16_t>(u >> 13);
   }
   return static_cast<uint16_t>(o | (sign >> 16));
@@ -109,8 +109,8 @@ int math_dtype_size(dtype type) {
     case dtype::F64:
       return 8;
     default:
-      throw errors::invalid("", "", fmt::format("dtype {} is not supported for arithmetic (only F16, BF16, F32, F64)",
-                                                dtype_name(type)));
+      throw errors::invalid(
+          "", "", fmt::format("dtype {} is not supported for arithmetic (only F16, BF16, F32, F64)", dtype_name(type)));
   }
 }
 
@@ -129,8 +129,8 @@ inline void store(uint8_t* p, T v) noexcept {
 void check_sizes(dtype type, size_t n_bytes, size_t n_elements) {
   const size_t size = static_cast<size_t>(math_dtype_size(type));
   if (n_bytes != n_elements * size)
-    throw errors::invalid("", "", fmt::format("conversion of {} elements of {} given {} bytes", n_elements,
-                                              dtype_name(type), n_bytes));
+    throw errors::invalid(
+        "", "", fmt::format("conversion of {} elements of {} given {} bytes", n_elements, dtype_name(type), n_bytes));
 }
 
 // The 16-bit <-> f32 loops: the merge's inner loops, so built for each
@@ -156,20 +156,28 @@ void decode(dtype type, std::span<const uint8_t> src, std::span<F> dst) {
   const size_t n = dst.size();
   switch (type) {
     case dtype::F16:
-      if constexpr (sizeof(F) == 4) decode_f16(p, dst.data(), n);
-      else for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(f16_to_f32(load<uint16_t>(p + 2 * i)));
+      if constexpr (sizeof(F) == 4)
+        decode_f16(p, dst.data(), n);
+      else
+        for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(f16_to_f32(load<uint16_t>(p + 2 * i)));
       break;
     case dtype::BF16:
-      if constexpr (sizeof(F) == 4) decode_bf16(p, dst.data(), n);
-      else for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(bf16_to_f32(load<uint16_t>(p + 2 * i)));
+      if constexpr (sizeof(F) == 4)
+        decode_bf16(p, dst.data(), n);
+      else
+        for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(bf16_to_f32(load<uint16_t>(p + 2 * i)));
       break;
     case dtype::F32:
-      if constexpr (sizeof(F) == 4) std::memcpy(dst.data(), p, 4 * n);
-      else for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(load<float>(p + 4 * i));
+      if constexpr (sizeof(F) == 4)
+        std::memcpy(dst.data(), p, 4 * n);
+      else
+        for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(load<float>(p + 4 * i));
       break;
     case dtype::F64:
-      if constexpr (sizeof(F) == 8) std::memcpy(dst.data(), p, 8 * n);
-      else for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(load<double>(p + 8 * i));
+      if constexpr (sizeof(F) == 8)
+        std::memcpy(dst.data(), p, 8 * n);
+      else
+        for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(load<double>(p + 8 * i));
       break;
     default:
       break;  // unreachable: check_sizes threw

@@ -36,8 +36,8 @@ namespace {
 // exact), converted through core/dtype in cache-sized chunks.
 template <class T>
 void delta_into(const tensor_ref& base, const tensor_ref& tuned, std::span<T> out, int threads) {
-  constexpr size_t chunk = 16384;      // converted at a time (stays in cache)
-  constexpr size_t block = 64 * chunk; // per job of the thread pool
+  constexpr size_t chunk = 16384;       // converted at a time (stays in cache)
+  constexpr size_t block = 64 * chunk;  // per job of the thread pool
   const auto bb = base.data(), tb = tuned.data();
   const size_t bs = static_cast<size_t>(math_dtype_size(base.info->type));
   const size_t ts = static_cast<size_t>(math_dtype_size(tuned.info->type));
@@ -100,8 +100,8 @@ struct written_factors {
 // `type`, and the measured residual of the rounded factors. `delta` holds dW
 // and is overwritten by the residual.
 template <class T>
-written_factors factorize(std::span<T> delta, int64_t m, int64_t n, const rank_rule& rule,
-                          const svd_options& svd_opts, dtype type, extracted_module& rec) {
+written_factors factorize(std::span<T> delta, int64_t m, int64_t n, const rank_rule& rule, const svd_options& svd_opts,
+                          dtype type, extracted_module& rec) {
   low_rank_svd svd;
   if constexpr (std::is_same_v<T, float>) {
     svd = truncated_svd(delta, m, n, rule, svd_opts);
@@ -137,7 +137,8 @@ written_factors factorize(std::span<T> delta, int64_t m, int64_t n, const rank_r
   if (!all_finite<T>(b) || !all_finite<T>(a))
     throw errors::invalid("", "",
                           fmt::format("the factors B = U sqrt(S), A = sqrt(S) V^T overflow {} (largest singular value "
-                                      "{:.3g}): use --dtype f32", dtype_name(type), svd.s.empty() ? 0.0 : svd.s[0]));
+                                      "{:.3g}): use --dtype f32",
+                                      dtype_name(type), svd.s.empty() ? 0.0 : svd.s[0]));
   rec.error = residual_norm(std::span<T>(delta), b, a, m, n, r) / rec.delta_norm;
   return out;
 }
@@ -195,7 +196,8 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
   // step 1: the two models must hold the same tensors with the same shapes
   for (const auto& name : tuned.tensor_names)
     if (!base.find_ref(name))
-      throw errors::invalid(tuned.path, name, fmt::format("not in the base model {} (do the models match?)", base.path));
+      throw errors::invalid(tuned.path, name,
+                            fmt::format("not in the base model {} (do the models match?)", base.path));
   for (const auto& name : base.tensor_names)
     if (!tuned.find_ref(name))
       throw errors::invalid(tuned.path, name, fmt::format("missing (the base model {} has it)", base.path));
@@ -283,13 +285,15 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
     auto run = [&](auto delta) {
       // the norm is finite exactly when every element is (f32 squares cannot overflow f64)
       rec.delta_norm = norm_of<typename decltype(delta)::element_type>(delta);
-      if (!std::isfinite(rec.delta_norm)) refuse_nonfinite_delta(j.base, base.path, j.tuned, tuned.path, j.tensor,
+      if (!std::isfinite(rec.delta_norm))
+        refuse_nonfinite_delta(j.base, base.path, j.tuned, tuned.path, j.tensor,
                                std::is_same_v<typename decltype(delta)::element_type, double>);
       if (rec.delta_norm == 0) {
         zero = true;
         return;
       }
-      f = named_svd_errors(tuned.path, j.tensor, [&] { return factorize(delta, m, n, options.rule, svd_opts, type, rec); });
+      f = named_svd_errors(tuned.path, j.tensor,
+                           [&] { return factorize(delta, m, n, options.rule, svd_opts, type, rec); });
     };
     if (options.svd.method == svd_method::exact) {
       std::span<double> d = scratch64.get(j.tuned.info->n_elements);
@@ -316,7 +320,8 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
     if (progress) progress({i + 1, jobs.size(), done_bytes, total_bytes, j.tensor});
   }
   if (report.modules.empty() && others.empty())
-    throw errors::invalid(options.tuned, "", fmt::format("models are identical: nothing to extract (base {})", options.base));
+    throw errors::invalid(options.tuned, "",
+                          fmt::format("models are identical: nothing to extract (base {})", options.base));
   if (report.modules.empty())
     throw errors::invalid(options.tuned, "",
                           fmt::format("no selected 2-D weight differs from the base ({} other tensors do, e.g. {}: {})",

@@ -35,22 +35,22 @@ struct extract_options {
   // whole: PEFT modules_to_save, or lora_B.bias for the bias of an extracted
   // module. PEFT only.
   bool save_modules = false;
-  int threads = 0;  // BLAS threads; <= 0: all cores
+  int threads = 0;     // BLAS threads; <= 0: all cores
   bool force = false;  // replace an existing `out` (swapped in atomically at the end)
 };
 
 struct extracted_module {
-  std::string name;    // module path P
-  std::string tensor;  // "<P>.weight"
+  std::string name;        // module path P
+  std::string tensor;      // "<P>.weight"
   bool embedding = false;  // written as lora_embedding_A / _B
   int64_t rows = 0, cols = 0;
   int64_t rank = 0;
   svd_method method = svd_method::randomized;  // what ran (a full-width sketch is exact)
   int64_t sketch = 0;                          // randomized: sketch width l
-  double delta_norm = 0;      // ||dW||_F
-  double energy = 0;          // sum_{i<r} s_i^2 / ||dW||_F^2
-  double error = 0;           // measured ||dW - B A||_F / ||dW||_F, factors as written
-  bool target_reached = true; // false when --max-rank stopped --energy / --max-error
+  double delta_norm = 0;                       // ||dW||_F
+  double energy = 0;                           // sum_{i<r} s_i^2 / ||dW||_F^2
+  double error = 0;                            // measured ||dW - B A||_F / ||dW||_F, factors as written
+  bool target_reached = true;                  // false when --max-rank stopped --energy / --max-error
 };
 
 // A tensor whose delta is not extracted.
@@ -67,9 +67,9 @@ struct extract_report {
   extract_format format = extract_format::peft;
   std::vector<extracted_module> modules;  // base tensor order
   std::vector<other_delta> others;
-  int64_t n_tensors = 0;    // tensors in the base
-  int64_t n_unchanged = 0;  // identical in both models
-  int64_t config_rank = 0;  // r (and lora_alpha) of the config: the most common rank
+  int64_t n_tensors = 0;        // tensors in the base
+  int64_t n_unchanged = 0;      // identical in both models
+  int64_t config_rank = 0;      // r (and lora_alpha) of the config: the most common rank
   double total_delta_norm = 0;  // sqrt(sum ||dW||^2) over extracted modules
   double total_error = 0;       // sqrt(sum ||dW - BA||^2) / total_delta_norm
   double total_energy = 0;      // sum kept energy / sum ||dW||^2

@@ -14,9 +14,12 @@ namespace fs = std::filesystem;
 
 std::string_view inspect_kind_name(inspect_kind k) noexcept {
   switch (k) {
-    case inspect_kind::model: return "model";
-    case inspect_kind::adapter: return "adapter";
-    case inspect_kind::other_adapter: return "other_adapter";
+    case inspect_kind::model:
+      return "model";
+    case inspect_kind::adapter:
+      return "adapter";
+    case inspect_kind::other_adapter:
+      return "other_adapter";
   }
   return "model";
 }

@@ -19,9 +19,9 @@ std::string_view inspect_kind_name(inspect_kind k) noexcept;  // "model" | "adap
 
 // One safetensors file of the inspected path.
 struct inspect_file {
-  std::string name;   // relative to the model folder (the file name for a single file)
-  std::string path;   // as opened
-  uint64_t bytes = 0; // file size
+  std::string name;           // relative to the model folder (the file name for a single file)
+  std::string path;           // as opened
+  uint64_t bytes = 0;         // file size
   uint64_t header_bytes = 0;  // N
   size_t n_tensors = 0;
   std::optional<metadata_map> metadata;

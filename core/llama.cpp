@@ -132,8 +132,8 @@ class weights {
   // order on this thread, then releases its pages.
   void for_each_block(const std::string& name, int64_t n_rows, int64_t n_cols, const stored_block_fn& on_block) const {
     const stored_matrix m = stored(name, n_rows, n_cols);
-    const int64_t rows = std::max<int64_t>(1, (block_elements_ > 0 ? block_elements_ : stored_gemm_block_elements) /
-                                                  std::max<int64_t>(n_cols, 1));
+    const int64_t rows = std::max<int64_t>(
+        1, (block_elements_ > 0 ? block_elements_ : stored_gemm_block_elements) / std::max<int64_t>(n_cols, 1));
     const size_t esize = static_cast<size_t>(math_dtype_size(m.type)), cols = static_cast<size_t>(n_cols);
     float* buf = scratch_.block(0, static_cast<size_t>(std::min(rows, n_rows)) * cols);
     for (int64_t rb = 0; rb < n_rows; rb += rows) {
@@ -206,8 +206,8 @@ void add_bias_rows(std::span<const float> b, int64_t n_tokens, float* y) {
 }
 
 // y[T, out] = x[T, in] W^T (+ LoRA / DoRA) (+ bias), W = "<prefix>.weight" [out, in].
-void linear(const weights& w, const std::string& prefix, bool has_bias, const float* x, int64_t n_tokens,
-            int64_t n_in, int64_t n_out, float* y) {
+void linear(const weights& w, const std::string& prefix, bool has_bias, const float* x, int64_t n_tokens, int64_t n_in,
+            int64_t n_out, float* y) {
   const std::string wname = prefix + ".weight";
   w.require(wname, {n_out, n_in});
   const std::optional<delta_factors> f = linear_factors(w, wname, n_out, n_in);
@@ -232,7 +232,8 @@ void linear(const weights& w, const std::string& prefix, bool has_bias, const fl
     if (f->dora) {
       // DoRA: y = (m / ||V||_row) (x W0^T + s (x A^T) B^T)
       for (int64_t o = 0; o < n_out; ++o) {
-        const float gain = static_cast<float>(f->magnitude[static_cast<size_t>(o)] / std::sqrt(norms_sq[static_cast<size_t>(o)]));
+        const float gain =
+            static_cast<float>(f->magnitude[static_cast<size_t>(o)] / std::sqrt(norms_sq[static_cast<size_t>(o)]));
         for (int64_t t = 0; t < n_tokens; ++t) y[t * n_out + o] *= gain;
       }
     }
@@ -355,7 +356,8 @@ logits_result llama_forward(const model_files& model, const hf_config& c, const 
   r.logits.resize(static_cast<size_t>(n_tok * c.vocab_size));
   const bool lm_head_adapted = w.module("lm_head.weight") != nullptr ||
                                (a && w.find("lm_head.weight") && !model.find_ref("lm_head.weight")) ||
-                               (a && model.find_ref("lm_head.weight") && w.find("lm_head.weight")->info != model.find_ref("lm_head.weight")->info);
+                               (a && model.find_ref("lm_head.weight") &&
+                                w.find("lm_head.weight")->info != model.find_ref("lm_head.weight")->info);
   if (c.tie_word_embeddings && !lm_head_adapted) {
     // tied: transformers points lm_head at embed_tokens (whatever the file holds as lm_head.weight)
     w.product("model.embed_tokens.weight", c.vocab_size, hid, h.data(), n_tok, r.logits.data());
@@ -388,9 +390,9 @@ std::vector<std::pair<int64_t, float>> top_k(const logits_result& r, int64_t pos
   const float* row = r.logits.data() + position * r.n_vocab;
   for (int64_t i = 0; i < r.n_vocab; ++i) all[static_cast<size_t>(i)] = {i, row[i]};
   const size_t n = static_cast<size_t>(std::clamp<int64_t>(k, 0, r.n_vocab));
-  std::partial_sort(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(n), all.end(), [](const auto& a, const auto& b) {
-    return a.second != b.second ? a.second > b.second : a.first < b.first;
-  });
+  std::partial_sort(
+      all.begin(), all.begin() + static_cast<std::ptrdiff_t>(n), all.end(),
+      [](const auto& a, const auto& b) { return a.second != b.second ? a.second > b.second : a.first < b.first; });
   all.resize(n);
   return all;
 }

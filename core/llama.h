@@ -4,9 +4,8 @@
 //   x = embed_tokens[tokens]
 //   per layer:  h = RMSNorm(x) * w_in;  q, k, v = h Wq^T (+bq), h Wk^T (+bk), h Wv^T (+bv)
 //               RoPE(q), RoPE(k)  (rotate-half layout, inv_freq per rope_type: core/rope.h)
-//               a = softmax(q k^T / sqrt(d) + causal (sliding-window) mask) v   (grouped-query: head h reads kv head h / (H / H_kv))
-//               x = x + a Wo^T;  h = RMSNorm(x) * w_post
-//               x = x + down(silu(gate(h)) * up(h))
+//               a = softmax(q k^T / sqrt(d) + causal (sliding-window) mask) v   (grouped-query: head h reads kv head h
+//               / (H / H_kv)) x = x + a Wo^T;  h = RMSNorm(x) * w_post x = x + down(silu(gate(h)) * up(h))
 //   logits = RMSNorm(x) * w_norm  lm_head^T   (lm_head = embed_tokens when tied)
 //
 // With an adapter, LoRA is applied unmerged on the fly: y = x W0^T + s (x A^T) B^T

@@ -45,8 +45,8 @@ constexpr uint64_t block_elements = uint64_t{1} << 18;
 // Weights in formats other than safetensors: copying them would ship stale,
 // unmerged weights beside the merged ones.
 bool is_other_weight_file(const std::string& name) {
-  static const char* suffixes[] = {".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx",
-                                   ".safetensors", ".index.json", ".npz", ".pkl"};
+  static const char* suffixes[] = {".bin",  ".pt",   ".pth",         ".ckpt",       ".h5",  ".msgpack",
+                                   ".gguf", ".onnx", ".safetensors", ".index.json", ".npz", ".pkl"};
   for (const char* s : suffixes) {
     const size_t n = std::strlen(s);
     if (name.size() >= n && name.compare(name.size() - n, n, s) == 0) return true;
@@ -113,8 +113,8 @@ LORA_VECTORIZE bool any_suspect_f16(const float* x, size_t n, int32_t cb_bits) {
 // time with a vectorizable test; suspects are rare (~1e-4 of elements).
 template <bool f16>
 void fix_near_midpoints(const std::vector<const delta_factors*>& factors, const std::vector<double>& weights,
-                        const std::vector<float>& row_cb, dtype src_type, std::span<const uint8_t> in_bytes,
-                        int64_t rb, int64_t re, uint64_t n_cols, const float* buf, uint8_t* out) {
+                        const std::vector<float>& row_cb, dtype src_type, std::span<const uint8_t> in_bytes, int64_t rb,
+                        int64_t re, uint64_t n_cols, const float* buf, uint8_t* out) {
   const size_t in_size = static_cast<size_t>(math_dtype_size(src_type));
   for (int64_t row = rb; row < re; ++row) {
     const int32_t cb = std::bit_cast<int32_t>(row_cb[static_cast<size_t>(row)]);
@@ -171,13 +171,17 @@ T* thread_scratch(size_t n) {
 // values a merge made non-finite.
 template <typename T>
 void decode_rows(dtype type, std::span<const uint8_t> src, std::span<T> dst) {
-  if constexpr (sizeof(T) == 4) to_f32(type, src, dst);
-  else to_f64(type, src, dst);
+  if constexpr (sizeof(T) == 4)
+    to_f32(type, src, dst);
+  else
+    to_f64(type, src, dst);
 }
 template <typename T>
 void encode_rows(dtype type, std::span<const T> src, std::span<uint8_t> dst) {
-  if constexpr (sizeof(T) == 4) from_f32(type, src, dst);
-  else from_f64(type, src, dst);
+  if constexpr (sizeof(T) == 4)
+    from_f32(type, src, dst);
+  else
+    from_f64(type, src, dst);
 }
 
 // Computes one tensor in row blocks: decode W0 (or the replacement), apply
@@ -200,13 +204,15 @@ void run_compute(const tensor_job& job, safetensors_writer& writer, bool allow_n
       whole = true;  // a bias is one short vector
       continue;
     }
-    if constexpr (sizeof(T) == 4) factors[i] = load_delta_factors(*c.module, src.shape, *c.adapter_file);
-    else factors[i] = load_delta_factors_f64(*c.module, src.shape, *c.adapter_file);
+    if constexpr (sizeof(T) == 4)
+      factors[i] = load_delta_factors(*c.module, src.shape, *c.adapter_file);
+    else
+      factors[i] = load_delta_factors_f64(*c.module, src.shape, *c.adapter_file);
     whole = whole || factors[i]->needs_whole_tensor();
   }
   // f32 path, plain LoRA into a 16-bit output: fix up near-midpoint elements
-  bool exact_fixup = sizeof(T) == 4 && !job.deltas.empty() &&
-                     (job.out_type == dtype::BF16 || job.out_type == dtype::F16);
+  bool exact_fixup =
+      sizeof(T) == 4 && !job.deltas.empty() && (job.out_type == dtype::BF16 || job.out_type == dtype::F16);
   for (const contribution& c : job.deltas) exact_fixup = exact_fixup && !c.bias && !c.module->dora;
   // per row: (r + 3) sum_k |w_k| bound_k (see suspect()), for the fix-up
   std::vector<float> row_cb;
@@ -253,8 +259,10 @@ void run_compute(const tensor_job& job, safetensors_writer& writer, bool allow_n
     // W += weight_k * dW_k, or DoRA's rescaling, adapter by adapter
     for (size_t i = 0; i < job.deltas.size(); ++i) {
       const contribution& c = job.deltas[i];
-      if (c.bias) add_bias_delta(*c.module, c.weight, std::span<T>(buf, n), *c.adapter_file);
-      else apply_module_rows(*factors[i], c.weight, rb, re, buf);
+      if (c.bias)
+        add_bias_delta(*c.module, c.weight, std::span<T>(buf, n), *c.adapter_file);
+      else
+        apply_module_rows(*factors[i], c.weight, rb, re, buf);
     }
     // one rounding to the output dtype
     std::span<uint8_t> out_bytes(out, n * static_cast<size_t>(out_size));
@@ -326,7 +334,8 @@ metadata_map output_metadata(const std::optional<metadata_map>& base, const merg
   for (size_t i = 0; i < adapters.size(); ++i) {
     std::error_code ec;
     const std::string canonical = fs::weakly_canonical(adapters[i].path, ec).string();
-    m[fmt::format("lora.adapter.{}.path_fnv1a64", i)] = fmt::format("{:016x}", fnv1a64(ec ? adapters[i].path : canonical));
+    m[fmt::format("lora.adapter.{}.path_fnv1a64", i)] =
+        fmt::format("{:016x}", fnv1a64(ec ? adapters[i].path : canonical));
     m[fmt::format("lora.adapter.{}.format", i)] = std::string(adapter_format_name(adapters[i].format));
     m[fmt::format("lora.adapter.{}.weight", i)] = fmt::format("{}", options.adapters[i].weight);
   }
@@ -419,11 +428,11 @@ merge_report merge_model(const merge_options& options) {
       job.out_type = options.out_type && dtype_is_math(t.type) ? *options.out_type : t.type;
       if ((!job.deltas.empty() || job.source.info->type != job.out_type) &&
           !(dtype_is_math(job.source.info->type) && dtype_is_math(job.out_type)))
-        throw errors::invalid(job.source.file->path(), t.name,
-                              fmt::format("cannot {} a {} tensor (only F16, BF16, F32, F64)",
-                                          job.deltas.empty() ? "convert" : "merge into",
-                                          dtype_name(dtype_is_math(job.source.info->type) ? job.out_type
-                                                                                          : job.source.info->type)));
+        throw errors::invalid(
+            job.source.file->path(), t.name,
+            fmt::format("cannot {} a {} tensor (only F16, BF16, F32, F64)",
+                        job.deltas.empty() ? "convert" : "merge into",
+                        dtype_name(dtype_is_math(job.source.info->type) ? job.out_type : job.source.info->type)));
       job.copy = job.deltas.empty() && job.source.info->type == job.out_type;
       specs.push_back({t.name, job.out_type, t.shape});
       weight_map[t.name] = base.shard_names[s];
@@ -441,8 +450,9 @@ merge_report merge_model(const merge_options& options) {
   // bias target is checked here)
   for (const auto& [target, list] : deltas)
     if (!base.find_ref(target))
-      throw fit_error(*list.front().adapter_file, base.path,
-                      {{{list.front().module->name, fmt::format("the base has no tensor {}", target), fit_issue::no_base_tensor}}});
+      throw fit_error(
+          *list.front().adapter_file, base.path,
+          {{{list.front().module->name, fmt::format("the base has no tensor {}", target), fit_issue::no_base_tensor}}});
   // shapes and dtypes of every module, before anything is written
   for (const tensor_job& job : jobs)
     for (const contribution& c : job.deltas) {
@@ -463,8 +473,10 @@ merge_report merge_model(const merge_options& options) {
   report.n_tensors = jobs.size();
   for (const tensor_job& job : jobs) {
     if (job.replaced) ++report.n_replaced;
-    if (!job.deltas.empty()) ++report.n_merged;
-    else if (!job.replaced) ++(job.copy ? report.n_copied : report.n_converted);
+    if (!job.deltas.empty())
+      ++report.n_merged;
+    else if (!job.replaced)
+      ++(job.copy ? report.n_copied : report.n_converted);
   }
 
   // 5. the other files of the base folder: plain files and links inside the

@@ -33,32 +33,32 @@ struct merge_input {
 };
 
 struct merge_options {
-  std::string base;                 // model folder or bare .safetensors
+  std::string base;                   // model folder or bare .safetensors
   std::vector<merge_input> adapters;  // applied in this order
-  std::string out;                  // the output folder
-  std::optional<dtype> out_type;    // nullopt: every tensor keeps its dtype
-  double scale = 1.0;               // multiplies every delta (and bias delta)
-  int threads = 0;                  // <= 0: all cores
-  bool dry_run = false;             // check everything, write nothing
-  bool force = false;               // replace an existing --out
-  bool allow_nonfinite = false;     // write NaN / Inf produced by a merge
-  bool sync = false;                // fsync the output before it is moved into place
-  progress_fn progress;             // may be empty
+  std::string out;                    // the output folder
+  std::optional<dtype> out_type;      // nullopt: every tensor keeps its dtype
+  double scale = 1.0;                 // multiplies every delta (and bias delta)
+  int threads = 0;                    // <= 0: all cores
+  bool dry_run = false;               // check everything, write nothing
+  bool force = false;                 // replace an existing --out
+  bool allow_nonfinite = false;       // write NaN / Inf produced by a merge
+  bool sync = false;                  // fsync the output before it is moved into place
+  progress_fn progress;               // may be empty
 };
 
 struct merge_report {
   std::string out;
   bool dry_run = false;
-  std::vector<std::string> files;          // written into out (names)
+  std::vector<std::string> files;  // written into out (names)
   // entries of the base folder not copied, with why: weights in another
   // format, links out of the model's tree, folders, FIFOs, devices
   std::vector<std::pair<std::string, std::string>> skipped_files;  // name, reason
-  uint64_t n_tensors = 0;    // tensors in the output
-  uint64_t n_modules = 0;    // LoRA modules applied (over all adapters)
-  uint64_t n_merged = 0;     // tensors that received a delta (weights and biases)
-  uint64_t n_replaced = 0;   // modules_to_save tensors written in place of the base's
-  uint64_t n_converted = 0;  // untouched tensors converted to --dtype
-  uint64_t n_copied = 0;     // untouched tensors copied byte for byte
+  uint64_t n_tensors = 0;                                          // tensors in the output
+  uint64_t n_modules = 0;                                          // LoRA modules applied (over all adapters)
+  uint64_t n_merged = 0;                                           // tensors that received a delta (weights and biases)
+  uint64_t n_replaced = 0;     // modules_to_save tensors written in place of the base's
+  uint64_t n_converted = 0;    // untouched tensors converted to --dtype
+  uint64_t n_copied = 0;       // untouched tensors copied byte for byte
   uint64_t bytes_written = 0;  // every file of the output (or that would be)
   uint64_t bytes_free = 0;     // available on the output's file system before writing
   double seconds = 0;

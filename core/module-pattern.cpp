@@ -46,8 +46,8 @@ std::string unsupported_construct(const RE2& re, const std::string& key) {
 [[noreturn]] void refuse(const RE2& re, const std::string& key) {
   const std::string construct = unsupported_construct(re, key);
   if (construct.empty()) throw pattern_error(re.error());
-  throw pattern_error(fmt::format("{} ({} is not supported: patterns are matched by RE2, in linear time)",
-                                  re.error(), construct));
+  throw pattern_error(
+      fmt::format("{} ({} is not supported: patterns are matched by RE2, in linear time)", re.error(), construct));
 }
 
 }  // namespace

@@ -50,8 +50,8 @@ void stored_gemm(const stored_matrix& w, const float* x, int64_t n_tokens, float
   const size_t esize = static_cast<size_t>(math_dtype_size(w.type));
   const size_t n_cols = static_cast<size_t>(w.n_cols);
   if (w.n_rows < 0 || w.n_cols < 0 || w.bytes.size() != static_cast<size_t>(w.n_rows) * n_cols * esize)
-    throw errors::invalid("", "", fmt::format("{} bytes do not hold a [{}, {}] matrix", w.bytes.size(), w.n_rows,
-                                              w.n_cols));
+    throw errors::invalid("", "",
+                          fmt::format("{} bytes do not hold a [{}, {}] matrix", w.bytes.size(), w.n_rows, w.n_cols));
   const int m = blas_dim(n_tokens), k = blas_dim(w.n_cols), ldc = blas_dim(w.n_rows);
   if (m == 0 || w.n_rows == 0) return;
   if (k == 0) {  // an empty sum

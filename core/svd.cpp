@@ -59,7 +59,8 @@ void check_lapack(int info, const char* routine) {
 // values so large that their energies overflow f64 (|a| ~ 1e154).
 void check_energy(double total) {
   if (!std::isfinite(total))
-    throw errors::invalid("", "", "the matrix holds NaN or Inf, or values too large for an SVD (||a||^2 overflows f64)");
+    throw errors::invalid("", "",
+                          "the matrix holds NaN or Inf, or values too large for an SVD (||a||^2 overflows f64)");
 }
 
 // Replaces the column-major y [rows, cols] (rows >= cols) by the Q of its QR.
@@ -88,8 +89,7 @@ int64_t rank_cap(const rank_rule& rule, int64_t m, int64_t n) {
 
 // The randomized SVD with sketch width l (k + oversample, at most min(m, n)):
 // returns u [m, l], vt [l, n] (row-major, f32 math widened) and l values.
-low_rank_svd randomized_sketch(std::span<const float> a, int64_t m, int64_t n, int64_t l,
-                               const svd_options& options) {
+low_rank_svd randomized_sketch(std::span<const float> a, int64_t m, int64_t n, int64_t l, const svd_options& options) {
   const float* at = a.data();  // column-major [n, m], ld n
   const int64_t full = std::min(m, n);
 
@@ -140,8 +140,7 @@ low_rank_svd randomized_sketch(std::span<const float> a, int64_t m, int64_t n, i
 void truncate(low_rank_svd& svd, int64_t r) {
   if (r == svd.rank) return;
   std::vector<double> u(static_cast<size_t>(svd.rows * r));
-  for (int64_t i = 0; i < svd.rows; ++i)
-    std::copy_n(svd.u.begin() + i * svd.rank, r, u.begin() + i * r);
+  for (int64_t i = 0; i < svd.rows; ++i) std::copy_n(svd.u.begin() + i * svd.rank, r, u.begin() + i * r);
   svd.u = std::move(u);
   svd.vt.resize(static_cast<size_t>(r * svd.cols));
   svd.rank = r;
@@ -156,9 +155,7 @@ void finish(low_rank_svd& svd, const rank_choice& choice) {
 
 }  // namespace
 
-std::string_view svd_method_name(svd_method m) noexcept {
-  return m == svd_method::exact ? "exact" : "randomized";
-}
+std::string_view svd_method_name(svd_method m) noexcept { return m == svd_method::exact ? "exact" : "randomized"; }
 
 double low_rank_svd::estimated_error() const noexcept {
   if (total_energy <= 0) return 0;
@@ -223,17 +220,17 @@ low_rank_svd truncated_svd(std::span<const float> a, int64_t m, int64_t n, const
   check_energy(total);
 
   // k: how many values we trust; the sketch holds l = k + oversample
-  int64_t k = rule.type == rank_rule::kind::fixed
-                  ? std::clamp<int64_t>(static_cast<int64_t>(rule.value), 1, cap)
-                  : std::min<int64_t>(std::max<int64_t>(options.first_sketch, 1), cap);
+  int64_t k = rule.type == rank_rule::kind::fixed ? std::clamp<int64_t>(static_cast<int64_t>(rule.value), 1, cap)
+                                                  : std::min<int64_t>(std::max<int64_t>(options.first_sketch, 1), cap);
   for (;;) {
     const int64_t l = std::min(k + options.oversample, full);
     low_rank_svd out = randomized_sketch(a, m, n, l, options);
     // f32 products of values near the f32 limit overflow (the f64 path does not)
     for (double v : out.s)
       if (!std::isfinite(v))
-        throw errors::invalid("", "", "the randomized SVD overflowed f32 (values near the f32 limit): --method exact "
-                                      "computes it in f64");
+        throw errors::invalid("", "",
+                              "the randomized SVD overflowed f32 (values near the f32 limit): --method exact "
+                              "computes it in f64");
     out.total_energy = total;
     rank_choice choice = choose_rank(out.s, total, rule, cap);
     if (rule.type == rank_rule::kind::fixed) choice.rank = std::min(choice.rank, k);

@@ -36,24 +36,24 @@ struct rank_rule {
 // algorithm 4.4: randomized subspace iteration).
 struct svd_options {
   svd_method method = svd_method::randomized;
-  int64_t oversample = 10;  // sketch width l = k + oversample
-  int power_iters = 2;      // passes of A^T, A with a QR after each product
-  uint64_t seed = 0;        // Gaussian test matrix; same seed, same result
+  int64_t oversample = 10;    // sketch width l = k + oversample
+  int power_iters = 2;        // passes of A^T, A with a QR after each product
+  uint64_t seed = 0;          // Gaussian test matrix; same seed, same result
   int64_t first_sketch = 32;  // energy / error rules: first k tried, then doubled
 };
 
 // The leading part of an SVD a ~ u diag(s) vt, truncated to `rank` columns.
 struct low_rank_svd {
-  int64_t rows = 0, cols = 0;   // m, n of the input
-  int64_t rank = 0;             // r: columns of u, rows of vt
-  std::vector<double> u;        // [m, r] row-major, orthonormal columns
-  std::vector<double> vt;       // [r, n] row-major, orthonormal rows
-  std::vector<double> s;        // every singular value computed (>= r), descending
-  double total_energy = 0;      // ||a||_F^2, computed exactly from a (not from s)
-  double kept_energy = 0;       // sum_{i<r} s_i^2
+  int64_t rows = 0, cols = 0;                  // m, n of the input
+  int64_t rank = 0;                            // r: columns of u, rows of vt
+  std::vector<double> u;                       // [m, r] row-major, orthonormal columns
+  std::vector<double> vt;                      // [r, n] row-major, orthonormal rows
+  std::vector<double> s;                       // every singular value computed (>= r), descending
+  double total_energy = 0;                     // ||a||_F^2, computed exactly from a (not from s)
+  double kept_energy = 0;                      // sum_{i<r} s_i^2
   svd_method method = svd_method::randomized;  // what actually ran
-  int64_t sketch = 0;           // randomized: final sketch width l; exact: min(m, n)
-  bool target_reached = true;   // false when max_rank stopped an energy / error rule
+  int64_t sketch = 0;                          // randomized: final sketch width l; exact: min(m, n)
+  bool target_reached = true;                  // false when max_rank stopped an energy / error rule
 
   // sum_{i<r} s_i^2 / ||a||_F^2
   double energy_fraction() const noexcept { return total_energy > 0 ? kept_energy / total_energy : 1.0; }
@@ -119,10 +119,10 @@ lora_pair split_balanced(const low_rank_svd& svd);
 // ||a - b a_factor||_F for a [m, n], b [m, r], a_factor [r, n]: the measured
 // residual of the factors as they are written (after rounding). a is
 // overwritten by the residual (sgemm / dgemm with beta = 1); sums in f64.
-double residual_norm(std::span<float> a, std::span<const float> b, std::span<const float> a_factor,
-                     int64_t m, int64_t n, int64_t r);
-double residual_norm(std::span<double> a, std::span<const double> b, std::span<const double> a_factor,
-                     int64_t m, int64_t n, int64_t r);
+double residual_norm(std::span<float> a, std::span<const float> b, std::span<const float> a_factor, int64_t m,
+                     int64_t n, int64_t r);
+double residual_norm(std::span<double> a, std::span<const double> b, std::span<const double> a_factor, int64_t m,
+                     int64_t n, int64_t r);
 
 // ||a||_F^2, summed in f64 (every norm here goes through it).
 double squared_norm(std::span<const float> a);

@@ -82,7 +82,8 @@ void compare_block(tensor_check& c, dtype type, int64_t rank, const std::vector<
   for (size_t i = 0; i < expected.size(); ++i) {
     const double e = expected[i], d = std::fabs(e - w0[i]);
     const double terms = row_bounds.empty() ? 0.0 : row_bounds[first_row + i / n_cols];
-    const double tol = 2 * ulp(type, std::fabs(e)) + ulp(type, d) + eps32 * (std::fabs(w0[i]) + std::fabs(e) + d + terms);
+    const double tol =
+        2 * ulp(type, std::fabs(e)) + ulp(type, d) + eps32 * (std::fabs(w0[i]) + std::fabs(e) + d + terms);
     const double err = std::fabs(merged[i] - e);
     const double ratio = std::isnan(err) ? INFINITY : err / tol;
     if (ratio > 1) ++c.n_bad;
@@ -306,7 +307,8 @@ void accumulate_rows(const delta_factors_f64& f, const layer_shape& s, double we
   add_delta_rows(f, weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), v_buf.data());
   for (size_t i = rb; i < re; ++i)
     for (size_t j = 0; j < nc; ++j) {
-      const double vij = v_buf[(i - rb) * nc + j], bij = t_bound.empty() ? 0 : std::fabs(w0[(i - rb) * nc + j]) + t_bound[i];
+      const double vij = v_buf[(i - rb) * nc + j],
+                   bij = t_bound.empty() ? 0 : std::fabs(w0[(i - rb) * nc + j]) + t_bound[i];
       acc.v_sq[s.transposed ? j : i] += vij * vij;
       acc.bound_sq[s.transposed ? j : i] += bij * bij;
     }
@@ -340,7 +342,8 @@ std::vector<double> unmerged_from(const delta_factors_f64& f, const layer_shape&
 }
 
 std::string layer_kind(const lora_module& m) {
-  std::string k = m.kind == module_kind::linear && m.fan_in_fan_out ? "fan_in_fan_out" : std::string(module_kind_name(m.kind));
+  std::string k =
+      m.kind == module_kind::linear && m.fan_in_fan_out ? "fan_in_fan_out" : std::string(module_kind_name(m.kind));
   if (m.dora) k += "+dora";
   if (m.bias) k += "+bias";
   return k;
@@ -402,7 +405,8 @@ layer_check check_layer(const lora_module& m, size_t index, const std::string& a
     const std::string name = m.name + ".bias";
     std::optional<tensor_ref> bb = base.find(name), bm = merged.find(name);
     if (!bb)
-      throw fit_error(adapter_file, base.path, {{{m.name, fmt::format("the base has no tensor {}", name), fit_issue::no_base_tensor}}});
+      throw fit_error(adapter_file, base.path,
+                      {{{m.name, fmt::format("the base has no tensor {}", name), fit_issue::no_base_tensor}}});
     if (!bm) return fail("missing");
     if (bm->info->shape != bb->info->shape || bb->info->n_elements != s.n_out) return fail("shape");
     if (!dtype_is_math(bm->info->type)) return fail("dtype");
@@ -486,8 +490,9 @@ std::vector<double> unmerged_layer_output(const delta_factors_f64& f, std::span<
                                           std::span<const double> x, double weight) {
   const layer_shape s = shape_of(f);
   if (w0.size() != s.n_rows * s.n_cols || s.n_in == 0 || x.size() % s.n_in != 0)
-    throw errors::invalid("", f.target, fmt::format("{} input values and a W0 of {} do not fit a [{}, {}] weight",
-                                                    x.size(), w0.size(), s.n_rows, s.n_cols));
+    throw errors::invalid("", f.target,
+                          fmt::format("{} input values and a W0 of {} do not fit a [{}, {}] weight", x.size(),
+                                      w0.size(), s.n_rows, s.n_cols));
   const size_t n = x.size() / s.n_in;
   layer_sums acc(n, s.n_out);
   std::vector<double> v_buf;
@@ -542,14 +547,26 @@ void check_weights(const model_files& base, const model_files& merged, const ada
     tensor_ref b = base.at(name);
     std::optional<tensor_ref> m = merged.find(name);
     tensor_check c{name, "missing"};
-    if (!m) { c.ok = false; r.tensors.push_back(c); continue; }
-    if (m->info->shape != b.info->shape) { c.kind = "shape"; c.ok = false; r.tensors.push_back(c); continue; }
+    if (!m) {
+      c.ok = false;
+      r.tensors.push_back(c);
+      continue;
+    }
+    if (m->info->shape != b.info->shape) {
+      c.kind = "shape";
+      c.ok = false;
+      r.tensors.push_back(c);
+      continue;
+    }
     ++r.n_checked;
     const bool math = dtype_is_math(b.info->type) && dtype_is_math(m->info->type);
     expectation x;
-    if (auto it = saved.find(name); it != saved.end()) x.replacement = it->second;
-    else if (auto it = bias_modules.find(name); it != bias_modules.end()) x.bias = it->second;
-    else if (auto it = modules.find(name); it != modules.end()) x.module = it->second;
+    if (auto it = saved.find(name); it != saved.end())
+      x.replacement = it->second;
+    else if (auto it = bias_modules.find(name); it != bias_modules.end())
+      x.bias = it->second;
+    else if (auto it = modules.find(name); it != modules.end())
+      x.module = it->second;
     const bool touched = x.replacement || x.bias || x.module;
     r.tensors.push_back(touched && math ? check_touched(name, b, *m, x, a.weights_path) : check_untouched(name, b, *m));
   }

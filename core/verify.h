@@ -26,11 +26,11 @@ struct verify_options {
 
 struct tensor_check {
   std::string name;
-  std::string kind;     // "merged" | "replaced" | "bias" | "untouched" | "missing" | "extra" | "shape"
-  double max_error = 0;   // max |merged - expected|
-  double tolerance = 0;   // the per-element tolerance at the worst element
-  double ratio = 0;       // max over elements of error / tolerance (> 1 fails)
-  uint64_t n_bad = 0;     // elements over their tolerance
+  std::string kind;      // "merged" | "replaced" | "bias" | "untouched" | "missing" | "extra" | "shape"
+  double max_error = 0;  // max |merged - expected|
+  double tolerance = 0;  // the per-element tolerance at the worst element
+  double ratio = 0;      // max over elements of error / tolerance (> 1 fails)
+  uint64_t n_bad = 0;    // elements over their tolerance
   bool ok = true;
 };
 
@@ -48,21 +48,21 @@ struct model_check {
 // in * kh * kw); an embedding's inputs are one-hot token rows (a lookup).
 // Per output element: |y_merged - y_ref| <= tolerance (see verify.cpp).
 struct layer_check {
-  std::string name;     // the module ("model.layers.0.self_attn.q_proj")
-  std::string kind;     // "linear" | "fan_in_fan_out" | "embedding" | "conv", "+dora", "+bias";
-                        // "missing" | "shape" | "dtype" when the merged tensor cannot be run
-  double max_abs = 0;   // max |y_merged - y_ref|
-  double max_rel = 0;   // max_abs / max |y_ref|
-  double tolerance = 0; // the tolerance of the worst-ratio element
-  double ratio = 0;     // max over output elements of |diff| / tolerance (> 1 fails)
-  uint64_t n_bad = 0;   // output elements over their tolerance
+  std::string name;      // the module ("model.layers.0.self_attn.q_proj")
+  std::string kind;      // "linear" | "fan_in_fan_out" | "embedding" | "conv", "+dora", "+bias";
+                         // "missing" | "shape" | "dtype" when the merged tensor cannot be run
+  double max_abs = 0;    // max |y_merged - y_ref|
+  double max_rel = 0;    // max_abs / max |y_ref|
+  double tolerance = 0;  // the tolerance of the worst-ratio element
+  double ratio = 0;      // max over output elements of |diff| / tolerance (> 1 fails)
+  uint64_t n_bad = 0;    // output elements over their tolerance
   bool ok = true;
 };
 
 struct verify_report {
   std::vector<tensor_check> tensors;  // worst ratio first
   uint64_t n_checked = 0, n_failed = 0;
-  std::vector<layer_check> layers;    // one per adapted module, worst ratio first
+  std::vector<layer_check> layers;  // one per adapted module, worst ratio first
   uint64_t n_layers_failed = 0;
   model_check model;
   bool equivalent = true;  // no tensor, layer or model failure

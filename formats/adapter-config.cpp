@@ -132,12 +132,17 @@ peft_config parse_peft_config(const std::string& text, const std::string& label)
     c.modules_to_save = string_list(*it, label, "modules_to_save");
 
   if (auto it = j.find("init_lora_weights"); it != j.end() && !it->is_null()) {
-    if (it->is_boolean()) c.init_lora_weights = it->get<bool>() ? "true" : "false";
-    else if (it->is_string()) c.init_lora_weights = it->get<std::string>();
-    else throw errors::invalid(label, "init_lora_weights", fmt::format("must be true, false or a method name, found {}", show(*it)));
+    if (it->is_boolean())
+      c.init_lora_weights = it->get<bool>() ? "true" : "false";
+    else if (it->is_string())
+      c.init_lora_weights = it->get<std::string>();
+    else
+      throw errors::invalid(label, "init_lora_weights",
+                            fmt::format("must be true, false or a method name, found {}", show(*it)));
   }
   if (auto it = j.find("layer_replication"); it != j.end() && !it->is_null()) {
-    if (!it->is_array()) throw errors::invalid(label, "layer_replication", fmt::format("must be a list, found {}", show(*it)));
+    if (!it->is_array())
+      throw errors::invalid(label, "layer_replication", fmt::format("must be a list, found {}", show(*it)));
     c.layer_replication = !it->empty();
   }
   c.base_model_name_or_path = text_field(j, "base_model_name_or_path", label);
@@ -171,9 +176,12 @@ std::string render_peft_config(const peft_config& c) {
   j["r"] = c.r.value_or(8);
   j["rank_pattern"] = std::move(rank_pattern);
   j["revision"] = nullptr;
-  if (c.target_modules.empty()) j["target_modules"] = nullptr;
-  else if (c.target_modules_is_regex && c.target_modules.size() == 1) j["target_modules"] = c.target_modules[0];
-  else j["target_modules"] = c.target_modules;
+  if (c.target_modules.empty())
+    j["target_modules"] = nullptr;
+  else if (c.target_modules_is_regex && c.target_modules.size() == 1)
+    j["target_modules"] = c.target_modules[0];
+  else
+    j["target_modules"] = c.target_modules;
   j["task_type"] = c.task_type.empty() ? json(nullptr) : json(c.task_type);
   j["use_dora"] = c.use_dora;
   j["use_rslora"] = c.use_rslora;

@@ -10,7 +10,7 @@
 namespace lora {
 
 struct peft_config {
-  std::string peft_type;                    // "LORA" (others are refused by core/adapter)
+  std::string peft_type;  // "LORA" (others are refused by core/adapter)
   std::optional<int64_t> r;
   std::optional<double> lora_alpha;
   bool use_rslora = false;

@@ -48,8 +48,7 @@ int dtype_bits(dtype t) noexcept { return k_dtypes[static_cast<size_t>(t)].bits;
 
 std::optional<uint64_t> dtype_bytes(dtype t, uint64_t n_elements) noexcept {
   uint64_t bits = 0;
-  if (__builtin_mul_overflow(n_elements, static_cast<uint64_t>(dtype_bits(t)), &bits))
-    return std::nullopt;
+  if (__builtin_mul_overflow(n_elements, static_cast<uint64_t>(dtype_bits(t)), &bits)) return std::nullopt;
   if (bits % 8 != 0) return std::nullopt;
   return bits / 8;
 }

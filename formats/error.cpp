@@ -17,17 +17,21 @@ std::string one_line(const std::string& text) {
   out.reserve(text.size());
   for (char c : text) {
     auto u = static_cast<unsigned char>(c);
-    if (c == '\n') out += "\\n";
-    else if (c == '\r') out += "\\r";
-    else if (c == '\t') out += "\\t";
-    else if (u < 0x20 || u == 0x7f) out += fmt::format("\\x{:02x}", u);
-    else out += c;
+    if (c == '\n')
+      out += "\\n";
+    else if (c == '\r')
+      out += "\\r";
+    else if (c == '\t')
+      out += "\\t";
+    else if (u < 0x20 || u == 0x7f)
+      out += fmt::format("\\x{:02x}", u);
+    else
+      out += c;
   }
   return out;
 }
 
-std::string join_message(const std::string& file, const std::string& tensor,
-                         const std::string& detail) {
+std::string join_message(const std::string& file, const std::string& tensor, const std::string& detail) {
   std::string out;
   if (!file.empty()) out += file + ": ";
   if (!tensor.empty()) out += tensor + ": ";
@@ -51,8 +55,7 @@ error invalid(const std::string& file, const std::string& tensor, const std::str
 
 error shape_mismatch(const std::string& file, const std::string& tensor, const std::string& want,
                      const std::string& got) {
-  return error(exit_code::invalid_input, file, tensor,
-               fmt::format("shape mismatch: expected {}, found {}", want, got));
+  return error(exit_code::invalid_input, file, tensor, fmt::format("shape mismatch: expected {}, found {}", want, got));
 }
 
 error io(const std::string& file, const std::string& detail, int errno_value) {

@@ -42,8 +42,8 @@ namespace errors {
 // Malformed or inconsistent input (exit 3).
 error invalid(const std::string& file, const std::string& tensor, const std::string& detail);
 // A tensor whose shape is not the one required (exit 3).
-error shape_mismatch(const std::string& file, const std::string& tensor,
-                     const std::string& want, const std::string& got);
+error shape_mismatch(const std::string& file, const std::string& tensor, const std::string& want,
+                     const std::string& got);
 // An operating-system failure on `file`; errno_value is appended as text (exit 4).
 error io(const std::string& file, const std::string& detail, int errno_value = 0);
 // A bad command line (exit 2).

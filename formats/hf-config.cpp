@@ -50,7 +50,8 @@ double number(const json& j, const char* field, double fallback, const std::stri
 bool boolean(const json& j, const char* field, bool fallback, const std::string& label) {
   auto it = j.find(field);
   if (it == j.end() || it->is_null()) return fallback;
-  if (!it->is_boolean()) throw errors::invalid(label, "", fmt::format("field {} must be true or false, got {}", field, it->dump()));
+  if (!it->is_boolean())
+    throw errors::invalid(label, "", fmt::format("field {} must be true or false, got {}", field, it->dump()));
   return it->get<bool>();
 }
 
@@ -79,14 +80,16 @@ std::optional<double> rope_number(const json& d, const std::string& where, const
   if (it == d.end() || it->is_null()) return std::nullopt;
   if (zero_is_absent && it->is_number() && it->get<double>() == 0.0) return std::nullopt;
   if (!it->is_number() || !(it->get<double>() > 0.0))
-    throw errors::invalid(label, "", fmt::format("field {}.{} must be a positive number, got {}", where, key, it->dump()));
+    throw errors::invalid(label, "",
+                          fmt::format("field {}.{} must be a positive number, got {}", where, key, it->dump()));
   return it->get<double>();
 }
 
 double rope_required(const json& d, const std::string& where, const char* key, const rope_parameters& p,
                      const std::string& label) {
   std::optional<double> v = rope_number(d, where, key, label);
-  if (!v) throw errors::invalid(label, "", fmt::format("field {}.{} is missing (rope_type {} needs it)", where, key, p.type));
+  if (!v)
+    throw errors::invalid(label, "", fmt::format("field {}.{} is missing (rope_type {} needs it)", where, key, p.type));
   return *v;
 }
 
@@ -103,8 +106,9 @@ std::vector<double> rope_factor_list(const json& d, const std::string& where, co
       v.push_back(e.get<double>());
     }
   if (!it->is_array() || v.size() != it->size() || static_cast<int64_t>(v.size()) != head_dim / 2)
-    throw errors::invalid(label, "", fmt::format("field {}.{} must be a list of {} positive numbers (head_dim / 2), got {}",
-                                                 where, key, head_dim / 2, it->dump()));
+    throw errors::invalid(label, "",
+                          fmt::format("field {}.{} must be a list of {} positive numbers (head_dim / 2), got {}", where,
+                                      key, head_dim / 2, it->dump()));
   return v;
 }
 
@@ -127,8 +131,9 @@ void read_rope_type_fields(const json& d, const std::string& where, const hf_con
     p.low_freq_factor = rope_required(d, where, "low_freq_factor", p, label);
     p.high_freq_factor = rope_required(d, where, "high_freq_factor", p, label);
     if (p.high_freq_factor <= p.low_freq_factor)  // the smoothing divides by their difference
-      throw errors::invalid(label, "", fmt::format("field {}.high_freq_factor {} must exceed low_freq_factor {}", where,
-                                                   p.high_freq_factor, p.low_freq_factor));
+      throw errors::invalid(label, "",
+                            fmt::format("field {}.high_freq_factor {} must exceed low_freq_factor {}", where,
+                                        p.high_freq_factor, p.low_freq_factor));
   } else if (p.type == "longrope") {
     p.short_factor = rope_factor_list(d, where, "short_factor", c.head_dim, label);
     p.long_factor = rope_factor_list(d, where, "long_factor", c.head_dim, label);
@@ -139,31 +144,38 @@ void read_rope_type_fields(const json& d, const std::string& where, const hf_con
 // "rope_parameters.<layer type>" in messages) of config `top`.
 rope_parameters read_rope(const json& d, const std::string& where, const json& top, const hf_config& c, bool nested,
                           const std::string& label) {
-  if (!d.is_object()) throw errors::invalid(label, "", fmt::format("field {} must be an object, got {}", where, d.dump()));
+  if (!d.is_object())
+    throw errors::invalid(label, "", fmt::format("field {} must be an object, got {}", where, d.dump()));
   rope_parameters p;
   // rope_type, 4.x's "type" as the fallback, else "default"
   auto t = d.find("rope_type");
   if (t == d.end() || t->is_null()) t = d.find("type");
   if (t != d.end() && !t->is_null()) {
-    if (!t->is_string()) throw errors::invalid(label, "", fmt::format("field {}.rope_type must be a string, got {}", where, t->dump()));
+    if (!t->is_string())
+      throw errors::invalid(label, "", fmt::format("field {}.rope_type must be a string, got {}", where, t->dump()));
     p.type = t->get<std::string>();
   }
   if (!is_known_rope_type(p.type))
-    throw errors::invalid(label, "", fmt::format("field {}.rope_type {} is not supported (known: default, linear, dynamic, "
-                                                 "yarn, longrope, llama3)", where, p.type));
+    throw errors::invalid(label, "",
+                          fmt::format("field {}.rope_type {} is not supported (known: default, linear, dynamic, "
+                                      "yarn, longrope, llama3)",
+                                      where, p.type));
   // rope_theta: the dict's (5.x), else the top-level field (4.x), else 10000
   p.theta = rope_number(d, where, "rope_theta", label).value_or(number(top, "rope_theta", 10000.0, label));
   // partial_rotary_factor: the Llama family rotates whole heads
   for (const json* src : {&d, &top}) {
     auto it = src->find("partial_rotary_factor");
     if (it != src->end() && !it->is_null() && !(it->is_number() && it->get<double>() == 1.0))
-      throw errors::invalid(label, "", fmt::format("field {}partial_rotary_factor {} is not supported (only 1: the forward "
-                                                   "pass rotates whole heads)", src == &d ? where + "." : "", it->dump()));
+      throw errors::invalid(label, "",
+                            fmt::format("field {}partial_rotary_factor {} is not supported (only 1: the forward "
+                                        "pass rotates whole heads)",
+                                        src == &d ? where + "." : "", it->dump()));
   }
   read_rope_type_fields(d, where, c, p, label);
   // original_max_position_embeddings: the top-level field wins (standardize_rope_params, global dict only)
   if (p.type == "yarn" || p.type == "longrope" || p.type == "llama3") {
-    std::optional<int64_t> top_orig = nested ? std::nullopt : opt_positive(top, "original_max_position_embeddings", label);
+    std::optional<int64_t> top_orig =
+        nested ? std::nullopt : opt_positive(top, "original_max_position_embeddings", label);
     std::optional<int64_t> own = opt_positive(d, "original_max_position_embeddings", label);
     p.original_max_position_embeddings = top_orig ? *top_orig : own.value_or(c.max_position_embeddings);
   }
@@ -179,8 +191,9 @@ std::optional<std::vector<std::string>> read_layer_types(const json& j, int64_t 
     for (const json& e : *it)
       if (e.is_string()) types.push_back(e.get<std::string>());
   if (!it->is_array() || types.size() != it->size() || static_cast<int64_t>(types.size()) != n_layers)
-    throw errors::invalid(label, "", fmt::format("field layer_types must list {} strings (num_hidden_layers), got {}",
-                                                 n_layers, it->dump()));
+    throw errors::invalid(
+        label, "",
+        fmt::format("field layer_types must list {} strings (num_hidden_layers), got {}", n_layers, it->dump()));
   return types;
 }
 
@@ -195,7 +208,8 @@ void read_layer_ropes(const json& j, const std::optional<std::vector<std::string
   for (const char* field : {"rope_parameters", "rope_scaling"}) {
     auto it = j.find(field);
     if (it == j.end() || it->is_null()) continue;
-    if (!it->is_object()) throw errors::invalid(label, "", fmt::format("field {} must be an object, got {}", field, it->dump()));
+    if (!it->is_object())
+      throw errors::invalid(label, "", fmt::format("field {} must be an object, got {}", field, it->dump()));
     if (!it->empty()) d = &*it, where = field;
   }
   bool nested = layer_types && !d->empty();
@@ -248,12 +262,16 @@ void read_layer_windows(const json& j, const std::optional<std::vector<std::stri
     for (size_t l = 0; l < c.layers.size(); ++l) {
       const std::string& type = (*layer_types)[l];
       if (type != "full_attention" && type != "sliding_attention")
-        throw errors::invalid(label, "", fmt::format("field layer_types: {} is not supported (full_attention, "
-                                                     "sliding_attention)", type));
+        throw errors::invalid(label, "",
+                              fmt::format("field layer_types: {} is not supported (full_attention, "
+                                          "sliding_attention)",
+                                          type));
       const bool sliding = type == "sliding_attention";
       if (sliding && w == 0)  // masking_utils refuses a sliding layer without a window
-        throw errors::invalid(label, "", fmt::format("field layer_types names sliding_attention for layer {} but "
-                                                     "sliding_window is unset (use_sliding_window false or null)", l));
+        throw errors::invalid(label, "",
+                              fmt::format("field layer_types names sliding_attention for layer {} but "
+                                          "sliding_window is unset (use_sliding_window false or null)",
+                                          l));
       c.layers[l].sliding_window = sliding ? w : 0;
     }
   }
@@ -282,9 +300,10 @@ hf_config parse_hf_config(std::string_view json_text, const std::string& label) 
   if (mt == j.end() || !mt->is_string()) throw errors::invalid(label, "", "field model_type is missing");
   c.model_type = mt->get<std::string>();
   if (!is_supported_architecture(c.model_type))
-    throw errors::invalid(label, "",
-                          fmt::format("model_type {} is not supported (the forward pass implements llama, mistral, qwen2)",
-                                      c.model_type));
+    throw errors::invalid(
+        label, "",
+        fmt::format("model_type {} is not supported (the forward pass implements llama, mistral, qwen2)",
+                    c.model_type));
 
   // sizes
   c.hidden_size = positive(j, "hidden_size", label);
@@ -297,14 +316,17 @@ hf_config parse_hf_config(std::string_view json_text, const std::string& label) 
     c.head_dim = *hd;
   } else {
     if (c.hidden_size % c.num_attention_heads != 0)
-      throw errors::invalid(label, "", fmt::format("field hidden_size {} is not a multiple of num_attention_heads {}",
-                                                   c.hidden_size, c.num_attention_heads));
+      throw errors::invalid(label, "",
+                            fmt::format("field hidden_size {} is not a multiple of num_attention_heads {}",
+                                        c.hidden_size, c.num_attention_heads));
     c.head_dim = c.hidden_size / c.num_attention_heads;
   }
-  if (c.head_dim % 2 != 0) throw errors::invalid(label, "", fmt::format("field head_dim {} is odd: rotary embeddings need pairs", c.head_dim));
+  if (c.head_dim % 2 != 0)
+    throw errors::invalid(label, "", fmt::format("field head_dim {} is odd: rotary embeddings need pairs", c.head_dim));
   if (c.num_attention_heads % c.num_key_value_heads != 0)
-    throw errors::invalid(label, "", fmt::format("field num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                                                 c.num_attention_heads, c.num_key_value_heads));
+    throw errors::invalid(label, "",
+                          fmt::format("field num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                                      c.num_attention_heads, c.num_key_value_heads));
 
   // numbers and flags (HF's defaults when absent)
   c.rms_norm_eps = number(j, "rms_norm_eps", 1e-6, label);
@@ -325,7 +347,8 @@ hf_config parse_hf_config(std::string_view json_text, const std::string& label) 
 
   // per layer: rotary embedding and sliding window
   if (c.num_hidden_layers > max_hidden_layers)
-    throw errors::invalid(label, "", fmt::format("field num_hidden_layers {} exceeds {}", c.num_hidden_layers, max_hidden_layers));
+    throw errors::invalid(label, "",
+                          fmt::format("field num_hidden_layers {} exceeds {}", c.num_hidden_layers, max_hidden_layers));
   c.layers.resize(static_cast<size_t>(c.num_hidden_layers));
   std::optional<std::vector<std::string>> layer_types = read_layer_types(j, c.num_hidden_layers, label);
   if (!layer_types && c.model_type == "qwen2") layer_types = qwen2_layer_types(j, c.num_hidden_layers, label);

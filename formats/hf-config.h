@@ -22,10 +22,10 @@ struct rope_parameters {
   // factor: required by linear, dynamic, llama3; yarn and longrope fall back
   // to max_position_embeddings / original_max_position_embeddings (nullopt).
   std::optional<double> factor;
-  std::optional<double> attention_factor;  // yarn, longrope: nullopt = the type's formula
-  double beta_fast = 32.0, beta_slow = 1.0;  // yarn (HF: `get(...) or 32`, so 0 and null mean the default)
-  double mscale = 0.0, mscale_all_dim = 0.0;  // yarn; 0 = absent (HF tests them for truth)
-  bool truncate = true;                       // yarn: floor/ceil the correction range
+  std::optional<double> attention_factor;                // yarn, longrope: nullopt = the type's formula
+  double beta_fast = 32.0, beta_slow = 1.0;              // yarn (HF: `get(...) or 32`, so 0 and null mean the default)
+  double mscale = 0.0, mscale_all_dim = 0.0;             // yarn; 0 = absent (HF tests them for truth)
+  bool truncate = true;                                  // yarn: floor/ceil the correction range
   double low_freq_factor = 0.0, high_freq_factor = 0.0;  // llama3
   // yarn, longrope, llama3: the top-level field when the config has one
   // (Phi-3), else the dict's, else max_position_embeddings.
@@ -49,7 +49,7 @@ struct hf_config {
   int64_t num_key_value_heads = 0;  // default: num_attention_heads
   int64_t head_dim = 0;             // default: hidden_size / num_attention_heads
   int64_t vocab_size = 0;
-  double rms_norm_eps = 1e-6;       // LlamaConfig's default
+  double rms_norm_eps = 1e-6;  // LlamaConfig's default
   // LlamaConfig's default 2048; MistralConfig 131072; Qwen2Config 32768.
   int64_t max_position_embeddings = 2048;
   bool tie_word_embeddings = false;

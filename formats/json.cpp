@@ -73,7 +73,8 @@ class json_checker final : public json::json_sax_t {
  private:
   void enter() {
     if (++depth_ > limits_.max_depth)
-      throw errors::invalid(label_, "", fmt::format("{} has JSON nested deeper than {} levels", what_, limits_.max_depth));
+      throw errors::invalid(label_, "",
+                            fmt::format("{} has JSON nested deeper than {} levels", what_, limits_.max_depth));
   }
   const std::string& label_;
   std::string_view what_;
@@ -92,7 +93,8 @@ void check_json(std::string_view text, const std::string& label, std::string_vie
   json::sax_parse(text, &checker, json::input_format_t::json, /*strict=*/true, /*ignore_comments=*/false);
   if (!checker.syntax_error.empty())
     throw errors::invalid(label, "", fmt::format("{} is not valid JSON: {}", what, clip(checker.syntax_error)));
-  if (!checker.duplicate.empty()) throw errors::invalid(label, checker.duplicate, fmt::format("duplicate key in {}", what));
+  if (!checker.duplicate.empty())
+    throw errors::invalid(label, checker.duplicate, fmt::format("duplicate key in {}", what));
 }
 
 template <typename J>
@@ -107,12 +109,13 @@ J parse_checked(std::string_view text, const std::string& label, std::string_vie
 
 }  // namespace
 
-json parse_json_bounded(std::string_view text, const std::string& label, std::string_view what, const json_limits& limits) {
+json parse_json_bounded(std::string_view text, const std::string& label, std::string_view what,
+                        const json_limits& limits) {
   return parse_checked<json>(text, label, what, limits);
 }
 
-nlohmann::ordered_json parse_ordered_json_bounded(std::string_view text, const std::string& label, std::string_view what,
-                                                  const json_limits& limits) {
+nlohmann::ordered_json parse_ordered_json_bounded(std::string_view text, const std::string& label,
+                                                  std::string_view what, const json_limits& limits) {
   return parse_checked<nlohmann::ordered_json>(text, label, what, limits);
 }
 

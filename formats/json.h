@@ -20,8 +20,8 @@ namespace lora {
 inline constexpr size_t max_json_depth = 64;
 
 struct json_limits {
-  size_t max_depth = max_json_depth;  // arrays + objects open at once
-  bool refuse_duplicate_keys = false; // safetensors headers refuse them
+  size_t max_depth = max_json_depth;   // arrays + objects open at once
+  bool refuse_duplicate_keys = false;  // safetensors headers refuse them
 };
 
 // Parses `text` as one JSON value (surrounding whitespace allowed). `label`

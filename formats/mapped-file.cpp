@@ -36,7 +36,7 @@ struct guard_slot {
 guard_slot guard_slots[n_guard_slots];
 std::string guard_names[n_guard_slots];  // under guard_mutex
 std::mutex guard_mutex;
-std::atomic<int> shrunk_slot{-1};        // the first map found shrunk (its slot is never reused)
+std::atomic<int> shrunk_slot{-1};  // the first map found shrunk (its slot is never reused)
 std::atomic<uintptr_t> page_size{4096};
 struct sigaction previous_sigbus {};
 
@@ -120,11 +120,11 @@ int open_regular_file(const std::string& path, uint64_t* size) {
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
-    const char* kind = S_ISDIR(st.st_mode)    ? "a directory"
-                       : S_ISFIFO(st.st_mode) ? "a FIFO"
-                       : S_ISSOCK(st.st_mode) ? "a socket"
+    const char* kind = S_ISDIR(st.st_mode)                          ? "a directory"
+                       : S_ISFIFO(st.st_mode)                       ? "a FIFO"
+                       : S_ISSOCK(st.st_mode)                       ? "a socket"
                        : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
-                                                                     : "not a file";
+                                                                    : "not a file";
     throw errors::io(path, fmt::format("is {}, not a regular file", kind));
   }
   ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);

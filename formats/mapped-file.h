@@ -64,7 +64,7 @@ class mapped_file {
   int fd_ = -1;
   const uint8_t* data_ = nullptr;
   uint64_t size_ = 0;
-  bool mapped_ = false;   // data_ is our mmap (else borrowed, or empty)
+  bool mapped_ = false;  // data_ is our mmap (else borrowed, or empty)
   int guard_slot_ = -1;  // this map's entry in the SIGBUS guard, -1 when none
 };
 

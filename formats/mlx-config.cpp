@@ -25,7 +25,8 @@ mlx_adapter_config parse_mlx_adapter_config(const std::string& text, const std::
   text_field(j, "fine_tune_type", c.fine_tune_type);
   text_field(j, "model", c.model);
   if (auto it = j.find("use_dora"); it != j.end() && !it->is_null()) {
-    if (!it->is_boolean()) throw errors::invalid(label, "use_dora", fmt::format("must be true or false, found {}", it->dump()));
+    if (!it->is_boolean())
+      throw errors::invalid(label, "use_dora", fmt::format("must be true or false, found {}", it->dump()));
     c.use_dora = it->get<bool>();
   }
 
@@ -35,14 +36,16 @@ mlx_adapter_config parse_mlx_adapter_config(const std::string& text, const std::
     throw errors::invalid(label, "lora_parameters", "missing or not an object (mlx_lm keeps the LoRA scale there)");
   auto scale = lp->find("scale");
   if (scale == lp->end() || !scale->is_number() || !std::isfinite(scale->get<double>()))
-    throw errors::invalid(label, "lora_parameters.scale",
-                          scale == lp->end() ? std::string("missing") : fmt::format("must be a number, found {}", scale->dump()));
+    throw errors::invalid(
+        label, "lora_parameters.scale",
+        scale == lp->end() ? std::string("missing") : fmt::format("must be a number, found {}", scale->dump()));
   c.scale = scale->get<double>();
   if (auto it = lp->find("rank"); it != lp->end() && !it->is_null()) {
-    const bool integral = it->is_number_integer() ||
-                          (it->is_number_float() && std::trunc(it->get<double>()) == it->get<double>());
+    const bool integral =
+        it->is_number_integer() || (it->is_number_float() && std::trunc(it->get<double>()) == it->get<double>());
     if (!integral || it->get<double>() <= 0)
-      throw errors::invalid(label, "lora_parameters.rank", fmt::format("must be a positive integer, found {}", it->dump()));
+      throw errors::invalid(label, "lora_parameters.rank",
+                            fmt::format("must be a positive integer, found {}", it->dump()));
     c.rank = static_cast<int64_t>(it->get<double>());
   }
   if (auto it = lp->find("keys"); it != lp->end() && !it->is_null()) {

@@ -66,7 +66,8 @@ void open_index(model_files& m) {
     else if (ts.is_number_float() && ts.get<double>() >= 0 && ts.get<double>() < 18446744073709551616.0 &&
              ts.get<double>() == std::floor(ts.get<double>()))
       m.index_total_size = static_cast<uint64_t>(ts.get<double>());
-    else throw errors::invalid(label, "", "metadata.total_size is not a non-negative integer");
+    else
+      throw errors::invalid(label, "", "metadata.total_size is not a non-negative integer");
   }
   std::map<std::string, std::string> weight_map;
   std::set<std::string> files;
@@ -74,7 +75,8 @@ void open_index(model_files& m) {
     if (!it.value().is_string()) throw errors::invalid(label, it.key(), "weight_map value is not a file name");
     std::string file = it.value().get<std::string>();
     if (file.empty() || file.find('/') != std::string::npos || file == "." || file == "..")
-      throw errors::invalid(label, it.key(), fmt::format("weight_map names \"{}\", not a file in the model folder", file));
+      throw errors::invalid(label, it.key(),
+                            fmt::format("weight_map names \"{}\", not a file in the model folder", file));
     weight_map.emplace(it.key(), file);
     files.insert(file);
   }
@@ -88,17 +90,20 @@ void open_index(model_files& m) {
   for (const auto& [tensor, file] : weight_map) {
     const tensor_ref* r = m.find_ref(tensor);
     if (r == nullptr)
-      throw errors::invalid(label, tensor, fmt::format("weight_map puts the tensor in {}, which does not hold it", file));
+      throw errors::invalid(label, tensor,
+                            fmt::format("weight_map puts the tensor in {}, which does not hold it", file));
     if (fs::path(r->file->path()).filename() != file)
       throw errors::invalid(label, tensor,
                             fmt::format("weight_map says {}, but the tensor is in {}", file, r->file->path()));
   }
   for (const std::string& name : m.tensor_names)
     if (!weight_map.count(name))
-      throw errors::invalid(label, name, fmt::format("tensor in {} is missing from weight_map", m.find_ref(name)->file->path()));
+      throw errors::invalid(label, name,
+                            fmt::format("tensor in {} is missing from weight_map", m.find_ref(name)->file->path()));
   if (m.index_total_size && *m.index_total_size != m.total_tensor_bytes())
-    throw errors::invalid(label, "", fmt::format("metadata.total_size is {} but the shards hold {} bytes of tensors",
-                                                 *m.index_total_size, m.total_tensor_bytes()));
+    throw errors::invalid(label, "",
+                          fmt::format("metadata.total_size is {} but the shards hold {} bytes of tensors",
+                                      *m.index_total_size, m.total_tensor_bytes()));
 }
 
 }  // namespace

@@ -23,10 +23,10 @@ struct tensor_ref {
 };
 
 struct model_files {
-  std::string path;         // what the user named (folder or file)
-  std::string folder;       // the folder holding the files
-  std::string config_path;  // "<folder>/config.json", empty when there is none
-  std::string index_path;   // empty for a single-file model
+  std::string path;                          // what the user named (folder or file)
+  std::string folder;                        // the folder holding the files
+  std::string config_path;                   // "<folder>/config.json", empty when there is none
+  std::string index_path;                    // empty for a single-file model
   std::optional<uint64_t> index_total_size;  // "metadata.total_size" of the index
   std::vector<safetensors_file> shards;      // in index order (file name order)
   std::vector<std::string> shard_names;      // file names relative to folder

@@ -117,11 +117,13 @@ tensor_info parse_entry(const std::string& name, const json& entry, const std::s
       throw errors::invalid(label, name, "shape dimension overflows 64 bits");
     t.shape.push_back(static_cast<int64_t>(v));
     if (__builtin_mul_overflow(t.n_elements, v, &t.n_elements))
-      throw errors::invalid(label, name, fmt::format("element count of shape {} overflows 64 bits", shape_text(t.shape)));
+      throw errors::invalid(label, name,
+                            fmt::format("element count of shape {} overflows 64 bits", shape_text(t.shape)));
   }
 
   const json& jo = entry["data_offsets"];
-  if (!jo.is_array() || jo.size() != 2) throw errors::invalid(label, name, "data_offsets is not an array of two integers");
+  if (!jo.is_array() || jo.size() != 2)
+    throw errors::invalid(label, name, "data_offsets is not an array of two integers");
   t.begin = checked_u64(jo[0], label, name, "data_offsets");
   t.end = checked_u64(jo[1], label, name, "data_offsets");
   if (t.end < t.begin)
@@ -131,11 +133,11 @@ tensor_info parse_entry(const std::string& name, const json& entry, const std::s
   if (!bytes) {
     uint64_t bits = 0;
     if (__builtin_mul_overflow(t.n_elements, static_cast<uint64_t>(dtype_bits(t.type)), &bits))
-      throw errors::invalid(label, name, fmt::format("byte count of {} {} overflows 64 bits", dtype_name(t.type),
-                                                     shape_text(t.shape)));
-    throw errors::invalid(label, name,
-                          fmt::format("{} {} is {} bits, not a whole number of bytes", dtype_name(t.type),
-                                      shape_text(t.shape), bits));
+      throw errors::invalid(
+          label, name, fmt::format("byte count of {} {} overflows 64 bits", dtype_name(t.type), shape_text(t.shape)));
+    throw errors::invalid(
+        label, name,
+        fmt::format("{} {} is {} bits, not a whole number of bytes", dtype_name(t.type), shape_text(t.shape), bits));
   }
   if (*bytes != t.end - t.begin)
     throw errors::invalid(label, name,
@@ -154,15 +156,18 @@ const tensor_info* safetensors_header::find(std::string_view name) const {
 safetensors_header parse_safetensors_header(std::span<const uint8_t> bytes, uint64_t file_size,
                                             const std::string& label) {
   if (file_size < 8 || bytes.size() < 8)
-    throw errors::invalid(label, "", fmt::format("file is {} bytes, too small to hold a safetensors header", file_size));
+    throw errors::invalid(label, "",
+                          fmt::format("file is {} bytes, too small to hold a safetensors header", file_size));
   safetensors_header h;
   h.header_len = read_u64_le(bytes.data());
   if (h.header_len > k_max_header)
-    throw errors::invalid(label, "", fmt::format("header length {} exceeds the limit of {} bytes", h.header_len, k_max_header));
+    throw errors::invalid(label, "",
+                          fmt::format("header length {} exceeds the limit of {} bytes", h.header_len, k_max_header));
   // 8 + N cannot overflow after the limit check, but keep the check explicit.
   uint64_t stop = 0;
   if (__builtin_add_overflow(h.header_len, uint64_t{8}, &stop) || stop > file_size || stop > bytes.size())
-    throw errors::invalid(label, "", fmt::format("header length {} runs past the end of the file ({} bytes)", h.header_len, file_size));
+    throw errors::invalid(
+        label, "", fmt::format("header length {} runs past the end of the file ({} bytes)", h.header_len, file_size));
 
   auto text_bytes = bytes.subspan(8, h.header_len);
   size_t bad_at = 0;
@@ -204,17 +209,23 @@ safetensors_header parse_safetensors_header(std::span<const uint8_t> bytes, uint
   for (const tensor_info& t : h.tensors) {
     if (t.begin != expect) {
       if (expect == 0 && &t == &h.tensors.front())
-        throw errors::invalid(label, t.name, fmt::format("data_offsets do not start at 0: the first tensor begins at {}", t.begin));
+        throw errors::invalid(label, t.name,
+                              fmt::format("data_offsets do not start at 0: the first tensor begins at {}", t.begin));
       if (t.begin > expect)
-        throw errors::invalid(label, t.name, fmt::format("data_offsets leave a gap: begins at {}, previous tensor ends at {}", t.begin, expect));
-      throw errors::invalid(label, t.name, fmt::format("data_offsets overlap: begins at {}, previous tensor ends at {}", t.begin, expect));
+        throw errors::invalid(
+            label, t.name,
+            fmt::format("data_offsets leave a gap: begins at {}, previous tensor ends at {}", t.begin, expect));
+      throw errors::invalid(
+          label, t.name,
+          fmt::format("data_offsets overlap: begins at {}, previous tensor ends at {}", t.begin, expect));
     }
     expect = t.end;
   }
   const uint64_t buffer = file_size - stop;
   if (expect != buffer)
-    throw errors::invalid(label, "", fmt::format("data buffer is {} bytes but the tensors cover {}: {}", buffer, expect,
-                                                 expect < buffer ? "trailing bytes after the last tensor" : "file is truncated"));
+    throw errors::invalid(label, "",
+                          fmt::format("data buffer is {} bytes but the tensors cover {}: {}", buffer, expect,
+                                      expect < buffer ? "trailing bytes after the last tensor" : "file is truncated"));
   h.index.reserve(h.tensors.size());
   for (size_t i = 0; i < h.tensors.size(); ++i) h.index.emplace(h.tensors[i].name, i);
   return h;
@@ -274,7 +285,8 @@ safetensors_layout plan_safetensors(std::vector<tensor_spec> specs, const std::o
     auto bytes = dtype_bytes(t.type, t.n_elements);
     if (!bytes) throw errors::invalid("", s.name, "byte count overflows or is not a whole number of bytes");
     t.begin = offset;
-    if (__builtin_add_overflow(offset, *bytes, &t.end)) throw errors::invalid("", s.name, "file size overflows 64 bits");
+    if (__builtin_add_overflow(offset, *bytes, &t.end))
+      throw errors::invalid("", s.name, "file size overflows 64 bits");
     offset = t.end;
     if (!out.index.emplace(t.name, out.tensors.size()).second)
       throw errors::invalid("", s.name, "duplicate tensor name");
@@ -348,8 +360,8 @@ int make_temp_beside(const std::string& path, std::string& tmp) {
 // buffer. `what` names the bytes in messages; errors are about `path`
 // (exit 4, or 130 when interrupted), except a source that ends early: that
 // is `src_path` (when given) having shrunk while it was read.
-void copy_bytes(int src_fd, uint64_t src_offset, int dst_fd, uint64_t dst_offset, uint64_t n,
-                const std::string& path, const std::string& what, const std::string& src_path) {
+void copy_bytes(int src_fd, uint64_t src_offset, int dst_fd, uint64_t dst_offset, uint64_t n, const std::string& path,
+                const std::string& what, const std::string& src_path) {
   const auto shrank = [&] {
     return src_path.empty() ? errors::io(path, fmt::format("copying {} failed: source ended early", what))
                             : errors::io(src_path, "file shrank while being read");

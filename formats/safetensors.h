@@ -39,7 +39,7 @@ struct tensor_info {
 struct safetensors_header {
   uint64_t header_len = 0;  // N
   std::vector<tensor_info> tensors;
-  std::optional<metadata_map> metadata;  // nullopt when absent or `null`
+  std::optional<metadata_map> metadata;           // nullopt when absent or `null`
   std::unordered_map<std::string, size_t> index;  // name -> position in tensors
 
   uint64_t data_start() const noexcept { return 8 + header_len; }
@@ -108,14 +108,12 @@ struct safetensors_layout {
 
 // Throws lora::error (exit 3) on duplicate names, overflowing shapes or
 // sub-byte tensors that are not a whole number of bytes.
-safetensors_layout plan_safetensors(std::vector<tensor_spec> specs,
-                                    const std::optional<metadata_map>& metadata);
+safetensors_layout plan_safetensors(std::vector<tensor_spec> specs, const std::optional<metadata_map>& metadata);
 
 // In-memory serializer (tests, small files): the whole file as bytes.
 // `data(name)` returns each tensor's bytes; sizes must match the layout.
-std::vector<uint8_t> serialize_safetensors(
-    const safetensors_layout& layout,
-    const std::function<std::span<const uint8_t>(const tensor_info&)>& data);
+std::vector<uint8_t> serialize_safetensors(const safetensors_layout& layout,
+                                           const std::function<std::span<const uint8_t>(const tensor_info&)>& data);
 
 // Streams a safetensors file to disk: the header is written at once, tensor
 // bytes by write()/copy_from() in any order (pwrite at fixed offsets, so

@@ -86,9 +86,8 @@ void staged_folder::commit(bool replace) {
   if (durable) fsync_path(path_);
   if (replace) {
     // swap in one step: readers see the old output or the new one, never none
-    if (move_temp_into_place(path_, [&] {
-          return ::renameat2(AT_FDCWD, path_.c_str(), AT_FDCWD, out_.c_str(), RENAME_EXCHANGE);
-        }) != 0)
+    if (move_temp_into_place(
+            path_, [&] { return ::renameat2(AT_FDCWD, path_.c_str(), AT_FDCWD, out_.c_str(), RENAME_EXCHANGE); }) != 0)
       throw errors::io(out_.string(), "cannot replace the existing output", errno);
     std::error_code ec;
     fs::remove_all(path_, ec);  // path_ now names the old output
@@ -155,14 +154,16 @@ void check_output(const std::string& out, const std::vector<named_input>& inputs
     if (path_within(in_abs, out_abs))
       throw errors::usage(fmt::format("--out {} would replace the {} {}", out, in.role, in.path));
     if (path_within(out_abs, in_abs))
-      throw errors::usage(fmt::format("--out {} lies inside the {} {}: write it somewhere else", out, in.role, in.path));
+      throw errors::usage(
+          fmt::format("--out {} lies inside the {} {}: write it somewhere else", out, in.role, in.path));
   }
   size_t live = 0;
   const std::vector<std::string> stale = stale_temps(out_abs, live);
   if (live > 0)
     throw errors::usage(fmt::format("another lora run is writing {} (its temporary output is beside it)", out));
   if (!stale.empty() && !force)
-    throw errors::usage(fmt::format("{} was left by an interrupted run{}: remove it, or --force removes it", stale.front(),
+    throw errors::usage(fmt::format("{} was left by an interrupted run{}: remove it, or --force removes it",
+                                    stale.front(),
                                     stale.size() > 1 ? fmt::format(" (and {} more)", stale.size() - 1) : ""));
   for (const std::string& s : stale) {
     std::error_code ec;

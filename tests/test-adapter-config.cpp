@@ -157,7 +157,8 @@ TEST_CASE("parse_peft_config: nesting is bounded before anything recurses") {
   // the document nests 1 (object) + arrays levels; max_json_depth passes
   const std::string head = R"({"peft_type": "LORA", "r": 8, "unknown": )";
   CHECK(parse_peft_config(nested_json(head, max_json_depth - 1, "}"), "cfg.json").r == 8);
-  const std::string deeper = "cfg.json: adapter config has JSON nested deeper than " + std::to_string(max_json_depth) + " levels";
+  const std::string deeper =
+      "cfg.json: adapter config has JSON nested deeper than " + std::to_string(max_json_depth) + " levels";
   lora::error e = thrown([&] { parse_peft_config(nested_json(head, max_json_depth, "}"), "cfg.json"); });
   CHECK(e.code() == exit_code::invalid_input);
   CHECK(std::string(e.what()) == deeper);
@@ -183,7 +184,8 @@ TEST_CASE("read_model_type: nesting is bounded") {
   CHECK(read_model_type(write(nested_json(R"({"model_type": "gpt2", "x": )", max_json_depth - 1, "}"))) ==
         std::optional<std::string>("gpt2"));
   for (size_t levels : {size_t{max_json_depth}, size_t{100000}}) {
-    lora::error e = thrown([&] { read_model_type(write(nested_json(R"({"model_type": "gpt2", "x": )", levels, "}"))); });
+    lora::error e =
+        thrown([&] { read_model_type(write(nested_json(R"({"model_type": "gpt2", "x": )", levels, "}"))); });
     CHECK(e.code() == exit_code::invalid_input);
     CHECK(std::string(e.what()) ==
           (dir / "config.json") + ": config has JSON nested deeper than " + std::to_string(max_json_depth) + " levels");
@@ -294,7 +296,8 @@ TEST_CASE("read_model_type") {
     std::ofstream(dir / name) << text;
     return (dir / name).string();
   };
-  CHECK(read_model_type(write("a.json", R"({"model_type": "gpt2", "n_embd": 768})")) == std::optional<std::string>("gpt2"));
+  CHECK(read_model_type(write("a.json", R"({"model_type": "gpt2", "n_embd": 768})")) ==
+        std::optional<std::string>("gpt2"));
   CHECK_FALSE(read_model_type(write("b.json", R"({"n_embd": 768})")));
   CHECK_FALSE(read_model_type(write("c.json", R"({"model_type": 3})")));
   lora::error e = thrown([&] { read_model_type(write("d.json", "[1]")); });

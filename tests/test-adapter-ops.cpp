@@ -164,7 +164,7 @@ TEST_CASE("recompress: best rank-k factors of s B A match an exact double SVD of
       const double tol = 1e-12 * d.norm();
       const double err = (d - bn * an).norm();
       const double opt = optimal_error(d, k);
-      CHECK(err <= opt * 1.01 + tol);  // the issue's bound: within 1% of optimal
+      CHECK(err <= opt * 1.01 + tol);     // the issue's bound: within 1% of optimal
       CHECK(std::abs(err - opt) <= tol);  // in double it is optimal to rounding
       // singular values of the core = those of s B A
       REQUIRE(rc.s.size() >= static_cast<size_t>(full));
@@ -591,7 +591,8 @@ TEST_CASE("combine with a rank or energy target: within 1% of the optimal error 
       const module_values& y = got.at(name);
       const double opt = optimal_error(d, y.rank);
       CHECK((d - y.delta()).norm() <= 1.01 * opt + 8 * u32 * d.norm());
-      if (rule.type == rank_rule::kind::fixed) CHECK(y.rank == 3);
+      if (rule.type == rank_rule::kind::fixed)
+        CHECK(y.rank == 3);
       else {
         // smallest rank keeping 95% of the sum's energy
         const Eigen::VectorXd s = singular_values(d);
@@ -607,9 +608,8 @@ TEST_CASE("combine with a rank or energy target: within 1% of the optimal error 
 TEST_CASE("merging a combined adapter equals merging the adapters one after the other") {
   temp_dir dir;
   const std::string small = write_small_adapter(dir);
-  const std::vector<combine_input> inputs = {{testdata + "/lora-tiny-llama", 0.7},
-                                             {testdata + "/lora-tiny-llama-patterns", -1.3},
-                                             {small, 2.5}};
+  const std::vector<combine_input> inputs = {
+      {testdata + "/lora-tiny-llama", 0.7}, {testdata + "/lora-tiny-llama-patterns", -1.3}, {small, 2.5}};
   combine_options co;
   co.adapters = inputs;
   co.out = dir / "combined";
@@ -696,7 +696,8 @@ TEST_CASE("combine: PEFT with kohya through --base, and kohya output") {
   }
   // kohya output of kohya inputs keeps the kohya names and writes ss_ metadata
   combine_options k;
-  k.adapters = {{testdata + "/lora-tiny-unet-kohya.safetensors", 1.0}, {testdata + "/lora-tiny-unet-kohya.safetensors", -0.5}};
+  k.adapters = {{testdata + "/lora-tiny-unet-kohya.safetensors", 1.0},
+                {testdata + "/lora-tiny-unet-kohya.safetensors", -0.5}};
   k.out = dir / "unet.safetensors";
   const combine_report rep = combine_adapters(k);
   CHECK(rep.format == adapter_format::kohya);
@@ -708,7 +709,8 @@ TEST_CASE("combine: PEFT with kohya through --base, and kohya output") {
     REQUIRE(uy.count(name));
     CHECK(uy.at(name).rank == 4);
     // 0.5 dW; factors rounded to F16 (relative 2^-11)
-    CHECK((uy.at(name).delta() - 0.5 * mv.delta()).cwiseAbs().maxCoeff() <= 2 * 0x1p-11 * 1.5 * mv.magnitude().maxCoeff());
+    CHECK((uy.at(name).delta() - 0.5 * mv.delta()).cwiseAbs().maxCoeff() <=
+          2 * 0x1p-11 * 1.5 * mv.magnitude().maxCoeff());
   }
   safetensors_file f(k.out);
   CHECK(f.at("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight").shape == std::vector<int64_t>{4, 4, 3, 3});
@@ -725,12 +727,21 @@ TEST_CASE("combine: refusals name the module or the option, and leave nothing be
     combine_adapters(o);
   };
   // layer-0 q_proj is A [4, 48] in the mismatch adapter, [4, 64] in the plain one
-  expect_error([&] { run({{plain, 1}, {testdata + "/lora-tiny-llama-mismatch", 1}}); }, exit_code::invalid_input,
-               {"module model.layers.0.self_attn.q_proj cannot be combined", "[4, 48]", "[4, 64]"});
-  expect_error([&] { run({{plain, 1}, {testdata + "/lora-tiny-llama-dora", 1}}); }, exit_code::invalid_input,
-               {"lora_magnitude_vector", "DoRA modules cannot be combined"});
-  expect_error([&] { run({{plain, 1}, {testdata + "/lora-tiny-llama-extras", 1}}); }, exit_code::invalid_input,
-               {"lm_head", "modules_to_save"});
+  expect_error(
+      [&] {
+        run({{plain, 1}, {testdata + "/lora-tiny-llama-mismatch", 1}});
+      },
+      exit_code::invalid_input, {"module model.layers.0.self_attn.q_proj cannot be combined", "[4, 48]", "[4, 64]"});
+  expect_error(
+      [&] {
+        run({{plain, 1}, {testdata + "/lora-tiny-llama-dora", 1}});
+      },
+      exit_code::invalid_input, {"lora_magnitude_vector", "DoRA modules cannot be combined"});
+  expect_error(
+      [&] {
+        run({{plain, 1}, {testdata + "/lora-tiny-llama-extras", 1}});
+      },
+      exit_code::invalid_input, {"lm_head", "modules_to_save"});
   expect_error([&] { run({{plain, 1}, {plain, NAN}}); }, exit_code::usage, {"not finite"});
   expect_error([&] { run({}); }, exit_code::usage, {"no --adapter"});
   expect_error([&] { run({{dir / "absent", 1}}); }, exit_code::io, {"absent"});
@@ -752,10 +763,11 @@ TEST_CASE("combine: a kohya 1x1-conv LoRA on a Linear combines with the PEFT mod
   using lora::testing::random_tensor;
   temp_dir dir;
   const std::string kohya = dir / "conv1x1.safetensors";
-  lora::testing::write_safetensors(
-      kohya, {random_tensor("lora_te_model_layers_0_self_attn_q_proj.lora_down.weight", dtype::F32, {4, 64, 1, 1}, 31, -0.2, 0.2),
-              random_tensor("lora_te_model_layers_0_self_attn_q_proj.lora_up.weight", dtype::F32, {64, 4, 1, 1}, 32, -0.2, 0.2),
-              {"lora_te_model_layers_0_self_attn_q_proj.alpha", dtype::F32, {}, {2.0}}});
+  lora::testing::write_safetensors(kohya, {random_tensor("lora_te_model_layers_0_self_attn_q_proj.lora_down.weight",
+                                                         dtype::F32, {4, 64, 1, 1}, 31, -0.2, 0.2),
+                                           random_tensor("lora_te_model_layers_0_self_attn_q_proj.lora_up.weight",
+                                                         dtype::F32, {64, 4, 1, 1}, 32, -0.2, 0.2),
+                                           {"lora_te_model_layers_0_self_attn_q_proj.alpha", dtype::F32, {}, {2.0}}});
   const std::string base = testdata + "/tiny-llama";
   const std::string plain = testdata + "/lora-tiny-llama";
   for (const adapter_format format : {adapter_format::peft, adapter_format::kohya}) {
@@ -887,7 +899,8 @@ TEST_CASE("convert kohya -> PEFT -> kohya: conv, 1x1 conv, F16, a missing alpha"
   check_same_modules(a, c);
 }
 
-TEST_CASE("convert: refusals (DoRA, bias, embedding, modules_to_save into kohya; no base; missing input; existing --out)") {
+TEST_CASE(
+    "convert: refusals (DoRA, bias, embedding, modules_to_save into kohya; no base; missing input; existing --out)") {
   temp_dir dir;
   expect_error([&] { convert(testdata + "/lora-tiny-llama-dora", adapter_format::kohya, dir / "x.safetensors"); },
                exit_code::invalid_input, {"kohya files cannot hold DoRA", "model.layers.0"});
@@ -898,7 +911,10 @@ TEST_CASE("convert: refusals (DoRA, bias, embedding, modules_to_save into kohya;
   expect_error([&] { convert(testdata + "/lora-tiny-llama-kohya.safetensors", adapter_format::peft, dir / "x"); },
                exit_code::usage, {"needs --base MODEL"});
   expect_error(
-      [&] { convert(testdata + "/lora-tiny-llama-mismatch", adapter_format::kohya, dir / "x.safetensors", testdata + "/tiny-llama"); },
+      [&] {
+        convert(testdata + "/lora-tiny-llama-mismatch", adapter_format::kohya, dir / "x.safetensors",
+                testdata + "/tiny-llama");
+      },
       exit_code::invalid_input, {"lora-tiny-llama-mismatch"});
   // an embedding LoRA (and nothing else kohya cannot hold)
   {
@@ -918,7 +934,8 @@ TEST_CASE("convert: refusals (DoRA, bias, embedding, modules_to_save into kohya;
                exit_code::invalid_input, {"model.embed_tokens", "kohya files cannot hold an embedding LoRA"});
   fs::remove_all(dir / "embedding");
   // a missing adapter; an unknown kohya prefix
-  expect_error([&] { convert(dir / "absent", adapter_format::kohya, dir / "x.safetensors"); }, exit_code::io, {"absent"});
+  expect_error([&] { convert(dir / "absent", adapter_format::kohya, dir / "x.safetensors"); }, exit_code::io,
+               {"absent"});
   expect_error(
       [&] {
         convert_options o;
@@ -977,7 +994,8 @@ size_t check_mlx_conversion(const std::string& weights, double scale, const adap
     if (m.kind == module_kind::embedding) {
       // LoRAEmbedding: dW [vocab, dims] = scale * lora_a @ lora_b; PEFT: (s B A)^T
       const mat want = scale * la * lb;
-      CHECK((m.delta().transpose() - want).cwiseAbs().maxCoeff() <= 1e-12 * (std::abs(scale) * la.cwiseAbs() * lb.cwiseAbs()).maxCoeff());
+      CHECK((m.delta().transpose() - want).cwiseAbs().maxCoeff() <=
+            1e-12 * (std::abs(scale) * la.cwiseAbs() * lb.cwiseAbs()).maxCoeff());
       continue;
     }
     CHECK(m.kind == module_kind::linear);
@@ -994,7 +1012,8 @@ size_t check_mlx_conversion(const std::string& weights, double scale, const adap
 
 // Writes an mlx_lm adapter folder: adapters.safetensors (+ adapter_config.json
 // when config is not empty).
-void write_mlx(const std::string& folder, const std::vector<lora::testing::test_tensor>& tensors, const std::string& config) {
+void write_mlx(const std::string& folder, const std::vector<lora::testing::test_tensor>& tensors,
+               const std::string& config) {
   fs::create_directories(folder);
   lora::testing::write_safetensors(folder + "/adapters.safetensors", tensors);
   if (!config.empty()) lora::testing::write_text(folder + "/adapter_config.json", config);
@@ -1009,7 +1028,8 @@ TEST_CASE("convert the real MLX adapter (mlx-examples MiniCPM) into PEFT: delta 
     return;
   }
   // the scale as the fixture's config states it, read here with nlohmann
-  const double scale = nlohmann::json::parse(file_text(folder + "/adapter_config.json"))["lora_parameters"]["scale"].get<double>();
+  const double scale =
+      nlohmann::json::parse(file_text(folder + "/adapter_config.json"))["lora_parameters"]["scale"].get<double>();
   CHECK(scale == 10.0);
   CHECK(is_mlx_adapter(folder));
   CHECK_FALSE(is_mlx_adapter(testdata + "/lora-tiny-llama"));
@@ -1060,16 +1080,31 @@ TEST_CASE("convert: malformed MLX adapters are refused with the file and the rea
   };
   const std::vector<bad_case> cases = {
       {"no-config", pair, "", {"adapters.safetensors", "without adapter_config.json"}},
-      {"no-scale", pair, R"({"lora_parameters": {"rank": 2}})", {"adapter_config.json", "lora_parameters.scale", "missing"}},
+      {"no-scale",
+       pair,
+       R"({"lora_parameters": {"rank": 2}})",
+       {"adapter_config.json", "lora_parameters.scale", "missing"}},
       {"scale-text", pair, R"({"lora_parameters": {"scale": "20"}})", {"lora_parameters.scale", "must be a number"}},
       {"no-lora-parameters", pair, R"({"rank": 2})", {"lora_parameters", "missing or not an object"}},
       {"not-json", pair, "{lora", {"not valid JSON"}},
-      {"rank-disagrees", pair, R"({"lora_parameters": {"rank": 8, "scale": 20.0}})", {"m.q_proj.lora_a", "lora_parameters.rank = 8"}},
+      {"rank-disagrees",
+       pair,
+       R"({"lora_parameters": {"rank": 8, "scale": 20.0}})",
+       {"m.q_proj.lora_a", "lora_parameters.rank = 8"}},
       {"dora", pair, R"({"fine_tune_type": "dora", "lora_parameters": {"scale": 20.0}})", {"fine_tune_type", "DoRA"}},
       {"half", {pair[0]}, ok_config, {"m.q_proj.lora_a", "lora_a without its lora_b"}},
-      {"shapes", {pair[0], random_tensor("m.q_proj.lora_b", dtype::F32, {3, 6}, 2)}, ok_config, {"m.q_proj.lora_b", "rank disagrees"}},
-      {"unknown-key", {pair[0], pair[1], random_tensor("m.q_proj.bias", dtype::F32, {6}, 3)}, ok_config, {"m.q_proj.bias", "unknown key"}},
-      {"magnitude", {pair[0], pair[1], random_tensor("m.q_proj.m", dtype::F32, {6}, 3)}, ok_config, {"m.q_proj.m", "DoRA magnitude"}},
+      {"shapes",
+       {pair[0], random_tensor("m.q_proj.lora_b", dtype::F32, {3, 6}, 2)},
+       ok_config,
+       {"m.q_proj.lora_b", "rank disagrees"}},
+      {"unknown-key",
+       {pair[0], pair[1], random_tensor("m.q_proj.bias", dtype::F32, {6}, 3)},
+       ok_config,
+       {"m.q_proj.bias", "unknown key"}},
+      {"magnitude",
+       {pair[0], pair[1], random_tensor("m.q_proj.m", dtype::F32, {6}, 3)},
+       ok_config,
+       {"m.q_proj.m", "DoRA magnitude"}},
   };
   for (const bad_case& c : cases) {
     CAPTURE(c.name);

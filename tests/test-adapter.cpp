@@ -67,7 +67,9 @@ void write_safetensors(const fs::path& path, const std::vector<tdef>& defs) {
 }
 
 void write_text(const fs::path& path, const std::string& text) { write_file_atomic(path.string(), text); }
-std::string pk(const std::string& module, const std::string& suffix) { return "base_model.model." + module + "." + suffix; }
+std::string pk(const std::string& module, const std::string& suffix) {
+  return "base_model.model." + module + "." + suffix;
+}
 
 // A linear PEFT pair: A [r, in], B [out, r].
 std::vector<tdef> peft_linear(const std::string& module, int64_t r, int64_t in, int64_t out) {
@@ -142,7 +144,8 @@ TEST_CASE("lora_scale: alpha / r, and alpha / sqrt(r) with rsLoRA") {
 
 TEST_CASE("PEFT linear: pairs A with B, rank from shapes, scale alpha / r") {
   temp_dir d;
-  auto defs = join(peft_linear("model.layers.1.self_attn.v_proj", 4, 16, 12), peft_linear("model.layers.0.self_attn.q_proj", 4, 16, 16));
+  auto defs = join(peft_linear("model.layers.1.self_attn.v_proj", 4, 16, 12),
+                   peft_linear("model.layers.0.self_attn.q_proj", 4, 16, 16));
   adapter a = load_adapter(peft_folder(d, config(), defs));
   CHECK(a.format == adapter_format::peft);
   CHECK(adapter_format_name(a.format) == "peft");
@@ -200,7 +203,8 @@ TEST_CASE("PEFT: the .default. forms of every key") {
   const lora_module& e = module_named(a, "emb");
   CHECK(e.kind == module_kind::embedding);
   CHECK(e.a.info->name == pk("emb", "lora_embedding_A.default"));
-  CHECK(e.magnitude->info->shape == std::vector<int64_t>{3});  // [dim]: PEFT's DoraEmbeddingLayer scales the output features
+  CHECK(e.magnitude->info->shape ==
+        std::vector<int64_t>{3});  // [dim]: PEFT's DoraEmbeddingLayer scales the output features
 }
 
 TEST_CASE("PEFT embedding: lora_embedding_A [r, vocab], lora_embedding_B [dim, r]") {
@@ -256,7 +260,8 @@ TEST_CASE("PEFT DoRA refusals") {
   CHECK(e.code() == exit_code::invalid_input);
   CHECK(e.detail() == "shape mismatch: expected [5], found [5, 5]");
 
-  auto only_m = std::vector<tdef>{{pk("m.q", "lora_magnitude_vector"), {5}}, {pk("m.k", "lora_A.weight"), {4, 6}},
+  auto only_m = std::vector<tdef>{{pk("m.q", "lora_magnitude_vector"), {5}},
+                                  {pk("m.k", "lora_A.weight"), {4, 6}},
                                   {pk("m.k", "lora_B.weight"), {5, 4}},
                                   {pk("m.k", "lora_magnitude_vector"), {5}}};
   e = thrown([&] { load_adapter(peft_folder(d, config(R"("use_dora": true)"), only_m, "a4")); });
@@ -339,33 +344,51 @@ TEST_CASE("PEFT refusals name the key") {
   std::vector<bad_case> cases = {
       {"missing B", {{pk(q, "lora_A.weight"), {4, 6}}}, config(), pk(q, "lora_A.weight"), "lora_A without its lora_B"},
       {"missing A", {{pk(q, "lora_B.weight"), {5, 4}}}, config(), pk(q, "lora_B.weight"), "lora_B without its lora_A"},
-      {"missing embedding B", {{pk("e", "lora_embedding_A"), {4, 6}}}, config(), pk("e", "lora_embedding_A"),
+      {"missing embedding B",
+       {{pk("e", "lora_embedding_A"), {4, 6}}},
+       config(),
+       pk("e", "lora_embedding_A"),
        "lora_embedding_A without its lora_embedding_B"},
       {"rank disagrees",
        {{pk(q, "lora_A.weight"), {4, 6}}, {pk(q, "lora_B.weight"), {5, 3}}},
        config(),
        pk(q, "lora_B.weight"),
-       "rank disagrees: " + pk(q, "lora_A.weight") + " is [4, 6] (rank 4), " + pk(q, "lora_B.weight") + " is [5, 3] (rank 3)"},
-      {"config r disagrees", peft_linear(q, 4, 6, 5), R"({"peft_type": "LORA", "r": 8, "lora_alpha": 8})", pk(q, "lora_A.weight"), ""},
-      {"unknown lora key", join(peft_linear(q, 4, 6, 5), {{pk(q, "lora_C.weight"), {4}}}), config(), pk(q, "lora_C.weight"),
-       "unknown LoRA key (expected lora_A.weight, lora_B.weight, lora_B.bias, lora_embedding_A/B or lora_magnitude_vector)"},
+       "rank disagrees: " + pk(q, "lora_A.weight") + " is [4, 6] (rank 4), " + pk(q, "lora_B.weight") +
+           " is [5, 3] (rank 3)"},
+      {"config r disagrees", peft_linear(q, 4, 6, 5), R"({"peft_type": "LORA", "r": 8, "lora_alpha": 8})",
+       pk(q, "lora_A.weight"), ""},
+      {"unknown lora key", join(peft_linear(q, 4, 6, 5), {{pk(q, "lora_C.weight"), {4}}}), config(),
+       pk(q, "lora_C.weight"),
+       "unknown LoRA key (expected lora_A.weight, lora_B.weight, lora_B.bias, lora_embedding_A/B or "
+       "lora_magnitude_vector)"},
       {"lora_A bias", join(peft_linear(q, 4, 6, 5), {{pk(q, "lora_A.bias"), {4}}}), config(), pk(q, "lora_A.bias"),
-       "unknown LoRA key (expected lora_A.weight, lora_B.weight, lora_B.bias, lora_embedding_A/B or lora_magnitude_vector)"},
+       "unknown LoRA key (expected lora_A.weight, lora_B.weight, lora_B.bias, lora_embedding_A/B or "
+       "lora_magnitude_vector)"},
       {"unknown non-lora key", join(peft_linear(q, 4, 6, 5), {{pk(q, "scales"), {4}}}), config(), pk(q, "scales"),
        "unknown key: neither a LoRA tensor nor a module weight or bias"},
-      {"trainable tokens", join(peft_linear(q, 4, 6, 5), {{pk("model.embed_tokens", "token_adapter.trainable_tokens_delta"), {2, 6}}}),
+      {"trainable tokens",
+       join(peft_linear(q, 4, 6, 5), {{pk("model.embed_tokens", "token_adapter.trainable_tokens_delta"), {2, 6}}}),
        config(), pk("model.embed_tokens", "token_adapter.trainable_tokens_delta"),
        "trainable tokens (trainable_token_indices) are not supported"},
-      {"no prefix", {{"model.q.lora_A.weight", {4, 6}}, {"model.q.lora_B.weight", {5, 4}}}, config(), "model.q.lora_A.weight",
+      {"no prefix",
+       {{"model.q.lora_A.weight", {4, 6}}, {"model.q.lora_B.weight", {5, 4}}},
+       config(),
+       "model.q.lora_A.weight",
        "PEFT key does not start with \"base_model.model.\""},
       {"two A forms", join(peft_linear(q, 4, 6, 5), {{pk(q, "lora_A.default.weight"), {4, 6}}}), config(),
        pk(q, "lora_A.weight"), ""},
-      {"linear and embedding", join(peft_linear(q, 4, 6, 5), {{pk(q, "lora_embedding_A"), {4, 6}}}), config(), "",
-       ""},
-      {"rank 0", {{pk(q, "lora_A.weight"), {0, 6}}, {pk(q, "lora_B.weight"), {5, 0}}}, config(), pk(q, "lora_A.weight"), "rank 0"},
-      {"empty module path", join(peft_linear(q, 4, 6, 5), {{"base_model.model..weight", {2}}}), config(), "base_model.model..weight",
-       "unknown key: neither a LoRA tensor nor a module weight or bias"},
-      {"1-D A", {{pk(q, "lora_A.weight"), {4}}, {pk(q, "lora_B.weight"), {5, 4}}}, config(), pk(q, "lora_A.weight"),
+      {"linear and embedding", join(peft_linear(q, 4, 6, 5), {{pk(q, "lora_embedding_A"), {4, 6}}}), config(), "", ""},
+      {"rank 0",
+       {{pk(q, "lora_A.weight"), {0, 6}}, {pk(q, "lora_B.weight"), {5, 0}}},
+       config(),
+       pk(q, "lora_A.weight"),
+       "rank 0"},
+      {"empty module path", join(peft_linear(q, 4, 6, 5), {{"base_model.model..weight", {2}}}), config(),
+       "base_model.model..weight", "unknown key: neither a LoRA tensor nor a module weight or bias"},
+      {"1-D A",
+       {{pk(q, "lora_A.weight"), {4}}, {pk(q, "lora_B.weight"), {5, 4}}},
+       config(),
+       pk(q, "lora_A.weight"),
        "unsupported shapes [4] and [5, 4]: expected A [r, in] and B [out, r] (or 4-D conv)"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
@@ -381,7 +404,8 @@ TEST_CASE("PEFT refusals name the key") {
     if (label == "config r disagrees")
       CHECK(e.detail() == "rank 4 from the shapes, but " + folder + "/adapter_config.json says r = 8");
     if (label == "two A forms") CHECK(has(e.detail(), "second lora_A tensor for module model.q"));
-    if (label == "linear and embedding") CHECK(e.detail() == "module model.q has both lora_A/lora_B and lora_embedding_A/B");
+    if (label == "linear and embedding")
+      CHECK(e.detail() == "module model.q has both lora_A/lora_B and lora_embedding_A/B");
   }
 }
 
@@ -435,8 +459,9 @@ TEST_CASE("PEFT: config problems") {
   CHECK(e.code() == exit_code::invalid_input);
   CHECK(e.file() == folder + "/adapter_config.json");
   CHECK(e.tensor() == "alpha_pattern.(q)_\\1");
-  CHECK(e.detail() == "not a valid regular expression: invalid escape sequence: \\1 (a backreference is not supported: "
-                      "patterns are matched by RE2, in linear time)");
+  CHECK(e.detail() ==
+        "not a valid regular expression: invalid escape sequence: \\1 (a backreference is not supported: "
+        "patterns are matched by RE2, in linear time)");
 }
 
 TEST_CASE("load_adapter: missing paths and folders") {
@@ -468,7 +493,8 @@ TEST_CASE("load_adapter: missing paths and folders") {
 
 TEST_CASE("rank_pattern / alpha_pattern: regex ^(.*\\.)?(KEY)$, first match in file order wins") {
   temp_dir d;
-  auto defs = join(join(join(peft_linear("model.layers.0.self_attn.q_proj", 2, 6, 6), peft_linear("model.layers.1.self_attn.q_proj", 8, 6, 6)),
+  auto defs = join(join(join(peft_linear("model.layers.0.self_attn.q_proj", 2, 6, 6),
+                             peft_linear("model.layers.1.self_attn.q_proj", 8, 6, 6)),
                         peft_linear("model.layers.0.self_attn.xq_proj", 4, 6, 6)),
                    peft_linear("model.layers.0.mlp.up_proj", 3, 6, 6));
   // "layers\.0\.self_attn\.q_proj" comes first and wins over "q_proj" for layer 0;
@@ -562,10 +588,10 @@ TEST_CASE("kohya: lora_down / lora_up / alpha in any float dtype") {
 TEST_CASE("kohya: no alpha means alpha = r (scale 1), and so does alpha 0 (sd-scripts LoRAModule)") {
   temp_dir d;
   write_safetensors(fs::path(d.path) / "k.safetensors", {{"lora_unet_a.lora_down.weight", {4, 8}},
-                                               {"lora_unet_a.lora_up.weight", {6, 4}},
-                                               {"lora_unet_b.lora_down.weight", {2, 8}},
-                                               {"lora_unet_b.lora_up.weight", {6, 2}},
-                                               {"lora_unet_b.alpha", {}, dtype::F32, {0.0}}});
+                                                         {"lora_unet_a.lora_up.weight", {6, 4}},
+                                                         {"lora_unet_b.lora_down.weight", {2, 8}},
+                                                         {"lora_unet_b.lora_up.weight", {6, 2}},
+                                                         {"lora_unet_b.alpha", {}, dtype::F32, {0.0}}});
   adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
   CHECK(module_named(a, "lora_unet_a").alpha == 4.0);
   CHECK(module_named(a, "lora_unet_a").scale == 1.0);
@@ -576,10 +602,10 @@ TEST_CASE("kohya: no alpha means alpha = r (scale 1), and so does alpha 0 (sd-sc
 TEST_CASE("kohya conv: 3x3 down with 1x1 up, and 1x1") {
   temp_dir d;
   write_safetensors(fs::path(d.path) / "k.safetensors", {{"lora_unet_conv_in.lora_down.weight", {4, 3, 3, 3}},
-                                               {"lora_unet_conv_in.lora_up.weight", {8, 4, 1, 1}},
-                                               {"lora_unet_conv_in.alpha", {}, dtype::F32, {1.0}},
-                                               {"lora_unet_proj.lora_down.weight", {2, 8, 1, 1}},
-                                               {"lora_unet_proj.lora_up.weight", {8, 2, 1, 1}}});
+                                                         {"lora_unet_conv_in.lora_up.weight", {8, 4, 1, 1}},
+                                                         {"lora_unet_conv_in.alpha", {}, dtype::F32, {1.0}},
+                                                         {"lora_unet_proj.lora_down.weight", {2, 8, 1, 1}},
+                                                         {"lora_unet_proj.lora_up.weight", {8, 2, 1, 1}}});
   adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
   CHECK(module_named(a, "lora_unet_conv_in").kind == module_kind::conv);
   CHECK(module_named(a, "lora_unet_conv_in").scale == 0.25);
@@ -596,8 +622,14 @@ TEST_CASE("kohya refusals name the key") {
     std::string detail;
   };
   std::vector<bad_case> cases = {
-      {"missing up", {{"lora_unet_a.lora_down.weight", {4, 8}}}, "lora_unet_a.lora_down.weight", "lora_down without its lora_up"},
-      {"missing down", {{"lora_unet_a.lora_up.weight", {8, 4}}}, "lora_unet_a.lora_up.weight", "lora_up without its lora_down"},
+      {"missing up",
+       {{"lora_unet_a.lora_down.weight", {4, 8}}},
+       "lora_unet_a.lora_down.weight",
+       "lora_down without its lora_up"},
+      {"missing down",
+       {{"lora_unet_a.lora_up.weight", {8, 4}}},
+       "lora_unet_a.lora_up.weight",
+       "lora_up without its lora_down"},
       {"alpha alone",
        {{"lora_unet_a.lora_down.weight", {4, 8}}, {"lora_unet_a.lora_up.weight", {8, 4}}, {"lora_unet_b.alpha", {}}},
        "lora_unet_b.alpha",
@@ -615,7 +647,9 @@ TEST_CASE("kohya refusals name the key") {
        "lora_unet_a.scale",
        "unknown kohya key (expected .lora_down.weight, .lora_up.weight or .alpha)"},
       {"dora_scale",
-       {{"lora_unet_a.lora_down.weight", {4, 8}}, {"lora_unet_a.lora_up.weight", {8, 4}}, {"lora_unet_a.dora_scale", {1, 8}}},
+       {{"lora_unet_a.lora_down.weight", {4, 8}},
+        {"lora_unet_a.lora_up.weight", {8, 4}},
+        {"lora_unet_a.dora_scale", {1, 8}}},
        "lora_unet_a.dora_scale",
        "DoRA in a kohya / LyCORIS file (dora_scale) is not supported"},
       {"alpha not scalar",
@@ -623,21 +657,30 @@ TEST_CASE("kohya refusals name the key") {
        "lora_unet_a.alpha",
        "alpha must be a scalar, found shape [2]"},
       {"alpha integer",
-       {{"lora_unet_a.lora_down.weight", {4, 8}}, {"lora_unet_a.lora_up.weight", {8, 4}}, {"lora_unet_a.alpha", {}, dtype::I64}},
+       {{"lora_unet_a.lora_down.weight", {4, 8}},
+        {"lora_unet_a.lora_up.weight", {8, 4}},
+        {"lora_unet_a.alpha", {}, dtype::I64}},
        "lora_unet_a.alpha",
        "alpha must be a float, found dtype I64"},
       {"alpha NaN",
-       {{"lora_unet_a.lora_down.weight", {4, 8}}, {"lora_unet_a.lora_up.weight", {8, 4}}, {"lora_unet_a.alpha", {}, dtype::F32, {NAN}}},
+       {{"lora_unet_a.lora_down.weight", {4, 8}},
+        {"lora_unet_a.lora_up.weight", {8, 4}},
+        {"lora_unet_a.alpha", {}, dtype::F32, {NAN}}},
        "lora_unet_a.alpha",
        "alpha is not finite"},
       {"conv up not 1x1",
        {{"lora_unet_a.lora_down.weight", {4, 8, 3, 3}}, {"lora_unet_a.lora_up.weight", {8, 4, 3, 3}}},
        "lora_unet_a.lora_down.weight",
-       "unsupported shapes: lora_down [4, 8, 3, 3], lora_up [8, 4, 3, 3] (expected [r, in] and [out, r], or [r, in, kh, kw] and [out, r, 1, 1])"},
-      {"rank 0", {{"lora_unet_a.lora_down.weight", {0, 8}}, {"lora_unet_a.lora_up.weight", {8, 0}}}, "lora_unet_a.lora_down.weight",
+       "unsupported shapes: lora_down [4, 8, 3, 3], lora_up [8, 4, 3, 3] (expected [r, in] and [out, r], or [r, in, "
+       "kh, kw] and [out, r, 1, 1])"},
+      {"rank 0",
+       {{"lora_unet_a.lora_down.weight", {0, 8}}, {"lora_unet_a.lora_up.weight", {8, 0}}},
+       "lora_unet_a.lora_down.weight",
        "rank 0"},
-      {"dotted module", {{"lora_unet_a.b.lora_down.weight", {4, 8}}, {"lora_unet_a.b.lora_up.weight", {8, 4}}},
-       "lora_unet_a.b.lora_down.weight", "kohya module name contains '.'"},
+      {"dotted module",
+       {{"lora_unet_a.b.lora_down.weight", {4, 8}}, {"lora_unet_a.b.lora_up.weight", {8, 4}}},
+       "lora_unet_a.b.lora_down.weight",
+       "kohya module name contains '.'"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     const bad_case& c = cases[i];
@@ -666,14 +709,20 @@ TEST_CASE("classify_tensors names every kind") {
       {{}, file_kind::model, "no adapter tensors"},
       {{"base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight"}, file_kind::peft_lora, "PEFT LoRA"},
       {{"base_model.model.e.lora_embedding_A"}, file_kind::peft_lora, "PEFT LoRA"},
-      {{"lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.alpha"}, file_kind::kohya_lora, "kohya"},
-      {{"lora_unet_a.hada_w1_a", "lora_unet_a.hada_w1_b", "lora_unet_a.hada_w2_a", "lora_unet_a.hada_w2_b", "lora_unet_a.alpha"},
-       file_kind::other_adapter, "LoHa"},
+      {{"lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight", "lora_unet_a.alpha"},
+       file_kind::kohya_lora,
+       "kohya"},
+      {{"lora_unet_a.hada_w1_a", "lora_unet_a.hada_w1_b", "lora_unet_a.hada_w2_a", "lora_unet_a.hada_w2_b",
+        "lora_unet_a.alpha"},
+       file_kind::other_adapter,
+       "LoHa"},
       {{"lora_unet_a.lokr_w1", "lora_unet_a.lokr_w2_a", "lora_unet_a.lokr_w2_b"}, file_kind::other_adapter, "LoKr"},
-      {{"lora_unet_b.lora_down.weight", "lora_unet_b.lora_mid.weight", "lora_unet_b.lora_up.weight"}, file_kind::other_adapter,
+      {{"lora_unet_b.lora_down.weight", "lora_unet_b.lora_mid.weight", "lora_unet_b.lora_up.weight"},
+       file_kind::other_adapter,
        "lora_mid"},
       {{"model.layers.0.q.lora_a", "model.layers.0.q.lora_b"}, file_kind::other_adapter, "MLX"},
-      {{"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_k_lora.down.weight"}, file_kind::other_adapter,
+      {{"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_k_lora.down.weight"},
+       file_kind::other_adapter,
        "diffusers attention-processor"},
       {{"unet:0:down", "unet:0:up"}, file_kind::other_adapter, "cloneofsimo"},
       {{"base_model.model.q.ia3_l"}, file_kind::other_adapter, "IA3"},
@@ -698,7 +747,8 @@ TEST_CASE("classify_tensors names every kind") {
 
 TEST_CASE("load_adapter refuses other adapter kinds with their description") {
   temp_dir d;
-  write_safetensors(fs::path(d.path) / "loha.safetensors", {{"lora_unet_a.hada_w1_a", {8, 2}}, {"lora_unet_a.hada_w1_b", {2, 8}}});
+  write_safetensors(fs::path(d.path) / "loha.safetensors",
+                    {{"lora_unet_a.hada_w1_a", {8, 2}}, {"lora_unet_a.hada_w1_b", {2, 8}}});
   lora::error e = thrown([&] { load_adapter((fs::path(d.path) / "loha.safetensors").string()); });
   CHECK(e.code() == exit_code::invalid_input);
   CHECK(has(e.detail(), "not a LoRA adapter lora can read: LoHa"));
@@ -714,7 +764,8 @@ TEST_CASE("classification of the real fixtures") {
   const fixture_case cases[] = {
       {"gradience_tiny_lora/adapter_model.safetensors", file_kind::peft_lora, "PEFT LoRA"},
       {"mlx_examples_minicpm_adapter/adapters.safetensors", file_kind::other_adapter, "MLX"},
-      {"diffusers_sd15_lora/pytorch_lora_weights.safetensors", file_kind::other_adapter, "diffusers attention-processor"},
+      {"diffusers_sd15_lora/pytorch_lora_weights.safetensors", file_kind::other_adapter,
+       "diffusers attention-processor"},
       {"cloneofsimo_lora/lora_disney.safetensors", file_kind::other_adapter, "cloneofsimo"},
       {"cloneofsimo_lora/analog_svd_rank4.safetensors", file_kind::other_adapter, "cloneofsimo"},
       {"fluxml_safetensors_jl/non_sharded/model.safetensors", file_kind::model, "no adapter"},
@@ -760,15 +811,18 @@ TEST_CASE("fit: PEFT linear, embedding, conv, bias, DoRA, modules_to_save fit th
       {pk("score", "weight"), {3, 6}},
   };
   adapter a = load_adapter(peft_folder(d, config(R"("r": 2, "use_dora": true, "lora_bias": true)"), adapter_defs));
-  std::vector<tdef> base_defs = {{"model.q.weight", {5, 6}}, {"model.q.bias", {5}},       {"model.embed.weight", {10, 6}},
-                                 {"model.conv.weight", {4, 3, 3, 3}}, {"score.weight", {3, 6}}, {"other.weight", {2, 2}}};
+  std::vector<tdef> base_defs = {{"model.q.weight", {5, 6}},      {"model.q.bias", {5}},
+                                 {"model.embed.weight", {10, 6}}, {"model.conv.weight", {4, 3, 3, 3}},
+                                 {"score.weight", {3, 6}},        {"other.weight", {2, 2}}};
   model_files base = open_model(model_folder(d, base_defs, "llama"));
   fit_report r = fit_adapter(a, base);
   CHECK_MESSAGE(r.ok(), problems_text(r));
   CHECK_FALSE(module_named(a, "model.q").fan_in_fan_out);
 
   // the same adapter against a base that differs everywhere
-  std::vector<tdef> wrong_defs = {{"model.q.weight", {5, 7}}, {"model.embed.weight", {11, 6}}, {"model.conv.weight", {4, 3, 5, 5}},
+  std::vector<tdef> wrong_defs = {{"model.q.weight", {5, 7}},
+                                  {"model.embed.weight", {11, 6}},
+                                  {"model.conv.weight", {4, 3, 5, 5}},
                                   {"score.weight", {3, 7}}};
   model_files wrong = open_model(model_folder(d, wrong_defs, "llama", "wrong"));
   a = load_adapter(peft_folder(d, config(R"("r": 2, "use_dora": true, "lora_bias": true)"), adapter_defs, "again"));
@@ -805,8 +859,9 @@ TEST_CASE("fit: bias shape against the base bias") {
 TEST_CASE("fit: fan_in_fan_out follows the layer type as PEFT forces it") {
   temp_dir d;
   // c_attn: [in 6, out 18] (Conv1D), c_proj: square [6, 6], q: square Linear
-  auto defs = join(join(peft_linear("transformer.h.0.attn.c_attn", 2, 6, 18), peft_linear("transformer.h.0.attn.c_proj", 2, 6, 6)),
-                   peft_linear("transformer.h.0.attn.q", 2, 6, 6));
+  auto defs = join(
+      join(peft_linear("transformer.h.0.attn.c_attn", 2, 6, 18), peft_linear("transformer.h.0.attn.c_proj", 2, 6, 6)),
+      peft_linear("transformer.h.0.attn.q", 2, 6, 6));
   std::vector<tdef> base_defs = {{"transformer.h.0.attn.c_attn.weight", {6, 18}},
                                  {"transformer.h.0.attn.c_proj.weight", {6, 6}},
                                  {"transformer.h.0.attn.q.weight", {6, 6}}};
@@ -886,15 +941,17 @@ TEST_CASE("fit: kohya names resolved by '.' -> '_' over the base keys") {
   }
   SUBCASE("ambiguous and missing") {
     adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
-    model_files base = open_model(model_folder(d, {{"down_blocks.0.attentions.0.proj_in.weight", {8, 8}},
-                                                   {"down_blocks_0.attentions.0.proj_in.weight", {8, 8}},
-                                                   {"conv_in.weight", {8, 4, 3, 3}}},
+    model_files base = open_model(model_folder(d,
+                                               {{"down_blocks.0.attentions.0.proj_in.weight", {8, 8}},
+                                                {"down_blocks_0.attentions.0.proj_in.weight", {8, 8}},
+                                                {"conv_in.weight", {8, 4, 3, 3}}},
                                                "", "amb"));
     fit_report r = fit_adapter(a, base);
     REQUIRE(r.problems.size() == 2);
     std::string text = problems_text(r);
-    CHECK(has(text, "lora_unet_down_blocks_0_attentions_0_proj_in: ambiguous: matches both "
-                    "down_blocks.0.attentions.0.proj_in.weight and down_blocks_0.attentions.0.proj_in.weight"));
+    CHECK(has(text,
+              "lora_unet_down_blocks_0_attentions_0_proj_in: ambiguous: matches both "
+              "down_blocks.0.attentions.0.proj_in.weight and down_blocks_0.attentions.0.proj_in.weight"));
     CHECK(has(text, "lora_te_text_model_encoder_layers_0_self_attn_q_proj: no base tensor matches"));
     CHECK_FALSE(has(text, "does the adapter belong to this base model?"));  // the hint is fit_error's
     CHECK(has(fit_error("k.safetensors", "amb", r).what(), "(does the adapter belong to this base model?)"));
@@ -913,12 +970,13 @@ TEST_CASE("fit: kohya names inside single-file checkpoint containers (as sd-scri
                      {"lora_unet_out.lora_down.weight", {2, 8}},
                      {"lora_unet_out.lora_up.weight", {8, 2}}});
   adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
-  model_files base = open_model(model_folder(d, {{"model.diffusion_model.input_blocks.4.1.proj_in.weight", {8, 8}},
-                                                 {"conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight", {12, 6}},
-                                                 {"cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight", {12, 6}},
-                                                 // a direct match wins over the container
-                                                 {"out.weight", {8, 8}},
-                                                 {"model.diffusion_model.out.weight", {8, 8}}}));
+  model_files base = open_model(
+      model_folder(d, {{"model.diffusion_model.input_blocks.4.1.proj_in.weight", {8, 8}},
+                       {"conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight", {12, 6}},
+                       {"cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight", {12, 6}},
+                       // a direct match wins over the container
+                       {"out.weight", {8, 8}},
+                       {"model.diffusion_model.out.weight", {8, 8}}}));
   fit_report r = fit_adapter(a, base);
   CHECK_MESSAGE(r.ok(), problems_text(r));
   CHECK(module_named(a, "model.diffusion_model.input_blocks.4.1.proj_in").target ==
@@ -930,8 +988,9 @@ TEST_CASE("fit: kohya names inside single-file checkpoint containers (as sd-scri
   CHECK(module_named(a, "out").target == "out.weight");
 
   // a container applies to its own prefix only: lora_te2_ does not look in the te1 container
-  write_safetensors(fs::path(d.path) / "k2.safetensors", {{"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", {2, 6}},
-                                                {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", {12, 2}}});
+  write_safetensors(fs::path(d.path) / "k2.safetensors",
+                    {{"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", {2, 6}},
+                     {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight", {12, 2}}});
   adapter b = load_adapter((fs::path(d.path) / "k2.safetensors").string());
   fit_report r2 = fit_adapter(b, base);
   REQUIRE(r2.problems.size() == 1);
@@ -941,9 +1000,9 @@ TEST_CASE("fit: kohya names inside single-file checkpoint containers (as sd-scri
 TEST_CASE("fit: kohya 1x1 conv LoRA on a Linear base and 2-D LoRA on a 1x1 conv base") {
   temp_dir d;
   write_safetensors(fs::path(d.path) / "k.safetensors", {{"lora_unet_proj_in.lora_down.weight", {2, 8, 1, 1}},
-                                               {"lora_unet_proj_in.lora_up.weight", {6, 2, 1, 1}},
-                                               {"lora_unet_proj_out.lora_down.weight", {2, 6}},
-                                               {"lora_unet_proj_out.lora_up.weight", {8, 2}}});
+                                                         {"lora_unet_proj_in.lora_up.weight", {6, 2, 1, 1}},
+                                                         {"lora_unet_proj_out.lora_down.weight", {2, 6}},
+                                                         {"lora_unet_proj_out.lora_up.weight", {8, 2}}});
   adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
   REQUIRE(module_named(a, "lora_unet_proj_in").kind == module_kind::conv);
   REQUIRE(module_named(a, "lora_unet_proj_out").kind == module_kind::linear);
@@ -957,9 +1016,9 @@ TEST_CASE("fit: kohya 1x1 conv LoRA on a Linear base and 2-D LoRA on a 1x1 conv 
 TEST_CASE("fit: two modules on one target") {
   temp_dir d;
   write_safetensors(fs::path(d.path) / "k.safetensors", {{"lora_te1_text_model_q.lora_down.weight", {2, 6}},
-                                               {"lora_te1_text_model_q.lora_up.weight", {6, 2}},
-                                               {"lora_te2_text_model_q.lora_down.weight", {2, 6}},
-                                               {"lora_te2_text_model_q.lora_up.weight", {6, 2}}});
+                                                         {"lora_te1_text_model_q.lora_up.weight", {6, 2}},
+                                                         {"lora_te2_text_model_q.lora_down.weight", {2, 6}},
+                                                         {"lora_te2_text_model_q.lora_up.weight", {6, 2}}});
   adapter a = load_adapter((fs::path(d.path) / "k.safetensors").string());
   fit_report r = fit_adapter(a, open_model(model_folder(d, {{"text_model.q.weight", {6, 6}}})));
   REQUIRE(r.problems.size() == 1);
@@ -1027,11 +1086,14 @@ TEST_CASE("fit_error: one rendering, the count, the first problem, one hint") {
   CHECK(one.code() == exit_code::invalid_input);
   CHECK(one.file() == "ad");
   CHECK(one.tensor().empty());
-  CHECK(one.detail() == "does not fit base: 1 problem: a.lora_A.weight: base a.weight is [4, 4], the LoRA makes [4, 5]" + hint);
+  CHECK(one.detail() ==
+        "does not fit base: 1 problem: a.lora_A.weight: base a.weight is [4, 4], the LoRA makes [4, 5]" + hint);
 
   // several problems: the count and the first; the hint once, from any of them
   lora::error two = fit_error("ad", "base", {{turn, gone}});
-  CHECK(two.detail() == "does not fit base: 2 problems, first c.lora_A.weight: orientation ambiguous: c.weight is square [6, 6]" + hint);
+  CHECK(two.detail() ==
+        "does not fit base: 2 problems, first c.lora_A.weight: orientation ambiguous: c.weight is square [6, 6]" +
+            hint);
 
   // an orientation problem alone: its own hint; an ambiguity alone: none
   CHECK(has(fit_error("ad", "base", {{turn}}).detail(),
@@ -1044,18 +1106,23 @@ TEST_CASE("alpha_for_scale inverts lora_scale") {
   CHECK(alpha_for_scale(0.5, 8, false) == 4.0);
   CHECK(alpha_for_scale(2.0, 16, true) == 8.0);
   for (bool rs : {false, true})
-    for (int64_t r : {1, 3, 64}) CHECK(lora_scale(alpha_for_scale(1.25, r, rs), r, rs) == doctest::Approx(1.25).epsilon(1e-15));
+    for (int64_t r : {1, 3, 64})
+      CHECK(lora_scale(alpha_for_scale(1.25, r, rs), r, rs) == doctest::Approx(1.25).epsilon(1e-15));
 }
 
 TEST_CASE("kohya names: one prefix rule for extract and convert") {
   CHECK(auto_kohya_prefix({"transformer_blocks.0.attn.to_q"}) == "lora_unet_");
   CHECK(auto_kohya_prefix({"model.diffusion_model.input_blocks.1.1.proj_in"}) == "lora_unet_");
-  CHECK(auto_kohya_prefix({"text_model.encoder.layers.0.self_attn.q_proj", "down_blocks.0.resnets.0.conv1"}) == "lora_unet_");
+  CHECK(auto_kohya_prefix({"text_model.encoder.layers.0.self_attn.q_proj", "down_blocks.0.resnets.0.conv1"}) ==
+        "lora_unet_");
   CHECK(auto_kohya_prefix({"model.layers.0.self_attn.q_proj"}) == "lora_te_");
   CHECK(resolve_kohya_prefix("lora_te2_", {"transformer_blocks.0.x"}) == "lora_te2_");
-  CHECK_THROWS_WITH(resolve_kohya_prefix("lora_x_", {}),
-                    doctest::Contains("--kohya-prefix lora_x_ is not one of auto, lora_unet_, lora_te_, lora_te1_, lora_te2_, lora_te3_"));
-  CHECK(kohya_module_name("transformer_blocks.0.attn.to_q", "lora_unet_") == "lora_unet_transformer_blocks_0_attn_to_q");
+  CHECK_THROWS_WITH(
+      resolve_kohya_prefix("lora_x_", {}),
+      doctest::Contains(
+          "--kohya-prefix lora_x_ is not one of auto, lora_unet_, lora_te_, lora_te1_, lora_te2_, lora_te3_"));
+  CHECK(kohya_module_name("transformer_blocks.0.attn.to_q", "lora_unet_") ==
+        "lora_unet_transformer_blocks_0_attn_to_q");
   CHECK(kohya_module_name("lora_te1_text_model_q", "lora_unet_") == "lora_te1_text_model_q");
   CHECK(kohya_prefix_of("lora_te1_x") == "lora_te1_");
   CHECK(kohya_prefix_of("lora_tex") == "");

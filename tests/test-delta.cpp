@@ -32,9 +32,15 @@ module_fixture make_module(layout kind, int64_t out, int64_t in, int64_t r, dtyp
   module_fixture fx;
   std::vector<int64_t> a_shape{r, in}, b_shape{out, r};
   switch (kind) {
-    case layout::linear: fx.target_shape = {out, in}; break;
-    case layout::fan_in_fan_out: fx.target_shape = {in, out}; break;
-    case layout::embedding: fx.target_shape = {in, out}; break;  // [vocab, dim]: in = vocab, out = dim
+    case layout::linear:
+      fx.target_shape = {out, in};
+      break;
+    case layout::fan_in_fan_out:
+      fx.target_shape = {in, out};
+      break;
+    case layout::embedding:
+      fx.target_shape = {in, out};
+      break;  // [vocab, dim]: in = vocab, out = dim
     case layout::conv:
       fx.target_shape = {out, in, kh, kw};
       a_shape = {r, in, kh, kw};
@@ -93,8 +99,10 @@ std::vector<double> reference_delta(layout kind, const std::vector<double>& a, c
       }
       double s = 0;
       for (int64_t k = 0; k < r; ++k) s += B(o, k) * A(k, i);
-      if (kind == layout::linear) d[static_cast<size_t>(o * in + i)] = ws * s;
-      else d[static_cast<size_t>(i * out + o)] = ws * s;  // stored [in, out] / [vocab, dim]
+      if (kind == layout::linear)
+        d[static_cast<size_t>(o * in + i)] = ws * s;
+      else
+        d[static_cast<size_t>(i * out + o)] = ws * s;  // stored [in, out] / [vocab, dim]
     }
   return d;
 }
@@ -111,8 +119,7 @@ std::vector<double> magnitude_bound(layout kind, const module_fixture& fx, int64
   return bound;
 }
 
-void check_layout(layout kind, int64_t out, int64_t in, int64_t r, dtype factor_type, int64_t kh = 1,
-                  int64_t kw = 1) {
+void check_layout(layout kind, int64_t out, int64_t in, int64_t r, dtype factor_type, int64_t kh = 1, int64_t kw = 1) {
   module_fixture fx = make_module(kind, out, in, r, factor_type, 11, false, kh, kw);
   const double weight = 0.75;
   const double ws = weight * fx.module.scale;
@@ -249,7 +256,8 @@ TEST_CASE("DoRA per column (fan_in_fan_out, embedding): norm per output feature 
   }
 }
 
-TEST_CASE("DoRA in two block passes: add_dora_norms_sq, then apply_module_rows with the norms (per row and per column)") {
+TEST_CASE(
+    "DoRA in two block passes: add_dora_norms_sq, then apply_module_rows with the norms (per row and per column)") {
   for (layout kind : {layout::linear, layout::fan_in_fan_out, layout::embedding}) {
     CAPTURE(static_cast<int>(kind));
     const int64_t out = 17, in = 29, r = 3;
@@ -274,7 +282,8 @@ TEST_CASE("DoRA in two block passes: add_dora_norms_sq, then apply_module_rows w
       std::vector<double> sq(static_cast<size_t>(out), 0.0);
       for (int64_t rb = 0; rb < n_rows; rb += 4) {
         const int64_t re = std::min(n_rows, rb + 4);
-        std::vector<T> block(w.begin() + rb * static_cast<int64_t>(n_cols), w.begin() + re * static_cast<int64_t>(n_cols));
+        std::vector<T> block(w.begin() + rb * static_cast<int64_t>(n_cols),
+                             w.begin() + re * static_cast<int64_t>(n_cols));
         add_delta_rows(f, weight, rb, re, block.data());
         add_dora_norms_sq(f, rb, re, block.data(), sq);
       }
@@ -318,8 +327,10 @@ TEST_CASE("shape and dtype checks name the module and exit 3 (load_delta_factors
     for (const bool convert : {true, false}) {
       CAPTURE(convert);
       try {
-        if (convert) (void)load_delta_factors(m, shape, "adapter.safetensors");
-        else check_delta_factors(m, shape, "adapter.safetensors");
+        if (convert)
+          (void)load_delta_factors(m, shape, "adapter.safetensors");
+        else
+          check_delta_factors(m, shape, "adapter.safetensors");
         FAIL("no error for " << text);
       } catch (const lora::error& e) {
         CHECK(e.code() == exit_code::invalid_input);
@@ -329,9 +340,9 @@ TEST_CASE("shape and dtype checks name the module and exit 3 (load_delta_factors
     }
   };
   CHECK_NOTHROW(check_delta_factors(fx.module, {8, 6}, "a"));
-  expect_invalid(fx.module, {9, 6}, "[9, 6]");           // B has 8 rows
-  expect_invalid(fx.module, {8, 7}, "[8, 7]");           // A has 6 columns
-  expect_invalid(fx.module, {6, 8}, "[6, 8]");           // transposed base, flag not set
+  expect_invalid(fx.module, {9, 6}, "[9, 6]");  // B has 8 rows
+  expect_invalid(fx.module, {8, 7}, "[8, 7]");  // A has 6 columns
+  expect_invalid(fx.module, {6, 8}, "[6, 8]");  // transposed base, flag not set
   lora_module wrong_rank = fx.module;
   wrong_rank.rank = 3;
   expect_invalid(wrong_rank, {8, 6}, "rank");
@@ -354,8 +365,10 @@ TEST_CASE("shape and dtype checks name the module and exit 3 (load_delta_factors
   CHECK_NOTHROW(check_delta_factors(conv.module, {4, 3, 3, 3}, "a"));
   for (const bool convert : {true, false}) {
     try {
-      if (convert) (void)load_delta_factors(conv.module, {4, 3, 1, 9}, "a");
-      else check_delta_factors(conv.module, {4, 3, 1, 9}, "a");
+      if (convert)
+        (void)load_delta_factors(conv.module, {4, 3, 1, 9}, "a");
+      else
+        check_delta_factors(conv.module, {4, 3, 1, 9}, "a");
       FAIL("kernel mismatch accepted");
     } catch (const lora::error& e) {
       CHECK(e.code() == exit_code::invalid_input);

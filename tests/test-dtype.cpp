@@ -53,9 +53,12 @@ struct format16 {
     const int e = (h >> mant_bits) & ((1 << exp_bits) - 1);
     const int m = h & ((1 << mant_bits) - 1);
     double v;
-    if (e == (1 << exp_bits) - 1) v = m ? std::numeric_limits<double>::quiet_NaN() : INFINITY;
-    else if (e == 0) v = std::ldexp(m, 1 - bias() - mant_bits);  // subnormal: m * 2^(emin - mant)
-    else v = std::ldexp(m + (1 << mant_bits), e - bias() - mant_bits);
+    if (e == (1 << exp_bits) - 1)
+      v = m ? std::numeric_limits<double>::quiet_NaN() : INFINITY;
+    else if (e == 0)
+      v = std::ldexp(m, 1 - bias() - mant_bits);  // subnormal: m * 2^(emin - mant)
+    else
+      v = std::ldexp(m + (1 << mant_bits), e - bias() - mant_bits);
     return neg ? -v : v;
   }
   bool is_nan(uint16_t h) const { return (h & 0x7fff) > inf(); }
@@ -87,7 +90,7 @@ struct rne_reference {
     const double lo = values[p];
     if (lo == a) return static_cast<uint16_t>(sign | p);
     const double hi = p + 1 < values.size() ? values[p + 1] : fmt.overflow();  // pattern p + 1 (inf after max)
-    const double below = a - lo, above = hi - a;                              // exact (Sterbenz)
+    const double below = a - lo, above = hi - a;                               // exact (Sterbenz)
     size_t pick = below < above ? p : above < below ? p + 1 : (p % 2 == 0 ? p : p + 1);
     return static_cast<uint16_t>(sign | pick);
   }
@@ -121,10 +124,10 @@ TEST_CASE("dtype names, bit sizes and byte counts") {
   const struct {
     const char* name;
     int bits;
-  } want[n_dtypes] = {{"BOOL", 8},        {"F4", 4},           {"F6_E2M3", 6},     {"F6_E3M2", 6},  {"U8", 8},
-                      {"I8", 8},          {"F8_E5M2", 8},      {"F8_E4M3", 8},     {"F8_E8M0", 8},  {"F8_E4M3FNUZ", 8},
-                      {"F8_E5M2FNUZ", 8}, {"I16", 16},         {"U16", 16},        {"F16", 16},     {"BF16", 16},
-                      {"I32", 32},        {"U32", 32},         {"F32", 32},        {"C64", 64},     {"F64", 64},
+  } want[n_dtypes] = {{"BOOL", 8},        {"F4", 4},      {"F6_E2M3", 6}, {"F6_E3M2", 6}, {"U8", 8},
+                      {"I8", 8},          {"F8_E5M2", 8}, {"F8_E4M3", 8}, {"F8_E8M0", 8}, {"F8_E4M3FNUZ", 8},
+                      {"F8_E5M2FNUZ", 8}, {"I16", 16},    {"U16", 16},    {"F16", 16},    {"BF16", 16},
+                      {"I32", 32},        {"U32", 32},    {"F32", 32},    {"C64", 64},    {"F64", 64},
                       {"I64", 64},        {"U64", 64}};
   for (int i = 0; i < n_dtypes; ++i) {
     const dtype t = static_cast<dtype>(i);
@@ -182,8 +185,10 @@ TEST_CASE("bf16_to_f32: every pattern equals the value of its fields") {
     const double want = bf16.value(h);
     CAPTURE(h);
     REQUIRE(bits_of(got) == p << 16);
-    if (std::isnan(want)) REQUIRE(std::isnan(got));
-    else REQUIRE(static_cast<double>(got) == want);
+    if (std::isnan(want))
+      REQUIRE(std::isnan(got));
+    else
+      REQUIRE(static_cast<double>(got) == want);
   }
   CHECK(bf16_to_f32(0x3f80) == 1.0f);
   CHECK(bf16_to_f32(0x0001) == std::ldexp(1.0f, -133));
@@ -212,7 +217,8 @@ TEST_CASE("f32_to_f16 / f32_to_bf16: every value maps to itself, every midpoint 
         if (p == c.fmt.inf()) continue;
         // the midpoint to the next pattern (inf after max) and its two neighbours
         const double lo = std::fabs(c.fmt.value(h));
-        const double hi = p + 1 == c.fmt.inf() ? c.fmt.overflow() : std::fabs(c.fmt.value(static_cast<uint16_t>(p + 1)));
+        const double hi =
+            p + 1 == c.fmt.inf() ? c.fmt.overflow() : std::fabs(c.fmt.value(static_cast<uint16_t>(p + 1)));
         const double mid = (lo + hi) / 2;
         const float fmid = static_cast<float>(mid);
         REQUIRE(static_cast<double>(fmid) == mid);  // midpoints are f32 values
@@ -296,7 +302,8 @@ TEST_CASE("f64_to_f16 / f64_to_bf16 round once: inputs where rounding through f3
         CAPTURE(h);
         REQUIRE(c.from64(c.fmt.value(h)) == h);
         const double lo = std::fabs(c.fmt.value(h));
-        const double hi = p + 1 == c.fmt.inf() ? c.fmt.overflow() : std::fabs(c.fmt.value(static_cast<uint16_t>(p + 1)));
+        const double hi =
+            p + 1 == c.fmt.inf() ? c.fmt.overflow() : std::fabs(c.fmt.value(static_cast<uint16_t>(p + 1)));
         const double mid = (lo + hi) / 2;
         // a hair above and below the midpoint: f32 cannot tell them from it
         const double up = sign * (mid + mid * 0x1p-40), down = sign * (mid - mid * 0x1p-40);
@@ -466,7 +473,9 @@ TEST_CASE("conversions refuse non-math dtypes and size mismatches (exit 3)") {
       CHECK(e.detail().find("not supported for arithmetic") != std::string::npos);
     }
   }
-  CHECK(code_of([&] { to_f32(dtype::F16, std::span<const uint8_t>(bytes).subspan(0, 3), std::span<float>(f).subspan(0, 1)); }) == 3);
+  CHECK(code_of([&] {
+          to_f32(dtype::F16, std::span<const uint8_t>(bytes).subspan(0, 3), std::span<float>(f).subspan(0, 1));
+        }) == 3);
   CHECK(code_of([&] { to_f64(dtype::F64, bytes, std::span<double>(d).subspan(0, 1)); }) == 3);
   CHECK(code_of([&] { from_f32(dtype::BF16, f, bytes); }) == 3);  // 2 elements, 16 bytes
   CHECK(code_of([&] { from_f64(dtype::F64, d, bytes); }) == 0);

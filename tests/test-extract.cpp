@@ -141,9 +141,8 @@ const extracted_module& find_module(const extract_report& r, const std::string& 
   throw 0;
 }
 
-const std::vector<std::string> linear_modules = {
-    "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj",
-    "model.layers.0.mlp.down_proj"};
+const std::vector<std::string> linear_modules = {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                                                 "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"};
 
 // Extract-then-merge in f64: W_base + B A against W_tuned, relative to ||dW||.
 double merged_error(const pair_of_models& p, const safetensors_file& f, const std::string& path, int64_t rank) {
@@ -238,7 +237,8 @@ TEST_CASE("energy and error targets choose each module's rank; patterns carry it
   pair_of_models p = make_models(dtype::F32);
   write_model(dir.path + "/base", p.base);
   write_model(dir.path + "/tuned", p.tuned);
-  for (const rank_rule rule : {rank_rule{rank_rule::kind::energy, 0.97, 0}, rank_rule{rank_rule::kind::max_error, 0.1, 0}}) {
+  for (const rank_rule rule :
+       {rank_rule{rank_rule::kind::energy, 0.97, 0}, rank_rule{rank_rule::kind::max_error, 0.1, 0}}) {
     const double fraction = rule.type == rank_rule::kind::energy ? rule.value : 1 - rule.value * rule.value;
     CAPTURE(fraction);
     extract_options o = options_for(dir, rule.type == rank_rule::kind::energy ? "energy" : "error", rule);
@@ -257,9 +257,15 @@ TEST_CASE("energy and error targets choose each module's rank; patterns carry it
       // PEFT's lookup: the first pattern key matching ^(.*\.)?(KEY)$, else r / lora_alpha
       int64_t cfg_rank = cfg["r"], cfg_alpha = cfg["lora_alpha"];
       for (auto& [k, v] : cfg["rank_pattern"].items())
-        if (std::regex_match(path, std::regex("^(.*\\.)?(" + k + ")$"))) { cfg_rank = v; break; }
+        if (std::regex_match(path, std::regex("^(.*\\.)?(" + k + ")$"))) {
+          cfg_rank = v;
+          break;
+        }
       for (auto& [k, v] : cfg["alpha_pattern"].items())
-        if (std::regex_match(path, std::regex("^(.*\\.)?(" + k + ")$"))) { cfg_alpha = v; break; }
+        if (std::regex_match(path, std::regex("^(.*\\.)?(" + k + ")$"))) {
+          cfg_alpha = v;
+          break;
+        }
       CHECK(cfg_rank == m.rank);
       CHECK(cfg_alpha == m.rank);  // scale 1
     }
@@ -277,15 +283,18 @@ TEST_CASE("bf16 models: factors in bf16 by default, --dtype f32 on request; --sa
   const extract_report rep = run_extract(o, {});
   safetensors_file f(o.out + "/adapter_model.safetensors");
   CHECK(f.at("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight").type == dtype::BF16);
-  for (const auto& path : linear_modules) CHECK(std::abs(merged_error(p, f, path, 4) - find_module(rep, path).error) <= 1e-4);
+  for (const auto& path : linear_modules)
+    CHECK(std::abs(merged_error(p, f, path, 4) - find_module(rep, path).error) <= 1e-4);
   // the bias of an extracted module: lora_B.bias = its delta; the rest whole
   nlohmann::json cfg = nlohmann::json::parse(read_text_file(o.out + "/adapter_config.json"));
   CHECK(cfg["lora_bias"] == true);
   CHECK(cfg["modules_to_save"] == nlohmann::json({"model.embed_tokens", "model.norm"}));
   mat bias = read_tensor(f, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", 1, 32);
-  const mat dbias = p.tuned.at("model.layers.0.self_attn.q_proj.bias").values - p.base.at("model.layers.0.self_attn.q_proj.bias").values;
+  const mat dbias = p.tuned.at("model.layers.0.self_attn.q_proj.bias").values -
+                    p.base.at("model.layers.0.self_attn.q_proj.bias").values;
   CHECK((bias - stored(dbias, dtype::BF16)).norm() == 0);
-  CHECK((read_tensor(f, "base_model.model.model.norm.weight", 1, 32) - p.tuned.at("model.norm.weight").values).norm() == 0);
+  CHECK((read_tensor(f, "base_model.model.model.norm.weight", 1, 32) - p.tuned.at("model.norm.weight").values).norm() ==
+        0);
   CHECK(f.find("base_model.model.model.embed_tokens.weight") != nullptr);
 
   extract_options o32 = options_for(dir, "f32", {rank_rule::kind::fixed, 4, 0});

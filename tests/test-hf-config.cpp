@@ -13,7 +13,8 @@ using namespace lora;
 namespace {
 std::string base_json(const std::string& extra) {
   return R"({"model_type":"llama","hidden_size":64,"intermediate_size":176,"num_hidden_layers":2,)"
-         R"("num_attention_heads":4,"vocab_size":256)" + extra + "}";
+         R"("num_attention_heads":4,"vocab_size":256)" +
+         extra + "}";
 }
 std::string error_of(const std::string& text) {
   try {
@@ -35,7 +36,8 @@ TEST_CASE("defaults follow transformers") {
   CHECK(!c.tie_word_embeddings);
   CHECK(!c.qkv_bias);
   hf_config q = parse_hf_config(R"({"model_type":"qwen2","hidden_size":64,"intermediate_size":8,"num_hidden_layers":1,)"
-                                R"("num_attention_heads":4,"num_key_value_heads":2,"vocab_size":9,"head_dim":32})", "q");
+                                R"("num_attention_heads":4,"num_key_value_heads":2,"vocab_size":9,"head_dim":32})",
+                                "q");
   CHECK(q.qkv_bias);
   CHECK(!q.o_bias);
   CHECK(q.head_dim == 32);
@@ -69,13 +71,15 @@ TEST_CASE("nesting is bounded before anything recurses") {
   std::string head = base_json(R"(,"x":)");
   head.pop_back();  // its "}"
   CHECK(parse_hf_config(lora::testing::nested_json(head, max_json_depth - 1, "}"), "cfg.json").hidden_size == 64);
-  const std::string deeper = "cfg.json: config.json has JSON nested deeper than " + std::to_string(max_json_depth) + " levels";
+  const std::string deeper =
+      "cfg.json: config.json has JSON nested deeper than " + std::to_string(max_json_depth) + " levels";
   CHECK(error_of(lora::testing::nested_json(head, max_json_depth, "}")) == deeper);
   CHECK(error_of(lora::testing::nested_json(head, 100000, "}")) == deeper);
   CHECK(error_of(lora::testing::nested_json(head, 100000, "}", /*closed=*/false)) == deeper);
   CHECK(error_of(lora::testing::nested_json(R"({"rms_norm_eps":)", 100000, "}")) == deeper);
   // parse_model_type (verify's path) goes through the same parse
-  lora::error e = lora::testing::thrown([&] { parse_model_type(lora::testing::nested_json(head, 100000, "}"), "cfg.json"); });
+  lora::error e =
+      lora::testing::thrown([&] { parse_model_type(lora::testing::nested_json(head, 100000, "}"), "cfg.json"); });
   CHECK(std::string(e.what()) == deeper);
 }
 
@@ -100,20 +104,25 @@ TEST_CASE("rope_scaling (4.x) and rope_parameters (5.x)") {
   CHECK(c.layers[1].rope.theta == 500000.0);
   CHECK(c.layers[1].rope.type == "default");
   // 4.x "type"; rope_scaling wins over rope_parameters (`rope_scaling or rope_parameters`)
-  c = parse_hf_config(base_json(R"(,"rope_parameters":{"rope_type":"default"},"rope_scaling":{"type":"linear","factor":2})"), "c");
+  c = parse_hf_config(
+      base_json(R"(,"rope_parameters":{"rope_type":"default"},"rope_scaling":{"type":"linear","factor":2})"), "c");
   CHECK(c.layers[0].rope.type == "linear");
   CHECK(*c.layers[0].rope.factor == 2.0);
   // yarn: original_max_position_embeddings defaults to max_position_embeddings; a top-level one wins
-  c = parse_hf_config(base_json(R"(,"max_position_embeddings":512,"rope_scaling":{"rope_type":"yarn","factor":4})"), "c");
+  c = parse_hf_config(base_json(R"(,"max_position_embeddings":512,"rope_scaling":{"rope_type":"yarn","factor":4})"),
+                      "c");
   CHECK(c.layers[0].rope.original_max_position_embeddings == 512);
   CHECK(c.layers[0].rope.beta_fast == 32.0);
-  c = parse_hf_config(base_json(R"(,"original_max_position_embeddings":64,"rope_scaling":{"rope_type":"yarn","factor":4,)"
-                                R"("original_max_position_embeddings":32})"), "c");
+  c = parse_hf_config(
+      base_json(R"(,"original_max_position_embeddings":64,"rope_scaling":{"rope_type":"yarn","factor":4,)"
+                R"("original_max_position_embeddings":32})"),
+      "c");
   CHECK(c.layers[0].rope.original_max_position_embeddings == 64);
   // nested per layer type (5.x with layer_types)
   c = parse_hf_config(base_json(R"(,"layer_types":["full_attention","sliding_attention"],"rope_parameters":)"
                                 R"({"full_attention":{"rope_type":"default","rope_theta":1000000},)"
-                                R"("sliding_attention":{"rope_type":"linear","factor":2,"rope_theta":10000}})"), "c");
+                                R"("sliding_attention":{"rope_type":"linear","factor":2,"rope_theta":10000}})"),
+                      "c");
   CHECK(c.layers[0].rope.type == "default");
   CHECK(c.layers[0].rope.theta == 1000000.0);
   CHECK(c.layers[1].rope.type == "linear");
@@ -122,49 +131,68 @@ TEST_CASE("rope_scaling (4.x) and rope_parameters (5.x)") {
 
 TEST_CASE("rope refusals name config.json's field and the type") {
   CHECK(error_of(base_json(R"(,"rope_scaling":{"rope_type":"su","factor":2})")) ==
-        "cfg.json: field rope_scaling.rope_type su is not supported (known: default, linear, dynamic, yarn, longrope, llama3)");
-  CHECK(error_of(base_json(R"(,"rope_parameters":{"rope_type":"mrope","rope_theta":1e6})")).find("rope_parameters.rope_type mrope") !=
-        std::string::npos);
+        "cfg.json: field rope_scaling.rope_type su is not supported (known: default, linear, dynamic, yarn, longrope, "
+        "llama3)");
+  CHECK(error_of(base_json(R"(,"rope_parameters":{"rope_type":"mrope","rope_theta":1e6})"))
+            .find("rope_parameters.rope_type mrope") != std::string::npos);
   CHECK(error_of(base_json(R"(,"rope_scaling":{"type":"dynamic"})")) ==
         "cfg.json: field rope_scaling.factor is missing (rope_type dynamic needs it)");
-  CHECK(error_of(base_json(R"(,"rope_scaling":{"type":"linear","factor":"2"})")).find("rope_scaling.factor must be") != std::string::npos);
+  CHECK(error_of(base_json(R"(,"rope_scaling":{"type":"linear","factor":"2"})")).find("rope_scaling.factor must be") !=
+        std::string::npos);
   CHECK(error_of(base_json(R"(,"rope_scaling":{"rope_type":"longrope","short_factor":[1],"long_factor":[1]})"))
             .find("rope_scaling.short_factor must be a list of 8 positive numbers") != std::string::npos);
-  CHECK(error_of(base_json(R"(,"rope_scaling":{"rope_type":"llama3","factor":8,"low_freq_factor":4,"high_freq_factor":1})"))
+  CHECK(error_of(
+            base_json(R"(,"rope_scaling":{"rope_type":"llama3","factor":8,"low_freq_factor":4,"high_freq_factor":1})"))
             .find("high_freq_factor") != std::string::npos);
   CHECK(error_of(base_json(R"(,"partial_rotary_factor":0.5)")).find("partial_rotary_factor") != std::string::npos);
   CHECK(error_of(base_json(R"(,"rope_scaling":[1])")).find("rope_scaling must be an object") != std::string::npos);
-  CHECK(error_of(base_json(R"(,"layer_types":["full_attention"],"rope_parameters":{"full_attention":{"rope_type":"x"}})"))
-            .find("layer_types must list 2 strings") != std::string::npos);
-  CHECK(error_of(base_json(R"(,"layer_types":["full_attention","sliding_attention"],"rope_parameters":{"full_attention":{}})")) ==
+  CHECK(
+      error_of(base_json(R"(,"layer_types":["full_attention"],"rope_parameters":{"full_attention":{"rope_type":"x"}})"))
+          .find("layer_types must list 2 strings") != std::string::npos);
+  CHECK(error_of(base_json(
+            R"(,"layer_types":["full_attention","sliding_attention"],"rope_parameters":{"full_attention":{}})")) ==
         "cfg.json: field rope_parameters.sliding_attention is missing (layer 1 is sliding_attention)");
 }
 
 TEST_CASE("sliding windows: mistral every layer, qwen2 from max_window_layers on") {
-  const std::string sizes = R"("hidden_size":64,"intermediate_size":8,"num_hidden_layers":3,"num_attention_heads":4,"vocab_size":9)";
+  const std::string sizes =
+      R"("hidden_size":64,"intermediate_size":8,"num_hidden_layers":3,"num_attention_heads":4,"vocab_size":9)";
   hf_config m = parse_hf_config(R"({"model_type":"mistral",)" + sizes + R"(,"sliding_window":5})", "c");
   for (const layer_attention& l : m.layers) CHECK(l.sliding_window == 5);
   CHECK(parse_hf_config(R"({"model_type":"mistral",)" + sizes + "}", "c").layers[2].sliding_window == 4096);
-  CHECK(parse_hf_config(R"({"model_type":"mistral",)" + sizes + R"(,"sliding_window":null})", "c").layers[2].sliding_window == 0);
-  hf_config q = parse_hf_config(R"({"model_type":"qwen2",)" + sizes + R"(,"sliding_window":5,"use_sliding_window":true,"max_window_layers":1})", "c");
+  CHECK(parse_hf_config(R"({"model_type":"mistral",)" + sizes + R"(,"sliding_window":null})", "c")
+            .layers[2]
+            .sliding_window == 0);
+  hf_config q = parse_hf_config(
+      R"({"model_type":"qwen2",)" + sizes + R"(,"sliding_window":5,"use_sliding_window":true,"max_window_layers":1})",
+      "c");
   CHECK(q.layers[0].sliding_window == 0);
   CHECK(q.layers[1].sliding_window == 5);
   CHECK(q.layers[2].sliding_window == 5);
-  q = parse_hf_config(R"({"model_type":"qwen2",)" + sizes + R"(,"sliding_window":5,"use_sliding_window":false,"max_window_layers":0})", "c");
+  q = parse_hf_config(
+      R"({"model_type":"qwen2",)" + sizes + R"(,"sliding_window":5,"use_sliding_window":false,"max_window_layers":0})",
+      "c");
   CHECK(q.layers[2].sliding_window == 0);
-  q = parse_hf_config(R"({"model_type":"qwen2",)" + sizes + R"(,"use_sliding_window":true,"sliding_window":7,)"
-                      R"("layer_types":["sliding_attention","full_attention","sliding_attention"]})", "c");
+  q = parse_hf_config(R"({"model_type":"qwen2",)" + sizes +
+                          R"(,"use_sliding_window":true,"sliding_window":7,)"
+                          R"("layer_types":["sliding_attention","full_attention","sliding_attention"]})",
+                      "c");
   CHECK(q.layers[0].sliding_window == 7);
   CHECK(q.layers[1].sliding_window == 0);
   // 5.x nests rope_parameters by qwen2's derived layer_types too
-  q = parse_hf_config(R"({"model_type":"qwen2",)" + sizes + R"(,"sliding_window":5,"use_sliding_window":true,"max_window_layers":2,)"
-                      R"("rope_parameters":{"full_attention":{"rope_theta":5e5},"sliding_attention":{"rope_type":"linear","factor":2}}})", "c");
+  q = parse_hf_config(
+      R"({"model_type":"qwen2",)" + sizes +
+          R"(,"sliding_window":5,"use_sliding_window":true,"max_window_layers":2,)"
+          R"("rope_parameters":{"full_attention":{"rope_theta":5e5},"sliding_attention":{"rope_type":"linear","factor":2}}})",
+      "c");
   CHECK(q.layers[1].rope.theta == 500000.0);
   CHECK(q.layers[2].rope.type == "linear");
   CHECK(q.layers[2].rope.theta == 10000.0);
   CHECK(q.layers[2].sliding_window == 5);
-  CHECK(error_of(R"({"model_type":"qwen2",)" + sizes + R"(,"layer_types":["sliding_attention","full_attention","full_attention"]})")
+  CHECK(error_of(R"({"model_type":"qwen2",)" + sizes +
+                 R"(,"layer_types":["sliding_attention","full_attention","full_attention"]})")
             .find("sliding_window is unset") != std::string::npos);
-  CHECK(error_of(R"({"model_type":"qwen2",)" + sizes + R"(,"layer_types":["chunked_attention","full_attention","full_attention"]})")
+  CHECK(error_of(R"({"model_type":"qwen2",)" + sizes +
+                 R"(,"layer_types":["chunked_attention","full_attention","full_attention"]})")
             .find("chunked_attention is not supported") != std::string::npos);
 }

@@ -21,7 +21,8 @@ TEST_CASE("parse_json_bounded: the depth limit counts arrays and objects") {
   CHECK(std::string(e.what()) == "f.json: doc has JSON nested deeper than 2 levels");
   for (bool closed : {true, false}) {
     e = thrown([&] { parse_json_bounded(nested_json("", 100000, "", closed), "f.json", "doc"); });
-    CHECK(std::string(e.what()) == "f.json: doc has JSON nested deeper than " + std::to_string(max_json_depth) + " levels");
+    CHECK(std::string(e.what()) ==
+          "f.json: doc has JSON nested deeper than " + std::to_string(max_json_depth) + " levels");
   }
 }
 

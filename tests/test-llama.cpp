@@ -205,7 +205,11 @@ TEST_CASE("whole models against the double-precision reference forward") {
 
 TEST_CASE("whole models and adapters against PyTorch's logits") {
   safetensors_file ref(std::string(LORA_SOURCE_DIR) + "/tests/reference/llama-logits.safetensors");
-  struct item { const char* key; const char* model; const char* adapter; };
+  struct item {
+    const char* key;
+    const char* model;
+    const char* adapter;
+  };
   for (item it : std::vector<item>{{"tiny-llama", "tiny-llama", nullptr},
                                    {"tiny-llama-f16-sharded", "tiny-llama-f16-sharded", nullptr},
                                    {"tiny-llama-tied", "tiny-llama-tied", nullptr},
@@ -376,15 +380,20 @@ void check_blocks_match_whole(const model_files& m, const std::string& adapter_p
     MESSAGE("max |blocks - whole| = ", diff, " of max |logit| ", max_abs(want));
     CHECK(diff <= 1e-6 * max_abs(want));
     // the same blocks whatever the thread count: the same bits
-    if (first.empty()) first = blocks.logits;
-    else CHECK(blocks.logits == first);
+    if (first.empty())
+      first = blocks.logits;
+    else
+      CHECK(blocks.logits == first);
   }
 }
 
 }  // namespace
 
 TEST_CASE("row-block products give the whole-matrix logits: testdata models, small blocks") {
-  struct item { const char* model; const char* adapter; };
+  struct item {
+    const char* model;
+    const char* adapter;
+  };
   for (item it : std::vector<item>{{"tiny-llama", ""},
                                    {"tiny-llama", "lora-tiny-llama"},
                                    {"tiny-llama", "lora-tiny-llama-dora"},
@@ -436,7 +445,8 @@ TEST_CASE("causal_attention with a sliding window: key j seen by query i when i 
     std::vector<double> qw(static_cast<size_t>(W * H * d), 0.0);
     std::copy(qs.begin(), qs.end(), qw.begin() + (W - 1) * H * d);
     const std::vector<double> r = ref_attn(qw, ks, vs, W, H, KV, d);
-    for (int64_t e = 0; e < H * d; ++e) CHECK(out[i * H * d + e] == doctest::Approx(r[(W - 1) * H * d + e]).epsilon(1e-5));
+    for (int64_t e = 0; e < H * d; ++e)
+      CHECK(out[i * H * d + e] == doctest::Approx(r[(W - 1) * H * d + e]).epsilon(1e-5));
   }
   // a key just outside the window does not matter
   auto v2 = v;

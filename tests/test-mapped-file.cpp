@@ -67,8 +67,8 @@ TEST_CASE("a mapped input that shrinks: zeros instead of SIGBUS, then exit 4 nam
     check_mapped_inputs();  // nothing yet
     if (::truncate((dir / "input").c_str(), page) != 0) return 10;
     const uint8_t* p = m.bytes().data();
-    if (p[0] != 'x') return 11;              // still in the file
-    if (p[3 * page + 5] != 0) return 12;     // past the new end: zeros, no signal
+    if (p[0] != 'x') return 11;           // still in the file
+    if (p[3 * page + 5] != 0) return 12;  // past the new end: zeros, no signal
     if (p[2 * page] != 0) return 13;
     try {
       check_mapped_inputs();

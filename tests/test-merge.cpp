@@ -130,11 +130,11 @@ reference reference_merge(const model_files& base, const std::vector<std::pair<c
 // ------------------------------------------------------------ comparison
 
 struct comparison {
-  uint64_t n_changed = 0;     // elements of changed (or converted) tensors
-  uint64_t n_off = 0;         // not equal to the once-rounded reference
-  uint64_t max_ulp = 0;       // 16-bit outputs
-  double max_rel = 0;         // f32 outputs: |got - want| / bound
-  uint64_t n_untouched = 0;   // tensors expected bit-identical
+  uint64_t n_changed = 0;    // elements of changed (or converted) tensors
+  uint64_t n_off = 0;        // not equal to the once-rounded reference
+  uint64_t max_ulp = 0;      // 16-bit outputs
+  double max_rel = 0;        // f32 outputs: |got - want| / bound
+  uint64_t n_untouched = 0;  // tensors expected bit-identical
   uint64_t n_identical = 0;
   uint64_t n_changed_tensors = 0;
 };
@@ -162,8 +162,10 @@ comparison compare_output(const std::string& out, const model_files& base, const
     ++c.n_changed_tensors;
     std::vector<double> want = it != ref.value.end() ? it->second : decode(b);
     std::vector<double> bound;
-    if (auto bt = ref.bound.find(name); bt != ref.bound.end()) bound = bt->second;
-    else for (double v : want) bound.push_back(std::fabs(v));
+    if (auto bt = ref.bound.find(name); bt != ref.bound.end())
+      bound = bt->second;
+    else
+      for (double v : want) bound.push_back(std::fabs(v));
     const std::span<const uint8_t> got = m.data();
     for (size_t i = 0; i < want.size(); ++i) {
       ++c.n_changed;
@@ -190,10 +192,11 @@ comparison compare_output(const std::string& out, const model_files& base, const
 
 // The tolerances stated at the top of this file.
 void check_tolerances(const comparison& c, dtype type, const char* what) {
-  MESSAGE(std::string(what) << ": " << c.n_off << " of " << c.n_changed << " elements off the once-rounded reference, max ulp "
-               << c.max_ulp << ", max rel " << c.max_rel);
-  INFO(std::string(what) << ": " << c.n_off << " of " << c.n_changed << " elements off, max ulp " << c.max_ulp << ", max rel "
-            << c.max_rel);
+  MESSAGE(std::string(what) << ": " << c.n_off << " of " << c.n_changed
+                            << " elements off the once-rounded reference, max ulp " << c.max_ulp << ", max rel "
+                            << c.max_rel);
+  INFO(std::string(what) << ": " << c.n_off << " of " << c.n_changed << " elements off, max ulp " << c.max_ulp
+                         << ", max rel " << c.max_rel);
   CHECK(c.n_changed > 0);
   CHECK(c.n_identical == c.n_untouched);
   if (type == dtype::F32) {
@@ -240,9 +243,17 @@ void write_peft_adapter(const std::string& dir, const nlohmann::json& config, co
 }
 
 nlohmann::json peft_config_json(int r, double alpha, std::vector<std::string> targets) {
-  return {{"peft_type", "LORA"}, {"r", r}, {"lora_alpha", alpha}, {"target_modules", targets},
-          {"fan_in_fan_out", false}, {"use_dora", false}, {"use_rslora", false}, {"lora_bias", false},
-          {"task_type", "CAUSAL_LM"}, {"modules_to_save", nullptr}, {"rank_pattern", nlohmann::json::object()},
+  return {{"peft_type", "LORA"},
+          {"r", r},
+          {"lora_alpha", alpha},
+          {"target_modules", targets},
+          {"fan_in_fan_out", false},
+          {"use_dora", false},
+          {"use_rslora", false},
+          {"lora_bias", false},
+          {"task_type", "CAUSAL_LM"},
+          {"modules_to_save", nullptr},
+          {"rank_pattern", nlohmann::json::object()},
           {"alpha_pattern", nlohmann::json::object()}};
 }
 
@@ -330,9 +341,7 @@ TEST_CASE("embedding LoRA and modules_to_save") {
   CHECK(std::equal(x.begin(), x.end(), y.begin(), y.end()));
 }
 
-TEST_CASE("lora_bias: bias + s b") {
-  check_single_adapter("tiny-qwen2", "lora-tiny-qwen2-bias", dtype::F32);
-}
+TEST_CASE("lora_bias: bias + s b") { check_single_adapter("tiny-qwen2", "lora-tiny-qwen2-bias", dtype::F32); }
 
 TEST_CASE("kohya conv (3x3, 1x1) and linear on a UNet") {
   check_single_adapter("tiny-unet", "lora-tiny-unet-kohya.safetensors", dtype::F32);
@@ -363,13 +372,12 @@ TEST_CASE("tied embeddings: an embedding LoRA on a model without lm_head") {
   model_files base = open_model(base_path);
   REQUIRE_FALSE(base.find("lm_head.weight"));
   nlohmann::json cfg = peft_config_json(4, 4, {"embed_tokens", "q_proj"});
-  write_peft_adapter(dir / "adapter", cfg,
-                     {random_tensor("base_model.model.model.embed_tokens.lora_embedding_A", dtype::F32, {4, 256}, 71),
-                      random_tensor("base_model.model.model.embed_tokens.lora_embedding_B", dtype::F32, {64, 4}, 72),
-                      random_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", dtype::F32,
-                                    {4, 64}, 73),
-                      random_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", dtype::F32,
-                                    {64, 4}, 74)});
+  write_peft_adapter(
+      dir / "adapter", cfg,
+      {random_tensor("base_model.model.model.embed_tokens.lora_embedding_A", dtype::F32, {4, 256}, 71),
+       random_tensor("base_model.model.model.embed_tokens.lora_embedding_B", dtype::F32, {64, 4}, 72),
+       random_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", dtype::F32, {4, 64}, 73),
+       random_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", dtype::F32, {64, 4}, 74)});
   run(base_path, {{dir / "adapter", 1.0}}, dir / "out");
   adapter a = fitted(dir / "adapter", base);
   reference ref = reference_merge(base, {{&a, 1.0}});
@@ -383,8 +391,9 @@ TEST_CASE("tied embeddings: an embedding LoRA on a model without lm_head") {
 TEST_CASE("two adapters with weights and --scale sum their deltas") {
   temp_dir dir;
   const std::string base_path = testdata + "/tiny-llama";
-  merge_report r = run(base_path, {{testdata + "/lora-tiny-llama", 0.7}, {testdata + "/lora-tiny-llama-patterns", -0.3}},
-                       dir / "out", 1.5);
+  merge_report r =
+      run(base_path, {{testdata + "/lora-tiny-llama", 0.7}, {testdata + "/lora-tiny-llama-patterns", -0.3}},
+          dir / "out", 1.5);
   model_files base = open_model(base_path);
   adapter a = fitted(testdata + "/lora-tiny-llama", base);
   adapter b = fitted(testdata + "/lora-tiny-llama-patterns", base);
@@ -481,11 +490,12 @@ TEST_CASE("DoRA on a GPT-2 Conv1D base: norm per output column of [in, out]") {
   nlohmann::json cfg = peft_config_json(4, 8, {"c_attn"});
   cfg["use_dora"] = true;
   cfg["fan_in_fan_out"] = true;
-  write_peft_adapter(dir / "adapter", cfg,
-                     {random_tensor("base_model.model.transformer.h.0.attn.c_attn.lora_A.weight", dtype::F32, {4, 32}, 83),
-                      random_tensor("base_model.model.transformer.h.0.attn.c_attn.lora_B.weight", dtype::F32, {96, 4}, 84),
-                      random_tensor("base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector", dtype::F32,
-                                    {96}, 85, 1.0, 3.0)});
+  write_peft_adapter(
+      dir / "adapter", cfg,
+      {random_tensor("base_model.model.transformer.h.0.attn.c_attn.lora_A.weight", dtype::F32, {4, 32}, 83),
+       random_tensor("base_model.model.transformer.h.0.attn.c_attn.lora_B.weight", dtype::F32, {96, 4}, 84),
+       random_tensor("base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector", dtype::F32, {96}, 85, 1.0,
+                     3.0)});
   run(dir / "gpt2", {{dir / "adapter", 1.0}}, dir / "out");
   model_files base = open_model(dir / "gpt2");
   adapter a = fitted(dir / "adapter", base);
@@ -518,8 +528,11 @@ TEST_CASE("refusals leave nothing behind") {
     CHECK(nothing_left(dir, "out"));
   };
   // an adapter for another model: exit 3, the key and a hint
-  expect([&] { run(base, {{testdata + "/lora-tiny-llama-mismatch", 1.0}}, dir / "out"); }, exit_code::invalid_input,
-         "does the adapter belong to this base model?");
+  expect(
+      [&] {
+        run(base, {{testdata + "/lora-tiny-llama-mismatch", 1.0}}, dir / "out");
+      },
+      exit_code::invalid_input, "does the adapter belong to this base model?");
   // no adapter, non-finite weight: exit 2
   expect([&] { run(base, {}, dir / "out"); }, exit_code::usage, "no --adapter");
   expect([&] { run(base, {{testdata + "/lora-tiny-llama", NAN}}, dir / "out"); }, exit_code::usage, "not finite");
@@ -529,12 +542,19 @@ TEST_CASE("refusals leave nothing behind") {
   // a merge that overflows to Inf: exit 3 naming the tensor; allowed on request
   nlohmann::json cfg = peft_config_json(1, 1, {"q_proj"});
   write_peft_adapter(dir / "huge", cfg,
-                     {test_tensor{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", dtype::F32, {1, 64},
+                     {test_tensor{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                                  dtype::F32,
+                                  {1, 64},
                                   std::vector<double>(64, 1e30)},
-                      test_tensor{"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", dtype::F32, {64, 1},
+                      test_tensor{"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+                                  dtype::F32,
+                                  {64, 1},
                                   std::vector<double>(64, 1e30)}});
-  expect([&] { run(base, {{dir / "huge", 1.0}}, dir / "out"); }, exit_code::invalid_input,
-         "model.layers.0.self_attn.q_proj.weight");
+  expect(
+      [&] {
+        run(base, {{dir / "huge", 1.0}}, dir / "out");
+      },
+      exit_code::invalid_input, "model.layers.0.self_attn.q_proj.weight");
   merge_options o;
   o.base = base;
   o.adapters = {{dir / "huge", 1.0}};

@@ -250,8 +250,8 @@ TEST_CASE("sharded models: every disagreement between the index and the shards i
   SUBCASE("total_size of the wrong kind") {
     for (const char* ts : {"-1", "48.5", "\"48\"", "1e30", "1e300", "null", "[48]"}) {
       CAPTURE(ts);
-      write_text(index, std::string(R"({"metadata": {"total_size": )") + ts + R"(}, "weight_map": {"a": ")" +
-                            k_shard1 + R"(", "b": ")" + k_shard1 + R"(", "c": ")" + k_shard2 + R"("}})");
+      write_text(index, std::string(R"({"metadata": {"total_size": )") + ts + R"(}, "weight_map": {"a": ")" + k_shard1 +
+                            R"(", "b": ")" + k_shard1 + R"(", "c": ")" + k_shard2 + R"("}})");
       check_refused(dir.path, {3, "total_size is not a non-negative integer", ""});
     }
   }
@@ -271,7 +271,8 @@ TEST_CASE("sharded models: every disagreement between the index and the shards i
     with_nested(max_json_depth - 1, true);
     CHECK(open_model(dir.path).tensor_names.size() == 3);
     const std::string deeper = "index has JSON nested deeper than " + std::to_string(max_json_depth) + " levels";
-    for (auto [levels, closed] : {std::pair{size_t{max_json_depth}, true}, {size_t{100000}, true}, {size_t{100000}, false}}) {
+    for (auto [levels, closed] :
+         {std::pair{size_t{max_json_depth}, true}, {size_t{100000}, true}, {size_t{100000}, false}}) {
       CAPTURE(levels);
       with_nested(levels, closed);
       check_refused(dir.path, {3, deeper, ""});
@@ -329,8 +330,8 @@ TEST_CASE("folders and paths that are not models") {
 }
 
 TEST_CASE("make_safetensors_index writes what transformers writes and open_model reads it") {
-  const std::string text = make_safetensors_index(4305, {{"b", "model-00002-of-00002.safetensors"},
-                                                          {"a", "model-00001-of-00002.safetensors"}});
+  const std::string text = make_safetensors_index(
+      4305, {{"b", "model-00002-of-00002.safetensors"}, {"a", "model-00001-of-00002.safetensors"}});
   CHECK(text ==
         "{\n"
         "  \"metadata\": {\n"
@@ -356,7 +357,8 @@ TEST_CASE("fixture: the 6-shard model written by the Python reference") {
   CHECK(m.by_name.size() == 36);
   CHECK(m.index_total_size == uint64_t{4305});
   CHECK(m.total_tensor_bytes() == 4305);
-  for (size_t i = 0; i < 6; ++i) CHECK(m.shard_names[i] == "model-0000" + std::to_string(i + 1) + "-of-00006.safetensors");
+  for (size_t i = 0; i < 6; ++i)
+    CHECK(m.shard_names[i] == "model-0000" + std::to_string(i + 1) + "-of-00006.safetensors");
   // every weight_map entry matches where the tensor is
   auto j = nlohmann::json::parse(read_text_file(m.index_path));
   CHECK(j["weight_map"].size() == 36);

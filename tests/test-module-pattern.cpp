@@ -92,12 +92,28 @@ TEST_CASE("first_match: the first key in file order wins") {
 
 TEST_CASE("module_pattern: same answers as the backtracking std::regex on short inputs") {
   // std::regex (ECMAScript), what lora used before, as an independent reference on inputs it handles
-  const std::vector<std::string> keys{"q_proj", "q_proj|v_proj", R"(mlp\..*)", R"(layers\.[0-9]+\.mlp\.up_proj)",
-                                      "(q|k|v)_proj", R"(\d+\.self_attn\.o_proj)", "[a-z]+_proj", "proj",
-                                      ".*", "a*b?", R"(embed_tokens|lm_head)"};
-  const std::vector<std::string> paths{"model.layers.0.self_attn.q_proj", "model.layers.12.mlp.up_proj",
-                                       "model.layers.0.self_attn.xq_proj", "model.embed_tokens", "lm_head",
-                                       "q_proj", "model.layers.3.self_attn.o_proj", "", "a.", "aab", "x.aaab"};
+  const std::vector<std::string> keys{"q_proj",
+                                      "q_proj|v_proj",
+                                      R"(mlp\..*)",
+                                      R"(layers\.[0-9]+\.mlp\.up_proj)",
+                                      "(q|k|v)_proj",
+                                      R"(\d+\.self_attn\.o_proj)",
+                                      "[a-z]+_proj",
+                                      "proj",
+                                      ".*",
+                                      "a*b?",
+                                      R"(embed_tokens|lm_head)"};
+  const std::vector<std::string> paths{"model.layers.0.self_attn.q_proj",
+                                       "model.layers.12.mlp.up_proj",
+                                       "model.layers.0.self_attn.xq_proj",
+                                       "model.embed_tokens",
+                                       "lm_head",
+                                       "q_proj",
+                                       "model.layers.3.self_attn.o_proj",
+                                       "",
+                                       "a.",
+                                       "aab",
+                                       "x.aaab"};
   for (const auto& k : keys) {
     const module_pattern p(k);
     const std::regex reference("(.*\\.)?(" + k + ")", std::regex::ECMAScript);

@@ -32,8 +32,8 @@ TEST_CASE("inv_freq and attention factor per rope_type against the float64 refer
   for (const nlohmann::json& tc : cases) {
     CAPTURE(tc["name"].get<std::string>());
     const hf_config c = parse_hf_config(tc["config"].dump(), "config.json");
-    const rope_frequencies f =
-        compute_rope_frequencies(c.layers.at(0).rope, c.head_dim, c.max_position_embeddings, tc["seq_len"].get<int64_t>());
+    const rope_frequencies f = compute_rope_frequencies(c.layers.at(0).rope, c.head_dim, c.max_position_embeddings,
+                                                        tc["seq_len"].get<int64_t>());
     const std::vector<double> want = tc["inv_freq"].get<std::vector<double>>();
     REQUIRE(f.inv_freq.size() == want.size());
     for (size_t i = 0; i < want.size(); ++i) {

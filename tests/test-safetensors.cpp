@@ -146,50 +146,85 @@ std::vector<bad_case> malformed_cases() {
   c.push_back({"entry is null", file_of("{\"w\":null}"), "not an object", "w"});
   c.push_back({"missing dtype", file_of("{\"w\":{\"shape\":[1],\"data_offsets\":[0,4]}}", 4), "no \"dtype\"", "w"});
   c.push_back({"missing shape", file_of("{\"w\":{\"dtype\":\"F32\",\"data_offsets\":[0,4]}}", 4), "no \"shape\"", "w"});
-  c.push_back({"missing data_offsets", file_of("{\"w\":{\"dtype\":\"F32\",\"shape\":[1]}}", 4), "no \"data_offsets\"", "w"});
+  c.push_back(
+      {"missing data_offsets", file_of("{\"w\":{\"dtype\":\"F32\",\"shape\":[1]}}", 4), "no \"data_offsets\"", "w"});
   c.push_back({"extra field", file_of("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4],\"x\":0}}", 4),
                "unexpected field \"x\"", "w"});
   c.push_back({"dtype is a number", file_of("{\"w\":{\"dtype\":7,\"shape\":[1],\"data_offsets\":[0,4]}}", 4),
                "dtype is not a string", "w"});
-  c.push_back({"shape is a string", file_of("{" + entry("w", "F32", "\"1\"", "[0,4]") + "}", 4), "shape is not an array", "w"});
-  c.push_back({"shape is an object", file_of("{" + entry("w", "F32", "{}", "[0,4]") + "}", 4), "shape is not an array", "w"});
+  c.push_back(
+      {"shape is a string", file_of("{" + entry("w", "F32", "\"1\"", "[0,4]") + "}", 4), "shape is not an array", "w"});
+  c.push_back(
+      {"shape is an object", file_of("{" + entry("w", "F32", "{}", "[0,4]") + "}", 4), "shape is not an array", "w"});
   c.push_back({"data_offsets with one number", file_of("{" + entry("w", "F32", "[1]", "[4]") + "}", 4),
                "not an array of two integers", "w"});
   c.push_back({"data_offsets with three numbers", file_of("{" + entry("w", "F32", "[1]", "[0,4,4]") + "}", 4),
                "not an array of two integers", "w"});
   c.push_back({"data_offsets is an object", file_of("{" + entry("w", "F32", "[1]", "{\"a\":0,\"b\":4}") + "}", 4),
                "not an array of two integers", "w"});
-  c.push_back({"unknown dtype", file_of("{" + entry("w", "F128", "[1]", "[0,4]") + "}", 4), "unknown dtype \"F128\"", "w"});
-  c.push_back({"dtype in lower case", file_of("{" + entry("w", "f32", "[1]", "[0,4]") + "}", 4), "unknown dtype \"f32\"", "w"});
+  c.push_back(
+      {"unknown dtype", file_of("{" + entry("w", "F128", "[1]", "[0,4]") + "}", 4), "unknown dtype \"F128\"", "w"});
+  c.push_back(
+      {"dtype in lower case", file_of("{" + entry("w", "f32", "[1]", "[0,4]") + "}", 4), "unknown dtype \"f32\"", "w"});
   // --- numbers
-  c.push_back({"negative dimension", file_of("{" + entry("w", "F32", "[-1]", "[0,4]") + "}", 4), "shape must hold non-negative integers, found -1", "w"});
-  c.push_back({"minus zero dimension", file_of("{" + entry("w", "F32", "[-0]", "[0,4]") + "}", 4), "shape must hold non-negative integers", "w"});
-  c.push_back({"float dimension 1.0", file_of("{" + entry("w", "F32", "[1.0]", "[0,4]") + "}", 4), "shape must hold non-negative integers, found 1.0", "w"});
-  c.push_back({"exponent dimension 1e0", file_of("{" + entry("w", "F32", "[1e0]", "[0,4]") + "}", 4), "shape must hold non-negative integers", "w"});
-  c.push_back({"string dimension", file_of("{" + entry("w", "F32", "[\"1\"]", "[0,4]") + "}", 4), "shape must hold non-negative integers, found a JSON string", "w"});
-  c.push_back({"null dimension", file_of("{" + entry("w", "F32", "[null]", "[0,4]") + "}", 4), "found a JSON null", "w"});
-  c.push_back({"nested array dimension", file_of("{" + entry("w", "F32", "[[1]]", "[0,4]") + "}", 4), "found a JSON array", "w"});
-  c.push_back({"arrays in the shape down to depth 15: a JSON array, not a number", file_of("{" + entry("w", "F32", "[" + deep_array(13) + "]", "[0,4]") + "}", 4), "found a JSON array", "w"});
-  c.push_back({"arrays in the shape down to depth 16: too deep", file_of("{" + entry("w", "F32", "[" + deep_array(14) + "]", "[0,4]") + "}", 4), "nested deeper than 16 levels", ""});
-  c.push_back({"deeply nested dimension", file_of("{" + entry("w", "F32", deep_array(100000), "[0,4]") + "}", 4), "nested deeper than 16 levels", ""});
-  c.push_back({"deeply nested metadata", file_of("{\"__metadata__\":" + deep_object(100000) + "}"), "nested deeper than 16 levels", ""});
-  c.push_back({"dimension above 2^64", file_of("{" + entry("w", "F32", "[18446744073709551616]", "[0,4]") + "}", 4), "shape must hold non-negative integers", "w"});
-  c.push_back({"dimension above INT64_MAX", file_of("{" + entry("w", "U8", "[9223372036854775808]", "[0,4]") + "}", 4), "dimension overflows 64 bits", "w"});
-  c.push_back({"negative begin", file_of("{" + entry("w", "F32", "[1]", "[-4,0]") + "}", 4), "data_offsets must hold non-negative integers, found -4", "w"});
-  c.push_back({"float end", file_of("{" + entry("w", "F32", "[1]", "[0,4.0]") + "}", 4), "data_offsets must hold non-negative integers, found 4.0", "w"});
-  c.push_back({"end above 2^64", file_of("{" + entry("w", "F32", "[1]", "[0,18446744073709551620]") + "}", 4), "data_offsets must hold non-negative integers", "w"});
-  c.push_back({"string offset", file_of("{" + entry("w", "F32", "[1]", "[\"0\",4]") + "}", 4), "data_offsets must hold non-negative integers", "w"});
+  c.push_back({"negative dimension", file_of("{" + entry("w", "F32", "[-1]", "[0,4]") + "}", 4),
+               "shape must hold non-negative integers, found -1", "w"});
+  c.push_back({"minus zero dimension", file_of("{" + entry("w", "F32", "[-0]", "[0,4]") + "}", 4),
+               "shape must hold non-negative integers", "w"});
+  c.push_back({"float dimension 1.0", file_of("{" + entry("w", "F32", "[1.0]", "[0,4]") + "}", 4),
+               "shape must hold non-negative integers, found 1.0", "w"});
+  c.push_back({"exponent dimension 1e0", file_of("{" + entry("w", "F32", "[1e0]", "[0,4]") + "}", 4),
+               "shape must hold non-negative integers", "w"});
+  c.push_back({"string dimension", file_of("{" + entry("w", "F32", "[\"1\"]", "[0,4]") + "}", 4),
+               "shape must hold non-negative integers, found a JSON string", "w"});
+  c.push_back(
+      {"null dimension", file_of("{" + entry("w", "F32", "[null]", "[0,4]") + "}", 4), "found a JSON null", "w"});
+  c.push_back({"nested array dimension", file_of("{" + entry("w", "F32", "[[1]]", "[0,4]") + "}", 4),
+               "found a JSON array", "w"});
+  c.push_back({"arrays in the shape down to depth 15: a JSON array, not a number",
+               file_of("{" + entry("w", "F32", "[" + deep_array(13) + "]", "[0,4]") + "}", 4), "found a JSON array",
+               "w"});
+  c.push_back({"arrays in the shape down to depth 16: too deep",
+               file_of("{" + entry("w", "F32", "[" + deep_array(14) + "]", "[0,4]") + "}", 4),
+               "nested deeper than 16 levels", ""});
+  c.push_back({"deeply nested dimension", file_of("{" + entry("w", "F32", deep_array(100000), "[0,4]") + "}", 4),
+               "nested deeper than 16 levels", ""});
+  c.push_back({"deeply nested metadata", file_of("{\"__metadata__\":" + deep_object(100000) + "}"),
+               "nested deeper than 16 levels", ""});
+  c.push_back({"dimension above 2^64", file_of("{" + entry("w", "F32", "[18446744073709551616]", "[0,4]") + "}", 4),
+               "shape must hold non-negative integers", "w"});
+  c.push_back({"dimension above INT64_MAX", file_of("{" + entry("w", "U8", "[9223372036854775808]", "[0,4]") + "}", 4),
+               "dimension overflows 64 bits", "w"});
+  c.push_back({"negative begin", file_of("{" + entry("w", "F32", "[1]", "[-4,0]") + "}", 4),
+               "data_offsets must hold non-negative integers, found -4", "w"});
+  c.push_back({"float end", file_of("{" + entry("w", "F32", "[1]", "[0,4.0]") + "}", 4),
+               "data_offsets must hold non-negative integers, found 4.0", "w"});
+  c.push_back({"end above 2^64", file_of("{" + entry("w", "F32", "[1]", "[0,18446744073709551620]") + "}", 4),
+               "data_offsets must hold non-negative integers", "w"});
+  c.push_back({"string offset", file_of("{" + entry("w", "F32", "[1]", "[\"0\",4]") + "}", 4),
+               "data_offsets must hold non-negative integers", "w"});
   // --- sizes
-  c.push_back({"element count overflow", file_of("{" + entry("w", "U8", "[4294967296,4294967296]", "[0,4]") + "}", 4), "element count of shape [4294967296, 4294967296] overflows 64 bits", "w"});
-  c.push_back({"element count overflow, three dims", file_of("{" + entry("w", "U8", "[2097152,2097152,4194304]", "[0,4]") + "}", 4), "element count", "w"});
-  c.push_back({"byte count overflow", file_of("{" + entry("w", "F64", "[4611686018427387904]", "[0,4]") + "}", 4), "byte count of F64 [4611686018427387904] overflows 64 bits", "w"});
-  c.push_back({"byte count overflow, F32 2^62", file_of("{" + entry("w", "F32", "[1073741824,4294967296]", "[0,4]") + "}", 4), "overflows 64 bits", "w"});
-  c.push_back({"end - begin too small", file_of("{" + entry("w", "F32", "[2]", "[0,4]") + "}", 4), "span 4 bytes but F32 [2] needs 8", "w"});
-  c.push_back({"end - begin too large", file_of("{" + entry("w", "F32", "[1]", "[0,8]") + "}", 8), "span 8 bytes but F32 [1] needs 4", "w"});
-  c.push_back({"end before begin", file_of("{" + entry("w", "F32", "[1]", "[8,4]") + "}", 8), "end before they begin", "w"});
-  c.push_back({"F4 x 3 elements (12 bits)", file_of("{" + entry("w", "F4", "[3]", "[0,2]") + "}", 2), "F4 [3] is 12 bits, not a whole number of bytes", "w"});
-  c.push_back({"F6_E2M3 x 3 elements (18 bits)", file_of("{" + entry("w", "F6_E2M3", "[3]", "[0,3]") + "}", 3), "not a whole number of bytes", "w"});
-  c.push_back({"F6_E3M2 x 1 element", file_of("{" + entry("w", "F6_E3M2", "[1]", "[0,1]") + "}", 1), "not a whole number of bytes", "w"});
+  c.push_back({"element count overflow", file_of("{" + entry("w", "U8", "[4294967296,4294967296]", "[0,4]") + "}", 4),
+               "element count of shape [4294967296, 4294967296] overflows 64 bits", "w"});
+  c.push_back({"element count overflow, three dims",
+               file_of("{" + entry("w", "U8", "[2097152,2097152,4194304]", "[0,4]") + "}", 4), "element count", "w"});
+  c.push_back({"byte count overflow", file_of("{" + entry("w", "F64", "[4611686018427387904]", "[0,4]") + "}", 4),
+               "byte count of F64 [4611686018427387904] overflows 64 bits", "w"});
+  c.push_back({"byte count overflow, F32 2^62",
+               file_of("{" + entry("w", "F32", "[1073741824,4294967296]", "[0,4]") + "}", 4), "overflows 64 bits",
+               "w"});
+  c.push_back({"end - begin too small", file_of("{" + entry("w", "F32", "[2]", "[0,4]") + "}", 4),
+               "span 4 bytes but F32 [2] needs 8", "w"});
+  c.push_back({"end - begin too large", file_of("{" + entry("w", "F32", "[1]", "[0,8]") + "}", 8),
+               "span 8 bytes but F32 [1] needs 4", "w"});
+  c.push_back(
+      {"end before begin", file_of("{" + entry("w", "F32", "[1]", "[8,4]") + "}", 8), "end before they begin", "w"});
+  c.push_back({"F4 x 3 elements (12 bits)", file_of("{" + entry("w", "F4", "[3]", "[0,2]") + "}", 2),
+               "F4 [3] is 12 bits, not a whole number of bytes", "w"});
+  c.push_back({"F6_E2M3 x 3 elements (18 bits)", file_of("{" + entry("w", "F6_E2M3", "[3]", "[0,3]") + "}", 3),
+               "not a whole number of bytes", "w"});
+  c.push_back({"F6_E3M2 x 1 element", file_of("{" + entry("w", "F6_E3M2", "[1]", "[0,1]") + "}", 1),
+               "not a whole number of bytes", "w"});
   // --- layout of the data buffer
   c.push_back({"gap between tensors",
                file_of("{" + entry("a", "F32", "[1]", "[0,4]") + "," + entry("b", "F32", "[1]", "[8,12]") + "}", 12),
@@ -200,7 +235,8 @@ std::vector<bad_case> malformed_cases() {
   c.push_back({"two tensors on the same range",
                file_of("{" + entry("a", "F32", "[1]", "[0,4]") + "," + entry("b", "F32", "[1]", "[0,4]") + "}", 4),
                "overlap", "b"});
-  c.push_back({"not starting at 0", file_of("{" + entry("a", "F32", "[1]", "[4,8]") + "}", 8), "do not start at 0", "a"});
+  c.push_back(
+      {"not starting at 0", file_of("{" + entry("a", "F32", "[1]", "[4,8]") + "}", 8), "do not start at 0", "a"});
   c.push_back({"trailing bytes after the last tensor", file_of("{" + ok_a + "}", 5), "trailing bytes", ""});
   c.push_back({"bytes but no tensors", file_of("{}", 1), "trailing bytes", ""});
   c.push_back({"truncated data", file_of("{" + entry("a", "F32", "[2]", "[0,8]") + "}", 7), "file is truncated", ""});
@@ -210,15 +246,23 @@ std::vector<bad_case> malformed_cases() {
                file_of("{" + entry("w", "F32", "[1]", "[0,4]") + "," + entry("w", "F32", "[1]", "[4,8]") + "}", 8),
                "duplicate key", "w"});
   c.push_back({"exact duplicate entries", file_of("{" + ok_a + "," + ok_a + "}", 4), "duplicate key", "a"});
-  c.push_back({"duplicate __metadata__", file_of("{\"__metadata__\":{},\"__metadata__\":{}}"), "duplicate key", "__metadata__"});
-  c.push_back({"duplicate key inside __metadata__", file_of("{\"__metadata__\":{\"k\":\"1\",\"k\":\"2\"}}"), "duplicate key", "k"});
+  c.push_back({"duplicate __metadata__", file_of("{\"__metadata__\":{},\"__metadata__\":{}}"), "duplicate key",
+               "__metadata__"});
+  c.push_back({"duplicate key inside __metadata__", file_of("{\"__metadata__\":{\"k\":\"1\",\"k\":\"2\"}}"),
+               "duplicate key", "k"});
   // --- __metadata__
-  c.push_back({"__metadata__ is an array", file_of("{\"__metadata__\":[\"a\"]}"), "is not a map of strings to strings", "__metadata__"});
-  c.push_back({"__metadata__ is a string", file_of("{\"__metadata__\":\"pt\"}"), "is not a map of strings to strings", "__metadata__"});
-  c.push_back({"__metadata__ value is a number", file_of("{\"__metadata__\":{\"n\":1}}"), "value of \"n\" is not a string", "__metadata__"});
-  c.push_back({"__metadata__ value is null", file_of("{\"__metadata__\":{\"n\":null}}"), "value of \"n\" is not a string", "__metadata__"});
-  c.push_back({"__metadata__ value is a bool", file_of("{\"__metadata__\":{\"n\":true}}"), "value of \"n\" is not a string", "__metadata__"});
-  c.push_back({"__metadata__ value is an object", file_of("{\"__metadata__\":{\"n\":{\"a\":\"b\"}}}"), "value of \"n\" is not a string", "__metadata__"});
+  c.push_back({"__metadata__ is an array", file_of("{\"__metadata__\":[\"a\"]}"), "is not a map of strings to strings",
+               "__metadata__"});
+  c.push_back({"__metadata__ is a string", file_of("{\"__metadata__\":\"pt\"}"), "is not a map of strings to strings",
+               "__metadata__"});
+  c.push_back({"__metadata__ value is a number", file_of("{\"__metadata__\":{\"n\":1}}"),
+               "value of \"n\" is not a string", "__metadata__"});
+  c.push_back({"__metadata__ value is null", file_of("{\"__metadata__\":{\"n\":null}}"),
+               "value of \"n\" is not a string", "__metadata__"});
+  c.push_back({"__metadata__ value is a bool", file_of("{\"__metadata__\":{\"n\":true}}"),
+               "value of \"n\" is not a string", "__metadata__"});
+  c.push_back({"__metadata__ value is an object", file_of("{\"__metadata__\":{\"n\":{\"a\":\"b\"}}}"),
+               "value of \"n\" is not a string", "__metadata__"});
   return c;
 }
 
@@ -393,7 +437,8 @@ TEST_CASE("accepted: whitespace around the JSON, null metadata, empty shapes, an
     CHECK(h.tensors[0].n_elements == 0);
   }
   SUBCASE("sub-byte dtypes with whole bytes") {
-    bytes_t f = file_of("{" + entry("a", "F4", "[2,3]", "[0,3]") + "," + entry("b", "F6_E2M3", "[4]", "[3,6]") + "}", 6);
+    bytes_t f =
+        file_of("{" + entry("a", "F4", "[2,3]", "[0,3]") + "," + entry("b", "F6_E2M3", "[4]", "[3,6]") + "}", 6);
     auto h = parse_safetensors_header(f, f.size(), "mem");
     CHECK(h.find("a")->n_bytes() == 3);
     CHECK(h.find("b")->n_bytes() == 3);
@@ -513,25 +558,24 @@ TEST_CASE("golden bytes: empty file and metadata only") {
 
 TEST_CASE("golden bytes: tensors by dtype descending, then by name; metadata first, keys sorted") {
   std::vector<tensor_spec> specs = {
-      {"b", dtype::F16, {1}}, {"a", dtype::BOOL, {2}}, {"c", dtype::F16, {2}}, {"d", dtype::U64, {1}},
-      {"e", dtype::BF16, {1}}, {"f", dtype::F4, {2}}, {"A", dtype::F16, {1}}, {"g", dtype::C64, {1}},
-      {"h", dtype::F64, {1}}, {"i", dtype::F8_E4M3FNUZ, {1}}, {"j", dtype::F32, {0}},
+      {"b", dtype::F16, {1}},  {"a", dtype::BOOL, {2}},        {"c", dtype::F16, {2}}, {"d", dtype::U64, {1}},
+      {"e", dtype::BF16, {1}}, {"f", dtype::F4, {2}},          {"A", dtype::F16, {1}}, {"g", dtype::C64, {1}},
+      {"h", dtype::F64, {1}},  {"i", dtype::F8_E4M3FNUZ, {1}}, {"j", dtype::F32, {0}},
   };
   safetensors_layout layout = plan_safetensors(specs, metadata_map{{"z", "1"}, {"a", "\"q\"\n"}});
   // U64 > F64 > C64 > F32 > BF16 > F16 > F8_E4M3FNUZ > F4 > BOOL; "A" < "b" < "c" (bytes)
-  const std::string want =
-      R"({"__metadata__":{"a":"\"q\"\n","z":"1"},)"
-      R"("d":{"dtype":"U64","shape":[1],"data_offsets":[0,8]},)"
-      R"("h":{"dtype":"F64","shape":[1],"data_offsets":[8,16]},)"
-      R"("g":{"dtype":"C64","shape":[1],"data_offsets":[16,24]},)"
-      R"("j":{"dtype":"F32","shape":[0],"data_offsets":[24,24]},)"
-      R"("e":{"dtype":"BF16","shape":[1],"data_offsets":[24,26]},)"
-      R"("A":{"dtype":"F16","shape":[1],"data_offsets":[26,28]},)"
-      R"("b":{"dtype":"F16","shape":[1],"data_offsets":[28,30]},)"
-      R"("c":{"dtype":"F16","shape":[2],"data_offsets":[30,34]},)"
-      R"("i":{"dtype":"F8_E4M3FNUZ","shape":[1],"data_offsets":[34,35]},)"
-      R"("f":{"dtype":"F4","shape":[2],"data_offsets":[35,36]},)"
-      R"("a":{"dtype":"BOOL","shape":[2],"data_offsets":[36,38]}})";
+  const std::string want = R"({"__metadata__":{"a":"\"q\"\n","z":"1"},)"
+                           R"("d":{"dtype":"U64","shape":[1],"data_offsets":[0,8]},)"
+                           R"("h":{"dtype":"F64","shape":[1],"data_offsets":[8,16]},)"
+                           R"("g":{"dtype":"C64","shape":[1],"data_offsets":[16,24]},)"
+                           R"("j":{"dtype":"F32","shape":[0],"data_offsets":[24,24]},)"
+                           R"("e":{"dtype":"BF16","shape":[1],"data_offsets":[24,26]},)"
+                           R"("A":{"dtype":"F16","shape":[1],"data_offsets":[26,28]},)"
+                           R"("b":{"dtype":"F16","shape":[1],"data_offsets":[28,30]},)"
+                           R"("c":{"dtype":"F16","shape":[2],"data_offsets":[30,34]},)"
+                           R"("i":{"dtype":"F8_E4M3FNUZ","shape":[1],"data_offsets":[34,35]},)"
+                           R"("f":{"dtype":"F4","shape":[2],"data_offsets":[35,36]},)"
+                           R"("a":{"dtype":"BOOL","shape":[2],"data_offsets":[36,38]}})";
   std::string padded = want + std::string((8 - want.size() % 8) % 8, ' ');
   CHECK(layout.header == padded);
   CHECK(layout.header.size() % 8 == 0);
@@ -578,8 +622,12 @@ TEST_CASE("read then write reproduces our writer's files byte for byte") {
   std::vector<std::vector<tensor_spec>> sets = {
       {},
       {{"x", dtype::F32, {3, 5}}},
-      {{"layers.0.w", dtype::BF16, {4, 3}}, {"layers.0.b", dtype::F16, {3}}, {"layers.1.w", dtype::BF16, {4, 3}},
-       {"scale", dtype::F64, {}}, {"mask", dtype::BOOL, {7}}, {"ids", dtype::I64, {2, 2}}},
+      {{"layers.0.w", dtype::BF16, {4, 3}},
+       {"layers.0.b", dtype::F16, {3}},
+       {"layers.1.w", dtype::BF16, {4, 3}},
+       {"scale", dtype::F64, {}},
+       {"mask", dtype::BOOL, {7}},
+       {"ids", dtype::I64, {2, 2}}},
       {{"z0", dtype::F32, {0}}, {"z1", dtype::F16, {3, 0}}, {"a", dtype::U8, {1}}, {"z2", dtype::U8, {0, 0}}},
       {{"q", dtype::F4, {2, 4}}, {"r", dtype::F6_E3M2, {8}}, {"s", dtype::F8_E8M0, {5}}},
   };
@@ -620,8 +668,10 @@ TEST_CASE("all 22 dtypes are read and copied through untouched (write and copy_f
     {
       safetensors_writer w(out_path, plan_safetensors(specs_of(src.tensors()), src.metadata()));
       for (const auto& t : src.tensors()) {
-        if (use_copy) w.copy_from(t.name, src.map().fd(), src.file_offset(t));
-        else w.write(t.name, src.data(t));
+        if (use_copy)
+          w.copy_from(t.name, src.map().fd(), src.file_offset(t));
+        else
+          w.write(t.name, src.data(t));
       }
       w.commit();
     }
@@ -687,8 +737,11 @@ TEST_CASE("streaming writer: out-of-order and partial writes, zero-size tensors,
   for (const durability mode : {durability::durable, durability::visible}) {
     CAPTURE(static_cast<int>(mode));
     temp_dir dir;
-    std::vector<tensor_spec> specs = {{"a", dtype::F32, {4}}, {"b", dtype::F16, {3}}, {"z", dtype::F16, {0}},
-                                      {"c", dtype::U8, {5}}, {"zz", dtype::BOOL, {0, 2}}};
+    std::vector<tensor_spec> specs = {{"a", dtype::F32, {4}},
+                                      {"b", dtype::F16, {3}},
+                                      {"z", dtype::F16, {0}},
+                                      {"c", dtype::U8, {5}},
+                                      {"zz", dtype::BOOL, {0, 2}}};
     bytes_t want = make_file(specs, metadata_map{{"k", "v"}});
     auto h = parse_safetensors_header(want, want.size(), "want");
     auto bytes_of = [&](const std::string& name) {
@@ -819,7 +872,9 @@ TEST_CASE("streaming writer: misuse is refused") {
   ::close(fd);
   // serialize_safetensors checks sizes too
   auto layout = plan_safetensors({{"a", dtype::U8, {4}}}, std::nullopt);
-  CHECK(code_of([&] { serialize_safetensors(layout, [](const tensor_info&) { return std::span<const uint8_t>(); }); }) == 3);
+  CHECK(code_of([&] {
+          serialize_safetensors(layout, [](const tensor_info&) { return std::span<const uint8_t>(); });
+        }) == 3);
 }
 
 TEST_CASE("an interrupting signal stops the writer (exit 130) and the temp file goes") {

@@ -115,7 +115,8 @@ TEST_CASE("check_output: an --out that is, holds or lies inside an input is refu
   // beside the inputs is fine; an existing output needs --force
   check_output(dir / "merged", inputs, false);
   write(dir / "taken", "z");
-  CHECK(has(thrown([&] { check_output(dir / "taken", inputs, false); }).what(), "already exists (--force replaces it)"));
+  CHECK(
+      has(thrown([&] { check_output(dir / "taken", inputs, false); }).what(), "already exists (--force replaces it)"));
   check_output(dir / "taken", inputs, true);
   CHECK(read(dir / "adapter.safetensors") == "y");  // nothing was touched
 }
@@ -130,7 +131,8 @@ TEST_CASE("check_output: temps of a killed run are named, removed by --force; a 
   CHECK(live == 0);
   const error e = thrown([&] { check_output(dir / "out", {}, false); });
   CHECK(e.code() == exit_code::usage);
-  CHECK(has(e.what(), dir / "out.tmp-AAAAAA was left by an interrupted run (and 1 more): remove it, or --force removes it"));
+  CHECK(has(e.what(),
+            dir / "out.tmp-AAAAAA was left by an interrupted run (and 1 more): remove it, or --force removes it"));
   CHECK(dir.entries().size() == 2);
   check_output(dir / "out", {}, true);
   CHECK(dir.entries().empty());

@@ -123,10 +123,12 @@ TEST_CASE("stored_gemm: refusals") {
   std::vector<uint8_t> bytes(12);
   std::vector<float> x(3), y(2);
   // 12 bytes of BF16 are 6 elements, not [2, 2]
-  CHECK(lora::testing::thrown([&] { stored_gemm({dtype::BF16, bytes, 2, 2}, x.data(), 1, y.data(), 1, scratch); })
-            .code() == exit_code::invalid_input);
-  CHECK(lora::testing::thrown([&] { stored_gemm({dtype::I32, bytes, 1, 3}, x.data(), 1, y.data(), 1, scratch); })
-            .code() == exit_code::invalid_input);
+  CHECK(lora::testing::thrown([&] {
+          stored_gemm({dtype::BF16, bytes, 2, 2}, x.data(), 1, y.data(), 1, scratch);
+        }).code() == exit_code::invalid_input);
+  CHECK(lora::testing::thrown([&] {
+          stored_gemm({dtype::I32, bytes, 1, 3}, x.data(), 1, y.data(), 1, scratch);
+        }).code() == exit_code::invalid_input);
   // an empty row: the empty sum
   y.assign(2, NAN);
   stored_gemm({dtype::F32, {}, 2, 0}, x.data(), 1, y.data(), 1, scratch);

@@ -100,11 +100,13 @@ TEST_CASE("randomized rank-r error is within 1% of the optimal rank-r error") {
       {"fast decay, tall", 300, 120, geometric(100, 1.0, 0.85), 0, 16},
       {"slow decay, wide", 96, 400, geometric(96, 1.0, 0.97), 0, 24},
       {"decay + noise floor", 256, 256, geometric(64, 1.0, 0.9), 1e-3, 32},
-      {"flat head then decay", 200, 180, [] {
+      {"flat head then decay", 200, 180,
+       [] {
          std::vector<double> s(150, 1.0);
          for (size_t i = 20; i < s.size(); ++i) s[i] = std::pow(0.9, static_cast<double>(i - 20));
          return s;
-       }(), 0, 20},
+       }(),
+       0, 20},
   };
   for (const auto& c : cases) {
     CAPTURE(c.what);

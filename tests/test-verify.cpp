@@ -100,7 +100,8 @@ TEST_CASE("a merge verifies; an edited merge fails naming the tensor") {
   for (int ulps : {1, 4}) {
     CAPTURE(ulps);
     const std::string out = dir / ("ulp" + std::to_string(ulps));
-    edited_copy(dir / "merged", out, [&](auto& ts) { ts[target].values[100] = bf16_step(ts[target].values[100], ulps); });
+    edited_copy(dir / "merged", out,
+                [&](auto& ts) { ts[target].values[100] = bf16_step(ts[target].values[100], ulps); });
     vo.merged = out;
     verify_report r = verify_merge(vo);
     if (ulps == 1) {
@@ -214,9 +215,10 @@ TEST_CASE("layer level: a weight moved beyond tolerance, or a merge at twice the
     size_t element;
   };
   // linear (bf16 as merged), conv (f32), fan_in_fan_out (f32: [in, out], element (3, 40) feeds output 40)
-  for (const tamper& t : {tamper{0, "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj", 100},
-                          tamper{6, "down_blocks.0.resnets.0.conv1.weight", "down_blocks.0.resnets.0.conv1", 17},
-                          tamper{7, "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn", 3 * 96 + 40}}) {
+  for (const tamper& t :
+       {tamper{0, "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj", 100},
+        tamper{6, "down_blocks.0.resnets.0.conv1.weight", "down_blocks.0.resnets.0.conv1", 17},
+        tamper{7, "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn", 3 * 96 + 40}}) {
     const merge_case& c = cases[t.case_index];
     CAPTURE(t.module);
     const std::string good = merge_into(dir, c, std::nullopt, "good" + std::to_string(t.case_index));
@@ -454,7 +456,9 @@ std::vector<double> reference_weight(const big_case& c, bool dora) {
 
 }  // namespace
 
-TEST_CASE("weight level in row blocks: tensors of several blocks against the double reference (DoRA per row and per column)") {
+TEST_CASE(
+    "weight level in row blocks: tensors of several blocks against the double reference (DoRA per row and per "
+    "column)") {
   temp_dir dir;
   for (bool ffo : {true, false})
     for (bool dora : {false, true}) {
@@ -462,7 +466,7 @@ TEST_CASE("weight level in row blocks: tensors of several blocks against the dou
       CAPTURE(dora);
       const big_case c = write_big_case(dir.path, ffo, dora);
       const std::string good = merge_into(dir, {c.base, c.adapter, 1, {}}, dtype::F32,
-                                           std::filesystem::path(c.adapter).filename().string() + "-merged");
+                                          std::filesystem::path(c.adapter).filename().string() + "-merged");
       verify_options vo{c.base, c.adapter, good, {}, 1};
       const verify_report ok = verify_merge(vo);
       CHECK(ok.equivalent);
@@ -505,6 +509,7 @@ TEST_CASE("weight level in row blocks: tensors of several blocks against the dou
   CHECK(t.kind == "untouched");
   CHECK(t.n_bad == 1);
   safetensors_file base(c.base + "/model.safetensors"), moved(dir / "untouched-bad" + "/model.safetensors");
-  CHECK(t.max_error == std::fabs(read_f64(moved, "transformer.wte.weight").back() - read_f64(base, "transformer.wte.weight").back()));
+  CHECK(t.max_error ==
+        std::fabs(read_f64(moved, "transformer.wte.weight").back() - read_f64(base, "transformer.wte.weight").back()));
   CHECK(t.max_error == doctest::Approx(0.125).epsilon(1e-6));
 }
