@@ -291,6 +291,40 @@ expect_eq "exit code after SIGHUP" "$CODE" 130
 expect_stderr_contains "interrupted by SIGHUP"
 expect_nothing_left hup
 
+# ---------------------------------------------------------------- verify's memory
+# verify reads row blocks: its peak RSS stays far below the size of the
+# tensor it checks (it was 8x a 512 MiB embedding, 12x for DoRA). A 64 MiB
+# F32 embedding [16384, 1024] with a rank-8 embedding LoRA, merged, verified.
+V=$W/verify-memory
+mkdir -p "$V/base" "$V/lora"
+E2E_LIB="$SRC/tests/e2e" "$PY" - "$V" <<'EOF'
+import json, os, sys
+import numpy as np
+sys.path.insert(0, os.environ["E2E_LIB"])
+from safetensors_np import write as save
+d = sys.argv[1]
+rng = np.random.default_rng(7)
+vocab, hid, r = 16384, 1024, 8
+save(d + "/base/model.safetensors", {"model.embed_tokens.weight": rng.standard_normal((vocab, hid), dtype=np.float32)})
+json.dump({"model_type": "no_forward_pass", "hidden_size": hid, "vocab_size": vocab}, open(d + "/base/config.json", "w"))
+json.dump({"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": ["embed_tokens"]},
+          open(d + "/lora/adapter_config.json", "w"))
+p = "base_model.model.model.embed_tokens."
+save(d + "/lora/adapter_model.safetensors",
+     {p + "lora_embedding_A": rng.standard_normal((r, vocab), dtype=np.float32),
+      p + "lora_embedding_B": rng.standard_normal((hid, r), dtype=np.float32) * np.float32(0.01)})
+EOF
+"$LORA" merge --base "$V/base" --adapter "$V/lora" --out "$V/merged" --quiet || fail "setup: merge of the verify-memory model"
+# peak RSS of the child, in KiB (getrusage of the waited-for process)
+peak_kib=$("$PY" -c '
+import resource, subprocess, sys
+rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if rc == 0 else "exit %d" % rc)
+' "$LORA" verify --base "$V/base" --adapter "$V/lora" --merged "$V/merged" --threads 1)
+if [[ "$peak_kib" =~ ^[0-9]+$ ]] && [ "$peak_kib" -lt 32768 ]; then pass
+else fail "verify of a 64 MiB embedding: peak RSS $peak_kib KiB (want < 32 MiB, half the tensor)"; fi
+rm -rf "$V"
+
 # ---------------------------------------------------------------- failed writes name --out
 expect_exit 4 bash -c "trap '' XFSZ; ulimit -f 8; exec \"\$0\" resize --adapter \"\$1\" --rank 2 --out \"\$2\"" \
   "$LORA" "$TD/lora-tiny-llama" "$W/full"
