@@ -24,12 +24,9 @@ std::string_view adapter_format_name(adapter_format f) noexcept { return f == ad
 
 std::string_view module_kind_name(module_kind k) noexcept {
   switch (k) {
-    case module_kind::linear:
-      return "linear";
-    case module_kind::embedding:
-      return "embedding";
-    case module_kind::conv:
-      return "conv";
+    case module_kind::linear: return "linear";
+    case module_kind::embedding: return "embedding";
+    case module_kind::conv: return "conv";
   }
   return "linear";
 }
@@ -167,18 +164,12 @@ struct module_parts {
 
 std::string_view role_name(peft_role r) {
   switch (r) {
-    case peft_role::a:
-      return "lora_A";
-    case peft_role::b:
-      return "lora_B";
-    case peft_role::embedding_a:
-      return "lora_embedding_A";
-    case peft_role::embedding_b:
-      return "lora_embedding_B";
-    case peft_role::magnitude:
-      return "lora_magnitude_vector";
-    case peft_role::bias:
-      return "lora_B.bias";
+    case peft_role::a: return "lora_A";
+    case peft_role::b: return "lora_B";
+    case peft_role::embedding_a: return "lora_embedding_A";
+    case peft_role::embedding_b: return "lora_embedding_B";
+    case peft_role::magnitude: return "lora_magnitude_vector";
+    case peft_role::bias: return "lora_B.bias";
   }
   return "";
 }

@@ -102,12 +102,9 @@ uint16_t f64_to_bf16(double d) noexcept {
 int math_dtype_size(dtype type) {
   switch (type) {
     case dtype::F16:
-    case dtype::BF16:
-      return 2;
-    case dtype::F32:
-      return 4;
-    case dtype::F64:
-      return 8;
+    case dtype::BF16: return 2;
+    case dtype::F32: return 4;
+    case dtype::F64: return 8;
     default:
       throw errors::invalid(
           "", "", fmt::format("dtype {} is not supported for arithmetic (only F16, BF16, F32, F64)", dtype_name(type)));
@@ -179,8 +176,7 @@ void decode(dtype type, std::span<const uint8_t> src, std::span<F> dst) {
       else
         for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(load<double>(p + 8 * i));
       break;
-    default:
-      break;  // unreachable: check_sizes threw
+    default: break;  // unreachable: check_sizes threw
   }
 }
 }  // namespace
@@ -193,20 +189,13 @@ void from_f32(dtype type, std::span<const float> src, std::span<uint8_t> dst) {
   uint8_t* p = dst.data();
   const size_t n = src.size();
   switch (type) {
-    case dtype::F16:
-      encode_f16(src.data(), p, n);
-      break;
-    case dtype::BF16:
-      encode_bf16(src.data(), p, n);
-      break;
-    case dtype::F32:
-      std::memcpy(p, src.data(), 4 * n);
-      break;
+    case dtype::F16: encode_f16(src.data(), p, n); break;
+    case dtype::BF16: encode_bf16(src.data(), p, n); break;
+    case dtype::F32: std::memcpy(p, src.data(), 4 * n); break;
     case dtype::F64:
       for (size_t i = 0; i < n; ++i) store<double>(p + 8 * i, static_cast<double>(src[i]));
       break;
-    default:
-      break;
+    default: break;
   }
 }
 
@@ -224,11 +213,8 @@ void from_f64(dtype type, std::span<const double> src, std::span<uint8_t> dst) {
     case dtype::F32:
       for (size_t i = 0; i < n; ++i) store<float>(p + 4 * i, static_cast<float>(src[i]));
       break;
-    case dtype::F64:
-      std::memcpy(p, src.data(), 8 * n);
-      break;
-    default:
-      break;
+    case dtype::F64: std::memcpy(p, src.data(), 8 * n); break;
+    default: break;
   }
 }
 
@@ -251,9 +237,7 @@ uint64_t count_nonfinite(dtype type, std::span<const uint8_t> bytes) noexcept {
   const uint8_t* p = bytes.data();
   switch (type) {
     case dtype::BF16:
-    case dtype::F16:
-      n = count_nonfinite16(p, bytes.size() / 2, type == dtype::BF16 ? 0x7f80u : 0x7c00u);
-      break;
+    case dtype::F16: n = count_nonfinite16(p, bytes.size() / 2, type == dtype::BF16 ? 0x7f80u : 0x7c00u); break;
     case dtype::F32:
       for (size_t i = 0; i + 3 < bytes.size(); i += 4) {
         uint32_t u;
@@ -268,24 +252,18 @@ uint64_t count_nonfinite(dtype type, std::span<const uint8_t> bytes) noexcept {
         n += (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
       }
       break;
-    default:
-      break;
+    default: break;
   }
   return n;
 }
 
 double max_finite(dtype type) {
   switch (type) {
-    case dtype::F16:
-      return 65504.0;
-    case dtype::BF16:
-      return 0x1.fep127;  // 0x7f7f: the largest f32 with 8 significant bits
-    case dtype::F32:
-      return std::numeric_limits<float>::max();
-    case dtype::F64:
-      return std::numeric_limits<double>::max();
-    default:
-      throw errors::invalid("", "", fmt::format("dtype {} is not F16, BF16, F32 or F64", dtype_name(type)));
+    case dtype::F16: return 65504.0;
+    case dtype::BF16: return 0x1.fep127;  // 0x7f7f: the largest f32 with 8 significant bits
+    case dtype::F32: return std::numeric_limits<float>::max();
+    case dtype::F64: return std::numeric_limits<double>::max();
+    default: throw errors::invalid("", "", fmt::format("dtype {} is not F16, BF16, F32 or F64", dtype_name(type)));
   }
 }
 

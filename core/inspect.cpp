@@ -14,12 +14,9 @@ namespace fs = std::filesystem;
 
 std::string_view inspect_kind_name(inspect_kind k) noexcept {
   switch (k) {
-    case inspect_kind::model:
-      return "model";
-    case inspect_kind::adapter:
-      return "adapter";
-    case inspect_kind::other_adapter:
-      return "other_adapter";
+    case inspect_kind::model: return "model";
+    case inspect_kind::adapter: return "adapter";
+    case inspect_kind::other_adapter: return "other_adapter";
   }
   return "model";
 }
@@ -138,17 +135,13 @@ inspect_report inspect_path(const std::string& path, const std::optional<std::st
   file_classification c = classify_tensors(tensor_names(f));
   switch (c.kind) {
     case file_kind::peft_lora:
-    case file_kind::kohya_lora:
-      inspect_lora(r, path, base);
-      break;
+    case file_kind::kohya_lora: inspect_lora(r, path, base); break;
     case file_kind::other_adapter:
       r.kind = inspect_kind::other_adapter;
       r.other_description = c.description;
       add_file(r, f, fs::path(path).filename().string());
       break;
-    case file_kind::model:
-      inspect_model(r, path);
-      break;
+    case file_kind::model: inspect_model(r, path); break;
   }
   return r;
 }

@@ -37,8 +37,7 @@ std::string unsupported_construct(const RE2& re, const std::string& key) {
       break;
     case RE2::ErrorPatternTooLarge:
       return fmt::format("a pattern larger than {} MiB compiled", module_pattern_max_mem >> 20);
-    default:
-      break;
+    default: break;
   }
   return "";
 }

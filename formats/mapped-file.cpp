@@ -206,13 +206,17 @@ void mapped_file::read(uint64_t offset, std::span<uint8_t> into) const {
     std::copy_n(data_ + offset, into.size(), into.data());
     return;
   }
+  pread_exact(fd_, path_, offset, into);
+}
+
+void pread_exact(int fd, const std::string& path, uint64_t offset, std::span<uint8_t> into) {
   uint8_t* p = into.data();
   uint64_t left = into.size();
   while (left > 0) {
-    const ssize_t r = ::pread(fd_, p, left, static_cast<off_t>(offset));
+    const ssize_t r = ::pread(fd, p, left, static_cast<off_t>(offset));
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) throw errors::io(path_, "cannot read", errno);
-    if (r == 0) throw errors::io(path_, "file shrank while being read");
+    if (r < 0) throw errors::io(path, "cannot read", errno);
+    if (r == 0) throw errors::io(path, "file shrank while being read");
     p += r;
     offset += static_cast<uint64_t>(r);
     left -= static_cast<uint64_t>(r);

@@ -26,6 +26,11 @@ int open_regular_file(const std::string& path, uint64_t* size = nullptr);
 // A SIGBUS at an address no mapped_file holds keeps its default action.
 void check_mapped_inputs();
 
+// Fills `into` from `fd` at `offset` (pread, retried on EINTR and short
+// reads). Throws lora::error (exit 4) naming `path`: a failed read, or a file
+// that ends before `into` is full ("file shrank while being read").
+void pread_exact(int fd, const std::string& path, uint64_t offset, std::span<uint8_t> into);
+
 class mapped_file {
  public:
   // Opens and maps `path` read-only. Throws lora::error (exit 4) when the

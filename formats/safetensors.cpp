@@ -607,14 +607,7 @@ std::string read_text_file(const std::string& path) {
   std::string text;
   try {
     text.resize(size);
-    uint64_t got = 0;
-    while (got < size) {
-      const ssize_t r = ::pread(fd, text.data() + got, size - got, static_cast<off_t>(got));
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) throw errors::io(path, "cannot read", errno);
-      if (r == 0) throw errors::io(path, "file shrank while being read");
-      got += static_cast<uint64_t>(r);
-    }
+    pread_exact(fd, path, 0, std::span<uint8_t>(reinterpret_cast<uint8_t*>(text.data()), size));
   } catch (...) {
     ::close(fd);
     throw;

@@ -32,15 +32,9 @@ module_fixture make_module(layout kind, int64_t out, int64_t in, int64_t r, dtyp
   module_fixture fx;
   std::vector<int64_t> a_shape{r, in}, b_shape{out, r};
   switch (kind) {
-    case layout::linear:
-      fx.target_shape = {out, in};
-      break;
-    case layout::fan_in_fan_out:
-      fx.target_shape = {in, out};
-      break;
-    case layout::embedding:
-      fx.target_shape = {in, out};
-      break;  // [vocab, dim]: in = vocab, out = dim
+    case layout::linear: fx.target_shape = {out, in}; break;
+    case layout::fan_in_fan_out: fx.target_shape = {in, out}; break;
+    case layout::embedding: fx.target_shape = {in, out}; break;  // [vocab, dim]: in = vocab, out = dim
     case layout::conv:
       fx.target_shape = {out, in, kh, kw};
       a_shape = {r, in, kh, kw};
