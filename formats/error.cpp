@@ -76,12 +76,17 @@ void request_interrupt(int signal_number) noexcept { recorded_signal.store(signa
 
 int interrupt_signal() noexcept { return recorded_signal.load(std::memory_order_relaxed); }
 
+std::string interrupted_text(int signal_number) {
+  const int s = signal_number;
+  const char* name = s == SIGINT ? "SIGINT" : s == SIGTERM ? "SIGTERM" : s == SIGHUP ? "SIGHUP" : "a signal";
+  return fmt::format("interrupted by {}; nothing was left behind", name);
+}
+
 void check_interrupted() {
   check_mapped_inputs();  // an input that shrank is the real cause of what follows
   const int s = interrupt_signal();
   if (s == 0) return;
-  const char* name = s == SIGINT ? "SIGINT" : s == SIGTERM ? "SIGTERM" : s == SIGHUP ? "SIGHUP" : "a signal";
-  throw error(exit_code::interrupted, "", "", fmt::format("interrupted by {}; nothing was left behind", name));
+  throw error(exit_code::interrupted, "", "", interrupted_text(s));
 }
 
 }  // namespace lora

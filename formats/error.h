@@ -60,5 +60,8 @@ int interrupt_signal() noexcept;
 // Throws lora::error naming the signal (exit 130) once one was recorded, or
 // naming a mapped input that shrank (exit 4, formats/mapped-file.h) first.
 void check_interrupted();
+// The message of an interruption by `signal_number`, as every path prints it:
+// "interrupted by SIGINT; nothing was left behind".
+std::string interrupted_text(int signal_number);
 
 }  // namespace lora

@@ -38,10 +38,6 @@ extern "C" void on_interrupt(int signal_number) {
   errno = saved;
 }
 
-const char* signal_name(int s) {
-  return s == SIGINT ? "SIGINT" : s == SIGTERM ? "SIGTERM" : s == SIGHUP ? "SIGHUP" : "a signal";
-}
-
 // Waits for one byte on the pipe, at most `timeout_ms` (-1: forever).
 // Returns the signal number, or 0 on time-out.
 int wait_signal(int timeout_ms) {
@@ -62,8 +58,7 @@ void watchdog(std::string command, int grace_ms) {
   int nobody = 0;
   if (!exit_owner.compare_exchange_strong(nobody, 2)) return;  // main is ending the command itself
   remove_temps_for_exit();
-  const std::string line =
-      fmt::format("lora {}: error: interrupted by {}; nothing was left behind\n", command, signal_name(first));
+  const std::string line = fmt::format("lora {}: error: {}\n", command, interrupted_text(first));
   [[maybe_unused]] ssize_t w = ::write(STDERR_FILENO, line.data(), line.size());
   ::_exit(static_cast<int>(exit_code::interrupted));
 }
