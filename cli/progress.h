@@ -6,7 +6,7 @@
 #include <mutex>
 #include <string>
 
-#include "core/progress.h"
+#include "core/progress-event.h"
 
 namespace lora::cli {
 

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "core/progress.h"
+#include "core/progress-event.h"
 #include "core/svd.h"
 #include "formats/dtype.h"
 

@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "core/progress.h"
+#include "core/progress-event.h"
 #include "formats/dtype.h"
 
 namespace lora {
