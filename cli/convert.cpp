@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
-#include "core/adapter-ops.h"
+#include "core/convert.h"
 #include "formats/error.h"
 
 namespace lora::cli {

@@ -11,7 +11,8 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
-#include "core/adapter-ops.h"
+#include "core/combine.h"
+#include "core/resize.h"
 #include "formats/error.h"
 
 namespace lora::cli {

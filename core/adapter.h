@@ -1,7 +1,10 @@
-// The adapter model: a PEFT folder or a kohya / sd-scripts file, read into
-// LoRA modules (A paired with B, rank, alpha, scale) with views into the
-// adapter's tensors. The one place that pairs A with B, names a module's base
-// tensor and computes a module's scale.
+// The adapter model, format-neutral: LoRA modules (A paired with B, rank,
+// alpha, scale, DoRA, extras) with views into the adapter's tensors, the
+// scale rule and its inverse, the one rule for which files hold an adapter,
+// and how an adapter fits a base model. Each format's key grammar lives in
+// its own module (core/peft-format, core/kohya-format, core/mlx-format);
+// load_adapter classifies a file and hands it to its reader. Which base
+// tensor a module changes is core/name-map's answer.
 #pragma once
 
 #include <cstdint>
@@ -95,6 +98,20 @@ double lora_scale(double alpha, int64_t rank, bool rslora) noexcept;
 // overflows: callers check. Pure (resize, combine and convert write it).
 double alpha_for_scale(double scale, int64_t rank, bool rslora) noexcept;
 
+// Where an adapter's files are.
+struct adapter_files {
+  std::string weights;  // the .safetensors file
+  std::string config;   // adapter_config.json beside it; empty when there is none
+};
+
+// The one file rule (load_adapter, inspect, convert's MLX reader): a folder
+// holds adapter_model.safetensors (PEFT) or adapters.safetensors (mlx_lm),
+// whose config is the folder's adapter_config.json; a file is the weights,
+// with adapter_config.json beside it when present (a kohya file ignores it).
+// Throws lora::error: exit 4 when `path` does not exist, exit 3 for a folder
+// with neither file (adapter_model.bin named as pickle). Reads no file.
+adapter_files find_adapter_files(const std::string& path);
+
 // Loads a PEFT folder (adapter_config.json + adapter_model.safetensors), a
 // PEFT .safetensors file with its config beside it, or a kohya single file.
 // Throws lora::error (exit 3) naming the key: a missing half, a rank that
@@ -137,12 +154,10 @@ struct fit_report {
   bool ok() const noexcept { return problems.empty(); }
 };
 
-// Matches every module to its base tensor: resolves kohya names (the name
-// without its lora_unet_ / lora_te*_ prefix equals a base "<module>.weight"
-// key with '.' read as '_'; failing that, the same inside a single-file
-// checkpoint's container: model.diffusion_model. for lora_unet_,
-// cond_stage_model.transformer. for lora_te_, conditioner.embedders.0.transformer.
-// for lora_te1_; ambiguity is a problem naming both candidates), decides fan_in_fan_out from the base's
+// Matches every module to its base tensor through core/name-map (kohya names
+// resolved to dotted paths; a dotted path as it is, then through the layout
+// table; ambiguity is a problem naming both candidates), decides
+// fan_in_fan_out from the base's
 // model_type and shapes (GPT-2 Conv1D), and checks every shape. Updates
 // `name`/`target` (kohya), `kind` (1x1 conv vs linear, see lora_module) and
 // `fan_in_fan_out` in place, and re-sorts modules by name. Never throws for a
@@ -155,7 +170,8 @@ struct fit_report {
 // with no model_type the config value stands, except a c_attn / c_proj / c_fc
 // module with fan_in_fan_out false, which is a problem ("orientation
 // ambiguous"). Throws only when the base's config.json is unreadable (exit 4)
-// or not JSON (exit 3).
+// or not JSON (exit 3). Implemented in core/adapter-fit.cpp with fit_error
+// and require_fit.
 fit_report fit_adapter(adapter& a, const model_files& base);
 
 // The one rendering of a fit report that is not ok(), shared by every command

@@ -21,7 +21,8 @@
 #include "core/scratch.h"
 #include "core/thread-pool.h"
 #include "formats/staged-folder.h"
-#include "core/adapter-names.h"
+#include "core/kohya-format.h"
+#include "core/peft-format.h"
 #include "core/adapter-write.h"
 #include "formats/adapter-config.h"
 #include "formats/error.h"
@@ -363,7 +364,7 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
   }
   factors.clear();
   std::sort(data.config.target_modules.begin(), data.config.target_modules.end());
-  data.kohya_prefix = auto_kohya_prefix(data.config.target_modules);  // the one rule convert uses
+  data.kohya_prefix = kohya::auto_prefix(data.config.target_modules);  // the one rule convert uses
 
   // deltas not extracted: the bias of an extracted module becomes lora_B.bias
   // (a delta; lora_bias: true); anything else is saved whole (modules_to_save)
@@ -379,20 +380,20 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
         std::vector<uint8_t> bytes(d.size() * math_dtype_size(type));
         from_f64(type, d, bytes);
         data.modules[it->second].bias = tensor_data{type, rec.shape, std::move(bytes)};
-        rec.saved_as = std::string(peft_prefix) + path + ".lora_B.bias";
+        rec.saved_as = peft::key(path, peft::role::bias);
       } else if (it != module_index.end()) {
         continue;  // another tensor of a LoRA module: PEFT cannot also save it whole
       } else {
         const auto bytes = t.data();
         data.saved.push_back({rec.tensor, tensor_data{t.info->type, rec.shape, {bytes.begin(), bytes.end()}}});
-        rec.saved_as = std::string(peft_prefix) + rec.tensor;
+        rec.saved_as = peft::saved_key(rec.tensor);
         modules_to_save.insert(path);
       }
     }
   }
   for (auto& [rec, t] : others) report.others.push_back(rec);
   data.config.modules_to_save.assign(modules_to_save.begin(), modules_to_save.end());
-  report.config_rank = *make_peft_config(data).r;
+  report.config_rank = *peft::make_config(data).r;
 
   write_adapter(data, options.out, options.force);
   const std::string weights =

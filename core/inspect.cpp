@@ -47,19 +47,6 @@ std::vector<std::string> tensor_names(const safetensors_file& f) {
   return names;
 }
 
-// The weights file of a folder holding adapter_config.json:
-// adapter_model.safetensors, else the folder's only .safetensors file.
-// Empty when there is neither (load_adapter then says what is missing).
-std::string adapter_weights_in(const fs::path& folder) {
-  std::error_code ec;
-  fs::path peft = folder / "adapter_model.safetensors";
-  if (fs::exists(peft, ec)) return peft.string();
-  std::vector<std::string> found;
-  for (const auto& e : fs::directory_iterator(folder, ec))
-    if (e.is_regular_file(ec) && e.path().extension() == ".safetensors") found.push_back(e.path().string());
-  return found.size() == 1 ? found[0] : std::string();
-}
-
 void inspect_model(inspect_report& r, const std::string& path) {
   model_files m = open_model(path);
   r.kind = inspect_kind::model;
@@ -108,17 +95,16 @@ inspect_report inspect_path(const std::string& path, const std::optional<std::st
       inspect_model(r, path);
       return r;
     }
-    std::string weights = adapter_weights_in(path);
-    if (!weights.empty()) {
-      safetensors_file f(weights);
-      file_classification c = classify_tensors(tensor_names(f));
-      if (c.kind == file_kind::other_adapter) {
-        r.kind = inspect_kind::other_adapter;
-        r.other_description = c.description;
-        r.config_text = read_text_file(config.string());
-        add_file(r, f, fs::path(weights).filename().string());
-        return r;
-      }
+    // the one file rule load_adapter follows (core/adapter.h find_adapter_files)
+    const std::string weights = find_adapter_files(path).weights;
+    safetensors_file f(weights);
+    file_classification c = classify_tensors(tensor_names(f));
+    if (c.kind == file_kind::other_adapter) {
+      r.kind = inspect_kind::other_adapter;
+      r.other_description = c.description;
+      r.config_text = read_text_file(config.string());
+      add_file(r, f, fs::path(weights).filename().string());
+      return r;
     }
     inspect_lora(r, path, base);
     return r;

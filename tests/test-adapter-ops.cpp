@@ -28,7 +28,12 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
-#include "core/adapter-ops.h"
+#include "core/adapter-data.h"
+#include "core/combine.h"
+#include "core/convert.h"
+#include "core/mlx-format.h"
+#include "core/recompress.h"
+#include "core/resize.h"
 #include "core/adapter-write.h"
 #include "core/adapter.h"
 #include "core/dtype.h"
@@ -1031,8 +1036,8 @@ TEST_CASE("convert the real MLX adapter (mlx-examples MiniCPM) into PEFT: delta 
   const double scale =
       nlohmann::json::parse(file_text(folder + "/adapter_config.json"))["lora_parameters"]["scale"].get<double>();
   CHECK(scale == 10.0);
-  CHECK(is_mlx_adapter(folder));
-  CHECK_FALSE(is_mlx_adapter(testdata + "/lora-tiny-llama"));
+  CHECK(mlx::is_adapter(folder));
+  CHECK_FALSE(mlx::is_adapter(testdata + "/lora-tiny-llama"));
   temp_dir dir;
   const convert_report r = convert(folder, adapter_format::peft, dir / "peft");
   CHECK(r.from == "mlx");

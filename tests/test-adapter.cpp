@@ -13,7 +13,8 @@
 #include <vector>
 
 #include "core/adapter.h"
-#include "core/adapter-names.h"
+#include "core/kohya-format.h"
+#include "core/peft-format.h"
 #include "core/dtype.h"
 #include "formats/error.h"
 #include "formats/safetensors.h"
@@ -1111,19 +1112,19 @@ TEST_CASE("alpha_for_scale inverts lora_scale") {
 }
 
 TEST_CASE("kohya names: one prefix rule for extract and convert") {
-  CHECK(auto_kohya_prefix({"transformer_blocks.0.attn.to_q"}) == "lora_unet_");
-  CHECK(auto_kohya_prefix({"model.diffusion_model.input_blocks.1.1.proj_in"}) == "lora_unet_");
-  CHECK(auto_kohya_prefix({"text_model.encoder.layers.0.self_attn.q_proj", "down_blocks.0.resnets.0.conv1"}) ==
+  CHECK(kohya::auto_prefix({"transformer_blocks.0.attn.to_q"}) == "lora_unet_");
+  CHECK(kohya::auto_prefix({"model.diffusion_model.input_blocks.1.1.proj_in"}) == "lora_unet_");
+  CHECK(kohya::auto_prefix({"text_model.encoder.layers.0.self_attn.q_proj", "down_blocks.0.resnets.0.conv1"}) ==
         "lora_unet_");
-  CHECK(auto_kohya_prefix({"model.layers.0.self_attn.q_proj"}) == "lora_te_");
-  CHECK(resolve_kohya_prefix("lora_te2_", {"transformer_blocks.0.x"}) == "lora_te2_");
+  CHECK(kohya::auto_prefix({"model.layers.0.self_attn.q_proj"}) == "lora_te_");
+  CHECK(kohya::resolve_prefix("lora_te2_", {"transformer_blocks.0.x"}) == "lora_te2_");
   CHECK_THROWS_WITH(
-      resolve_kohya_prefix("lora_x_", {}),
+      kohya::resolve_prefix("lora_x_", {}),
       doctest::Contains(
           "--kohya-prefix lora_x_ is not one of auto, lora_unet_, lora_te_, lora_te1_, lora_te2_, lora_te3_"));
-  CHECK(kohya_module_name("transformer_blocks.0.attn.to_q", "lora_unet_") ==
+  CHECK(kohya::module_name("transformer_blocks.0.attn.to_q", "lora_unet_") ==
         "lora_unet_transformer_blocks_0_attn_to_q");
-  CHECK(kohya_module_name("lora_te1_text_model_q", "lora_unet_") == "lora_te1_text_model_q");
-  CHECK(kohya_prefix_of("lora_te1_x") == "lora_te1_");
-  CHECK(kohya_prefix_of("lora_tex") == "");
+  CHECK(kohya::module_name("lora_te1_text_model_q", "lora_unet_") == "lora_te1_text_model_q");
+  CHECK(kohya::prefix_of("lora_te1_x") == "lora_te1_");
+  CHECK(kohya::prefix_of("lora_tex") == "");
 }

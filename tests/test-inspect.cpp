@@ -6,8 +6,10 @@
 
 #include "core/inspect.h"
 #include "formats/error.h"
+#include "test-support.h"
 
 using namespace lora;
+using namespace lora::testing;
 
 namespace {
 const std::string td = std::string(LORA_SOURCE_DIR) + "/testdata/";
@@ -99,4 +101,20 @@ TEST_CASE("errors: missing path exit 4, malformed exit 3") {
   CHECK(code_of(td + "malformed/offsets-gap.safetensors") == 3);
   CHECK(code_of(td + "malformed/lora-missing-b") == 3);
   CHECK(code_of(td + "lora-tiny-llama", td + "no-such-base") == 4);
+}
+
+TEST_CASE("inspect and load_adapter follow one file rule: a folder's weights are adapter_model.safetensors") {
+  // a folder with adapter_config.json and its weights under another name: inspect used
+  // to accept it (the folder's only .safetensors file) while load_adapter refused it
+  temp_dir d;
+  namespace fs = std::filesystem;
+  fs::copy_file(td + "lora-tiny-llama/adapter_config.json", fs::path(d.path) / "adapter_config.json");
+  fs::copy_file(td + "lora-tiny-llama/adapter_model.safetensors", fs::path(d.path) / "renamed.safetensors");
+  const error from_inspect = thrown([&] { inspect_path(d.path, std::nullopt); });
+  const error from_load = thrown([&] { load_adapter(d.path); });
+  CHECK(from_inspect.code() == exit_code::invalid_input);
+  CHECK(from_inspect.detail() == from_load.detail());
+  CHECK(from_inspect.detail() == "folder has no adapter_model.safetensors");
+  CHECK(find_adapter_files(td + "lora-tiny-llama").weights == td + "lora-tiny-llama/adapter_model.safetensors");
+  CHECK(find_adapter_files(td + "lora-tiny-llama").config == td + "lora-tiny-llama/adapter_config.json");
 }
