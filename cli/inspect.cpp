@@ -166,8 +166,8 @@ std::string screen_value(const std::string& v) {
   return fmt::format("{}... ({} bytes)", one_line.substr(0, cut), v.size());
 }
 
-void print_report(const inspect_report& r) {
-  // headline
+// The headline: what the path is.
+void print_headline(const inspect_report& r) {
   switch (r.kind) {
     case inspect_kind::model:
       fmt::print("model: {}{}\n", r.path, r.model_type ? fmt::format(" (model_type {})", *r.model_type) : "");
@@ -184,8 +184,10 @@ void print_report(const inspect_report& r) {
   if (!r.index_path.empty())
     fmt::print("index: {} (total_size {})\n", r.index_path,
                r.index_total_size ? grouped(*r.index_total_size) : std::string("absent"));
+}
 
-  // files and their metadata
+// Every file with its metadata.
+void print_files(const inspect_report& r) {
   fmt::print("\nfiles:\n");
   for (const inspect_file& f : r.files) {
     fmt::print("  {}  {} bytes, header {} bytes, {} tensors\n", f.name, grouped(f.bytes), grouped(f.header_bytes),
@@ -197,54 +199,55 @@ void print_report(const inspect_report& r) {
     fmt::print("    metadata:{}\n", f.metadata->empty() ? " {}" : "");
     for (const auto& [k, v] : *f.metadata) fmt::print("      {}: {}\n", k, screen_value(v));
   }
+}
 
-  // the LoRA modules
-  if (r.lora) {
-    const adapter& a = *r.lora;
-    if (a.config) {
-      const peft_config& c = *a.config;
-      fmt::print("\nconfig: r {}, lora_alpha {}, use_rslora {}, use_dora {}, fan_in_fan_out {}, lora_bias {}\n",
-                 c.r ? std::to_string(*c.r) : "-", c.lora_alpha ? number_text(*c.lora_alpha) : "-", c.use_rslora,
-                 c.use_dora, c.fan_in_fan_out, c.lora_bias);
-      if (!c.target_modules.empty())
-        fmt::print("  target_modules: {}{}\n", fmt::join(c.target_modules, ", "),
-                   c.target_modules_is_regex ? " (regex)" : "");
-      for (const auto& [k, v] : c.rank_pattern) fmt::print("  rank_pattern: {} -> {}\n", k, v);
-      for (const auto& [k, v] : c.alpha_pattern) fmt::print("  alpha_pattern: {} -> {}\n", k, number_text(v));
-    }
-    fmt::print("\nmodules:\n");
-    const bool with_base = !r.base_matches.empty();
-    std::vector<std::string> header = {"module", "kind", "rank", "alpha", "scale", "dora", "A", "B", "dtype"};
-    std::vector<bool> right = {false, false, true, true, true, false, false, false, false};
+// The LoRA modules of an adapter: its config, one row per module, modules_to_save.
+void print_modules(const inspect_report& r, const adapter& a) {
+  if (a.config) {
+    const peft_config& c = *a.config;
+    fmt::print("\nconfig: r {}, lora_alpha {}, use_rslora {}, use_dora {}, fan_in_fan_out {}, lora_bias {}\n",
+               c.r ? std::to_string(*c.r) : "-", c.lora_alpha ? number_text(*c.lora_alpha) : "-", c.use_rslora,
+               c.use_dora, c.fan_in_fan_out, c.lora_bias);
+    if (!c.target_modules.empty())
+      fmt::print("  target_modules: {}{}\n", fmt::join(c.target_modules, ", "),
+                 c.target_modules_is_regex ? " (regex)" : "");
+    for (const auto& [k, v] : c.rank_pattern) fmt::print("  rank_pattern: {} -> {}\n", k, v);
+    for (const auto& [k, v] : c.alpha_pattern) fmt::print("  alpha_pattern: {} -> {}\n", k, number_text(v));
+  }
+  fmt::print("\nmodules:\n");
+  const bool with_base = !r.base_matches.empty();
+  std::vector<std::string> header = {"module", "kind", "rank", "alpha", "scale", "dora", "A", "B", "dtype"};
+  std::vector<bool> right = {false, false, true, true, true, false, false, false, false};
+  if (with_base) {
+    header.insert(header.end(), {"base", "target"});
+    right.insert(right.end(), {false, false});
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (size_t i = 0; i < a.modules.size(); ++i) {
+    const lora_module& m = a.modules[i];
+    std::string kind(module_kind_name(m.kind));
+    if (m.fan_in_fan_out) kind += " (fan_in_fan_out)";
+    if (m.bias) kind += " +bias";
+    rows.push_back({m.name, kind, std::to_string(m.rank), number_text(m.alpha), number_text(m.scale),
+                    m.dora ? "yes" : "no", shape_text(m.a.info->shape), shape_text(m.b.info->shape),
+                    std::string(dtype_name(m.a.info->type))});
     if (with_base) {
-      header.insert(header.end(), {"base", "target"});
-      right.insert(right.end(), {false, false});
-    }
-    std::vector<std::vector<std::string>> rows;
-    for (size_t i = 0; i < a.modules.size(); ++i) {
-      const lora_module& m = a.modules[i];
-      std::string kind(module_kind_name(m.kind));
-      if (m.fan_in_fan_out) kind += " (fan_in_fan_out)";
-      if (m.bias) kind += " +bias";
-      rows.push_back({m.name, kind, std::to_string(m.rank), number_text(m.alpha), number_text(m.scale),
-                      m.dora ? "yes" : "no", shape_text(m.a.info->shape), shape_text(m.b.info->shape),
-                      std::string(dtype_name(m.a.info->type))});
-      if (with_base) {
-        const inspect_base_match& b = r.base_matches[i];
-        rows.back().push_back(b.found ? shape_text(b.shape) + " " + std::string(dtype_name(b.type)) : "not found");
-        rows.back().push_back(m.target.empty() ? "-" : m.target);
-      }
-    }
-    print_table(header, rows, right);
-    if (!a.saved.empty()) {
-      fmt::print("\nmodules_to_save (replace the base tensor whole):\n");
-      for (const saved_tensor& s : a.saved)
-        fmt::print("  {}  <- {}  {} {}\n", s.target, s.tensor.info->name, dtype_name(s.tensor.info->type),
-                   shape_text(s.tensor.info->shape));
+      const inspect_base_match& b = r.base_matches[i];
+      rows.back().push_back(b.found ? shape_text(b.shape) + " " + std::string(dtype_name(b.type)) : "not found");
+      rows.back().push_back(m.target.empty() ? "-" : m.target);
     }
   }
+  print_table(header, rows, right);
+  if (!a.saved.empty()) {
+    fmt::print("\nmodules_to_save (replace the base tensor whole):\n");
+    for (const saved_tensor& s : a.saved)
+      fmt::print("  {}  <- {}  {} {}\n", s.target, s.tensor.info->name, dtype_name(s.tensor.info->type),
+                 shape_text(s.tensor.info->shape));
+  }
+}
 
-  // every tensor
+// Every tensor, then the totals.
+void print_tensors(const inspect_report& r) {
   fmt::print("\ntensors:\n");
   const bool many_files = r.files.size() > 1;
   std::vector<std::string> header = {"name", "dtype", "shape", "bytes"};
@@ -261,8 +264,10 @@ void print_report(const inspect_report& r) {
   print_table(header, rows, right);
   fmt::print("\ntotals: {} tensors, {} parameters, {} bytes ({})\n", r.tensors.size(), grouped(r.n_parameters),
              grouped(r.n_bytes), human_bytes(r.n_bytes));
+}
 
-  // the fit against a base model
+// The fit against a base model.
+void print_fit(const inspect_report& r) {
   if (r.fit) {
     if (r.fit->ok()) {
       fmt::print("\nfit: ok: every module matches {}\n", r.base_path);
@@ -271,6 +276,14 @@ void print_report(const inspect_report& r) {
       for (const fit_problem& p : r.fit->problems) fmt::print("  {}: {}\n", p.key, p.what);
     }
   }
+}
+
+void print_report(const inspect_report& r) {
+  print_headline(r);
+  print_files(r);
+  if (r.lora) print_modules(r, *r.lora);
+  print_tensors(r);
+  print_fit(r);
 }
 
 int run_inspect(const inspect_options& o) {
