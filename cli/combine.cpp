@@ -2,7 +2,7 @@
 //              [--rank R | --energy F | --max-error E] [--max-rank R]
 //              [--format peft|kohya] [--base MODEL] [--force] [--json]
 // One adapter whose delta is the weighted sum of the inputs' deltas
-// (core/adapter-ops combine_adapters).
+// (core/combine combine_adapters).
 #include <memory>
 #include <string>
 #include <vector>

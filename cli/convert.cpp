@@ -1,7 +1,7 @@
 // lora convert ADAPTER --to peft|kohya --out OUT [--base MODEL]
 //              [--kohya-prefix P] [--force] [--json]
 // Converts between PEFT folders and kohya files, and from mlx_lm adapters to
-// PEFT (core/adapter-ops convert_adapter).
+// PEFT (core/convert convert_adapter).
 #include <memory>
 #include <string>
 

@@ -1,7 +1,7 @@
 // lora resize --adapter ADAPTER --out OUT (--rank R | --energy F | --max-error E)
 //             [--max-rank R] [--force] [--json]
 // Re-ranks every module of a PEFT or kohya adapter without forming B A
-// (core/adapter-ops resize_adapter) and prints one line per module.
+// (core/resize resize_adapter) and prints one line per module.
 #include <memory>
 #include <string>
 

@@ -1,4 +1,4 @@
-// core/adapter-ops (resize, combine, convert) and core/adapter-write, checked
+// core/resize, core/combine, core/convert, core/recompress and core/adapter-write, checked
 // against references computed here in double precision from the raw tensors:
 //  - recompress / resize: the error of the new factors against the optimal
 //    rank-k error of the full s B A from Eigen's BDCSVD in double;
