@@ -4,6 +4,7 @@
 #include <map>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "core/adapter.h"
 #include "core/name-map.h"
@@ -13,6 +14,22 @@
 namespace lora {
 
 namespace {
+
+// The last part of a dotted name ("model.embed_tokens.weight" -> "embed_tokens"
+// for the module of a weight).
+std::string_view module_leaf(std::string_view tensor) {
+  if (tensor.ends_with(".weight")) tensor.remove_suffix(7);
+  const size_t dot = tensor.rfind('.');
+  return dot == std::string_view::npos ? tensor : tensor.substr(dot + 1);
+}
+
+// Input embeddings and output heads by transformers' names.
+bool is_vocab_tensor(std::string_view tensor) {
+  static constexpr std::string_view leaves[] = {"embed_tokens", "wte",     "word_embeddings", "tok_embeddings",
+                                                "embed_in",     "lm_head", "embed_out",       "output"};
+  const std::string_view leaf = module_leaf(tensor);
+  return std::find(std::begin(leaves), std::end(leaves), leaf) != std::end(leaves);
+}
 
 // transformers models whose projections are pytorch_utils.Conv1D (weight
 // stored [in, out]): GPT-2 and the models built from its blocks.
@@ -30,24 +47,18 @@ bool conv1d_style_name(std::string_view module) {
   return last == "c_attn" || last == "c_proj" || last == "c_fc";
 }
 
-// Every module's base module through the one name map: kohya names resolved
-// (m.name becomes the base's dotted path), dotted paths looked up as they are
-// and through the layout table. Re-sorts the modules by name.
-void resolve_targets(adapter& a, const model_files& base, std::vector<fit_problem>& problems) {
-  const name_map names(base.tensor_names);
+// kohya names resolved one by one (m.name becomes the base's dotted path):
+// the name as it is, then inside its scope's single-file containers.
+void resolve_kohya(adapter& a, const name_map& names, std::vector<fit_problem>& problems) {
   for (lora_module& m : a.modules) {
-    const bool kohya = a.format == adapter_format::kohya;
-    if (kohya && !m.target.empty()) continue;  // already resolved
-    const name_lookup found = kohya ? names.find_kohya(m.name) : names.find_path(m.name);
+    if (!m.target.empty()) continue;  // already resolved
+    const name_lookup found = names.find_kohya(m.name);
     if (found.modules.empty()) {
-      if (kohya)
-        problems.push_back(
-            {m.name,
-             fmt::format("no base tensor matches {} (looked for a \"<module>.weight\" whose dots read as "
-                         "underscores give \"{}\")",
-                         m.name, found.looked_for),
-             fit_issue::no_base_tensor});
-      // a dotted path keeps its target: the shape check names what is missing
+      problems.push_back({m.name,
+                          fmt::format("no base tensor matches {} (looked for a \"<module>.weight\" whose dots read as "
+                                      "underscores give \"{}\")",
+                                      m.name, found.looked_for),
+                          fit_issue::no_base_tensor});
       continue;
     }
     if (found.modules.size() > 1) {
@@ -59,8 +70,37 @@ void resolve_targets(adapter& a, const model_files& base, std::vector<fit_proble
     m.name = found.modules.front();
     m.target = m.name + ".weight";
   }
-  std::sort(a.modules.begin(), a.modules.end(),
-            [](const lora_module& x, const lora_module& y) { return x.name < y.name; });
+}
+
+// Dotted paths (PEFT): one base layout for the whole adapter, applied only
+// when every tensor the adapter changes or replaces is found under it.
+void resolve_paths(adapter& a, const name_map& names, fit_report& report) {
+  std::vector<std::string> wanted;
+  for (const lora_module& m : a.modules) wanted.push_back(m.target);
+  for (const saved_tensor& s : a.saved) wanted.push_back(s.target);
+  const layout_choice choice = names.choose_layout(wanted);
+  if (!choice.ambiguous.empty()) {
+    std::vector<std::string> candidates;
+    for (const model_layout* l : choice.ambiguous) candidates.emplace_back(l->name);
+    report.problems.push_back(
+        {a.path, fmt::format("its names fit the base in more than one layout: {}", fmt::join(candidates, "; ")),
+         fit_issue::ambiguous});
+    return;
+  }
+  if (choice.layout == nullptr) {
+    if (choice.closest != nullptr)
+      report.closest_layout = fmt::format("{} of {} names are found as a {}, {} as they are", choice.closest_found,
+                                          wanted.size(), choice.closest->name, choice.found_as_is);
+    return;
+  }
+  report.layout = choice.layout->name;
+  for (lora_module& m : a.modules) {
+    m.name = apply_layout(m.name, choice.layout);
+    m.target = apply_layout(m.target, choice.layout);
+  }
+  for (saved_tensor& s : a.saved) s.target = apply_layout(s.target, choice.layout);
+  std::sort(a.saved.begin(), a.saved.end(),
+            [](const saved_tensor& x, const saved_tensor& y) { return x.target < y.target; });
 }
 
 // Every base tensor changed by at most one adapter entry.
@@ -95,7 +135,7 @@ void check_linear(lora_module& m, const tensor_info& w, const std::optional<std:
     problems.push_back(
         {m.a.info->name,
          fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_text(w.shape), shape_text(plain)),
-         fit_issue::shape});
+         fit_issue::shape, m.target, w.shape, plain});
     return;
   }
   if (fits_plain != fits_transposed) {
@@ -120,6 +160,18 @@ void check_linear(lora_module& m, const tensor_info& w, const std::optional<std:
   // otherwise the config's fan_in_fan_out stands
 }
 
+// Whether the base's output head is its input embedding, as a checkpoint
+// with tie_word_embeddings shows it: an input embedding and no lm_head weight.
+bool base_ties_embeddings(const model_files& base) {
+  bool embedding = false;
+  for (const std::string& n : base.tensor_names) {
+    if (!n.ends_with(".weight") || !is_vocab_tensor(n)) continue;
+    if (module_leaf(n) == "lm_head") return false;
+    embedding = true;
+  }
+  return embedding;
+}
+
 // One module's delta shape against its base tensor `w`; sets the kind a 1x1
 // conv takes on the base's layout.
 void check_shape(lora_module& m, const tensor_info& w, const std::optional<std::string>& model_type,
@@ -134,7 +186,7 @@ void check_shape(lora_module& m, const tensor_info& w, const std::optional<std::
           problems.push_back(
               {m.a.info->name,
                fmt::format("base {} is {}, the LoRA makes [{}, {}, 1, 1]", m.target, shape_text(w.shape), out, sa[1]),
-               fit_issue::shape});
+               fit_issue::shape, m.target, w.shape, std::vector<int64_t>{out, sa[1], 1, 1}});
         else
           m.kind = module_kind::conv;
       } else {
@@ -151,7 +203,7 @@ void check_shape(lora_module& m, const tensor_info& w, const std::optional<std::
         problems.push_back(
             {m.a.info->name,
              fmt::format("base {} is {}, the LoRA makes {}", m.target, shape_text(w.shape), shape_text(want)),
-             fit_issue::shape});
+             fit_issue::shape, m.target, w.shape, want});
       }
       break;
     }
@@ -162,7 +214,7 @@ void check_shape(lora_module& m, const tensor_info& w, const std::optional<std::
         problems.push_back(
             {m.a.info->name,
              fmt::format("base {} is {}, the embedding LoRA makes {}", m.target, shape_text(w.shape), shape_text(want)),
-             fit_issue::shape});
+             fit_issue::shape, m.target, w.shape, want});
       break;
     }
   }
@@ -195,24 +247,65 @@ void check_saved(const adapter& a, const model_files& base, std::vector<fit_prob
     const tensor_ref* base_t = base.find_ref(s.target);
     if (base_t == nullptr)
       problems.push_back({s.tensor.info->name, fmt::format("the base has no tensor {} to replace", s.target),
-                          fit_issue::no_base_tensor});
+                          fit_issue::no_base_tensor, s.target});
     else if (base_t->info->shape != s.tensor.info->shape)
       problems.push_back({s.tensor.info->name,
                           fmt::format("base {} is {}, the saved module is {}", s.target,
                                       shape_text(base_t->info->shape), shape_text(s.tensor.info->shape)),
-                          fit_issue::shape});
+                          fit_issue::shape, s.target, base_t->info->shape, s.tensor.info->shape});
   }
 }
 
-// One hint for the whole report, from the kinds of its problems.
-std::string_view fit_hint(const fit_report& report) {
-  auto any = [&](std::initializer_list<fit_issue> kinds) {
-    return std::any_of(report.problems.begin(), report.problems.end(), [&](const fit_problem& p) {
-      return std::find(kinds.begin(), kinds.end(), p.issue) != kinds.end();
-    });
+// A vocabulary difference: an embedding or head whose shapes differ in the
+// vocabulary dimension only (dim 0 of the base's [vocab, dim]).
+const fit_problem* vocab_problem(const fit_report& report) {
+  for (const fit_problem& p : report.problems)
+    if (p.issue == fit_issue::shape && is_vocab_tensor(p.target) && p.base_shape.size() == 2 &&
+        p.adapter_shape.size() == 2 && p.base_shape[1] == p.adapter_shape[1] && p.base_shape[0] != p.adapter_shape[0])
+      return &p;
+  return nullptr;
+}
+
+// One hint for the whole report, from what its problems show.
+std::string fit_hint(const fit_report& report) {
+  auto first = [&](fit_issue kind) -> const fit_problem* {
+    for (const fit_problem& p : report.problems)
+      if (p.issue == kind) return &p;
+    return nullptr;
   };
-  if (any({fit_issue::no_base_tensor, fit_issue::shape})) return "does the adapter belong to this base model?";
-  if (any({fit_issue::orientation}))
+  const fit_problem* missing = first(fit_issue::no_base_tensor);
+  const fit_problem* shape = first(fit_issue::shape);
+  if (!report.closest_layout.empty())
+    return fmt::format("the names differ from the base's by a prefix: {}; none of the known layouts fits them all",
+                       report.closest_layout);
+  if (const fit_problem* v = vocab_problem(report))
+    return fmt::format(
+        "the vocabularies differ: the base's {} has {} rows, the adapter's {}; an adapter trained with "
+        "added tokens saves its resized embeddings in modules_to_save",
+        v->target, v->base_shape[0], v->adapter_shape[0]);
+  if (missing != nullptr && report.base_ties_embeddings && module_leaf(missing->target) == "lm_head")
+    return fmt::format("the base ties its output head to the input embedding and stores no {}", missing->target);
+  if (shape != nullptr && !shape->base_shape.empty()) {
+    // the first problem already shows its shapes; name them when it is another one
+    if (shape == &report.problems.front())
+      return "does the adapter belong to this base model? its shapes are a model of another size or family";
+    return fmt::format(
+        "does the adapter belong to this base model? its shapes are a model of another size or "
+        "family: base {} is {}, the adapter makes {}",
+        shape->target, shape_text(shape->base_shape), shape_text(shape->adapter_shape));
+  }
+  if (shape != nullptr) return "does the adapter belong to this base model?";
+  if (missing != nullptr && report.n_targets > 0) {
+    size_t n_missing = 0;
+    for (const fit_problem& p : report.problems) n_missing += p.issue == fit_issue::no_base_tensor;
+    if (n_missing >= report.n_targets)
+      return fmt::format(
+          "does the adapter belong to this base model? none of its {} targets is in the base "
+          "(first {}): a model of another family or layout",
+          report.n_targets, missing->target.empty() ? missing->key : missing->target);
+  }
+  if (missing != nullptr) return "does the adapter belong to this base model?";
+  if (first(fit_issue::orientation) != nullptr)
     return "set fan_in_fan_out in adapter_config.json, or give the base a config.json with its model_type";
   return {};
 }
@@ -225,14 +318,22 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
   std::optional<std::string> model_type;
   if (!base.config_path.empty()) model_type = read_model_type(base.config_path);
 
-  resolve_targets(a, base, problems);
+  const name_map names(base.tensor_names);
+  report.n_targets = a.modules.size() + a.saved.size();
+  report.base_ties_embeddings = base_ties_embeddings(base);
+  if (a.format == adapter_format::kohya)
+    resolve_kohya(a, names, problems);
+  else
+    resolve_paths(a, names, report);
+  std::sort(a.modules.begin(), a.modules.end(),
+            [](const lora_module& x, const lora_module& y) { return x.name < y.name; });
   check_claims(a, problems);
   for (lora_module& m : a.modules) {
     if (m.target.empty()) continue;
     const tensor_ref* base_w = base.find_ref(m.target);
     if (base_w == nullptr) {
       problems.push_back(
-          {m.a.info->name, fmt::format("the base has no tensor {}", m.target), fit_issue::no_base_tensor});
+          {m.a.info->name, fmt::format("the base has no tensor {}", m.target), fit_issue::no_base_tensor, m.target});
       continue;
     }
     check_shape(m, *base_w->info, model_type, problems);
@@ -250,7 +351,7 @@ error fit_error(const std::string& adapter_path, const std::string& base_path, c
   std::string what =
       n == 1 ? fmt::format("does not fit {}: 1 problem: {}: {}", base_path, first.key, first.what)
              : fmt::format("does not fit {}: {} problems, first {}: {}", base_path, n, first.key, first.what);
-  if (const std::string_view hint = fit_hint(report); !hint.empty()) what += fmt::format(" ({})", hint);
+  if (const std::string hint = fit_hint(report); !hint.empty()) what += fmt::format(" ({})", hint);
   return errors::invalid(adapter_path, "", what);
 }
 

@@ -145,12 +145,43 @@ enum class fit_issue {
   inconsistent,    // the adapter disagrees with itself (DoRA magnitude length)
 };
 struct fit_problem {
+  fit_problem() = default;
+  fit_problem(std::string key_, std::string what_, fit_issue issue_, std::string target_ = {},
+              std::vector<int64_t> base_shape_ = {}, std::vector<int64_t> adapter_shape_ = {})
+      : key(std::move(key_)),
+        what(std::move(what_)),
+        issue(issue_),
+        target(std::move(target_)),
+        base_shape(std::move(base_shape_)),
+        adapter_shape(std::move(adapter_shape_)) {}
+
   std::string key;   // the adapter key (or module name)
   std::string what;  // what is wrong, without a hint
   fit_issue issue = fit_issue::no_base_tensor;
+  // For the hint: the base tensor concerned, and for a shape problem the
+  // base's shape and the one the adapter makes (empty when not known).
+  std::string target;
+  std::vector<int64_t> base_shape;
+  std::vector<int64_t> adapter_shape;
 };
 struct fit_report {
+  fit_report() = default;
+  // A report of these problems alone (fit_error({{problem}}) in a reader).
+  fit_report(std::vector<fit_problem> p) : problems(std::move(p)) {}  // NOLINT: implicit on purpose
+
   std::vector<fit_problem> problems;  // empty: every module fits
+  // The base layout the adapter's names were mapped through (core/name-map
+  // model_layouts; empty: names as they are), e.g. "bare GPT2Model checkpoint".
+  std::string layout;
+  // When names are missing: the layout under which the most are found, as a
+  // sentence for the hint ("41 of 42 names are found as a bare GPT2Model
+  // checkpoint"); empty when none helps.
+  std::string closest_layout;
+  // For the hint: how many base tensors the adapter changes or replaces, and
+  // whether the base ties its output head to the input embedding
+  // (config.json tie_word_embeddings, or no lm_head.weight beside an embedding).
+  size_t n_targets = 0;
+  bool base_ties_embeddings = false;
   bool ok() const noexcept { return problems.empty(); }
 };
 

@@ -17,6 +17,46 @@ const std::vector<layout_prefix> layout_prefixes = {
     {"lora_te1_", "", "conditioner.embedders.0.transformer."},  // SDXL checkpoint, CLIP-L text model
 };
 
+// transformers keeps a model's weights under `base_model_prefix` in its task
+// classes (GPT2PreTrainedModel: "transformer", LlamaPreTrainedModel: "model")
+// and saves the bare class without it (GPT2Model, LlamaModel: the hub's
+// gpt2 / distilgpt2 files are bare GPT2Model checkpoints). Multimodal classes
+// moved their language model in transformers 4.52 and map the old disk names
+// with `_checkpoint_conversion_mapping` (models/llava/modeling_llava.py
+// LlavaForConditionalGeneration, the same table in gemma3 and mistral3:
+// "^language_model.model" -> "model.language_model", "^language_model.lm_head"
+// -> "lm_head", "^vision_tower" -> "model.vision_tower",
+// "^multi_modal_projector" -> "model.multi_modal_projector";
+// models/qwen2_vl/modeling_qwen2_vl.py Qwen2VLForConditionalGeneration:
+// "^visual" -> "model.visual", "^model(?!.(language_model|visual))" ->
+// "model.language_model"). Adapters saved by current transformers use the new
+// names; checkpoints on disk the old ones; older adapters the old ones too.
+const std::vector<model_layout> model_layouts = {
+    {"bare GPT2Model checkpoint (no transformer. prefix)", {{"transformer.", ""}}},
+    {"GPT2LMHeadModel checkpoint (transformer. prefix)", {{"", "transformer."}}},
+    {"bare LlamaModel-style checkpoint (no model. prefix)", {{"model.", ""}}},
+    {"LlamaForCausalLM-style checkpoint (model. prefix)", {{"lm_head", "lm_head"}, {"", "model."}}},
+    {"multimodal checkpoint on disk before transformers 4.52 (language_model.model.)",
+     {{"model.language_model.", "language_model.model."},
+      {"lm_head", "language_model.lm_head"},
+      {"model.vision_tower.", "vision_tower."},
+      {"model.multi_modal_projector.", "multi_modal_projector."}}},
+    {"multimodal checkpoint in transformers 4.52+ names (model.language_model.)",
+     {{"language_model.model.", "model.language_model."},
+      {"language_model.lm_head", "lm_head"},
+      {"vision_tower.", "model.vision_tower."},
+      {"multi_modal_projector.", "model.multi_modal_projector."}}},
+    {"Qwen2-VL checkpoint on disk (model. for the language model, visual.)",
+     {{"model.language_model.", "model."}, {"model.visual.", "visual."}}},
+};
+
+std::string apply_layout(const std::string& name, const model_layout* layout) {
+  if (layout == nullptr) return name;
+  for (const auto& [from, to] : layout->rows)
+    if (name.starts_with(from)) return std::string(to) + name.substr(from.size());
+  return name;
+}
+
 namespace {
 
 std::string mangle(std::string_view path) {
@@ -29,6 +69,7 @@ std::string mangle(std::string_view path) {
 
 name_map::name_map(const std::vector<std::string>& base_tensor_names) {
   for (const std::string& n : base_tensor_names) {
+    tensors_.insert(n);
     if (!n.ends_with(".weight") || n.size() == 7) continue;
     std::string module = n.substr(0, n.size() - 7);
     mangled_[mangle(module)].push_back(module);
@@ -50,6 +91,31 @@ name_lookup name_map::find_path(const std::string& path) const {
       out.modules.push_back(candidate);
       return out;
     }
+  }
+  return out;
+}
+
+layout_choice name_map::choose_layout(const std::vector<std::string>& tensors,
+                                      const std::function<bool(const std::string&)>& also_ok) const {
+  auto found_under = [&](const model_layout* layout) {
+    size_t n = 0;
+    for (const std::string& t : tensors) {
+      const std::string name = apply_layout(t, layout);
+      n += tensors_.count(name) > 0 || (also_ok && also_ok(name));
+    }
+    return n;
+  };
+  layout_choice out;
+  out.found_as_is = found_under(nullptr);
+  if (out.found_as_is == tensors.size()) return out;
+  for (const model_layout& layout : model_layouts) {
+    const size_t n = found_under(&layout);
+    if (n == tensors.size()) out.ambiguous.push_back(&layout);
+    if (n > std::max(out.closest_found, out.found_as_is)) out.closest = &layout, out.closest_found = n;
+  }
+  if (out.ambiguous.size() == 1) {
+    out.layout = out.ambiguous.front();
+    out.ambiguous.clear();
   }
   return out;
 }

@@ -17,6 +17,14 @@
 // The first step that matches decides; two base modules matching in one step
 // is an ambiguity the caller reports with both names.
 //
+// Dotted paths also follow the model class: PEFT saves keys under the class
+// it wrapped (GPT2LMHeadModel: "transformer.h.0.attn.c_attn"), the checkpoint
+// on disk may be another class's (the hub's bare GPT2Model: "h.0.attn.c_attn").
+// Such a difference is a whole-model property, so it is decided once for the
+// whole adapter (choose_layout): a `model_layouts` entry (a set of prefix
+// rewrites) is applied only when every tensor the adapter changes is found
+// under it; two layouts that both fit are an ambiguity naming both.
+//
 // Extending it: a new checkpoint layout (a base-model prefix, a multimodal
 // container, an LDM / SGM / BFL naming) is rows in `layout_prefixes`, or a
 // table of its own consulted in the same order, never a special case in merge
@@ -24,10 +32,12 @@
 // name_lookup with the rows a module changes.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 namespace lora {
@@ -44,6 +54,31 @@ struct layout_prefix {
 // The table, in the order tried. Sources in name-map.cpp.
 extern const std::vector<layout_prefix> layout_prefixes;
 
+// A base layout another model class uses for the same weights: each row
+// rewrites a name starting with `adapter` to start with `base` instead (the
+// first matching row applies; a name no row matches stays as it is).
+struct model_layout {
+  std::string_view name;  // what it is, for messages ("bare GPT2Model checkpoint")
+  std::vector<std::pair<std::string_view, std::string_view>> rows;  // {adapter prefix, base prefix}
+};
+
+// The layouts, in the order tried. Sources in name-map.cpp.
+extern const std::vector<model_layout> model_layouts;
+
+// `name` under `layout` (nullptr: unchanged). Pure.
+std::string apply_layout(const std::string& name, const model_layout* layout);
+
+// What choose_layout found.
+struct layout_choice {
+  const model_layout* layout = nullptr;        // the one to apply; nullptr: names as they are
+  std::vector<const model_layout*> ambiguous;  // two or more fit every name: the caller reports them
+  // When nothing fits: the layout under which the most names are found, and
+  // how many (0 and nullptr when none helps more than the names as they are).
+  const model_layout* closest = nullptr;
+  size_t closest_found = 0;
+  size_t found_as_is = 0;  // names found without a layout
+};
+
 struct name_lookup {
   std::vector<std::string> modules;  // base module paths matched: none, one, or several (ambiguous)
   std::string looked_for;            // what was searched: the dotted path, or the kohya name's mangled form
@@ -57,12 +92,23 @@ class name_map {
   // The base module a dotted module path (PEFT, MLX) changes.
   name_lookup find_path(const std::string& path) const;
 
+  // The layout under which every one of `tensors` (full tensor names the
+  // adapter changes or replaces: "<module>.weight", modules_to_save targets)
+  // is a base tensor, or one that `also_ok` accepts (a tied lm_head the merge
+  // can create). As they are when that suffices.
+  layout_choice choose_layout(const std::vector<std::string>& tensors,
+                              const std::function<bool(const std::string&)>& also_ok = {}) const;
+
+  // True when the base has this tensor.
+  bool has_tensor(const std::string& name) const { return tensors_.count(name) > 0; }
+
   // The base module a kohya name changes ("lora_te1_text_model_...": its
   // known prefix, then a path whose dots read as underscores). A name
   // without a known prefix matches nothing.
   name_lookup find_kohya(const std::string& name) const;
 
  private:
+  std::unordered_set<std::string> tensors_;                            // every tensor name
   std::unordered_set<std::string> modules_;                            // dotted module paths with a .weight
   std::unordered_map<std::string, std::vector<std::string>> mangled_;  // path with '_' for '.' -> paths
 };
