@@ -206,7 +206,7 @@ if "$LORA" extract --base "$BASE" --tuned "$TUNED" --out "$T/forced" --rank 4 --
 else
   fail "--force: $(cat "$T/err")"
 fi
-expect_error "no rank option" 2 "give one of --rank R, --energy F or --max-error E" "$T/o6" -- \
+expect_error "no rank option" 2 "give one of --rank R, --energy F, --max-error E or --budget N" "$T/o6" -- \
   --base "$BASE" --tuned "$TUNED" --out "$T/o6"
 expect_error "bad --targets regex" 2 "--targets" "$T/o7" -- --base "$BASE" --tuned "$TUNED" --out "$T/o7" --rank 4 --targets '('
 expect_error "kohya with --save-modules" 2 "--save-modules needs --format peft" "$T/o8" -- \
