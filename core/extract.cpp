@@ -517,13 +517,23 @@ module_data module_of(const extracted_module& m, written_factors& f) {
 // str(float)), network args (conv_dim / conv_alpha as json.dumps spells
 // them), base model version, v2.
 metadata_map kohya_metadata(const extract_report& report) {
+  // dim: the most common rank of the linear modules (ties: the smaller);
+  // conv_dim: the largest conv rank
+  std::map<int64_t, int64_t> linear_ranks;
   int64_t conv_rank = 0;
-  for (const auto& m : report.modules)
-    if (m.layout == delta_layout::conv) conv_rank = std::max(conv_rank, m.rank);
+  for (const auto& m : report.modules) {
+    if (m.layout == delta_layout::conv)
+      conv_rank = std::max(conv_rank, m.rank);
+    else
+      ++linear_ranks[m.rank];
+  }
+  int64_t dim = report.config_rank, best = 0;
+  for (const auto& [rank, count] : linear_ranks)
+    if (count > best) dim = rank, best = count;
   metadata_map md;
   md["ss_network_module"] = "networks.lora";
-  md["ss_network_dim"] = fmt::format("{}", report.config_rank);
-  md["ss_network_alpha"] = fmt::format("{}.0", report.config_rank);
+  md["ss_network_dim"] = fmt::format("{}", dim);
+  md["ss_network_alpha"] = fmt::format("{}.0", dim);
   md["ss_network_args"] =
       conv_rank > 0 ? fmt::format(R"({{"conv_dim": "{}", "conv_alpha": "{}.0"}})", conv_rank, conv_rank) : "{}";
   md["ss_v2"] = "False";
