@@ -143,8 +143,8 @@ std::string report_svg(const extract_report& r, const extract_options& opts) {
   rank_figure fig;
   fig.title = fmt::format("lora extract: {} -> {}", opts.base, opts.tuned);
   fig.subtitle = fmt::format(
-      "{} modules, {} factor parameters{}; extracted: energy kept {:.4f}, error {:.3e}; whole model (saved whole "
-      "||dW|| {:.3g}, left out {:.3g}): energy kept {:.4f}, error {:.3e}",
+      "{} modules, {} factor parameters{}; extracted: energy kept {:.4f}, relative error {:.3e}\nwhole model "
+      "(||dW|| saved whole {:.3g}, left out {:.3g}): energy kept {:.4f}, relative error {:.3e}",
       r.modules.size(), r.params, r.budget > 0 ? fmt::format(" of a budget of {}", r.budget) : std::string(),
       r.total_energy, r.total_error, r.saved_norm, r.left_out_norm, r.model_energy, r.model_error);
   for (const auto& m : r.modules)

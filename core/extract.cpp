@@ -167,6 +167,7 @@ struct extract_job {
   int64_t rows = 0, cols = 0;  // the matrix factored
   tensor_ref base, tuned;
   rank_rule rule;
+  std::vector<double> spectrum;  // --budget: the values its allocation saw (reported when longer)
 };
 struct left_delta {
   other_delta rec;
@@ -290,7 +291,7 @@ extract_plan select_deltas(const extract_options& options, const model_files& ba
     }
     if (layout) {
       const auto& shape = b.info->shape;
-      extract_job j{name, path, path, *layout, shape[0], 0, b, t, options.rule};
+      extract_job j{name, path, path, *layout, shape[0], 0, b, t, options.rule, {}};
       j.cols = b.info->n_elements / shape[0];
       if (*layout == delta_layout::conv && options.conv_rule) j.rule = *options.conv_rule;
       plan.jobs.push_back(std::move(j));
@@ -393,6 +394,7 @@ void allocate_ranks(extract_plan& plan, const extract_options& options, const mo
     extract_job& j = plan.jobs[i];
     if (ranks[i] > 0) {
       j.rule = {rank_rule::kind::fixed, static_cast<double>(ranks[i]), 0};
+      j.spectrum = std::move(spectra[i]);
       kept.push_back(std::move(j));
     } else if (norms[i] == 0) {
       ++plan.n_unchanged;
@@ -446,6 +448,7 @@ std::vector<written_factors> factorize_jobs(const extract_plan& plan, const extr
       ++report.n_unchanged;
     } else {
       rec.larger_than_dense = rec.rank > rec.break_even;
+      if (j.spectrum.size() > rec.singular_values.size()) rec.singular_values = j.spectrum;
       const double d2 = rec.delta_norm * rec.delta_norm;
       sum_delta += d2;
       sum_residual += rec.error * rec.error * d2;

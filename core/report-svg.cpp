@@ -1,7 +1,9 @@
 #include "core/report-svg.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <string_view>
 
 #include <fmt/format.h>
 
@@ -181,20 +183,54 @@ void panel(std::string& out, const rank_panel& p, double left, double top, doubl
   text(out, fe.left - 4, fe.top + 9, "1", R"( font-size="9" text-anchor="end")");
   text(out, fe.left - 4, fe.top + fe.h, "0", R"( font-size="9" text-anchor="end")");
   text(out, fe.left, fe.top + fe.h + 12, "energy kept vs rank", R"( font-size="9")");
+  text(out, fe.left + fe.w, fe.top + fe.h + 12, fmt::format("{}", p.s.size()), R"( font-size="9" text-anchor="end")");
+}
+
+// Compares names with their digit runs read as numbers ("layers.2" < "layers.10").
+bool natural_less(const std::string& a, const std::string& b) {
+  size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    if (std::isdigit(static_cast<unsigned char>(a[i])) && std::isdigit(static_cast<unsigned char>(b[j]))) {
+      size_t ie = i, je = j;
+      while (ie < a.size() && std::isdigit(static_cast<unsigned char>(a[ie]))) ++ie;
+      while (je < b.size() && std::isdigit(static_cast<unsigned char>(b[je]))) ++je;
+      const std::string_view da = std::string_view(a).substr(i, ie - i), db = std::string_view(b).substr(j, je - j);
+      const size_t za = da.find_first_not_of('0'), zb = db.find_first_not_of('0');
+      const std::string_view na = za == std::string_view::npos ? "" : da.substr(za);
+      const std::string_view nb = zb == std::string_view::npos ? "" : db.substr(zb);
+      if (na.size() != nb.size()) return na.size() < nb.size();
+      if (na != nb) return na < nb;
+      i = ie, j = je;
+    } else {
+      if (a[i] != b[j]) return a[i] < b[j];
+      ++i, ++j;
+    }
+  }
+  return a.size() - i < b.size() - j;
 }
 
 }  // namespace
 
-std::string render_rank_svg(const rank_figure& fig) {
+std::string render_rank_svg(const rank_figure& input) {
+  rank_figure fig = input;
+  std::stable_sort(fig.panels.begin(), fig.panels.end(),
+                   [](const rank_panel& a, const rank_panel& b) { return natural_less(a.name, b.name); });
   std::string body;
   double y = margin;
   text(body, margin, y + 14, fig.title, R"( font-size="16" font-weight="bold")");
-  text(body, margin, y + 32, fig.subtitle, R"( font-size="12")");
-  text(body, margin, y + 48,
+  size_t start = 0;
+  for (;;) {
+    const size_t end = fig.subtitle.find('\n', start);
+    y += 16;
+    text(body, margin, y + 16, fig.subtitle.substr(start, end - start), R"( font-size="12")");
+    if (end == std::string::npos) break;
+    start = end + 1;
+  }
+  text(body, margin, y + 32,
        "Per module: spectrum (blue, log scale) and energy kept (green) against rank; red dashes: the chosen rank; "
        "grey dots: break-even rank (factors as large as the dense delta)",
        R"( font-size="10" fill="#555")");
-  y += 60;
+  y += 44;
   y += overview(body, fig, y);
   const double col_w = (page_width - 2 * margin) / 2, row_h = 165;
   for (size_t i = 0; i < fig.panels.size(); ++i) {

@@ -31,9 +31,8 @@ struct rank_figure {
 };
 
 // The SVG document (UTF-8 text, width 1100 px, height growing with the number
-// of panels). Non-finite or non-positive singular values are left out of the
-// log plot; an empty spectrum draws an empty panel. Pure; throws only
-// std::bad_alloc.
+// of panels). Panels are sorted by name with digit runs read as numbers. Non-finite or non-positive singular values are
+// left out of the log plot; an empty spectrum draws an empty panel. Pure; throws only std::bad_alloc.
 std::string render_rank_svg(const rank_figure& figure);
 
 }  // namespace lora
