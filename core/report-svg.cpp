@@ -82,7 +82,11 @@ double overview(std::string& out, const rank_figure& fig, double top) {
                 static_cast<double>(n),
                 0,
                 static_cast<double>(max_rank)};
-  text(out, margin, top + 12, "Overview: rank per module (bars, left axis) and relative error (red, right axis)",
+  const bool any_in =
+      std::any_of(fig.panels.begin(), fig.panels.end(), [](const rank_panel& p) { return p.rank_in > 0; });
+  text(out, margin, top + 12,
+       fmt::format("Overview: rank per module (bars{}, left axis) and relative error (red, right axis)",
+                   any_in ? "; light: the rank before" : ""),
        R"( font-weight="bold")");
   axes(out, f);
   text(out, f.left - 6, f.top + 10, fmt::format("{}", max_rank), R"( text-anchor="end")");
@@ -177,8 +181,11 @@ void panel(std::string& out, const rank_panel& p, double left, double top, doubl
     out += fmt::format(R"(<circle cx="{:.1f}" cy="{:.1f}" r="3.5" fill="#c0392b"/>)"
                        "\n",
                        fe.px(static_cast<double>(p.rank)), fe.py(at_rank));
-    text(out, fe.px(static_cast<double>(p.rank)) + 5, fe.py(at_rank) + 12, fmt::format("r={} {:.3f}", p.rank, at_rank),
-         R"( font-size="9" fill="#c0392b")");
+    // the label sits right of the marker, or left of it near the right edge
+    const bool left_of = fe.px(static_cast<double>(p.rank)) > fe.left + 0.7 * fe.w;
+    text(out, fe.px(static_cast<double>(p.rank)) + (left_of ? -5 : 5), fe.py(at_rank) + 12,
+         fmt::format("r={} {:.3f}", p.rank, at_rank),
+         left_of ? R"( font-size="9" fill="#c0392b" text-anchor="end")" : R"( font-size="9" fill="#c0392b")");
   }
   text(out, fe.left - 4, fe.top + 9, "1", R"( font-size="9" text-anchor="end")");
   text(out, fe.left - 4, fe.top + fe.h, "0", R"( font-size="9" text-anchor="end")");
