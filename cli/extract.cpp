@@ -243,8 +243,10 @@ CLI::App* setup_extract(CLI::App& app, runner& run) {
       "Errors are measured on the factors as written: ||dW - B A||_F / ||dW||_F.\n"
       "Exit codes: 0 extracted, 2 bad command line, existing --out or an --out over an input, 3 the models do not "
       "match (a tensor\n"
-      "missing, shapes, dtypes that cannot be subtracted) or are identical, 4 I/O failure. Nothing is left\n"
-      "behind on error.");
+      "missing, shapes, dtypes that cannot be subtracted, a resized vocabulary without --save-modules) or are "
+      "identical,\n"
+      "or --format kohya on an SD 1.x single-file UNet (its LDM -> diffusers map is not there yet), 4 I/O failure.\n"
+      "Nothing is left behind on error.");
   sub->callback([o, &run] { run = [o] { return run_extract_cmd(*o); }; });
   return sub;
 }

@@ -238,6 +238,18 @@ std::optional<delta_layout> classify(const std::string& name, const std::string&
   return stored_in_out(model_type, path) ? delta_layout::conv1d : delta_layout::linear;
 }
 
+// The key each module is written under in a kohya file: its name from the
+// checkpoint's family (core/adapter-names' table), else the one prefix rule
+// convert uses.
+void assign_kohya_keys(extract_plan& plan, const std::string& label) {
+  std::vector<std::string> paths;
+  for (const auto& j : plan.jobs) paths.push_back(j.path);
+  const std::string prefix = auto_kohya_prefix(paths);
+  for (auto& j : plan.jobs)
+    j.key = plan.family == checkpoint_family::other ? kohya_module_name(j.path, prefix)
+                                                    : kohya_checkpoint_name(j.path, plan.family, label);
+}
+
 // Every tensor of the base: unchanged, a job, or a delta left aside.
 extract_plan select_deltas(const extract_options& options, const model_files& base, const model_files& tuned) {
   const std::optional<module_pattern> targets = parse_targets(options.targets);
@@ -312,16 +324,7 @@ extract_plan select_deltas(const extract_options& options, const model_files& ba
     plan.others.push_back({other_delta{name, t.info->shape, reason, resized, norm, ""}, t});
   }
 
-  // the key each module is written under: kohya names from the checkpoint's
-  // family (core/adapter-names' table), else the one prefix rule convert uses
-  if (options.format == extract_format::kohya) {
-    std::vector<std::string> paths;
-    for (const auto& j : plan.jobs) paths.push_back(j.path);
-    const std::string prefix = auto_kohya_prefix(paths);
-    for (auto& j : plan.jobs)
-      j.key = plan.family == checkpoint_family::other ? kohya_module_name(j.path, prefix)
-                                                      : kohya_checkpoint_name(j.path, plan.family, tuned.path);
-  }
+  if (options.format == extract_format::kohya) assign_kohya_keys(plan, tuned.path);
   return plan;
 }
 
