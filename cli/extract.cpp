@@ -124,8 +124,8 @@ void print_report(const extract_report& r) {
     fmt::print("not extracted: {} [{}]: {}{}\n", o.tensor, fmt::join(o.shape, ", "), o.reason,
                o.saved_as.empty() ? std::string(" (--save-modules writes it)") : " -> saved as " + o.saved_as);
   fmt::print(
-      "extracted {} modules into {} ({}, r {}, scale 1, {}): energy kept {:.6f}, relative error {:.3e}; {} of {} "
-      "tensors unchanged{}\n",
+      "extracted {} modules into {} ({}, r {}, scale 1, {}): over these modules energy kept {:.6f}, relative "
+      "error {:.3e}; {} of {} tensors unchanged{}\n",
       r.modules.size(), r.out, r.format == extract_format::kohya ? "kohya" : "peft", r.config_rank,
       human_bytes(r.out_bytes), r.total_energy, r.total_error, r.n_unchanged, r.n_tensors,
       capped ? fmt::format("; {} modules capped before reaching the target", capped) : std::string());
@@ -209,11 +209,13 @@ CLI::App* setup_extract(CLI::App& app, runner& run) {
                   "output: a PEFT folder, or with --format kohya one .safetensors file; must not exist")
       ->required();
   add_rank_options(sub, o->rank);
-  sub->add_option("--budget", o->budget,
-                  "one total of factor parameters, sum of rank x (rows + cols), spread over the modules to minimise "
-                  "the total squared error (greedy on s_i^2 / (rows + cols); ranks go into rank_pattern)");
-  sub->add_option("--conv-rank", o->conv_rank,
-                  "rank of conv weights [out, in, kh, kw] (default: the linear rank rule)");
+  auto* budget = sub->add_option(
+      "--budget", o->budget,
+      "one total of factor parameters, sum of rank x (rows + cols), spread over the modules to minimise "
+      "the total squared error (greedy on s_i^2 / (rows + cols); ranks go into rank_pattern)");
+  auto* conv_rank = sub->add_option("--conv-rank", o->conv_rank,
+                                    "rank of conv weights [out, in, kh, kw] (default: the linear rank rule)");
+  conv_rank->excludes(budget);
   sub->get_option("--rank")->description("rank of every extracted module (capped at min(rows, cols) and --max-rank)");
   sub->add_option("--targets", o->targets,
                   "regex (RE2 syntax: no backreferences or lookaround) on module paths, matched as ^(.*\\.)?(REGEX)$ "
