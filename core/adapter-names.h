@@ -44,8 +44,14 @@ std::string resolve_kohya_prefix(const std::string& option, const std::vector<st
 //   sdxl: SGM (SDXL): model.diffusion_model. + conditioner.embedders.{0,1}.
 //   flux: BFL (Flux): double_blocks. / single_blocks. (optionally under model.diffusion_model.)
 //   other: anything else (diffusers folders, Hugging Face models): auto_kohya_prefix.
+// The family wins in this order: flux (any BFL block), sdxl (conditioner.embedders.),
+// sd1 (cond_stage_model. or an LDM UNet without SGM text encoders), other.
 enum class checkpoint_family { other, sd1, sdxl, flux };
 std::string_view checkpoint_family_name(checkpoint_family f) noexcept;  // "other" | "sd1" | "sdxl" | "flux"
+// The family of a checkpoint from its tensor names (every key of the base
+// model, any order). Pure; borrows nothing. The key layouts follow
+// sd-scripts' library/model_util.py (LDM), library/sdxl_model_util.py (SGM)
+// and library/flux_utils.py (BFL).
 checkpoint_family detect_checkpoint_family(const std::vector<std::string>& tensor_names);
 
 // One row of the prefix table: in a checkpoint of `family`, a module under
