@@ -1,5 +1,5 @@
 // lora resize --adapter ADAPTER --out OUT (--rank R | --energy F | --max-error E)
-//             [--max-rank R] [--force] [--json]
+//             [--max-rank R] [--report FILE.svg] [--force] [--json]
 // Re-ranks every module of a PEFT or kohya adapter without forming B A
 // (core/resize resize_adapter) and prints one line per module.
 #include <memory>
@@ -9,6 +9,9 @@
 
 #include "cli/commands.h"
 #include "cli/rank-report.h"
+#include "core/report-svg.h"
+#include "formats/safetensors.h"
+#include "formats/staged-folder.h"
 
 namespace lora::cli {
 
@@ -18,6 +21,7 @@ struct resize_cli_options {
   std::string adapter;
   std::string out;
   rank_cli_options rank;
+  std::string report;
   bool force = false;
   bool json = false;
 };
@@ -30,7 +34,24 @@ int run_resize(const resize_cli_options& o) {
   opts.out = o.out;
   opts.rule = *rule;
   opts.force = o.force;
+  if (!o.report.empty()) check_output(o.report, {{"adapter", o.adapter}, {"output", o.out}}, o.force);
   const resize_report r = resize_adapter(opts);
+  if (!o.report.empty()) {
+    // the same picture as extract --report (core/report-svg), rank in shown
+    rank_figure fig;
+    fig.title = fmt::format("lora resize: {} -> {}", o.adapter, o.out);
+    int64_t in = 0, out = 0;
+    for (const module_rank_report& m : r.modules) {
+      double total = 0;
+      for (double v : m.singular_values) total += v * v;
+      fig.panels.push_back({m.name, m.singular_values, total, m.rank_out, m.rank_in, m.rows, m.cols,
+                            m.rows + m.cols > 0 ? m.rows * m.cols / (m.rows + m.cols) : 0, m.relative_error});
+      in += m.rank_in;
+      out += m.rank_out;
+    }
+    fig.subtitle = fmt::format("{} modules, total rank {} -> {}", r.modules.size(), in, out);
+    write_file_atomic(o.report, render_rank_svg(fig));
+  }
   size_t kept = 0;  // modules at their rank already: factors and scale as they were
   for (const module_rank_report& m : r.modules) kept += m.rank_out == m.rank_in;
   if (o.json) {
@@ -65,6 +86,9 @@ CLI::App* setup_resize(CLI::App& app, runner& run) {
   sub->add_option("--out", o->out, "output (same format as the input: a PEFT folder or a kohya .safetensors file)")
       ->required();
   add_rank_options(sub, o->rank);
+  sub->add_option("--report", o->report,
+                  "write a picture of the re-rank (SVG): ranks and errors across the modules, then per module the "
+                  "singular values of s B A (log scale) and the energy kept against rank, old and new rank shown");
   sub->add_flag("--force", o->force, "replace --out when it exists (without it, an existing --out is refused: exit 2)");
   sub->add_flag("--json", o->json, "print the per-module report as JSON");
   sub->footer(

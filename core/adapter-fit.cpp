@@ -146,7 +146,7 @@ void check_linear(lora_module& m, const tensor_info& w, const std::optional<std:
   }
   // square: the shapes cannot tell
   if (model_type) {
-    m.fan_in_fan_out = is_conv1d_model_type(model_type) && conv1d_style_name(m.name);
+    m.fan_in_fan_out = stored_in_out(model_type, m.name);
     return;
   }
   if (conv1d_style_name(m.name) && !m.fan_in_fan_out) {
@@ -311,6 +311,10 @@ std::string fit_hint(const fit_report& report) {
 }
 
 }  // namespace
+
+bool stored_in_out(const std::optional<std::string>& model_type, std::string_view module) {
+  return is_conv1d_model_type(model_type) && conv1d_style_name(module);
+}
 
 fit_report fit_adapter(adapter& a, const model_files& base) {
   fit_report report;

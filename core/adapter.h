@@ -205,6 +205,24 @@ struct fit_report {
 // and require_fit.
 fit_report fit_adapter(adapter& a, const model_files& base);
 
+// Whether the 2-D base weight of `module` is stored [in, out] (transformers'
+// pytorch_utils.Conv1D): the base's config.json model_type is GPT-2-like
+// (gpt2, openai-gpt, imagegpt, decision_transformer) and the module is
+// c_attn / c_proj / c_fc. The rule fit_adapter applies to a square weight, and
+// the one extract applies to every weight (it has no LoRA shapes to read).
+// PEFT forces fan_in_fan_out true for Conv1D (peft/tuners/lora/layer.py,
+// Linear.__init__ and dispatch_default, huggingface/peft @ b28a09c4). Pure.
+bool stored_in_out(const std::optional<std::string>& model_type, std::string_view module);
+
+// Whether the 2-D base weight of `module` is stored [in, out] (transformers'
+// pytorch_utils.Conv1D): the base's config.json model_type is GPT-2-like
+// (gpt2, openai-gpt, imagegpt, decision_transformer) and the module is
+// c_attn / c_proj / c_fc. The rule fit_adapter applies to a square weight, and
+// the one extract applies to every weight (it has no LoRA shapes to read).
+// PEFT forces fan_in_fan_out true for Conv1D (peft/tuners/lora/layer.py,
+// Linear.__init__ and dispatch_default, huggingface/peft @ b28a09c4). Pure.
+bool stored_in_out(const std::optional<std::string>& model_type, std::string_view module);
+
 // The one rendering of a fit report that is not ok(), shared by every command
 // (merge, combine, convert --base, verify, forward, inspect --base): an
 // exit-3 lora::error naming `adapter_path` (the file or folder the user named),

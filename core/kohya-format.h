@@ -42,6 +42,60 @@ std::string auto_prefix(const std::vector<std::string>& module_paths);
 // of `prefixes`. Throws lora::error (exit 2) for anything else.
 std::string resolve_prefix(const std::string& option, const std::vector<std::string>& module_paths);
 
+// The layout of a single-file diffusion checkpoint, judged from its tensor
+// names: the family decides which kohya prefix each network gets.
+//   sd1:  LDM (SD 1.x): model.diffusion_model. + cond_stage_model.transformer.
+//   sdxl: SGM (SDXL): model.diffusion_model. + conditioner.embedders.{0,1}.
+//   flux: BFL (Flux): double_blocks. / single_blocks. (optionally under model.diffusion_model.)
+//   other: anything else (diffusers folders, Hugging Face models): auto_prefix.
+// The family wins in this order: flux (any BFL block), sdxl (conditioner.embedders.),
+// sd1 (cond_stage_model. or an LDM UNet without SGM text encoders), other.
+enum class checkpoint_family { other, sd1, sdxl, flux };
+std::string_view checkpoint_family_name(checkpoint_family f) noexcept;  // "other" | "sd1" | "sdxl" | "flux"
+// The family of a checkpoint from its tensor names (every key of the base
+// model, any order). Pure; borrows nothing. The key layouts follow
+// sd-scripts' library/model_util.py (LDM), library/sdxl_model_util.py (SGM)
+// and library/flux_utils.py (BFL).
+checkpoint_family detect_checkpoint_family(const std::vector<std::string>& tensor_names);
+
+// One row of the container table: in a checkpoint of `family`, a module under
+// `base` (a key prefix) is named `kohya` + the rest with '.' read as '_'.
+// `kohya` empty: sd-scripts names these modules by another layout (SD 1.x
+// UNet: diffusers names), which is not mapped yet. The one table both
+// directions use: extract names modules by it, core/name-map resolves kohya
+// names through it.
+// Follows sd-scripts (kohya-ss/sd-scripts @ 06e89800): library/model_util.py
+// and library/sdxl_model_util.py load these containers into the text
+// encoders and UNet that networks/lora.py names (LORA_PREFIX_UNET "lora_unet",
+// LORA_PREFIX_TEXT_ENCODER "lora_te", "lora_te1" / "lora_te2" for SDXL);
+// networks/lora_flux.py names the BFL modules "lora_unet_" + their path.
+struct container {
+  checkpoint_family family;
+  std::string_view base;
+  std::string_view kohya;
+};
+inline constexpr container containers[] = {
+    {checkpoint_family::sdxl, "model.diffusion_model.", "lora_unet_"},
+    {checkpoint_family::sdxl, "conditioner.embedders.0.transformer.", "lora_te1_"},
+    {checkpoint_family::sdxl, "conditioner.embedders.1.model.", "lora_te2_"},
+    {checkpoint_family::sd1, "cond_stage_model.transformer.", "lora_te_"},
+    {checkpoint_family::sd1, "model.diffusion_model.", ""},
+    {checkpoint_family::flux, "model.diffusion_model.", "lora_unet_"},
+    {checkpoint_family::flux, "", "lora_unet_"},
+};
+
+// The kohya name sd-scripts gives the module `path` (dotted, no ".weight") of a
+// checkpoint of `family`: the first row of `containers` for the family
+// whose `base` starts `path`, with SDXL's OpenCLIP text encoder (te2) read in
+// the Hugging Face names sd-scripts converts it to (transformer.resblocks.N ->
+// text_model.encoder.layers.N, attn.out_proj -> self_attn.out_proj, mlp.c_fc
+// -> mlp.fc1, mlp.c_proj -> mlp.fc2: library/sdxl_model_util.py,
+// convert_sdxl_text_encoder_2_checkpoint). Returns "" when no row applies
+// (family other, or a path outside every container).
+// Throws lora::error (exit 3, naming `label` and the module) for a row with no
+// kohya name: "the LDM -> diffusers module map of SD 1.x UNets is not there yet".
+std::string checkpoint_name(const std::string& path, checkpoint_family family, const std::string& label);
+
 // True for a key of this format's grammar (".lora_down." / ".lora_up.").
 bool is_lora_key(std::string_view key) noexcept;
 

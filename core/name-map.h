@@ -7,13 +7,12 @@
 // path with '.' read as '_': "lora_unet_input_blocks_1_1_proj_in"). The base
 // names its tensors in its layout's way. The map is built once from the
 // base's tensor names and tries, in order:
-//   1. the name as it is ("<path>.weight", or a weight whose dotted path reads
-//      as the kohya name once its dots are underscores);
-//   2. each row of the layout table `layout_prefixes` whose scope is the
-//      module's (a kohya prefix, or "" for dotted paths) and whose `adapter`
-//      prefix the name starts with: that prefix replaced by the row's `base`
-//      prefix (sd-scripts strips `model.diffusion_model.` and the text
-//      encoders' containers when it loads a single-file checkpoint).
+//   1. the name as it is (a weight whose dotted path reads as the kohya name
+//      once its dots are underscores);
+//   2. for a kohya name, each single-file container of its prefix
+//      (core/kohya-format `containers`, the table extract names modules by:
+//      sd-scripts strips `model.diffusion_model.` and the text encoders'
+//      containers when it loads a single-file checkpoint).
 // The first step that matches decides; two base modules matching in one step
 // is an ambiguity the caller reports with both names.
 //
@@ -25,10 +24,11 @@
 // rewrites) is applied only when every tensor the adapter changes is found
 // under it; two layouts that both fit are an ambiguity naming both.
 //
-// Extending it: a new checkpoint layout (a base-model prefix, a multimodal
-// container, an LDM / SGM / BFL naming) is rows in `layout_prefixes`, or a
-// table of its own consulted in the same order, never a special case in merge
-// or verify. Fused targets (q / k / v rows of one in_proj_weight) will extend
+// Extending it: a new checkpoint layout is rows in a table (`model_layouts`
+// for base-model prefixes and multimodal containers, kohya::containers for
+// single-file diffusion checkpoints, or a table of its own consulted in the
+// same order for LDM / SGM / BFL namings), never a special case in merge or
+// verify. Fused targets (q / k / v rows of one in_proj_weight) will extend
 // name_lookup with the rows a module changes.
 #pragma once
 
@@ -41,18 +41,6 @@
 #include <vector>
 
 namespace lora {
-
-// One row of the layout table: a module whose name (after its kohya prefix,
-// for a kohya scope) starts with `adapter` may live in the base under `base`
-// instead.
-struct layout_prefix {
-  std::string_view scope;    // a kohya prefix ("lora_unet_"), or "" for dotted module paths
-  std::string_view adapter;  // the prefix as the adapter names it ("" : any name)
-  std::string_view base;     // the base's key prefix
-};
-
-// The table, in the order tried. Sources in name-map.cpp.
-extern const std::vector<layout_prefix> layout_prefixes;
 
 // A base layout another model class uses for the same weights: each row
 // rewrites a name starting with `adapter` to start with `base` instead (the
@@ -88,9 +76,6 @@ class name_map {
  public:
   // Indexes the "<module>.weight" keys of `base_tensor_names` (copied).
   explicit name_map(const std::vector<std::string>& base_tensor_names);
-
-  // The base module a dotted module path (PEFT, MLX) changes.
-  name_lookup find_path(const std::string& path) const;
 
   // The layout under which every one of `tensors` (full tensor names the
   // adapter changes or replaces: "<module>.weight", modules_to_save targets)

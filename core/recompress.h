@@ -49,6 +49,10 @@ struct module_rank_report {
   double relative_error = 0;   // ||delta - B'A'|| / ||delta||, exact arithmetic
   double measured_error = 0;   // the same for the factors as written (after rounding to their dtype)
   bool target_reached = true;  // false: --max-rank or the input rank stopped the rule
+  // resize only (for its --report): every singular value of s B A, exact,
+  // descending, and the shape of B A; empty / 0 for combine
+  std::vector<double> singular_values;
+  int64_t rows = 0, cols = 0;
 };
 
 // ||b a||_F for b [m, r], a [r, n] without forming b a (= ||R_B R_A^T||_F).

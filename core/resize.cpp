@@ -40,6 +40,9 @@ resize_report resize_adapter(const resize_options& o) {
     line.energy_kept = rc.energy_fraction();
     line.relative_error = rc.relative_error();
     line.target_reached = rc.target_reached;
+    line.singular_values = rc.s;
+    line.rows = rc.rows;
+    line.cols = rc.cols;
     if (k == md.rank) {
       // nothing dropped: the factors stay as they are, bytes and all (new
       // factors would be rounded again to a 16-bit dtype), and so does the

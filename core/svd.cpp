@@ -4,6 +4,7 @@
 #include <lapacke.h>
 
 #include <algorithm>
+#include <queue>
 #include <cmath>
 #include <limits>
 
@@ -284,5 +285,29 @@ double residual_norm(std::span<double> a, std::span<const double> b, std::span<c
 
 double squared_norm(std::span<const float> a) { return sum_squares<float>(a); }
 double squared_norm(std::span<const double> a) { return sum_squares<double>(a); }
+
+std::vector<int64_t> allocate_budget(std::span<const budget_module> modules, int64_t budget) {
+  // max-heap of (gain per parameter of the next value, module)
+  std::vector<int64_t> ranks(modules.size(), 0);
+  std::priority_queue<std::pair<double, size_t>> next;
+  auto push = [&](size_t k) {
+    const budget_module& m = modules[k];
+    const int64_t r = ranks[k];
+    if (r < std::min<int64_t>(m.cap, static_cast<int64_t>(m.s.size())))
+      next.push({m.s[r] * m.s[r] / static_cast<double>(m.rows + m.cols), k});
+  };
+  for (size_t k = 0; k < modules.size(); ++k) push(k);
+  int64_t left = budget;
+  while (!next.empty()) {
+    const size_t k = next.top().second;
+    next.pop();
+    const int64_t cost = modules[k].rows + modules[k].cols;
+    if (cost > left) continue;  // this module no longer fits; smaller ones may
+    left -= cost;
+    ++ranks[k];
+    push(k);
+  }
+  return ranks;
+}
 
 }  // namespace lora

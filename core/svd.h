@@ -128,4 +128,20 @@ double residual_norm(std::span<double> a, std::span<const double> b, std::span<c
 double squared_norm(std::span<const float> a);
 double squared_norm(std::span<const double> a);
 
+// One module's spectrum for allocate_budget: singular values (descending,
+// possibly only the leading ones), the matrix shape and a rank cap.
+struct budget_module {
+  std::span<const double> s;
+  int64_t rows = 0, cols = 0;
+  int64_t cap = 0;  // the rank may not exceed min(cap, s.size())
+};
+
+// Spreads `budget` factor parameters (sum of r_k (rows_k + cols_k)) over the
+// modules to minimise the total squared error sum_k sum_{i >= r_k} s_{k,i}^2:
+// greedy on the gain per parameter s_{k,i}^2 / (rows_k + cols_k), taking the
+// best next value that still fits. The gains of a module fall with i, so this
+// is optimal to within one module step (the knapsack's greedy bound). Returns
+// one rank per module (0: none); the sum never exceeds budget. Pure.
+std::vector<int64_t> allocate_budget(std::span<const budget_module> modules, int64_t budget);
+
 }  // namespace lora

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "core/dtype.h"
@@ -348,4 +349,289 @@ TEST_CASE("refusals: exit code, message, nothing left behind") {
   fs::remove_all(dir.path + "/tuned");
   write_model(dir.path + "/tuned", q.tuned);
   expect(k, exit_code::usage, "kohya files have no embedding LoRA");
+}
+
+namespace {
+
+// A model of named tensors with chosen deltas (rank k spectra plus noise);
+// 4-D tensors are held as their [out, in*kh*kw] flattening.
+struct delta_spec {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t k;  // rank of the planted delta
+  double ratio;
+};
+pair_of_models models_of(const std::vector<delta_spec>& specs, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  pair_of_models p;
+  for (const auto& d : specs) {
+    const int64_t rows = d.shape[0];
+    int64_t cols = 1;
+    for (size_t i = 1; i < d.shape.size(); ++i) cols *= d.shape[i];
+    mat w = gaussian(rows, cols, 0.05, rng);
+    mat delta = low_rank(rows, cols, d.k, 1.0, d.ratio, rng) + gaussian(rows, cols, 1e-3, rng);
+    p.base[d.name] = {dtype::F32, d.shape, w};
+    p.tuned[d.name] = {dtype::F32, d.shape, stored(w + delta, dtype::F32)};
+  }
+  return p;
+}
+
+void write_pair(const temp_dir& dir, const pair_of_models& p, const std::string& config = "") {
+  write_model(dir.path + "/base", p.base);
+  write_model(dir.path + "/tuned", p.tuned);
+  if (!config.empty())
+    for (const char* side : {"/base", "/tuned"}) write_file_atomic(dir.path + side + "/config.json", config);
+}
+
+}  // namespace
+
+TEST_CASE("GPT-2 Conv1D: fan_in_fan_out, lora_A [r, in = weight.shape[0]], PEFT merge within 1.01x optimal") {
+  temp_dir dir;
+  // Conv1D weights are stored [in, out]: c_attn [32, 96] (not square), c_proj [32, 32] (square)
+  pair_of_models p = models_of({{"h.0.attn.c_attn.weight", {32, 96}, 12, 0.7},
+                                {"h.0.attn.c_proj.weight", {32, 32}, 12, 0.6},
+                                {"h.0.mlp.c_fc.weight", {32, 128}, 14, 0.8}},
+                               7);
+  write_pair(dir, p, R"({"model_type": "gpt2"})");
+  const int64_t r = 5;
+  for (const auto format : {extract_format::peft, extract_format::kohya}) {
+    const bool peft = format == extract_format::peft;
+    extract_options o = options_for(dir, peft ? "peft" : "k.safetensors", {rank_rule::kind::fixed, r, 0});
+    o.format = format;
+    const extract_report rep = run_extract(o, {});
+    safetensors_file f(peft ? o.out + "/adapter_model.safetensors" : o.out);
+    for (const auto& [name, t] : p.base) {
+      const std::string path = module_path(name);
+      CAPTURE(path);
+      const extracted_module& m = find_module(rep, path);
+      CHECK(m.layout == delta_layout::conv1d);
+      const int64_t in = t.shape[0], out = t.shape[1];
+      const std::string key =
+          peft ? "base_model.model." + path : "lora_te_" + std::regex_replace(path, std::regex("\\."), "_");
+      mat a = read_tensor(f, key + (peft ? ".lora_A.weight" : ".lora_down.weight"), r, in);
+      mat b = read_tensor(f, key + (peft ? ".lora_B.weight" : ".lora_up.weight"), out, r);
+      // PEFT Conv1D: W = W0 + (B A)^T
+      const mat& w0 = t.values;
+      const mat& w1 = p.tuned.at(name).values;
+      const double err = (w0 + (b * a).transpose() - w1).norm() / (w1 - w0).norm();
+      CHECK(err <= 1.01 * optimal_error(spectrum(p, name), r));
+      CHECK(std::abs(err - m.error) <= 1e-4 * m.error);
+    }
+    if (peft) {
+      nlohmann::json cfg = nlohmann::json::parse(read_text_file(o.out + "/adapter_config.json"));
+      CHECK(cfg["fan_in_fan_out"] == true);
+    }
+  }
+  // without a GPT-2 model_type the same names are nn.Linear [out, in]
+  write_pair(dir, p, R"({"model_type": "llama"})");
+  extract_options o = options_for(dir, "linear", {rank_rule::kind::fixed, r, 0});
+  CHECK(run_extract(o, {}).modules[0].layout == delta_layout::linear);
+}
+
+TEST_CASE("conv weights: the [out, in*kh*kw] flattening within 1.01x optimal, PEFT and kohya, --conv-rank") {
+  temp_dir dir;
+  pair_of_models p = models_of({{"down_blocks.0.resnets.0.conv1.weight", {16, 8, 3, 3}, 12, 0.7},
+                                {"down_blocks.0.resnets.0.conv_shortcut.weight", {16, 8, 1, 1}, 6, 0.6},
+                                {"down_blocks.0.attentions.0.proj_in.weight", {16, 16}, 8, 0.6}},
+                               11);
+  write_pair(dir, p);
+  const int64_t r = 4, conv_r = 6;
+  for (const auto format : {extract_format::peft, extract_format::kohya}) {
+    const bool peft = format == extract_format::peft;
+    extract_options o = options_for(dir, peft ? "peft" : "k.safetensors", {rank_rule::kind::fixed, r, 0});
+    o.format = format;
+    o.conv_rule = rank_rule{rank_rule::kind::fixed, conv_r, 0};
+    const extract_report rep = run_extract(o, {});
+    safetensors_file f(peft ? o.out + "/adapter_model.safetensors" : o.out);
+    for (const std::string path : {"down_blocks.0.resnets.0.conv1", "down_blocks.0.resnets.0.conv_shortcut"}) {
+      CAPTURE(path);
+      const tensor& t = p.base.at(path + ".weight");
+      const extracted_module& m = find_module(rep, path);
+      CHECK(m.layout == delta_layout::conv);
+      CHECK(m.rank == conv_r);
+      const std::string key =
+          peft ? "base_model.model." + path : "lora_unet_" + std::regex_replace(path, std::regex("\\."), "_");
+      const std::string ak = key + (peft ? ".lora_A.weight" : ".lora_down.weight");
+      const std::string bk = key + (peft ? ".lora_B.weight" : ".lora_up.weight");
+      CHECK(f.at(ak).shape == std::vector<int64_t>{conv_r, t.shape[1], t.shape[2], t.shape[3]});
+      CHECK(f.at(bk).shape == std::vector<int64_t>{t.shape[0], conv_r, 1, 1});
+      mat a = read_tensor(f, ak, conv_r, t.values.cols());
+      mat b = read_tensor(f, bk, t.shape[0], conv_r);
+      const mat& w1 = p.tuned.at(path + ".weight").values;
+      const double err = (t.values + b * a - w1).norm() / (w1 - t.values).norm();
+      CHECK(err <= 1.01 * optimal_error(spectrum(p, path + ".weight"), conv_r));
+    }
+    CHECK(find_module(rep, "down_blocks.0.attentions.0.proj_in").rank == r);
+    if (!peft) {
+      // the ss_* keys sd-scripts' extract_lora_from_models.py writes
+      const metadata_map& md = *f.metadata();
+      CHECK(md.at("ss_network_module") == "networks.lora");
+      CHECK(md.at("ss_network_dim") == "4");
+      CHECK(md.at("ss_network_alpha") == "4.0");
+      CHECK(md.at("ss_network_args") == R"({"conv_dim": "6", "conv_alpha": "6.0"})");
+    }
+  }
+}
+
+TEST_CASE("kohya names as sd-scripts writes them: SDXL, Flux, SD 1.x text encoder; SD 1.x UNet refused") {
+  temp_dir dir;
+  auto keys_of = [&](const std::vector<delta_spec>& specs) {
+    fs::remove_all(dir.path + "/base");
+    fs::remove_all(dir.path + "/tuned");
+    fs::remove_all(dir.path + "/k.safetensors");
+    write_pair(dir, models_of(specs, 5));
+    extract_options o = options_for(dir, "k.safetensors", {rank_rule::kind::fixed, 2, 0});
+    o.format = extract_format::kohya;
+    const extract_report rep = run_extract(o, {});
+    safetensors_file f(o.out);
+    std::set<std::string> names;
+    for (const auto& t : f.tensors())
+      if (t.name.ends_with(".lora_down.weight")) names.insert(t.name.substr(0, t.name.size() - 17));
+    return std::pair{names, *f.metadata()};
+  };
+  // SDXL (SGM names): the UNet by its LDM names, CLIP-L as lora_te1_, OpenCLIP-G
+  // as lora_te2_ in the Hugging Face names sd-scripts converts it to
+  auto [sdxl, sdxl_md] = keys_of(
+      {{"model.diffusion_model.input_blocks.4.1.proj_in.weight", {16, 16}, 4, 0.5},
+       {"model.diffusion_model.output_blocks.2.0.in_layers.2.weight", {16, 8, 3, 3}, 4, 0.5},
+       {"conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight", {16, 16}, 4, 0.5},
+       {"conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight", {32, 16}, 4, 0.5},
+       {"conditioner.embedders.1.model.transformer.resblocks.0.attn.out_proj.weight", {16, 16}, 4, 0.5}});
+  CHECK(sdxl == std::set<std::string>{"lora_unet_input_blocks_4_1_proj_in", "lora_unet_output_blocks_2_0_in_layers_2",
+                                      "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                                      "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+                                      "lora_te2_text_model_encoder_layers_0_self_attn_out_proj"});
+  CHECK(sdxl_md.at("ss_base_model_version") == "sdxl_base_v1-0");
+  // Flux (BFL names), bare and inside a ComfyUI-style model.diffusion_model.
+  auto [flux, flux_md] = keys_of({{"double_blocks.0.img_attn.qkv.weight", {48, 16}, 4, 0.5},
+                                  {"single_blocks.0.linear1.weight", {32, 16}, 4, 0.5}});
+  CHECK(flux == std::set<std::string>{"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"});
+  CHECK(flux_md.at("ss_base_model_version") == "flux1");
+  auto [comfy, comfy_md] = keys_of({{"model.diffusion_model.double_blocks.0.txt_mlp.0.weight", {32, 16}, 4, 0.5}});
+  CHECK(comfy == std::set<std::string>{"lora_unet_double_blocks_0_txt_mlp_0"});
+  // SD 1.x: the text encoder
+  auto [sd1, sd1_md] =
+      keys_of({{"cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc2.weight", {16, 32}, 4, 0.5}});
+  CHECK(sd1 == std::set<std::string>{"lora_te_text_model_encoder_layers_3_mlp_fc2"});
+  CHECK(sd1_md.at("ss_base_model_version") == "sd_v1");
+  // SD 1.x UNet: sd-scripts uses diffusers names; the map is not there yet
+  try {
+    keys_of({{"cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc2.weight", {16, 32}, 4, 0.5},
+             {"model.diffusion_model.input_blocks.1.1.proj_in.weight", {16, 16}, 4, 0.5}});
+    FAIL("SD 1.x UNet written with LDM names");
+  } catch (const lora::error& e) {
+    CHECK(e.code() == exit_code::invalid_input);
+    CHECK_MESSAGE(std::string(e.what()).find("model.diffusion_model.input_blocks.1.1.proj_in: --format kohya") !=
+                      std::string::npos,
+                  e.what());
+    CHECK_MESSAGE(std::string(e.what()).find("LDM -> diffusers module map is not there yet") != std::string::npos,
+                  e.what());
+  }
+  CHECK(!fs::exists(dir.path + "/k.safetensors"));
+}
+
+TEST_CASE("a bigger vocabulary: --save-modules writes embed_tokens / lm_head whole, bit-identical; totals cover it") {
+  temp_dir dir;
+  pair_of_models p = models_of({{"model.layers.0.self_attn.q_proj.weight", {32, 32}, 8, 0.6}}, 3);
+  std::mt19937_64 rng(4);
+  for (const char* name : {"model.embed_tokens.weight", "lm_head.weight"}) {
+    mat w = gaussian(64, 32, 0.05, rng);
+    mat grown(72, 32);
+    grown << w + gaussian(64, 32, 0.01, rng), gaussian(8, 32, 0.05, rng);
+    p.base[name] = {dtype::F32, {64, 32}, w};
+    p.tuned[name] = {dtype::F32, {72, 32}, stored(grown, dtype::F32)};
+  }
+  write_pair(dir, p);
+  extract_options o = options_for(dir, "out", {rank_rule::kind::fixed, 4, 0});
+  try {
+    run_extract(o, {});
+    FAIL("a resized vocabulary without --save-modules");
+  } catch (const lora::error& e) {
+    CHECK(std::string(e.what()).find("has 72 rows, the base 64") != std::string::npos);
+  }
+  o.save_modules = true;
+  const extract_report rep = run_extract(o, {});
+  safetensors_file f(o.out + "/adapter_model.safetensors");
+  safetensors_file tuned(dir.path + "/tuned/model.safetensors");
+  double saved2 = 0;
+  for (const std::string name : {"model.embed_tokens.weight", "lm_head.weight"}) {
+    CAPTURE(name);
+    const tensor_info& s = f.at("base_model.model." + name);
+    CHECK(s.shape == std::vector<int64_t>{72, 32});
+    CHECK(std::ranges::equal(f.data(s), tuned.data(tuned.at(name))));
+    mat d = p.tuned.at(name).values;
+    d.topRows(64) -= p.base.at(name).values;
+    saved2 += d.squaredNorm();
+  }
+  nlohmann::json cfg = nlohmann::json::parse(read_text_file(o.out + "/adapter_config.json"));
+  CHECK(cfg["modules_to_save"] == nlohmann::json({"lm_head", "model.embed_tokens"}));
+  CHECK(std::abs(rep.saved_norm - std::sqrt(saved2)) <= 1e-9 * std::sqrt(saved2));
+  CHECK(rep.left_out_norm == 0);
+  const double ex2 = rep.total_delta_norm * rep.total_delta_norm;
+  CHECK(std::abs(rep.model_energy - (rep.total_energy * ex2 + saved2) / (ex2 + saved2)) <= 1e-9);
+  CHECK(rep.model_error < rep.total_error);
+}
+
+TEST_CASE("--budget: never exceeded, within 1.01x the greedy allocation on exact singular values") {
+  temp_dir dir;
+  pair_of_models p = make_models(dtype::F32);
+  write_pair(dir, p);
+  for (const auto method : {svd_method::randomized, svd_method::exact}) {
+    for (const int64_t budget : {300, 1500, 4000}) {
+      CAPTURE(budget);
+      extract_options o =
+          options_for(dir, fmt::format("b{}{}", budget, static_cast<int>(method)), {rank_rule::kind::fixed, 1, 0});
+      o.budget = budget;
+      o.svd.method = method;
+      const extract_report rep = run_extract(o, {});
+      CHECK(rep.params <= budget);
+      // the reference: exact spectra, the same greedy, capped at break-even
+      std::vector<Eigen::VectorXd> spectra;
+      std::vector<std::vector<double>> values;
+      std::vector<budget_module> items;
+      for (const auto& path : linear_modules) {
+        spectra.push_back(spectrum(p, path + ".weight"));
+        values.emplace_back(spectra.back().data(), spectra.back().data() + spectra.back().size());
+      }
+      for (size_t i = 0; i < linear_modules.size(); ++i) {
+        const auto& t = p.base.at(linear_modules[i] + ".weight");
+        const int64_t m = t.shape[0], n = t.shape[1];
+        items.push_back({values[i], m, n, m * n / (m + n)});
+      }
+      const std::vector<int64_t> ranks = allocate_budget(items, budget);
+      double all2 = 0, lost2 = 0;
+      for (size_t i = 0; i < spectra.size(); ++i) {
+        all2 += spectra[i].squaredNorm();
+        lost2 += spectra[i].tail(spectra[i].size() - ranks[i]).squaredNorm();
+      }
+      // ours: the residual of the modules written plus the deltas the budget left at rank 0
+      double ours2 = 0;
+      for (const auto& m : rep.modules) ours2 += m.error * m.error * m.delta_norm * m.delta_norm;
+      for (const auto& o2 : rep.others)
+        if (o2.reason == "--budget gave it no rank") ours2 += o2.delta_norm * o2.delta_norm;
+      CAPTURE(std::sqrt(ours2 / all2) / std::sqrt(lost2 / all2));
+      CHECK(std::sqrt(ours2) <= 1.01 * std::sqrt(lost2));
+      for (const auto& m : rep.modules) CHECK(!m.larger_than_dense);
+    }
+  }
+}
+
+TEST_CASE("factors larger than the dense delta are flagged; --json spectra go past the rank") {
+  temp_dir dir;
+  pair_of_models p = make_models(dtype::F32);
+  write_pair(dir, p);
+  extract_options o = options_for(dir, "big", {rank_rule::kind::energy, 0.999999, 0});
+  const extract_report rep = run_extract(o, {});
+  const extracted_module& q = find_module(rep, "model.layers.0.self_attn.q_proj");  // 32x32: break-even 16
+  CHECK(q.break_even == 16);
+  CHECK(q.rank > 16);
+  CHECK(q.larger_than_dense);
+  const extracted_module& v = find_module(rep, "model.layers.0.self_attn.v_proj");
+  CHECK(static_cast<int64_t>(v.singular_values.size()) >= v.rank);
+  extract_options r2 = options_for(dir, "r2", {rank_rule::kind::fixed, 2, 0});
+  const extract_report small = run_extract(r2, {});
+  for (const auto& m : small.modules) {
+    CHECK(!m.larger_than_dense);
+    CHECK(static_cast<int64_t>(m.singular_values.size()) > m.rank);
+  }
 }

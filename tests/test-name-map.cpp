@@ -11,17 +11,80 @@
 
 using namespace lora;
 
-TEST_CASE("dotted paths: found as they are, nothing else") {
-  const name_map names({"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.bias",
-                        "model.norm.weight", "lm_head.weight"});
-  CHECK(names.find_path("model.layers.0.self_attn.q_proj").modules ==
-        std::vector<std::string>{"model.layers.0.self_attn.q_proj"});
-  CHECK(names.find_path("lm_head").modules == std::vector<std::string>{"lm_head"});
-  const name_lookup missing = names.find_path("model.layers.1.self_attn.q_proj");
-  CHECK(missing.modules.empty());
-  CHECK(missing.looked_for == "model.layers.1.self_attn.q_proj");
-  // a bias alone does not make a module (the delta changes a weight)
-  CHECK(names.find_path("model.layers.0.self_attn").modules.empty());
+TEST_CASE("dotted paths: as they are when every target is found; no layout is tried") {
+  const name_map names({"model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"});
+  const layout_choice c = names.choose_layout({"model.layers.0.self_attn.q_proj.weight", "lm_head.weight"});
+  CHECK(c.layout == nullptr);
+  CHECK(c.ambiguous.empty());
+  CHECK(c.found_as_is == 2);
+  CHECK(names.has_tensor("model.norm.weight"));
+  CHECK_FALSE(names.has_tensor("model.norm"));
+}
+
+TEST_CASE("dotted paths: GPT2LMHeadModel names onto the hub's bare GPT2Model checkpoint, and the reverse") {
+  const name_map bare({"wte.weight", "h.0.attn.c_attn.weight", "h.0.attn.c_proj.weight", "ln_f.weight"});
+  const layout_choice c =
+      bare.choose_layout({"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight"});
+  REQUIRE(c.layout != nullptr);
+  CHECK(std::string(c.layout->name) == "bare GPT2Model checkpoint (no transformer. prefix)");
+  CHECK(apply_layout("transformer.h.0.attn.c_attn.weight", c.layout) == "h.0.attn.c_attn.weight");
+  CHECK(apply_layout("transformer.h.0.attn.c_attn", c.layout) == "h.0.attn.c_attn");
+
+  const name_map full({"transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "lm_head.weight"});
+  const layout_choice r = full.choose_layout({"h.0.attn.c_attn.weight", "wte.weight"});
+  REQUIRE(r.layout != nullptr);
+  CHECK(apply_layout("wte.weight", r.layout) == "transformer.wte.weight");
+}
+
+TEST_CASE("dotted paths: LlamaModel adapters onto LlamaForCausalLM files and the reverse") {
+  const name_map causal({"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "lm_head.weight"});
+  const layout_choice c = causal.choose_layout({"layers.0.self_attn.q_proj.weight", "embed_tokens.weight"});
+  REQUIRE(c.layout != nullptr);
+  CHECK(apply_layout("layers.0.self_attn.q_proj.weight", c.layout) == "model.layers.0.self_attn.q_proj.weight");
+  CHECK(apply_layout("lm_head.weight", c.layout) == "lm_head.weight");  // the head stays where it is
+
+  const name_map bare({"embed_tokens.weight", "layers.0.self_attn.q_proj.weight"});
+  const layout_choice r = bare.choose_layout({"model.layers.0.self_attn.q_proj.weight"});
+  REQUIRE(r.layout != nullptr);
+  CHECK(apply_layout("model.layers.0.self_attn.q_proj.weight", r.layout) == "layers.0.self_attn.q_proj.weight");
+}
+
+TEST_CASE("dotted paths: multimodal checkpoints (transformers 4.52 _checkpoint_conversion_mapping)") {
+  // Gemma 3 / LLaVA on disk: language_model.model.*, language_model.lm_head; adapters saved by
+  // current transformers: model.language_model.*, lm_head
+  const name_map disk({"language_model.model.layers.0.self_attn.q_proj.weight", "language_model.lm_head.weight",
+                       "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"});
+  const layout_choice c =
+      disk.choose_layout({"model.language_model.layers.0.self_attn.q_proj.weight", "lm_head.weight"});
+  REQUIRE(c.layout != nullptr);
+  CHECK(apply_layout("model.language_model.layers.0.self_attn.q_proj.weight", c.layout) ==
+        "language_model.model.layers.0.self_attn.q_proj.weight");
+  CHECK(apply_layout("lm_head.weight", c.layout) == "language_model.lm_head.weight");
+  // Qwen2-VL on disk: model.layers.*, visual.*
+  const name_map qwen({"model.layers.0.self_attn.q_proj.weight", "visual.blocks.0.attn.qkv.weight"});
+  const layout_choice q = qwen.choose_layout(
+      {"model.language_model.layers.0.self_attn.q_proj.weight", "model.visual.blocks.0.attn.qkv.weight"});
+  REQUIRE(q.layout != nullptr);
+  CHECK(apply_layout("model.visual.blocks.0.attn.qkv.weight", q.layout) == "visual.blocks.0.attn.qkv.weight");
+}
+
+TEST_CASE("dotted paths: a layout applies only when every target fits; two that fit are named") {
+  // one of the two targets is found under the GPT-2 layout: nothing is applied, the closest is told
+  const name_map bare({"h.0.attn.c_attn.weight"});
+  const layout_choice partial =
+      bare.choose_layout({"transformer.h.0.attn.c_attn.weight", "transformer.h.9.mlp.weight"});
+  CHECK(partial.layout == nullptr);
+  REQUIRE(partial.closest != nullptr);
+  CHECK(partial.closest_found == 1);
+  CHECK(partial.found_as_is == 0);
+  // a base holding both spellings: the bare-GPT2Model layout (a.weight) and the
+  // LlamaForCausalLM layout (model.transformer.a.weight) both fit: neither is chosen
+  const name_map both({"a.weight", "model.transformer.a.weight"});
+  const layout_choice two = both.choose_layout({"transformer.a.weight"});
+  CHECK(two.layout == nullptr);
+  REQUIRE(two.ambiguous.size() == 2);
+  CHECK(std::string(two.ambiguous[0]->name) == "bare GPT2Model checkpoint (no transformer. prefix)");
+  CHECK(std::string(two.ambiguous[1]->name) == "LlamaForCausalLM-style checkpoint (model. prefix)");
 }
 
 TEST_CASE("kohya names: the name as it is first, then inside its scope's containers only") {
@@ -54,11 +117,9 @@ TEST_CASE("kohya names: two base modules that read alike are both returned (the 
   CHECK(both.modules.size() == 2);
 }
 
-TEST_CASE("every layout row names a known kohya prefix or the dotted scope") {
-  for (const layout_prefix& row : layout_prefixes) {
-    CHECK((row.scope.empty() || kohya::prefix_of(row.scope) == row.scope));
-    CHECK_FALSE(row.base.empty());
-  }
+TEST_CASE("the container table: every row names a known kohya prefix (or none: not mapped yet)") {
+  for (const kohya::container& row : kohya::containers)
+    CHECK((row.kohya.empty() || kohya::prefix_of(row.kohya) == row.kohya));
 }
 
 TEST_CASE("PEFT keys: what the writer names, the reader's grammar recognises") {

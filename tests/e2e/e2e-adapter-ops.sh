@@ -312,8 +312,12 @@ expect_json 'all(m["energy_kept"] >= 0.8 for m in j["modules"])' true
 # modules already at the rank the rule picks are kept unchanged (counted, and
 # checked byte for byte by `check resize`)
 expect_json 'j["kept_unchanged"] == sum(m["rank_in"] == m["rank_out"] for m in j["modules"]) > 0' true
-expect_exit 0 "$LORA" resize --adapter "$TD/lora-tiny-llama-patterns" --energy 0.9 --out "$W/pat9"
+expect_exit 0 "$LORA" resize --adapter "$TD/lora-tiny-llama-patterns" --energy 0.9 --out "$W/pat9" --report "$W/pat9.svg"
 expect_stdout_contains "(alpha = rank: scale 1; 10 of 14 modules were already at that rank and are kept unchanged)"
+# --report: the SVG of the re-rank (core/report-svg) parses, has a panel per module, and rsvg-convert renders it
+expect_eq "resize --report: one panel per module" "$("$PY" -c 'import sys, xml.etree.ElementTree as ET
+print(sum("]  rank" in (t.text or "") for t in ET.parse(sys.argv[1]).getroot().iter("{http://www.w3.org/2000/svg}text")))' "$W/pat9.svg")" 14
+expect_eq "resize --report renders (rsvg-convert)" "$(rsvg-convert "$W/pat9.svg" -o "$W/pat9.png" && head -c 4 "$W/pat9.png" | tail -c 3)" PNG
 # --max-rank caps the energy rule and says so
 expect_exit 0 "$LORA" resize --adapter "$TD/lora-tiny-llama-patterns" --energy 0.999 --max-rank 2 --out "$W/capped" --json
 expect_json 'max(m["rank_out"] for m in j["modules"])' 2

@@ -206,7 +206,7 @@ if "$LORA" extract --base "$BASE" --tuned "$TUNED" --out "$T/forced" --rank 4 --
 else
   fail "--force: $(cat "$T/err")"
 fi
-expect_error "no rank option" 2 "give one of --rank R, --energy F or --max-error E" "$T/o6" -- \
+expect_error "no rank option" 2 "give one of --rank R, --energy F, --max-error E or --budget N" "$T/o6" -- \
   --base "$BASE" --tuned "$TUNED" --out "$T/o6"
 expect_error "bad --targets regex" 2 "--targets" "$T/o7" -- --base "$BASE" --tuned "$TUNED" --out "$T/o7" --rank 4 --targets '('
 expect_error "kohya with --save-modules" 2 "--save-modules needs --format peft" "$T/o8" -- \
@@ -289,6 +289,104 @@ if "$LORA" extract --base "$T/dit/base.safetensors" --tuned "$T/dit/tuned.safete
   else fail "DiT kohya names: extract [$got], convert [$converted], want [$want]"; fi
 else
   fail "DiT extract / convert: $(cat "$T/err")"
+fi
+
+# --- --report: the SVG parses as XML, has one panel per module, and rsvg-convert renders it
+if "$LORA" extract --base "$BASE" --tuned "$TUNED" --out "$T/rep" --energy 0.9 --report "$T/rep.svg" --json \
+     >"$T/rep.json" 2>"$T/err"; then
+  got=$("$PY" - "$T/rep.svg" "$T/rep.json" <<'PY'
+import sys, json, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+report = json.load(open(sys.argv[2]))
+ns = "{http://www.w3.org/2000/svg}"
+texts = [t.text or "" for t in root.iter(ns + "text")]
+titles = [t for t in texts if "]  rank" in t]
+problems = []
+if root.tag != ns + "svg": problems.append("root " + root.tag)
+if len(titles) != len(report["modules"]): problems.append("%d panels for %d modules" % (len(titles), len(report["modules"])))
+for m in report["modules"]:
+    if not any(t.startswith(m["module"] + "  [") for t in titles): problems.append("no panel for " + m["module"])
+    if len(m["singular_values"]) <= m["rank"] and m["rank"] < min(m["matrix"]): problems.append("short spectrum " + m["module"])
+print("ok" if not problems else "; ".join(problems))
+PY
+)
+  [ "$got" = ok ] && pass "--report: well-formed SVG, one panel per module" || fail "--report: $got"
+  if rsvg-convert "$T/rep.svg" -o "$T/rep.png" 2>"$T/err" && [ "$(head -c 4 "$T/rep.png" | tail -c 3)" = PNG ]; then
+    pass "--report: rsvg-convert renders it"
+  else
+    fail "--report: rsvg-convert: $(cat "$T/err")"
+  fi
+else
+  fail "--report: $(cat "$T/err")"
+fi
+
+# --- GPT-2 Conv1D: extract (fan_in_fan_out), merge, and the merged square c_proj is W0 + (B A)^T
+mkdir -p "$T/gpt2/base" "$T/gpt2/tuned"
+"$PY" - "$SRC/tests/e2e" "$T/gpt2" <<'PY'
+import sys; sys.path.insert(0, sys.argv[1])
+import numpy as np
+from safetensors_np import write
+rng = np.random.default_rng(21)
+shapes = {"h.0.attn.c_attn.weight": (16, 48), "h.0.attn.c_proj.weight": (16, 16), "h.0.mlp.c_fc.weight": (16, 64)}
+base = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+tuned = {k: v + (rng.standard_normal((v.shape[0], 3)) @ rng.standard_normal((3, v.shape[1]))).astype(np.float32)
+         for k, v in base.items()}
+for side, m in (("base", base), ("tuned", tuned)):
+    write(sys.argv[2] + "/" + side + "/model.safetensors", m)
+    open(sys.argv[2] + "/" + side + "/config.json", "w").write('{"model_type": "gpt2"}')
+PY
+if "$LORA" extract --base "$T/gpt2/base" --tuned "$T/gpt2/tuned" --out "$T/gpt2/peft" --rank 3 --quiet 2>"$T/err" &&
+   "$LORA" merge --base "$T/gpt2/base" --adapter "$T/gpt2/peft" --out "$T/gpt2/merged" >/dev/null 2>>"$T/err"; then
+  got=$("$PY" - "$SRC/tests/e2e" "$T/gpt2" <<'PY'
+import sys, json; sys.path.insert(0, sys.argv[1])
+import numpy as np
+from safetensors_np import read
+d = sys.argv[2]
+b, _ = read(d + "/base/model.safetensors"); t, _ = read(d + "/tuned/model.safetensors")
+m, _ = read(d + "/merged/model.safetensors"); a, _ = read(d + "/peft/adapter_model.safetensors")
+cfg = json.load(open(d + "/peft/adapter_config.json"))
+bad = [] if cfg["fan_in_fan_out"] else ["fan_in_fan_out false"]
+for k in b:
+    p = "base_model.model." + k[:-7]
+    A, B = a[p + ".lora_A.weight"][3], a[p + ".lora_B.weight"][3]
+    if A.shape != (3, b[k][3].shape[0]): bad.append("%s lora_A %s" % (k, A.shape))
+    want = b[k][3].astype(np.float64) + (B.astype(np.float64) @ A).T
+    if np.abs(m[k][3] - want).max() > 1e-5 * np.abs(want).max(): bad.append(k + " merged differs")
+    if np.linalg.norm(m[k][3] - t[k][3]) > 1e-4 * np.linalg.norm(t[k][3] - b[k][3]): bad.append(k + " != tuned")
+print("ok" if not bad else "; ".join(bad))
+PY
+)
+  [ "$got" = ok ] && pass "GPT-2 Conv1D: fan_in_fan_out adapter, merged back to the tuned model (square c_proj too)" \
+    || fail "GPT-2 Conv1D: $got"
+else
+  fail "GPT-2 Conv1D extract / merge: $(cat "$T/err")"
+fi
+
+# --- the real full fine-tune of stories260K: --budget and --energy, whole-model totals
+S=$SRC/../shared/fixtures/stories260k
+if [ -f "$S/tuned-full/model.safetensors" ]; then
+  for args in "--budget 60000" "--energy 0.9"; do
+    # shellcheck disable=SC2086
+    if "$LORA" extract --base "$S/model" --tuned "$S/tuned-full" --out "$T/s260k" $args --json --force \
+         >"$T/s.json" 2>"$T/err"; then
+      got=$("$PY" - "$T/s.json" "$args" <<'PY'
+import sys, json
+r = json.load(open(sys.argv[1]))
+bad = []
+if r["budget"] is not None and r["params"] > r["budget"]: bad.append("budget exceeded")
+if sum(m["params"] for m in r["modules"]) != r["params"]: bad.append("params")
+print("ok" if not bad else "; ".join(bad),
+      "modules %d params %d extracted error %.4f whole-model energy %.4f error %.4f" %
+      (len(r["modules"]), r["params"], r["total"]["relative_error"], r["model"]["energy_kept"], r["model"]["relative_error"]))
+PY
+)
+      case $got in ok*) pass "stories260K $args: ${got#ok }";; *) fail "stories260K $args: $got";; esac
+    else
+      fail "stories260K $args: $(cat "$T/err")"
+    fi
+  done
+else
+  echo "skip: $S absent (stories260K extraction)"
 fi
 
 if ls "$T"/*.tmp-* >/dev/null 2>&1; then fail "temporary files left in $T"; else pass "no temporary files left"; fi
