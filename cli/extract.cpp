@@ -247,7 +247,7 @@ CLI::App* setup_extract(CLI::App& app, runner& run) {
       "match (a tensor\n"
       "missing, shapes, dtypes that cannot be subtracted, a resized vocabulary without --save-modules) or are "
       "identical,\n"
-      "or --format kohya on an SD 1.x single-file UNet (its LDM -> diffusers map is not there yet), 4 I/O failure.\n"
+      "or --format kohya on an SD 1.x UNet key outside the LDM layout, 4 I/O failure.\n"
       "Nothing is left behind on error.");
   sub->callback([o, &run] { run = [o] { return run_extract_cmd(*o); }; });
   return sub;

@@ -123,8 +123,8 @@ struct extract_report {
 // on one side, shapes, dtypes that cannot be subtracted, NaN/Inf in a delta),
 // when they are identical ("models are identical: nothing to extract"), when
 // no 2-D delta is selected, when an embedding / lm_head changed its number of
-// rows without --save-modules, and for --format kohya on an SD 1.x UNet
-// (core/kohya-format: its LDM -> diffusers map is not there yet); exit 2 for
+// rows without --save-modules, and for --format kohya on an SD 1.x UNet key
+// outside the LDM layout (core/ldm-names has no diffusers name for it); exit 2 for
 // option combinations the format cannot hold; exit 4 on I/O failure.
 // Orientation follows core/adapter's stored_in_out (GPT-2 Conv1D: the base's
 // config.json model_type and the module name), the rule fit_adapter uses. `progress` is called after each

@@ -80,25 +80,13 @@ checkpoint_family detect_checkpoint_family(const std::vector<std::string>& tenso
 std::string checkpoint_name(const std::string& path, checkpoint_family family, const std::string& label) {
   for (const container& c : containers) {
     if (c.family != family || !path.starts_with(c.base)) continue;
-    if (c.kohya.empty())
-      throw errors::invalid(
-          label, path,
-          fmt::format("--format kohya: sd-scripts names {} UNet modules by their diffusers names, and "
-                      "the LDM -> diffusers module map is not there yet (use --format peft)",
-                      checkpoint_family_name(family)));
     std::string rest = path.substr(c.base.size());
-    if (c.kohya == "lora_te2_") {
-      // OpenCLIP -> CLIPTextModelWithProjection names, as sd-scripts loads them
-      constexpr std::pair<std::string_view, std::string_view> renames[] = {{"transformer.", "text_model.encoder."},
-                                                                           {".resblocks.", ".layers."},
-                                                                           {".attn.out_proj", ".self_attn.out_proj"},
-                                                                           {".mlp.c_fc", ".mlp.fc1"},
-                                                                           {".mlp.c_proj", ".mlp.fc2"}};
-      for (const auto& [from, to] : renames) {
-        const size_t at = from == "transformer." ? (rest.starts_with(from) ? 0 : std::string::npos) : rest.find(from);
-        if (at != std::string::npos) rest.replace(at, from.size(), to);
-      }
-    }
+    if (c.rename != nullptr) rest = c.rename(rest);
+    if (rest.empty())
+      throw errors::invalid(label, path,
+                            fmt::format("--format kohya: the {} module {} has no name in the layout sd-scripts uses "
+                                        "for it (diffusers names for an SD 1.x UNet)",
+                                        checkpoint_family_name(family), path));
     return module_name(rest, std::string(c.kohya));
   }
   return {};

@@ -14,6 +14,7 @@
 
 #include "core/adapter-data.h"
 #include "core/adapter.h"
+#include "core/ldm-names.h"
 
 namespace lora::kohya {
 
@@ -59,11 +60,12 @@ std::string_view checkpoint_family_name(checkpoint_family f) noexcept;  // "othe
 checkpoint_family detect_checkpoint_family(const std::vector<std::string>& tensor_names);
 
 // One row of the container table: in a checkpoint of `family`, a module under
-// `base` (a key prefix) is named `kohya` + the rest with '.' read as '_'.
-// `kohya` empty: sd-scripts names these modules by another layout (SD 1.x
-// UNet: diffusers names), which is not mapped yet. The one table both
-// directions use: extract names modules by it, core/name-map resolves kohya
-// names through it.
+// `base` (a key prefix) is named `kohya` + the rest with '.' read as '_', the
+// rest first renamed by `rename` where sd-scripts names the modules by another
+// layout (SD 1.x / 2.x UNet: diffusers names; SDXL's OpenCLIP text encoder:
+// Hugging Face CLIP names; core/ldm-names). The one table both directions
+// use: extract names modules by it, core/name-map resolves kohya names
+// through it.
 // Follows sd-scripts (kohya-ss/sd-scripts @ 06e89800): library/model_util.py
 // and library/sdxl_model_util.py load these containers into the text
 // encoders and UNet that networks/lora.py names (LORA_PREFIX_UNET "lora_unet",
@@ -73,27 +75,24 @@ struct container {
   checkpoint_family family;
   std::string_view base;
   std::string_view kohya;
+  std::string (*rename)(std::string_view) = nullptr;  // "" from it: no such module in that layout
 };
 inline constexpr container containers[] = {
-    {checkpoint_family::sdxl, "model.diffusion_model.", "lora_unet_"},
-    {checkpoint_family::sdxl, "conditioner.embedders.0.transformer.", "lora_te1_"},
-    {checkpoint_family::sdxl, "conditioner.embedders.1.model.", "lora_te2_"},
-    {checkpoint_family::sd1, "cond_stage_model.transformer.", "lora_te_"},
-    {checkpoint_family::sd1, "model.diffusion_model.", ""},
-    {checkpoint_family::flux, "model.diffusion_model.", "lora_unet_"},
-    {checkpoint_family::flux, "", "lora_unet_"},
+    {checkpoint_family::sdxl, "model.diffusion_model.", "lora_unet_", nullptr},
+    {checkpoint_family::sdxl, "conditioner.embedders.0.transformer.", "lora_te1_", nullptr},
+    {checkpoint_family::sdxl, "conditioner.embedders.1.model.", "lora_te2_", open_clip_to_hf},
+    {checkpoint_family::sd1, "cond_stage_model.transformer.", "lora_te_", nullptr},
+    {checkpoint_family::sd1, "model.diffusion_model.", "lora_unet_", ldm_unet_to_diffusers},
+    {checkpoint_family::flux, "model.diffusion_model.", "lora_unet_", nullptr},
+    {checkpoint_family::flux, "", "lora_unet_", nullptr},
 };
 
 // The kohya name sd-scripts gives the module `path` (dotted, no ".weight") of a
-// checkpoint of `family`: the first row of `containers` for the family
-// whose `base` starts `path`, with SDXL's OpenCLIP text encoder (te2) read in
-// the Hugging Face names sd-scripts converts it to (transformer.resblocks.N ->
-// text_model.encoder.layers.N, attn.out_proj -> self_attn.out_proj, mlp.c_fc
-// -> mlp.fc1, mlp.c_proj -> mlp.fc2: library/sdxl_model_util.py,
-// convert_sdxl_text_encoder_2_checkpoint). Returns "" when no row applies
-// (family other, or a path outside every container).
-// Throws lora::error (exit 3, naming `label` and the module) for a row with no
-// kohya name: "the LDM -> diffusers module map of SD 1.x UNets is not there yet".
+// checkpoint of `family`: the first row of `containers` for the family whose
+// `base` starts `path`, renamed by its `rename`. Returns "" when no row
+// applies (family other, or a path outside every container).
+// Throws lora::error (exit 3, naming `label` and the module) for a module the
+// row's layout has no name for (an SD 1.x UNet key outside the LDM layout).
 std::string checkpoint_name(const std::string& path, checkpoint_family family, const std::string& label);
 
 // True for a key of this format's grammar (".lora_down." / ".lora_up.").

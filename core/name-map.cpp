@@ -63,6 +63,17 @@ name_map::name_map(const std::vector<std::string>& base_tensor_names) {
     std::string module = n.substr(0, n.size() - 7);
     mangled_[mangle(module)].push_back(std::move(module));
   }
+  renamed_.resize(std::size(kohya::containers));
+  for (size_t i = 0; i < std::size(kohya::containers); ++i) {
+    const kohya::container& row = kohya::containers[i];
+    if (row.rename == nullptr) continue;
+    for (const auto& [key, paths] : mangled_)
+      for (const std::string& m : paths) {
+        if (!m.starts_with(row.base)) continue;
+        const std::string renamed = row.rename(std::string_view(m).substr(row.base.size()));
+        if (!renamed.empty()) renamed_[i][mangle(renamed)].push_back(m);
+      }
+  }
 }
 
 layout_choice name_map::choose_layout(const std::vector<std::string>& tensors,
@@ -101,8 +112,17 @@ name_lookup name_map::find_kohya(const std::string& name) const {
     out.modules = it->second;
     return out;
   }
-  for (const kohya::container& row : kohya::containers) {
-    if (row.kohya != prefix || row.base.empty()) continue;
+  for (size_t i = 0; i < std::size(kohya::containers); ++i) {
+    const kohya::container& row = kohya::containers[i];
+    if (row.kohya != prefix || (row.base.empty() && row.rename == nullptr)) continue;
+    if (row.rename != nullptr) {
+      // the module's name in the row's other layout (LDM UNet as diffusers, OpenCLIP as HF CLIP)
+      if (auto it = renamed_[i].find(key); it != renamed_[i].end()) {
+        out.modules = it->second;
+        return out;
+      }
+      continue;
+    }
     auto it = mangled_.find(mangle(row.base) + key);
     if (it == mangled_.end()) continue;
     // only paths truly under the base prefix (the mangled form forgets where the dots were)

@@ -96,6 +96,9 @@ class name_map {
   std::unordered_set<std::string> tensors_;                            // every tensor name
   std::unordered_set<std::string> modules_;                            // dotted module paths with a .weight
   std::unordered_map<std::string, std::vector<std::string>> mangled_;  // path with '_' for '.' -> paths
+  // per row of kohya::containers with a rename: the renamed path below the
+  // row's base, with '_' for '.' -> base paths
+  std::vector<std::unordered_map<std::string, std::vector<std::string>>> renamed_;
 };
 
 }  // namespace lora

@@ -24,6 +24,7 @@
 
 #include "core/dtype.h"
 #include "core/extract.h"
+#include "core/kohya-format.h"
 #include "formats/error.h"
 #include "formats/safetensors.h"
 #include "tests/svd-testing.h"
@@ -473,7 +474,7 @@ TEST_CASE("conv weights: the [out, in*kh*kw] flattening within 1.01x optimal, PE
   }
 }
 
-TEST_CASE("kohya names as sd-scripts writes them: SDXL, Flux, SD 1.x text encoder; SD 1.x UNet refused") {
+TEST_CASE("kohya names as sd-scripts writes them: SDXL, Flux, SD 1.x text encoder and UNet") {
   temp_dir dir;
   auto keys_of = [&](const std::vector<delta_spec>& specs) {
     fs::remove_all(dir.path + "/base");
@@ -514,20 +515,26 @@ TEST_CASE("kohya names as sd-scripts writes them: SDXL, Flux, SD 1.x text encode
       keys_of({{"cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc2.weight", {16, 32}, 4, 0.5}});
   CHECK(sd1 == std::set<std::string>{"lora_te_text_model_encoder_layers_3_mlp_fc2"});
   CHECK(sd1_md.at("ss_base_model_version") == "sd_v1");
-  // SD 1.x UNet: sd-scripts uses diffusers names; the map is not there yet
-  try {
-    keys_of({{"cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc2.weight", {16, 32}, 4, 0.5},
-             {"model.diffusion_model.input_blocks.1.1.proj_in.weight", {16, 16}, 4, 0.5}});
-    FAIL("SD 1.x UNet written with LDM names");
-  } catch (const lora::error& e) {
-    CHECK(e.code() == exit_code::invalid_input);
-    CHECK_MESSAGE(std::string(e.what()).find("model.diffusion_model.input_blocks.1.1.proj_in: --format kohya") !=
-                      std::string::npos,
-                  e.what());
-    CHECK_MESSAGE(std::string(e.what()).find("LDM -> diffusers module map is not there yet") != std::string::npos,
-                  e.what());
-  }
-  CHECK(!fs::exists(dir.path + "/k.safetensors"));
+  // SD 1.x UNet: sd-scripts names it by diffusers names (core/ldm-names), resnets and
+  // down / upsamplers included
+  auto [sd1u, sd1u_md] =
+      keys_of({{"cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc2.weight", {16, 32}, 4, 0.5},
+               {"model.diffusion_model.input_blocks.1.1.proj_in.weight", {16, 16}, 4, 0.5},
+               {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight", {16, 16}, 4, 0.5},
+               {"model.diffusion_model.output_blocks.5.1.proj_out.weight", {16, 16}, 4, 0.5},
+               {"model.diffusion_model.middle_block.2.emb_layers.1.weight", {16, 32}, 4, 0.5}});
+  CHECK(sd1u == std::set<std::string>{
+                    "lora_te_text_model_encoder_layers_3_mlp_fc2", "lora_unet_down_blocks_0_attentions_0_proj_in",
+                    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+                    "lora_unet_up_blocks_1_attentions_2_proj_out", "lora_unet_mid_block_resnets_1_time_emb_proj"});
+  CHECK(sd1u_md.at("ss_base_model_version") == "sd_v1");
+  // a key outside the LDM layout has no diffusers name: refused by name, not written under an unloadable one
+  const lora::error e = thrown([] {
+    kohya::checkpoint_name("model.diffusion_model.label_emb.0.0", kohya::checkpoint_family::sd1, "base.safetensors");
+  });
+  CHECK(e.code() == exit_code::invalid_input);
+  CHECK(std::string(e.what()).find("model.diffusion_model.label_emb.0.0: --format kohya: the sd1 module") !=
+        std::string::npos);
 }
 
 TEST_CASE("a bigger vocabulary: --save-modules writes embed_tokens / lm_head whole, bit-identical; totals cover it") {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/kohya-format.h"
+#include "core/ldm-names.h"
 #include "core/name-map.h"
 #include "core/peft-format.h"
 
@@ -144,4 +145,61 @@ TEST_CASE("kohya keys: module names round-trip through the name map") {
   CHECK(kohya::is_lora_key(name + ".lora_down.weight"));
   const name_map names({path + ".weight"});
   CHECK(names.find_kohya(name).modules == std::vector<std::string>{path});
+}
+
+TEST_CASE("LDM UNet (SD 1.x / 2.x) module names in diffusers' names, as sd-scripts converts them") {
+  CHECK(ldm_unet_to_diffusers("input_blocks.0.0") == "conv_in");
+  CHECK(ldm_unet_to_diffusers("time_embed.0") == "time_embedding.linear_1");
+  CHECK(ldm_unet_to_diffusers("time_embed.2") == "time_embedding.linear_2");
+  CHECK(ldm_unet_to_diffusers("out.0") == "conv_norm_out");
+  CHECK(ldm_unet_to_diffusers("out.2") == "conv_out");
+  // down: (index - 1) / 3 is the level, (index - 1) % 3 the layer; layer 2 is the downsampler
+  CHECK(ldm_unet_to_diffusers("input_blocks.1.0.in_layers.2") == "down_blocks.0.resnets.0.conv1");
+  CHECK(ldm_unet_to_diffusers("input_blocks.2.1.transformer_blocks.0.attn2.to_k") ==
+        "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k");
+  CHECK(ldm_unet_to_diffusers("input_blocks.3.0.op") == "down_blocks.0.downsamplers.0.conv");
+  CHECK(ldm_unet_to_diffusers("input_blocks.4.0.skip_connection") == "down_blocks.1.resnets.0.conv_shortcut");
+  CHECK(ldm_unet_to_diffusers("input_blocks.11.0.emb_layers.1") == "down_blocks.3.resnets.1.time_emb_proj");
+  // middle: resnet, attention, resnet
+  CHECK(ldm_unet_to_diffusers("middle_block.0.out_layers.3") == "mid_block.resnets.0.conv2");
+  CHECK(ldm_unet_to_diffusers("middle_block.1.proj_in") == "mid_block.attentions.0.proj_in");
+  CHECK(ldm_unet_to_diffusers("middle_block.2.in_layers.0") == "mid_block.resnets.1.norm1");
+  // up: index / 3 the level, index % 3 the layer; the upsampler is .1 without attention, .2 with it
+  CHECK(ldm_unet_to_diffusers("output_blocks.0.0.out_layers.0") == "up_blocks.0.resnets.0.norm2");
+  CHECK(ldm_unet_to_diffusers("output_blocks.2.1.conv") == "up_blocks.0.upsamplers.0.conv");
+  CHECK(ldm_unet_to_diffusers("output_blocks.5.1.proj_out") == "up_blocks.1.attentions.2.proj_out");
+  CHECK(ldm_unet_to_diffusers("output_blocks.5.2.conv") == "up_blocks.1.upsamplers.0.conv");
+  CHECK(ldm_unet_to_diffusers("output_blocks.11.1.transformer_blocks.0.ff.net.2") ==
+        "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2");
+  // not modules of the layout
+  CHECK(ldm_unet_to_diffusers("input_blocks.1.0.unknown") == "");
+  CHECK(ldm_unet_to_diffusers("label_emb.0.0") == "");
+  CHECK(ldm_unet_to_diffusers("input_blocks.x.0.op") == "");
+}
+
+TEST_CASE("kohya SD 1.x names resolve into an LDM single file through the same table") {
+  const name_map names({"model.diffusion_model.input_blocks.1.1.proj_in.weight",
+                        "model.diffusion_model.output_blocks.2.1.conv.weight",
+                        "model.diffusion_model.middle_block.2.emb_layers.1.weight",
+                        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"});
+  CHECK(names.find_kohya("lora_unet_down_blocks_0_attentions_0_proj_in").modules ==
+        std::vector<std::string>{"model.diffusion_model.input_blocks.1.1.proj_in"});
+  CHECK(names.find_kohya("lora_unet_up_blocks_0_upsamplers_0_conv").modules ==
+        std::vector<std::string>{"model.diffusion_model.output_blocks.2.1.conv"});
+  CHECK(names.find_kohya("lora_unet_mid_block_resnets_1_time_emb_proj").modules ==
+        std::vector<std::string>{"model.diffusion_model.middle_block.2.emb_layers.1"});
+  CHECK(names.find_kohya("lora_te_text_model_encoder_layers_0_mlp_fc1").modules ==
+        std::vector<std::string>{"cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1"});
+  // extract's names are the ones merge resolves
+  const std::string path = "model.diffusion_model.input_blocks.1.1.proj_in";
+  CHECK(names.find_kohya(kohya::checkpoint_name(path, kohya::checkpoint_family::sd1, "x")).modules ==
+        std::vector<std::string>{path});
+}
+
+TEST_CASE("SDXL OpenCLIP (te2) names in Hugging Face CLIP names, both directions") {
+  CHECK(open_clip_to_hf("transformer.resblocks.3.mlp.c_fc") == "text_model.encoder.layers.3.mlp.fc1");
+  CHECK(open_clip_to_hf("transformer.resblocks.3.attn.out_proj") == "text_model.encoder.layers.3.self_attn.out_proj");
+  const name_map names({"conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_proj.weight"});
+  CHECK(names.find_kohya("lora_te2_text_model_encoder_layers_3_mlp_fc2").modules ==
+        std::vector<std::string>{"conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_proj"});
 }

@@ -1,0 +1,117 @@
+#include "core/ldm-names.h"
+
+#include <charconv>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+
+namespace lora {
+
+namespace {
+
+// The dotted parts of a path.
+std::vector<std::string_view> parts_of(std::string_view path) {
+  std::vector<std::string_view> out;
+  size_t start = 0;
+  while (start <= path.size()) {
+    const size_t dot = path.find('.', start);
+    const size_t end = dot == std::string_view::npos ? path.size() : dot;
+    out.push_back(path.substr(start, end - start));
+    if (dot == std::string_view::npos) break;
+    start = dot + 1;
+  }
+  return out;
+}
+
+bool to_int(std::string_view s, int& v) {
+  const auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  return ec == std::errc() && ptr == s.data() + s.size() && v >= 0;
+}
+
+// The parts after `from` joined with dots ("" when none).
+std::string tail(const std::vector<std::string_view>& parts, size_t from) {
+  std::string out;
+  for (size_t i = from; i < parts.size(); ++i) {
+    if (i > from) out.push_back('.');
+    out.append(parts[i]);
+  }
+  return out;
+}
+
+// A resnet's inner module in diffusers' name (renew_resnet_paths).
+std::string resnet_part(std::string_view inner) {
+  static constexpr std::pair<std::string_view, std::string_view> renames[] = {
+      {"in_layers.0", "norm1"},  {"in_layers.2", "conv1"},          {"out_layers.0", "norm2"},
+      {"out_layers.3", "conv2"}, {"emb_layers.1", "time_emb_proj"}, {"skip_connection", "conv_shortcut"}};
+  for (const auto& [from, to] : renames)
+    if (inner == from) return std::string(to);
+  return {};
+}
+
+std::string joined(const std::string& head, const std::string& rest) { return rest.empty() ? head : head + "." + rest; }
+
+constexpr int layers_per_block = 2;
+
+}  // namespace
+
+std::string ldm_unet_to_diffusers(std::string_view path) {
+  const std::vector<std::string_view> p = parts_of(path);
+  static constexpr std::pair<std::string_view, std::string_view> singles[] = {
+      {"time_embed.0", "time_embedding.linear_1"},
+      {"time_embed.2", "time_embedding.linear_2"},
+      {"input_blocks.0.0", "conv_in"},
+      {"out.0", "conv_norm_out"},
+      {"out.2", "conv_out"}};
+  for (const auto& [from, to] : singles)
+    if (path == from) return std::string(to);
+  int index = 0, sub = 0;
+  if (p.size() >= 3 && p[0] == "middle_block" && to_int(p[1], index)) {
+    const std::string inner = tail(p, 2);
+    if (index == 1) return joined("mid_block.attentions.0", inner);
+    const std::string r = resnet_part(inner);
+    if ((index == 0 || index == 2) && !r.empty()) return fmt::format("mid_block.resnets.{}.{}", index / 2, r);
+    return {};
+  }
+  if (p.size() < 4 || !to_int(p[1], index) || !to_int(p[2], sub)) return {};
+  const std::string inner = tail(p, 3);
+  if (p[0] == "input_blocks" && index >= 1) {
+    const int block = (index - 1) / (layers_per_block + 1), layer = (index - 1) % (layers_per_block + 1);
+    if (sub == 0 && inner == "op") return fmt::format("down_blocks.{}.downsamplers.0.conv", block);
+    if (sub == 0 && layer < layers_per_block) {
+      const std::string r = resnet_part(inner);
+      return r.empty() ? std::string() : fmt::format("down_blocks.{}.resnets.{}.{}", block, layer, r);
+    }
+    if (sub == 1 && layer < layers_per_block)
+      return joined(fmt::format("down_blocks.{}.attentions.{}", block, layer), inner);
+    return {};
+  }
+  if (p[0] == "output_blocks") {
+    const int block = index / (layers_per_block + 1), layer = index % (layers_per_block + 1);
+    if (sub == 0) {
+      const std::string r = resnet_part(inner);
+      return r.empty() ? std::string() : fmt::format("up_blocks.{}.resnets.{}.{}", block, layer, r);
+    }
+    // .1 is the attention, or the upsampler of a level without attention; .2 the upsampler after an attention
+    if (inner == "conv" && layer == layers_per_block) return fmt::format("up_blocks.{}.upsamplers.0.conv", block);
+    if (sub == 1) return joined(fmt::format("up_blocks.{}.attentions.{}", block, layer), inner);
+    return {};
+  }
+  return {};
+}
+
+std::string open_clip_to_hf(std::string_view path) {
+  std::string rest(path);
+  static constexpr std::pair<std::string_view, std::string_view> renames[] = {{"transformer.", "text_model.encoder."},
+                                                                              {".resblocks.", ".layers."},
+                                                                              {".attn.out_proj", ".self_attn.out_proj"},
+                                                                              {".mlp.c_fc", ".mlp.fc1"},
+                                                                              {".mlp.c_proj", ".mlp.fc2"}};
+  for (const auto& [from, to] : renames) {
+    const size_t at = from == "transformer." ? (rest.starts_with(from) ? 0 : std::string::npos) : rest.find(from);
+    if (at != std::string::npos) rest.replace(at, from.size(), to);
+  }
+  return rest;
+}
+
+}  // namespace lora

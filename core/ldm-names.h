@@ -1,0 +1,35 @@
+// Module names of single-file diffusion checkpoints in the names other tools
+// give the same modules: the LDM UNet of SD 1.x / 2.x ("input_blocks.1.1.proj_in")
+// in diffusers' names ("down_blocks.0.attentions.0.proj_in"), which kohya /
+// sd-scripts LoRAs for SD 1.x use, and SDXL's OpenCLIP text encoder
+// ("transformer.resblocks.0.mlp.c_fc") in the Hugging Face CLIP names
+// sd-scripts converts it to ("text_model.encoder.layers.0.mlp.fc1"). Tables
+// for kohya-format's container rows (extract names modules by them, the name
+// map resolves kohya names through them).
+#pragma once
+
+#include <string>
+#include <string_view>
+
+namespace lora {
+
+// The diffusers module path of an SD 1.x / 2.x LDM UNet module `path` (below
+// `model.diffusion_model.`, no ".weight"), or "" when the path is not a
+// module of that layout. Two resnets and one down/upsampler per level
+// (layers_per_block 2); resnet parts in_layers.0 -> norm1, in_layers.2 ->
+// conv1, emb_layers.1 -> time_emb_proj, out_layers.0 -> norm2, out_layers.3 ->
+// conv2, skip_connection -> conv_shortcut; attention blocks keep their inner
+// names. Follows sd-scripts library/model_util.py convert_ldm_unet_checkpoint
+// and renew_resnet_paths (kohya-ss/sd-scripts commit 48d368fa). Pure.
+std::string ldm_unet_to_diffusers(std::string_view path);
+
+// The Hugging Face CLIPTextModelWithProjection path of an SDXL OpenCLIP text
+// encoder module `path` (below `conditioner.embedders.1.model.`):
+// transformer.resblocks.N -> text_model.encoder.layers.N, attn.out_proj ->
+// self_attn.out_proj, mlp.c_fc -> mlp.fc1, mlp.c_proj -> mlp.fc2; other paths
+// as they are. Follows sd-scripts library/sdxl_model_util.py
+// convert_sdxl_text_encoder_2_checkpoint. The fused attn.in_proj_weight (q, k,
+// v as row thirds) has no module of its own here. Pure.
+std::string open_clip_to_hf(std::string_view path);
+
+}  // namespace lora
