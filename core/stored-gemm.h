@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -41,6 +42,9 @@ struct stored_matrix {
   // (mapped_file::release) once the block has been used, so resident memory
   // stays a few blocks whatever the matrix's size.
   const mapped_file* map = nullptr;
+  // When given, each decoded value is rounded once to this dtype (round_through)
+  // before the product: the weights as a model of that dtype holds them.
+  std::optional<dtype> round_to;
 };
 
 // Called once per block after its product, on the thread that computed it,

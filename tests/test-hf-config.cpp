@@ -53,14 +53,14 @@ TEST_CASE("testdata configs") {
 TEST_CASE("refusals name the file and the field") {
   CHECK(error_of("[1]").find("not a JSON object") != std::string::npos);
   CHECK(error_of("{").find("not valid JSON") != std::string::npos);
-  std::string e = error_of(R"({"model_type":"gpt2"})");
+  std::string e = error_of(R"({"model_type":"bert"})");
   CHECK(e.find("cfg.json") != std::string::npos);
-  CHECK(e.find("model_type gpt2") != std::string::npos);
+  CHECK(e.find("model_type bert") != std::string::npos);
   CHECK(error_of(R"({"model_type":"llama"})").find("hidden_size") != std::string::npos);
   CHECK(error_of(base_json(R"(,"rope_scaling":{"rope_type":"llama3","factor":8})")) ==
         "cfg.json: field rope_scaling.low_freq_factor is missing (rope_type llama3 needs it)");
   CHECK(error_of(base_json(R"(,"num_key_value_heads":3)")).find("num_key_value_heads") != std::string::npos);
-  CHECK(error_of(base_json(R"(,"hidden_act":"gelu")")).find("hidden_act") != std::string::npos);
+  CHECK(error_of(base_json(R"(,"hidden_act":"relu")")).find("hidden_act") != std::string::npos);
   CHECK(error_of(base_json(R"(,"rms_norm_eps":"x")")).find("rms_norm_eps") != std::string::npos);
   CHECK(error_of(base_json(R"(,"vocab_size":-1)")).find("vocab_size") != std::string::npos);
   CHECK(parse_hf_config(base_json(R"(,"rope_scaling":null)"), "c").layers.at(1).rope.type == "default");

@@ -196,7 +196,7 @@ TEST_CASE("whole models against the double-precision reference forward") {
     CAPTURE(name);
     model_files m = open_model(td + name);
     hf_config c = read_hf_config(m.config_path);
-    logits_result r = llama_forward(m, c, nullptr, ref_tokens, 1);
+    logits_result r = model_forward(m, c, nullptr, ref_tokens, 1);
     std::vector<double> want = ref_forward(m, c, ref_tokens);
     // f32 accumulation over a 2-layer model: relative 1e-5 of the largest logit
     CHECK(max_abs_diff(r.logits, want) < 1e-5 * max_abs(want));
@@ -359,10 +359,10 @@ void write_block_model(const std::string& dir) {
 
 logits_result forward_with(const model_files& m, const std::string& adapter_path, int threads, int64_t block) {
   const hf_config c = read_hf_config(m.config_path);
-  if (adapter_path.empty()) return llama_forward(m, c, nullptr, ref_tokens, threads, block);
+  if (adapter_path.empty()) return model_forward(m, c, nullptr, ref_tokens, threads, block);
   adapter a = load_adapter(adapter_path);
   REQUIRE(fit_adapter(a, m).ok());
-  return llama_forward(m, c, &a, ref_tokens, threads, block);
+  return model_forward(m, c, &a, ref_tokens, threads, block);
 }
 
 // Row blocks change only how the BLAS kernel partitions the output columns;
