@@ -81,7 +81,10 @@ int run_verify(const verify_cli_options& o) {
                     {"ok", r.model.ok}};
     else
       j["model"] = {{"skipped", r.model.skipped}};
-    if (r.model.ran && r.model.base_rounded_to) j["model"]["base_rounded_to"] = dtype_name(*r.model.base_rounded_to);
+    if (r.model.ran && r.model.base_rounded_to) {
+      j["model"]["base_rounded_to"] = dtype_name(*r.model.base_rounded_to);
+      j["model"]["conversion_rel"] = r.model.conversion_rel;
+    }
     fmt::print("{}\n", j.dump(2));
     return code;
   }
@@ -108,9 +111,10 @@ int run_verify(const verify_cli_options& o) {
     fmt::print("model: skipped ({})\n", r.model.skipped);
   if (r.model.ran && r.model.base_rounded_to)
     fmt::print(
-        "  (the unmerged side ran on the base weights rounded to {}, the merged model's dtype: the comparison "
-        "measures the merge, not the conversion)\n",
-        dtype_name(*r.model.base_rounded_to));
+        "  (the unmerged side ran on the base weights rounded to {}, the merged model's dtype, so that the "
+        "comparison measures the merge, not the conversion; that rounding alone moves the logits by relative "
+        "{:.3g})\n",
+        dtype_name(*r.model.base_rounded_to), r.model.conversion_rel);
   return code;
 }
 

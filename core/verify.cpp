@@ -734,8 +734,25 @@ std::optional<dtype> converted_dtype(const model_files& base, const model_files&
   return differs ? m_type : std::nullopt;
 }
 
+// max |x - y| and max |x| over two logit sets of the same shape.
+std::pair<double, double> logit_diff(const logits_result& x, const logits_result& y) {
+  double diff = 0, big = 0;
+  for (size_t i = 0; i < x.logits.size(); ++i) {
+    diff = std::max(diff, static_cast<double>(std::fabs(x.logits[i] - y.logits[i])));
+    big = std::max(big, static_cast<double>(std::fabs(x.logits[i])));
+  }
+  return {diff, big};
+}
+
 // Model level: logits of the base with the adapters applied unmerged against
 // the merged model's (the base rounded to the merged dtype when it differs).
+//
+// Tolerance on max |dlogit| / max |logit|: the merged weights' own rounding,
+// 2^-5 for BF16, 2^-8 for F16, 1e-4 for F32. After a dtype conversion the
+// merge's rounding of an adapted weight, round(W0 + dW) - (round(W0) + dW),
+// is at most two roundings of it; so the tolerance is also at least twice
+// what one rounding of every weight does to the logits here, measured by a
+// third pass on the base in its own dtype (conversion_rel).
 void check_model(const model_files& base, const model_files& merged, const adapter_set& set, const verify_options& o,
                  const model_inputs& in, model_check& mc) {
   std::vector<weighted_adapter> adapters;
@@ -746,18 +763,20 @@ void check_model(const model_files& base, const model_files& merged, const adapt
   logits_result y = model_forward(merged, in.merged, std::span<const weighted_adapter>{}, in.tokens, o.threads);
   mc.ran = true;
   mc.n_tokens = x.n_tokens;
-  double big = 0;
+  const auto [diff, big] = logit_diff(x, y);
   int64_t agree = 0;
-  for (size_t i = 0; i < x.logits.size(); ++i) {
-    mc.max_abs = std::max(mc.max_abs, static_cast<double>(std::fabs(x.logits[i] - y.logits[i])));
-    big = std::max(big, static_cast<double>(std::fabs(x.logits[i])));
-  }
   for (int64_t p = 0; p < x.n_tokens; ++p) agree += top_k(x, p, 1)[0].first == top_k(y, p, 1)[0].first;
-  mc.max_rel = big > 0 ? mc.max_abs / big : mc.max_abs;
+  mc.max_abs = diff;
+  mc.max_rel = big > 0 ? diff / big : diff;
   mc.top1_agreement = static_cast<double>(agree) / static_cast<double>(x.n_tokens);
-  // the merged weights' own rounding: relative 2^-5 for bf16, 2^-8 for f16, 1e-4 for f32
-  dtype wt = merged.at(merged.tensor_names.front()).info->type;
+  const dtype wt = merged.at(merged.tensor_names.front()).info->type;
   mc.tolerance = wt == dtype::BF16 ? 0x1p-5 : wt == dtype::F16 ? 0x1p-8 : 1e-4;
+  if (mc.base_rounded_to) {
+    const logits_result exact = model_forward(base, in.base, adapters, in.tokens, o.threads);
+    const auto [d, b] = logit_diff(exact, x);
+    mc.conversion_rel = b > 0 ? d / b : d;
+    mc.tolerance = std::max(mc.tolerance, 2 * mc.conversion_rel);
+  }
   mc.ok = mc.max_rel <= mc.tolerance;
 }
 

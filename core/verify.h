@@ -69,6 +69,9 @@ struct model_check {
   // ran on the base weights rounded to it, so that the comparison measures
   // the merge, not the conversion asked for.
   std::optional<dtype> base_rounded_to;
+  // then: max |dlogit| / max |logit| that rounding alone causes (the
+  // tolerance is at least twice it; see verify.cpp check_model)
+  double conversion_rel = 0;
   bool ok = true;
 };
 

@@ -5,8 +5,9 @@
 # save_pretrained writes it), their logits with and without a LoRA and a DoRA
 # adapter within 1e-4 relative of the float64 numpy reference
 # tests/reference/family_reference.py (Gemma 2's soft-capping shown to bite);
-# merges of both adapters verify as equivalent with the model level run, and
-# a merged model with one element changed fails naming the module.
+# merges of both adapters verify as equivalent with the model level run, as
+# do merges to BF16 and of two weighted adapters with --scale; a merged model
+# with one element changed fails naming the module.
 LORA=$1
 SRC=$2
 . "$SRC/tests/e2e/lib.sh"
@@ -56,6 +57,34 @@ expect_eq "gpt2 bare names give GPT2LMHeadModel's logits" "$got" True
 # gpt2's learned positions bound the sequence (n_positions 32)
 expect_exit 2 "$LORA" forward --model "$E2E_TMP/gpt2/model" --tokens "$(seq -s, 1 33)" --out "$E2E_TMP/long.safetensors"
 expect_stderr_contains "33 tokens exceed the 32 learned positions"
+
+# a merge with --dtype bf16 of these F32 models verifies: the unmerged side runs on the base rounded to BF16
+for f in qwen3 gemma2 phi3 qwen3_moe gpt2; do
+  D="$E2E_TMP/$f"
+  expect_exit 0 "$LORA" merge --base "$D/model" --adapter "$D/lora" --out "$D/merged-bf16" --dtype bf16 --quiet
+  expect_exit 0 "$LORA" verify --base "$D/model" --adapter "$D/lora" --merged "$D/merged-bf16" --json --threads 1
+  expect_json 'j["equivalent"], j["model"]["ok"], j["model"]["base_rounded_to"]' '[true,true,"BF16"]'
+  expect_exit 0 "$LORA" verify --base "$D/model" --adapter "$D/lora" --merged "$D/merged-bf16" --threads 1
+  expect_stdout_contains "the unmerged side ran on the base weights rounded to BF16"
+done
+
+# two weighted adapters and --scale, as merge takes them: equivalent; a weight off: not
+for f in mixtral gpt2; do
+  D="$E2E_TMP/$f"
+  expect_exit 0 "$LORA" merge --base "$D/model" --adapter "$D/lora" --weight 0.7 --adapter "$D/lora2" --weight -1.3 \
+    --scale 0.5 --out "$D/merged-two" --quiet
+  expect_exit 0 "$LORA" verify --base "$D/model" --adapter "$D/lora" --weight 0.7 --adapter "$D/lora2" --weight -1.3 \
+    --scale 0.5 --merged "$D/merged-two" --json --threads 1
+  expect_json 'j["equivalent"] and j["model"]["ok"] and all(l["adapters"] == 2 for l in j["layers"])' true
+  expect_exit 1 "$LORA" verify --base "$D/model" --adapter "$D/lora" --weight 0.7 --adapter "$D/lora2" --weight -1.2 \
+    --scale 0.5 --merged "$D/merged-two" --threads 1
+  expect_stdout_contains "NOT equivalent"
+done
+expect_exit 2 "$LORA" verify --base "$D/model" --adapter "$D/lora" --adapter "$D/lora2" --weight 1 --merged "$D/merged-two"
+expect_stderr_contains "1 --weight values for 2 --adapter values"
+# DoRA beside another adapter on the same tensor: refused by name
+expect_exit 3 "$LORA" verify --base "$D/model" --adapter "$D/dora" --adapter "$D/lora" --merged "$D/merged-two"
+expect_stderr_contains "a DoRA module shares its tensor with another adapter's"
 
 # one element changed in an adapted tensor: NOT equivalent, the module named
 for f in gemma2 phi3 mixtral gpt2; do

@@ -5,7 +5,7 @@ PEFT LoRA and DoRA adapter each (numpy only), for tests/e2e/e2e-families.sh.
   make_families.py FAMILY DIR   writes DIR/model (config.json as that family's
                                 save_pretrained writes it in transformers 4.5x,
                                 model.safetensors F32), DIR/lora and DIR/dora
-                                (PEFT folders, r 4, alpha 8)
+                                (PEFT folders, r 4, alpha 8), DIR/lora2 (another LoRA)
 FAMILY: qwen3 gemma2 gemma3_text phi3 mixtral qwen3_moe gpt2 gpt2-bare (the hub's
 GPT2Model names, without "transformer.").
 """
@@ -194,6 +194,7 @@ def main():
     if not bare:
         adapter(family, w, os.path.join(folder, "lora"), False, rng)
         adapter(family, w, os.path.join(folder, "dora"), True, rng)
+        adapter(family, w, os.path.join(folder, "lora2"), False, rng)
 
 
 if __name__ == "__main__":
