@@ -122,10 +122,11 @@ int run_verify(const verify_cli_options& o) {
 
 CLI::App* setup_verify(CLI::App& app, runner& run) {
   auto o = std::make_shared<verify_cli_options>();
-  auto* sub = app.add_subcommand("verify",
-                                 "Check that a merged model equals base + adapter: every tensor against W0 + s B A "
-                                 "(tolerance from the merged dtype), every adapted layer on seeded inputs (W_merged x "
-                                 "against W0 x + s B (A x)), and the logits of both through the forward pass");
+  auto* sub =
+      app.add_subcommand("verify",
+                         "Check that a merged model equals base + adapters: every tensor against W0 + sum w s B A "
+                         "(tolerance from the merged dtype), every adapted layer on seeded inputs (W_merged x "
+                         "against W0 x + s B (A x)), and the logits of both through the forward pass");
   sub->add_option("--base", o->base, "base model")->required();
   add_weighted_adapter_options(sub, o->adapters, "an adapter that was merged; repeat as given to lora merge");
   sub->add_option("--scale", o->scale, "the --scale given to lora merge (default 1)");

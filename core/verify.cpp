@@ -718,20 +718,27 @@ void check_layers(const adapter_set& set, const model_files& base, const model_f
   });
 }
 
-// The merged model's dtype when it differs from the base's: the one
-// floating-point dtype of its 2-D and larger tensors (nullopt when they
-// share the base's, or mix several).
+// True when every value of `from` is a value of `to` (F16 / BF16 in F32 or F64, F32 in F64).
+bool widens(dtype from, dtype to) {
+  const bool half = from == dtype::F16 || from == dtype::BF16;
+  return from == to || (half && (to == dtype::F32 || to == dtype::F64)) || (from == dtype::F32 && to == dtype::F64);
+}
+
+// The merged model's dtype when rounding the base to it changes values: the
+// one floating-point dtype of its 2-D and larger tensors, when some base
+// tensor does not widen into it (nullopt when it holds the base's values
+// exactly, or mixes several dtypes).
 std::optional<dtype> converted_dtype(const model_files& base, const model_files& merged) {
   std::optional<dtype> m_type;
-  bool differs = false;
+  bool narrows = false;
   for (const std::string& name : merged.tensor_names) {
     const tensor_ref t = merged.at(name);
     if (!dtype_is_math(t.info->type) || t.info->shape.size() < 2) continue;
     if (m_type && *m_type != t.info->type) return std::nullopt;
     m_type = t.info->type;
-    if (std::optional<tensor_ref> b = base.find(name)) differs = differs || b->info->type != t.info->type;
+    if (std::optional<tensor_ref> b = base.find(name)) narrows = narrows || !widens(b->info->type, t.info->type);
   }
-  return differs ? m_type : std::nullopt;
+  return narrows ? m_type : std::nullopt;
 }
 
 // max |x - y| and max |x| over two logit sets of the same shape.

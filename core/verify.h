@@ -65,7 +65,7 @@ struct model_check {
   int64_t n_tokens = 0;
   double max_abs = 0, max_rel = 0, tolerance = 0;  // max_rel = max_abs / max |logit|
   double top1_agreement = 0;                       // fraction of positions
-  // When the merged model's dtype differs from the base's: the unmerged side
+  // When the merged model cannot hold the base's values (a narrower dtype): the unmerged side
   // ran on the base weights rounded to it, so that the comparison measures
   // the merge, not the conversion asked for.
   std::optional<dtype> base_rounded_to;
