@@ -477,7 +477,8 @@ class forward_pass {
   const model_family& f_;
   int64_t T_;
 
-  // y = act(gate(x)) * up(x) -> down, over n rows of x; `p` is the prefix of gate / up / down names
+  // y[n, hidden] = the dense MLP of mlp_kind over n rows of x, with the full module names of gate / up (or fc) /
+  // gate_up / down (empty where the kind has none) and intermediate size ffn
   void dense_mlp(const std::string& gate, const std::string& up, const std::string& gate_up, const std::string& down,
                  int64_t ffn, const float* x, int64_t n, float* y) const;
   void moe_mlp(const std::string& p, const float* h, float* y) const;

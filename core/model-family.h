@@ -2,9 +2,11 @@
 // data: the norms, the attention's projections and extras, the MLP, the
 // embedding, and every weight's name. core/llama runs one loop over it.
 //
-// Each family follows Hugging Face transformers' modeling file (4.5x, read at
-// huggingface/transformers 006e8693 and the 4.5x releases; 5.x where
-// core/rope says so):
+// Each family follows Hugging Face transformers' modeling file as of the
+// 4.51 - 4.53 releases (gemma2 read at huggingface/transformers 006e8693;
+// the MoE routers and gemma3's layer pattern checked against
+// Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock and Gemma3Attention of those
+// releases; rotary scaling as core/rope says, 5.x):
 //   llama, mistral, qwen2   models/{llama,mistral,qwen2}/modeling_*.py
 //   qwen3                   models/qwen3/modeling_qwen3.py: q_norm / k_norm (RMSNorm over head_dim) before RoPE
 //   gemma2                  models/gemma2/modeling_gemma2.py: (1 + w) RMSNorms before and after attention and MLP,
