@@ -1,4 +1,4 @@
-// bench-forward MODEL [TOKENS RUNS THREADS]: the forward pass's compute alone
+// bench-forward MODEL [TOKENS RUNS THREADS BLOCK_ELEMENTS]: the forward pass's compute alone
 // (model opened once, core's model_forward timed, best of RUNS) in tokens/s
 // and GFLOP/s, against what cblas_sgemm reaches on the same matrix products
 // (y[T, out] = x[T, in] W^T for every weight of the pass, W already f32 in
@@ -47,11 +47,12 @@ std::vector<std::pair<int64_t, int64_t>> products(const lora::hf_config& c) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: bench-forward MODEL [TOKENS RUNS THREADS]\n");
+    std::fprintf(stderr, "usage: bench-forward MODEL [TOKENS RUNS THREADS BLOCK_ELEMENTS]\n");
     return 2;
   }
   const int64_t n_tok = argc > 2 ? std::stoll(argv[2]) : 128;
   const int runs = argc > 3 ? std::stoi(argv[3]) : 3, threads = argc > 4 ? std::stoi(argv[4]) : 2;
+  const int64_t block = argc > 5 ? std::stoll(argv[5]) : 0;  // elements per row block; 0: the default
   const lora::model_files model = lora::open_model(argv[1]);
   const lora::hf_config c = lora::read_hf_config(model.config_path);
   std::mt19937_64 rng(0);
@@ -65,7 +66,7 @@ int main(int argc, char** argv) {
   double best_fwd = 1e30;
   for (int r = 0; r < runs + 1; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
-    lora::logits_result out = lora::model_forward(model, c, nullptr, tokens, threads);
+    lora::logits_result out = lora::model_forward(model, c, nullptr, tokens, threads, block);
     if (r > 0) best_fwd = std::min(best_fwd, seconds_since(t0));
   }
 
