@@ -65,42 +65,47 @@ void norm_rows(norm_kind kind, const float* x, int64_t n_tokens, int64_t dim, co
 
 void causal_attention(const float* q, const float* k, const float* v, int64_t n_tokens, int64_t n_heads,
                       int64_t n_kv_heads, int64_t head_dim, float* out, int64_t window, double scale, double softcap) {
-  const int64_t group = n_heads / n_kv_heads;
-  const float sc = static_cast<float>(scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(head_dim)));
+  const int64_t group = n_heads / n_kv_heads, d = head_dim;
+  const float sc = static_cast<float>(scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(d)));
   const float cap = static_cast<float>(softcap);
-  std::vector<float> scores(static_cast<size_t>(n_tokens));
+  // query rows in chunks: the scores of a chunk are [rows, keys], so memory stays
+  // chunk * n_tokens floats whatever the sequence's length
+  constexpr int64_t chunk = 256;
+  std::vector<float> s(static_cast<size_t>(std::min(chunk, n_tokens) * n_tokens));
+  const int ldq = blas_int(n_heads * d, ""), ldk = blas_int(n_kv_heads * d, "");
   for (int64_t h = 0; h < n_heads; ++h) {
     const int64_t kvh = h / group;
-    for (int64_t i = 0; i < n_tokens; ++i) {
-      const float* qi = q + (i * n_heads + h) * head_dim;
-      // keys j0 <= j <= i: j > i - window with a sliding window
-      const int64_t j0 = window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
-      // scores_j = q_i . k_j * scale, soft-capped: cap tanh(score / cap)
-      float max_score = -INFINITY;
-      for (int64_t j = j0; j <= i; ++j) {
-        const float* kj = k + (j * n_kv_heads + kvh) * head_dim;
-        float dot = 0;
-        for (int64_t d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
-        float score = dot * sc;
-        if (cap > 0) score = cap * std::tanh(score / cap);
-        scores[static_cast<size_t>(j)] = score;
-        max_score = std::max(max_score, score);
+    for (int64_t i0 = 0; i0 < n_tokens; i0 += chunk) {
+      const int64_t i1 = std::min(n_tokens, i0 + chunk), rows = i1 - i0;
+      // keys j0 <= j < i1 can be seen by some query of the chunk (j > i - window with a sliding window)
+      const int64_t j0 = window > 0 ? std::max<int64_t>(0, i0 - window + 1) : 0, n_keys = i1 - j0;
+      // S[rows, keys] = Q_chunk K^T * scale
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_int(rows, ""), blas_int(n_keys, ""), blas_int(d, ""),
+                  sc, q + (i0 * n_heads + h) * d, ldq, k + (j0 * n_kv_heads + kvh) * d, ldk, 0.0f, s.data(),
+                  blas_int(n_keys, ""));
+      for (int64_t i = i0; i < i1; ++i) {
+        float* row = s.data() + (i - i0) * n_keys;
+        // keys of query i: lo <= j <= i; soft-capped cap tanh(score / cap); softmax over them, 0 elsewhere
+        const int64_t lo = window > 0 ? std::max<int64_t>(j0, i - window + 1) : 0;
+        float max_score = -INFINITY;
+        for (int64_t j = lo; j <= i; ++j) {
+          float& x = row[j - j0];
+          if (cap > 0) x = cap * std::tanh(x / cap);
+          max_score = std::max(max_score, x);
+        }
+        double sum = 0;
+        for (int64_t j = j0; j < i1; ++j) {
+          float& x = row[j - j0];
+          x = j >= lo && j <= i ? std::exp(x - max_score) : 0.0f;
+          sum += x;
+        }
+        const float inv_sum = static_cast<float>(1.0 / sum);
+        for (int64_t j = lo; j <= i; ++j) row[j - j0] *= inv_sum;
       }
-      // softmax over j0 <= j <= i
-      double sum = 0;
-      for (int64_t j = j0; j <= i; ++j) {
-        scores[static_cast<size_t>(j)] = std::exp(scores[static_cast<size_t>(j)] - max_score);
-        sum += scores[static_cast<size_t>(j)];
-      }
-      const float inv_sum = static_cast<float>(1.0 / sum);
-      // out_i = sum_j p_j v_j
-      float* oi = out + (i * n_heads + h) * head_dim;
-      std::fill(oi, oi + head_dim, 0.0f);
-      for (int64_t j = j0; j <= i; ++j) {
-        const float p = scores[static_cast<size_t>(j)] * inv_sum;
-        const float* vj = v + (j * n_kv_heads + kvh) * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) oi[d] += p * vj[d];
-      }
+      // O_chunk = P V
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_int(rows, ""), blas_int(d, ""), blas_int(n_keys, ""),
+                  1.0f, s.data(), blas_int(n_keys, ""), v + (j0 * n_kv_heads + kvh) * d, ldk, 0.0f,
+                  out + (i0 * n_heads + h) * d, ldq);
     }
   }
 }

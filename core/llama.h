@@ -65,7 +65,9 @@ void norm_rows(norm_kind kind, const float* x, int64_t n_tokens, int64_t dim, co
 // softcap > 0 (Gemma2's attn_logit_softcapping, applied before the mask), else s;
 // window 0 (or >= n_tokens): every key j <= i. The sliding window is
 // transformers' masking_utils sliding_window_overlay (kv_idx > q_idx - window)
-// on the causal mask, as mistral and qwen2 use it.
+// on the causal mask, as mistral and qwen2 use it. Computed per head in
+// chunks of 256 query rows: two sgemm per chunk (scores, then probabilities
+// times values) on single-threaded BLAS, memory 256 * n_tokens floats.
 void causal_attention(const float* q, const float* k, const float* v, int64_t n_tokens, int64_t n_heads,
                       int64_t n_kv_heads, int64_t head_dim, float* out, int64_t window = 0, double scale = 0,
                       double softcap = 0);

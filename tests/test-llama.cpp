@@ -531,3 +531,33 @@ TEST_CASE("several weighted adapters: two halves of one adapter give the adapter
   const logits_result zero = model_forward(m, c, none, ref_tokens, 1);
   CHECK(max_abs_diff(zero.logits, to_d(base.logits)) < 1e-5 * big);
 }
+
+TEST_CASE("causal_attention over several chunks of query rows, with and without a window, against double") {
+  const int64_t T = 600, H = 2, KV = 1, d = 8;  // 256-row chunks: three of them
+  auto q = randf(T * H * d, 51), k = randf(T * KV * d, 52), v = randf(T * KV * d, 53);
+  for (int64_t W : {int64_t{0}, int64_t{300}, int64_t{7}}) {
+    CAPTURE(W);
+    std::vector<float> out(q.size());
+    causal_attention(q.data(), k.data(), v.data(), T, H, KV, d, out.data(), W);
+    double worst = 0;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t lo = W > 0 ? std::max<int64_t>(0, i - W + 1) : 0;
+        std::vector<double> p;
+        double top = -1e300, sum = 0;
+        for (int64_t j = lo; j <= i; ++j) {
+          double dot = 0;
+          for (int64_t e = 0; e < d; ++e) dot += double(q[(i * H + h) * d + e]) * k[j * d + e];
+          p.push_back(dot / std::sqrt(double(d)));
+          top = std::max(top, p.back());
+        }
+        for (double& x : p) sum += x = std::exp(x - top);
+        for (int64_t e = 0; e < d; ++e) {
+          double o = 0;
+          for (int64_t j = lo; j <= i; ++j) o += p[j - lo] / sum * v[j * d + e];
+          worst = std::max(worst, std::fabs(o - out[(i * H + h) * d + e]));
+        }
+      }
+    CHECK(worst < 1e-5);
+  }
+}
