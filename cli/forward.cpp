@@ -1,6 +1,6 @@
 // lora forward --model MODEL [--adapter ADAPTER] --tokens 1,2,3 --out logits.safetensors
 //              [--top-k K] [--threads N]
-// Runs the f32 reference forward pass (core/llama) and writes the logits as
+// Runs the f32 reference forward pass (core/llama, every family of core/model-family) and writes the logits as
 // one F32 tensor "logits" [tokens, vocab]; --top-k prints the best tokens of
 // each position.
 #include <memory>
@@ -55,8 +55,8 @@ CLI::App* setup_forward(CLI::App& app, runner& run) {
   auto o = std::make_shared<forward_cli_options>();
   auto* sub = app.add_subcommand(
       "forward",
-      "Run a Llama-family model (llama, mistral, qwen2) over token ids on the CPU in f32, optionally with a LoRA "
-      "adapter applied unmerged, and write the logits");
+      "Run a decoder-only model (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, qwen3_moe, gpt2) "
+      "over token ids on the CPU in f32, optionally with a LoRA adapter applied unmerged, and write the logits");
   sub->add_option("--model", o->model, "model folder with config.json (single file or shards)")->required();
   sub->add_option("--adapter", o->adapter, "PEFT adapter applied unmerged: y = W0 x + s B (A x) (DoRA as PEFT)");
   sub->add_option("--tokens", o->tokens, "comma-separated token ids, e.g. 1,2,3")->required();

@@ -1,5 +1,6 @@
-// lora verify --base MODEL --adapter ADAPTER --merged MODEL [--tokens 1,2,3] [--seed N] [--json] [--threads N]
-// Checks that MERGED is BASE with ADAPTER merged in (core/verify); exit 0
+// lora verify --base MODEL --adapter ADAPTER [--weight W] [--adapter A2 --weight W2 ...] [--scale S]
+//             --merged MODEL [--tokens 1,2,3] [--seed N] [--json] [--threads N]
+// Checks that MERGED is BASE with the ADAPTERs merged in (core/verify); exit 0
 // when equivalent, 1 when not; the report names the worst tensors and layers.
 #include <cmath>
 #include <memory>
@@ -9,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/options.h"
 #include "cli/token-list.h"
 #include "core/verify.h"
 #include "formats/error.h"
@@ -18,7 +20,9 @@ namespace lora::cli {
 namespace {
 
 struct verify_cli_options {
-  std::string base, adapter, merged, tokens;
+  std::string base, merged, tokens;
+  weighted_adapters adapters;
+  double scale = 1.0;
   bool json = false;
   int threads = 0;
   int worst = 5;
@@ -28,8 +32,9 @@ struct verify_cli_options {
 double finite_or(double v, double fallback) { return std::isfinite(v) ? v : fallback; }
 
 int run_verify(const verify_cli_options& o) {
-  verify_options opts{o.base, o.adapter, o.merged, {}, o.threads};
+  verify_options opts{o.base, weighted_inputs<verify_input>(o.adapters), o.merged, {}, o.threads};
   opts.seed = o.seed;
+  opts.scale = o.scale;
   if (!o.tokens.empty()) opts.tokens = parse_token_list(o.tokens);
   const verify_report r = verify_merge(opts);
   const int code = r.equivalent ? 0 : 1;
@@ -42,7 +47,7 @@ int run_verify(const verify_cli_options& o) {
     for (size_t i = 0; i < r.tensors.size() && i < static_cast<size_t>(o.worst); ++i) {
       const auto& c = r.tensors[i];
       j["worst"].push_back({{"name", c.name},
-                            {"kind", c.kind},
+                            {"kind", tensor_kind_name(c.kind)},
                             {"ok", c.ok},
                             {"max_error", c.max_error},
                             {"tolerance", c.tolerance},
@@ -59,7 +64,8 @@ int run_verify(const verify_cli_options& o) {
     j["layers"] = nlohmann::json::array();
     for (const auto& c : r.layers)
       j["layers"].push_back({{"name", c.name},
-                             {"kind", c.kind},
+                             {"kind", layer_kind_text(c)},
+                             {"adapters", c.n_adapters},
                              {"ok", c.ok},
                              {"max_abs", finite_or(c.max_abs, 1e300)},
                              {"max_rel", finite_or(c.max_rel, 1e300)},
@@ -75,6 +81,10 @@ int run_verify(const verify_cli_options& o) {
                     {"ok", r.model.ok}};
     else
       j["model"] = {{"skipped", r.model.skipped}};
+    if (r.model.ran && r.model.base_rounded_to) {
+      j["model"]["base_rounded_to"] = dtype_name(*r.model.base_rounded_to);
+      j["model"]["conversion_rel"] = r.model.conversion_rel;
+    }
     fmt::print("{}\n", j.dump(2));
     return code;
   }
@@ -83,14 +93,14 @@ int run_verify(const verify_cli_options& o) {
   for (size_t i = 0; i < r.tensors.size() && i < static_cast<size_t>(o.worst); ++i) {
     const auto& c = r.tensors[i];
     fmt::print("  {} {} ({}): max error {:.3g}, tolerance {:.3g}, {} elements over\n", c.ok ? "ok  " : "FAIL", c.name,
-               c.kind, c.max_error, c.tolerance, c.n_bad);
+               tensor_kind_name(c.kind), c.max_error, c.tolerance, c.n_bad);
   }
   fmt::print("layers: {} adapted modules checked on {} seeded inputs (seed {}), {} failed\n", r.layers.size(),
              opts.n_inputs, o.seed, r.n_layers_failed);
   for (size_t i = 0; i < r.layers.size() && i < static_cast<size_t>(o.worst); ++i) {
     const auto& c = r.layers[i];
     fmt::print("  {} {} ({}): max |dy| {:.3g} (relative {:.3g}), tolerance {:.3g}, ratio {:.3g}, {} outputs over\n",
-               c.ok ? "ok  " : "FAIL", c.name, c.kind, c.max_abs, c.max_rel, c.tolerance, c.ratio, c.n_bad);
+               c.ok ? "ok  " : "FAIL", c.name, layer_kind_text(c), c.max_abs, c.max_rel, c.tolerance, c.ratio, c.n_bad);
   }
   if (r.model.ran)
     fmt::print(
@@ -99,6 +109,12 @@ int run_verify(const verify_cli_options& o) {
         r.model.ok ? "ok" : "FAIL");
   else
     fmt::print("model: skipped ({})\n", r.model.skipped);
+  if (r.model.ran && r.model.base_rounded_to)
+    fmt::print(
+        "  (the unmerged side ran on the base weights rounded to {}, the merged model's dtype, so that the "
+        "comparison measures the merge, not the conversion; that rounding alone moves the logits by relative "
+        "{:.3g})\n",
+        dtype_name(*r.model.base_rounded_to), r.model.conversion_rel);
   return code;
 }
 
@@ -106,12 +122,14 @@ int run_verify(const verify_cli_options& o) {
 
 CLI::App* setup_verify(CLI::App& app, runner& run) {
   auto o = std::make_shared<verify_cli_options>();
-  auto* sub = app.add_subcommand("verify",
-                                 "Check that a merged model equals base + adapter: every tensor against W0 + s B A "
-                                 "(tolerance from the merged dtype), every adapted layer on seeded inputs (W_merged x "
-                                 "against W0 x + s B (A x)), and the logits of both through the forward pass");
+  auto* sub =
+      app.add_subcommand("verify",
+                         "Check that a merged model equals base + adapters: every tensor against W0 + sum w s B A "
+                         "(tolerance from the merged dtype), every adapted layer on seeded inputs (W_merged x "
+                         "against W0 x + s B (A x)), and the logits of both through the forward pass");
   sub->add_option("--base", o->base, "base model")->required();
-  sub->add_option("--adapter", o->adapter, "the adapter that was merged")->required();
+  add_weighted_adapter_options(sub, o->adapters, "an adapter that was merged; repeat as given to lora merge");
+  sub->add_option("--scale", o->scale, "the --scale given to lora merge (default 1)");
   sub->add_option("--merged", o->merged, "the merged model to check")->required();
   sub->add_option("--tokens", o->tokens, "token ids for the model-level check (default: 16 seeded ids)");
   sub->add_option("--seed", o->seed, "seed of the layer-level input vectors (default 1234)");

@@ -1,5 +1,6 @@
 #include "core/dtype.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -183,6 +184,18 @@ void decode(dtype type, std::span<const uint8_t> src, std::span<F> dst) {
 
 void to_f32(dtype type, std::span<const uint8_t> src, std::span<float> dst) { decode(type, src, dst); }
 void to_f64(dtype type, std::span<const uint8_t> src, std::span<double> dst) { decode(type, src, dst); }
+
+void round_through(dtype type, std::span<float> x) {
+  if (type == dtype::F32 || type == dtype::F64) return;
+  // f32 -> type -> f32, in chunks (x stays the only buffer the caller sees)
+  uint8_t tmp[2 * 1024];
+  for (size_t at = 0; at < x.size(); at += 1024) {
+    const std::span<float> part = x.subspan(at, std::min<size_t>(1024, x.size() - at));
+    const std::span<uint8_t> bytes(tmp, part.size() * static_cast<size_t>(math_dtype_size(type)));
+    from_f32(type, part, bytes);
+    to_f32(type, bytes, part);
+  }
+}
 
 void from_f32(dtype type, std::span<const float> src, std::span<uint8_t> dst) {
   check_sizes(type, dst.size(), src.size());

@@ -31,6 +31,11 @@ void to_f64(dtype type, std::span<const uint8_t> src, std::span<double> dst);
 void from_f32(dtype type, std::span<const float> src, std::span<uint8_t> dst);
 void from_f64(dtype type, std::span<const double> src, std::span<uint8_t> dst);
 
+// Rounds every value of x once (RNE) to `type` and back to f32, in place: the
+// value a tensor of that dtype would hold (F16 / BF16; F32 and F64 leave x
+// as it is). Throws lora::error (exit 3) for a non-math dtype.
+void round_through(dtype type, std::span<float> x);
+
 // How many values of `bytes` (elements of `type`) are NaN or infinite, by
 // their exponent bits (no conversion). 0 for a dtype that is not F16, BF16,
 // F32 or F64. Never throws.

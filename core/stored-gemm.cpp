@@ -63,7 +63,8 @@ void stored_gemm(const stored_matrix& w, const float* x, int64_t n_tokens, float
       std::min(w.n_rows, std::max<int64_t>(1, block_elements / std::max<int64_t>(w.n_cols, 1)));
   const int64_t n_blocks = (w.n_rows + rows_per_block - 1) / rows_per_block;
   const int64_t n_workers = std::min<int64_t>(resolve_threads(threads), n_blocks);
-  const bool in_place = w.type == dtype::F32 && !on_block && reinterpret_cast<uintptr_t>(w.bytes.data()) % 4 == 0;
+  const bool in_place =
+      w.type == dtype::F32 && !on_block && !w.round_to && reinterpret_cast<uintptr_t>(w.bytes.data()) % 4 == 0;
 
   // worker j takes blocks j, j + n_workers, ... (neighbouring reads in the file)
   parallel_for(static_cast<size_t>(n_workers), static_cast<int>(n_workers), [&](size_t j) {
@@ -76,6 +77,7 @@ void stored_gemm(const stored_matrix& w, const float* x, int64_t n_tokens, float
       // decode W[rb:re, :] to f32 (or borrow it)
       const float* wb = in_place ? reinterpret_cast<const float*>(src.data()) : buf;
       if (!in_place) to_f32(w.type, src, std::span<float>(buf, n));
+      if (w.round_to) round_through(*w.round_to, std::span<float>(buf, n));
       // y[:, rb:re] = x W[rb:re, :]^T
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, static_cast<int>(re - rb), k, 1.0f, x, k, wb, k, 0.0f,
                   y + rb, ldc);

@@ -18,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -33,6 +34,11 @@ inline constexpr int64_t stored_gemm_block_elements = int64_t{1} << 17;
 // A row-major matrix [n_rows, n_cols] as a file stores it. Borrows `bytes`
 // (any alignment; n_rows * n_cols elements of `type`) and `map`.
 struct stored_matrix {
+  stored_matrix() = default;
+  stored_matrix(dtype type_, std::span<const uint8_t> bytes_, int64_t n_rows_, int64_t n_cols_,
+                const mapped_file* map_ = nullptr, std::optional<dtype> round_to_ = std::nullopt)
+      : type(type_), bytes(bytes_), n_rows(n_rows_), n_cols(n_cols_), map(map_), round_to(round_to_) {}
+
   dtype type = dtype::F32;
   std::span<const uint8_t> bytes;
   int64_t n_rows = 0;
@@ -41,6 +47,9 @@ struct stored_matrix {
   // (mapped_file::release) once the block has been used, so resident memory
   // stays a few blocks whatever the matrix's size.
   const mapped_file* map = nullptr;
+  // When given, each decoded value is rounded once to this dtype (round_through)
+  // before the product: the weights as a model of that dtype holds them.
+  std::optional<dtype> round_to;
 };
 
 // Called once per block after its product, on the thread that computed it,

@@ -95,8 +95,24 @@ void compare_block(tensor_check& c, dtype type, int64_t rank, const std::vector<
   }
 }
 
-// DoRA's first pass: ||V_o||^2 per output feature, V = W0 + s dW, block by block.
-std::vector<double> dora_norms_sq(const delta_factors_f64& f, const tensor_ref& base) {
+// One adapter's module on a tensor, with its weight times the global scale.
+struct contribution {
+  const lora_module* module = nullptr;
+  double weight = 1.0;
+  const std::string* file = nullptr;  // the adapter's weights file, for messages
+};
+
+// Every adapter, loaded and fitted, and what each tensor receives from them.
+struct adapter_set {
+  std::vector<adapter> adapters;
+  std::map<std::string, std::vector<contribution>> modules;  // by target tensor, in adapter order
+  std::map<std::string, std::vector<contribution>> biases;   // lora_bias, by "<module>.bias"
+  std::map<std::string, const tensor_ref*> saved;            // modules_to_save, by target
+  std::vector<std::string> targets;                          // the keys of `modules`, in first-seen order
+};
+
+// DoRA's first pass: ||V_o||^2 per output feature, V = W0 + w s dW, block by block.
+std::vector<double> dora_norms_sq(const delta_factors_f64& f, double weight, const tensor_ref& base) {
   std::vector<double> sq(f.magnitude.size(), 0.0), v;
   std::vector<uint8_t> buf;
   const size_t n_rows = static_cast<size_t>(f.n_rows), n_cols = static_cast<size_t>(f.n_cols);
@@ -104,46 +120,63 @@ std::vector<double> dora_norms_sq(const delta_factors_f64& f, const tensor_ref& 
     check_interrupted();
     const size_t re = std::min(n_rows, rb + rows_per_block(n_cols));
     read_rows_f64(base, n_cols, rb, re, buf, v);
-    add_delta_rows(f, 1.0, static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data());
+    add_delta_rows(f, weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data());
     add_dora_norms_sq(f, static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data(), sq);
   }
   return sq;
 }
 
 // What a touched tensor should hold: the adapter's replacement
-// (modules_to_save), the base bias plus s b (lora_bias), or W0 + s B A
-// (DoRA-rescaled). Exactly one is set.
+// (modules_to_save), the base bias plus sum_k w_k s_k b_k (lora_bias), or
+// W0 + sum_k w_k s_k B_k A_k (a DoRA module alone: rescaled). One is set.
 struct expectation {
   const tensor_ref* replacement = nullptr;
-  const lora_module* bias = nullptr;
-  const lora_module* module = nullptr;
+  const std::vector<contribution>* biases = nullptr;
+  const std::vector<contribution>* modules = nullptr;
 };
+
+// The factors of every module on a tensor, in double, with their summed row
+// bounds (|w_k| delta_row_bounds_k: the f32 sum's error) and ranks.
+struct tensor_deltas {
+  std::vector<std::pair<delta_factors_f64, double>> factors;  // (factors, weight)
+  std::vector<double> row_bounds;
+  int64_t rank = 0;
+  std::vector<double> norms;  // DoRA (alone on the tensor): ||V_o||^2
+};
+
+tensor_deltas load_tensor_deltas(const std::vector<contribution>& cs, const tensor_ref& b) {
+  tensor_deltas d;
+  for (const contribution& c : cs) {
+    delta_factors_f64 f = load_delta_factors_f64(*c.module, b.info->shape, *c.file);
+    const std::vector<double> bounds = delta_row_bounds(f);
+    d.row_bounds.resize(bounds.size(), 0.0);
+    for (size_t i = 0; i < bounds.size(); ++i) d.row_bounds[i] += std::fabs(c.weight) * bounds[i];
+    d.rank += f.rank;
+    if (f.dora) {
+      // DoRA rescales V by m / ||V||: the slack scales with it (|E| / |V| = |m_o| / ||V_o||, at least 1)
+      d.norms = dora_norms_sq(f, c.weight, b);
+      double gain = 1;
+      for (size_t o = 0; o < d.norms.size(); ++o)
+        if (d.norms[o] > 0) gain = std::max(gain, std::fabs(f.magnitude[o] / std::sqrt(d.norms[o])));
+      for (double& t : d.row_bounds) t *= gain;
+    }
+    d.factors.emplace_back(std::move(f), c.weight);
+  }
+  return d;
+}
 
 // A touched tensor against its expected value E, formed in double through
 // core/delta one block of rows at a time (DoRA: a first pass for the norms).
 tensor_check check_touched(const std::string& name, const tensor_ref& b, const tensor_ref& m, const expectation& x,
-                           const std::string& adapter_file) {
-  tensor_check c{name, x.replacement ? "replaced" : x.bias ? "bias" : "merged"};
+                           const std::string& replacement_file) {
+  tensor_check c{name, x.replacement ? tensor_kind::replaced : x.biases ? tensor_kind::bias : tensor_kind::merged};
   const tensor_ref& source = x.replacement ? *x.replacement : b;
   if (source.info->n_elements != b.info->n_elements || !dtype_is_math(source.info->type))
-    throw errors::invalid(adapter_file, name, "the replacement tensor does not fit the base's (modules_to_save)");
+    throw errors::invalid(replacement_file, name, "the replacement tensor does not fit the base's (modules_to_save)");
   const auto [n_rows, n_cols] = rows_of(*b.info);
-  std::optional<delta_factors_f64> f;
-  std::vector<double> row_bounds, norms;
-  if (x.module) {
-    f = load_delta_factors_f64(*x.module, b.info->shape, adapter_file);
-    row_bounds = delta_row_bounds(*f);
-    if (f->dora) {
-      // DoRA rescales V by m / ||V||: the slack scales with it (|E| / |V| = |m_o| / ||V_o||, at least 1)
-      norms = dora_norms_sq(*f, b);
-      double gain = 1;
-      for (size_t o = 0; o < norms.size(); ++o)
-        if (norms[o] > 0) gain = std::max(gain, std::fabs(f->magnitude[o] / std::sqrt(norms[o])));
-      for (double& t : row_bounds) t *= gain;
-    }
-  }
+  const tensor_deltas d = x.modules ? load_tensor_deltas(*x.modules, b) : tensor_deltas{};
   // a bias is one short vector: one block
-  const size_t rows = x.bias ? std::max<size_t>(n_rows, 1) : rows_per_block(n_cols);
+  const size_t rows = x.biases ? std::max<size_t>(n_rows, 1) : rows_per_block(n_cols);
   std::vector<uint8_t> buf;
   std::vector<double> w0, e, mv;
   for (size_t rb = 0; rb < n_rows; rb += rows) {
@@ -151,22 +184,19 @@ tensor_check check_touched(const std::string& name, const tensor_ref& b, const t
     const size_t re = std::min(n_rows, rb + rows);
     read_rows_f64(source, n_cols, rb, re, buf, w0);
     e = w0;
-    if (x.bias) add_bias_delta(*x.bias, 1.0, std::span<double>(e), adapter_file);
-    if (f) apply_module_rows(*f, 1.0, static_cast<int64_t>(rb), static_cast<int64_t>(re), e.data(), norms);
+    if (x.biases)
+      for (const contribution& k : *x.biases) add_bias_delta(*k.module, k.weight, std::span<double>(e), *k.file);
+    for (const auto& [f, weight] : d.factors)
+      apply_module_rows(f, weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), e.data(), d.norms);
     read_rows_f64(m, n_cols, rb, re, buf, mv);
-    compare_block(c, m.info->type, f ? f->rank : 0, row_bounds, n_cols, rb, w0, e, mv);
+    compare_block(c, m.info->type, d.rank, d.row_bounds, n_cols, rb, w0, e, mv);
   }
   c.ok = c.n_bad == 0;
   return c;
 }
 
-// An untouched tensor against the base, block by block: byte for byte in the
-// same dtype, value for value after a dtype change (the base rounded once to
-// the merged dtype). n_bad counts the differing elements (bytes, for a dtype
-// without arithmetic); max_error is the largest |merged - expected| among
-// them (infinite where only one is NaN; 0 without arithmetic).
 tensor_check check_untouched(const std::string& name, const tensor_ref& b, const tensor_ref& m) {
-  tensor_check c{name, "untouched"};
+  tensor_check c{name, tensor_kind::untouched};
   const dtype bt = b.info->type, mt = m.info->type;
   const bool math = dtype_is_math(bt) && dtype_is_math(mt);
   if (!math && bt != mt) {
@@ -314,13 +344,13 @@ void accumulate_rows(const delta_factors_f64& f, const layer_shape& s, double we
     }
 }
 
-// y_ref [n, n_out] from the W0 x of `acc`: y = W0 x + w s B (A x), DoRA:
-// y_o *= m_o / ||V_o||.
-std::vector<double> unmerged_from(const delta_factors_f64& f, const layer_shape& s, double weight, const double* x,
-                                  size_t n, const layer_sums& acc) {
+// y [n, n_out] += w s B (A x) for each input x; DoRA (alone on its tensor,
+// y holding W0 x): then y_o *= m_o / ||V_o||.
+void add_unmerged(const delta_factors_f64& f, const layer_shape& s, double weight, const double* x, size_t n,
+                  const layer_sums& acc, std::vector<double>& y) {
   const size_t r = static_cast<size_t>(f.rank);
   const double ws = weight * f.scale;
-  std::vector<double> y(acc.y0), u(r);
+  std::vector<double> u(r);
   for (size_t v = 0; v < n; ++v) {
     const double* xv = x + v * s.n_in;
     double* yv = y.data() + v * s.n_out;
@@ -338,19 +368,128 @@ std::vector<double> unmerged_from(const delta_factors_f64& f, const layer_shape&
       if (f.dora) yv[o] *= f.magnitude[o] / std::sqrt(acc.v_sq[o]);
     }
   }
-  return y;
 }
 
-std::string layer_kind(const lora_module& m) {
-  std::string k =
-      m.kind == module_kind::linear && m.fan_in_fan_out ? "fan_in_fan_out" : std::string(module_kind_name(m.kind));
-  if (m.dora) k += "+dora";
-  if (m.bias) k += "+bias";
-  return k;
+// The kind of module a layer check runs, from the first adapter's module.
+layer_check layer_header(const std::vector<contribution>& cs) {
+  const lora_module& m = *cs.front().module;
+  layer_check c;
+  c.name = m.name;
+  c.module = m.kind == module_kind::embedding ? layer_module::embedding
+             : m.kind == module_kind::conv    ? layer_module::conv
+             : m.fan_in_fan_out               ? layer_module::fan_in_fan_out
+                                              : layer_module::linear;
+  for (const contribution& k : cs) {
+    c.dora = c.dora || k.module->dora;
+    c.bias = c.bias || k.module->bias;
+  }
+  c.n_adapters = cs.size();
+  return c;
 }
 
-// One adapted module: n_inputs seeded inputs through the merged weight and
-// through base + adapter unmerged (module index `index` picks the inputs).
+layer_check layer_failure(layer_check c, layer_problem why) {
+  c.problem = why;
+  c.ok = false;
+  c.ratio = INFINITY;
+  c.n_bad = 1;
+  return c;
+}
+
+// The bias of lora_bias modules: b0 + sum_k w_k s_k b_k against the merged model's.
+struct layer_bias {
+  std::vector<double> b0, ref, merged;
+  dtype type = dtype::F32;
+  bool f64 = false;  // merge computed it in double
+};
+
+// Reads the bias of module `name` for the contributions with lora_bias.
+// Throws fit_error when the base has none.
+layer_problem load_layer_bias(const std::vector<contribution>& cs, const model_files& base, const model_files& merged,
+                              size_t n_out, layer_bias& lb) {
+  const std::string name = cs.front().module->name + ".bias";
+  std::optional<tensor_ref> bb = base.find(name), bm = merged.find(name);
+  if (!bb)
+    throw fit_error(
+        *cs.front().file, base.path,
+        {{{cs.front().module->name, fmt::format("the base has no tensor {}", name), fit_issue::no_base_tensor}}});
+  if (!bm) return layer_problem::missing;
+  if (bm->info->shape != bb->info->shape || bb->info->n_elements != n_out) return layer_problem::shape;
+  if (!dtype_is_math(bm->info->type)) return layer_problem::dtype;
+  lb.b0 = read_f64(*bb);
+  lb.ref = lb.b0;
+  for (const contribution& k : cs)
+    if (k.module->bias) add_bias_delta(*k.module, k.weight, std::span<double>(lb.ref), *k.file);
+  lb.merged = read_f64(*bm);
+  lb.type = bm->info->type;
+  lb.f64 = lb.type == dtype::F64 || bb->info->type == dtype::F64;
+  return layer_problem::none;
+}
+
+// n seeded inputs [n, n_in]: N(0, 1) vectors, or one-hot token rows for an embedding.
+std::vector<double> seeded_inputs(bool one_hot, size_t n_in, size_t n, uint64_t seed, size_t index) {
+  std::seed_seq seq{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), static_cast<uint32_t>(index)};
+  std::mt19937_64 rng(seq);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<double> x(n * n_in, 0.0);
+  if (one_hot) {
+    for (size_t v = 0; v < n; ++v) x[v * n_in + rng() % n_in] = 1.0;
+  } else {
+    for (double& v : x) v = normal(rng);
+  }
+  return x;
+}
+
+// The constants of the layer tolerance (see check_layer).
+struct layer_tolerance {
+  double u = 0, eta = 0, uc = 0, c_acc = 0, c_eval = 0;
+};
+
+// y~ = W~ x against y_ref, element by element, into c.
+void compare_outputs(layer_check& c, const layer_shape& s, const delta_factors_f64* dora,
+                     const std::vector<double>& t_bound, const std::vector<double>& x, size_t n, const layer_sums& acc,
+                     const std::vector<double>& y_ref, const layer_tolerance& t, const layer_bias* lb) {
+  double big = 0;
+  for (size_t v = 0; v < n; ++v) {
+    const double* xv = x.data() + v * s.n_in;
+    // P_o = sum_j |W0(o, j) x_j| + (T_o sum_j |x_j|, or sum_j T_j |x_j| when transposed)
+    double sum_x = 0, sum_tx = 0;
+    for (size_t j = 0; j < s.n_in; ++j) {
+      sum_x += std::fabs(xv[j]);
+      if (s.transposed) sum_tx += t_bound[j] * std::fabs(xv[j]);
+    }
+    for (size_t o = 0; o < s.n_out; ++o) {
+      const size_t at = v * s.n_out + o;
+      const double p_o = acc.abs0[at] + (s.transposed ? sum_tx : t_bound[o] * sum_x);
+      const double s_o = acc.absm[at];
+      const double f_o = dora ? std::fabs(dora->magnitude[o]) / std::sqrt(acc.v_sq[o]) : 1.0;
+      double ym = acc.ym[at], yr = y_ref[at];
+      double tol = 2 * t.u * s_o + 2 * t.eta * sum_x + t.c_acc * f_o * p_o + t.c_eval * (s_o + f_o * p_o);
+      if (dora) tol += (t.c_acc * std::sqrt(acc.bound_sq[o] / acc.v_sq[o]) + t.uc) * s_o;
+      if (lb) {
+        ym += lb->merged[o];
+        yr += lb->ref[o];
+        const double ub = lb->f64 ? 0x1p-53 : 0x1p-24;
+        tol += 2 * unit_roundoff(lb->type) * std::fabs(lb->merged[o]) + 2 * half_min_spacing(lb->type) +
+               (2 * ub + 0x1p-52) * (std::fabs(lb->b0[o]) + std::fabs(lb->ref[o] - lb->b0[o]));
+      }
+      const double diff = std::fabs(ym - yr);
+      const double ratio = std::isnan(diff) ? INFINITY : diff == 0 ? 0.0 : diff / tol;
+      big = std::max(big, std::fabs(yr));
+      if (ratio > 1) ++c.n_bad;
+      if (std::isnan(diff) || diff > c.max_abs) c.max_abs = std::isnan(diff) ? INFINITY : diff;
+      if (ratio > c.ratio || std::isnan(diff)) {
+        c.ratio = ratio;
+        c.tolerance = tol;
+      }
+    }
+  }
+  c.max_rel = big > 0 ? c.max_abs / big : c.max_abs;
+  c.ok = c.n_bad == 0;
+}
+
+// One adapted module (every adapter's contribution to it): n_inputs seeded
+// inputs through the merged weight and through base + adapters unmerged
+// (module index `index` picks the inputs).
 //
 // Tolerance per output element o of one input x (W(o, j) as in layer_sums):
 //   2 u S_o + 2 eta sum_j |x_j|             S_o = sum_j |W~(o, j) x_j|
@@ -366,71 +505,49 @@ std::string layer_kind(const lora_module& m) {
 // For F32 / F64 outputs that arithmetic is as large as the rounding itself
 // (an F32 embedding merge of testdata reaches ratio 2.5 with 2 u S_o alone),
 // so it is bounded explicitly: c = (r + 4) uc, uc = 2^-24 (merge computes in
-// f32) or 2^-53 (in f64 when either side is F64); T(o, j) = delta_row_bounds
-// of the stored row holding W(o, j) (|s| sum_k |B A terms|); f_o = |m_o| /
-// ||V_o|| for DoRA, else 1. DoRA's norm of an f32 V is off by at most the
-// norm of V_o's error, and its product m / ||V|| V rounds once more in f32.
-// The (n_in + r + 4) 2^-53 term is this check's own double arithmetic.
-layer_check check_layer(const lora_module& m, size_t index, const std::string& adapter_file, const model_files& base,
+// f32) or 2^-53 (in f64 when either side is F64), r the summed rank of the
+// adapters; T(o, j) = sum_k |w_k| delta_row_bounds_k of the stored row
+// holding W(o, j) (|s| sum_k |B A terms|); f_o = |m_o| / ||V_o|| for DoRA,
+// else 1. DoRA's norm of an f32 V is off by at most the norm of V_o's
+// error, and its product m / ||V|| V rounds once more in f32. The
+// (n_in + r + 4) 2^-53 term is this check's own double arithmetic.
+layer_check check_layer(const std::vector<contribution>& cs, size_t index, const model_files& base,
                         const model_files& merged, uint64_t seed, int n_inputs) {
-  layer_check c{m.name, layer_kind(m)};
-  auto fail = [&](const char* why) {
-    c.kind = why;
-    c.ok = false;
-    c.ratio = INFINITY;
-    c.n_bad = 1;
-    return c;
-  };
-  // 1. the tensors: base, merged, factors
-  const tensor_ref b = base.at(m.target);
-  std::optional<tensor_ref> mt = merged.find(m.target);
-  if (!mt) return fail("missing");
-  if (mt->info->shape != b.info->shape) return fail("shape");
-  if (!dtype_is_math(mt->info->type)) return fail("dtype");
-  const delta_factors_f64 f = load_delta_factors_f64(m, b.info->shape, adapter_file);
-  const std::vector<double> t_bound = delta_row_bounds(f);
-  const layer_shape s = shape_of(f);
+  layer_check c = layer_header(cs);
+  // 1. the tensors: base, merged, factors (their bounds summed, |w| each)
+  const std::string& target = cs.front().module->target;
+  const tensor_ref b = base.at(target);
+  std::optional<tensor_ref> mt = merged.find(target);
+  if (!mt) return layer_failure(c, layer_problem::missing);
+  if (mt->info->shape != b.info->shape) return layer_failure(c, layer_problem::shape);
+  if (!dtype_is_math(mt->info->type)) return layer_failure(c, layer_problem::dtype);
+  std::vector<delta_factors_f64> fs;
+  std::vector<double> t_bound;
+  int64_t rank = 0;
+  for (const contribution& k : cs) {
+    fs.push_back(load_delta_factors_f64(*k.module, b.info->shape, *k.file));
+    const std::vector<double> bounds = delta_row_bounds(fs.back());
+    t_bound.resize(bounds.size(), 0.0);
+    for (size_t i = 0; i < bounds.size(); ++i) t_bound[i] += std::fabs(k.weight) * bounds[i];
+    rank += fs.back().rank;
+  }
+  const layer_shape s = shape_of(fs.front());
   const dtype type = mt->info->type;
   const bool f64_math = type == dtype::F64 || b.info->type == dtype::F64;
-  const double u = unit_roundoff(type), eta = half_min_spacing(type);
-  const double uc = f64_math ? 0x1p-53 : 0x1p-24;
-  const double c_acc = static_cast<double>(f.rank + 4) * uc;
-  const double c_eval = static_cast<double>(s.n_in + static_cast<size_t>(f.rank) + 4) * 0x1p-53;
+  layer_tolerance tol{unit_roundoff(type), half_min_spacing(type), f64_math ? 0x1p-53 : 0x1p-24};
+  tol.c_acc = static_cast<double>(rank + 4) * tol.uc;
+  tol.c_eval = static_cast<double>(s.n_in + static_cast<size_t>(rank) + 4) * 0x1p-53;
 
-  // 2. the bias, for lora_bias: base + s b against the merged model's
-  std::vector<double> b0, b_ref, b_merged;
-  dtype b_type = type;
-  bool b_f64 = f64_math;
-  if (m.bias) {
-    const std::string name = m.name + ".bias";
-    std::optional<tensor_ref> bb = base.find(name), bm = merged.find(name);
-    if (!bb)
-      throw fit_error(adapter_file, base.path,
-                      {{{m.name, fmt::format("the base has no tensor {}", name), fit_issue::no_base_tensor}}});
-    if (!bm) return fail("missing");
-    if (bm->info->shape != bb->info->shape || bb->info->n_elements != s.n_out) return fail("shape");
-    if (!dtype_is_math(bm->info->type)) return fail("dtype");
-    b0 = read_f64(*bb);
-    b_ref = b0;
-    add_bias_delta(m, 1.0, std::span<double>(b_ref), adapter_file);
-    b_merged = read_f64(*bm);
-    b_type = bm->info->type;
-    b_f64 = b_type == dtype::F64 || bb->info->type == dtype::F64;
-  }
+  // 2. the bias, for lora_bias: base + w s b against the merged model's
+  layer_bias lb;
+  if (c.bias)
+    if (const layer_problem p = load_layer_bias(cs, base, merged, s.n_out, lb); p != layer_problem::none)
+      return layer_failure(c, p);
 
-  // 3. seeded inputs: N(0, 1) vectors, or one-hot token rows for an embedding
-  std::seed_seq seq{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), static_cast<uint32_t>(index)};
-  std::mt19937_64 rng(seq);
-  std::normal_distribution<double> normal(0.0, 1.0);
+  // 3. seeded inputs; 4. one pass over the stored rows of W0 and W~, in blocks read with pread and decoded to double
   const size_t n = static_cast<size_t>(n_inputs);
-  std::vector<double> x(n * s.n_in, 0.0);
-  if (m.kind == module_kind::embedding) {
-    for (size_t v = 0; v < n; ++v) x[v * s.n_in + rng() % s.n_in] = 1.0;
-  } else {
-    for (double& v : x) v = normal(rng);
-  }
-
-  // 4. one pass over the stored rows of W0 and W~, in blocks read with pread and decoded to double
+  const std::vector<double> x = seeded_inputs(c.module == layer_module::embedding, s.n_in, n, seed, index);
+  const delta_factors_f64* dora = c.dora ? &fs.front() : nullptr;  // alone on its tensor (load_adapters)
   layer_sums acc(n, s.n_out);
   std::vector<uint8_t> bytes;
   std::vector<double> w0_buf, wm_buf, v_buf;
@@ -439,52 +556,47 @@ layer_check check_layer(const lora_module& m, size_t index, const std::string& a
     check_interrupted();
     read_rows_f64(b, s.n_cols, rb, re, bytes, w0_buf);
     read_rows_f64(*mt, s.n_cols, rb, re, bytes, wm_buf);
-    accumulate_rows(f, s, 1.0, rb, re, w0_buf.data(), wm_buf.data(), t_bound, x.data(), n, acc, v_buf);
+    accumulate_rows(fs.front(), s, cs.front().weight, rb, re, w0_buf.data(), wm_buf.data(), t_bound, x.data(), n, acc,
+                    v_buf);
   }
-  const std::vector<double> y_ref = unmerged_from(f, s, 1.0, x.data(), n, acc);
+  std::vector<double> y_ref = acc.y0;
+  for (size_t k = 0; k < fs.size(); ++k) add_unmerged(fs[k], s, cs[k].weight, x.data(), n, acc, y_ref);
 
   // 5. y~ = W~ x against y_ref, element by element
-  double big = 0;
-  for (size_t v = 0; v < n; ++v) {
-    const double* xv = x.data() + v * s.n_in;
-    // P_o = sum_j |W0(o, j) x_j| + (T_o sum_j |x_j|, or sum_j T_j |x_j| when transposed)
-    double sum_x = 0, sum_tx = 0;
-    for (size_t j = 0; j < s.n_in; ++j) {
-      sum_x += std::fabs(xv[j]);
-      if (s.transposed) sum_tx += t_bound[j] * std::fabs(xv[j]);
-    }
-    for (size_t o = 0; o < s.n_out; ++o) {
-      const size_t at = v * s.n_out + o;
-      const double p_o = acc.abs0[at] + (s.transposed ? sum_tx : t_bound[o] * sum_x);
-      const double s_o = acc.absm[at];
-      const double f_o = f.dora ? std::fabs(f.magnitude[o]) / std::sqrt(acc.v_sq[o]) : 1.0;
-      double ym = acc.ym[at], yr = y_ref[at];
-      double tol = 2 * u * s_o + 2 * eta * sum_x + c_acc * f_o * p_o + c_eval * (s_o + f_o * p_o);
-      if (f.dora) tol += (c_acc * std::sqrt(acc.bound_sq[o] / acc.v_sq[o]) + uc) * s_o;
-      if (m.bias) {
-        ym += b_merged[o];
-        yr += b_ref[o];
-        const double ub = b_f64 ? 0x1p-53 : 0x1p-24;
-        tol += 2 * unit_roundoff(b_type) * std::fabs(b_merged[o]) + 2 * half_min_spacing(b_type) +
-               (2 * ub + 0x1p-52) * (std::fabs(b0[o]) + std::fabs(b_ref[o] - b0[o]));
-      }
-      const double diff = std::fabs(ym - yr);
-      const double ratio = std::isnan(diff) ? INFINITY : diff == 0 ? 0.0 : diff / tol;
-      big = std::max(big, std::fabs(yr));
-      if (ratio > 1) ++c.n_bad;
-      if (std::isnan(diff) || diff > c.max_abs) c.max_abs = std::isnan(diff) ? INFINITY : diff;
-      if (ratio > c.ratio || std::isnan(diff)) {
-        c.ratio = ratio;
-        c.tolerance = tol;
-      }
-    }
-  }
-  c.max_rel = big > 0 ? c.max_abs / big : c.max_abs;
-  c.ok = c.n_bad == 0;
+  compare_outputs(c, s, dora, t_bound, x, n, acc, y_ref, tol, c.bias ? &lb : nullptr);
   return c;
 }
 
 }  // namespace
+
+std::string_view tensor_kind_name(tensor_kind kind) noexcept {
+  switch (kind) {
+    case tensor_kind::merged: return "merged";
+    case tensor_kind::replaced: return "replaced";
+    case tensor_kind::bias: return "bias";
+    case tensor_kind::untouched: return "untouched";
+    case tensor_kind::missing: return "missing";
+    case tensor_kind::extra: return "extra";
+    case tensor_kind::shape: return "shape";
+  }
+  return "?";
+}
+
+std::string layer_kind_text(const layer_check& c) {
+  switch (c.problem) {
+    case layer_problem::missing: return "missing";
+    case layer_problem::shape: return "shape";
+    case layer_problem::dtype: return "dtype";
+    case layer_problem::none: break;
+  }
+  std::string k = c.module == layer_module::linear           ? "linear"
+                  : c.module == layer_module::fan_in_fan_out ? "fan_in_fan_out"
+                  : c.module == layer_module::embedding      ? "embedding"
+                                                             : "conv";
+  if (c.dora) k += "+dora";
+  if (c.bias) k += "+bias";
+  return k;
+}
 
 std::vector<double> unmerged_layer_output(const delta_factors_f64& f, std::span<const double> w0,
                                           std::span<const double> x, double weight) {
@@ -497,7 +609,9 @@ std::vector<double> unmerged_layer_output(const delta_factors_f64& f, std::span<
   layer_sums acc(n, s.n_out);
   std::vector<double> v_buf;
   accumulate_rows(f, s, weight, 0, s.n_rows, w0.data(), nullptr, {}, x.data(), n, acc, v_buf);
-  return unmerged_from(f, s, weight, x.data(), n, acc);
+  std::vector<double> y = acc.y0;
+  add_unmerged(f, s, weight, x.data(), n, acc, y);
+  return y;
 }
 
 namespace {
@@ -521,6 +635,11 @@ std::optional<model_inputs> prepare_model_level(const verify_options& o, const m
     return std::nullopt;
   }
   model_inputs in{read_hf_config(base.config_path), read_hf_config(merged.config_path), o.tokens};
+  // a partial checkpoint cannot run: skipped, not refused
+  if (const std::optional<std::string> missing = missing_forward_tensor(base, in.base)) {
+    skipped = fmt::format("the base has no {}: the model level needs the whole model", *missing);
+    return std::nullopt;
+  }
   if (in.tokens.empty()) {
     std::mt19937_64 rng(1234);
     for (int i = 0; i < 16; ++i)
@@ -531,69 +650,150 @@ std::optional<model_inputs> prepare_model_level(const verify_options& o, const m
   return in;
 }
 
+// Every adapter loaded and fitted to the base, its modules by target with
+// weight_k * scale. Throws as verify_merge.
+adapter_set load_adapters(const verify_options& o, const model_files& base) {
+  if (o.adapters.empty()) throw errors::usage("no --adapter given");
+  if (!std::isfinite(o.scale)) throw errors::usage("--scale must be a finite number");
+  adapter_set set;
+  set.adapters.reserve(o.adapters.size());  // the maps point into it
+  for (const verify_input& in : o.adapters) {
+    if (!std::isfinite(in.weight)) throw errors::usage(fmt::format("the weight of {} is not finite", in.path));
+    set.adapters.push_back(load_adapter(in.path));
+    require_fit(set.adapters.back(), base);
+  }
+  for (size_t i = 0; i < set.adapters.size(); ++i) {
+    const adapter& a = set.adapters[i];
+    const double w = o.adapters[i].weight * o.scale;
+    for (const lora_module& m : a.modules) {
+      check_finite_factors(m, a.weights_path);
+      std::vector<contribution>& on = set.modules[m.target];
+      if (on.empty()) set.targets.push_back(m.target);
+      on.push_back({&m, w, &a.weights_path});
+      if (on.size() > 1 && std::any_of(on.begin(), on.end(), [](const contribution& c) { return c.module->dora; }))
+        throw errors::invalid(a.weights_path, m.name,
+                              "a DoRA module shares its tensor with another adapter's: verify checks DoRA alone");
+      if (m.bias) set.biases[m.name + ".bias"].push_back({&m, w, &a.weights_path});
+    }
+    for (const saved_tensor& s : a.saved) set.saved[s.target] = &s.tensor;
+  }
+  return set;
+}
+
 // Weight level: every base tensor against its expected value, then the
 // merged model's extra tensors; appended to r.tensors.
-void check_weights(const model_files& base, const model_files& merged, const adapter& a, verify_report& r) {
-  std::map<std::string, const lora_module*> modules, bias_modules;
-  std::map<std::string, const tensor_ref*> saved;
-  for (const lora_module& m : a.modules) {
-    check_finite_factors(m, a.weights_path);
-    modules[m.target] = &m;
-    if (m.bias) bias_modules[m.name + ".bias"] = &m;
-  }
-  for (const saved_tensor& s : a.saved) saved[s.target] = &s.tensor;
+void check_weights(const model_files& base, const model_files& merged, const adapter_set& set, verify_report& r) {
+  const std::string& first_file = set.adapters.front().weights_path;
   for (const std::string& name : base.tensor_names) {
     check_interrupted();
     tensor_ref b = base.at(name);
     std::optional<tensor_ref> m = merged.find(name);
-    tensor_check c{name, "missing"};
-    if (!m) {
-      c.ok = false;
-      r.tensors.push_back(c);
-      continue;
-    }
-    if (m->info->shape != b.info->shape) {
-      c.kind = "shape";
-      c.ok = false;
-      r.tensors.push_back(c);
+    if (!m || m->info->shape != b.info->shape) {
+      r.tensors.push_back({name, m ? tensor_kind::shape : tensor_kind::missing});
+      r.tensors.back().ok = false;
       continue;
     }
     ++r.n_checked;
     const bool math = dtype_is_math(b.info->type) && dtype_is_math(m->info->type);
     expectation x;
-    if (auto it = saved.find(name); it != saved.end())
+    if (auto it = set.saved.find(name); it != set.saved.end())
       x.replacement = it->second;
-    else if (auto it = bias_modules.find(name); it != bias_modules.end())
-      x.bias = it->second;
-    else if (auto it = modules.find(name); it != modules.end())
-      x.module = it->second;
-    const bool touched = x.replacement || x.bias || x.module;
-    r.tensors.push_back(touched && math ? check_touched(name, b, *m, x, a.weights_path) : check_untouched(name, b, *m));
+    else if (auto it = set.biases.find(name); it != set.biases.end())
+      x.biases = &it->second;
+    else if (auto it = set.modules.find(name); it != set.modules.end())
+      x.modules = &it->second;
+    const bool touched = x.replacement || x.biases || x.modules;
+    r.tensors.push_back(touched && math ? check_touched(name, b, *m, x, first_file) : check_untouched(name, b, *m));
   }
   for (const std::string& name : merged.tensor_names)
-    if (!base.find(name)) r.tensors.push_back({name, "extra", 0, 0, INFINITY, 1, false});
+    if (!base.find(name)) r.tensors.push_back({name, tensor_kind::extra, 0, 0, INFINITY, 1, false});
 }
 
-// Model level: logits of the base with the adapter applied unmerged against the merged model's.
-void check_model(const model_files& base, const model_files& merged, const adapter& a, const model_inputs& in,
-                 int threads, model_check& mc) {
-  logits_result x = llama_forward(base, in.base, &a, in.tokens, threads);
-  logits_result y = llama_forward(merged, in.merged, nullptr, in.tokens, threads);
-  mc.ran = true;
-  mc.n_tokens = x.n_tokens;
-  double big = 0;
-  int64_t agree = 0;
+// Layer level: every adapted module on seeded inputs, one module per job.
+void check_layers(const adapter_set& set, const model_files& base, const model_files& merged, const verify_options& o,
+                  verify_report& r) {
+  r.layers.resize(set.targets.size());
+  parallel_for(set.targets.size(), o.threads, [&](size_t i) {
+    r.layers[i] = check_layer(set.modules.at(set.targets[i]), i, base, merged, o.seed, o.n_inputs);
+  });
+}
+
+// True when every value of `from` is a value of `to` (F16 / BF16 in F32 or F64, F32 in F64).
+bool widens(dtype from, dtype to) {
+  const bool half = from == dtype::F16 || from == dtype::BF16;
+  return from == to || (half && (to == dtype::F32 || to == dtype::F64)) || (from == dtype::F32 && to == dtype::F64);
+}
+
+// The merged model's dtype when rounding the base to it changes values: the
+// one floating-point dtype of its 2-D and larger tensors, when some base
+// tensor does not widen into it (nullopt when it holds the base's values
+// exactly, or mixes several dtypes).
+std::optional<dtype> converted_dtype(const model_files& base, const model_files& merged) {
+  std::optional<dtype> m_type;
+  bool narrows = false;
+  for (const std::string& name : merged.tensor_names) {
+    const tensor_ref t = merged.at(name);
+    if (!dtype_is_math(t.info->type) || t.info->shape.size() < 2) continue;
+    if (m_type && *m_type != t.info->type) return std::nullopt;
+    m_type = t.info->type;
+    if (std::optional<tensor_ref> b = base.find(name)) narrows = narrows || !widens(b->info->type, t.info->type);
+  }
+  return narrows ? m_type : std::nullopt;
+}
+
+// max |x - y| and max |x| over two logit sets of the same shape.
+std::pair<double, double> logit_diff(const logits_result& x, const logits_result& y) {
+  double diff = 0, big = 0;
   for (size_t i = 0; i < x.logits.size(); ++i) {
-    mc.max_abs = std::max(mc.max_abs, static_cast<double>(std::fabs(x.logits[i] - y.logits[i])));
+    diff = std::max(diff, static_cast<double>(std::fabs(x.logits[i] - y.logits[i])));
     big = std::max(big, static_cast<double>(std::fabs(x.logits[i])));
   }
+  return {diff, big};
+}
+
+// Model level: logits of the base with the adapters applied unmerged against
+// the merged model's (the base rounded to the merged dtype when it differs).
+//
+// Tolerance on max |dlogit| / max |logit|: the merged weights' own rounding,
+// 2^-5 for BF16, 2^-8 for F16, 1e-4 for F32. After a dtype conversion the
+// merge's rounding of an adapted weight, round(W0 + dW) - (round(W0) + dW),
+// is at most two roundings of it; so the tolerance is also at least twice
+// what one rounding of every weight does to the logits here, measured by a
+// third pass on the base in its own dtype (conversion_rel).
+void check_model(const model_files& base, const model_files& merged, const adapter_set& set, const verify_options& o,
+                 const model_inputs& in, model_check& mc) {
+  std::vector<weighted_adapter> adapters;
+  for (size_t i = 0; i < set.adapters.size(); ++i)
+    adapters.push_back({&set.adapters[i], o.adapters[i].weight * o.scale});
+  mc.base_rounded_to = converted_dtype(base, merged);
+  logits_result x = model_forward(base, in.base, adapters, in.tokens, o.threads, 0, mc.base_rounded_to);
+  logits_result y = model_forward(merged, in.merged, std::span<const weighted_adapter>{}, in.tokens, o.threads);
+  mc.ran = true;
+  mc.n_tokens = x.n_tokens;
+  const auto [diff, big] = logit_diff(x, y);
+  int64_t agree = 0;
   for (int64_t p = 0; p < x.n_tokens; ++p) agree += top_k(x, p, 1)[0].first == top_k(y, p, 1)[0].first;
-  mc.max_rel = big > 0 ? mc.max_abs / big : mc.max_abs;
+  mc.max_abs = diff;
+  mc.max_rel = big > 0 ? diff / big : diff;
   mc.top1_agreement = static_cast<double>(agree) / static_cast<double>(x.n_tokens);
-  // the merged weights' own rounding: relative 2^-5 for bf16, 2^-8 for f16, 1e-4 for f32
-  dtype wt = merged.at(merged.tensor_names.front()).info->type;
+  const dtype wt = merged.at(merged.tensor_names.front()).info->type;
   mc.tolerance = wt == dtype::BF16 ? 0x1p-5 : wt == dtype::F16 ? 0x1p-8 : 1e-4;
+  if (mc.base_rounded_to) {
+    const logits_result exact = model_forward(base, in.base, adapters, in.tokens, o.threads);
+    const auto [d, b] = logit_diff(exact, x);
+    mc.conversion_rel = b > 0 ? d / b : d;
+    mc.tolerance = std::max(mc.tolerance, 2 * mc.conversion_rel);
+  }
   mc.ok = mc.max_rel <= mc.tolerance;
+}
+
+// The verdict: worst first, counts, equivalence.
+void conclude(verify_report& r) {
+  std::stable_sort(r.tensors.begin(), r.tensors.end(), [](const auto& p, const auto& q) { return p.ratio > q.ratio; });
+  std::stable_sort(r.layers.begin(), r.layers.end(), [](const auto& p, const auto& q) { return p.ratio > q.ratio; });
+  for (const auto& c : r.tensors) r.n_failed += !c.ok;
+  for (const auto& c : r.layers) r.n_layers_failed += !c.ok;
+  r.equivalent = r.n_failed == 0 && r.n_layers_failed == 0 && r.model.ok;
 }
 
 }  // namespace
@@ -602,38 +802,31 @@ verify_report verify_merge(const verify_options& o) {
   verify_report r;
   if (o.n_inputs < 1) throw errors::usage("the layer check needs at least one input vector");
   // 1. inputs, all checked before the expensive levels: the models' headers,
-  // their config.json (model level), the adapter fitting the base
+  // their config.json (model level), every adapter fitting the base
   model_files base = open_model(o.base);
   model_files merged = open_model(o.merged);
   const std::optional<model_inputs> model_in = prepare_model_level(o, base, merged, r.model.skipped);
-  adapter a = load_adapter(o.adapter);
-  require_fit(a, base);
+  const adapter_set set = load_adapters(o, base);
 
   // 2. weight level: every base tensor against its expected value, block by block
-  check_weights(base, merged, a, r);
-
-  // 3. layer level: every adapted module on seeded inputs, one module per job
-  r.layers.resize(a.modules.size());
-  parallel_for(a.modules.size(), o.threads, [&](size_t i) {
-    r.layers[i] = check_layer(a.modules[i], i, a.weights_path, base, merged, o.seed, o.n_inputs);
-  });
+  check_weights(base, merged, set, r);
+  // 3. layer level: every adapted module on seeded inputs
+  check_layers(set, base, merged, o, r);
 
   // 4. model level, for a supported architecture (a merged model with missing
   // or misshapen tensors has already failed above, and cannot be run)
-  const auto unrunnable = std::find_if(r.tensors.begin(), r.tensors.end(),
-                                       [](const tensor_check& c) { return c.kind == "missing" || c.kind == "shape"; });
+  const auto unrunnable = std::find_if(r.tensors.begin(), r.tensors.end(), [](const tensor_check& c) {
+    return c.kind == tensor_kind::missing || c.kind == tensor_kind::shape;
+  });
   if (model_in && unrunnable != r.tensors.end())
-    r.model.skipped = fmt::format("the merged model cannot run: {} is {}", unrunnable->name, unrunnable->kind);
+    r.model.skipped =
+        fmt::format("the merged model cannot run: {} is {}", unrunnable->name, tensor_kind_name(unrunnable->kind));
   else if (model_in)
-    check_model(base, merged, a, *model_in, o.threads, r.model);
+    check_model(base, merged, set, o, *model_in, r.model);
 
   // 5. verdict (none from an input that shrank while it was read)
   check_interrupted();
-  std::stable_sort(r.tensors.begin(), r.tensors.end(), [](const auto& p, const auto& q) { return p.ratio > q.ratio; });
-  std::stable_sort(r.layers.begin(), r.layers.end(), [](const auto& p, const auto& q) { return p.ratio > q.ratio; });
-  for (const auto& c : r.tensors) r.n_failed += !c.ok;
-  for (const auto& c : r.layers) r.n_layers_failed += !c.ok;
-  r.equivalent = r.n_failed == 0 && r.n_layers_failed == 0 && r.model.ok;
+  conclude(r);
   return r;
 }
 

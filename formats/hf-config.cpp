@@ -234,31 +234,50 @@ int64_t window_field(const json& j, int64_t fallback, const std::string& label) 
   return opt_positive(j, "sliding_window", label).value_or(0);
 }
 
-// qwen2's window: sliding_window (Qwen2Config default 4096) only with use_sliding_window.
-int64_t qwen2_window(const json& j, const std::string& label) {
+// qwen2 / qwen3 / qwen3_moe: sliding_window (default 4096) only with use_sliding_window.
+int64_t qwen_window(const json& j, const std::string& label) {
   return boolean(j, "use_sliding_window", false, label) ? window_field(j, 4096, label) : 0;
 }
 
-// qwen2's layer_types when config.json has none (Qwen2Config.__init__):
-// "sliding_attention" for layers i >= max_window_layers (default 28) when a window is set.
-std::vector<std::string> qwen2_layer_types(const json& j, int64_t n_layers, const std::string& label) {
-  const bool windowed = qwen2_window(j, label) > 0;
-  const int64_t first_sliding = non_negative(j, "max_window_layers", 28, label);
+bool is_qwen(std::string_view t) { return t == "qwen2" || t == "qwen3" || t == "qwen3_moe"; }
+bool is_gemma(std::string_view t) { return t == "gemma2" || t == "gemma3_text"; }
+
+// layer_types when config.json has none, as each configuration class derives them:
+// qwen2 / qwen3 / qwen3_moe (Qwen2Config.__init__): "sliding_attention" for
+// layers i >= max_window_layers (default 28) when a window is set; gemma2
+// (Gemma2Config): even layers slide; gemma3_text (Gemma3TextConfig): layers
+// with (i + 1) % sliding_window_pattern (default 6) != 0 slide.
+std::optional<std::vector<std::string>> derived_layer_types(const json& j, const hf_config& c,
+                                                            const std::string& label) {
   std::vector<std::string> types;
-  for (int64_t l = 0; l < n_layers; ++l)
-    types.push_back(windowed && l >= first_sliding ? "sliding_attention" : "full_attention");
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    bool sliding = false;
+    if (is_qwen(c.model_type)) {
+      sliding = qwen_window(j, label) > 0 && l >= non_negative(j, "max_window_layers", 28, label);
+    } else if (c.model_type == "gemma2") {
+      sliding = (l + 1) % 2 != 0;
+    } else if (c.model_type == "gemma3_text") {
+      std::optional<int64_t> pattern = opt_positive(j, "sliding_window_pattern", label);
+      if (!pattern) pattern = opt_positive(j, "_sliding_window_pattern", label);
+      sliding = (l + 1) % pattern.value_or(6) != 0;
+    } else {
+      return std::nullopt;
+    }
+    types.push_back(sliding ? "sliding_attention" : "full_attention");
+  }
   return types;
 }
 
-// Per-layer sliding windows. mistral (MistralConfig, default 4096): every
-// layer. qwen2: layers whose layer_types entry is "sliding_attention". llama: none.
+// Per-layer sliding windows. mistral (MistralConfig, default 4096), mixtral
+// and phi3 (default null): every layer. qwen2, qwen3, qwen3_moe, gemma2,
+// gemma3_text: layers whose layer_types entry is "sliding_attention". llama, gpt2: none.
 void read_layer_windows(const json& j, const std::optional<std::vector<std::string>>& layer_types, hf_config& c,
                         const std::string& label) {
-  if (c.model_type == "mistral") {
-    const int64_t w = window_field(j, 4096, label);
+  if (c.model_type == "mistral" || c.model_type == "mixtral" || c.model_type == "phi3") {
+    const int64_t w = window_field(j, c.model_type == "mistral" ? 4096 : 0, label);
     for (layer_attention& l : c.layers) l.sliding_window = w;
-  } else if (c.model_type == "qwen2") {
-    const int64_t w = qwen2_window(j, label);
+  } else if (is_qwen(c.model_type) || is_gemma(c.model_type)) {
+    const int64_t w = is_qwen(c.model_type) ? qwen_window(j, label) : window_field(j, 4096, label);
     for (size_t l = 0; l < c.layers.size(); ++l) {
       const std::string& type = (*layer_types)[l];
       if (type != "full_attention" && type != "sliding_attention")
@@ -277,10 +296,186 @@ void read_layer_windows(const json& j, const std::optional<std::vector<std::stri
   }
 }
 
+// gemma3_text in the 4.x form (one rope dict): its sliding layers use the
+// default rotary embedding with base rope_local_base_freq (default 10000)
+// (modeling_gemma3.py, Gemma3TextModel.rotary_emb_local, transformers 4.5x).
+void read_gemma3_local_rope(const json& j, const std::optional<std::vector<std::string>>& layer_types, hf_config& c,
+                            const std::string& label) {
+  const json* rp = nullptr;
+  for (const char* f : {"rope_parameters", "rope_scaling"})
+    if (auto it = j.find(f); it != j.end() && it->is_object() && !it->empty()) rp = &*it;
+  if (rp && rp->contains("sliding_attention")) return;  // 5.x: nested per layer type, already read
+  rope_parameters local;
+  local.theta = number(j, "rope_local_base_freq", 10000.0, label);
+  for (size_t l = 0; l < c.layers.size(); ++l)
+    if ((*layer_types)[l] == "sliding_attention") c.layers[l].rope = local;
+}
+
+// The activation: gemma's hidden_activation (default gelu_pytorch_tanh),
+// gpt2's activation_function (default gelu_new), else hidden_act (default silu).
+void read_activation(const json& j, hf_config& c, const std::string& label) {
+  const char* field = is_gemma(c.model_type)   ? "hidden_activation"
+                      : c.model_type == "gpt2" ? "activation_function"
+                                               : "hidden_act";
+  std::string act = is_gemma(c.model_type) ? "gelu_pytorch_tanh" : c.model_type == "gpt2" ? "gelu_new" : "silu";
+  auto it = j.find(field);
+  if (it != j.end() && !it->is_null()) {
+    if (!it->is_string())
+      throw errors::invalid(label, "", fmt::format("field {} must be a string, got {}", field, it->dump()));
+    act = it->get<std::string>();
+  }
+  if (act == "silu" || act == "swish")
+    c.hidden_act = activation_kind::silu;
+  else if (act == "gelu_pytorch_tanh" || act == "gelu_new")
+    c.hidden_act = activation_kind::gelu_tanh;
+  else if (act == "gelu")
+    c.hidden_act = activation_kind::gelu;
+  else
+    throw errors::invalid(
+        label, "",
+        fmt::format("field {} {} is not supported (silu, gelu_pytorch_tanh, gelu_new, gelu)", field, it->dump()));
+}
+
+// An integer field read under its name or gpt2's (n_embd, n_layer, n_head, n_inner, n_positions).
+std::optional<int64_t> opt_size(const json& j, const char* field, const char* gpt2_field, const hf_config& c,
+                                const std::string& label) {
+  return opt_positive(j, c.model_type == "gpt2" ? gpt2_field : field, label);
+}
+
+// The sizes, heads and head_dim.
+void read_sizes(const json& j, hf_config& c, const std::string& label) {
+  auto required = [&](const char* field, const char* gpt2_field) {
+    std::optional<int64_t> v = opt_size(j, field, gpt2_field, c, label);
+    if (!v)
+      throw errors::invalid(label, "", fmt::format("field {} is missing", c.model_type == "gpt2" ? gpt2_field : field));
+    return *v;
+  };
+  c.hidden_size = required("hidden_size", "n_embd");
+  c.num_hidden_layers = required("num_hidden_layers", "n_layer");
+  c.num_attention_heads = required("num_attention_heads", "n_head");
+  c.vocab_size = positive(j, "vocab_size", label);
+  // gpt2: n_inner, default 4 n_embd (GPT2MLP)
+  c.intermediate_size = c.model_type == "gpt2" ? opt_positive(j, "n_inner", label).value_or(4 * c.hidden_size)
+                                               : positive(j, "intermediate_size", label);
+  c.num_key_value_heads = c.model_type == "gpt2"
+                              ? c.num_attention_heads
+                              : opt_positive(j, "num_key_value_heads", label).value_or(c.num_attention_heads);
+  // head_dim: Gemma2Config / Gemma3TextConfig default 256, Qwen3Config 128, else hidden / heads
+  std::optional<int64_t> hd = c.model_type == "gpt2" ? std::nullopt : opt_positive(j, "head_dim", label);
+  if (!hd && is_gemma(c.model_type)) hd = 256;
+  if (!hd && c.model_type == "qwen3") hd = 128;
+  if (hd) {
+    c.head_dim = *hd;
+  } else {
+    if (c.hidden_size % c.num_attention_heads != 0)
+      throw errors::invalid(label, "",
+                            fmt::format("field hidden_size {} is not a multiple of num_attention_heads {}",
+                                        c.hidden_size, c.num_attention_heads));
+    c.head_dim = c.hidden_size / c.num_attention_heads;
+  }
+  if (c.head_dim % 2 != 0 && c.model_type != "gpt2")
+    throw errors::invalid(label, "", fmt::format("field head_dim {} is odd: rotary embeddings need pairs", c.head_dim));
+  if (c.num_attention_heads % c.num_key_value_heads != 0)
+    throw errors::invalid(label, "",
+                          fmt::format("field num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                                      c.num_attention_heads, c.num_key_value_heads));
+  if (c.num_hidden_layers > max_hidden_layers)
+    throw errors::invalid(label, "",
+                          fmt::format("field num_hidden_layers {} exceeds {}", c.num_hidden_layers, max_hidden_layers));
+}
+
+// A soft-capping field: 0 when absent or null.
+double softcap(const json& j, const char* field, double fallback, const std::string& label) {
+  if (!j.contains(field)) return fallback;
+  return number(j, field, 0.0, label);
+}
+
+// Numbers and flags with each configuration class's defaults.
+void read_flags(const json& j, hf_config& c, const std::string& label) {
+  const std::string& t = c.model_type;
+  c.rms_norm_eps = t == "gpt2" ? number(j, "layer_norm_epsilon", 1e-5, label)
+                               : number(j, "rms_norm_eps", t == "mixtral" || t == "phi3" ? 1e-5 : 1e-6, label);
+  const int64_t default_max_pos = t == "mistral" || t == "mixtral" ? 4096 * 32
+                                  : is_qwen(t)                     ? 32768
+                                  : t == "gemma2"                  ? 8192
+                                  : t == "gemma3_text"             ? 131072
+                                  : t == "phi3"                    ? 4096
+                                  : t == "gpt2"                    ? 1024
+                                                                   : 2048;
+  c.max_position_embeddings =
+      opt_positive(j, t == "gpt2" ? "n_positions" : "max_position_embeddings", label).value_or(default_max_pos);
+  // tie_word_embeddings: PretrainedConfig's default true, which gemma2, gemma3_text and gpt2 keep
+  c.tie_word_embeddings = boolean(j, "tie_word_embeddings", is_gemma(t) || t == "gpt2", label);
+  if (t == "qwen2") {
+    c.qkv_bias = true;  // Qwen2Attention: q/k/v_proj bias=True, o_proj bias=False
+  } else if (t == "gpt2") {
+    c.qkv_bias = c.o_bias = c.mlp_bias = true;  // Conv1D always has a bias
+  } else if (t != "phi3") {                     // Phi3Attention: no biases
+    c.qkv_bias = c.o_bias = boolean(j, "attention_bias", false, label);
+  }
+  if (t == "llama") c.mlp_bias = boolean(j, "mlp_bias", false, label);
+  read_activation(j, c, label);
+  if (is_gemma(t)) {
+    c.query_pre_attn_scalar = number(j, "query_pre_attn_scalar", 256.0, label);
+    c.attn_logit_softcapping = softcap(j, "attn_logit_softcapping", t == "gemma2" ? 50.0 : 0.0, label);
+    c.final_logit_softcapping = softcap(j, "final_logit_softcapping", t == "gemma2" ? 30.0 : 0.0, label);
+  }
+  if (t == "gpt2") {
+    c.scale_attn_weights = boolean(j, "scale_attn_weights", true, label);
+    c.scale_attn_by_inverse_layer_idx = boolean(j, "scale_attn_by_inverse_layer_idx", false, label);
+    if (boolean(j, "add_cross_attention", false, label))
+      throw errors::invalid(label, "", "field add_cross_attention true is not supported (a decoder-only forward pass)");
+  }
+}
+
+// mixtral (MixtralConfig: num_local_experts 8, num_experts_per_tok 2, every
+// layer) and qwen3_moe (Qwen3MoeConfig: num_experts 128, num_experts_per_tok
+// 8, moe_intermediate_size 768, norm_topk_prob false; layer l is sparse when
+// l is not in mlp_only_layers and (l + 1) % decoder_sparse_step == 0).
+void read_experts(const json& j, hf_config& c, const std::string& label) {
+  if (c.model_type == "mixtral") {
+    c.num_experts = opt_positive(j, "num_local_experts", label).value_or(8);
+    c.num_experts_per_tok = opt_positive(j, "num_experts_per_tok", label).value_or(2);
+    c.moe_intermediate_size = c.intermediate_size;
+    c.norm_topk_prob = true;  // MixtralSparseMoeBlock: routing_weights /= sum, always
+    for (layer_attention& l : c.layers) l.moe = true;
+  } else if (c.model_type == "qwen3_moe") {
+    c.num_experts = non_negative(j, "num_experts", 128, label);
+    c.num_experts_per_tok = opt_positive(j, "num_experts_per_tok", label).value_or(8);
+    c.moe_intermediate_size = opt_positive(j, "moe_intermediate_size", label).value_or(768);
+    c.norm_topk_prob = boolean(j, "norm_topk_prob", false, label);
+    const int64_t step = opt_positive(j, "decoder_sparse_step", label).value_or(1);
+    std::vector<int64_t> dense;
+    if (auto it = j.find("mlp_only_layers"); it != j.end() && !it->is_null()) {
+      if (!it->is_array())
+        throw errors::invalid(label, "", fmt::format("field mlp_only_layers must be a list, got {}", it->dump()));
+      for (const json& e : *it) {
+        if (!e.is_number_integer())
+          throw errors::invalid(label, "", fmt::format("field mlp_only_layers holds {}", e.dump()));
+        dense.push_back(e.get<int64_t>());
+      }
+    }
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+      c.layers[static_cast<size_t>(l)].moe =
+          c.num_experts > 0 && (l + 1) % step == 0 && std::find(dense.begin(), dense.end(), l) == dense.end();
+  }
+  if (c.num_experts > 0 && c.num_experts_per_tok > c.num_experts)
+    throw errors::invalid(
+        label, "",
+        fmt::format("field num_experts_per_tok {} exceeds the {} experts", c.num_experts_per_tok, c.num_experts));
+}
+
+constexpr std::string_view architectures[] = {"llama",       "mistral", "qwen2",   "qwen3",     "gemma2",
+                                              "gemma3_text", "phi3",    "mixtral", "qwen3_moe", "gpt2"};
+
 }  // namespace
 
 bool is_supported_architecture(std::string_view model_type) noexcept {
-  return model_type == "llama" || model_type == "mistral" || model_type == "qwen2";
+  return std::find(std::begin(architectures), std::end(architectures), model_type) != std::end(architectures);
+}
+
+std::string_view supported_architectures() noexcept {
+  return "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, qwen3_moe, gpt2";
 }
 
 std::optional<std::string> parse_model_type(std::string_view json_text, const std::string& label) {
@@ -300,60 +495,22 @@ hf_config parse_hf_config(std::string_view json_text, const std::string& label) 
   if (mt == j.end() || !mt->is_string()) throw errors::invalid(label, "", "field model_type is missing");
   c.model_type = mt->get<std::string>();
   if (!is_supported_architecture(c.model_type))
-    throw errors::invalid(
-        label, "",
-        fmt::format("model_type {} is not supported (the forward pass implements llama, mistral, qwen2)",
-                    c.model_type));
-
-  // sizes
-  c.hidden_size = positive(j, "hidden_size", label);
-  c.intermediate_size = positive(j, "intermediate_size", label);
-  c.num_hidden_layers = positive(j, "num_hidden_layers", label);
-  c.num_attention_heads = positive(j, "num_attention_heads", label);
-  c.num_key_value_heads = opt_positive(j, "num_key_value_heads", label).value_or(c.num_attention_heads);
-  c.vocab_size = positive(j, "vocab_size", label);
-  if (auto hd = opt_positive(j, "head_dim", label)) {
-    c.head_dim = *hd;
-  } else {
-    if (c.hidden_size % c.num_attention_heads != 0)
-      throw errors::invalid(label, "",
-                            fmt::format("field hidden_size {} is not a multiple of num_attention_heads {}",
-                                        c.hidden_size, c.num_attention_heads));
-    c.head_dim = c.hidden_size / c.num_attention_heads;
-  }
-  if (c.head_dim % 2 != 0)
-    throw errors::invalid(label, "", fmt::format("field head_dim {} is odd: rotary embeddings need pairs", c.head_dim));
-  if (c.num_attention_heads % c.num_key_value_heads != 0)
     throw errors::invalid(label, "",
-                          fmt::format("field num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                                      c.num_attention_heads, c.num_key_value_heads));
+                          fmt::format("model_type {} is not supported (the forward pass implements {})", c.model_type,
+                                      supported_architectures()));
 
-  // numbers and flags (HF's defaults when absent)
-  c.rms_norm_eps = number(j, "rms_norm_eps", 1e-6, label);
-  const int64_t default_max_pos = c.model_type == "mistral" ? 4096 * 32 : c.model_type == "qwen2" ? 32768 : 2048;
-  c.max_position_embeddings = opt_positive(j, "max_position_embeddings", label).value_or(default_max_pos);
-  c.tie_word_embeddings = boolean(j, "tie_word_embeddings", false, label);
-  if (c.model_type == "qwen2") {
-    c.qkv_bias = true;  // Qwen2Attention: q/k/v_proj bias=True, o_proj bias=False
-  } else {
-    c.qkv_bias = c.o_bias = boolean(j, "attention_bias", false, label);
-  }
-  c.mlp_bias = boolean(j, "mlp_bias", false, label);
+  // sizes, numbers and flags (each configuration class's defaults when absent)
+  read_sizes(j, c, label);
+  read_flags(j, c, label);
 
-  // what the forward pass does not implement is refused, naming the field
-  auto act = j.find("hidden_act");
-  if (act != j.end() && !act->is_null() && *act != "silu")
-    throw errors::invalid(label, "", fmt::format("field hidden_act {} is not supported (only silu)", act->dump()));
-
-  // per layer: rotary embedding and sliding window
-  if (c.num_hidden_layers > max_hidden_layers)
-    throw errors::invalid(label, "",
-                          fmt::format("field num_hidden_layers {} exceeds {}", c.num_hidden_layers, max_hidden_layers));
+  // per layer: rotary embedding, sliding window, experts
   c.layers.resize(static_cast<size_t>(c.num_hidden_layers));
   std::optional<std::vector<std::string>> layer_types = read_layer_types(j, c.num_hidden_layers, label);
-  if (!layer_types && c.model_type == "qwen2") layer_types = qwen2_layer_types(j, c.num_hidden_layers, label);
-  read_layer_ropes(j, layer_types, c, label);
+  if (!layer_types) layer_types = derived_layer_types(j, c, label);
+  if (c.model_type != "gpt2") read_layer_ropes(j, layer_types, c, label);  // gpt2: learned positions
+  if (c.model_type == "gemma3_text") read_gemma3_local_rope(j, layer_types, c, label);
   read_layer_windows(j, layer_types, c, label);
+  read_experts(j, c, label);
   return c;
 }
 

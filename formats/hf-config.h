@@ -1,5 +1,8 @@
-// A Hugging Face config.json for the Llama family (llama, mistral, qwen2),
-// parsed into the numbers the forward pass needs.
+// A Hugging Face config.json of a decoder-only family the forward pass
+// implements (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3,
+// mixtral, qwen3_moe, gpt2), parsed into the numbers it needs, with each
+// configuration class's defaults (transformers 4.5x configuration_<family>.py;
+// 5.x rope_parameters as below).
 #pragma once
 
 #include <cstdint>
@@ -37,11 +40,16 @@ struct rope_parameters {
 struct layer_attention {
   rope_parameters rope;
   int64_t sliding_window = 0;  // 0: full causal attention; W: key j seen by query i when i - W < j <= i
+  bool moe = false;            // the layer's MLP is a mixture of experts (mixtral, qwen3_moe)
 };
+
+// The MLP's activation: silu (x sigmoid(x)); gelu_tanh (gelu_pytorch_tanh,
+// gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))); gelu (erf).
+enum class activation_kind { silu, gelu_tanh, gelu };
 
 struct hf_config {
   std::string path;        // the file, for messages
-  std::string model_type;  // "llama" | "mistral" | "qwen2"
+  std::string model_type;  // one of supported_architectures()
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
   int64_t num_hidden_layers = 0;
@@ -49,7 +57,7 @@ struct hf_config {
   int64_t num_key_value_heads = 0;  // default: num_attention_heads
   int64_t head_dim = 0;             // default: hidden_size / num_attention_heads
   int64_t vocab_size = 0;
-  double rms_norm_eps = 1e-6;  // LlamaConfig's default
+  double rms_norm_eps = 1e-6;  // the norms' epsilon (gpt2: layer_norm_epsilon, default 1e-5)
   // LlamaConfig's default 2048; MistralConfig 131072; Qwen2Config 32768.
   int64_t max_position_embeddings = 2048;
   bool tie_word_embeddings = false;
@@ -58,6 +66,20 @@ struct hf_config {
   bool qkv_bias = false;
   bool o_bias = false;
   bool mlp_bias = false;  // llama `mlp_bias`: gate/up/down_proj biases
+  activation_kind hidden_act =
+      activation_kind::silu;  // hidden_act, gemma's hidden_activation, gpt2's activation_function
+  // gemma2 / gemma3_text: attention scale query_pre_attn_scalar^-0.5 (0: head_dim^-0.5)
+  double query_pre_attn_scalar = 0;
+  // gemma2 (gemma3_text when set): cap * tanh(x / cap) on the attention scores and the logits; 0: none
+  double attn_logit_softcapping = 0, final_logit_softcapping = 0;
+  // mixtral (num_local_experts) and qwen3_moe (num_experts): the router picks
+  // num_experts_per_tok experts of moe_intermediate_size (mixtral: intermediate_size);
+  // norm_topk_prob: their softmax weights renormalised to sum 1 (mixtral always)
+  int64_t num_experts = 0, num_experts_per_tok = 0, moe_intermediate_size = 0;
+  bool norm_topk_prob = false;
+  // gpt2: scores / sqrt(head_dim) when scale_attn_weights, and / (layer + 1) when
+  // scale_attn_by_inverse_layer_idx
+  bool scale_attn_weights = true, scale_attn_by_inverse_layer_idx = false;
   // One per hidden layer: its rotary embedding (5.x may nest rope_parameters
   // per layer type) and sliding window (mistral: every layer unless
   // sliding_window is null; qwen2: layers whose layer_types entry is
@@ -69,16 +91,20 @@ struct hf_config {
 // True for the model_type values the forward pass implements.
 bool is_supported_architecture(std::string_view model_type) noexcept;
 
+// The model_type values the forward pass implements, comma-separated, for messages.
+std::string_view supported_architectures() noexcept;
+
 // The "model_type" of a config.json text, or nullopt when it has none.
 // Throws lora::error (exit 3) when the text is not a JSON object.
 std::optional<std::string> parse_model_type(std::string_view json_text, const std::string& label);
 
-// Parses a Llama-family config.json. `label` names the file in messages.
+// Parses the config.json of a supported family. `label` names the file in messages.
 // Throws lora::error (exit 3) naming the file and the field: not JSON, an
-// unsupported model_type ("model_type gpt2 is not supported ..."), a missing
+// unsupported model_type ("model_type bert is not supported ..."), a missing
 // or mistyped required field, non-positive sizes, heads that do not divide
-// (hidden_size by heads without head_dim, heads by kv heads), hidden_act
-// other than silu; a rope_scaling / rope_parameters whose rope_type is not
+// (hidden_size by heads without head_dim, heads by kv heads), an activation
+// other than silu, gelu_pytorch_tanh, gelu_new, gelu; for gpt2
+// add_cross_attention; a rope_scaling / rope_parameters whose rope_type is not
 // one of default, linear, dynamic, yarn, longrope, llama3 (named), that lacks
 // a field its type requires or holds a mistyped one (named, e.g.
 // "rope_scaling.factor"), partial_rotary_factor other than 1, longrope

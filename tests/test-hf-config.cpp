@@ -53,14 +53,14 @@ TEST_CASE("testdata configs") {
 TEST_CASE("refusals name the file and the field") {
   CHECK(error_of("[1]").find("not a JSON object") != std::string::npos);
   CHECK(error_of("{").find("not valid JSON") != std::string::npos);
-  std::string e = error_of(R"({"model_type":"gpt2"})");
+  std::string e = error_of(R"({"model_type":"bert"})");
   CHECK(e.find("cfg.json") != std::string::npos);
-  CHECK(e.find("model_type gpt2") != std::string::npos);
+  CHECK(e.find("model_type bert") != std::string::npos);
   CHECK(error_of(R"({"model_type":"llama"})").find("hidden_size") != std::string::npos);
   CHECK(error_of(base_json(R"(,"rope_scaling":{"rope_type":"llama3","factor":8})")) ==
         "cfg.json: field rope_scaling.low_freq_factor is missing (rope_type llama3 needs it)");
   CHECK(error_of(base_json(R"(,"num_key_value_heads":3)")).find("num_key_value_heads") != std::string::npos);
-  CHECK(error_of(base_json(R"(,"hidden_act":"gelu")")).find("hidden_act") != std::string::npos);
+  CHECK(error_of(base_json(R"(,"hidden_act":"relu")")).find("hidden_act") != std::string::npos);
   CHECK(error_of(base_json(R"(,"rms_norm_eps":"x")")).find("rms_norm_eps") != std::string::npos);
   CHECK(error_of(base_json(R"(,"vocab_size":-1)")).find("vocab_size") != std::string::npos);
   CHECK(parse_hf_config(base_json(R"(,"rope_scaling":null)"), "c").layers.at(1).rope.type == "default");
@@ -195,4 +195,64 @@ TEST_CASE("sliding windows: mistral every layer, qwen2 from max_window_layers on
   CHECK(error_of(R"({"model_type":"qwen2",)" + sizes +
                  R"(,"layer_types":["chunked_attention","full_attention","full_attention"]})")
             .find("chunked_attention is not supported") != std::string::npos);
+}
+
+TEST_CASE("the families beyond Llama: each configuration class's defaults") {
+  const std::string sizes =
+      R"("hidden_size":32,"intermediate_size":48,"num_hidden_layers":6,"num_attention_heads":4,"vocab_size":96)";
+  auto parse = [&](const std::string& type, const std::string& extra) {
+    return parse_hf_config(R"({"model_type":")" + type + R"(",)" + sizes + extra + "}", "cfg.json");
+  };
+  // Gemma2Config: head_dim 256, query_pre_attn_scalar 256, soft-caps 50 / 30, even layers slide 4096, tied, gelu tanh
+  hf_config g = parse("gemma2", "");
+  CHECK(g.head_dim == 256);
+  CHECK(g.query_pre_attn_scalar == 256);
+  CHECK(g.attn_logit_softcapping == 50);
+  CHECK(g.final_logit_softcapping == 30);
+  CHECK(g.tie_word_embeddings);
+  CHECK(g.hidden_act == activation_kind::gelu_tanh);
+  CHECK(g.layers[0].sliding_window == 4096);
+  CHECK(g.layers[1].sliding_window == 0);
+  CHECK(parse("gemma2", R"(,"attn_logit_softcapping":null)").attn_logit_softcapping == 0);
+  // Gemma3TextConfig: layers (i + 1) % 6 != 0 slide on rope_local_base_freq; the others keep rope_theta and scaling
+  hf_config g3 = parse("gemma3_text", R"(,"rope_theta":1000000.0,"rope_scaling":{"rope_type":"linear","factor":8.0})");
+  CHECK(g3.layers[0].sliding_window == 4096);
+  CHECK(g3.layers[0].rope.type == "default");
+  CHECK(g3.layers[0].rope.theta == 10000.0);
+  CHECK(g3.layers[5].sliding_window == 0);
+  CHECK(g3.layers[5].rope.type == "linear");
+  CHECK(g3.layers[5].rope.theta == 1000000.0);
+  CHECK(g3.final_logit_softcapping == 0);
+  CHECK(parse("gemma3_text", R"(,"sliding_window_pattern":2)").layers[1].sliding_window == 0);
+  // Qwen3Config: head_dim 128 when absent; qwen3_moe: sparse layers by mlp_only_layers and decoder_sparse_step
+  CHECK(parse("qwen3", "").head_dim == 128);
+  hf_config m =
+      parse("qwen3_moe",
+            R"(,"head_dim":8,"num_experts":4,"num_experts_per_tok":2,"mlp_only_layers":[1],"decoder_sparse_step":2)");
+  CHECK(m.num_experts == 4);
+  CHECK((m.num_experts_per_tok == 2 && m.moe_intermediate_size == 768));
+  CHECK(!m.norm_topk_prob);
+  CHECK((!m.layers[0].moe && !m.layers[1].moe && !m.layers[2].moe && m.layers[3].moe && m.layers[5].moe));
+  // MixtralConfig: every layer sparse, renormalised; no window by default
+  hf_config x = parse("mixtral", R"(,"num_local_experts":4)");
+  CHECK((x.layers[0].moe && x.norm_topk_prob && x.num_experts_per_tok == 2 && x.layers[0].sliding_window == 0));
+  // Phi3Config: no biases; a window on every layer when set
+  hf_config p = parse("phi3", R"(,"sliding_window":5,"attention_bias":true)");
+  CHECK((!p.qkv_bias && p.layers[3].sliding_window == 5));
+  // GPT2Config: n_* names, n_inner 4 n_embd, layer_norm_epsilon, Conv1D biases, tied, gelu_new
+  hf_config t = parse_hf_config(R"({"model_type":"gpt2","n_embd":32,"n_layer":2,"n_head":4,"vocab_size":96})", "c");
+  CHECK((t.hidden_size == 32 && t.intermediate_size == 128 && t.head_dim == 8 && t.max_position_embeddings == 1024));
+  CHECK((t.rms_norm_eps == 1e-5 && t.qkv_bias && t.o_bias && t.mlp_bias && t.tie_word_embeddings));
+  CHECK(t.hidden_act == activation_kind::gelu_tanh);
+}
+
+TEST_CASE("family refusals name the field") {
+  CHECK(error_of(R"({"model_type":"gpt2","n_embd":32,"n_layer":2,"vocab_size":96})") ==
+        "cfg.json: field n_head is missing");
+  CHECK(error_of(R"({"model_type":"mixtral","hidden_size":32,"intermediate_size":8,"num_hidden_layers":1,)"
+                 R"("num_attention_heads":4,"vocab_size":8,"num_local_experts":2,"num_experts_per_tok":3})") ==
+        "cfg.json: field num_experts_per_tok 3 exceeds the 2 experts");
+  CHECK(error_of(R"({"model_type":"gemma2","hidden_size":32,"intermediate_size":8,"num_hidden_layers":1,)"
+                 R"("num_attention_heads":4,"vocab_size":8,"hidden_activation":"relu"})") ==
+        "cfg.json: field hidden_activation \"relu\" is not supported (silu, gelu_pytorch_tanh, gelu_new, gelu)");
 }

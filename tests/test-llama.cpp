@@ -196,7 +196,7 @@ TEST_CASE("whole models against the double-precision reference forward") {
     CAPTURE(name);
     model_files m = open_model(td + name);
     hf_config c = read_hf_config(m.config_path);
-    logits_result r = llama_forward(m, c, nullptr, ref_tokens, 1);
+    logits_result r = model_forward(m, c, nullptr, ref_tokens, 1);
     std::vector<double> want = ref_forward(m, c, ref_tokens);
     // f32 accumulation over a 2-layer model: relative 1e-5 of the largest logit
     CHECK(max_abs_diff(r.logits, want) < 1e-5 * max_abs(want));
@@ -359,10 +359,10 @@ void write_block_model(const std::string& dir) {
 
 logits_result forward_with(const model_files& m, const std::string& adapter_path, int threads, int64_t block) {
   const hf_config c = read_hf_config(m.config_path);
-  if (adapter_path.empty()) return llama_forward(m, c, nullptr, ref_tokens, threads, block);
+  if (adapter_path.empty()) return model_forward(m, c, nullptr, ref_tokens, threads, block);
   adapter a = load_adapter(adapter_path);
   REQUIRE(fit_adapter(a, m).ok());
-  return llama_forward(m, c, &a, ref_tokens, threads, block);
+  return model_forward(m, c, &a, ref_tokens, threads, block);
 }
 
 // Row blocks change only how the BLAS kernel partitions the output columns;
@@ -454,4 +454,110 @@ TEST_CASE("causal_attention with a sliding window: key j seen by query i when i 
   std::vector<float> out2(q.size());
   causal_attention(q.data(), k.data(), v2.data(), T, H, KV, d, out2.data(), W);
   for (int64_t i = W * H * d; i < T * H * d; ++i) CHECK(out2[i] == out[i]);
+}
+
+TEST_CASE("norm_rows: Gemma's (1 + w) RMSNorm and GPT-2's LayerNorm against double") {
+  const int64_t T = 5, D = 24;
+  auto x = randf(T * D, 31), w = randf(D, 32), b = randf(D, 33);
+  std::vector<float> out(x.size());
+  std::vector<double> want(x.size());
+  norm_rows(norm_kind::rms_offset_one, x.data(), T, D, w.data(), nullptr, 1e-6, out.data());
+  for (int64_t t = 0; t < T; ++t) {
+    double ss = 0;
+    for (int64_t i = 0; i < D; ++i) ss += double(x[t * D + i]) * x[t * D + i];
+    for (int64_t i = 0; i < D; ++i) want[t * D + i] = x[t * D + i] / std::sqrt(ss / D + 1e-6) * (1.0 + w[i]);
+  }
+  CHECK(max_abs_diff(out, want) < 1e-5);
+  norm_rows(norm_kind::layer_norm, x.data(), T, D, w.data(), b.data(), 1e-5, out.data());
+  for (int64_t t = 0; t < T; ++t) {
+    double mean = 0, var = 0;
+    for (int64_t i = 0; i < D; ++i) mean += x[t * D + i] / double(D);
+    for (int64_t i = 0; i < D; ++i) var += (x[t * D + i] - mean) * (x[t * D + i] - mean) / D;
+    for (int64_t i = 0; i < D; ++i) want[t * D + i] = (x[t * D + i] - mean) / std::sqrt(var + 1e-5) * w[i] + b[i];
+  }
+  CHECK(max_abs_diff(out, want) < 1e-5);
+}
+
+TEST_CASE("causal_attention with a scale and tanh soft-capping (Gemma 2) against double") {
+  const int64_t T = 6, H = 2, KV = 1, d = 8;
+  auto q = randf(T * H * d, 41), k = randf(T * KV * d, 42), v = randf(T * KV * d, 43);
+  for (float& e : q) e *= 4;  // scores well past the cap: the cap bites
+  const double scale = 0.3, cap = 0.5;
+  std::vector<float> out(q.size()), plain(q.size());
+  causal_attention(q.data(), k.data(), v.data(), T, H, KV, d, out.data(), 0, scale, cap);
+  causal_attention(q.data(), k.data(), v.data(), T, H, KV, d, plain.data(), 0, scale, 0);
+  std::vector<double> want(q.size(), 0.0);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < T; ++i) {
+      std::vector<double> s(static_cast<size_t>(i + 1));
+      double sum = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        double dot = 0;
+        for (int64_t e = 0; e < d; ++e) dot += double(q[(i * H + h) * d + e]) * k[j * d + e];
+        s[j] = std::exp(cap * std::tanh(dot * scale / cap));
+        sum += s[j];
+      }
+      for (int64_t j = 0; j <= i; ++j)
+        for (int64_t e = 0; e < d; ++e) want[(i * H + h) * d + e] += s[j] / sum * v[j * d + e];
+    }
+  CHECK(max_abs_diff(out, want) < 1e-5);
+  CHECK(max_abs_diff(plain, want) > 1e-2);
+}
+
+TEST_CASE("activations: gelu_pytorch_tanh / gelu_new and exact gelu") {
+  for (float x : {-3.0f, -0.5f, 0.0f, 0.7f, 2.5f}) {
+    const double t = 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+    CHECK(activate(activation_kind::gelu_tanh, x) == doctest::Approx(t).epsilon(1e-6));
+    CHECK(activate(activation_kind::gelu, x) == doctest::Approx(0.5 * x * (1 + std::erf(x / std::sqrt(2.0)))));
+  }
+}
+
+TEST_CASE("several weighted adapters: two halves of one adapter give the adapter's logits") {
+  model_files m = open_model(td + "tiny-llama-f32");
+  const hf_config c = read_hf_config(m.config_path);
+  adapter a = load_adapter(td + "lora-tiny-llama");
+  REQUIRE(fit_adapter(a, m).ok());
+  const logits_result one = model_forward(m, c, &a, ref_tokens, 1);
+  const std::vector<weighted_adapter> halves{{&a, 0.5}, {&a, 0.5}}, none{{&a, 0.0}};
+  const logits_result two = model_forward(m, c, halves, ref_tokens, 1);
+  double big = 0, diff = 0;
+  for (size_t i = 0; i < one.logits.size(); ++i) {
+    big = std::max(big, double(std::fabs(one.logits[i])));
+    diff = std::max(diff, double(std::fabs(one.logits[i] - two.logits[i])));
+  }
+  CHECK(diff <= 1e-5 * big);
+  // weight 0: the base's logits
+  const logits_result base = model_forward(m, c, nullptr, ref_tokens, 1);
+  const logits_result zero = model_forward(m, c, none, ref_tokens, 1);
+  CHECK(max_abs_diff(zero.logits, to_d(base.logits)) < 1e-5 * big);
+}
+
+TEST_CASE("causal_attention over several chunks of query rows, with and without a window, against double") {
+  const int64_t T = 600, H = 2, KV = 1, d = 8;  // 256-row chunks: three of them
+  auto q = randf(T * H * d, 51), k = randf(T * KV * d, 52), v = randf(T * KV * d, 53);
+  for (int64_t W : {int64_t{0}, int64_t{300}, int64_t{7}}) {
+    CAPTURE(W);
+    std::vector<float> out(q.size());
+    causal_attention(q.data(), k.data(), v.data(), T, H, KV, d, out.data(), W);
+    double worst = 0;
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t lo = W > 0 ? std::max<int64_t>(0, i - W + 1) : 0;
+        std::vector<double> p;
+        double top = -1e300, sum = 0;
+        for (int64_t j = lo; j <= i; ++j) {
+          double dot = 0;
+          for (int64_t e = 0; e < d; ++e) dot += double(q[(i * H + h) * d + e]) * k[j * d + e];
+          p.push_back(dot / std::sqrt(double(d)));
+          top = std::max(top, p.back());
+        }
+        for (double& x : p) sum += x = std::exp(x - top);
+        for (int64_t e = 0; e < d; ++e) {
+          double o = 0;
+          for (int64_t j = lo; j <= i; ++j) o += p[j - lo] / sum * v[j * d + e];
+          worst = std::max(worst, std::fabs(o - out[(i * H + h) * d + e]));
+        }
+      }
+    CHECK(worst < 1e-5);
+  }
 }

@@ -60,7 +60,8 @@ void write_peft_adapter(const std::string& dir, int r, double alpha, const std::
 void write_gpt2_case(const std::string& dir, const std::string& name, bool dora) {
   if (!std::filesystem::exists(dir + "/gpt2")) {
     std::filesystem::create_directories(dir + "/gpt2");
-    write_text(dir + "/gpt2/config.json", R"({"model_type": "gpt2", "n_embd": 32, "n_layer": 1})");
+    write_text(dir + "/gpt2/config.json",
+               R"({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 4, "vocab_size": 64})");
     write_safetensors(dir + "/gpt2/model.safetensors",
                       {random_tensor("transformer.h.0.attn.c_attn.weight", dtype::F32, {32, 96}, 81),
                        random_tensor("transformer.h.0.ln_1.weight", dtype::F32, {32}, 82)});
@@ -87,7 +88,7 @@ TEST_CASE("a merge verifies; an edited merge fails naming the tensor") {
   mo.adapters = {{td + "lora-tiny-llama", 1.0}};
   mo.out = dir / "merged";
   merge_model(mo);
-  verify_options vo{td + "tiny-llama", td + "lora-tiny-llama", dir / "merged", {}, 1};
+  verify_options vo{td + "tiny-llama", {{td + "lora-tiny-llama"}}, dir / "merged", {}, 1};
   verify_report ok = verify_merge(vo);
   CHECK(ok.equivalent);
   CHECK(ok.n_checked == 21);
@@ -133,7 +134,7 @@ TEST_CASE("a merge verifies; an edited merge fails naming the tensor") {
   r = verify_merge(vo);
   REQUIRE(r.n_failed == 1);
   CHECK(r.tensors.front().name == "model.norm.weight");
-  CHECK(r.tensors.front().kind == "untouched");
+  CHECK(r.tensors.front().kind == tensor_kind::untouched);
 }
 
 namespace {
@@ -186,13 +187,14 @@ TEST_CASE("layer level: every merge kind passes in BF16, F16 and F32") {
       CAPTURE(c.adapter);
       CAPTURE(dtype_name(types[t]));
       const std::string out = merge_into(dir, c, types[t], fmt::format("m{}", n++));
-      verify_options vo{c.base, c.adapter, out, {}, 1};
+      verify_options vo{c.base, {{c.adapter}}, out, {}, 1};
       const verify_report r = verify_merge(vo);
       CHECK(r.equivalent);
       CHECK(r.n_layers_failed == 0);
       REQUIRE(r.layers.size() == c.n_modules);
       for (const std::string& k : c.kinds)
-        CHECK(std::any_of(r.layers.begin(), r.layers.end(), [&](const layer_check& l) { return l.kind == k; }));
+        CHECK(std::any_of(r.layers.begin(), r.layers.end(),
+                          [&](const layer_check& l) { return layer_kind_text(l) == k; }));
       for (const layer_check& l : r.layers) {
         CHECK(l.ok);
         CHECK(l.ratio < 1);
@@ -230,7 +232,7 @@ TEST_CASE("layer level: a weight moved beyond tolerance, or a merge at twice the
       for (double w : v) row += std::fabs(w);
       v[t.element] += 0.1 * row / static_cast<double>(ts[t.tensor].shape[t.case_index == 7 ? 1 : 0]);
     });
-    verify_options vo{c.base, c.adapter, bad, {}, 1};
+    verify_options vo{c.base, {{c.adapter}}, bad, {}, 1};
     verify_report r = verify_merge(vo);
     CHECK(!r.equivalent);
     REQUIRE(r.n_layers_failed == 1);
@@ -249,7 +251,7 @@ TEST_CASE("layer level: a weight moved beyond tolerance, or a merge at twice the
     const merge_case& c = cases[i];
     CAPTURE(c.adapter);
     const std::string out = merge_into(dir, c, dtype::F32, "x2-" + std::to_string(i), 2.0);
-    verify_options vo{c.base, c.adapter, out, {}, 1};
+    verify_options vo{c.base, {{c.adapter}}, out, {}, 1};
     verify_report r = verify_merge(vo);
     CHECK(!r.equivalent);
     CHECK(r.n_layers_failed == c.n_modules);
@@ -264,22 +266,22 @@ TEST_CASE("layer level: a lora_bias merged without its bias fails naming the mod
   const std::string bias = "model.layers.1.self_attn.k_proj.bias";
   safetensors_file base(td + "tiny-qwen2/model.safetensors");
   edited_copy(good, dir / "bad", [&](auto& ts) { ts[bias].values = read_f64(base, bias); });
-  verify_options vo{c.base, c.adapter, dir / "bad", {}, 1};
+  verify_options vo{c.base, {{c.adapter}}, dir / "bad", {}, 1};
   verify_report r = verify_merge(vo);
   REQUIRE(r.n_layers_failed == 1);
   CHECK(r.layers.front().name == "model.layers.1.self_attn.k_proj");
-  CHECK(r.layers.front().kind == "linear+bias");
+  CHECK(layer_kind_text(r.layers.front()) == "linear+bias");
 
   // a merged model without the module's weight: the layer cannot run and fails as "missing"
   // (a UNet: no forward pass, which would refuse the incomplete model with exit 3)
   const merge_case u{td + "tiny-unet", td + "lora-tiny-unet-kohya.safetensors", 4, {}};
   const std::string unet = merge_into(dir, u, std::nullopt, "unet");
   edited_copy(unet, dir / "gone", [&](auto& ts) { ts.erase("down_blocks.0.resnets.0.conv1.weight"); });
-  vo = verify_options{u.base, u.adapter, dir / "gone", {}, 1};
+  vo = verify_options{u.base, {{u.adapter}}, dir / "gone", {}, 1};
   r = verify_merge(vo);
   REQUIRE(r.n_layers_failed == 1);
   CHECK(r.layers.front().name == "down_blocks.0.resnets.0.conv1");
-  CHECK(r.layers.front().kind == "missing");
+  CHECK(layer_kind_text(r.layers.front()) == "missing");
   CHECK(!r.equivalent);
 }
 
@@ -287,7 +289,7 @@ TEST_CASE("layer level: seeded inputs; a different seed gives other inputs, both
   temp_dir dir;
   const merge_case c{td + "tiny-llama", td + "lora-tiny-llama", 14, {}};
   const std::string out = merge_into(dir, c, std::nullopt, "m");
-  verify_options vo{c.base, c.adapter, out, {}, 1};
+  verify_options vo{c.base, {{c.adapter}}, out, {}, 1};
   const verify_report a = verify_merge(vo), b = verify_merge(vo);
   vo.seed = 99;
   const verify_report d = verify_merge(vo);
@@ -409,7 +411,8 @@ struct big_case {
 big_case write_big_case(const std::string& dir, bool ffo, bool dora) {
   if (!std::filesystem::exists(dir + "/big")) {
     std::filesystem::create_directories(dir + "/big");
-    write_text(dir + "/big/config.json", R"({"model_type": "gpt2", "n_embd": 64, "n_layer": 1})");
+    write_text(dir + "/big/config.json",
+               R"({"model_type": "gpt2", "n_embd": 64, "n_layer": 1, "n_head": 4, "vocab_size": 2048})");
     write_safetensors(dir + "/big/model.safetensors",
                       {random_tensor("transformer.h.0.attn.c_attn.weight", dtype::F32, {4096, 48}, 91),
                        random_tensor("transformer.h.0.mlp.c_proj.weight", dtype::F32, {48, 4096}, 92),
@@ -467,12 +470,13 @@ TEST_CASE(
       const big_case c = write_big_case(dir.path, ffo, dora);
       const std::string good = merge_into(dir, {c.base, c.adapter, 1, {}}, dtype::F32,
                                           std::filesystem::path(c.adapter).filename().string() + "-merged");
-      verify_options vo{c.base, c.adapter, good, {}, 1};
+      verify_options vo{c.base, {{c.adapter}}, good, {}, 1};
       const verify_report ok = verify_merge(vo);
       CHECK(ok.equivalent);
       CHECK(ok.n_checked == 3);
       REQUIRE(ok.layers.size() == 1);
-      CHECK(ok.layers.front().kind == std::string(ffo ? "fan_in_fan_out" : "linear") + (dora ? "+dora" : ""));
+      CHECK(layer_kind_text(ok.layers.front()) ==
+            std::string(ffo ? "fan_in_fan_out" : "linear") + (dora ? "+dora" : ""));
 
       // one element of the last block moved by 1e-3: the reported error is
       // |merged - E| there, E from the double reference (1e-9 relative: the
@@ -491,7 +495,7 @@ TEST_CASE(
       REQUIRE(r.n_failed == 1);
       const tensor_check& t = r.tensors.front();
       CHECK(t.name == c.tensor);
-      CHECK(t.kind == "merged");
+      CHECK(t.kind == tensor_kind::merged);
       CHECK(t.n_bad == 1);
       CHECK(t.max_error == doctest::Approx(std::fabs(moved - want[at])).epsilon(1e-9));
       CHECK(t.max_error > 9e-4);
@@ -501,12 +505,12 @@ TEST_CASE(
   const big_case c = write_big_case(dir.path, false, false);
   const std::string good = merge_into(dir, {c.base, c.adapter, 1, {}}, std::nullopt, "untouched-good");
   edited_copy(good, dir / "untouched-bad", [&](auto& ts) { ts["transformer.wte.weight"].values.back() += 0.125; });
-  verify_options vo{c.base, c.adapter, dir / "untouched-bad", {}, 1};
+  verify_options vo{c.base, {{c.adapter}}, dir / "untouched-bad", {}, 1};
   const verify_report r = verify_merge(vo);
   REQUIRE(r.n_failed == 1);
   const tensor_check& t = r.tensors.front();
   CHECK(t.name == "transformer.wte.weight");
-  CHECK(t.kind == "untouched");
+  CHECK(t.kind == tensor_kind::untouched);
   CHECK(t.n_bad == 1);
   safetensors_file base(c.base + "/model.safetensors"), moved(dir / "untouched-bad" + "/model.safetensors");
   CHECK(t.max_error ==

@@ -2,6 +2,8 @@
 # Forward benchmark: `lora forward` (whole command: open, convert, compute,
 # write) against PyTorch's f32 forward of the same weights, both as a whole
 # process and compute only (weights already loaded), 128 tokens, ~100M-parameter Llama-shaped F32 model.
+# With build/bench-forward (cmake -DLORA_BENCH=ON) beside LORA, also the compute
+# alone: lora's tokens/s and GFLOP/s, and the GFLOP/s of cblas_sgemm on the same products.
 # Not part of the test suite.  Usage: bench/forward/run.sh [PATH-TO-LORA]  (env RUNS=3, THREADS=2)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -45,3 +47,12 @@ print('pytorch forward (compute only, weights loaded): %.3f s  %.1f tokens/s' % 
 print('ratio lora/pytorch tokens/s, whole process vs whole process: %.2f' % (ptw / lora))
 print('ratio lora (whole command) / pytorch (compute only) tokens/s: %.2f' % (pt / lora))"
 echo "max |lora - pytorch| logits: $diff"
+pt_tps=$("$PY" -c "print('%.1f' % (128 / $pt))")
+BENCH=$(dirname "$LORA")/bench-forward
+if [ -x "$BENCH" ]; then
+  "$BENCH" "$OUT/model" 128 "$RUNS" "$THREADS" | tee "$OUT/bench-forward.txt"
+  lora_tps=$(awk '/^forward \(compute/ {print $(NF-3)}' "$OUT/bench-forward.txt")
+  "$PY" -c "print('compute only: lora %s tokens/s, pytorch %s tokens/s, ratio lora/pytorch %.2f' % ('$lora_tps', '$pt_tps', float('$lora_tps') / float('$pt_tps')))"
+else
+  echo "(no $BENCH: configure with -DLORA_BENCH=ON for the compute-only and sgemm figures)"
+fi
