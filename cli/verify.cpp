@@ -1,6 +1,6 @@
 // lora verify --base MODEL --adapter ADAPTER --merged MODEL [--tokens 1,2,3] [--seed N] [--json] [--threads N]
-// Checks that MERGED is BASE with ADAPTER merged in (core/verify); exit 0
-// when equivalent, 1 when not; the report names the worst tensors and layers.
+// [--quiet] Checks that MERGED is BASE with ADAPTER merged in (core/verify); exit 0 when equivalent, 1 when not; the
+// report names the worst tensors and layers; a progress bar with an ETA on stderr (a terminal only).
 #include <cmath>
 #include <memory>
 #include <string>
@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/progress.h"
 #include "cli/token-list.h"
 #include "core/verify.h"
 #include "formats/error.h"
@@ -20,6 +21,7 @@ namespace {
 struct verify_cli_options {
   std::string base, adapter, merged, tokens;
   bool json = false;
+  bool quiet = false;
   int threads = 0;
   int worst = 5;
   uint64_t seed = verify_options{}.seed;
@@ -31,7 +33,9 @@ int run_verify(const verify_cli_options& o) {
   verify_options opts{o.base, o.adapter, o.merged, {}, o.threads};
   opts.seed = o.seed;
   if (!o.tokens.empty()) opts.tokens = parse_token_list(o.tokens);
-  const verify_report r = verify_merge(opts);
+  progress_bar bar("verify", o.quiet);
+  const verify_report r = verify_merge(opts, bar.callback());
+  bar.finish();
   const int code = r.equivalent ? 0 : 1;
   if (o.json) {
     nlohmann::json j;
@@ -116,6 +120,7 @@ CLI::App* setup_verify(CLI::App& app, runner& run) {
   sub->add_option("--tokens", o->tokens, "token ids for the model-level check (default: 16 seeded ids)");
   sub->add_option("--seed", o->seed, "seed of the layer-level input vectors (default 1234)");
   sub->add_flag("--json", o->json, "machine-readable report on stdout");
+  sub->add_flag("--quiet", o->quiet, "no progress bar (it is drawn on stderr only when stderr is a terminal)");
   sub->add_option("--threads", o->threads, "BLAS threads (default: all cores)")->check(CLI::NonNegativeNumber);
   sub->add_option("--worst", o->worst, "how many of the worst tensors and layers to list (default 5)")
       ->check(CLI::NonNegativeNumber);

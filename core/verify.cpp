@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <random>
 
 #include <fmt/format.h>
@@ -66,7 +67,7 @@ void read_rows_f64(const tensor_ref& t, size_t n_cols, size_t rb, size_t re, std
 double ulp(dtype type, double x) {
   const int mant = type == dtype::BF16 ? 7 : type == dtype::F16 ? 10 : 23;
   const int min_exp = type == dtype::F16 ? -14 : -126;
-  const int e = x > 0 ? std::max(static_cast<int>(std::floor(std::log2(x))), min_exp) : min_exp;
+  const int e = x > 0 ? std::max(std::ilogb(x), min_exp) : min_exp;  // ilogb: floor(log2 x), exact
   return std::ldexp(1.0, e - mant);
 }
 
@@ -531,44 +532,77 @@ std::optional<model_inputs> prepare_model_level(const verify_options& o, const m
   return in;
 }
 
-// Weight level: every base tensor against its expected value, then the
-// merged model's extra tensors; appended to r.tensors.
-void check_weights(const model_files& base, const model_files& merged, const adapter& a, verify_report& r) {
+// Progress of the weight and layer levels (one pass over both models'
+// bytes), then of the model level (both models again); serialized.
+struct verify_progress {
+  explicit verify_progress(const progress_fn& f) : fn(f) {}
+  const progress_fn& fn;
+  std::mutex mutex;
+  progress_event event;
+  void add(uint64_t bytes, const std::string& what) {
+    if (!fn) return;
+    std::lock_guard<std::mutex> lock(mutex);
+    ++event.done_items;
+    event.done_bytes += bytes;
+    event.current = what;
+    fn(event);
+  }
+};
+
+// Weight and layer levels: every base tensor against its expected value,
+// then the merged model's extra tensors, into r.tensors; every adapted
+// module on seeded inputs into r.layers. One job per base tensor on the
+// thread pool; a module's layer check runs right after its target's weight
+// check, while both tensors are still in the page cache.
+void check_weights_and_layers(const model_files& base, const model_files& merged, const adapter& a,
+                              const verify_options& o, verify_progress& progress, verify_report& r) {
   std::map<std::string, const lora_module*> modules, bias_modules;
+  std::map<std::string, size_t> module_index;
   std::map<std::string, const tensor_ref*> saved;
-  for (const lora_module& m : a.modules) {
+  for (size_t i = 0; i < a.modules.size(); ++i) {
+    const lora_module& m = a.modules[i];
     check_finite_factors(m, a.weights_path);
     modules[m.target] = &m;
+    module_index.emplace(m.target, i);
     if (m.bias) bias_modules[m.name + ".bias"] = &m;
   }
   for (const saved_tensor& s : a.saved) saved[s.target] = &s.tensor;
-  for (const std::string& name : base.tensor_names) {
+  std::vector<std::optional<tensor_check>> checks(base.tensor_names.size());
+  std::vector<uint8_t> layer_done(a.modules.size(), 0);
+  r.layers.resize(a.modules.size());
+  parallel_for(base.tensor_names.size(), o.threads, [&](size_t i) {
     check_interrupted();
-    tensor_ref b = base.at(name);
+    const std::string& name = base.tensor_names[i];
+    const tensor_ref b = base.at(name);
     std::optional<tensor_ref> m = merged.find(name);
-    tensor_check c{name, "missing"};
-    if (!m) {
-      c.ok = false;
-      r.tensors.push_back(c);
-      continue;
+    if (!m || m->info->shape != b.info->shape) {
+      checks[i] = tensor_check{name, m ? "shape" : "missing"};
+      checks[i]->ok = false;
+    } else {
+      const bool math = dtype_is_math(b.info->type) && dtype_is_math(m->info->type);
+      expectation x;
+      if (auto it = saved.find(name); it != saved.end())
+        x.replacement = it->second;
+      else if (auto it = bias_modules.find(name); it != bias_modules.end())
+        x.bias = it->second;
+      else if (auto it = modules.find(name); it != modules.end())
+        x.module = it->second;
+      const bool touched = x.replacement || x.bias || x.module;
+      checks[i] = touched && math ? check_touched(name, b, *m, x, a.weights_path) : check_untouched(name, b, *m);
     }
-    if (m->info->shape != b.info->shape) {
-      c.kind = "shape";
-      c.ok = false;
-      r.tensors.push_back(c);
-      continue;
+    if (auto it = module_index.find(name); it != module_index.end()) {
+      r.layers[it->second] =
+          check_layer(a.modules[it->second], it->second, a.weights_path, base, merged, o.seed, o.n_inputs);
+      layer_done[it->second] = 1;  // one job per module: no two jobs write one element
     }
-    ++r.n_checked;
-    const bool math = dtype_is_math(b.info->type) && dtype_is_math(m->info->type);
-    expectation x;
-    if (auto it = saved.find(name); it != saved.end())
-      x.replacement = it->second;
-    else if (auto it = bias_modules.find(name); it != bias_modules.end())
-      x.bias = it->second;
-    else if (auto it = modules.find(name); it != modules.end())
-      x.module = it->second;
-    const bool touched = x.replacement || x.bias || x.module;
-    r.tensors.push_back(touched && math ? check_touched(name, b, *m, x, a.weights_path) : check_untouched(name, b, *m));
+    progress.add(b.info->n_bytes() + (m ? m->info->n_bytes() : 0), name);
+  });
+  // modules whose target is not a base tensor name (cannot happen after require_fit; kept total)
+  for (size_t k = 0; k < a.modules.size(); ++k)
+    if (!layer_done[k]) r.layers[k] = check_layer(a.modules[k], k, a.weights_path, base, merged, o.seed, o.n_inputs);
+  for (auto& c : checks) {
+    if (c->kind != "missing" && c->kind != "shape") ++r.n_checked;
+    r.tensors.push_back(std::move(*c));
   }
   for (const std::string& name : merged.tensor_names)
     if (!base.find(name)) r.tensors.push_back({name, "extra", 0, 0, INFINITY, 1, false});
@@ -576,9 +610,11 @@ void check_weights(const model_files& base, const model_files& merged, const ada
 
 // Model level: logits of the base with the adapter applied unmerged against the merged model's.
 void check_model(const model_files& base, const model_files& merged, const adapter& a, const model_inputs& in,
-                 int threads, model_check& mc) {
+                 int threads, model_check& mc, verify_progress& progress) {
   logits_result x = llama_forward(base, in.base, &a, in.tokens, threads);
+  progress.add(base.total_tensor_bytes(), "model level: base + adapter");
   logits_result y = llama_forward(merged, in.merged, nullptr, in.tokens, threads);
+  progress.add(merged.total_tensor_bytes(), "model level: merged");
   mc.ran = true;
   mc.n_tokens = x.n_tokens;
   double big = 0;
@@ -598,7 +634,7 @@ void check_model(const model_files& base, const model_files& merged, const adapt
 
 }  // namespace
 
-verify_report verify_merge(const verify_options& o) {
+verify_report verify_merge(const verify_options& o, const progress_fn& progress_callback) {
   verify_report r;
   if (o.n_inputs < 1) throw errors::usage("the layer check needs at least one input vector");
   // 1. inputs, all checked before the expensive levels: the models' headers,
@@ -609,14 +645,13 @@ verify_report verify_merge(const verify_options& o) {
   adapter a = load_adapter(o.adapter);
   require_fit(a, base);
 
-  // 2. weight level: every base tensor against its expected value, block by block
-  check_weights(base, merged, a, r);
-
-  // 3. layer level: every adapted module on seeded inputs, one module per job
-  r.layers.resize(a.modules.size());
-  parallel_for(a.modules.size(), o.threads, [&](size_t i) {
-    r.layers[i] = check_layer(a.modules[i], i, a.weights_path, base, merged, o.seed, o.n_inputs);
-  });
+  // 2, 3. weight level (every base tensor against its expected value, block
+  // by block) and layer level (every adapted module on seeded inputs)
+  verify_progress progress{progress_callback};
+  progress.event.total_items = base.tensor_names.size() + (model_in ? 2 : 0);
+  progress.event.total_bytes = base.total_tensor_bytes() + merged.total_tensor_bytes();
+  if (model_in) progress.event.total_bytes *= 2;
+  check_weights_and_layers(base, merged, a, o, progress, r);
 
   // 4. model level, for a supported architecture (a merged model with missing
   // or misshapen tensors has already failed above, and cannot be run)
@@ -625,7 +660,7 @@ verify_report verify_merge(const verify_options& o) {
   if (model_in && unrunnable != r.tensors.end())
     r.model.skipped = fmt::format("the merged model cannot run: {} is {}", unrunnable->name, unrunnable->kind);
   else if (model_in)
-    check_model(base, merged, a, *model_in, o.threads, r.model);
+    check_model(base, merged, a, *model_in, o.threads, r.model, progress);
 
   // 5. verdict (none from an input that shrank while it was read)
   check_interrupted();

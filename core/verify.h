@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/delta.h"
+#include "core/progress-event.h"
 
 namespace lora {
 
@@ -68,10 +69,13 @@ struct verify_report {
   bool equivalent = true;  // no tensor, layer or model failure
 };
 
+// `progress` (may be empty) is called after each base tensor's weight and
+// layer checks and after each forward pass of the model level, with the
+// bytes of both models read so far (from worker threads, serialized).
 // Throws lora::error: exit 3 for malformed inputs or an adapter that does not
 // fit the base (or a lora_bias module whose base has no bias), exit 4 when
 // unreadable, exit 2 for n_inputs < 1. Differences are report values.
-verify_report verify_merge(const verify_options& options);
+verify_report verify_merge(const verify_options& options, const progress_fn& progress = {});
 
 // The unmerged output of one module, in double, without forming B A:
 //   y = W0 x + w s B (A x)                      (w = weight)
