@@ -20,6 +20,12 @@ namespace lora {
 
 namespace {
 
+// y[j] += alpha * x[j], j < n: the exact path's inner loop (vectorized; one
+// product and one sum per element, in the same order on every path).
+LORA_VECTORIZE void axpy(double alpha, const double* x, double* y, size_t n) {
+  for (size_t j = 0; j < n; ++j) y[j] += alpha * x[j];
+}
+
 uint64_t product(const std::vector<int64_t>& shape, size_t from) {
   uint64_t n = 1;
   for (size_t i = from; i < shape.size(); ++i) n *= static_cast<uint64_t>(shape[i]);
@@ -280,11 +286,7 @@ void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin
     std::fill(acc.begin(), acc.end(), 0.0);
     if (!f.transposed) {
       // dW[i, j] = sum_k B[i, k] A[k, j]
-      for (size_t k = 0; k < r; ++k) {
-        const double bik = f.b[i * r + k];
-        const double* a_row = f.a.data() + k * n_cols;
-        for (size_t j = 0; j < n_cols; ++j) acc[j] += bik * a_row[j];
-      }
+      for (size_t k = 0; k < r; ++k) axpy(f.b[i * r + k], f.a.data() + k * n_cols, acc.data(), n_cols);
     } else {
       // dW[i, j] = sum_k A[k, i] B[j, k]
       for (size_t j = 0; j < n_cols; ++j)

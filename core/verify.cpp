@@ -1,6 +1,7 @@
 #include "core/verify.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -67,8 +68,13 @@ void read_rows_f64(const tensor_ref& t, size_t n_cols, size_t rb, size_t re, std
 double ulp(dtype type, double x) {
   const int mant = type == dtype::BF16 ? 7 : type == dtype::F16 ? 10 : 23;
   const int min_exp = type == dtype::F16 ? -14 : -126;
-  const int e = x > 0 ? std::max(std::ilogb(x), min_exp) : min_exp;  // ilogb: floor(log2 x), exact
-  return std::ldexp(1.0, e - mant);
+  // floor(log2 x) from the exponent bits: exact, and no libm call per
+  // element (a double subnormal lies below every min_exp; NaN and x <= 0
+  // give min_exp)
+  const int biased = x > 0 ? static_cast<int>(std::bit_cast<uint64_t>(x) >> 52) : 0;
+  if (biased == 0x7ff) return INFINITY;
+  const int e = std::max(biased - 1023, min_exp);
+  return std::bit_cast<double>(static_cast<uint64_t>(e - mant + 1023) << 52);  // 2^(e - mant)
 }
 
 // expected vs merged, one block of rows from `first_row` on (n_cols each),
