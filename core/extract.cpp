@@ -68,6 +68,25 @@ std::vector<T> delta_of(const tensor_ref& base, const tensor_ref& tuned) {
   return out;
 }
 
+// ||W_tuned - W_base||_F in double, a block at a time (an untied lm_head
+// of a Llama-3-8B is 4 GiB as f64): memory two blocks, whatever the size.
+double delta_norm(const tensor_ref& base, const tensor_ref& tuned) {
+  constexpr size_t block = size_t{1} << 16;
+  const size_t bs = static_cast<size_t>(math_dtype_size(base.info->type));
+  const size_t ts = static_cast<size_t>(math_dtype_size(tuned.info->type));
+  const auto bb = base.data(), tb = tuned.data();
+  std::vector<double> x(block), y(block);
+  double sum = 0;
+  for (size_t off = 0; off < tuned.info->n_elements; off += block) {
+    const size_t c = std::min<size_t>(block, tuned.info->n_elements - off);
+    to_f64(tuned.info->type, tb.subspan(off * ts, c * ts), std::span<double>(y.data(), c));
+    to_f64(base.info->type, bb.subspan(off * bs, c * bs), std::span<double>(x.data(), c));
+    for (size_t i = 0; i < c; ++i) y[i] -= x[i];
+    sum += squared_norm(std::span<const double>(y.data(), c));
+  }
+  return std::sqrt(sum);
+}
+
 template <class T>
 bool all_finite(std::span<const T> v) {
   for (T x : v)
@@ -220,15 +239,7 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
     const tensor_ref t = tuned.at(name);
     if (b.info->shape != t.info->shape)
       throw errors::shape_mismatch(tuned.path, name, shape_text(b.info->shape), shape_text(t.info->shape));
-    const bool same_type = b.info->type == t.info->type;
-    if (same_type && std::ranges::equal(b.data(), t.data())) {
-      ++report.n_unchanged;
-      continue;
-    }
-    if (!dtype_is_math(b.info->type) || !dtype_is_math(t.info->type))
-      throw errors::invalid(tuned.path, name,
-                            fmt::format("differs from the base, and {} and {} cannot be subtracted",
-                                        dtype_name(b.info->type), dtype_name(t.info->type)));
+    const bool math = dtype_is_math(b.info->type) && dtype_is_math(t.info->type);
     const std::string path = module_path(name);
     const bool two_d = b.info->shape.size() == 2 && name.ends_with(".weight");
     const bool embedding = two_d && is_embedding_module(path);
@@ -243,14 +254,24 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
     } else if (head) {
       reason = "output head (select it with --targets)";
     }
+    // a selected 2-D weight is compared in step 2, as its delta is formed (a
+    // zero delta counts as unchanged there): one read of it, not two
+    const bool compare_later = math && reason.empty() && !embedding;
+    if (!compare_later && b.info->type == t.info->type && std::ranges::equal(b.data(), t.data())) {
+      ++report.n_unchanged;
+      continue;
+    }
+    if (!math)
+      throw errors::invalid(tuned.path, name,
+                            fmt::format("differs from the base, and {} and {} cannot be subtracted",
+                                        dtype_name(b.info->type), dtype_name(t.info->type)));
     if (reason.empty()) {
       if (embedding && options.format == extract_format::kohya)
         throw errors::usage(fmt::format("{}: kohya files have no embedding LoRA: use --format peft", name));
       jobs.push_back({name, path, embedding, b, t});
     } else {
       // values may be equal in different dtypes: measure the delta
-      std::vector<double> d = delta_of<double>(b, t);
-      const double norm = norm_of<double>(d);
+      const double norm = delta_norm(b, t);
       if (norm == 0) {
         ++report.n_unchanged;
         continue;
@@ -285,6 +306,10 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
     auto run = [&](auto delta) {
       // the norm is finite exactly when every element is (f32 squares cannot overflow f64)
       rec.delta_norm = norm_of<typename decltype(delta)::element_type>(delta);
+      // NaN at the same places in both models: unchanged (compared only then: a second read)
+      if (!std::isfinite(rec.delta_norm) && j.base.info->type == j.tuned.info->type &&
+          std::ranges::equal(j.base.data(), j.tuned.data()))
+        rec.delta_norm = 0;
       if (!std::isfinite(rec.delta_norm))
         refuse_nonfinite_delta(j.base, base.path, j.tuned, tuned.path, j.tensor,
                                std::is_same_v<typename decltype(delta)::element_type, double>);
