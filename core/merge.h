@@ -12,10 +12,10 @@
 // (copy_file_range). An input not in the page cache is read ahead and
 // dropped from the cache once read (formats' read_pass); the output is sent
 // to the disk in 64 MiB windows and dropped from the cache a few windows
-// later (write_behind), so the page cache holds a few hundred MiB of the
-// merge, not the model twice. Peak memory is a few row blocks per thread,
-// plus one whole tensor in f32 for the rare DoRA module whose norm runs per
-// column (fan_in_fan_out, embedding).
+// later (write_behind), so the page cache holds the part of the output the
+// disk has not taken yet, not the model twice. Peak memory is a few row
+// blocks per thread, plus one whole tensor in f32 for the rare DoRA module
+// whose norm runs per column (fan_in_fan_out, embedding).
 //
 // Atomic: everything is written to `<out>.tmp-XXXXXX` beside --out, renamed
 // onto --out at the end (swapped with the old one under --force); any error

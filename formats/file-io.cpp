@@ -134,7 +134,7 @@ write_behind::write_behind(int fd, uint64_t size, uint64_t window, uint64_t lag)
 void write_behind::written(uint64_t offset, uint64_t n) {
   if (n == 0 || offset >= size_) return;
   n = std::min(n, size_ - offset);
-  std::vector<uint64_t> complete, retire;
+  std::vector<uint64_t> complete, drop;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     for (uint64_t w = offset / window_; w < filled_.size() && w * window_ < offset + n; ++w) {
@@ -142,28 +142,24 @@ void write_behind::written(uint64_t offset, uint64_t n) {
       filled_[w] += e - b;
       if (filled_[w] == std::min(window_, size_ - w * window_) && state_[w] == 0) {
         state_[w] = 1;
-        ++n_complete_;
         complete.push_back(w);
       }
     }
-    // the oldest windows sent to disk, beyond the `lag` most recent
-    uint64_t in_cache = 0;
-    for (uint8_t s : state_) in_cache += s == 1;
-    for (uint64_t w = 0; w < state_.size() && in_cache > lag_; ++w)
-      if (state_[w] == 1) {
-        state_[w] = 2;
-        --in_cache;
-        retire.push_back(w);
-      }
+    // each time a window completes: drop the oldest window that was sent
+    // `lag` completions ago, and once more the one `2 lag` ago (pages still
+    // being written back at the first try are skipped by the kernel)
+    for (size_t k = 0; k < complete.size(); ++k) {
+      order_.push_back(complete[k]);
+      for (uint64_t back : {lag_, 2 * lag_})
+        if (back > 0 && order_.size() > back) drop.push_back(order_[order_.size() - 1 - back]);
+    }
   }
-  // outside the lock: these may wait for the disk
+  // outside the lock: neither call waits for the disk (the kernel throttles
+  // writers past its dirty limits, as it does cp)
   for (uint64_t w : complete)
     ::sync_file_range(fd_, static_cast<off64_t>(w * window_), static_cast<off64_t>(window_), SYNC_FILE_RANGE_WRITE);
-  for (uint64_t w : retire) {
-    const auto b = static_cast<off64_t>(w * window_), len = static_cast<off64_t>(window_);
-    ::sync_file_range(fd_, b, len, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
-    ::posix_fadvise(fd_, b, len, POSIX_FADV_DONTNEED);
-  }
+  for (uint64_t w : drop)
+    ::posix_fadvise(fd_, static_cast<off_t>(w * window_), static_cast<off_t>(window_), POSIX_FADV_DONTNEED);
 }
 
 // ---------------------------------------------------------------- whole files

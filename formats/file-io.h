@@ -87,19 +87,20 @@ class temp_file {
 // Write-behind for one output file written once, in pieces, in roughly
 // increasing order (several threads may write at once): the file is cut
 // into windows; a window whose bytes are all written is sent to the disk at
-// once (sync_file_range), and once `lag` more windows have been completed
-// after it, waited for and dropped from the page cache (posix_fadvise
-// DONTNEED). The page cache then holds about `lag` windows of this output
-// instead of everything written, so that a 16 GB merge on a 24 GiB machine
-// does not push the rest of the system (and its own input) out; the last
-// `lag` windows are left to the kernel's writeback, as cp leaves its tail.
-// Advisory: failures here show up at fsync, or never matter.
+// once (sync_file_range WRITE, which does not wait), and `lag` completed
+// windows later it is dropped from the page cache (posix_fadvise DONTNEED,
+// again `2 lag` windows later for pages that were still being written
+// back). The page cache then holds the part of this output that the disk
+// has not taken yet, instead of everything written, so that a 16 GB merge
+// on a 24 GiB machine does not push the rest of the system (and its own
+// input) out. Never waits for the disk itself: past the kernel's dirty
+// limits it throttles the writer, as it does cp. Advisory: failures here
+// show up at fsync, or never matter.
 class write_behind {
  public:
   // `fd` is borrowed and must outlive *this; `size` is the file's final size.
-  write_behind(int fd, uint64_t size, uint64_t window = uint64_t{64} << 20, uint64_t lag = 8);
-  // [offset, offset + n) now holds its final bytes. Thread-safe; may wait
-  // for the disk (the writeback of an old window).
+  write_behind(int fd, uint64_t size, uint64_t window = uint64_t{64} << 20, uint64_t lag = 4);
+  // [offset, offset + n) now holds its final bytes. Thread-safe.
   void written(uint64_t offset, uint64_t n);
 
  private:
@@ -107,8 +108,8 @@ class write_behind {
   uint64_t size_, window_, lag_;
   std::mutex mutex_;
   std::vector<uint64_t> filled_;  // bytes written per window
-  std::vector<uint8_t> state_;    // 0 filling, 1 sent to disk, 2 dropped (or being dropped)
-  uint64_t n_complete_ = 0;       // windows sent to disk so far
+  std::vector<uint8_t> state_;    // 0 filling, 1 complete
+  std::vector<uint64_t> order_;   // complete windows, in the order they completed
 };
 
 // Writes `bytes` to `path` atomically (temp file beside it, fsync when
