@@ -1,7 +1,8 @@
 // lora verify --base MODEL --adapter ADAPTER [--weight W] [--adapter A2 --weight W2 ...] [--scale S]
-//             --merged MODEL [--tokens 1,2,3] [--seed N] [--json] [--threads N]
+//             --merged MODEL [--tokens 1,2,3] [--seed N] [--json] [--threads N] [--quiet]
 // Checks that MERGED is BASE with the ADAPTERs merged in (core/verify); exit 0
-// when equivalent, 1 when not; the report names the worst tensors and layers.
+// when equivalent, 1 when not; the report names the worst tensors and layers;
+// a progress bar with an ETA on stderr (a terminal only).
 #include <cmath>
 #include <memory>
 #include <string>
@@ -10,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/progress.h"
 #include "cli/options.h"
 #include "cli/token-list.h"
 #include "core/verify.h"
@@ -24,6 +26,7 @@ struct verify_cli_options {
   weighted_adapters adapters;
   double scale = 1.0;
   bool json = false;
+  bool quiet = false;
   int threads = 0;
   int worst = 5;
   uint64_t seed = verify_options{}.seed;
@@ -36,7 +39,9 @@ int run_verify(const verify_cli_options& o) {
   opts.seed = o.seed;
   opts.scale = o.scale;
   if (!o.tokens.empty()) opts.tokens = parse_token_list(o.tokens);
-  const verify_report r = verify_merge(opts);
+  progress_bar bar("verify", o.quiet);
+  const verify_report r = verify_merge(opts, bar.callback());
+  bar.finish();
   const int code = r.equivalent ? 0 : 1;
   if (o.json) {
     nlohmann::json j;
@@ -135,6 +140,7 @@ CLI::App* setup_verify(CLI::App& app, runner& run) {
   sub->add_option("--seed", o->seed, "seed of the layer-level input vectors (default 1234)");
   sub->add_flag("--json", o->json, "machine-readable report on stdout");
   sub->add_option("--threads", o->threads, "BLAS threads (default: all cores)")->check(CLI::NonNegativeNumber);
+  sub->add_flag("--quiet", o->quiet, "no progress bar (it is drawn on stderr only when stderr is a terminal)");
   sub->add_option("--worst", o->worst, "how many of the worst tensors and layers to list (default 5)")
       ->check(CLI::NonNegativeNumber);
   sub->footer("Exit codes: 0 equivalent, 1 not equivalent, 2 bad command line, 3 invalid input, 4 I/O failure.");

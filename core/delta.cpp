@@ -2,19 +2,29 @@
 
 #include <cblas.h>
 
+#include <algorithm>
+#include <bit>
 #include <climits>
 #include <cmath>
+#include <cstring>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include "core/blas.h"
 #include "core/dtype.h"
+#include "core/vectorize.h"
 #include "formats/error.h"
 
 namespace lora {
 
 namespace {
+
+// y[j] += alpha * x[j], j < n: the exact path's inner loop (vectorized; one
+// product and one sum per element, in the same order on every path).
+LORA_VECTORIZE void axpy(double alpha, const double* x, double* y, size_t n) {
+  for (size_t j = 0; j < n; ++j) y[j] += alpha * x[j];
+}
 
 uint64_t product(const std::vector<int64_t>& shape, size_t from) {
   uint64_t n = 1;
@@ -276,11 +286,7 @@ void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin
     std::fill(acc.begin(), acc.end(), 0.0);
     if (!f.transposed) {
       // dW[i, j] = sum_k B[i, k] A[k, j]
-      for (size_t k = 0; k < r; ++k) {
-        const double bik = f.b[i * r + k];
-        const double* a_row = f.a.data() + k * n_cols;
-        for (size_t j = 0; j < n_cols; ++j) acc[j] += bik * a_row[j];
-      }
+      for (size_t k = 0; k < r; ++k) axpy(f.b[i * r + k], f.a.data() + k * n_cols, acc.data(), n_cols);
     } else {
       // dW[i, j] = sum_k A[k, i] B[j, k]
       for (size_t j = 0; j < n_cols; ++j)
@@ -373,6 +379,123 @@ void add_bias_delta(const lora_module& m, double weight, std::span<float> bias, 
 
 void add_bias_delta(const lora_module& m, double weight, std::span<double> bias, const std::string& file) {
   add_bias(m, weight, bias, file);
+}
+
+// ---------------------------------------------------------------- exact rounding
+
+namespace {
+
+// Distance, in f32 units in the last place, from f32 `x` (bits `u`, sign
+// cleared) to the nearest midpoint between two neighbouring values of BF16
+// (F16 when `f16`, subnormals included): where rounding x and rounding the
+// exact value it approximates may differ. Branch-free so that the scan
+// below vectorizes.
+template <bool f16>
+inline int32_t midpoint_distance(uint32_t u) noexcept {
+  int32_t half = 1 << 15;  // BF16 keeps the top 16 bits of an f32
+  if constexpr (f16) {
+    const int32_t e = static_cast<int32_t>(u >> 23);
+    int32_t drop = 13 + (113 - e > 0 ? 113 - e : 0);  // F16 subnormals keep fewer bits
+    drop = drop > 24 ? 24 : drop;
+    half = 1 << (drop - 1);
+  }
+  const uint32_t m = (u & 0x7fffffu) | 0x800000u;
+  const int32_t diff = static_cast<int32_t>(m & static_cast<uint32_t>(2 * half - 1)) - half;
+  const int32_t sign = diff >> 31;
+  return (diff ^ sign) - sign;
+}
+
+// The f32 value R is off the exact W0 + sum_k w_k dW_k by at most 1/2 ulp(R)
+// (the add into W0) + (r + 2) u sum|terms| (sgemm's length-r dot product and
+// its alpha; u = 2^-24), and ulp(R) >= u |R|: at most 1/2 + (r + 2)
+// sum|terms| / |R| ulps of R, with sum|terms| <= bound(row). An element is
+// suspect when its distance d to a rounding midpoint is within
+// 2 + (r + 3) bound / |R| ulps, i.e. (d - 2) |R| <= (r + 3) bound: only then
+// can rounding R and rounding the exact value differ. Zeros and f32
+// subnormals (where ulp(R) >= u |R| fails) are always suspect. The float
+// comparison is done on the bits (both sides are >= 0 or t is negative, and
+// then its bits are a negative int32), which keeps the loop free of branches.
+template <bool f16>
+inline int32_t suspect(float x, int32_t cb_bits) noexcept {
+  const uint32_t u = std::bit_cast<uint32_t>(x) & 0x7fffffffu;
+  const float t = (static_cast<float>(midpoint_distance<f16>(u)) - 2.0f) * std::bit_cast<float>(u);
+  return static_cast<int32_t>(std::bit_cast<int32_t>(t) <= cb_bits) | static_cast<int32_t>(u < 0x800000u);
+}
+
+// Whether any of x[0..n) is suspect (see above), for BF16 and F16 output.
+LORA_VECTORIZE bool any_suspect_bf16(const float* x, size_t n, int32_t cb_bits) {
+  int32_t any = 0;
+  for (size_t j = 0; j < n; ++j) any |= suspect<false>(x[j], cb_bits);
+  return any != 0;
+}
+LORA_VECTORIZE bool any_suspect_f16(const float* x, size_t n, int32_t cb_bits) {
+  int32_t any = 0;
+  for (size_t j = 0; j < n; ++j) any |= suspect<true>(x[j], cb_bits);
+  return any != 0;
+}
+
+// Recomputes, in double, the suspect elements of rows [rb, re) held in buf
+// (f32, already merged) and overwrites their rounded value in `out`:
+// W0 + sum_k w_k dW_k (delta_element) rounded once. Scans 256 elements at a
+// time with a vectorizable test; suspects are rare (~1e-4 of elements).
+template <bool f16>
+void fix_near_midpoints(const std::vector<const delta_factors*>& factors, const std::vector<double>& weights,
+                        const std::vector<float>& row_cb, dtype src_type, std::span<const uint8_t> in_bytes, int64_t rb,
+                        int64_t re, uint64_t n_cols, const float* buf, uint8_t* out) {
+  const size_t in_size = static_cast<size_t>(math_dtype_size(src_type));
+  for (int64_t row = rb; row < re; ++row) {
+    const int32_t cb = std::bit_cast<int32_t>(row_cb[static_cast<size_t>(row)]);
+    const size_t row_off = static_cast<size_t>(row - rb) * n_cols;
+    const float* x = buf + row_off;
+    for (uint64_t j0 = 0; j0 < n_cols; j0 += 256) {
+      const uint64_t j1 = std::min<uint64_t>(n_cols, j0 + 256);
+      if (!(f16 ? any_suspect_f16 : any_suspect_bf16)(x + j0, j1 - j0, cb)) continue;
+      for (uint64_t j = j0; j < j1; ++j) {
+        if (!suspect<f16>(x[j], cb)) continue;
+        const size_t e = row_off + j;
+        double exact = 0;
+        to_f64(src_type, in_bytes.subspan(e * in_size, in_size), std::span<double>(&exact, 1));
+        for (size_t i = 0; i < factors.size(); ++i)
+          exact += weights[i] * delta_element(*factors[i], row, static_cast<int64_t>(j));
+        const uint16_t h = f16 ? f64_to_f16(exact) : f64_to_bf16(exact);
+        std::memcpy(out + 2 * e, &h, 2);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+exact_rounding::exact_rounding(std::vector<const delta_factors*> factors, std::vector<double> weights, dtype out_type)
+    : factors_(std::move(factors)), weights_(std::move(weights)), out_type_(out_type) {
+  if (out_type_ != dtype::BF16 && out_type_ != dtype::F16)
+    throw errors::invalid("", "", fmt::format("exact rounding is to BF16 or F16, not {}", dtype_name(out_type_)));
+  if (factors_.empty() || factors_.size() != weights_.size())
+    throw errors::invalid("", "", "exact rounding needs one weight per module");
+  n_cols_ = factors_.front()->n_cols;
+  // per row: (r + 3) sum_k |w_k| bound_k (see suspect())
+  std::vector<double> bounds(static_cast<size_t>(factors_.front()->n_rows), 0.0);
+  double rank_term = 0;
+  for (size_t i = 0; i < factors_.size(); ++i) {
+    const std::vector<double> b = delta_row_bounds(*factors_[i]);
+    for (size_t row = 0; row < b.size() && row < bounds.size(); ++row) bounds[row] += std::fabs(weights_[i]) * b[row];
+    rank_term += static_cast<double>(factors_[i]->rank + 3);
+  }
+  row_bound_.resize(bounds.size());
+  for (size_t row = 0; row < bounds.size(); ++row) row_bound_[row] = static_cast<float>(rank_term * bounds[row]);
+}
+
+void exact_rounding::round_rows(dtype w0_type, std::span<const uint8_t> w0, int64_t row_begin, int64_t row_end,
+                                const float* merged, std::span<uint8_t> out) const {
+  const size_t n = static_cast<size_t>(row_end - row_begin) * static_cast<size_t>(n_cols_);
+  from_f32(out_type_, std::span<const float>(merged, n), out);
+  const uint64_t n_cols = static_cast<uint64_t>(n_cols_);
+  if (out_type_ == dtype::F16)
+    fix_near_midpoints<true>(factors_, weights_, row_bound_, w0_type, w0, row_begin, row_end, n_cols, merged,
+                             out.data());
+  else
+    fix_near_midpoints<false>(factors_, weights_, row_bound_, w0_type, w0, row_begin, row_end, n_cols, merged,
+                              out.data());
 }
 
 }  // namespace lora

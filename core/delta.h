@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "core/adapter.h"
+#include "formats/dtype.h"
 
 namespace lora {
 
@@ -109,6 +110,34 @@ double delta_element(const delta_factors& f, int64_t row, int64_t col) noexcept;
 // bounds the f32 error of W0 + dW without knowing W0.
 std::vector<double> delta_row_bounds(const delta_factors& f);
 std::vector<double> delta_row_bounds(const delta_factors_f64& f);  // the same from the f64 factors
+
+// Rounding a merged f32 block once to BF16 or F16 as the exact value
+// W0 + sum_k w_k dW_k would round (plain LoRA only: no DoRA, no bias). The
+// f32 value R is within 1/2 ulp(R) + (r + 2) u sum|terms| of the exact one
+// (u = 2^-24): rounding R and rounding the exact value can differ only when
+// R lies that close to a midpoint between two neighbouring 16-bit values.
+// Those elements (about 1e-4 of them) are recomputed in double from W0 and
+// the factors (delta_element) before rounding. Borrows the factors, which
+// must outlive it.
+class exact_rounding {
+ public:
+  // `factors[k]` with `weights[k]` (adapter weight times --scale), all for
+  // the same target; `out_type` BF16 or F16 (else throws lora::error exit 3).
+  exact_rounding(std::vector<const delta_factors*> factors, std::vector<double> weights, dtype out_type);
+  // Rounds rows [row_begin, row_end) of the target (n_cols each), merged in
+  // f32 in `merged`, into `out` (2 bytes per element, the rows' bytes in
+  // order). `w0` holds the same rows of W0 as stored (type `w0_type`:
+  // F16, BF16 or F32). Never throws for sizes that agree.
+  void round_rows(dtype w0_type, std::span<const uint8_t> w0, int64_t row_begin, int64_t row_end, const float* merged,
+                  std::span<uint8_t> out) const;
+
+ private:
+  std::vector<const delta_factors*> factors_;
+  std::vector<double> weights_;
+  dtype out_type_;
+  int64_t n_cols_ = 0;
+  std::vector<float> row_bound_;  // per row: (r + 3) sum_k |w_k| bound_k, see suspect() in delta.cpp
+};
 
 // Applies the whole module to rows [row_begin, row_end) of W held in w_block
 // (W0 plus any earlier adapter's contribution):

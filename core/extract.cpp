@@ -69,6 +69,25 @@ std::vector<T> delta_of(const tensor_ref& base, const tensor_ref& tuned) {
   return out;
 }
 
+// ||W_tuned - W_base||_F in double, a block at a time (an untied lm_head
+// of a Llama-3-8B is 4 GiB as f64): memory two blocks, whatever the size.
+double delta_norm(const tensor_ref& base, const tensor_ref& tuned) {
+  constexpr size_t block = size_t{1} << 16;
+  const size_t bs = static_cast<size_t>(math_dtype_size(base.info->type));
+  const size_t ts = static_cast<size_t>(math_dtype_size(tuned.info->type));
+  const auto bb = base.data(), tb = tuned.data();
+  std::vector<double> x(block), y(block);
+  double sum = 0;
+  for (size_t off = 0; off < tuned.info->n_elements; off += block) {
+    const size_t c = std::min<size_t>(block, tuned.info->n_elements - off);
+    to_f64(tuned.info->type, tb.subspan(off * ts, c * ts), std::span<double>(y.data(), c));
+    to_f64(base.info->type, bb.subspan(off * bs, c * bs), std::span<double>(x.data(), c));
+    for (size_t i = 0; i < c; ++i) y[i] -= x[i];
+    sum += squared_norm(std::span<const double>(y.data(), c));
+  }
+  return std::sqrt(sum);
+}
+
 template <class T>
 bool all_finite(std::span<const T> v) {
   for (T x : v)
@@ -275,21 +294,28 @@ extract_plan select_deltas(const extract_options& options, const model_files& ba
                                           "--save-modules (modules_to_save)",
                                           ts[0], bs[0]));
     }
-    if (!resized && b.info->type == t.info->type && std::ranges::equal(b.data(), t.data())) {
-      ++plan.n_unchanged;
-      continue;
-    }
-    if (!dtype_is_math(b.info->type) || !dtype_is_math(t.info->type))
-      throw errors::invalid(tuned.path, name,
-                            fmt::format("differs from the base, and {} and {} cannot be subtracted",
-                                        dtype_name(b.info->type), dtype_name(t.info->type)));
+    const bool math = dtype_is_math(b.info->type) && dtype_is_math(t.info->type);
     std::string reason;
     std::optional<delta_layout> layout;
     if (resized) {
       reason = fmt::format("vocabulary resized: {} -> {} rows", b.info->shape[0], t.info->shape[0]);
-    } else {
+    } else if (math) {
       layout = classify(name, path, b.info->shape, targets, model_type, reason);
     }
+    // a selected weight is compared in factorize, as its delta is formed (a
+    // zero delta counts as unchanged there): one read of both models, not
+    // two. Not where a kohya name must be found first (a module outside the
+    // family's networks may be refused, and should not be when unchanged).
+    const bool compare_later =
+        layout && !(options.format == extract_format::kohya && plan.family != kohya::checkpoint_family::other);
+    if (!compare_later && !resized && b.info->type == t.info->type && std::ranges::equal(b.data(), t.data())) {
+      ++plan.n_unchanged;
+      continue;
+    }
+    if (!math)
+      throw errors::invalid(tuned.path, name,
+                            fmt::format("differs from the base, and {} and {} cannot be subtracted",
+                                        dtype_name(b.info->type), dtype_name(t.info->type)));
     if (layout && options.format == extract_format::kohya) {
       if (*layout == delta_layout::embedding)
         throw errors::usage(fmt::format("{}: kohya files have no embedding LoRA: use --format peft", name));
@@ -315,8 +341,7 @@ extract_plan select_deltas(const extract_options& options, const model_files& ba
     if (resized) {
       norm = resized_delta_norm(b, t);
     } else {
-      std::vector<double> d = delta_of<double>(b, t);
-      norm = norm_of<double>(d);
+      norm = delta_norm(b, t);
     }
     if (norm == 0) {
       ++plan.n_unchanged;
@@ -378,6 +403,9 @@ void allocate_ranks(extract_plan& plan, const extract_options& options, const mo
     with_delta(j, options, s32, s64, [&](auto d) {
       using T = typename decltype(d)::element_type;
       norms[i] = norm_of<T>(d);
+      if (!std::isfinite(norms[i]) && j.base.info->type == j.tuned.info->type &&
+          std::ranges::equal(j.base.data(), j.tuned.data()))
+        norms[i] = 0;  // NaN at the same places in both models: unchanged
       if (!std::isfinite(norms[i]))
         refuse_nonfinite_delta(j.base, base.path, j.tuned, tuned.path, j.tensor, std::is_same_v<T, double>);
       if (norms[i] == 0 || cap < 1) return;
@@ -441,6 +469,10 @@ std::vector<written_factors> factorize_jobs(const extract_plan& plan, const extr
       using T = typename decltype(d)::element_type;
       // the norm is finite exactly when every element is (f32 squares cannot overflow f64)
       rec.delta_norm = norm_of<T>(d);
+      // NaN at the same places in both models: unchanged (compared only then: a second read)
+      if (!std::isfinite(rec.delta_norm) && j.base.info->type == j.tuned.info->type &&
+          std::ranges::equal(j.base.data(), j.tuned.data()))
+        rec.delta_norm = 0;
       if (!std::isfinite(rec.delta_norm))
         refuse_nonfinite_delta(j.base, base.path, j.tuned, tuned.path, j.tensor, std::is_same_v<T, double>);
       if (rec.delta_norm == 0) return;

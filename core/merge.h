@@ -3,14 +3,19 @@
 // and rounded once to the output dtype, written as a complete model folder.
 // For 16-bit outputs of plain LoRA, the few elements whose f32 value lies
 // within the f32 error bound of a rounding midpoint are recomputed in double
-// (core/delta's delta_element), so they too round as the exact value would.
+// (core/delta's exact_rounding), so they too round as the exact value would.
 //
-// Streaming: inputs stay memory-mapped; one tensor per job on a thread pool,
-// merged tensors in row blocks of a few MiB (f32) whose input pages are
-// released once done; untouched tensors are copied byte for byte in the
-// kernel (copy_file_range). Peak memory is a few row blocks per thread, plus
-// one whole tensor in f32 for the rare DoRA module whose norm runs per column
-// (fan_in_fan_out, embedding).
+// Streaming: a plan first (every check, the output layout: what --dry-run
+// returns), then the write: one tensor per job on a thread pool, merged
+// tensors in row blocks of 1 MiB (f32) read with pread into per-thread
+// buffers; untouched tensors copied byte for byte in the kernel
+// (copy_file_range). An input not in the page cache is read ahead and
+// dropped from the cache once read (formats' read_pass); the output is sent
+// to the disk in 64 MiB windows and dropped from the cache a few windows
+// later (write_behind), so the page cache holds the part of the output the
+// disk has not taken yet, not the model twice. Peak memory is a few row
+// blocks per thread, plus one whole tensor in f32 for the rare DoRA module
+// whose norm runs per column (fan_in_fan_out, embedding).
 //
 // Atomic: everything is written to `<out>.tmp-XXXXXX` beside --out, renamed
 // onto --out at the end (swapped with the old one under --force); any error

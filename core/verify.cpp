@@ -1,9 +1,11 @@
 #include "core/verify.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <random>
 
 #include <fmt/format.h>
@@ -66,8 +68,13 @@ void read_rows_f64(const tensor_ref& t, size_t n_cols, size_t rb, size_t re, std
 double ulp(dtype type, double x) {
   const int mant = type == dtype::BF16 ? 7 : type == dtype::F16 ? 10 : 23;
   const int min_exp = type == dtype::F16 ? -14 : -126;
-  const int e = x > 0 ? std::max(static_cast<int>(std::floor(std::log2(x))), min_exp) : min_exp;
-  return std::ldexp(1.0, e - mant);
+  // floor(log2 x) from the exponent bits: exact, and no libm call per
+  // element (a double subnormal lies below every min_exp; NaN and x <= 0
+  // give min_exp)
+  const int biased = x > 0 ? static_cast<int>(std::bit_cast<uint64_t>(x) >> 52) : 0;
+  if (biased == 0x7ff) return INFINITY;
+  const int e = std::max(biased - 1023, min_exp);
+  return std::bit_cast<double>(static_cast<uint64_t>(e - mant + 1023) << 52);  // 2^(e - mant)
 }
 
 // expected vs merged, one block of rows from `first_row` on (n_cols each),
@@ -680,42 +687,78 @@ adapter_set load_adapters(const verify_options& o, const model_files& base) {
   return set;
 }
 
-// Weight level: every base tensor against its expected value, then the
-// merged model's extra tensors; appended to r.tensors.
-void check_weights(const model_files& base, const model_files& merged, const adapter_set& set, verify_report& r) {
-  const std::string& first_file = set.adapters.front().weights_path;
-  for (const std::string& name : base.tensor_names) {
+// Progress of the weight and layer levels (one pass over both models'
+// bytes), then of the model level (both models again); serialized.
+struct verify_progress {
+  explicit verify_progress(const progress_fn& f) : fn(f) {}
+  const progress_fn& fn;
+  std::mutex mutex;
+  progress_event event;
+  void add(uint64_t bytes, const std::string& what) {
+    if (!fn) return;
+    std::lock_guard<std::mutex> lock(mutex);
+    ++event.done_items;
+    event.done_bytes += bytes;
+    event.current = what;
+    fn(event);
+  }
+};
+
+// One base tensor against its expected value (the weight level).
+tensor_check check_weight(const std::string& name, const model_files& base, const model_files& merged,
+                          const adapter_set& set) {
+  const tensor_ref b = base.at(name);
+  std::optional<tensor_ref> m = merged.find(name);
+  if (!m || m->info->shape != b.info->shape) {
+    tensor_check c{name, m ? tensor_kind::shape : tensor_kind::missing};
+    c.ok = false;
+    return c;
+  }
+  const bool math = dtype_is_math(b.info->type) && dtype_is_math(m->info->type);
+  expectation x;
+  if (auto it = set.saved.find(name); it != set.saved.end())
+    x.replacement = it->second;
+  else if (auto it = set.biases.find(name); it != set.biases.end())
+    x.biases = &it->second;
+  else if (auto it = set.modules.find(name); it != set.modules.end())
+    x.modules = &it->second;
+  const bool touched = x.replacement || x.biases || x.modules;
+  return touched && math ? check_touched(name, b, *m, x, set.adapters.front().weights_path)
+                         : check_untouched(name, b, *m);
+}
+
+// Weight and layer levels in one pass: every base tensor against its
+// expected value, then the merged model's extra tensors, into r.tensors;
+// every adapted module on seeded inputs into r.layers. One job per base
+// tensor on the thread pool; a module's layer check runs right after its
+// target's weight check, while both tensors are still in the page cache.
+void check_weights_and_layers(const model_files& base, const model_files& merged, const adapter_set& set,
+                              const verify_options& o, verify_progress& progress, verify_report& r) {
+  std::map<std::string, size_t> target_index;
+  for (size_t i = 0; i < set.targets.size(); ++i) target_index.emplace(set.targets[i], i);
+  std::vector<tensor_check> checks(base.tensor_names.size());
+  std::vector<uint8_t> layer_done(set.targets.size(), 0);
+  r.layers.resize(set.targets.size());
+  parallel_for(base.tensor_names.size(), o.threads, [&](size_t i) {
     check_interrupted();
-    tensor_ref b = base.at(name);
-    std::optional<tensor_ref> m = merged.find(name);
-    if (!m || m->info->shape != b.info->shape) {
-      r.tensors.push_back({name, m ? tensor_kind::shape : tensor_kind::missing});
-      r.tensors.back().ok = false;
-      continue;
+    const std::string& name = base.tensor_names[i];
+    checks[i] = check_weight(name, base, merged, set);
+    if (auto it = target_index.find(name); it != target_index.end()) {
+      r.layers[it->second] = check_layer(set.modules.at(name), it->second, base, merged, o.seed, o.n_inputs);
+      layer_done[it->second] = 1;  // one job per target: no two jobs write one element
     }
-    ++r.n_checked;
-    const bool math = dtype_is_math(b.info->type) && dtype_is_math(m->info->type);
-    expectation x;
-    if (auto it = set.saved.find(name); it != set.saved.end())
-      x.replacement = it->second;
-    else if (auto it = set.biases.find(name); it != set.biases.end())
-      x.biases = &it->second;
-    else if (auto it = set.modules.find(name); it != set.modules.end())
-      x.modules = &it->second;
-    const bool touched = x.replacement || x.biases || x.modules;
-    r.tensors.push_back(touched && math ? check_touched(name, b, *m, x, first_file) : check_untouched(name, b, *m));
+    const std::optional<tensor_ref> m = merged.find(name);
+    progress.add(base.at(name).info->n_bytes() + (m ? m->info->n_bytes() : 0), name);
+  });
+  // targets that are not base tensor names (cannot happen after require_fit; kept total)
+  for (size_t k = 0; k < set.targets.size(); ++k)
+    if (!layer_done[k]) r.layers[k] = check_layer(set.modules.at(set.targets[k]), k, base, merged, o.seed, o.n_inputs);
+  for (tensor_check& c : checks) {
+    r.n_checked += c.kind != tensor_kind::missing && c.kind != tensor_kind::shape;
+    r.tensors.push_back(std::move(c));
   }
   for (const std::string& name : merged.tensor_names)
     if (!base.find(name)) r.tensors.push_back({name, tensor_kind::extra, 0, 0, INFINITY, 1, false});
-}
-
-// Layer level: every adapted module on seeded inputs, one module per job.
-void check_layers(const adapter_set& set, const model_files& base, const model_files& merged, const verify_options& o,
-                  verify_report& r) {
-  r.layers.resize(set.targets.size());
-  parallel_for(set.targets.size(), o.threads, [&](size_t i) {
-    r.layers[i] = check_layer(set.modules.at(set.targets[i]), i, base, merged, o.seed, o.n_inputs);
-  });
 }
 
 // True when every value of `from` is a value of `to` (F16 / BF16 in F32 or F64, F32 in F64).
@@ -761,13 +804,15 @@ std::pair<double, double> logit_diff(const logits_result& x, const logits_result
 // what one rounding of every weight does to the logits here, measured by a
 // third pass on the base in its own dtype (conversion_rel).
 void check_model(const model_files& base, const model_files& merged, const adapter_set& set, const verify_options& o,
-                 const model_inputs& in, model_check& mc) {
+                 const model_inputs& in, model_check& mc, verify_progress& progress) {
   std::vector<weighted_adapter> adapters;
   for (size_t i = 0; i < set.adapters.size(); ++i)
     adapters.push_back({&set.adapters[i], o.adapters[i].weight * o.scale});
   mc.base_rounded_to = converted_dtype(base, merged);
   logits_result x = model_forward(base, in.base, adapters, in.tokens, o.threads, 0, mc.base_rounded_to);
+  progress.add(base.total_tensor_bytes(), "model level: base + adapters");
   logits_result y = model_forward(merged, in.merged, std::span<const weighted_adapter>{}, in.tokens, o.threads);
+  progress.add(merged.total_tensor_bytes(), "model level: merged");
   mc.ran = true;
   mc.n_tokens = x.n_tokens;
   const auto [diff, big] = logit_diff(x, y);
@@ -798,7 +843,7 @@ void conclude(verify_report& r) {
 
 }  // namespace
 
-verify_report verify_merge(const verify_options& o) {
+verify_report verify_merge(const verify_options& o, const progress_fn& progress_callback) {
   verify_report r;
   if (o.n_inputs < 1) throw errors::usage("the layer check needs at least one input vector");
   // 1. inputs, all checked before the expensive levels: the models' headers,
@@ -808,10 +853,14 @@ verify_report verify_merge(const verify_options& o) {
   const std::optional<model_inputs> model_in = prepare_model_level(o, base, merged, r.model.skipped);
   const adapter_set set = load_adapters(o, base);
 
-  // 2. weight level: every base tensor against its expected value, block by block
-  check_weights(base, merged, set, r);
-  // 3. layer level: every adapted module on seeded inputs
-  check_layers(set, base, merged, o, r);
+  // 2. + 3. weight and layer levels in one pass over both models: every base
+  // tensor against its expected value, block by block; every adapted module
+  // on seeded inputs
+  verify_progress progress{progress_callback};
+  progress.event.total_items = base.tensor_names.size() + (model_in ? 2 : 0);
+  progress.event.total_bytes = base.total_tensor_bytes() + merged.total_tensor_bytes();
+  if (model_in) progress.event.total_bytes *= 2;
+  check_weights_and_layers(base, merged, set, o, progress, r);
 
   // 4. model level, for a supported architecture (a merged model with missing
   // or misshapen tensors has already failed above, and cannot be run)
@@ -822,7 +871,7 @@ verify_report verify_merge(const verify_options& o) {
     r.model.skipped =
         fmt::format("the merged model cannot run: {} is {}", unrunnable->name, tensor_kind_name(unrunnable->kind));
   else if (model_in)
-    check_model(base, merged, set, o, *model_in, r.model);
+    check_model(base, merged, set, o, *model_in, r.model, progress);
 
   // 5. verdict (none from an input that shrank while it was read)
   check_interrupted();

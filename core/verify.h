@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/delta.h"
+#include "core/progress-event.h"
 #include "formats/dtype.h"
 
 namespace lora {
@@ -116,8 +117,11 @@ struct verify_report {
 // fit the base (or a lora_bias module whose base has no bias), a DoRA module
 // that shares its tensor with another adapter's; exit 4 when unreadable;
 // exit 2 for no adapter, a weight or scale that is not finite, n_inputs < 1.
-// Differences are report values.
-verify_report verify_merge(const verify_options& options);
+// Differences are report values. `progress` (may be empty) is called after
+// each base tensor's weight and layer checks and after each forward pass of
+// the model level, with the bytes of both models read so far (from worker
+// threads, serialized).
+verify_report verify_merge(const verify_options& options, const progress_fn& progress = {});
 
 // The unmerged output of one module, in double, without forming B A:
 //   y = W0 x + w s B (A x)                      (w = weight)

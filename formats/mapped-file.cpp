@@ -11,6 +11,7 @@
 #include <csignal>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -198,6 +199,40 @@ void mapped_file::release(uint64_t offset, uint64_t length) const noexcept {
   const uint64_t end = (offset + length) / page * page;
   if (end <= begin) return;
   ::madvise(const_cast<uint8_t*>(data_) + begin, end - begin, MADV_DONTNEED);
+}
+
+double mapped_file::cached_fraction(uint64_t offset, uint64_t length) const noexcept {
+  if (!mapped_ || offset >= size_ || length == 0) return 1.0;
+  length = std::min(length, size_ - offset);
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  const uint64_t begin = offset / page * page, end = offset + length;
+  std::vector<unsigned char> vec((end - begin + page - 1) / page);
+  if (::mincore(const_cast<uint8_t*>(data_) + begin, end - begin, vec.data()) != 0) return 0.0;
+  uint64_t in = 0;
+  for (unsigned char v : vec) in += v & 1;
+  return static_cast<double>(in) / static_cast<double>(vec.size());
+}
+
+read_pass::read_pass(const mapped_file& file, uint64_t begin, uint64_t end, uint64_t ahead) noexcept
+    : fd_(file.fd()), begin_(begin), end_(end), ahead_(ahead), prefetched_(begin), dropped_(begin) {
+  streaming_ = fd_ >= 0 && end > begin && file.cached_fraction(begin, end - begin) < 0.5;
+}
+
+void read_pass::reading(uint64_t end) noexcept {
+  if (!streaming_) return;
+  // ask again once less than half the window is ahead of the reader
+  const uint64_t want = std::min(end_, end + ahead_);
+  if (want <= prefetched_ || prefetched_ >= std::min(end_, end + ahead_ / 2)) return;
+  ::posix_fadvise(fd_, static_cast<off_t>(prefetched_), static_cast<off_t>(want - prefetched_), POSIX_FADV_WILLNEED);
+  prefetched_ = want;
+}
+
+void read_pass::consumed(uint64_t end) noexcept {
+  if (!streaming_ || end <= dropped_) return;
+  // whole pages only: the kernel keeps a partial page at either edge, which
+  // a neighbouring tensor may still need
+  ::posix_fadvise(fd_, static_cast<off_t>(dropped_), static_cast<off_t>(end - dropped_), POSIX_FADV_DONTNEED);
+  dropped_ = end;
 }
 
 void mapped_file::read(uint64_t offset, std::span<uint8_t> into) const {

@@ -31,6 +31,34 @@ void check_mapped_inputs();
 // that ends before `into` is full ("file shrank while being read").
 void pread_exact(int fd, const std::string& path, uint64_t offset, std::span<uint8_t> into);
 
+class mapped_file;
+
+// Page-cache hints for one front-to-back pass over [begin, end) of a mapped
+// file (a tensor being merged or checked). When less than half of the range
+// was in the page cache as the pass began, it streams: reading() asks the
+// kernel for the next `ahead` bytes (POSIX_FADV_WILLNEED: the disk stays
+// busy while this thread computes, and several threads reading through one
+// descriptor do not defeat each other's readahead), and consumed() drops
+// what was read from the page cache (POSIX_FADV_DONTNEED), so that the pass
+// leaves the cache about as it found it instead of evicting the rest of the
+// system. A range already cached is read as it is and kept. Borrows `file`.
+// Advisory: never throws.
+class read_pass {
+ public:
+  read_pass(const mapped_file& file, uint64_t begin, uint64_t end, uint64_t ahead = uint64_t{16} << 20) noexcept;
+  // About to read [.., end): keeps [end, end + ahead) on its way (streaming only).
+  void reading(uint64_t end) noexcept;
+  // [begin, end) has been read and will not be read again: dropped (streaming only).
+  void consumed(uint64_t end) noexcept;
+  bool streaming() const noexcept { return streaming_; }
+
+ private:
+  int fd_ = -1;
+  uint64_t begin_ = 0, end_ = 0, ahead_ = 0;
+  uint64_t prefetched_ = 0, dropped_ = 0;  // file offsets reached so far
+  bool streaming_ = false;
+};
+
 class mapped_file {
  public:
   // Opens and maps `path` read-only. Throws lora::error (exit 4) when the
@@ -59,8 +87,14 @@ class mapped_file {
   void read(uint64_t offset, std::span<uint8_t> into) const;
 
   // Tells the kernel that [offset, offset + length) will not be needed again
-  // soon, so resident memory stays bounded while streaming. Best effort.
+  // soon, so resident memory stays bounded while streaming: unmaps its pages
+  // from this process (MADV_DONTNEED); the page cache keeps them. Best effort.
   void release(uint64_t offset, uint64_t length) const noexcept;
+
+  // The fraction (0 to 1) of the pages of [offset, offset + length) that
+  // are in the page cache now (mincore on the map; 1 for borrowed bytes and
+  // empty ranges; 0 where the kernel does not say).
+  double cached_fraction(uint64_t offset, uint64_t length) const noexcept;
 
  private:
   mapped_file() = default;

@@ -324,177 +324,56 @@ std::vector<uint8_t> serialize_safetensors(const safetensors_layout& layout,
   return out;
 }
 
-namespace {
-
-void pwrite_all(int fd, const uint8_t* p, uint64_t n, uint64_t offset, const std::string& path) {
-  while (n > 0) {
-    ssize_t w = ::pwrite(fd, p, n, static_cast<off_t>(offset));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      throw errors::io(path, "write failed", errno);
-    }
-    if (w == 0) throw errors::io(path, "write failed: no progress", ENOSPC);
-    p += w;
-    n -= static_cast<uint64_t>(w);
-    offset += static_cast<uint64_t>(w);
-  }
-}
-
-// Creates `<path>.tmp-XXXXXX` beside `path`; returns fd and sets tmp.
-int make_temp_beside(const std::string& path, std::string& tmp) {
-  tmp = path + ".tmp-XXXXXX";
-  std::vector<char> buf(tmp.begin(), tmp.end());
-  buf.push_back('\0');
-  int fd = ::mkostemp(buf.data(), O_CLOEXEC);
-  if (fd < 0) throw errors::io(path, "cannot create temporary file", errno);
-  tmp.assign(buf.data());
-  ::fchmod(fd, 0644);
-  mark_temp_held(fd);
-  register_temp(tmp);
-  return fd;
-}
-
-// Copies n bytes from src_fd at src_offset to dst_fd at dst_offset: in the
-// kernel (copy_file_range) in pieces of at most 64 MiB with an interruption
-// check between them, else (another file system, no support) through a
-// buffer. `what` names the bytes in messages; errors are about `path`
-// (exit 4, or 130 when interrupted), except a source that ends early: that
-// is `src_path` (when given) having shrunk while it was read.
-void copy_bytes(int src_fd, uint64_t src_offset, int dst_fd, uint64_t dst_offset, uint64_t n, const std::string& path,
-                const std::string& what, const std::string& src_path) {
-  const auto shrank = [&] {
-    return src_path.empty() ? errors::io(path, fmt::format("copying {} failed: source ended early", what))
-                            : errors::io(src_path, "file shrank while being read");
-  };
-  loff_t in = static_cast<loff_t>(src_offset);
-  loff_t out = static_cast<loff_t>(dst_offset);
-  uint64_t left = n;
-  while (left > 0) {
-    check_interrupted();
-    ssize_t c = ::copy_file_range(src_fd, &in, dst_fd, &out, std::min<uint64_t>(left, uint64_t{64} << 20), 0);
-    if (c < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL) break;  // fall back
-      throw errors::io(path, fmt::format("copying {} failed", what), errno);
-    }
-    if (c == 0) throw shrank();
-    left -= static_cast<uint64_t>(c);
-  }
-  std::vector<uint8_t> buf(left > 0 ? std::min<uint64_t>(left, 8u << 20) : 0);
-  while (left > 0) {
-    check_interrupted();
-    const ssize_t r = ::pread(src_fd, buf.data(), std::min<uint64_t>(left, buf.size()), in);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      throw errors::io(path, fmt::format("reading {} failed", what), errno);
-    }
-    if (r == 0) throw shrank();
-    pwrite_all(dst_fd, buf.data(), static_cast<uint64_t>(r), static_cast<uint64_t>(out), path);
-    in += r;
-    out += r;
-    left -= static_cast<uint64_t>(r);
-  }
-}
-
-// Closes the finished temp file (after an fsync when durable) and renames it
-// onto `path`. Closes fd whatever happens: a write error that only shows at
-// close (NFS) is thrown too.
-void finish_and_rename(int fd, durability mode, const std::string& tmp, const std::string& path) {
-  try {
-    check_interrupted();  // nothing is kept once a signal came or an input shrank
-  } catch (...) {
-    ::close(fd);
-    throw;
-  }
-  if (mode == durability::durable && ::fsync(fd) != 0) {
-    const int err = errno;
-    ::close(fd);
-    throw errors::io(path, "fsync failed", err);
-  }
-  if (::close(fd) != 0) throw errors::io(path, "write failed", errno);
-  if (move_temp_into_place(tmp, [&] { return ::rename(tmp.c_str(), path.c_str()); }) != 0)
-    throw errors::io(path, "cannot rename temporary file into place", errno);
-}
-
-}  // namespace
-
 safetensors_writer::safetensors_writer(std::string path, safetensors_layout layout, durability mode)
-    : path_(std::move(path)), layout_(std::move(layout)), mode_(mode) {
-  fd_ = make_temp_beside(path_, tmp_path_);
-  try {
-    uint8_t n[8];
-    const uint64_t len = layout_.header.size();
-    for (int i = 0; i < 8; ++i) n[i] = static_cast<uint8_t>(len >> (8 * i));
-    pwrite_all(fd_, n, 8, 0, path_);
-    pwrite_all(fd_, reinterpret_cast<const uint8_t*>(layout_.header.data()), len, 8, path_);
-    // the final size up front: a zero-byte tensor at the end needs no write
-    if (::ftruncate(fd_, static_cast<off_t>(layout_.file_size())) != 0)
-      throw errors::io(path_, "cannot size output file", errno);
-  } catch (...) {
-    ::close(fd_);
-    ::unlink(tmp_path_.c_str());
-    forget_temp(tmp_path_);
-    fd_ = -1;
-    throw;
-  }
+    : layout_(std::move(layout)), mode_(mode), file_(std::move(path)) {
+  uint8_t n[8];
+  const uint64_t len = layout_.header.size();
+  for (int i = 0; i < 8; ++i) n[i] = static_cast<uint8_t>(len >> (8 * i));
+  pwrite_all(file_.fd(), n, 0, file_.target());
+  pwrite_all(file_.fd(), std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(layout_.header.data()), len), 8,
+             file_.target());
+  // the final size up front: a zero-byte tensor at the end needs no write
+  if (::ftruncate(file_.fd(), static_cast<off_t>(layout_.file_size())) != 0)
+    throw errors::io(file_.target(), "cannot size output file", errno);
+  behind_.emplace(file_.fd(), layout_.file_size());
 }
 
-safetensors_writer::~safetensors_writer() {
-  stop_syncing();
-  if (fd_ >= 0) ::close(fd_);
-  if (!committed_) {
-    ::unlink(tmp_path_.c_str());
-    forget_temp(tmp_path_);
-  }
-}
+safetensors_writer::~safetensors_writer() { stop_syncing(); }
 
 const tensor_info& safetensors_writer::at(std::string_view name) const {
   const tensor_info* t = layout_.find(name);
-  if (t == nullptr) throw errors::invalid(path_, std::string(name), "tensor is not part of the output layout");
+  if (t == nullptr) throw errors::invalid(path(), std::string(name), "tensor is not part of the output layout");
   return *t;
 }
 
 void safetensors_writer::write(std::string_view name, std::span<const uint8_t> bytes) {
-  check_interrupted();
   const tensor_info& t = at(name);
   if (bytes.size() != t.n_bytes())
-    throw errors::invalid(path_, t.name, fmt::format("{} bytes given, {} expected", bytes.size(), t.n_bytes()));
-  pwrite_all(fd_, bytes.data(), bytes.size(), 8 + layout_.header.size() + t.begin, path_);
-  start_writeback(8 + layout_.header.size() + t.begin, bytes.size());
-  note_written(bytes.size());
+    throw errors::invalid(path(), t.name, fmt::format("{} bytes given, {} expected", bytes.size(), t.n_bytes()));
+  write_part(name, 0, bytes);
 }
 
 void safetensors_writer::write_part(std::string_view name, uint64_t offset, std::span<const uint8_t> bytes) {
   check_interrupted();
   const tensor_info& t = at(name);
   if (offset > t.n_bytes() || bytes.size() > t.n_bytes() - offset)
-    throw errors::invalid(path_, t.name, "partial write runs past the tensor's end");
+    throw errors::invalid(path(), t.name, "partial write runs past the tensor's end");
   const uint64_t at_byte = 8 + layout_.header.size() + t.begin + offset;
-  pwrite_all(fd_, bytes.data(), bytes.size(), at_byte, path_);
-  // parts are small: start writeback a whole window at a time, when a write
-  // crosses into the next one (each start is a request to the disk)
-  constexpr uint64_t window = uint64_t{8} << 20;
-  const uint64_t end = at_byte + bytes.size();
-  if (at_byte / window != end / window) start_writeback(end / window * window - window, window);
+  pwrite_all(file_.fd(), bytes, at_byte, path());
+  behind_->written(at_byte, bytes.size());
   note_written(bytes.size());
 }
 
-void safetensors_writer::copy_from(std::string_view name, int src_fd, uint64_t src_offset,
-                                   const std::string& src_path) {
+void safetensors_writer::copy_from(std::string_view name, int src_fd, uint64_t src_offset, const std::string& src_path,
+                                   const std::function<void(uint64_t)>& piece) {
   const tensor_info& t = at(name);
   const uint64_t at_byte = 8 + layout_.header.size() + t.begin;
-  copy_bytes(src_fd, src_offset, fd_, at_byte, t.n_bytes(), path_, "tensor " + t.name, src_path);
-  start_writeback(at_byte, t.n_bytes());
-  note_written(t.n_bytes());
-}
-
-// Starts writing [offset, offset + n) back to disk without waiting, so that
-// the final fsync finds little left to do and disk writes overlap the work
-// that produces the next bytes. Only when durable (nothing will wait for the
-// disk otherwise). Advisory: a failure here shows up at fsync.
-void safetensors_writer::start_writeback(uint64_t offset, uint64_t n) const noexcept {
-  if (mode_ == durability::durable && n > 0)
-    ::sync_file_range(fd_, static_cast<off64_t>(offset), static_cast<off64_t>(n), SYNC_FILE_RANGE_WRITE);
+  copy_bytes(src_fd, src_offset, file_.fd(), at_byte, t.n_bytes(), path(), "tensor " + t.name, src_path,
+             [&](uint64_t offset, uint64_t n) {
+               behind_->written(offset, n);
+               note_written(n);
+               if (piece) piece(offset - at_byte + n);
+             });
 }
 
 void safetensors_writer::sync_in_background(uint64_t every) {
@@ -507,7 +386,7 @@ void safetensors_writer::sync_in_background(uint64_t every) {
       if (sync_stop_) return;
       const uint64_t mark = written_;
       lock.unlock();
-      const int rc = ::fdatasync(fd_);
+      const int rc = ::fdatasync(file_.fd());
       const int err = errno;
       lock.lock();
       if (rc != 0 && sync_errno_ == 0) sync_errno_ = err;
@@ -536,84 +415,8 @@ void safetensors_writer::stop_syncing() noexcept {
 void safetensors_writer::commit() {
   stop_syncing();
   // a background sync that failed consumed the error: fsync would not see it
-  if (sync_errno_ != 0) throw errors::io(path_, "fsync failed", sync_errno_);
-  const int fd = fd_;
-  fd_ = -1;  // finish_and_rename closes it
-  finish_and_rename(fd, mode_, tmp_path_, path_);
-  committed_ = true;
-}
-
-void write_file_atomic(const std::string& path, std::string_view bytes, durability mode) {
-  std::string tmp;
-  const int fd = make_temp_beside(path, tmp);
-  try {
-    pwrite_all(fd, reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), 0, path);
-  } catch (...) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    forget_temp(tmp);
-    throw;
-  }
-  try {
-    finish_and_rename(fd, mode, tmp, path);  // closes fd
-  } catch (...) {
-    ::unlink(tmp.c_str());
-    forget_temp(tmp);
-    throw;
-  }
-}
-
-void copy_file(const std::string& src, const std::string& dst, durability mode) {
-  uint64_t size = 0;
-  const int in = open_regular_file(src, &size);
-  struct stat st {};
-  ::fstat(in, &st);
-  const int out = ::open(dst.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (out < 0) {
-    const int err = errno;
-    ::close(in);
-    throw errors::io(dst, "cannot create", err);
-  }
-  try {
-    // the source's permissions (a 0600 file stays 0600), whatever the umask
-    if (::fchmod(out, st.st_mode & 0777) != 0) throw errors::io(dst, "cannot set permissions", errno);
-    // data extents only, so holes stay holes (SEEK_DATA / SEEK_HOLE; a file
-    // system without them reports the whole file as data)
-    uint64_t at = 0;
-    while (at < size) {
-      const off_t data = ::lseek(in, static_cast<off_t>(at), SEEK_DATA);
-      if (data < 0 && errno == ENXIO) break;  // only a hole is left
-      const uint64_t begin = data < 0 ? at : static_cast<uint64_t>(data);
-      const off_t hole = data < 0 ? -1 : ::lseek(in, data, SEEK_HOLE);
-      const uint64_t end = hole < 0 ? size : std::min<uint64_t>(static_cast<uint64_t>(hole), size);
-      if (end <= begin) break;
-      copy_bytes(in, begin, out, begin, end - begin, dst, src, src);
-      at = end;
-    }
-    if (::ftruncate(out, static_cast<off_t>(size)) != 0) throw errors::io(dst, "write failed", errno);
-    if (mode == durability::durable && ::fsync(out) != 0) throw errors::io(dst, "cannot sync", errno);
-  } catch (...) {
-    ::close(in);
-    ::close(out);
-    throw;
-  }
-  ::close(in);
-  if (::close(out) != 0) throw errors::io(dst, "write failed", errno);
-}
-
-std::string read_text_file(const std::string& path) {
-  uint64_t size = 0;
-  const int fd = open_regular_file(path, &size);
-  std::string text;
-  try {
-    text.resize(size);
-    pread_exact(fd, path, 0, std::span<uint8_t>(reinterpret_cast<uint8_t*>(text.data()), size));
-  } catch (...) {
-    ::close(fd);
-    throw;
-  }
-  ::close(fd);
-  return text;
+  if (sync_errno_ != 0) throw errors::io(path(), "fsync failed", sync_errno_);
+  file_.commit(mode_);
 }
 
 std::string shape_text(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "formats/dtype.h"
+#include "formats/file-io.h"
 #include "formats/mapped-file.h"
 #include "formats/staged-folder.h"
 
@@ -118,9 +119,11 @@ std::vector<uint8_t> serialize_safetensors(const safetensors_layout& layout,
 // Streams a safetensors file to disk: the header is written at once, tensor
 // bytes by write()/copy_from() in any order (pwrite at fixed offsets, so
 // several threads may write distinct tensors at the same time). Everything
-// goes to `<path>.tmp-XXXXXX` beside the target; commit() renames it there
-// (durable: after an fsync). Destroying an uncommitted writer removes the
-// temp file.
+// goes to `<path>.tmp-XXXXXX` beside the target (formats/file-io's
+// temp_file); commit() renames it there (durable: after an fsync).
+// Destroying an uncommitted writer removes the temp file. Written bytes go
+// through write_behind: sent to the disk as each 64 MiB window is complete
+// and dropped from the page cache a few windows later.
 class safetensors_writer {
  public:
   // Throws lora::error (exit 4) when the temp file cannot be created.
@@ -130,7 +133,7 @@ class safetensors_writer {
   ~safetensors_writer();
 
   const safetensors_layout& layout() const noexcept { return layout_; }
-  const std::string& path() const noexcept { return path_; }
+  const std::string& path() const noexcept { return file_.target(); }
 
   // Writes one tensor's bytes (size must equal the layout's). Throws exit 4
   // on a failed write (disk full, file size limit), exit 3 on a size mismatch.
@@ -139,7 +142,10 @@ class safetensors_writer {
   void write_part(std::string_view name, uint64_t offset, std::span<const uint8_t> bytes);
   // Copies a tensor's bytes in-kernel from `src_fd` at `src_offset`; a
   // source that ends early is exit 4 naming `src_path` (when given).
-  void copy_from(std::string_view name, int src_fd, uint64_t src_offset, const std::string& src_path = "");
+  // `done(n)`, when given, is called as the first n bytes of the tensor are
+  // in place (every 64 MiB or less), so that the caller can release them.
+  void copy_from(std::string_view name, int src_fd, uint64_t src_offset, const std::string& src_path = "",
+                 const std::function<void(uint64_t)>& done = {});
   // Persists the data in the background while writing goes on: a thread
   // fdatasyncs the file each time `every` more bytes have been written, so
   // commit()'s fsync finds little left (on a virtual disk the final flush of
@@ -151,15 +157,12 @@ class safetensors_writer {
 
  private:
   const tensor_info& at(std::string_view name) const;
-  void start_writeback(uint64_t offset, uint64_t n) const noexcept;
   void note_written(uint64_t n);
   void stop_syncing() noexcept;
-  std::string path_;
-  std::string tmp_path_;
   safetensors_layout layout_;
   durability mode_;
-  int fd_ = -1;
-  bool committed_ = false;
+  temp_file file_;
+  std::optional<write_behind> behind_;
   // background sync (sync_in_background); the counters are guarded by sync_mutex_
   std::thread syncer_;
   std::mutex sync_mutex_;
@@ -168,22 +171,6 @@ class safetensors_writer {
   bool sync_stop_ = false;
   int sync_errno_ = 0;
 };
-
-// Writes `bytes` to `path` atomically (temp file beside it, fsync when
-// durable, rename). Throws lora::error (exit 4).
-void write_file_atomic(const std::string& path, std::string_view bytes, durability mode = durability::durable);
-
-// Copies the whole regular file `src` to `dst`, which must not exist: its
-// data extents only, in the kernel where the file system can (holes stay
-// holes), with the source's permission bits (0600 stays 0600), then fsyncs
-// it when durable. The caller removes a partial `dst` on error (it sits in a
-// staged folder). Throws lora::error (exit 4: `src` is not a regular file,
-// cannot be read, or `dst` cannot be written; 130 when interrupted).
-void copy_file(const std::string& src, const std::string& dst, durability mode = durability::durable);
-
-// Reads a whole small file (config.json, an index) with open_regular_file's
-// checks (a FIFO is refused, not waited on). Throws exit 4.
-std::string read_text_file(const std::string& path);
 
 // A shape as messages print it: "[64, 48]" ("[]" for a scalar). Pure; the one
 // copy every layer uses (safetensors' own messages spell shapes this way).

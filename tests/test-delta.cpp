@@ -3,9 +3,12 @@
 // reference written out index by index in double precision.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "core/delta.h"
+#include "core/dtype.h"
 #include "formats/error.h"
 #include "tests/merge-testing.h"
 
@@ -384,4 +387,42 @@ TEST_CASE("shape and dtype checks name the module and exit 3 (load_delta_factors
   im.a = tensor_ref{&ifile, &ifile.at("A")};
   im.b = tensor_ref{&ifile, &ifile.at("B")};
   expect_invalid(im, {8, 6}, "I32");
+}
+
+TEST_CASE("exact_rounding: a merged f32 block rounds to BF16 / F16 as W0 + sum_k w_k dW_k in double does") {
+  for (layout kind : {layout::linear, layout::fan_in_fan_out}) {
+    const int64_t out = 150, in = 211, r = 6;
+    module_fixture fx = make_module(kind, out, in, r, dtype::F32, 91);
+    const delta_factors f = load_delta_factors(fx.module, fx.target_shape, "adapter");
+    const std::vector<double> weights{0.7, -1.3};  // the module twice, as two adapters
+    const std::vector<double> d = reference_delta(kind, fx.a, fx.b, out, in, r, fx.module.scale);
+    const int64_t n_rows = fx.target_shape[0], n_cols = fx.target_shape[1];
+    const tensor_info& w0_info = fx.file->at("w0");
+    const std::span<const uint8_t> w0_bytes = fx.file->data(w0_info);
+    for (dtype type : {dtype::BF16, dtype::F16}) {
+      const exact_rounding rounding({&f, &f}, weights, type);
+      // in two row blocks, as merge does
+      for (int64_t rb = 0; rb < n_rows; rb += 97) {
+        const int64_t re = std::min(n_rows, rb + 97);
+        const size_t n = static_cast<size_t>((re - rb) * n_cols);
+        std::vector<float> block(n);
+        to_f32(dtype::F32, w0_bytes.subspan(static_cast<size_t>(rb * n_cols) * 4, n * 4), block);
+        for (double w : weights) add_delta_rows(f, w, rb, re, block.data());
+        std::vector<uint8_t> got(2 * n);
+        rounding.round_rows(dtype::F32, w0_bytes.subspan(static_cast<size_t>(rb * n_cols) * 4, n * 4), rb, re,
+                            block.data(), got);
+        size_t wrong = 0;
+        for (size_t e = 0; e < n; ++e) {
+          const size_t at = static_cast<size_t>(rb * n_cols) + e;
+          const double exact = fx.w0[at] + (weights[0] + weights[1]) * d[at];
+          const uint16_t want = type == dtype::BF16 ? f64_to_bf16(exact) : f64_to_f16(exact);
+          uint16_t h = 0;
+          std::memcpy(&h, got.data() + 2 * e, 2);
+          wrong += h != want;
+        }
+        CHECK(wrong == 0);
+      }
+    }
+    CHECK(thrown([&] { exact_rounding({&f}, {1.0}, dtype::F32); }).code() == exit_code::invalid_input);
+  }
 }
