@@ -12,6 +12,7 @@
 #include <fmt/ranges.h>
 
 #include "core/kohya-format.h"
+#include "core/lycoris-format.h"
 #include "core/mlx-format.h"
 #include "core/peft-format.h"
 #include "core/dtype.h"
@@ -30,6 +31,35 @@ std::string_view module_kind_name(module_kind k) noexcept {
     case module_kind::conv: return "conv";
   }
   return "linear";
+}
+
+std::string_view delta_form_name(delta_form f) noexcept {
+  switch (f) {
+    case delta_form::low_rank: return "LoRA";
+    case delta_form::loha: return "LoHa";
+    case delta_form::lokr: return "LoKr";
+    case delta_form::tucker: return "LoCon+Tucker";
+  }
+  return "LoRA";
+}
+
+std::string adapter_kind_name(const adapter& a) {
+  std::set<std::string_view> forms;
+  bool lycoris = false;
+  for (const lora_module& m : a.modules) {
+    lycoris = lycoris || m.form != delta_form::low_rank;
+    forms.insert(m.form == delta_form::low_rank ? "LoCon" : delta_form_name(m.form));
+  }
+  if (!lycoris) return fmt::format("{} LoRA", adapter_format_name(a.format));
+  return fmt::format("LyCORIS {}", fmt::join(forms, " + "));
+}
+
+void require_low_rank(const adapter& a, std::string_view command) {
+  for (const lora_module& m : a.modules)
+    if (m.form != delta_form::low_rank)
+      throw errors::invalid(
+          a.weights_path, m.name,
+          fmt::format("{} works on LoRA factors (B A); this module is {}", command, delta_form_name(m.form)));
 }
 
 // s = alpha / r (LoRA), s = alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023).
@@ -73,12 +103,6 @@ struct other_kind {
 
 // Adapter kinds that are not plain LoRA, each recognised by a key form.
 const other_kind other_kinds[] = {
-    {"LoHa (LyCORIS hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b)",
-     [](std::string_view k) { return contains(k, "hada_w1") || contains(k, "hada_w2") || contains(k, "hada_t1"); }},
-    {"LoKr (LyCORIS lokr_w1, lokr_w2, ...)",
-     [](std::string_view k) { return contains(k, ".lokr_w") || contains(k, ".lokr_t"); }},
-    {"LoCon/LyCORIS with Tucker decomposition (lora_mid)",
-     [](std::string_view k) { return contains(k, ".lora_mid."); }},
     {"LyCORIS full weight difference (diff, diff_b)",
      [](std::string_view k) { return ends_with(k, ".diff") || ends_with(k, ".diff_b"); }},
     {"LyCORIS norm adapter (w_norm, b_norm)",
@@ -109,6 +133,23 @@ file_classification classify_tensors(const std::vector<std::string>& names) {
   for (const other_kind& kind : other_kinds)
     for (const std::string& n : names)
       if (kind.match(n)) return {file_kind::other_adapter, fmt::format("{}, e.g. \"{}\"", kind.label, n)};
+  // LyCORIS: name the algorithms present
+  std::vector<std::string> forms;
+  const std::string* example = nullptr;
+  auto note = [&](const std::string& n, std::string_view part, const char* form) {
+    if (!contains(n, part)) return;
+    if (std::find(forms.begin(), forms.end(), form) == forms.end()) forms.push_back(form);
+    if (!example) example = &n;
+  };
+  for (const std::string& n : names) {
+    note(n, ".hada_", "LoHa");
+    note(n, ".lokr_", "LoKr");
+    note(n, ".lora_mid.", "LoCon+Tucker");
+  }
+  if (example) {
+    std::sort(forms.begin(), forms.end());
+    return {file_kind::lycoris, fmt::format("LyCORIS {}, e.g. \"{}\"", fmt::join(forms, " + "), *example)};
+  }
   for (const std::string& n : names)
     if (peft::is_lora_key(n)) return {file_kind::peft_lora, fmt::format("PEFT LoRA (lora_A / lora_B), e.g. \"{}\"", n)};
   for (const std::string& n : names)
@@ -137,6 +178,10 @@ void load_opened(adapter& a, const std::string& config_label, const std::functio
     case file_kind::kohya_lora:
       a.format = adapter_format::kohya;
       kohya::load(a);
+      break;
+    case file_kind::lycoris:
+      a.format = adapter_format::kohya;  // kohya names, resolved as kohya names
+      lycoris::load(a);
       break;
     case file_kind::peft_lora:
       a.format = adapter_format::peft;

@@ -715,12 +715,13 @@ TEST_CASE("classify_tensors names every kind") {
        "kohya"},
       {{"lora_unet_a.hada_w1_a", "lora_unet_a.hada_w1_b", "lora_unet_a.hada_w2_a", "lora_unet_a.hada_w2_b",
         "lora_unet_a.alpha"},
-       file_kind::other_adapter,
-       "LoHa"},
-      {{"lora_unet_a.lokr_w1", "lora_unet_a.lokr_w2_a", "lora_unet_a.lokr_w2_b"}, file_kind::other_adapter, "LoKr"},
+       file_kind::lycoris,
+       "LyCORIS LoHa"},
+      {{"lora_unet_a.lokr_w1", "lora_unet_a.lokr_w2_a", "lora_unet_a.lokr_w2_b"}, file_kind::lycoris, "LyCORIS LoKr"},
       {{"lora_unet_b.lora_down.weight", "lora_unet_b.lora_mid.weight", "lora_unet_b.lora_up.weight"},
-       file_kind::other_adapter,
-       "lora_mid"},
+       file_kind::lycoris,
+       "LyCORIS LoCon+Tucker"},
+      {{"lora_unet_a.hada_w1_a", "lora_unet_b.lokr_w1"}, file_kind::lycoris, "LyCORIS LoHa + LoKr"},
       {{"model.layers.0.q.lora_a", "model.layers.0.q.lora_b"}, file_kind::other_adapter, "MLX"},
       {{"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_k_lora.down.weight"},
        file_kind::other_adapter,
@@ -748,11 +749,87 @@ TEST_CASE("classify_tensors names every kind") {
 
 TEST_CASE("load_adapter refuses other adapter kinds with their description") {
   temp_dir d;
+  write_safetensors(fs::path(d.path) / "diff.safetensors", {{"lora_unet_a.diff", {8, 2}}});
+  lora::error e = thrown([&] { load_adapter((fs::path(d.path) / "diff.safetensors").string()); });
+  CHECK(e.code() == exit_code::invalid_input);
+  CHECK(has(e.detail(), "not a LoRA adapter lora can read: LyCORIS full weight difference"));
+  // a LoHa module missing its second product
   write_safetensors(fs::path(d.path) / "loha.safetensors",
                     {{"lora_unet_a.hada_w1_a", {8, 2}}, {"lora_unet_a.hada_w1_b", {2, 8}}});
-  lora::error e = thrown([&] { load_adapter((fs::path(d.path) / "loha.safetensors").string()); });
+  e = thrown([&] { load_adapter((fs::path(d.path) / "loha.safetensors").string()); });
   CHECK(e.code() == exit_code::invalid_input);
-  CHECK(has(e.detail(), "not a LoRA adapter lora can read: LoHa"));
+  CHECK(has(e.detail(), "LoHa module without its hada_w2_a"));
+}
+
+TEST_CASE("LyCORIS: forms, ranks and scales as LyCORIS's modules set them") {
+  temp_dir d;
+  const fs::path p = fs::path(d.path) / "lycoris.safetensors";
+  auto alpha = [](const std::string& name, double v) { return tdef{name, {}, dtype::F32, {v}}; };
+  write_safetensors(p, {
+                           // LoHa: r = hada_w1_b.shape[0] = 2, alpha 3 -> 1.5
+                           {"lora_unet_a.hada_w1_a", {8, 2}},
+                           {"lora_unet_a.hada_w1_b", {2, 6}},
+                           {"lora_unet_a.hada_w2_a", {8, 3}},
+                           {"lora_unet_a.hada_w2_b", {3, 6}},
+                           alpha("lora_unet_a.alpha", 3),
+                           // LoHa without alpha: scale 1
+                           {"lora_unet_b.hada_w1_a", {8, 2}},
+                           {"lora_unet_b.hada_w1_b", {2, 6}},
+                           {"lora_unet_b.hada_w2_a", {8, 2}},
+                           {"lora_unet_b.hada_w2_b", {2, 6}},
+                           // LoKr, both factors full: scale 1 whatever alpha says
+                           {"lora_unet_c.lokr_w1", {2, 2}},
+                           {"lora_unet_c.lokr_w2", {4, 3}},
+                           alpha("lora_unet_c.alpha", 7),
+                           // LoKr, w2 decomposed: r = lokr_w2_b.shape[0] = 2, alpha 1 -> 0.5
+                           {"lora_unet_d.lokr_w1", {2, 2}},
+                           {"lora_unet_d.lokr_w2_a", {4, 2}},
+                           {"lora_unet_d.lokr_w2_b", {2, 3}},
+                           alpha("lora_unet_d.alpha", 1),
+                           // LoCon + Tucker: r = lora_down.shape[0] = 2, alpha 0 read as r -> 1
+                           {"lora_unet_e.lora_down.weight", {2, 4, 1, 1}},
+                           {"lora_unet_e.lora_mid.weight", {2, 2, 3, 3}},
+                           {"lora_unet_e.lora_up.weight", {8, 2, 1, 1}},
+                           alpha("lora_unet_e.alpha", 0),
+                           // plain LoCon in the same file
+                           {"lora_unet_f.lora_down.weight", {2, 6}},
+                           {"lora_unet_f.lora_up.weight", {8, 2}},
+                       });
+  adapter a = load_adapter(p.string());
+  CHECK(a.format == adapter_format::kohya);
+  CHECK(adapter_kind_name(a) == "LyCORIS LoCon + LoCon+Tucker + LoHa + LoKr");
+  REQUIRE(a.modules.size() == 6);
+  struct want {
+    delta_form form;
+    module_kind kind;
+    int64_t rank;
+    double scale;
+  };
+  const want w[] = {
+      {delta_form::loha, module_kind::linear, 2, 1.5}, {delta_form::loha, module_kind::linear, 2, 1.0},
+      {delta_form::lokr, module_kind::linear, 1, 1.0}, {delta_form::lokr, module_kind::linear, 2, 0.5},
+      {delta_form::tucker, module_kind::conv, 2, 1.0}, {delta_form::low_rank, module_kind::linear, 2, 1.0}};
+  for (size_t i = 0; i < 6; ++i) {
+    CAPTURE(a.modules[i].name);
+    CHECK(a.modules[i].form == w[i].form);
+    CHECK(a.modules[i].kind == w[i].kind);
+    CHECK(a.modules[i].rank == w[i].rank);
+    CHECK(a.modules[i].scale == w[i].scale);
+  }
+  lora::error e = thrown([&] { require_low_rank(a, "resize"); });
+  CHECK(has(e.detail(), "resize works on LoRA factors (B A); this module is LoHa"));
+
+  // tensors of two algorithms in one module, and shapes that disagree
+  write_safetensors(p, {{"lora_unet_a.hada_w1_a", {8, 2}}, {"lora_unet_a.lokr_w1", {2, 2}}});
+  e = thrown([&] { load_adapter(p.string()); });
+  CHECK(has(e.detail(), "mixes the tensors of two LyCORIS algorithms"));
+  write_safetensors(p, {{"lora_unet_a.hada_w1_a", {8, 2}},
+                        {"lora_unet_a.hada_w1_b", {2, 6}},
+                        {"lora_unet_a.hada_w2_a", {8, 2}},
+                        {"lora_unet_a.hada_w2_b", {2, 5}}});
+  e = thrown([&] { load_adapter(p.string()); });
+  CHECK(e.code() == exit_code::invalid_input);
+  CHECK(has(e.detail(), "[8, 5]"));
 }
 
 TEST_CASE("classification of the real fixtures") {
