@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "core/diffusers-format.h"
 #include "core/kohya-format.h"
 #include "core/lycoris-format.h"
 #include "core/mlx-format.h"
@@ -22,7 +23,14 @@ namespace lora {
 
 namespace fs = std::filesystem;
 
-std::string_view adapter_format_name(adapter_format f) noexcept { return f == adapter_format::peft ? "peft" : "kohya"; }
+std::string_view adapter_format_name(adapter_format f) noexcept {
+  switch (f) {
+    case adapter_format::peft: return "peft";
+    case adapter_format::kohya: return "kohya";
+    case adapter_format::diffusers: return "diffusers";
+  }
+  return "peft";
+}
 
 std::string_view module_kind_name(module_kind k) noexcept {
   switch (k) {
@@ -108,11 +116,6 @@ const other_kind other_kinds[] = {
     {"LyCORIS norm adapter (w_norm, b_norm)",
      [](std::string_view k) { return ends_with(k, ".w_norm") || ends_with(k, ".b_norm"); }},
     {"MLX LoRA (lora_a [in, r], lora_b [r, out])", mlx::is_lora_key},
-    {"diffusers attention-processor LoRA (processor.to_k_lora.down.weight, ...)",
-     [](std::string_view k) {
-       return contains(k, "_lora.down.") || contains(k, "_lora.up.") || contains(k, ".lora.down.") ||
-              contains(k, ".lora.up.") || contains(k, ".lora_linear_layer.");
-     }},
     {"cloneofsimo LoRA (<module>:<N>:up / :down)", is_cloneofsimo_key},
     {"IA3 ((IA)^3 ia3_l scaling vectors)", [](std::string_view k) { return contains(k, "ia3_l"); }},
     {"VeRA (vera_lambda_b, vera_lambda_d)",
@@ -150,6 +153,15 @@ file_classification classify_tensors(const std::vector<std::string>& names) {
     std::sort(forms.begin(), forms.end());
     return {file_kind::lycoris, fmt::format("LyCORIS {}, e.g. \"{}\"", fmt::join(forms, " + "), *example)};
   }
+  if (diffusers::is_diffusers_file(names)) {
+    const auto it = std::find_if(names.begin(), names.end(), [](const std::string& n) {
+      return contains(n, "lora_A") || contains(n, "lora_B") || contains(n, ".down.") || contains(n, ".up.");
+    });
+    return {file_kind::diffusers_lora,
+            fmt::format("diffusers LoRA (pytorch_lora_weights: unet. / text_encoder. lora_A / lora_B, .lora.down / "
+                        ".lora.up, attention processors), e.g. \"{}\"",
+                        it == names.end() ? names.front() : *it)};
+  }
   for (const std::string& n : names)
     if (peft::is_lora_key(n)) return {file_kind::peft_lora, fmt::format("PEFT LoRA (lora_A / lora_B), e.g. \"{}\"", n)};
   for (const std::string& n : names)
@@ -183,6 +195,10 @@ void load_opened(adapter& a, const std::string& config_label, const std::functio
       a.format = adapter_format::kohya;  // kohya names, resolved as kohya names
       lycoris::load(a);
       break;
+    case file_kind::diffusers_lora:
+      a.format = adapter_format::diffusers;
+      diffusers::load(a);
+      break;
     case file_kind::peft_lora:
       a.format = adapter_format::peft;
       peft::load(a, config_label, read_config);
@@ -203,7 +219,7 @@ adapter_files find_adapter_files(const std::string& path) {
   const fs::path p(path);
   if (fs::is_directory(p, ec)) {
     // the folder's weights file, by each format's name for it
-    for (std::string_view name : {peft::weights_name, mlx::weights_name})
+    for (std::string_view name : {peft::weights_name, mlx::weights_name, diffusers::weights_name})
       if (fs::exists(p / name, ec)) {
         files.weights = (p / name).string();
         break;

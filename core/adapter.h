@@ -20,14 +20,16 @@
 
 namespace lora {
 
-enum class adapter_format { peft, kohya };
+// diffusers: pytorch_lora_weights.safetensors, dotted module paths with a
+// component prefix (core/diffusers-format); written back as PEFT.
+enum class adapter_format { peft, kohya, diffusers };
 enum class module_kind { linear, embedding, conv };
 // How a module's tensors form its delta (core/delta computes every form):
 // low_rank dW = B A (LoRA, LoCon); loha (w1a w1b) ⊙ (w2a w2b), Tucker forms
 // with t1/t2; lokr kron(w1, w2); tucker (LoCon with lora_mid) up ×mid× down.
 enum class delta_form { low_rank, loha, lokr, tucker };
 
-std::string_view adapter_format_name(adapter_format f) noexcept;  // "peft" | "kohya"
+std::string_view adapter_format_name(adapter_format f) noexcept;  // "peft" | "kohya" | "diffusers"
 std::string_view module_kind_name(module_kind k) noexcept;        // "linear" | "embedding" | "conv"
 std::string_view delta_form_name(delta_form f) noexcept;          // "LoRA" | "LoHa" | "LoKr" | "LoCon+Tucker"
 
@@ -99,11 +101,12 @@ struct adapter {
 // What a safetensors file holds, judged from its tensor names alone. Other
 // kinds are checked first (a LyCORIS file may also hold lora_down keys).
 enum class file_kind {
-  model,          // no adapter keys
-  peft_lora,      // lora_A / lora_B (PEFT)
-  kohya_lora,     // lora_down / lora_up (+ alpha), lora_unet_ / lora_te*_ prefixes
-  lycoris,        // LoHa, LoKr, LoCon with lora_mid (kohya names; core/lycoris-format)
-  other_adapter,  // LoHa, LoKr, MLX lora_a/lora_b, diffusers processors, cloneofsimo, ...
+  model,           // no adapter keys
+  peft_lora,       // lora_A / lora_B (PEFT)
+  kohya_lora,      // lora_down / lora_up (+ alpha), lora_unet_ / lora_te*_ prefixes
+  lycoris,         // LoHa, LoKr, LoCon with lora_mid (kohya names; core/lycoris-format)
+  diffusers_lora,  // pytorch_lora_weights: unet./text_encoder. lora_A/B, .lora.down/up, *_lora.down/up
+  other_adapter,   // LoHa, LoKr, MLX lora_a/lora_b, diffusers processors, cloneofsimo, ...
 };
 struct file_classification {
   file_kind kind = file_kind::model;
@@ -136,7 +139,8 @@ struct adapter_files {
 };
 
 // The one file rule (load_adapter, inspect, convert's MLX reader): a folder
-// holds adapter_model.safetensors (PEFT) or adapters.safetensors (mlx_lm),
+// holds adapter_model.safetensors (PEFT), adapters.safetensors (mlx_lm) or
+// pytorch_lora_weights.safetensors (diffusers),
 // whose config is the folder's adapter_config.json; a file is the weights,
 // with adapter_config.json beside it when present (a kohya file ignores it).
 // Throws lora::error: exit 4 when `path` does not exist, exit 3 for a folder

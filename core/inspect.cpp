@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include "core/diffusers-format.h"
 #include "formats/adapter-config.h"
 #include "formats/error.h"
 #include "formats/model-files.h"
@@ -94,6 +95,13 @@ inspect_report inspect_path(const std::string& path, const std::optional<std::st
   // a folder: a PEFT adapter (adapter_config.json) or a model
   if (fs::is_directory(path, ec)) {
     fs::path config = fs::path(path) / "adapter_config.json";
+    const fs::path diffusers_weights = fs::path(path) / diffusers::weights_name;
+    if (!fs::exists(config, ec) && fs::exists(diffusers_weights, ec)) {
+      // a diffusers LoRA folder: its one file
+      inspect_report inner = inspect_path(diffusers_weights.string(), base);
+      inner.path = path;
+      return inner;
+    }
     if (!fs::exists(config, ec)) {
       inspect_model(r, path);
       return r;
@@ -125,7 +133,10 @@ inspect_report inspect_path(const std::string& path, const std::optional<std::st
   switch (c.kind) {
     case file_kind::peft_lora:
     case file_kind::kohya_lora:
-    case file_kind::lycoris: try { inspect_lora(r, path, base);
+    case file_kind::lycoris:
+    case file_kind::diffusers_lora: {
+      try {
+        inspect_lora(r, path, base);
       } catch (const error& e) {
         // list what cannot be loaded (with a base, the fit needs the load: rethrow)
         if (base || e.code() != exit_code::invalid_input) throw;
@@ -138,6 +149,7 @@ inspect_report inspect_path(const std::string& path, const std::optional<std::st
         add_file(r, f, fs::path(path).filename().string());
       }
       break;
+    }
     case file_kind::other_adapter:
       r.kind = inspect_kind::other_adapter;
       r.other_description = c.description;

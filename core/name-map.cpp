@@ -15,6 +15,12 @@ const std::vector<layout_prefix> layout_prefixes = {
     {"lora_unet_", "", "model.diffusion_model."},               // SDXL (LDM names), Flux / SD3 in ComfyUI files
     {"lora_te_", "", "cond_stage_model.transformer."},          // SD 1.x checkpoint, CLIP text model
     {"lora_te1_", "", "conditioner.embedders.0.transformer."},  // SDXL checkpoint, CLIP-L text model
+    // diffusers LoRA files name the pipeline component (core/diffusers-format):
+    // a base that is that component's own file has no such prefix
+    {"", "unet.", ""},
+    {"", "transformer.", ""},
+    {"", "text_encoder.", ""},
+    {"", "text_encoder_2.", ""},
 };
 
 namespace {

@@ -724,8 +724,14 @@ TEST_CASE("classify_tensors names every kind") {
       {{"lora_unet_a.hada_w1_a", "lora_unet_b.lokr_w1"}, file_kind::lycoris, "LyCORIS LoHa + LoKr"},
       {{"model.layers.0.q.lora_a", "model.layers.0.q.lora_b"}, file_kind::other_adapter, "MLX"},
       {{"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_k_lora.down.weight"},
-       file_kind::other_adapter,
-       "diffusers attention-processor"},
+       file_kind::diffusers_lora,
+       "diffusers LoRA"},
+      {{"unet.mid_block.attentions.0.proj_in.lora_A.weight", "unet.mid_block.attentions.0.proj_in.lora_B.weight"},
+       file_kind::diffusers_lora,
+       "diffusers LoRA"},
+      {{"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight"},
+       file_kind::diffusers_lora,
+       "diffusers LoRA"},
       {{"unet:0:down", "unet:0:up"}, file_kind::other_adapter, "cloneofsimo"},
       {{"base_model.model.q.ia3_l"}, file_kind::other_adapter, "IA3"},
       {{"base_model.model.q.vera_lambda_b"}, file_kind::other_adapter, "VeRA"},
@@ -832,6 +838,43 @@ TEST_CASE("LyCORIS: forms, ranks and scales as LyCORIS's modules set them") {
   CHECK(has(e.detail(), "[8, 5]"));
 }
 
+TEST_CASE("diffusers LoRA: keys converted as diffusers converts them, scale 1") {
+  temp_dir d;
+  const fs::path p = fs::path(d.path) / "pytorch_lora_weights.safetensors";
+  write_safetensors(p,
+                    {
+                        {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight", {2, 6}},
+                        {"unet.down_blocks.0.attentions.0.proj_in.lora_B.weight", {8, 2}},
+                        {"unet.conv_in.lora.down.weight", {3, 4, 3, 3}},
+                        {"unet.conv_in.lora.up.weight", {8, 3, 1, 1}},
+                        {"mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight", {2, 6}},
+                        {"mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight", {6, 2}},
+                        {"text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight", {4, 6}},
+                        {"text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight", {6, 4}},
+                        {"text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight", {2, 6}},
+                        {"text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight", {9, 2}},
+                    });
+  // the folder holding the file is the adapter too (the file rule)
+  for (const fs::path& path : {p, fs::path(d.path)}) {
+    adapter a = load_adapter(path.string());
+    CHECK(a.format == adapter_format::diffusers);
+    CHECK(a.weights_path == p.string());
+    REQUIRE(a.modules.size() == 5);
+    CHECK(a.modules[0].name == "text_encoder.text_model.encoder.layers.0.self_attn.q_proj");
+    CHECK(a.modules[1].name == "text_encoder_2.text_model.encoder.layers.0.mlp.fc1");
+    CHECK(a.modules[2].name == "unet.conv_in");
+    CHECK(a.modules[2].kind == module_kind::conv);
+    CHECK(a.modules[3].name == "unet.down_blocks.0.attentions.0.proj_in");
+    CHECK(a.modules[4].name == "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0");
+    for (const lora_module& m : a.modules) CHECK(m.scale == 1.0);
+  }
+  // an alpha tensor: diffusers does not read it in this format, so we refuse
+  write_safetensors(p, {{"unet.a.lora_A.weight", {2, 6}}, {"unet.a.lora_B.weight", {8, 2}}, {"unet.a.alpha", {}}});
+  lora::error e = thrown([&] { load_adapter(p.string()); });
+  CHECK(e.code() == exit_code::invalid_input);
+  CHECK(has(e.detail(), "diffusers does not read it"));
+}
+
 TEST_CASE("classification of the real fixtures") {
   const fs::path fx = fixtures_dir();
   struct fixture_case {
@@ -842,8 +885,7 @@ TEST_CASE("classification of the real fixtures") {
   const fixture_case cases[] = {
       {"gradience_tiny_lora/adapter_model.safetensors", file_kind::peft_lora, "PEFT LoRA"},
       {"mlx_examples_minicpm_adapter/adapters.safetensors", file_kind::other_adapter, "MLX"},
-      {"diffusers_sd15_lora/pytorch_lora_weights.safetensors", file_kind::other_adapter,
-       "diffusers attention-processor"},
+      {"diffusers_sd15_lora/pytorch_lora_weights.safetensors", file_kind::diffusers_lora, "diffusers LoRA"},
       {"cloneofsimo_lora/lora_disney.safetensors", file_kind::other_adapter, "cloneofsimo"},
       {"cloneofsimo_lora/analog_svd_rank4.safetensors", file_kind::other_adapter, "cloneofsimo"},
       {"fluxml_safetensors_jl/non_sharded/model.safetensors", file_kind::model, "no adapter"},
@@ -862,6 +904,7 @@ TEST_CASE("classification of the real fixtures") {
     file_classification fc = classify_tensors(names);
     CHECK(fc.kind == c.kind);
     CHECK(has(fc.description, c.description_part));
+    if (c.kind == file_kind::diffusers_lora) CHECK(load_adapter(p.string()).modules.size() == 128);
     if (c.kind == file_kind::other_adapter) {
       lora::error e = thrown([&] { load_adapter(p.string()); });
       CHECK(e.code() == exit_code::invalid_input);

@@ -57,8 +57,20 @@ TEST_CASE("kohya names: two base modules that read alike are both returned (the 
 TEST_CASE("every layout row names a known kohya prefix or the dotted scope") {
   for (const layout_prefix& row : layout_prefixes) {
     CHECK((row.scope.empty() || kohya::prefix_of(row.scope) == row.scope));
-    CHECK_FALSE(row.base.empty());
+    // a row changes the name: it adds a container (base) or strips a prefix (adapter)
+    CHECK_FALSE((row.base.empty() && row.adapter.empty()));
   }
+}
+
+TEST_CASE("diffusers LoRA paths: the component prefix is dropped for one component's file") {
+  const name_map unet({"down_blocks.0.attentions.0.proj_in.weight", "text_model.final_layer_norm.weight"});
+  CHECK(unet.find_path("unet.down_blocks.0.attentions.0.proj_in").modules ==
+        std::vector<std::string>{"down_blocks.0.attentions.0.proj_in"});
+  CHECK(unet.find_path("text_encoder.text_model.final_layer_norm").modules ==
+        std::vector<std::string>{"text_model.final_layer_norm"});
+  // a base that keeps the prefix matches as it is
+  const name_map whole({"unet.conv_in.weight", "conv_in.weight"});
+  CHECK(whole.find_path("unet.conv_in").modules == std::vector<std::string>{"unet.conv_in"});
 }
 
 TEST_CASE("PEFT keys: what the writer names, the reader's grammar recognises") {

@@ -298,7 +298,7 @@ else
   expect_stdout_contains "metadata: none"
 
   expect_listed "$FX/diffusers_sd15_lora/pytorch_lora_weights.safetensors"
-  expect_json 'j["kind"], j["totals"]["tensors"]' '["other_adapter",256]'
+  expect_json 'j["kind"], j["totals"]["tensors"]' '["adapter",256]'
   expect_json '"diffusers" in j["adapter_kind"].lower()' true
   for f in "$FX"/cloneofsimo_lora/*.safetensors; do
     expect_listed "$f"
