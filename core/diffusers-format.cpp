@@ -6,6 +6,7 @@
 
 #include <fmt/format.h>
 
+#include "core/kohya-format.h"
 #include "formats/error.h"
 
 namespace lora::diffusers {
@@ -116,12 +117,14 @@ void load(adapter& a) {
         "diffusers lora_adapter_metadata (a LoraConfig per component) is not read yet: its alphas and "
         "patterns would change the scale");
   std::map<std::string, parts> by_module;
+  std::map<std::string, const tensor_info*> alphas;  // module -> its .alpha
   for (const tensor_info& t : f.tensors()) {
     const auto [component, rest] = split_component(t.name);
-    if (t.name.ends_with(".alpha"))
-      throw errors::invalid(label, t.name,
-                            "alpha in a diffusers LoRA file: diffusers does not read it in this format (scale 1), "
-                            "so the intended scale is unclear");
+    if (t.name.ends_with(".alpha") && t.name.size() > 6) {
+      // network alphas (FluxLoraLoaderMixin.lora_state_dict pops every "alpha" key)
+      alphas[fmt::format("{}.{}", component, rest.substr(0, rest.size() - 6))] = &t;
+      continue;
+    }
     if (contains(t.name, "dora_scale") || contains(t.name, "lora_magnitude_vector"))
       throw errors::invalid(label, t.name, "DoRA in a diffusers LoRA file is not supported yet");
     const std::string k = convert(component, rest);
@@ -164,11 +167,15 @@ void load(adapter& a) {
     m.rank = sa[0];
     m.a = {&f, p.a};
     m.b = {&f, p.b};
-    // get_peft_kwargs without network_alphas: lora_alpha = r, s = 1
-    m.alpha = static_cast<double>(m.rank);
+    // get_peft_kwargs: the module's network alpha (lora_alpha / alpha_pattern), else lora_alpha = r: s = alpha / r
+    const auto alpha = alphas.find(name);
+    m.alpha = alpha == alphas.end() ? static_cast<double>(m.rank) : kohya::read_alpha(f, *alpha->second);
+    if (alpha != alphas.end()) alphas.erase(alpha);
     m.scale = lora_scale(m.alpha, m.rank, false);
     a.modules.push_back(std::move(m));
   }
+  if (!alphas.empty())
+    throw errors::invalid(label, alphas.begin()->second->name, "alpha without its lora_A / lora_B pair");
 }
 
 }  // namespace lora::diffusers

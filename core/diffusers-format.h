@@ -15,9 +15,12 @@
 // UNET_TO_DIFFUSERS for the UNet / transformer, DIFFUSERS_OLD_TO_PEFT and
 // DIFFUSERS_TO_PEFT for text encoders; the first matching pattern wins) and
 // the scale of loaders/peft.py load_lora_adapter + utils/peft_utils.py
-// get_peft_kwargs: network_alphas come only from kohya-format files
-// (lora_pipeline.py lora_state_dict), so a diffusers-format file without
-// lora_adapter_metadata gets lora_alpha = r for every module: s = 1.
+// get_peft_kwargs: without network alphas lora_alpha = r for every module
+// (s = 1); with them (lora_pipeline.py FluxLoraLoaderMixin.lora_state_dict
+// pops every "<module>.alpha" key as one) lora_alpha / alpha_pattern give
+// each module its alpha: s = alpha / r. (StableDiffusionLoraLoaderMixin
+// refuses a file with ".alpha" keys: they lack "lora"; we read them as Flux
+// does.)
 // Module names keep the component prefix ("unet.down_blocks.0...."); the
 // name map (core/name-map layout_prefixes) strips it for a base that is one
 // component's file (a UNet diffusion_pytorch_model.safetensors, a text
@@ -43,10 +46,10 @@ bool is_diffusers_file(const std::vector<std::string>& names) noexcept;
 
 // Reads a.file (a diffusers LoRA file) into a.modules: every key converted as
 // diffusers converts it, lora_A [r, in(, kh, kw)] paired with lora_B
-// [out, r(, 1, 1)], rank from the shapes, alpha = r (s = 1). Throws
-// lora::error (exit 3) naming the file and key: an unknown key, a missing
-// half, shapes that disagree, ".alpha" tensors (diffusers does not read them
-// in this format), dora_scale / lora_magnitude_vector (DoRA: not read yet),
+// [out, r(, 1, 1)], rank from the shapes, alpha from "<module>.alpha" or r.
+// Throws lora::error (exit 3) naming the file and key: an unknown key, a
+// missing half, shapes that disagree, an alpha without its pair or not a
+// finite float scalar, dora_scale / lora_magnitude_vector (DoRA: not read yet),
 // lora_adapter_metadata in the file's metadata (not read yet).
 void load(adapter& a);
 

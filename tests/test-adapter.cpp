@@ -868,11 +868,22 @@ TEST_CASE("diffusers LoRA: keys converted as diffusers converts them, scale 1") 
     CHECK(a.modules[4].name == "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0");
     for (const lora_module& m : a.modules) CHECK(m.scale == 1.0);
   }
-  // an alpha tensor: diffusers does not read it in this format, so we refuse
-  write_safetensors(p, {{"unet.a.lora_A.weight", {2, 6}}, {"unet.a.lora_B.weight", {8, 2}}, {"unet.a.alpha", {}}});
+  // network alphas (Flux files): s = alpha / r per module
+  write_safetensors(p, {{"transformer.a.lora_A.weight", {2, 6}},
+                        {"transformer.a.lora_B.weight", {8, 2}},
+                        {"transformer.a.alpha", {}, dtype::F32, {3.0}},
+                        {"transformer.b.lora_A.weight", {4, 6}},
+                        {"transformer.b.lora_B.weight", {8, 4}}});
+  adapter a = load_adapter(p.string());
+  REQUIRE(a.modules.size() == 2);
+  CHECK(a.modules[0].scale == 1.5);
+  CHECK(a.modules[1].scale == 1.0);
+  write_safetensors(
+      p,
+      {{"transformer.a.lora_A.weight", {2, 6}}, {"transformer.a.lora_B.weight", {8, 2}}, {"transformer.c.alpha", {}}});
   lora::error e = thrown([&] { load_adapter(p.string()); });
   CHECK(e.code() == exit_code::invalid_input);
-  CHECK(has(e.detail(), "diffusers does not read it"));
+  CHECK(has(e.detail(), "alpha without its lora_A / lora_B pair"));
 }
 
 TEST_CASE("classification of the real fixtures") {
