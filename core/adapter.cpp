@@ -63,6 +63,10 @@ std::string adapter_kind_name(const adapter& a) {
 }
 
 void require_low_rank(const adapter& a, std::string_view command) {
+  if (a.format == adapter_format::diffusers)
+    throw errors::invalid(
+        a.weights_path, "",
+        fmt::format("{} does not take a diffusers LoRA file yet (no writer for its format)", command));
   for (const lora_module& m : a.modules)
     if (m.form != delta_form::low_rank)
       throw errors::invalid(

@@ -121,7 +121,8 @@ std::string adapter_kind_name(const adapter& a);
 
 // Throws lora::error (exit 3) naming the first module of `a` whose delta is
 // not B A (LoHa, LoKr, Tucker): `command` (resize, combine, convert) works
-// on LoRA factors only. Pure.
+// on LoRA factors only; also for a diffusers adapter (no writer for that
+// format yet). Pure.
 void require_low_rank(const adapter& a, std::string_view command);
 
 // The scale of one module: alpha / r, or alpha / sqrt(r) with rsLoRA.

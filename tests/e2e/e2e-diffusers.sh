@@ -110,6 +110,13 @@ expect_nothing_left syn-merged
 expect_exit 0 "$LORA" merge --base "$W/syn/base.safetensors" --adapter "$W/synthetic.safetensors" --out "$W/syn-merged"
 expect_eq "synthetic merged = float64 reference rounded once" "$(same_tensors "$W/syn-merged/base.safetensors" "$W/syn/expected.safetensors")" "0 differ"
 
+# resize, combine and convert have no diffusers writer yet: refused by name
+expect_exit 3 "$LORA" resize --adapter "$W/synthetic.safetensors" --rank 1 --out "$W/resized"
+expect_stderr_contains "resize does not take a diffusers LoRA file yet"
+expect_nothing_left resized
+expect_exit 3 "$LORA" convert "$W/synthetic.safetensors" --to kohya --out "$W/converted.safetensors"
+expect_stderr_contains "convert does not take a diffusers LoRA file yet"
+
 # --- the real attention-processor file
 A="$FX/diffusers_sd15_lora/pytorch_lora_weights.safetensors"
 if [ -f "$A" ]; then
