@@ -56,6 +56,7 @@ ordered_json module_json(const lora_module& m, const inspect_base_match* base) {
   j["name"] = m.name;
   j["target"] = m.target;
   j["kind"] = std::string(module_kind_name(m.kind));
+  j["form"] = std::string(delta_form_name(m.form));
   j["rank"] = m.rank;
   j["alpha"] = m.alpha;
   j["scale"] = m.scale;
@@ -78,6 +79,7 @@ ordered_json report_json(const inspect_report& r) {
   j["kind"] = std::string(inspect_kind_name(r.kind));
   j["path"] = r.path;
   if (r.kind == inspect_kind::adapter) j["format"] = std::string(adapter_format_name(r.lora->format));
+  if (r.kind == inspect_kind::adapter) j["adapter_kind"] = r.adapter_kind;
   if (r.kind == inspect_kind::other_adapter) j["adapter_kind"] = r.other_description;
   if (r.kind == inspect_kind::model)
     j["model_type"] = r.model_type ? ordered_json(*r.model_type) : ordered_json(nullptr);
@@ -173,12 +175,11 @@ void print_headline(const inspect_report& r) {
       fmt::print("model: {}{}\n", r.path, r.model_type ? fmt::format(" (model_type {})", *r.model_type) : "");
       break;
     case inspect_kind::adapter:
-      fmt::print("adapter: {} ({} LoRA, {} modules{})\n", r.path, adapter_format_name(r.lora->format),
-                 r.lora->modules.size(),
+      fmt::print("adapter: {} ({}, {} modules{})\n", r.path, r.adapter_kind, r.lora->modules.size(),
                  r.lora->saved.empty() ? "" : fmt::format(", {} saved tensors", r.lora->saved.size()));
       break;
     case inspect_kind::other_adapter:
-      fmt::print("other adapter: {}: {} (not a LoRA that lora can merge)\n", r.path, r.other_description);
+      fmt::print("other adapter: {}: {} (not an adapter that lora can merge)\n", r.path, r.other_description);
       break;
   }
   if (!r.index_path.empty())
@@ -226,6 +227,7 @@ void print_modules(const inspect_report& r, const adapter& a) {
   for (size_t i = 0; i < a.modules.size(); ++i) {
     const lora_module& m = a.modules[i];
     std::string kind(module_kind_name(m.kind));
+    if (m.form != delta_form::low_rank) kind += fmt::format(" {}", delta_form_name(m.form));
     if (m.fan_in_fan_out) kind += " (fan_in_fan_out)";
     if (m.bias) kind += " +bias";
     rows.push_back({m.name, kind, std::to_string(m.rank), number_text(m.alpha), number_text(m.scale),

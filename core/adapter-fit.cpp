@@ -7,6 +7,7 @@
 #include <fmt/ranges.h>
 
 #include "core/adapter.h"
+#include "core/lycoris-delta.h"
 #include "core/name-map.h"
 #include "formats/error.h"
 #include "formats/adapter-config.h"
@@ -220,6 +221,22 @@ void check_shape(lora_module& m, const tensor_info& w, const std::optional<std::
   }
 }
 
+// A LyCORIS delta (core/lycoris-delta) against its base tensor: the same
+// [rows, cols] view and kernel; the kind follows the base (never transposed).
+void check_lycoris_shape(lora_module& m, const tensor_info& w, const std::string& file,
+                         std::vector<fit_problem>& problems) {
+  const std::vector<int64_t> made = lycoris_delta_shape(m, file);
+  if (!lycoris_delta_fits(made, w.shape)) {
+    problems.push_back({m.a.info->name,
+                        fmt::format("base {} is {}, the {} makes {}", m.target, shape_text(w.shape),
+                                    delta_form_name(m.form), shape_text(made)),
+                        fit_issue::shape});
+    return;
+  }
+  m.kind = w.shape.size() == 2 ? module_kind::linear : module_kind::conv;
+  m.fan_in_fan_out = false;
+}
+
 // DoRA magnitude length and lora_B bias against the base.
 void check_extras(const lora_module& m, const model_files& base, std::vector<fit_problem>& problems) {
   const int64_t out = m.b.info->shape[0];
@@ -340,7 +357,10 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
           {m.a.info->name, fmt::format("the base has no tensor {}", m.target), fit_issue::no_base_tensor, m.target});
       continue;
     }
-    check_shape(m, *base_w->info, model_type, problems);
+    if (m.form != delta_form::low_rank)
+      check_lycoris_shape(m, *base_w->info, a.weights_path, problems);
+    else
+      check_shape(m, *base_w->info, model_type, problems);
     check_extras(m, base, problems);
   }
   check_saved(a, base, problems);

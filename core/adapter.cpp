@@ -11,7 +11,9 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "core/diffusers-format.h"
 #include "core/kohya-format.h"
+#include "core/lycoris-format.h"
 #include "core/mlx-format.h"
 #include "core/peft-format.h"
 #include "core/dtype.h"
@@ -21,7 +23,14 @@ namespace lora {
 
 namespace fs = std::filesystem;
 
-std::string_view adapter_format_name(adapter_format f) noexcept { return f == adapter_format::peft ? "peft" : "kohya"; }
+std::string_view adapter_format_name(adapter_format f) noexcept {
+  switch (f) {
+    case adapter_format::peft: return "peft";
+    case adapter_format::kohya: return "kohya";
+    case adapter_format::diffusers: return "diffusers";
+  }
+  return "peft";
+}
 
 std::string_view module_kind_name(module_kind k) noexcept {
   switch (k) {
@@ -30,6 +39,39 @@ std::string_view module_kind_name(module_kind k) noexcept {
     case module_kind::conv: return "conv";
   }
   return "linear";
+}
+
+std::string_view delta_form_name(delta_form f) noexcept {
+  switch (f) {
+    case delta_form::low_rank: return "LoRA";
+    case delta_form::loha: return "LoHa";
+    case delta_form::lokr: return "LoKr";
+    case delta_form::tucker: return "LoCon+Tucker";
+  }
+  return "LoRA";
+}
+
+std::string adapter_kind_name(const adapter& a) {
+  std::set<std::string_view> forms;
+  bool lycoris = false;
+  for (const lora_module& m : a.modules) {
+    lycoris = lycoris || m.form != delta_form::low_rank;
+    forms.insert(m.form == delta_form::low_rank ? "LoCon" : delta_form_name(m.form));
+  }
+  if (!lycoris) return fmt::format("{} LoRA", adapter_format_name(a.format));
+  return fmt::format("LyCORIS {}", fmt::join(forms, " + "));
+}
+
+void require_low_rank(const adapter& a, std::string_view command) {
+  if (a.format == adapter_format::diffusers)
+    throw errors::invalid(
+        a.weights_path, "",
+        fmt::format("{} does not take a diffusers LoRA file yet (no writer for its format)", command));
+  for (const lora_module& m : a.modules)
+    if (m.form != delta_form::low_rank)
+      throw errors::invalid(
+          a.weights_path, m.name,
+          fmt::format("{} works on LoRA factors (B A); this module is {}", command, delta_form_name(m.form)));
 }
 
 // s = alpha / r (LoRA), s = alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023).
@@ -73,22 +115,11 @@ struct other_kind {
 
 // Adapter kinds that are not plain LoRA, each recognised by a key form.
 const other_kind other_kinds[] = {
-    {"LoHa (LyCORIS hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b)",
-     [](std::string_view k) { return contains(k, "hada_w1") || contains(k, "hada_w2") || contains(k, "hada_t1"); }},
-    {"LoKr (LyCORIS lokr_w1, lokr_w2, ...)",
-     [](std::string_view k) { return contains(k, ".lokr_w") || contains(k, ".lokr_t"); }},
-    {"LoCon/LyCORIS with Tucker decomposition (lora_mid)",
-     [](std::string_view k) { return contains(k, ".lora_mid."); }},
     {"LyCORIS full weight difference (diff, diff_b)",
      [](std::string_view k) { return ends_with(k, ".diff") || ends_with(k, ".diff_b"); }},
     {"LyCORIS norm adapter (w_norm, b_norm)",
      [](std::string_view k) { return ends_with(k, ".w_norm") || ends_with(k, ".b_norm"); }},
     {"MLX LoRA (lora_a [in, r], lora_b [r, out])", mlx::is_lora_key},
-    {"diffusers attention-processor LoRA (processor.to_k_lora.down.weight, ...)",
-     [](std::string_view k) {
-       return contains(k, "_lora.down.") || contains(k, "_lora.up.") || contains(k, ".lora.down.") ||
-              contains(k, ".lora.up.") || contains(k, ".lora_linear_layer.");
-     }},
     {"cloneofsimo LoRA (<module>:<N>:up / :down)", is_cloneofsimo_key},
     {"IA3 ((IA)^3 ia3_l scaling vectors)", [](std::string_view k) { return contains(k, "ia3_l"); }},
     {"VeRA (vera_lambda_b, vera_lambda_d)",
@@ -109,6 +140,32 @@ file_classification classify_tensors(const std::vector<std::string>& names) {
   for (const other_kind& kind : other_kinds)
     for (const std::string& n : names)
       if (kind.match(n)) return {file_kind::other_adapter, fmt::format("{}, e.g. \"{}\"", kind.label, n)};
+  // LyCORIS: name the algorithms present
+  std::vector<std::string> forms;
+  const std::string* example = nullptr;
+  auto note = [&](const std::string& n, std::string_view part, const char* form) {
+    if (!contains(n, part)) return;
+    if (std::find(forms.begin(), forms.end(), form) == forms.end()) forms.push_back(form);
+    if (!example) example = &n;
+  };
+  for (const std::string& n : names) {
+    note(n, ".hada_", "LoHa");
+    note(n, ".lokr_", "LoKr");
+    note(n, ".lora_mid.", "LoCon+Tucker");
+  }
+  if (example) {
+    std::sort(forms.begin(), forms.end());
+    return {file_kind::lycoris, fmt::format("LyCORIS {}, e.g. \"{}\"", fmt::join(forms, " + "), *example)};
+  }
+  if (diffusers::is_diffusers_file(names)) {
+    const auto it = std::find_if(names.begin(), names.end(), [](const std::string& n) {
+      return contains(n, "lora_A") || contains(n, "lora_B") || contains(n, ".down.") || contains(n, ".up.");
+    });
+    return {file_kind::diffusers_lora,
+            fmt::format("diffusers LoRA (pytorch_lora_weights: unet. / text_encoder. lora_A / lora_B, .lora.down / "
+                        ".lora.up, attention processors), e.g. \"{}\"",
+                        it == names.end() ? names.front() : *it)};
+  }
   for (const std::string& n : names)
     if (peft::is_lora_key(n)) return {file_kind::peft_lora, fmt::format("PEFT LoRA (lora_A / lora_B), e.g. \"{}\"", n)};
   for (const std::string& n : names)
@@ -138,6 +195,14 @@ void load_opened(adapter& a, const std::string& config_label, const std::functio
       a.format = adapter_format::kohya;
       kohya::load(a);
       break;
+    case file_kind::lycoris:
+      a.format = adapter_format::kohya;  // kohya names, resolved as kohya names
+      lycoris::load(a);
+      break;
+    case file_kind::diffusers_lora:
+      a.format = adapter_format::diffusers;
+      diffusers::load(a);
+      break;
     case file_kind::peft_lora:
       a.format = adapter_format::peft;
       peft::load(a, config_label, read_config);
@@ -158,7 +223,7 @@ adapter_files find_adapter_files(const std::string& path) {
   const fs::path p(path);
   if (fs::is_directory(p, ec)) {
     // the folder's weights file, by each format's name for it
-    for (std::string_view name : {peft::weights_name, mlx::weights_name})
+    for (std::string_view name : {peft::weights_name, mlx::weights_name, diffusers::weights_name})
       if (fs::exists(p / name, ec)) {
         files.weights = (p / name).string();
         break;

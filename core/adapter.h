@@ -20,11 +20,27 @@
 
 namespace lora {
 
-enum class adapter_format { peft, kohya };
+// diffusers: pytorch_lora_weights.safetensors, dotted module paths with a
+// component prefix (core/diffusers-format); written back as PEFT.
+enum class adapter_format { peft, kohya, diffusers };
 enum class module_kind { linear, embedding, conv };
+// How a module's tensors form its delta (core/delta computes every form):
+// low_rank dW = B A (LoRA, LoCon); loha (w1a w1b) ⊙ (w2a w2b), Tucker forms
+// with t1/t2; lokr kron(w1, w2); tucker (LoCon with lora_mid) up ×mid× down.
+enum class delta_form { low_rank, loha, lokr, tucker };
 
-std::string_view adapter_format_name(adapter_format f) noexcept;  // "peft" | "kohya"
+std::string_view adapter_format_name(adapter_format f) noexcept;  // "peft" | "kohya" | "diffusers"
 std::string_view module_kind_name(module_kind k) noexcept;        // "linear" | "embedding" | "conv"
+std::string_view delta_form_name(delta_form f) noexcept;          // "LoRA" | "LoHa" | "LoKr" | "LoCon+Tucker"
+
+// The LyCORIS tensors of a module whose delta is not B A (views into the
+// adapter file; which are set depends on the form, see core/lycoris-format.h).
+struct lycoris_tensors {
+  std::optional<tensor_ref> w1, w1_a, w1_b;  // LoHa hada_w1_a/b; LoKr lokr_w1 or lokr_w1_a/b
+  std::optional<tensor_ref> w2, w2_a, w2_b;  // LoHa hada_w2_a/b; LoKr lokr_w2 or lokr_w2_a/b
+  std::optional<tensor_ref> t1, t2;          // LoHa hada_t1/t2; LoKr lokr_t2 (Tucker cores)
+  std::optional<tensor_ref> mid;             // LoCon lora_mid [r, r, kh, kw]
+};
 
 struct lora_module {
   // PEFT: the base module path ("model.layers.0.self_attn.q_proj").
@@ -44,6 +60,12 @@ struct lora_module {
   // shape[0] rows of rank columns, whatever their number of dimensions.
   tensor_ref a;
   tensor_ref b;
+  // low_rank: dW = B A from a and b. Other forms: the delta comes from
+  // `lycoris` (core/delta), and a / b only name two of the module's tensors
+  // in messages (LoHa hada_w1_b / hada_w1_a, LoKr its w1 / w2 part, Tucker
+  // lora_down / lora_up, which are also its factors).
+  delta_form form = delta_form::low_rank;
+  lycoris_tensors lycoris;
   // DoRA m: one per row of B (linear / conv out, embedding dim); PEFT
   // stores [out], conv [1, out, 1, 1]: read it as n_elements values.
   std::optional<tensor_ref> magnitude;
@@ -79,16 +101,29 @@ struct adapter {
 // What a safetensors file holds, judged from its tensor names alone. Other
 // kinds are checked first (a LyCORIS file may also hold lora_down keys).
 enum class file_kind {
-  model,          // no adapter keys
-  peft_lora,      // lora_A / lora_B (PEFT)
-  kohya_lora,     // lora_down / lora_up (+ alpha), lora_unet_ / lora_te*_ prefixes
-  other_adapter,  // LoHa, LoKr, MLX lora_a/lora_b, diffusers processors, cloneofsimo, ...
+  model,           // no adapter keys
+  peft_lora,       // lora_A / lora_B (PEFT)
+  kohya_lora,      // lora_down / lora_up (+ alpha), lora_unet_ / lora_te*_ prefixes
+  lycoris,         // LoHa, LoKr, LoCon with lora_mid (kohya names; core/lycoris-format)
+  diffusers_lora,  // pytorch_lora_weights: unet./text_encoder. lora_A/B, .lora.down/up, *_lora.down/up
+  other_adapter,   // LoHa, LoKr, MLX lora_a/lora_b, diffusers processors, cloneofsimo, ...
 };
 struct file_classification {
   file_kind kind = file_kind::model;
   std::string description;  // e.g. "LoHa (hada_w1_a, hada_w1_b, ...)": names the other kind
 };
 file_classification classify_tensors(const std::vector<std::string>& names);
+
+// The adapter's kind for people: "<format> LoRA" ("peft LoRA", "kohya LoRA")
+// when every module is B A, else "LyCORIS " and its forms ("LyCORIS LoHa",
+// "LyCORIS LoCon + LoCon+Tucker"; B A modules are LoCon there). Pure.
+std::string adapter_kind_name(const adapter& a);
+
+// Throws lora::error (exit 3) naming the first module of `a` whose delta is
+// not B A (LoHa, LoKr, Tucker): `command` (resize, combine, convert) works
+// on LoRA factors only; also for a diffusers adapter (no writer for that
+// format yet). Pure.
+void require_low_rank(const adapter& a, std::string_view command);
 
 // The scale of one module: alpha / r, or alpha / sqrt(r) with rsLoRA.
 double lora_scale(double alpha, int64_t rank, bool rslora) noexcept;
@@ -105,7 +140,8 @@ struct adapter_files {
 };
 
 // The one file rule (load_adapter, inspect, convert's MLX reader): a folder
-// holds adapter_model.safetensors (PEFT) or adapters.safetensors (mlx_lm),
+// holds adapter_model.safetensors (PEFT), adapters.safetensors (mlx_lm) or
+// pytorch_lora_weights.safetensors (diffusers),
 // whose config is the folder's adapter_config.json; a file is the weights,
 // with adapter_config.json beside it when present (a kohya file ignores it).
 // Throws lora::error: exit 4 when `path` does not exist, exit 3 for a folder

@@ -73,6 +73,7 @@ std::vector<adapter> load_inputs(const combine_options& o, std::map<std::string,
 dtype check_combinable(const std::vector<adapter>& ins) {
   std::set<dtype> dtypes;
   for (const adapter& a : ins) {
+    require_low_rank(a, "combine");
     for (const lora_module& m : a.modules) {
       if (m.dora)
         throw errors::invalid(a.weights_path, m.magnitude->info->name,

@@ -34,6 +34,7 @@ adapter_data read_mlx(const convert_options& o, const model_files* base) {
 // A PEFT or kohya adapter as data, fitted to the base when there is one.
 adapter_data read_lora(const convert_options& o, const model_files* base, std::string& from) {
   adapter a = load_adapter(o.adapter);
+  require_low_rank(a, "convert");
   for (const lora_module& m : a.modules) check_finite_factors(m, a.weights_path);
   from = std::string(adapter_format_name(a.format));
   if (a.format == adapter_format::kohya && o.to == adapter_format::peft && base == nullptr)

@@ -70,6 +70,18 @@ delta_factors_t<T> load_factors(const lora_module& m, const std::vector<int64_t>
     throw errors::invalid(file, m.name, fmt::format("target {} is a scalar: no LoRA delta applies to it", m.target));
   f.n_rows = target_shape[0];
   f.n_cols = static_cast<int64_t>(product(target_shape, 1));
+  if (m.form != delta_form::low_rank) {
+    // LyCORIS: D formed by core/lycoris-delta (no DoRA, never transposed)
+    if (m.dora || m.magnitude || m.bias)
+      throw errors::invalid(file, m.name,
+                            fmt::format("{} module with DoRA or a bias is not supported", delta_form_name(m.form)));
+    if (f.transposed)
+      throw errors::invalid(file, m.name,
+                            fmt::format("{} module on a transposed ([in, out]) target", delta_form_name(m.form)));
+    f.rank = m.rank;
+    f.lycoris = std::make_shared<const lycoris_delta>(make_lycoris_delta(m, target_shape, file, with_values));
+    return f;
+  }
 
   // rank from A; B and the module must agree
   const auto& a_shape = m.a.info->shape;
@@ -227,6 +239,27 @@ void add_bias(const lora_module& m, double weight, std::span<T> bias, const std:
   for (size_t i = 0; i < bias.size(); ++i) bias[i] = static_cast<T>(static_cast<double>(bias[i]) + ws * b[i]);
 }
 
+// Rows of D per block: a few MiB of doubles.
+int64_t lycoris_block_rows(int64_t n_cols) {
+  return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(n_cols, 1));
+}
+
+// LyCORIS: W[i, j] += weight * s * D[i, j], the product and sum in double,
+// rounded once to T.
+template <typename T>
+void add_lycoris_rows(const delta_factors_t<T>& f, double weight, int64_t row_begin, int64_t row_end, T* w_block) {
+  const double ws = weight * f.scale;
+  const size_t n_cols = static_cast<size_t>(f.n_cols);
+  std::vector<double> d;
+  for (int64_t rb = row_begin; rb < row_end; rb += lycoris_block_rows(f.n_cols)) {
+    const int64_t re = std::min(row_end, rb + lycoris_block_rows(f.n_cols));
+    d.resize(static_cast<size_t>(re - rb) * n_cols);
+    lycoris_rows(*f.lycoris, rb, re, d.data());
+    T* w = w_block + static_cast<size_t>(rb - row_begin) * n_cols;
+    for (size_t e = 0; e < d.size(); ++e) w[e] = static_cast<T>(static_cast<double>(w[e]) + ws * d[e]);
+  }
+}
+
 }  // namespace
 
 delta_factors load_delta_factors(const lora_module& m, const std::vector<int64_t>& target_shape,
@@ -244,7 +277,10 @@ void check_delta_factors(const lora_module& m, const std::vector<int64_t>& targe
 }
 
 void check_finite_factors(const lora_module& m, const std::string& file) {
-  for (const tensor_ref* t : {&m.a, &m.b, m.magnitude ? &*m.magnitude : nullptr, m.bias ? &*m.bias : nullptr}) {
+  const lycoris_tensors& l = m.lycoris;
+  auto opt = [](const std::optional<tensor_ref>& t) { return t ? &*t : nullptr; };
+  for (const tensor_ref* t : {&m.a, &m.b, opt(m.magnitude), opt(m.bias), opt(l.w1), opt(l.w1_a), opt(l.w1_b), opt(l.w2),
+                              opt(l.w2_a), opt(l.w2_b), opt(l.t1), opt(l.t2), opt(l.mid)}) {
     if (t == nullptr) continue;
     const uint64_t bad = count_nonfinite(t->info->type, t->data());
     if (bad > 0)
@@ -256,6 +292,7 @@ void check_finite_factors(const lora_module& m, const std::string& file) {
 
 void add_delta_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block) {
   check_rows(f, row_begin, row_end);
+  if (f.lycoris) return add_lycoris_rows(f, weight, row_begin, row_end, w_block);
   const int64_t n_block = row_end - row_begin;
   if (n_block == 0 || f.n_cols == 0 || f.rank == 0) return;
   const int m = blas_int(n_block, f.target);
@@ -276,6 +313,7 @@ void add_delta_rows(const delta_factors& f, double weight, int64_t row_begin, in
 
 void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end, double* w_block) {
   check_rows(f, row_begin, row_end);
+  if (f.lycoris) return add_lycoris_rows(f, weight, row_begin, row_end, w_block);
   const size_t r = static_cast<size_t>(f.rank);
   const size_t n_rows = static_cast<size_t>(f.n_rows);
   const size_t n_cols = static_cast<size_t>(f.n_cols);
@@ -298,6 +336,7 @@ void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin
 }
 
 double delta_element(const delta_factors& f, int64_t row, int64_t col) noexcept {
+  if (f.lycoris) return f.scale * lycoris_element(*f.lycoris, row, col);
   const size_t r = static_cast<size_t>(f.rank);
   const size_t i = static_cast<size_t>(row), j = static_cast<size_t>(col);
   double acc = 0;
@@ -319,6 +358,21 @@ std::vector<double> row_bounds(const delta_factors_t<T>& f) {
   const size_t r = static_cast<size_t>(f.rank);
   const size_t n_rows = static_cast<size_t>(f.n_rows), n_cols = static_cast<size_t>(f.n_cols);
   std::vector<double> bound(n_rows, 0.0);
+  if (f.lycoris) {
+    // |s| max_j |D[i, j]|, D formed in double (its rounding covered by the 2^-40)
+    std::vector<double> d;
+    for (int64_t rb = 0; rb < f.n_rows; rb += lycoris_block_rows(f.n_cols)) {
+      const int64_t re = std::min(f.n_rows, rb + lycoris_block_rows(f.n_cols));
+      d.resize(static_cast<size_t>(re - rb) * n_cols);
+      lycoris_rows(*f.lycoris, rb, re, d.data());
+      for (size_t e = 0; e < d.size(); ++e) {
+        const size_t i = static_cast<size_t>(rb) + e / std::max<size_t>(n_cols, 1);
+        bound[i] = std::max(bound[i], std::fabs(d[e]) * (1 + 0x1p-40));
+      }
+    }
+    for (double& b : bound) b *= std::fabs(f.scale);
+    return bound;
+  }
   if (!f.transposed) {
     // |s| sum_k |B[i, k]| max_j |A[k, j]|
     std::vector<double> a_max(r, 0.0);
@@ -339,6 +393,45 @@ std::vector<double> row_bounds(const delta_factors_t<T>& f) {
   return bound;
 }
 }  // namespace
+
+void add_delta_times(const delta_factors_f64& f, double weight, const double* x, size_t n, double* y) {
+  const size_t n_rows = static_cast<size_t>(f.n_rows), n_cols = static_cast<size_t>(f.n_cols);
+  const size_t n_in = f.transposed ? n_rows : n_cols, n_out = f.transposed ? n_cols : n_rows;
+  const double ws = weight * f.scale;
+  if (f.lycoris) {
+    // y_v[i] += w s sum_j D[i, j] x_v[j], D row block by row block
+    std::vector<double> d;
+    for (int64_t rb = 0; rb < f.n_rows; rb += lycoris_block_rows(f.n_cols)) {
+      const int64_t re = std::min(f.n_rows, rb + lycoris_block_rows(f.n_cols));
+      d.resize(static_cast<size_t>(re - rb) * n_cols);
+      lycoris_rows(*f.lycoris, rb, re, d.data());
+      for (size_t v = 0; v < n; ++v)
+        for (int64_t i = rb; i < re; ++i) {
+          const double* row = d.data() + static_cast<size_t>(i - rb) * n_cols;
+          double sum = 0;
+          for (size_t j = 0; j < n_cols; ++j) sum += row[j] * x[v * n_in + j];
+          y[v * n_out + static_cast<size_t>(i)] += ws * sum;
+        }
+    }
+    return;
+  }
+  // y_v += w s B (A x_v), A [r, n_in], B [n_out, r]
+  const size_t r = static_cast<size_t>(f.rank);
+  std::vector<double> u(r);
+  for (size_t v = 0; v < n; ++v) {
+    const double* xv = x + v * n_in;
+    for (size_t k = 0; k < r; ++k) {
+      double sum = 0;
+      for (size_t j = 0; j < n_in; ++j) sum += f.a[k * n_in + j] * xv[j];
+      u[k] = sum;
+    }
+    for (size_t o = 0; o < n_out; ++o) {
+      double sum = 0;
+      for (size_t k = 0; k < r; ++k) sum += f.b[o * r + k] * u[k];
+      y[v * n_out + o] += ws * sum;
+    }
+  }
+}
 
 std::vector<double> delta_row_bounds(const delta_factors& f) { return row_bounds(f); }
 std::vector<double> delta_row_bounds(const delta_factors_f64& f) { return row_bounds(f); }

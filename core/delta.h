@@ -25,6 +25,12 @@
 // lora_bias (PEFT): bias' = bias + w s b, b = lora_B.bias [out] (PEFT >= 0.15
 // scales the bias as its forward pass does; older releases did not).
 //
+// LyCORIS forms (lora_module::form: LoHa, LoKr, LoCon with lora_mid): dW =
+// w s D with D the module's delta formed in double by core/lycoris-delta
+// (formulas and sources there), rows formed on demand; never transposed, no
+// DoRA. The f32 path adds each element as W + (w s D) computed in double
+// and rounded once to f32; delta_element is exact in double.
+//
 // Precision: the f32 path runs one cblas_sgemm per row block with alpha = w s
 // and beta = 1, accumulating straight into a converted f32 block of W (no
 // separately rounded delta). The f64 path is the exact reference: plain
@@ -32,12 +38,14 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "core/adapter.h"
 #include "formats/dtype.h"
+#include "core/lycoris-delta.h"
 
 namespace lora {
 
@@ -61,6 +69,9 @@ struct delta_factors_t {
   std::vector<T> b;
   // DoRA m: n_rows entries (norm per row) or n_cols entries (per column).
   std::vector<T> magnitude;
+  // LyCORIS forms: the delta D (dW = s D); a and b are then empty and rank
+  // is the module's (for error bounds). Shared: copies of the factors share it.
+  std::shared_ptr<const lycoris_delta> lycoris;
 
   // DoRA with per-column norms needs every row of V before any row is final.
   bool needs_whole_tensor() const noexcept { return dora && transposed; }
@@ -97,6 +108,13 @@ void check_finite_factors(const lora_module& m, const std::string& file);
 // in-range rows (out-of-range rows throw lora::error exit 3).
 void add_delta_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block);
 void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end, double* w_block);
+
+// The layer product of the delta, for n inputs at once: y[v, o] += weight *
+// dW x_v, x [n, n_in] and y [n, n_out] row-major, n_in = n_cols and n_out =
+// n_rows (plain) or the reverse (transposed), computed in double without
+// forming B A (LoRA: s B (A x)); LyCORIS forms row block by row block of D.
+// No DoRA. Never throws.
+void add_delta_times(const delta_factors_f64& f, double weight, const double* x, size_t n, double* y);
 
 // One element of the delta in double, dW[row, col] / weight = s * sum_k B A
 // in the target's view (exact products of the f32 factors). For re-computing

@@ -4,6 +4,9 @@
 #include <cerrno>
 #include <filesystem>
 
+#include <fmt/format.h>
+
+#include "core/diffusers-format.h"
 #include "formats/adapter-config.h"
 #include "formats/error.h"
 #include "formats/model-files.h"
@@ -61,6 +64,7 @@ void inspect_lora(inspect_report& r, const std::string& path, const std::optiona
   r.kind = inspect_kind::adapter;
   r.lora = load_adapter(path);
   const adapter& a = *r.lora;
+  r.adapter_kind = adapter_kind_name(a);
   add_file(r, *a.file, fs::path(a.weights_path).filename().string());
   if (a.config) r.config_text = a.config->text;
   if (!base) return;
@@ -91,6 +95,13 @@ inspect_report inspect_path(const std::string& path, const std::optional<std::st
   // a folder: a PEFT adapter (adapter_config.json) or a model
   if (fs::is_directory(path, ec)) {
     fs::path config = fs::path(path) / "adapter_config.json";
+    const fs::path diffusers_weights = fs::path(path) / diffusers::weights_name;
+    if (!fs::exists(config, ec) && fs::exists(diffusers_weights, ec)) {
+      // a diffusers LoRA folder: its one file
+      inspect_report inner = inspect_path(diffusers_weights.string(), base);
+      inner.path = path;
+      return inner;
+    }
     if (!fs::exists(config, ec)) {
       inspect_model(r, path);
       return r;
@@ -121,7 +132,24 @@ inspect_report inspect_path(const std::string& path, const std::optional<std::st
   file_classification c = classify_tensors(tensor_names(f));
   switch (c.kind) {
     case file_kind::peft_lora:
-    case file_kind::kohya_lora: inspect_lora(r, path, base); break;
+    case file_kind::kohya_lora:
+    case file_kind::lycoris:
+    case file_kind::diffusers_lora: {
+      try {
+        inspect_lora(r, path, base);
+      } catch (const error& e) {
+        // list what cannot be loaded (with a base, the fit needs the load: rethrow)
+        if (base || e.code() != exit_code::invalid_input) throw;
+        r = inspect_report{};
+        r.path = path;
+        r.kind = inspect_kind::other_adapter;
+        r.other_description =
+            fmt::format("{} that does not load: {}{}{}", c.description, e.tensor().empty() ? "" : e.tensor(),
+                        e.tensor().empty() ? "" : ": ", e.detail());
+        add_file(r, f, fs::path(path).filename().string());
+      }
+      break;
+    }
     case file_kind::other_adapter:
       r.kind = inspect_kind::other_adapter;
       r.other_description = c.description;

@@ -60,7 +60,10 @@ struct inspect_report {
 
   // adapter (PEFT or kohya LoRA): the loaded adapter, borrowed views included
   std::optional<adapter> lora;
-  // other_adapter: what kind it is ("LoHa (hada_w1_a, ...)")
+  // adapter: its kind for people ("peft LoRA", "kohya LoRA", "LyCORIS LoHa + LoKr")
+  std::string adapter_kind;
+  // other_adapter: what kind it is ("IA3 (...)"), and for a file of a known
+  // kind that does not load, why (its tensors are listed all the same)
   std::string other_description;
   // adapter_config.json text, for PEFT adapters and other adapters that have one
   std::string config_text;
@@ -72,7 +75,9 @@ struct inspect_report {
 };
 
 // Inspects `path`: a model folder or file (open_model), a PEFT folder or file,
-// a kohya file, or a file of another adapter kind (listed, not loaded). With
+// a kohya or LyCORIS file, or a file of another adapter kind (listed, not
+// loaded; without `base`, an adapter file that fails to load with exit 3 is
+// listed the same way, the error in other_description). With
 // `base`, the adapter is fitted to that model (fit_adapter) and every module
 // is matched to its base tensor; a model or other-kind adapter with a base is
 // a usage error. Reads headers only.

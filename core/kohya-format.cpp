@@ -96,8 +96,6 @@ bool is_lora_key(std::string_view key) noexcept {
   return key.find(".lora_down.") != std::string_view::npos || key.find(".lora_up.") != std::string_view::npos;
 }
 
-namespace {
-
 // alpha is a scalar of any float dtype.
 double read_alpha(const safetensors_file& f, const tensor_info& t) {
   if (t.n_elements != 1)
@@ -109,6 +107,8 @@ double read_alpha(const safetensors_file& f, const tensor_info& t) {
   if (!std::isfinite(v)) throw errors::invalid(f.path(), t.name, "alpha is not finite");
   return v;
 }
+
+namespace {
 
 // The tensors of one module, by role.
 struct parts {
@@ -149,8 +149,13 @@ std::map<std::string, parts> group_keys(const safetensors_file& f, const std::st
   return by_module;
 }
 
-// One module from its parts: kind and rank from the shapes, the scale from alpha.
-lora_module pair_parts(const safetensors_file& f, const std::string& label, const std::string& name, const parts& p) {
+}  // namespace
+
+lora_module pair(const safetensors_file& f, const std::string& label, const std::string& name, const tensor_info* down,
+                 const tensor_info* up, const tensor_info* alpha) {
+  struct {
+    const tensor_info *down, *up, *alpha;
+  } p{down, up, alpha};
   if (!p.down && !p.up) throw errors::invalid(label, p.alpha->name, "alpha without lora_down and lora_up");
   if (!p.down) throw errors::invalid(label, p.up->name, "lora_up without its lora_down");
   if (!p.up) throw errors::invalid(label, p.down->name, "lora_down without its lora_up");
@@ -177,18 +182,16 @@ lora_module pair_parts(const safetensors_file& f, const std::string& label, cons
   m.a = {&f, p.down};
   m.b = {&f, p.up};
   // sd-scripts LoRAModule: alpha = r when absent or 0, so the scale is 1
-  const double alpha = p.alpha ? read_alpha(f, *p.alpha) : 0.0;
-  m.alpha = alpha == 0.0 ? static_cast<double>(m.rank) : alpha;
+  const double stored = p.alpha ? read_alpha(f, *p.alpha) : 0.0;
+  m.alpha = stored == 0.0 ? static_cast<double>(m.rank) : stored;
   m.scale = lora_scale(m.alpha, m.rank, false);
   return m;
 }
 
-}  // namespace
-
 void load(adapter& a) {
   const safetensors_file& f = *a.file;
   for (const auto& [name, p] : group_keys(f, a.weights_path))
-    a.modules.push_back(pair_parts(f, a.weights_path, name, p));
+    a.modules.push_back(pair(f, a.weights_path, name, p.down, p.up, p.alpha));
 }
 
 keyed_tensors tensors(const adapter_data& d, const std::string& label) {

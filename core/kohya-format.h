@@ -107,6 +107,18 @@ bool is_lora_key(std::string_view key) noexcept;
 // dora_scale (kohya DoRA).
 void load(adapter& a);
 
+// The value of an ".alpha" tensor `t` of `f`: a finite float scalar of any
+// math dtype. Throws lora::error (exit 3) naming f and t otherwise.
+double read_alpha(const safetensors_file& f, const tensor_info& t);
+
+// One LoRA module `name` from its lora_down / lora_up / alpha tensors of `f`
+// (each may be null; `label` names the file in messages): kind and rank from
+// the shapes, alpha absent or 0 read as r (sd-scripts LoRAModule), scale
+// alpha / r. Borrows f and the infos. Throws lora::error (exit 3) as load.
+// Used by load and by core/lycoris-format for LoCon modules.
+lora_module pair(const safetensors_file& f, const std::string& label, const std::string& name, const tensor_info* down,
+                 const tensor_info* up, const tensor_info* alpha);
+
 // The keys and tensors of `data` as a kohya file: lora_down = A, lora_up = B,
 // alpha a scalar (F32 when it holds the value exactly, else F64). Borrows
 // `data`. Throws lora::error (exit 3, naming `label`) for what the format

@@ -37,6 +37,10 @@ const std::vector<model_layout> model_layouts = {
       {"multi_modal_projector.", "model.multi_modal_projector."}}},
     {"Qwen2-VL checkpoint on disk (model. for the language model, visual.)",
      {{"model.language_model.", "model."}, {"model.visual.", "visual."}}},
+    // diffusers LoRA files name the pipeline component (core/diffusers-format):
+    // a base that is that component's own file has no such prefix
+    {"a diffusers pipeline component's own file (no unet. / transformer. / text_encoder(_2). prefix)",
+     {{"unet.", ""}, {"transformer.", ""}, {"text_encoder.", ""}, {"text_encoder_2.", ""}}},
 };
 
 std::string apply_layout(const std::string& name, const model_layout* layout) {
@@ -94,6 +98,16 @@ layout_choice name_map::choose_layout(const std::vector<std::string>& tensors,
     if (n == tensors.size()) out.ambiguous.push_back(&layout);
     if (n > std::max(out.closest_found, out.found_as_is)) out.closest = &layout, out.closest_found = n;
   }
+  // layouts that give every name the same rewrite are one answer (a diffusers
+  // Flux "transformer." prefix and GPT-2's read alike): the first stands
+  auto same_names = [&](const model_layout* x, const model_layout* y) {
+    return std::all_of(tensors.begin(), tensors.end(),
+                       [&](const std::string& t) { return apply_layout(t, x) == apply_layout(t, y); });
+  };
+  if (!out.ambiguous.empty())
+    out.ambiguous.erase(std::remove_if(out.ambiguous.begin() + 1, out.ambiguous.end(),
+                                       [&](const model_layout* l) { return same_names(out.ambiguous.front(), l); }),
+                        out.ambiguous.end());
   if (out.ambiguous.size() == 1) {
     out.layout = out.ambiguous.front();
     out.ambiguous.clear();

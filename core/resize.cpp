@@ -16,6 +16,7 @@ namespace lora {
 resize_report resize_adapter(const resize_options& o) {
   check_output(o.out, {{"adapter", o.adapter}}, o.force);
   adapter in = load_adapter(o.adapter);
+  require_low_rank(in, "resize");
   adapter_data out = adapter_to_data(in);
   resize_report report;
   report.format = in.format;

@@ -351,30 +351,15 @@ void accumulate_rows(const delta_factors_f64& f, const layer_shape& s, double we
     }
 }
 
-// y [n, n_out] += w s B (A x) for each input x; DoRA (alone on its tensor,
-// y holding W0 x): then y_o *= m_o / ||V_o||.
+// y [n, n_out] += w s dW x for each input x, without forming dW (core/delta:
+// B (A x), or a LyCORIS delta by row blocks); DoRA (alone on its tensor, y
+// holding W0 x): then y_o *= m_o / ||V_o||.
 void add_unmerged(const delta_factors_f64& f, const layer_shape& s, double weight, const double* x, size_t n,
                   const layer_sums& acc, std::vector<double>& y) {
-  const size_t r = static_cast<size_t>(f.rank);
-  const double ws = weight * f.scale;
-  std::vector<double> u(r);
-  for (size_t v = 0; v < n; ++v) {
-    const double* xv = x + v * s.n_in;
-    double* yv = y.data() + v * s.n_out;
-    // u = A x, A [r, n_in]
-    for (size_t k = 0; k < r; ++k) {
-      double sum = 0;
-      for (size_t j = 0; j < s.n_in; ++j) sum += f.a[k * s.n_in + j] * xv[j];
-      u[k] = sum;
-    }
-    // y += w s B u, B [n_out, r]
-    for (size_t o = 0; o < s.n_out; ++o) {
-      double sum = 0;
-      for (size_t k = 0; k < r; ++k) sum += f.b[o * r + k] * u[k];
-      yv[o] += ws * sum;
-      if (f.dora) yv[o] *= f.magnitude[o] / std::sqrt(acc.v_sq[o]);
-    }
-  }
+  add_delta_times(f, weight, x, n, y.data());
+  if (f.dora)
+    for (size_t v = 0; v < n; ++v)
+      for (size_t o = 0; o < s.n_out; ++o) y[v * s.n_out + o] *= f.magnitude[o] / std::sqrt(acc.v_sq[o]);
 }
 
 // The kind of module a layer check runs, from the first adapter's module.

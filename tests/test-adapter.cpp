@@ -715,16 +715,23 @@ TEST_CASE("classify_tensors names every kind") {
        "kohya"},
       {{"lora_unet_a.hada_w1_a", "lora_unet_a.hada_w1_b", "lora_unet_a.hada_w2_a", "lora_unet_a.hada_w2_b",
         "lora_unet_a.alpha"},
-       file_kind::other_adapter,
-       "LoHa"},
-      {{"lora_unet_a.lokr_w1", "lora_unet_a.lokr_w2_a", "lora_unet_a.lokr_w2_b"}, file_kind::other_adapter, "LoKr"},
+       file_kind::lycoris,
+       "LyCORIS LoHa"},
+      {{"lora_unet_a.lokr_w1", "lora_unet_a.lokr_w2_a", "lora_unet_a.lokr_w2_b"}, file_kind::lycoris, "LyCORIS LoKr"},
       {{"lora_unet_b.lora_down.weight", "lora_unet_b.lora_mid.weight", "lora_unet_b.lora_up.weight"},
-       file_kind::other_adapter,
-       "lora_mid"},
+       file_kind::lycoris,
+       "LyCORIS LoCon+Tucker"},
+      {{"lora_unet_a.hada_w1_a", "lora_unet_b.lokr_w1"}, file_kind::lycoris, "LyCORIS LoHa + LoKr"},
       {{"model.layers.0.q.lora_a", "model.layers.0.q.lora_b"}, file_kind::other_adapter, "MLX"},
       {{"down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_k_lora.down.weight"},
-       file_kind::other_adapter,
-       "diffusers attention-processor"},
+       file_kind::diffusers_lora,
+       "diffusers LoRA"},
+      {{"unet.mid_block.attentions.0.proj_in.lora_A.weight", "unet.mid_block.attentions.0.proj_in.lora_B.weight"},
+       file_kind::diffusers_lora,
+       "diffusers LoRA"},
+      {{"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight"},
+       file_kind::diffusers_lora,
+       "diffusers LoRA"},
       {{"unet:0:down", "unet:0:up"}, file_kind::other_adapter, "cloneofsimo"},
       {{"base_model.model.q.ia3_l"}, file_kind::other_adapter, "IA3"},
       {{"base_model.model.q.vera_lambda_b"}, file_kind::other_adapter, "VeRA"},
@@ -748,11 +755,135 @@ TEST_CASE("classify_tensors names every kind") {
 
 TEST_CASE("load_adapter refuses other adapter kinds with their description") {
   temp_dir d;
+  write_safetensors(fs::path(d.path) / "diff.safetensors", {{"lora_unet_a.diff", {8, 2}}});
+  lora::error e = thrown([&] { load_adapter((fs::path(d.path) / "diff.safetensors").string()); });
+  CHECK(e.code() == exit_code::invalid_input);
+  CHECK(has(e.detail(), "not a LoRA adapter lora can read: LyCORIS full weight difference"));
+  // a LoHa module missing its second product
   write_safetensors(fs::path(d.path) / "loha.safetensors",
                     {{"lora_unet_a.hada_w1_a", {8, 2}}, {"lora_unet_a.hada_w1_b", {2, 8}}});
-  lora::error e = thrown([&] { load_adapter((fs::path(d.path) / "loha.safetensors").string()); });
+  e = thrown([&] { load_adapter((fs::path(d.path) / "loha.safetensors").string()); });
   CHECK(e.code() == exit_code::invalid_input);
-  CHECK(has(e.detail(), "not a LoRA adapter lora can read: LoHa"));
+  CHECK(has(e.detail(), "LoHa module without its hada_w2_a"));
+}
+
+TEST_CASE("LyCORIS: forms, ranks and scales as LyCORIS's modules set them") {
+  temp_dir d;
+  const fs::path p = fs::path(d.path) / "lycoris.safetensors";
+  auto alpha = [](const std::string& name, double v) { return tdef{name, {}, dtype::F32, {v}}; };
+  write_safetensors(p, {
+                           // LoHa: r = hada_w1_b.shape[0] = 2, alpha 3 -> 1.5
+                           {"lora_unet_a.hada_w1_a", {8, 2}},
+                           {"lora_unet_a.hada_w1_b", {2, 6}},
+                           {"lora_unet_a.hada_w2_a", {8, 3}},
+                           {"lora_unet_a.hada_w2_b", {3, 6}},
+                           alpha("lora_unet_a.alpha", 3),
+                           // LoHa without alpha: scale 1
+                           {"lora_unet_b.hada_w1_a", {8, 2}},
+                           {"lora_unet_b.hada_w1_b", {2, 6}},
+                           {"lora_unet_b.hada_w2_a", {8, 2}},
+                           {"lora_unet_b.hada_w2_b", {2, 6}},
+                           // LoKr, both factors full: scale 1 whatever alpha says
+                           {"lora_unet_c.lokr_w1", {2, 2}},
+                           {"lora_unet_c.lokr_w2", {4, 3}},
+                           alpha("lora_unet_c.alpha", 7),
+                           // LoKr, w2 decomposed: r = lokr_w2_b.shape[0] = 2, alpha 1 -> 0.5
+                           {"lora_unet_d.lokr_w1", {2, 2}},
+                           {"lora_unet_d.lokr_w2_a", {4, 2}},
+                           {"lora_unet_d.lokr_w2_b", {2, 3}},
+                           alpha("lora_unet_d.alpha", 1),
+                           // LoCon + Tucker: r = lora_down.shape[0] = 2, alpha 0 read as r -> 1
+                           {"lora_unet_e.lora_down.weight", {2, 4, 1, 1}},
+                           {"lora_unet_e.lora_mid.weight", {2, 2, 3, 3}},
+                           {"lora_unet_e.lora_up.weight", {8, 2, 1, 1}},
+                           alpha("lora_unet_e.alpha", 0),
+                           // plain LoCon in the same file
+                           {"lora_unet_f.lora_down.weight", {2, 6}},
+                           {"lora_unet_f.lora_up.weight", {8, 2}},
+                       });
+  adapter a = load_adapter(p.string());
+  CHECK(a.format == adapter_format::kohya);
+  CHECK(adapter_kind_name(a) == "LyCORIS LoCon + LoCon+Tucker + LoHa + LoKr");
+  REQUIRE(a.modules.size() == 6);
+  struct want {
+    delta_form form;
+    module_kind kind;
+    int64_t rank;
+    double scale;
+  };
+  const want w[] = {
+      {delta_form::loha, module_kind::linear, 2, 1.5}, {delta_form::loha, module_kind::linear, 2, 1.0},
+      {delta_form::lokr, module_kind::linear, 1, 1.0}, {delta_form::lokr, module_kind::linear, 2, 0.5},
+      {delta_form::tucker, module_kind::conv, 2, 1.0}, {delta_form::low_rank, module_kind::linear, 2, 1.0}};
+  for (size_t i = 0; i < 6; ++i) {
+    CAPTURE(a.modules[i].name);
+    CHECK(a.modules[i].form == w[i].form);
+    CHECK(a.modules[i].kind == w[i].kind);
+    CHECK(a.modules[i].rank == w[i].rank);
+    CHECK(a.modules[i].scale == w[i].scale);
+  }
+  lora::error e = thrown([&] { require_low_rank(a, "resize"); });
+  CHECK(has(e.detail(), "resize works on LoRA factors (B A); this module is LoHa"));
+
+  // tensors of two algorithms in one module, and shapes that disagree
+  write_safetensors(p, {{"lora_unet_a.hada_w1_a", {8, 2}}, {"lora_unet_a.lokr_w1", {2, 2}}});
+  e = thrown([&] { load_adapter(p.string()); });
+  CHECK(has(e.detail(), "mixes the tensors of two LyCORIS algorithms"));
+  write_safetensors(p, {{"lora_unet_a.hada_w1_a", {8, 2}},
+                        {"lora_unet_a.hada_w1_b", {2, 6}},
+                        {"lora_unet_a.hada_w2_a", {8, 2}},
+                        {"lora_unet_a.hada_w2_b", {2, 5}}});
+  e = thrown([&] { load_adapter(p.string()); });
+  CHECK(e.code() == exit_code::invalid_input);
+  CHECK(has(e.detail(), "[8, 5]"));
+}
+
+TEST_CASE("diffusers LoRA: keys converted as diffusers converts them, scale 1") {
+  temp_dir d;
+  const fs::path p = fs::path(d.path) / "pytorch_lora_weights.safetensors";
+  write_safetensors(p,
+                    {
+                        {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight", {2, 6}},
+                        {"unet.down_blocks.0.attentions.0.proj_in.lora_B.weight", {8, 2}},
+                        {"unet.conv_in.lora.down.weight", {3, 4, 3, 3}},
+                        {"unet.conv_in.lora.up.weight", {8, 3, 1, 1}},
+                        {"mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight", {2, 6}},
+                        {"mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight", {6, 2}},
+                        {"text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight", {4, 6}},
+                        {"text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight", {6, 4}},
+                        {"text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight", {2, 6}},
+                        {"text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight", {9, 2}},
+                    });
+  // the folder holding the file is the adapter too (the file rule)
+  for (const fs::path& path : {p, fs::path(d.path)}) {
+    adapter a = load_adapter(path.string());
+    CHECK(a.format == adapter_format::diffusers);
+    CHECK(a.weights_path == p.string());
+    REQUIRE(a.modules.size() == 5);
+    CHECK(a.modules[0].name == "text_encoder.text_model.encoder.layers.0.self_attn.q_proj");
+    CHECK(a.modules[1].name == "text_encoder_2.text_model.encoder.layers.0.mlp.fc1");
+    CHECK(a.modules[2].name == "unet.conv_in");
+    CHECK(a.modules[2].kind == module_kind::conv);
+    CHECK(a.modules[3].name == "unet.down_blocks.0.attentions.0.proj_in");
+    CHECK(a.modules[4].name == "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0");
+    for (const lora_module& m : a.modules) CHECK(m.scale == 1.0);
+  }
+  // network alphas (Flux files): s = alpha / r per module
+  write_safetensors(p, {{"transformer.a.lora_A.weight", {2, 6}},
+                        {"transformer.a.lora_B.weight", {8, 2}},
+                        {"transformer.a.alpha", {}, dtype::F32, {3.0}},
+                        {"transformer.b.lora_A.weight", {4, 6}},
+                        {"transformer.b.lora_B.weight", {8, 4}}});
+  adapter a = load_adapter(p.string());
+  REQUIRE(a.modules.size() == 2);
+  CHECK(a.modules[0].scale == 1.5);
+  CHECK(a.modules[1].scale == 1.0);
+  write_safetensors(
+      p,
+      {{"transformer.a.lora_A.weight", {2, 6}}, {"transformer.a.lora_B.weight", {8, 2}}, {"transformer.c.alpha", {}}});
+  lora::error e = thrown([&] { load_adapter(p.string()); });
+  CHECK(e.code() == exit_code::invalid_input);
+  CHECK(has(e.detail(), "alpha without its lora_A / lora_B pair"));
 }
 
 TEST_CASE("classification of the real fixtures") {
@@ -765,8 +896,7 @@ TEST_CASE("classification of the real fixtures") {
   const fixture_case cases[] = {
       {"gradience_tiny_lora/adapter_model.safetensors", file_kind::peft_lora, "PEFT LoRA"},
       {"mlx_examples_minicpm_adapter/adapters.safetensors", file_kind::other_adapter, "MLX"},
-      {"diffusers_sd15_lora/pytorch_lora_weights.safetensors", file_kind::other_adapter,
-       "diffusers attention-processor"},
+      {"diffusers_sd15_lora/pytorch_lora_weights.safetensors", file_kind::diffusers_lora, "diffusers LoRA"},
       {"cloneofsimo_lora/lora_disney.safetensors", file_kind::other_adapter, "cloneofsimo"},
       {"cloneofsimo_lora/analog_svd_rank4.safetensors", file_kind::other_adapter, "cloneofsimo"},
       {"fluxml_safetensors_jl/non_sharded/model.safetensors", file_kind::model, "no adapter"},
@@ -785,6 +915,7 @@ TEST_CASE("classification of the real fixtures") {
     file_classification fc = classify_tensors(names);
     CHECK(fc.kind == c.kind);
     CHECK(has(fc.description, c.description_part));
+    if (c.kind == file_kind::diffusers_lora) CHECK(load_adapter(p.string()).modules.size() == 128);
     if (c.kind == file_kind::other_adapter) {
       lora::error e = thrown([&] { load_adapter(p.string()); });
       CHECK(e.code() == exit_code::invalid_input);

@@ -123,6 +123,29 @@ TEST_CASE("the container table: every row names a known kohya prefix (or none: n
     CHECK((row.kohya.empty() || kohya::prefix_of(row.kohya) == row.kohya));
 }
 
+TEST_CASE("diffusers LoRA paths: the component prefix is dropped for one component's file") {
+  const name_map unet({"down_blocks.0.attentions.0.proj_in.weight", "text_model.final_layer_norm.weight"});
+  const layout_choice c = unet.choose_layout(
+      {"unet.down_blocks.0.attentions.0.proj_in.weight", "text_encoder.text_model.final_layer_norm.weight"});
+  REQUIRE(c.layout != nullptr);
+  CHECK(apply_layout("unet.down_blocks.0.attentions.0.proj_in.weight", c.layout) ==
+        "down_blocks.0.attentions.0.proj_in.weight");
+  CHECK(apply_layout("text_encoder.text_model.final_layer_norm.weight", c.layout) ==
+        "text_model.final_layer_norm.weight");
+  // a base that keeps the prefix matches as it is
+  const name_map whole({"unet.conv_in.weight", "conv_in.weight"});
+  const layout_choice w = whole.choose_layout({"unet.conv_in.weight"});
+  CHECK(w.layout == nullptr);
+  CHECK(w.ambiguous.empty());
+  // a diffusers Flux "transformer." prefix reads as GPT-2's does: the same names, one answer, not an ambiguity
+  const name_map flux({"transformer_blocks.0.attn.to_q.weight"});
+  const layout_choice f = flux.choose_layout({"transformer.transformer_blocks.0.attn.to_q.weight"});
+  REQUIRE(f.layout != nullptr);
+  CHECK(f.ambiguous.empty());
+  CHECK(apply_layout("transformer.transformer_blocks.0.attn.to_q.weight", f.layout) ==
+        "transformer_blocks.0.attn.to_q.weight");
+}
+
 TEST_CASE("PEFT keys: what the writer names, the reader's grammar recognises") {
   CHECK(peft::key("model.layers.0.mlp.up_proj", peft::role::a) ==
         "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight");

@@ -138,7 +138,7 @@ expect_json 'j["format"]' peft
 expect_json 'j["config"]["r"], j["config"]["lora_alpha"], j["config"]["peft_type"]' '[4,8,"LORA"]'
 expect_json 'len(j["modules"])' 14
 expect_json '[m for m in j["modules"] if m["name"] == "model.layers.0.self_attn.q_proj"][0]' \
-  '{"a_shape":[4,64],"alpha":8.0,"b_shape":[64,4],"dora":false,"dtype":"F32","fan_in_fan_out":false,"kind":"linear","name":"model.layers.0.self_attn.q_proj","rank":4,"scale":2.0,"target":"model.layers.0.self_attn.q_proj.weight"}'
+  '{"a_shape":[4,64],"alpha":8.0,"b_shape":[64,4],"dora":false,"dtype":"F32","fan_in_fan_out":false,"form":"LoRA","kind":"linear","name":"model.layers.0.self_attn.q_proj","rank":4,"scale":2.0,"target":"model.layers.0.self_attn.q_proj.weight"}'
 expect_json '{(m["rank"], m["scale"]) for m in j["modules"]} == {(4, 2.0)}' true
 expect_json 'j["modules_to_save"]' '[]'
 expect_exit 0 "$LORA" inspect "$TD/lora-tiny-llama"
@@ -298,7 +298,7 @@ else
   expect_stdout_contains "metadata: none"
 
   expect_listed "$FX/diffusers_sd15_lora/pytorch_lora_weights.safetensors"
-  expect_json 'j["kind"], j["totals"]["tensors"]' '["other_adapter",256]'
+  expect_json 'j["kind"], j["totals"]["tensors"]' '["adapter",256]'
   expect_json '"diffusers" in j["adapter_kind"].lower()' true
   for f in "$FX"/cloneofsimo_lora/*.safetensors; do
     expect_listed "$f"
