@@ -244,20 +244,30 @@ int64_t lycoris_block_rows(int64_t n_cols) {
   return std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(n_cols, 1));
 }
 
+// The rows [row_begin, row_end) of a LyCORIS delta D (without its scale),
+// formed in double a block at a time: fn(rb, re, d) with d [re - rb, n_cols].
+template <typename F>
+void for_each_lycoris_block(const lycoris_delta& l, int64_t n_cols, int64_t row_begin, int64_t row_end, F&& fn) {
+  std::vector<double> d;
+  for (int64_t rb = row_begin; rb < row_end; rb += lycoris_block_rows(n_cols)) {
+    const int64_t re = std::min(row_end, rb + lycoris_block_rows(n_cols));
+    d.resize(static_cast<size_t>(re - rb) * static_cast<size_t>(n_cols));
+    lycoris_rows(l, rb, re, d.data());
+    fn(rb, re, static_cast<const double*>(d.data()));
+  }
+}
+
 // LyCORIS: W[i, j] += weight * s * D[i, j], the product and sum in double,
 // rounded once to T.
 template <typename T>
 void add_lycoris_rows(const delta_factors_t<T>& f, double weight, int64_t row_begin, int64_t row_end, T* w_block) {
   const double ws = weight * f.scale;
   const size_t n_cols = static_cast<size_t>(f.n_cols);
-  std::vector<double> d;
-  for (int64_t rb = row_begin; rb < row_end; rb += lycoris_block_rows(f.n_cols)) {
-    const int64_t re = std::min(row_end, rb + lycoris_block_rows(f.n_cols));
-    d.resize(static_cast<size_t>(re - rb) * n_cols);
-    lycoris_rows(*f.lycoris, rb, re, d.data());
+  for_each_lycoris_block(*f.lycoris, f.n_cols, row_begin, row_end, [&](int64_t rb, int64_t re, const double* d) {
     T* w = w_block + static_cast<size_t>(rb - row_begin) * n_cols;
-    for (size_t e = 0; e < d.size(); ++e) w[e] = static_cast<T>(static_cast<double>(w[e]) + ws * d[e]);
-  }
+    for (size_t e = 0; e < static_cast<size_t>(re - rb) * n_cols; ++e)
+      w[e] = static_cast<T>(static_cast<double>(w[e]) + ws * d[e]);
+  });
 }
 
 }  // namespace
@@ -360,16 +370,12 @@ std::vector<double> row_bounds(const delta_factors_t<T>& f) {
   std::vector<double> bound(n_rows, 0.0);
   if (f.lycoris) {
     // |s| max_j |D[i, j]|, D formed in double (its rounding covered by the 2^-40)
-    std::vector<double> d;
-    for (int64_t rb = 0; rb < f.n_rows; rb += lycoris_block_rows(f.n_cols)) {
-      const int64_t re = std::min(f.n_rows, rb + lycoris_block_rows(f.n_cols));
-      d.resize(static_cast<size_t>(re - rb) * n_cols);
-      lycoris_rows(*f.lycoris, rb, re, d.data());
-      for (size_t e = 0; e < d.size(); ++e) {
+    for_each_lycoris_block(*f.lycoris, f.n_cols, 0, f.n_rows, [&](int64_t rb, int64_t re, const double* d) {
+      for (size_t e = 0; e < static_cast<size_t>(re - rb) * n_cols; ++e) {
         const size_t i = static_cast<size_t>(rb) + e / std::max<size_t>(n_cols, 1);
         bound[i] = std::max(bound[i], std::fabs(d[e]) * (1 + 0x1p-40));
       }
-    }
+    });
     for (double& b : bound) b *= std::fabs(f.scale);
     return bound;
   }
@@ -400,19 +406,15 @@ void add_delta_times(const delta_factors_f64& f, double weight, const double* x,
   const double ws = weight * f.scale;
   if (f.lycoris) {
     // y_v[i] += w s sum_j D[i, j] x_v[j], D row block by row block
-    std::vector<double> d;
-    for (int64_t rb = 0; rb < f.n_rows; rb += lycoris_block_rows(f.n_cols)) {
-      const int64_t re = std::min(f.n_rows, rb + lycoris_block_rows(f.n_cols));
-      d.resize(static_cast<size_t>(re - rb) * n_cols);
-      lycoris_rows(*f.lycoris, rb, re, d.data());
+    for_each_lycoris_block(*f.lycoris, f.n_cols, 0, f.n_rows, [&](int64_t rb, int64_t re, const double* d) {
       for (size_t v = 0; v < n; ++v)
         for (int64_t i = rb; i < re; ++i) {
-          const double* row = d.data() + static_cast<size_t>(i - rb) * n_cols;
+          const double* row = d + static_cast<size_t>(i - rb) * n_cols;
           double sum = 0;
           for (size_t j = 0; j < n_cols; ++j) sum += row[j] * x[v * n_in + j];
           y[v * n_out + static_cast<size_t>(i)] += ws * sum;
         }
-    }
+    });
     return;
   }
   // y_v += w s B (A x_v), A [r, n_in], B [n_out, r]
