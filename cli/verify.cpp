@@ -34,65 +34,59 @@ struct verify_cli_options {
 
 double finite_or(double v, double fallback) { return std::isfinite(v) ? v : fallback; }
 
-int run_verify(const verify_cli_options& o) {
-  verify_options opts{o.base, weighted_inputs<verify_input>(o.adapters), o.merged, {}, o.threads};
-  opts.seed = o.seed;
-  opts.scale = o.scale;
-  if (!o.tokens.empty()) opts.tokens = parse_token_list(o.tokens);
-  progress_bar bar("verify", o.quiet);
-  const verify_report r = verify_merge(opts, bar.callback());
-  bar.finish();
-  const int code = r.equivalent ? 0 : 1;
-  if (o.json) {
-    nlohmann::json j;
-    j["equivalent"] = r.equivalent;
-    j["tensors_checked"] = r.n_checked;
-    j["tensors_failed"] = r.n_failed;
-    j["worst"] = nlohmann::json::array();
-    for (size_t i = 0; i < r.tensors.size() && i < static_cast<size_t>(o.worst); ++i) {
-      const auto& c = r.tensors[i];
-      j["worst"].push_back({{"name", c.name},
-                            {"kind", tensor_kind_name(c.kind)},
-                            {"ok", c.ok},
-                            {"max_error", c.max_error},
-                            {"tolerance", c.tolerance},
-                            {"ratio", finite_or(c.ratio, 1e300)},
-                            {"bad_elements", c.n_bad}});
-    }
-    j["failed"] = nlohmann::json::array();
-    for (const auto& c : r.tensors)
-      if (!c.ok) j["failed"].push_back(c.name);
-    j["layers_checked"] = r.layers.size();
-    j["layers_failed"] = r.n_layers_failed;
-    j["layer_seed"] = o.seed;
-    j["layer_inputs"] = opts.n_inputs;
-    j["layers"] = nlohmann::json::array();
-    for (const auto& c : r.layers)
-      j["layers"].push_back({{"name", c.name},
-                             {"kind", layer_kind_text(c)},
-                             {"adapters", c.n_adapters},
-                             {"ok", c.ok},
-                             {"max_abs", finite_or(c.max_abs, 1e300)},
-                             {"max_rel", finite_or(c.max_rel, 1e300)},
-                             {"tolerance", c.tolerance},
-                             {"ratio", finite_or(c.ratio, 1e300)},
-                             {"bad_outputs", c.n_bad}});
-    if (r.model.ran)
-      j["model"] = {{"tokens", r.model.n_tokens},
-                    {"max_abs", r.model.max_abs},
-                    {"max_rel", r.model.max_rel},
-                    {"tolerance", r.model.tolerance},
-                    {"top1_agreement", r.model.top1_agreement},
-                    {"ok", r.model.ok}};
-    else
-      j["model"] = {{"skipped", r.model.skipped}};
-    if (r.model.ran && r.model.base_rounded_to) {
-      j["model"]["base_rounded_to"] = dtype_name(*r.model.base_rounded_to);
-      j["model"]["conversion_rel"] = r.model.conversion_rel;
-    }
-    fmt::print("{}\n", j.dump(2));
-    return code;
+// The report as JSON (--json).
+void print_json(const verify_report& r, const verify_cli_options& o, int n_inputs) {
+  nlohmann::json j;
+  j["equivalent"] = r.equivalent;
+  j["tensors_checked"] = r.n_checked;
+  j["tensors_failed"] = r.n_failed;
+  j["worst"] = nlohmann::json::array();
+  for (size_t i = 0; i < r.tensors.size() && i < static_cast<size_t>(o.worst); ++i) {
+    const auto& c = r.tensors[i];
+    j["worst"].push_back({{"name", c.name},
+                          {"kind", tensor_kind_name(c.kind)},
+                          {"ok", c.ok},
+                          {"max_error", c.max_error},
+                          {"tolerance", c.tolerance},
+                          {"ratio", finite_or(c.ratio, 1e300)},
+                          {"bad_elements", c.n_bad}});
   }
+  j["failed"] = nlohmann::json::array();
+  for (const auto& c : r.tensors)
+    if (!c.ok) j["failed"].push_back(c.name);
+  j["layers_checked"] = r.layers.size();
+  j["layers_failed"] = r.n_layers_failed;
+  j["layer_seed"] = o.seed;
+  j["layer_inputs"] = n_inputs;
+  j["layers"] = nlohmann::json::array();
+  for (const auto& c : r.layers)
+    j["layers"].push_back({{"name", c.name},
+                           {"kind", layer_kind_text(c)},
+                           {"adapters", c.n_adapters},
+                           {"ok", c.ok},
+                           {"max_abs", finite_or(c.max_abs, 1e300)},
+                           {"max_rel", finite_or(c.max_rel, 1e300)},
+                           {"tolerance", c.tolerance},
+                           {"ratio", finite_or(c.ratio, 1e300)},
+                           {"bad_outputs", c.n_bad}});
+  if (r.model.ran)
+    j["model"] = {{"tokens", r.model.n_tokens},
+                  {"max_abs", r.model.max_abs},
+                  {"max_rel", r.model.max_rel},
+                  {"tolerance", r.model.tolerance},
+                  {"top1_agreement", r.model.top1_agreement},
+                  {"ok", r.model.ok}};
+  else
+    j["model"] = {{"skipped", r.model.skipped}};
+  if (r.model.ran && r.model.base_rounded_to) {
+    j["model"]["base_rounded_to"] = dtype_name(*r.model.base_rounded_to);
+    j["model"]["conversion_rel"] = r.model.conversion_rel;
+  }
+  fmt::print("{}\n", j.dump(2));
+}
+
+// The report as text: the verdict, the worst tensors and layers, the model level.
+void print_text(const verify_report& r, const verify_cli_options& o, int n_inputs) {
   fmt::print("{}: {} tensors checked, {} failed\n", r.equivalent ? "equivalent" : "NOT equivalent", r.n_checked,
              r.n_failed);
   for (size_t i = 0; i < r.tensors.size() && i < static_cast<size_t>(o.worst); ++i) {
@@ -100,8 +94,8 @@ int run_verify(const verify_cli_options& o) {
     fmt::print("  {} {} ({}): max error {:.3g}, tolerance {:.3g}, {} elements over\n", c.ok ? "ok  " : "FAIL", c.name,
                tensor_kind_name(c.kind), c.max_error, c.tolerance, c.n_bad);
   }
-  fmt::print("layers: {} adapted modules checked on {} seeded inputs (seed {}), {} failed\n", r.layers.size(),
-             opts.n_inputs, o.seed, r.n_layers_failed);
+  fmt::print("layers: {} adapted modules checked on {} seeded inputs (seed {}), {} failed\n", r.layers.size(), n_inputs,
+             o.seed, r.n_layers_failed);
   for (size_t i = 0; i < r.layers.size() && i < static_cast<size_t>(o.worst); ++i) {
     const auto& c = r.layers[i];
     fmt::print("  {} {} ({}): max |dy| {:.3g} (relative {:.3g}), tolerance {:.3g}, ratio {:.3g}, {} outputs over\n",
@@ -120,7 +114,21 @@ int run_verify(const verify_cli_options& o) {
         "comparison measures the merge, not the conversion; that rounding alone moves the logits by relative "
         "{:.3g})\n",
         dtype_name(*r.model.base_rounded_to), r.model.conversion_rel);
-  return code;
+}
+
+int run_verify(const verify_cli_options& o) {
+  verify_options opts{o.base, weighted_inputs<verify_input>(o.adapters), o.merged, {}, o.threads};
+  opts.seed = o.seed;
+  opts.scale = o.scale;
+  if (!o.tokens.empty()) opts.tokens = parse_token_list(o.tokens);
+  progress_bar bar("verify", o.quiet);
+  const verify_report r = verify_merge(opts, bar.callback());
+  bar.finish();
+  if (o.json)
+    print_json(r, o, opts.n_inputs);
+  else
+    print_text(r, o, opts.n_inputs);
+  return r.equivalent ? 0 : 1;
 }
 
 }  // namespace
