@@ -25,9 +25,10 @@ namespace {
 adapter_data read_mlx(const convert_options& o, const model_files* base) {
   adapter_data d = mlx::load(o.adapter, base);
   for (const module_data& m : d.modules)
-    for (const auto& [t, key] : {std::pair{&m.a, ".lora_a"}, std::pair{&m.b, ".lora_b"}})
+    for (const auto& [t, key] : {std::pair{&m.a, mlx::a_suffix}, std::pair{&m.b, mlx::b_suffix}})
       if (const uint64_t bad = count_nonfinite(t->type, t->bytes); bad > 0)
-        throw errors::invalid(o.adapter, m.name + key, fmt::format("{} of its values are NaN or infinite", bad));
+        throw errors::invalid(o.adapter, m.name + std::string(key),
+                              fmt::format("{} of its values are NaN or infinite", bad));
   return d;
 }
 

@@ -16,7 +16,7 @@ namespace lora::mlx {
 
 namespace fs = std::filesystem;
 
-bool is_lora_key(std::string_view key) noexcept { return key.ends_with(".lora_a") || key.ends_with(".lora_b"); }
+bool is_lora_key(std::string_view key) noexcept { return key.ends_with(a_suffix) || key.ends_with(b_suffix); }
 
 bool is_adapter(const std::string& path) {
   std::error_code ec;
@@ -52,10 +52,10 @@ using ab_pair = std::pair<const tensor_info*, const tensor_info*>;
 std::map<std::string, ab_pair> group_keys(const safetensors_file& f, const std::string& label) {
   std::map<std::string, ab_pair> by_module;
   for (const tensor_info& t : f.tensors()) {
-    if (t.name.ends_with(".lora_a") && t.name.size() > 7)
-      by_module[t.name.substr(0, t.name.size() - 7)].first = &t;
-    else if (t.name.ends_with(".lora_b") && t.name.size() > 7)
-      by_module[t.name.substr(0, t.name.size() - 7)].second = &t;
+    if (t.name.ends_with(a_suffix) && t.name.size() > a_suffix.size())
+      by_module[t.name.substr(0, t.name.size() - a_suffix.size())].first = &t;
+    else if (t.name.ends_with(b_suffix) && t.name.size() > b_suffix.size())
+      by_module[t.name.substr(0, t.name.size() - b_suffix.size())].second = &t;
     else if (t.name.ends_with(".m"))
       throw errors::invalid(label, t.name, "DoRA magnitude (.m): MLX DoRA adapters are not converted");
     else

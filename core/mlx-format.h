@@ -15,6 +15,9 @@ namespace lora::mlx {
 
 // The weights file of an mlx_lm adapter folder.
 inline constexpr std::string_view weights_name = "adapters.safetensors";
+// A module's keys: "<module path>" + these.
+inline constexpr std::string_view a_suffix = ".lora_a";  // [in, r]
+inline constexpr std::string_view b_suffix = ".lora_b";  // [r, out]
 
 // True for a key of this format's grammar (ends in .lora_a / .lora_b).
 bool is_lora_key(std::string_view key) noexcept;
