@@ -174,7 +174,7 @@ void run_compute(const tensor_job& job, safetensors_writer& writer, bool allow_n
   uint8_t* in = thread_scratch<uint8_t, 2>(block_cap * in_size);
   const mapped_file& map = job.source.file->map();
   const uint64_t file_offset = job.source.file->file_offset(src);
-  read_pass pass(map, file_offset, file_offset + src.n_bytes());
+  read_pass pass(map, file_offset, file_offset + src.n_bytes(), uint64_t{64} << 20);
 
   for (int64_t rb = 0; rb < n_rows; rb += rows_per_block) {
     const int64_t re = std::min(n_rows, rb + rows_per_block);

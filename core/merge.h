@@ -10,8 +10,8 @@
 // tensors in row blocks of 1 MiB (f32) read with pread into per-thread
 // buffers; untouched tensors copied byte for byte in the kernel
 // (copy_file_range). An input not in the page cache is read ahead and
-// dropped from the cache once read (formats' read_pass); the output is sent
-// to the disk in 64 MiB windows and dropped from the cache a few windows
+// dropped from the cache once read (formats' read_pass); the output is
+// written back in 64 MiB windows, each dropped from the cache a few windows
 // later (write_behind), so the page cache holds the part of the output the
 // disk has not taken yet, not the model twice. Peak memory is a few row
 // blocks per thread, plus one whole tensor in f32 for the rare DoRA module

@@ -134,7 +134,7 @@ write_behind::write_behind(int fd, uint64_t size, uint64_t window, uint64_t lag)
 void write_behind::written(uint64_t offset, uint64_t n) {
   if (n == 0 || offset >= size_) return;
   n = std::min(n, size_ - offset);
-  std::vector<uint64_t> complete, drop;
+  std::vector<uint64_t> complete, drop;  // complete: windows finished by this call
   {
     std::lock_guard<std::mutex> lock(mutex_);
     for (uint64_t w = offset / window_; w < filled_.size() && w * window_ < offset + n; ++w) {
@@ -145,7 +145,7 @@ void write_behind::written(uint64_t offset, uint64_t n) {
         complete.push_back(w);
       }
     }
-    // each time a window completes: drop the oldest window that was sent
+    // each time a window completes: drop the window that completed
     // `lag` completions ago, and once more the one `2 lag` ago (pages still
     // being written back at the first try are skipped by the kernel)
     for (size_t k = 0; k < complete.size(); ++k) {
@@ -154,10 +154,8 @@ void write_behind::written(uint64_t offset, uint64_t n) {
         if (back > 0 && order_.size() > back) drop.push_back(order_[order_.size() - 1 - back]);
     }
   }
-  // outside the lock: neither call waits for the disk (the kernel throttles
+  // outside the lock: this does not wait for the disk (the kernel throttles
   // writers past its dirty limits, as it does cp)
-  for (uint64_t w : complete)
-    ::sync_file_range(fd_, static_cast<off64_t>(w * window_), static_cast<off64_t>(window_), SYNC_FILE_RANGE_WRITE);
   for (uint64_t w : drop)
     ::posix_fadvise(fd_, static_cast<off_t>(w * window_), static_cast<off_t>(window_), POSIX_FADV_DONTNEED);
 }

@@ -86,16 +86,18 @@ class temp_file {
 
 // Write-behind for one output file written once, in pieces, in roughly
 // increasing order (several threads may write at once): the file is cut
-// into windows; a window whose bytes are all written is sent to the disk at
-// once (sync_file_range WRITE, which does not wait), and `lag` completed
-// windows later it is dropped from the page cache (posix_fadvise DONTNEED,
-// again `2 lag` windows later for pages that were still being written
-// back). The page cache then holds the part of this output that the disk
-// has not taken yet, instead of everything written, so that a 16 GB merge
-// on a 24 GiB machine does not push the rest of the system (and its own
-// input) out. Never waits for the disk itself: past the kernel's dirty
-// limits it throttles the writer, as it does cp. Advisory: failures here
-// show up at fsync, or never matter.
+// into windows; `lag` completed windows after a window is complete, it is
+// dropped from the page cache (posix_fadvise DONTNEED, which first starts
+// the writeback of its dirty pages), and once more `2 lag` windows after
+// (the pages that were still being written back at the first try, which
+// the kernel skips). The page cache then holds the part of this output that
+// the disk has not taken yet, instead of everything written, so that a
+// 16 GB merge on a 24 GiB machine does not push the rest of the system (and
+// its own input) out. Never waits for the disk itself: past the kernel's
+// dirty limits it throttles the writer, as it does cp. (Starting the
+// writeback of each window as soon as it was complete, with
+// sync_file_range, measured slower: 1.30x cp -r against 1.23x.) Advisory:
+// failures here show up at fsync, or never matter.
 class write_behind {
  public:
   // `fd` is borrowed and must outlive *this; `size` is the file's final size.

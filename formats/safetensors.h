@@ -122,8 +122,8 @@ std::vector<uint8_t> serialize_safetensors(const safetensors_layout& layout,
 // goes to `<path>.tmp-XXXXXX` beside the target (formats/file-io's
 // temp_file); commit() renames it there (durable: after an fsync).
 // Destroying an uncommitted writer removes the temp file. Written bytes go
-// through write_behind: sent to the disk as each 64 MiB window is complete
-// and dropped from the page cache a few windows later.
+// through write_behind: each complete 64 MiB window is dropped from the page
+// cache a few windows later (its writeback started then).
 class safetensors_writer {
  public:
   // Throws lora::error (exit 4) when the temp file cannot be created.

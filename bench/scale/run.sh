@@ -8,6 +8,7 @@
 # root (drop_caches) and ~50 GB free under bench/out/scale.
 # Usage: bench/scale/run.sh [PATH-TO-LORA]
 #   env RUNS=2 (per command), ONLY="merge verify extract forward" (steps),
+#   CACHES="cold warm" (page cache states of the merge step),
 #   TIMEOUT=1800 (seconds per run), LAYERS=32 (fewer: a smaller model).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -15,6 +16,7 @@ SRC=$(cd "$HERE/../.." && pwd)
 LORA=$(realpath "${1:-$SRC/build/lora}")
 RUNS=${RUNS:-2}
 ONLY=${ONLY:-merge verify extract forward}
+CACHES=${CACHES:-cold warm}
 TIMEOUT=${TIMEOUT:-1800}
 LAYERS=${LAYERS:-32}
 OUT=$SRC/bench/out/scale
@@ -37,7 +39,8 @@ MERGED=$OUT/merged
 
 # 2. merge against cp -r, cold then warm (the merged model stays for the next steps)
 if [[ " $ONLY " == *" merge "* ]]; then
-  for cache in cold "warm:$BASE"; do
+  for cache in $CACHES; do
+    [ "$cache" = warm ] && cache="warm:$BASE"
     m "$cache" "$RUNS" "$TIMEOUT" \
       "cp -r|$OUT/cp|cp -r '$BASE' '$OUT/cp'" \
       "merge|$MERGED|'$LORA' merge --base '$BASE' --adapter '$ADAPTER' --out '$MERGED' --quiet" >/dev/null
