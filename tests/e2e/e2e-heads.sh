@@ -53,6 +53,32 @@ PY
 )
 expect_eq "forward: unmerged vs merged logits" "$same" True
 
+# a sharded tied base: the head goes into the embedding's shard, the index lists it
+SRC="$SRC" "$PY" - "$W" <<'PY'
+import json, os, shutil, sys
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import read, write
+w = sys.argv[1]
+t, _ = read(w + "/tied-f32/model.safetensors")
+os.makedirs(w + "/sharded", exist_ok=True)
+parts = {"model-00001-of-00002.safetensors": {k: t[k][:3] for k in t if "embed" not in k},
+         "model-00002-of-00002.safetensors": {k: t[k][:3] for k in t if "embed" in k}}
+for name, part in parts.items():
+    write(w + "/sharded/" + name, part)
+index = {"metadata": {"total_size": sum(len(v[2]) for v in t.values())},
+         "weight_map": {k: name for name, part in parts.items() for k in part}}
+json.dump(index, open(w + "/sharded/model.safetensors.index.json", "w"))
+shutil.copy(w + "/tied-f32/config.json", w + "/sharded/config.json")
+PY
+expect_exit 0 "$LORA" merge --base "$W/sharded" --adapter "$W/a-head" --out "$W/m-sharded"
+got=$("$PY" -c '
+import json, sys
+j = json.load(open(sys.argv[1] + "/model.safetensors.index.json"))
+print(j["weight_map"]["lm_head.weight"], j["metadata"]["total_size"])' "$W/m-sharded")
+expect_eq "sharded: lm_head in the embedding's shard, total_size" "$got" "model-00002-of-00002.safetensors 17600"
+expect_eq "sharded: tie_word_embeddings" "$(config m-sharded 'c["tie_word_embeddings"]')" False
+expect_exit 0 "$LORA" verify --base "$W/sharded" --adapter "$W/a-head" --merged "$W/m-sharded"
+
 # BF16 tied base: the head in BF16 (the embedding's dtype), within 1 ulp
 expect_exit 0 "$LORA" merge --base "$W/tied-bf16" --adapter "$W/a-head-bf16" --out "$W/m-bf16"
 check tied-bf16 a-head-bf16 m-bf16
