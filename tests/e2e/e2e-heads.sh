@@ -151,5 +151,9 @@ expect_exit 2 "$LORA" merge --base "$W/bare/base.safetensors" --adapter "$W/a-he
 expect_stderr_contains "needs its config.json changed (tie_word_embeddings: false); give --out a folder"
 expect_one_line_error
 expect_nothing_left gone
+# a failure while writing removes the parent folders it created
+expect_exit 3 "$LORA" merge --base "$W/bare/base.safetensors" --adapter "$W/a-inf" --out "$W/p1/p2/x.safetensors"
+expect_stderr_contains "NaN or infinite"
+expect_nothing_left p1
 
 finish

@@ -14,6 +14,7 @@ and PEFT adapters (numpy only, fixed seeds).
   bad-cols/               modules_to_save embed_tokens with other columns
   bad-rows/               modules_to_save q_proj with more rows
   bad-fewer/              modules_to_save embed_tokens with fewer rows
+  a-inf/                  LoRA on q_proj whose product overflows F32 (a write-time failure)
 """
 import json
 import os
@@ -107,6 +108,10 @@ def main(w):
                               **lora(rng, "model.layers.0.self_attn.o_proj", HID, HID)}, ["o_proj"], ["q_proj"])
     adapter(w + "/bad-fewer", {"model.embed_tokens.weight": rng.standard_normal((VOCAB - 4, HID)).astype(f32),
                                **lora(rng, q, HID, HID)}, ["q_proj"], ["embed_tokens"])
+    big = lora(rng, q, HID, HID)
+    for k in big:
+        big[k] = np.full_like(big[k], 1e30)
+    adapter(w + "/a-inf", big, ["q_proj"])
 
 
 if __name__ == "__main__":
