@@ -64,18 +64,24 @@ int run_merge(const merge_cli_options& o) {
   }
   const std::string tensors = fmt::format("{} tensors: {} merged, {} replaced, {} converted, {} copied", r.n_tensors,
                                           r.n_merged, r.n_replaced, r.n_converted, r.n_copied);
+  auto print_heads = [&] {
+    if (!r.added.empty()) fmt::print("added tensors: {}\n", fmt::join(r.added, ", "));
+    if (!r.config_changes.empty()) fmt::print("config.json: {}\n", fmt::join(r.config_changes, ", "));
+  };
   if (r.dry_run) {
     fmt::print(
         "dry run: {} LoRA modules from {} adapter{}; would write {} ({} files) to {}, {} free; {}; nothing "
         "written\n",
         r.n_modules, opts.adapters.size(), opts.adapters.size() == 1 ? "" : "s", human_bytes(r.bytes_written),
         r.files.size(), r.out, human_bytes(r.bytes_free), tensors);
+    print_heads();
     return 0;
   }
   const double gbps = r.seconds > 0 ? static_cast<double>(r.bytes_written) / r.seconds / 1e9 : 0.0;
   fmt::print("merged {} LoRA modules from {} adapter{} into {}: {}; {} written in {:.2f} s ({:.2f} GB/s)\n",
              r.n_modules, opts.adapters.size(), opts.adapters.size() == 1 ? "" : "s", r.out, tensors,
              human_bytes(r.bytes_written), r.seconds, gbps);
+  print_heads();
   return 0;
 }
 
@@ -88,13 +94,16 @@ CLI::App* setup_merge(CLI::App& app, runner& run) {
       "Merge LoRA adapters into a base model: W = W0 + sum_k weight_k * scale * s_k B_k A_k, computed in f32 and "
       "rounded once, written as a complete model folder (same tensors, sharding and files as the base)");
   sub->add_option("--base", o->base,
-                  "base model: a Hugging Face folder, or a bare .safetensors file (--out is then still a folder, "
-                  "holding that file name and config.json when one sits beside it)")
+                  "base model: a Hugging Face folder, or a bare .safetensors file (--out is then a folder holding "
+                  "that file name and config.json when one sits beside it, or with --out NAME.safetensors that one "
+                  "file)")
       ->required();
   add_weighted_adapter_options(sub, o->adapters,
                                "adapter: PEFT folder, PEFT .safetensors (config beside it) or kohya .safetensors; "
                                "repeat for several (their deltas are summed, in order)");
-  sub->add_option("--out", o->out, "output folder; written beside it as <out>.tmp-XXXXXX and renamed when complete")
+  sub->add_option("--out", o->out,
+                  "output folder (or NAME.safetensors for a bare-file base); written beside it as "
+                  "<out>.tmp-XXXXXX and renamed when complete; missing parent folders are created")
       ->required();
   sub->add_option("--dtype", o->dtype, "dtype of the floating-point tensors written (default: same as the base)")
       ->check(CLI::IsMember({"same", "bf16", "f16", "f32"}))

@@ -32,6 +32,9 @@ bool is_vocab_tensor(std::string_view tensor) {
   return std::find(std::begin(leaves), std::end(leaves), leaf) != std::end(leaves);
 }
 
+// Output heads (the rest of is_vocab_tensor are input embeddings).
+bool is_head_leaf(std::string_view leaf) { return leaf == "lm_head" || leaf == "embed_out" || leaf == "output"; }
+
 // transformers models whose projections are pytorch_utils.Conv1D (weight
 // stored [in, out]): GPT-2 and the models built from its blocks.
 constexpr std::string_view conv1d_model_types[] = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"};
@@ -75,11 +78,17 @@ void resolve_kohya(adapter& a, const name_map& names, std::vector<fit_problem>& 
 
 // Dotted paths (PEFT): one base layout for the whole adapter, applied only
 // when every tensor the adapter changes or replaces is found under it.
-void resolve_paths(adapter& a, const name_map& names, fit_report& report) {
+// A tied base's missing head and a modules_to_save tensor the base lacks
+// (a new head: score, classifier) are names the merge creates.
+void resolve_paths(adapter& a, const name_map& names, const model_files& base, fit_report& report) {
   std::vector<std::string> wanted;
   for (const lora_module& m : a.modules) wanted.push_back(m.target);
   for (const saved_tensor& s : a.saved) wanted.push_back(s.target);
-  const layout_choice choice = names.choose_layout(wanted);
+  auto also_ok = [&](const std::string& name) {
+    if (tied_head_source(base, name)) return true;
+    return std::any_of(a.saved.begin(), a.saved.end(), [&](const saved_tensor& s) { return name.ends_with(s.target); });
+  };
+  const layout_choice choice = names.choose_layout(wanted, also_ok);
   if (!choice.ambiguous.empty()) {
     std::vector<std::string> candidates;
     for (const model_layout* l : choice.ambiguous) candidates.emplace_back(l->name);
@@ -258,14 +267,16 @@ void check_extras(const lora_module& m, const model_files& base, std::vector<fit
                         fit_issue::shape});
 }
 
-// modules_to_save replace their base tensor: same shape.
+// modules_to_save replace their base tensor: same shape, or an embedding /
+// head with more rows (added tokens). A tensor the base lacks is a new head
+// (or, on a tied base, the untied lm_head): the merge adds it.
 void check_saved(const adapter& a, const model_files& base, std::vector<fit_problem>& problems) {
   for (const saved_tensor& s : a.saved) {
     const tensor_ref* base_t = base.find_ref(s.target);
     if (base_t == nullptr)
-      problems.push_back({s.tensor.info->name, fmt::format("the base has no tensor {} to replace", s.target),
-                          fit_issue::no_base_tensor, s.target});
-    else if (base_t->info->shape != s.tensor.info->shape)
+      if (const std::optional<std::string> e = tied_head_source(base, s.target)) base_t = base.find_ref(*e);
+    if (base_t == nullptr || base_t->info->shape == s.tensor.info->shape) continue;
+    if (!saved_shape_ok(s.target, base_t->info->shape, s.tensor.info->shape))
       problems.push_back({s.tensor.info->name,
                           fmt::format("base {} is {}, the saved module is {}", s.target,
                                       shape_text(base_t->info->shape), shape_text(s.tensor.info->shape)),
@@ -333,6 +344,22 @@ bool stored_in_out(const std::optional<std::string>& model_type, std::string_vie
   return is_conv1d_model_type(model_type) && conv1d_style_name(module);
 }
 
+std::optional<std::string> tied_head_source(const model_files& base, const std::string& target) {
+  if (module_leaf(target) != "lm_head" || !target.ends_with(".weight") || base.find_ref(target) != nullptr ||
+      !base_ties_embeddings(base))
+    return std::nullopt;
+  for (const std::string& n : base.tensor_names)
+    if (n.ends_with(".weight") && is_vocab_tensor(n) && !is_head_leaf(module_leaf(n))) return n;
+  return std::nullopt;
+}
+
+bool saved_shape_ok(const std::string& target, const std::vector<int64_t>& base_shape,
+                    const std::vector<int64_t>& saved_shape) {
+  if (saved_shape == base_shape) return true;
+  return target.ends_with(".weight") && is_vocab_tensor(target) && base_shape.size() == 2 && saved_shape.size() == 2 &&
+         saved_shape[1] == base_shape[1] && saved_shape[0] > base_shape[0];
+}
+
 fit_report fit_adapter(adapter& a, const model_files& base) {
   fit_report report;
   auto& problems = report.problems;
@@ -345,13 +372,16 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
   if (a.format == adapter_format::kohya)
     resolve_kohya(a, names, problems);
   else
-    resolve_paths(a, names, report);
+    resolve_paths(a, names, base, report);
   std::sort(a.modules.begin(), a.modules.end(),
             [](const lora_module& x, const lora_module& y) { return x.name < y.name; });
   check_claims(a, problems);
   for (lora_module& m : a.modules) {
     if (m.target.empty()) continue;
     const tensor_ref* base_w = base.find_ref(m.target);
+    // a tied base's head: the delta applies to the embedding's values
+    if (base_w == nullptr)
+      if (const std::optional<std::string> e = tied_head_source(base, m.target)) base_w = base.find_ref(*e);
     if (base_w == nullptr) {
       problems.push_back(
           {m.a.info->name, fmt::format("the base has no tensor {}", m.target), fit_issue::no_base_tensor, m.target});

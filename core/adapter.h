@@ -259,6 +259,22 @@ bool stored_in_out(const std::optional<std::string>& model_type, std::string_vie
 // Linear.__init__ and dispatch_default, huggingface/peft @ b28a09c4). Pure.
 bool stored_in_out(const std::optional<std::string>& model_type, std::string_view module);
 
+// The base tensor whose values a tied base's missing output head starts
+// from: when `target` is an lm_head weight the base lacks and the base ties
+// its head to the input embedding (an embedding and no lm_head weight, as
+// checkpoints saved with tie_word_embeddings are), the embedding's name
+// ("model.embed_tokens.weight"); nullopt otherwise. A LoRA module or a
+// modules_to_save tensor on such a head fits: merge writes the untied head.
+// Pure.
+std::optional<std::string> tied_head_source(const model_files& base, const std::string& target);
+
+// Whether a modules_to_save tensor of `saved_shape` may replace a base tensor
+// of `base_shape`: the same shape, or an input embedding / output head
+// weight (by transformers' names) with the same columns and more rows
+// (tokens added during training). Pure.
+bool saved_shape_ok(const std::string& target, const std::vector<int64_t>& base_shape,
+                    const std::vector<int64_t>& saved_shape);
+
 // The one rendering of a fit report that is not ok(), shared by every command
 // (merge, combine, convert --base, verify, forward, inspect --base): an
 // exit-3 lora::error naming `adapter_path` (the file or folder the user named),

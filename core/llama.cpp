@@ -174,9 +174,14 @@ class weights {
     }
   }
 
+  // A tied base's head that an adapter's LoRA changes reads the embedding
+  // (core/adapter's tied_head_source): the head the merge writes.
   std::optional<tensor_ref> find(const std::string& name) const {
     if (auto it = saved_.find(name); it != saved_.end()) return *it->second;
-    return model_.find(name);
+    if (std::optional<tensor_ref> t = model_.find(name)) return t;
+    if (modules_.count(name) > 0)
+      if (const std::optional<std::string> e = tied_head_source(model_, name)) return model_.find(*e);
+    return std::nullopt;
   }
   bool has(const std::string& name) const { return find(name).has_value(); }
 

@@ -20,6 +20,8 @@
 #include "core/scratch.h"
 #include "core/thread-pool.h"
 #include "formats/error.h"
+#include "formats/file-io.h"
+#include "formats/hf-config.h"
 #include "formats/model-files.h"
 #include "formats/safetensors.h"
 #include "formats/staged-folder.h"
@@ -287,6 +289,8 @@ struct merge_plan {
   std::vector<safetensors_layout> layouts;                       // one per shard
   std::vector<std::pair<std::string, std::string>> extra_files;  // source path, name
   std::string index_name, index_text;                            // empty for a single-file model
+  std::string config_text;                                       // the rewritten config.json; empty: copied as it is
+  bool single_file = false;  // --out NAME.safetensors for a single-file base: that one file
 };
 
 // Step 1: the command line (adapters, weights, --out) and the output rule.
@@ -333,45 +337,84 @@ tensor_changes collect_changes(const merge_options& options, const std::vector<a
   return changes;
 }
 
-// One base tensor's job: its source, contributions and output dtype.
-// Throws exit 3 for a dtype without arithmetic that would need any.
-tensor_job make_job(size_t shard, const safetensors_file& file, const tensor_info& t, const tensor_changes& changes,
-                    const merge_options& options) {
+// One output tensor's job: its source (`base_source`, or its replacement),
+// contributions and output dtype (--dtype for floating-point tensors, else
+// `base_type`). Throws exit 3 for a dtype without arithmetic that would need any.
+tensor_job make_job(size_t shard, const std::string& name, dtype base_type, tensor_ref base_source,
+                    const tensor_changes& changes, const merge_options& options) {
   tensor_job job;
   job.shard = shard;
-  job.name = t.name;
-  job.source = tensor_ref{&file, &t};
-  if (auto r = changes.replacements.find(t.name); r != changes.replacements.end()) {
+  job.name = name;
+  job.source = base_source;
+  if (auto r = changes.replacements.find(name); r != changes.replacements.end()) {
     job.source = r->second->tensor;
     job.replaced = true;
   }
-  if (auto d = changes.deltas.find(t.name); d != changes.deltas.end()) job.deltas = d->second;
-  // the output dtype: --dtype for floating-point tensors, else the base's
-  job.out_type = options.out_type && dtype_is_math(t.type) ? *options.out_type : t.type;
+  if (auto d = changes.deltas.find(name); d != changes.deltas.end()) job.deltas = d->second;
+  job.out_type = options.out_type && dtype_is_math(base_type) ? *options.out_type : base_type;
   const dtype src = job.source.info->type;
   if ((!job.deltas.empty() || src != job.out_type) && !(dtype_is_math(src) && dtype_is_math(job.out_type)))
     throw errors::invalid(
-        job.source.file->path(), t.name,
+        job.source.file->path(), name,
         fmt::format("cannot {} a {} tensor (only F16, BF16, F32, F64)", job.deltas.empty() ? "convert" : "merge into",
                     dtype_name(dtype_is_math(src) ? job.out_type : src)));
   job.copy = job.deltas.empty() && src == job.out_type;
   return job;
 }
 
+// A tensor the base lacks that the output gets, in the shard `shard`.
+struct added_tensor {
+  size_t shard = 0;
+  std::string name;
+  dtype base_type = dtype::F32;  // the embedding's for a tied head, else the saved tensor's
+  tensor_ref source;             // the embedding (a tied head's W0) or the saved tensor
+};
+
+// The tensors the output adds (sorted by name): a tied base's lm_head that
+// an adapter changes, in the embedding's shard; modules_to_save tensors the
+// base lacks, in the last shard. A delta on any other missing name is left
+// to check_contributions.
+std::vector<added_tensor> plan_added(const tensor_changes& changes, const model_files& base) {
+  std::vector<std::string> names;
+  for (const auto& [target, list] : changes.deltas) names.push_back(target);
+  for (const auto& [target, s] : changes.replacements) names.push_back(target);
+  std::sort(names.begin(), names.end());
+  names.erase(std::unique(names.begin(), names.end()), names.end());
+  std::vector<added_tensor> out;
+  for (const std::string& name : names) {
+    if (base.find_ref(name) != nullptr) continue;
+    if (const std::optional<std::string> e = tied_head_source(base, name)) {
+      const tensor_ref& embed = *base.find_ref(*e);
+      size_t shard = 0;
+      while (shard + 1 < base.shards.size() && &base.shards[shard] != embed.file) ++shard;
+      out.push_back({shard, name, embed.info->type, embed});
+    } else if (auto r = changes.replacements.find(name); r != changes.replacements.end()) {
+      out.push_back({base.shards.size() - 1, name, r->second->tensor.info->type, r->second->tensor});
+    }
+  }
+  return out;
+}
+
 // Step 4: the jobs and the output layout of every shard, in the base's
 // sharding; returns the index's weight map and adds up the tensor bytes.
 std::map<std::string, std::string> plan_jobs(const merge_options& options, const tensor_changes& changes,
-                                             merge_plan& plan, uint64_t& total_tensor_bytes) {
+                                             const std::vector<added_tensor>& added, merge_plan& plan,
+                                             uint64_t& total_tensor_bytes) {
   std::map<std::string, std::string> weight_map;
   for (size_t s = 0; s < plan.base.shards.size(); ++s) {
     const safetensors_file& shard = plan.base.shards[s];
     std::vector<tensor_spec> specs;
     const size_t first_job = plan.jobs.size();
-    for (const tensor_info& t : shard.tensors()) {
-      plan.jobs.push_back(make_job(s, shard, t, changes, options));
-      specs.push_back({t.name, plan.jobs.back().out_type, t.shape});
-      weight_map[t.name] = plan.base.shard_names[s];
-    }
+    auto add_job = [&](tensor_job job) {
+      // a replacement with more rows (added tokens) gives the output its shape
+      specs.push_back({job.name, job.out_type, job.source.info->shape});
+      weight_map[job.name] = plan.base.shard_names[s];
+      plan.jobs.push_back(std::move(job));
+    };
+    for (const tensor_info& t : shard.tensors())
+      add_job(make_job(s, t.name, t.type, tensor_ref{&shard, &t}, changes, options));
+    for (const added_tensor& a : added)
+      if (a.shard == s) add_job(make_job(s, a.name, a.base_type, a.source, changes, options));
     plan.layouts.push_back(
         plan_safetensors(std::move(specs), output_metadata(shard.metadata(), options, plan.adapters)));
     for (size_t j = first_job; j < plan.jobs.size(); ++j) {
@@ -387,9 +430,11 @@ std::map<std::string, std::string> plan_jobs(const merge_options& options, const
 // Every delta has a base tensor (fit_adapter checked the modules; a bias
 // target is checked here), every module's shapes fit, and (unless allowed)
 // no adapter tensor holds NaN / Inf: the dry run refuses what the merge would.
-void check_contributions(const merge_options& options, const tensor_changes& changes, const merge_plan& plan) {
+void check_contributions(const merge_options& options, const tensor_changes& changes,
+                         const std::vector<added_tensor>& added, const merge_plan& plan) {
   for (const auto& [target, list] : changes.deltas)
-    if (!plan.base.find_ref(target))
+    if (!plan.base.find_ref(target) &&
+        std::none_of(added.begin(), added.end(), [&](const added_tensor& a) { return a.name == target; }))
       throw fit_error(
           *list.front().adapter_file, plan.base.path,
           {{{list.front().module->name, fmt::format("the base has no tensor {}", target), fit_issue::no_base_tensor}}});
@@ -414,10 +459,20 @@ void check_contributions(const merge_options& options, const tensor_changes& cha
 // and the fresh index of a sharded model.
 void plan_other_files(const std::map<std::string, std::string>& weight_map, uint64_t total_tensor_bytes,
                       merge_plan& plan, merge_report& report) {
+  if (plan.single_file) {
+    report.files.push_back(plan.out.filename().string());
+    report.bytes_written += plan.layouts[0].file_size();
+    return;
+  }
   const bool bare_file = fs::is_regular_file(plan.base.path);
   std::error_code ec;
   for (folder_file& f : list_folder_files(plan.base)) {
     if (bare_file && f.name != "config.json") continue;  // a bare file's folder is not the model's
+    if (f.name == "config.json" && !plan.config_text.empty()) {
+      report.bytes_written += plan.config_text.size();
+      report.files.push_back(f.name);
+      continue;
+    }
     if (f.skip.empty() && is_other_weight_file(f.name)) f.skip = "weights in another format, not merged";
     if (!f.skip.empty()) {
       report.skipped_files.push_back({f.name, f.skip});
@@ -440,9 +495,40 @@ void plan_other_files(const std::map<std::string, std::string>& weight_map, uint
   std::sort(report.files.begin(), report.files.end());
 }
 
+// Step 4b: config.json's fields that the output changes: tie_word_embeddings
+// false when a tied base gets its own head, vocab_size when a saved
+// embedding or head grows. Read and rewritten now, written with the rest.
+void plan_config(const std::vector<added_tensor>& added, merge_plan& plan, merge_report& report) {
+  config_update update;
+  for (const added_tensor& a : added)
+    if (tied_head_source(plan.base, a.name)) update.tie_word_embeddings = false;
+  for (const tensor_job& job : plan.jobs) {
+    const tensor_ref* b = job.replaced ? plan.base.find_ref(job.name) : nullptr;
+    if (b != nullptr && b->info->shape.size() == 2 && job.source.info->shape[0] > b->info->shape[0])
+      update.vocab_size = std::max(update.vocab_size.value_or(0), job.source.info->shape[0]);
+  }
+  if (update.empty()) return;
+  if (plan.single_file)
+    throw errors::usage(fmt::format(
+        "--out {} writes one .safetensors file, but the merged model needs its config.json changed ({}{}); give "
+        "--out a folder",
+        plan.out.string(), update.tie_word_embeddings ? "tie_word_embeddings: false" : "",
+        update.vocab_size ? fmt::format("{}vocab_size: {}", update.tie_word_embeddings ? ", " : "", *update.vocab_size)
+                          : ""));
+  if (update.tie_word_embeddings) report.config_changes.push_back("tie_word_embeddings: false");
+  if (update.vocab_size) report.config_changes.push_back(fmt::format("vocab_size: {}", *update.vocab_size));
+  if (plan.base.config_path.empty()) return;
+  plan.config_text = update_config_text(read_text_file(plan.base.config_path), plan.base.config_path, update);
+}
+
 // Step 6: free space where --out goes (statvfs). Throws exit 4.
 void check_free_space(const fs::path& out, merge_report& report) {
-  const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  // the nearest folder that exists (missing parents are created when writing)
+  fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  std::error_code ec;
+  while (parent.has_parent_path() && parent != parent.parent_path() && !fs::exists(parent, ec))
+    parent = parent.parent_path();
+  if (!fs::exists(parent, ec)) parent = ".";
   struct statvfs vfs {};
   if (::statvfs(parent.c_str(), &vfs) != 0)
     throw errors::io(parent.string(), "cannot reach the output's parent folder", errno);
@@ -458,6 +544,8 @@ void plan_merge(const merge_options& options, merge_plan& plan, merge_report& re
   report.out = plan.out.string();
   // 2. open the base and the adapters; every module must fit
   plan.base = open_model(options.base);
+  plan.single_file =
+      plan.out.extension() == ".safetensors" && fs::is_regular_file(plan.base.path) && plan.base.shards.size() == 1;
   plan.adapters.reserve(options.adapters.size());
   for (const merge_input& in : options.adapters) {
     plan.adapters.push_back(load_adapter(in.path));
@@ -465,12 +553,15 @@ void plan_merge(const merge_options& options, merge_plan& plan, merge_report& re
   }
   // 3, 4. what happens to each base tensor; jobs and output layouts
   const tensor_changes changes = collect_changes(options, plan.adapters, report);
+  const std::vector<added_tensor> added = plan_added(changes, plan.base);
   uint64_t total_tensor_bytes = 0;
-  const auto weight_map = plan_jobs(options, changes, plan, total_tensor_bytes);
-  check_contributions(options, changes, plan);
+  const auto weight_map = plan_jobs(options, changes, added, plan, total_tensor_bytes);
+  check_contributions(options, changes, added, plan);
+  for (const added_tensor& a : added) report.added.push_back(a.name);
+  plan_config(added, plan, report);
   report.n_tensors = plan.jobs.size();
   for (const tensor_job& job : plan.jobs) {
-    if (job.replaced) ++report.n_replaced;
+    if (job.replaced && plan.base.find_ref(job.name) != nullptr) ++report.n_replaced;
     if (!job.deltas.empty())
       ++report.n_merged;
     else if (!job.replaced)
@@ -484,47 +575,80 @@ void plan_merge(const merge_options& options, merge_plan& plan, merge_report& re
 
 // Steps 7 and 8: every file into a temp folder beside --out, then renamed
 // onto it (swapped with the old one under --force).
+// Every job, on the thread pool, into the shards' writers.
+void run_jobs(const merge_options& options, std::vector<tensor_job> jobs,
+              std::vector<std::unique_ptr<safetensors_writer>>& writers) {
+  for (auto& w : writers) w->sync_in_background(uint64_t{64} << 20);
+  // tensors in output order, so reads and writes run front to back; the
+  // in-kernel copies spread evenly among the computed tensors, so that two
+  // copies rarely run at once (they would contend for the output file's lock
+  // while the other core has arithmetic to do)
+  std::sort(jobs.begin(), jobs.end(), [](const tensor_job& x, const tensor_job& y) {
+    return x.shard != y.shard ? x.shard < y.shard : x.out_begin < y.out_begin;
+  });
+  jobs = spread_copies(std::move(jobs));
+  std::mutex progress_mutex;
+  progress_event event;
+  event.total_items = jobs.size();
+  for (const tensor_job& job : jobs) event.total_bytes += job.out_bytes;
+  parallel_for(jobs.size(), options.threads, [&](size_t i) {
+    const tensor_job& job = jobs[i];
+    run_job(job, *writers[job.shard], options.allow_nonfinite);
+    if (options.progress) {
+      std::lock_guard<std::mutex> lock(progress_mutex);
+      ++event.done_items;
+      event.done_bytes += job.out_bytes;
+      event.current = job.name;
+      options.progress(event);
+    }
+  });
+  for (auto& w : writers) w->commit();
+}
+
+// The missing folders above --out, created; the topmost one created is
+// returned (empty: none), for removal when the merge fails.
+fs::path create_parents(const fs::path& out) {
+  fs::path top;
+  for (fs::path p = out.parent_path(); !p.empty() && !fs::exists(p); p = p.parent_path()) top = p;
+  if (top.empty()) return top;
+  std::error_code ec;
+  fs::create_directories(out.parent_path(), ec);
+  if (ec) throw errors::io(out.parent_path().string(), "cannot create the output's parent folder", ec.value());
+  return top;
+}
+
+// Steps 7 and 8: every file into a temp folder beside --out, then renamed
+// onto it (swapped with the old one under --force); a single-file output is
+// written beside --out and renamed onto it (formats' safetensors_writer).
 void write_merge(const merge_options& options, merge_plan& plan) {
   const durability mode = options.sync ? durability::durable : durability::visible;
-  staged_folder tmp(plan.out, mode);
+  const fs::path created = create_parents(plan.out);
   try {
-    for (const auto& [src, name] : plan.extra_files) copy_file(src, tmp.path() + "/" + name, mode);
-    std::vector<std::unique_ptr<safetensors_writer>> writers;
-    for (size_t s = 0; s < plan.layouts.size(); ++s)
-      writers.push_back(std::make_unique<safetensors_writer>(tmp.path() + "/" + plan.base.shard_names[s],
-                                                             std::move(plan.layouts[s]), mode));
-    for (auto& w : writers) w->sync_in_background(uint64_t{64} << 20);
-
-    // tensors in output order, so reads and writes run front to back; the
-    // in-kernel copies spread evenly among the computed tensors, so that two
-    // copies rarely run at once (they would contend for the output file's lock
-    // while the other core has arithmetic to do)
-    std::vector<tensor_job> jobs = std::move(plan.jobs);
-    std::sort(jobs.begin(), jobs.end(), [](const tensor_job& x, const tensor_job& y) {
-      return x.shard != y.shard ? x.shard < y.shard : x.out_begin < y.out_begin;
-    });
-    jobs = spread_copies(std::move(jobs));
-    std::mutex progress_mutex;
-    progress_event event;
-    event.total_items = jobs.size();
-    for (const tensor_job& job : jobs) event.total_bytes += job.out_bytes;
-    parallel_for(jobs.size(), options.threads, [&](size_t i) {
-      const tensor_job& job = jobs[i];
-      run_job(job, *writers[job.shard], options.allow_nonfinite);
-      if (options.progress) {
-        std::lock_guard<std::mutex> lock(progress_mutex);
-        ++event.done_items;
-        event.done_bytes += job.out_bytes;
-        event.current = job.name;
-        options.progress(event);
-      }
-    });
-    for (auto& w : writers) w->commit();
-    if (!plan.index_text.empty()) write_file_atomic(tmp.path() + "/" + plan.index_name, plan.index_text, mode);
-  } catch (const error& e) {
-    throw tmp.shown(e);  // name the output, not the temp folder about to be removed
+    if (plan.single_file) {
+      std::vector<std::unique_ptr<safetensors_writer>> writers;
+      writers.push_back(std::make_unique<safetensors_writer>(plan.out.string(), std::move(plan.layouts[0]), mode));
+      run_jobs(options, std::move(plan.jobs), writers);
+      return;
+    }
+    staged_folder tmp(plan.out, mode);
+    try {
+      for (const auto& [src, name] : plan.extra_files) copy_file(src, tmp.path() + "/" + name, mode);
+      if (!plan.config_text.empty()) write_file_atomic(tmp.path() + "/config.json", plan.config_text, mode);
+      std::vector<std::unique_ptr<safetensors_writer>> writers;
+      for (size_t s = 0; s < plan.layouts.size(); ++s)
+        writers.push_back(std::make_unique<safetensors_writer>(tmp.path() + "/" + plan.base.shard_names[s],
+                                                               std::move(plan.layouts[s]), mode));
+      run_jobs(options, std::move(plan.jobs), writers);
+      if (!plan.index_text.empty()) write_file_atomic(tmp.path() + "/" + plan.index_name, plan.index_text, mode);
+    } catch (const error& e) {
+      throw tmp.shown(e);  // name the output, not the temp folder about to be removed
+    }
+    tmp.commit(plan.out_exists);
+  } catch (...) {
+    std::error_code ec;
+    if (!created.empty()) fs::remove_all(created, ec);  // nothing left behind, the folders made for it neither
+    throw;
   }
-  tmp.commit(plan.out_exists);
 }
 
 }  // namespace

@@ -17,6 +17,14 @@
 // blocks per thread, plus one whole tensor in f32 for the rare DoRA module
 // whose norm runs per column (fan_in_fan_out, embedding).
 //
+// Heads: on a base that ties its head to the embedding (no lm_head weight),
+// an adapter that changes lm_head gives the output its own lm_head (the
+// embedding's values plus the delta, in the embedding's dtype, rounded once;
+// or the saved tensor) and config.json tie_word_embeddings false.
+// modules_to_save tensors the base lacks are added; saved embeddings / heads
+// with more rows (added tokens) replace the base's, with config.json's
+// vocab_size updated.
+//
 // Atomic: everything is written to `<out>.tmp-XXXXXX` beside --out, renamed
 // onto --out at the end (swapped with the old one under --force); any error
 // removes the temp folder, so nothing is left behind.
@@ -61,7 +69,14 @@ struct merge_report {
   uint64_t n_tensors = 0;                                          // tensors in the output
   uint64_t n_modules = 0;                                          // LoRA modules applied (over all adapters)
   uint64_t n_merged = 0;                                           // tensors that received a delta (weights and biases)
-  uint64_t n_replaced = 0;     // modules_to_save tensors written in place of the base's
+  uint64_t n_replaced = 0;  // modules_to_save tensors written in place of the base's
+  // tensors the base lacks, written by the merge: a tied base's lm_head (the
+  // embedding plus its delta, or the saved tensor), modules_to_save heads
+  // (score, classifier)
+  std::vector<std::string> added;
+  // config.json fields changed, as "field: value" (tie_word_embeddings: false
+  // for an untied head, vocab_size for added tokens)
+  std::vector<std::string> config_changes;
   uint64_t n_converted = 0;    // untouched tensors converted to --dtype
   uint64_t n_copied = 0;       // untouched tensors copied byte for byte
   uint64_t bytes_written = 0;  // every file of the output (or that would be)

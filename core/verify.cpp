@@ -102,6 +102,13 @@ void compare_block(tensor_check& c, dtype type, int64_t rank, const std::vector<
   }
 }
 
+// The base tensor a target starts from: itself, or for a tied base's
+// missing head the embedding (core/adapter's tied_head_source).
+tensor_ref base_source(const model_files& base, const std::string& target) {
+  if (const std::optional<std::string> e = tied_head_source(base, target)) return base.at(*e);
+  return base.at(target);
+}
+
 // One adapter's module on a tensor, with its weight times the global scale.
 struct contribution {
   const lora_module* module = nullptr;
@@ -508,7 +515,7 @@ layer_check check_layer(const std::vector<contribution>& cs, size_t index, const
   layer_check c = layer_header(cs);
   // 1. the tensors: base, merged, factors (their bounds summed, |w| each)
   const std::string& target = cs.front().module->target;
-  const tensor_ref b = base.at(target);
+  const tensor_ref b = base_source(base, target);
   std::optional<tensor_ref> mt = merged.find(target);
   if (!mt) return layer_failure(c, layer_problem::missing);
   if (mt->info->shape != b.info->shape) return layer_failure(c, layer_problem::shape);
@@ -627,6 +634,9 @@ std::optional<model_inputs> prepare_model_level(const verify_options& o, const m
     return std::nullopt;
   }
   model_inputs in{read_hf_config(base.config_path), read_hf_config(merged.config_path), o.tokens};
+  // added tokens: the base runs with the adapter's larger embedding / head
+  // (modules_to_save), the vocabulary merge wrote into the merged config.json
+  if (in.merged.vocab_size > in.base.vocab_size) in.base.vocab_size = in.merged.vocab_size;
   // a partial checkpoint cannot run: skipped, not refused
   if (const std::optional<std::string> missing = missing_forward_tensor(base, in.base)) {
     skipped = fmt::format("the base has no {}: the model level needs the whole model", *missing);
@@ -692,7 +702,10 @@ struct verify_progress {
 // One base tensor against its expected value (the weight level).
 tensor_check check_weight(const std::string& name, const model_files& base, const model_files& merged,
                           const adapter_set& set) {
-  const tensor_ref b = base.at(name);
+  // a modules_to_save tensor gives the expected shape (a new head, added
+  // tokens); a tied base's missing head starts from the embedding
+  const auto saved = set.saved.find(name);
+  const tensor_ref b = saved != set.saved.end() ? *saved->second : base_source(base, name);
   std::optional<tensor_ref> m = merged.find(name);
   if (!m || m->info->shape != b.info->shape) {
     tensor_check c{name, m ? tensor_kind::shape : tensor_kind::missing};
@@ -701,8 +714,8 @@ tensor_check check_weight(const std::string& name, const model_files& base, cons
   }
   const bool math = dtype_is_math(b.info->type) && dtype_is_math(m->info->type);
   expectation x;
-  if (auto it = set.saved.find(name); it != set.saved.end())
-    x.replacement = it->second;
+  if (saved != set.saved.end())
+    x.replacement = saved->second;
   else if (auto it = set.biases.find(name); it != set.biases.end())
     x.biases = &it->second;
   else if (auto it = set.modules.find(name); it != set.modules.end())
@@ -742,8 +755,16 @@ void check_weights_and_layers(const model_files& base, const model_files& merged
     r.n_checked += c.kind != tensor_kind::missing && c.kind != tensor_kind::shape;
     r.tensors.push_back(std::move(c));
   }
-  for (const std::string& name : merged.tensor_names)
-    if (!base.find(name)) r.tensors.push_back({name, tensor_kind::extra, 0, 0, INFINITY, 1, false});
+  // tensors the merge adds: a tied base's head, modules_to_save heads the base lacks
+  for (const std::string& name : merged.tensor_names) {
+    if (base.find(name)) continue;
+    if (set.saved.count(name) > 0 || (set.modules.count(name) > 0 && tied_head_source(base, name))) {
+      r.tensors.push_back(check_weight(name, base, merged, set));
+      r.n_checked += r.tensors.back().kind != tensor_kind::missing && r.tensors.back().kind != tensor_kind::shape;
+    } else {
+      r.tensors.push_back({name, tensor_kind::extra, 0, 0, INFINITY, 1, false});
+    }
+  }
 }
 
 // True when every value of `from` is a value of `to` (F16 / BF16 in F32 or F64, F32 in F64).

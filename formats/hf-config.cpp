@@ -516,4 +516,16 @@ hf_config parse_hf_config(std::string_view json_text, const std::string& label) 
 
 hf_config read_hf_config(const std::string& path) { return parse_hf_config(read_text_file(path), path); }
 
+std::string update_config_text(std::string_view json_text, const std::string& label, const config_update& update) {
+  nlohmann::ordered_json j = parse_ordered_json_bounded(json_text, label, "config");
+  if (!j.is_object()) throw errors::invalid(label, "", "config is not a JSON object");
+  auto set = [&](const char* key, const nlohmann::ordered_json& value) {
+    j[key] = value;
+    if (auto t = j.find("text_config"); t != j.end() && t->is_object() && t->contains(key)) (*t)[key] = value;
+  };
+  if (update.tie_word_embeddings) set("tie_word_embeddings", *update.tie_word_embeddings);
+  if (update.vocab_size) set("vocab_size", *update.vocab_size);
+  return j.dump(2) + "\n";
+}
+
 }  // namespace lora

@@ -115,4 +115,18 @@ hf_config parse_hf_config(std::string_view json_text, const std::string& label);
 // Reads and parses a config.json file. Throws exit 4 when unreadable, else as above.
 hf_config read_hf_config(const std::string& path);
 
+// Fields a merge changes in the output's config.json (nullopt: kept).
+struct config_update {
+  std::optional<bool> tie_word_embeddings;  // false: the merged model has its own head
+  std::optional<int64_t> vocab_size;        // tokens added by the adapter
+  bool empty() const noexcept { return !tie_word_embeddings && !vocab_size; }
+};
+
+// `json_text` (a config.json) with the fields of `update` set, at the top
+// level and in a "text_config" object that holds the same field; every other
+// field kept, in its order. Two-space indent and a final newline, as
+// transformers writes it. Throws lora::error (exit 3) naming `label` when
+// the text is not a JSON object.
+std::string update_config_text(std::string_view json_text, const std::string& label, const config_update& update);
+
 }  // namespace lora

@@ -2,6 +2,9 @@
 #include <doctest/doctest.h>
 
 #include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "formats/error.h"
 #include "formats/hf-config.h"
@@ -255,4 +258,28 @@ TEST_CASE("family refusals name the field") {
   CHECK(error_of(R"({"model_type":"gemma2","hidden_size":32,"intermediate_size":8,"num_hidden_layers":1,)"
                  R"("num_attention_heads":4,"vocab_size":8,"hidden_activation":"relu"})") ==
         "cfg.json: field hidden_activation \"relu\" is not supported (silu, gelu_pytorch_tanh, gelu_new, gelu)");
+}
+
+TEST_CASE("update_config_text: the fields set, every other one kept in order") {
+  const std::string text =
+      R"({"vocab_size": 10, "model_type": "llama", "tie_word_embeddings": true, "rope_theta": 10000.0,
+          "text_config": {"vocab_size": 10, "hidden_size": 4}})";
+  config_update u;
+  u.tie_word_embeddings = false;
+  u.vocab_size = 12;
+  const std::string out = update_config_text(text, "config.json", u);
+  const nlohmann::ordered_json j = nlohmann::ordered_json::parse(out);
+  std::vector<std::string> keys;
+  for (const auto& [k, v] : j.items()) keys.push_back(k);
+  CHECK(keys ==
+        std::vector<std::string>{"vocab_size", "model_type", "tie_word_embeddings", "rope_theta", "text_config"});
+  CHECK(j["vocab_size"] == 12);
+  CHECK(j["tie_word_embeddings"] == false);
+  CHECK(j["text_config"]["vocab_size"] == 12);
+  CHECK_FALSE(j["text_config"].contains("tie_word_embeddings"));
+  CHECK(out.back() == '\n');
+  // a field the file lacks is added at the end
+  const nlohmann::ordered_json k = nlohmann::ordered_json::parse(update_config_text(R"({"a": 1})", "c", u));
+  CHECK(k.dump() == R"({"a":1,"tie_word_embeddings":false,"vocab_size":12})");
+  CHECK_THROWS_WITH(update_config_text("[1]", "c.json", u), doctest::Contains("not a JSON object"));
 }

@@ -20,6 +20,7 @@
 #include "core/adapter.h"
 #include "core/merge.h"
 #include "formats/error.h"
+#include "formats/file-io.h"
 #include "formats/model-files.h"
 #include "tests/merge-testing.h"
 
@@ -386,6 +387,68 @@ TEST_CASE("tied embeddings: an embedding LoRA on a model without lm_head") {
   check_tolerances(c, dtype::F32, "tied");
   model_files merged = open_model(dir / "out");
   CHECK_FALSE(merged.find("lm_head.weight"));
+}
+
+TEST_CASE("tied embeddings: a LoRA on lm_head gives the merged model its own head") {
+  temp_dir dir;
+  const std::string base_path = testdata + "/tiny-llama-tied";
+  model_files base = open_model(base_path);
+  const test_tensor a = random_tensor("base_model.model.lm_head.lora_A.weight", dtype::F32, {4, 64}, 81);
+  const test_tensor b = random_tensor("base_model.model.lm_head.lora_B.weight", dtype::F32, {256, 4}, 82);
+  write_peft_adapter(dir / "adapter", peft_config_json(4, 8, {"lm_head"}), {a, b});
+  const merge_report r = run(base_path, {{dir / "adapter", 1.0}}, dir / "out");
+  CHECK(r.added == std::vector<std::string>{"lm_head.weight"});
+  CHECK(r.config_changes == std::vector<std::string>{"tie_word_embeddings: false"});
+  // lm_head = E + (8 / 4) B A, rounded once to F32; the embedding untouched
+  model_files merged = open_model(dir / "out");
+  const std::vector<double> e = read_f64(base.shards[0], "model.embed_tokens.weight");
+  const std::vector<double> h = read_f64(merged.shards[0], "lm_head.weight");
+  REQUIRE(h.size() == e.size());
+  size_t n_bad = 0;
+  for (size_t o = 0; o < 256; ++o)
+    for (size_t i = 0; i < 64; ++i) {
+      double d = 0, bound = 0;
+      for (size_t k = 0; k < 4; ++k) {
+        d += b.values[o * 4 + k] * a.values[k * 64 + i];
+        bound += std::fabs(b.values[o * 4 + k] * a.values[k * 64 + i]);
+      }
+      const double want = e[o * 64 + i] + 2 * d;
+      n_bad += std::fabs(h[o * 64 + i] - want) > 1e-6 * (std::fabs(e[o * 64 + i]) + 2 * bound);
+    }
+  CHECK(n_bad == 0);
+  CHECK(read_f64(merged.shards[0], "model.embed_tokens.weight") == e);
+  const nlohmann::json cfg = nlohmann::json::parse(read_text_file(dir / "out/config.json"));
+  CHECK(cfg["tie_word_embeddings"] == false);
+  CHECK(cfg["vocab_size"] == 256);
+}
+
+TEST_CASE("modules_to_save: a new head is added, added tokens grow the vocabulary, others refused") {
+  temp_dir dir;
+  const std::string base_path = testdata + "/tiny-llama-tied";
+  nlohmann::json cfg = peft_config_json(4, 8, {"q_proj"});
+  const test_tensor qa =
+      random_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", dtype::F32, {4, 64}, 91);
+  const test_tensor qb =
+      random_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", dtype::F32, {64, 4}, 92);
+  write_peft_adapter(dir / "seqcls", cfg,
+                     {qa, qb, random_tensor("base_model.model.score.weight", dtype::F32, {2, 64}, 93)});
+  merge_report r = run(base_path, {{dir / "seqcls", 1.0}}, dir / "out-seqcls");
+  CHECK(r.added == std::vector<std::string>{"score.weight"});
+  CHECK(r.config_changes.empty());
+  CHECK(open_model(dir / "out-seqcls").find("score.weight"));
+
+  write_peft_adapter(dir / "tokens", cfg,
+                     {qa, qb, random_tensor("base_model.model.model.embed_tokens.weight", dtype::F32, {260, 64}, 94)});
+  r = run(base_path, {{dir / "tokens", 1.0}}, dir / "out-tokens");
+  CHECK(r.n_replaced == 1);
+  CHECK(r.config_changes == std::vector<std::string>{"vocab_size: 260"});
+  CHECK(open_model(dir / "out-tokens").at("model.embed_tokens.weight").info->shape == std::vector<int64_t>{260, 64});
+
+  write_peft_adapter(dir / "cols", cfg,
+                     {qa, qb, random_tensor("base_model.model.model.embed_tokens.weight", dtype::F32, {256, 65}, 95)});
+  CHECK_THROWS_WITH(run(base_path, {{dir / "cols", 1.0}}, dir / "out-cols"),
+                    doctest::Contains("base model.embed_tokens.weight is [256, 64], the saved module is [256, 65]"));
+  CHECK_FALSE(std::filesystem::exists(dir / "out-cols"));
 }
 
 TEST_CASE("two adapters with weights and --scale sum their deltas") {
