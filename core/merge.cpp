@@ -434,7 +434,8 @@ void check_contributions(const merge_options& options, const tensor_changes& cha
                          const std::vector<added_tensor>& added, const merge_plan& plan) {
   for (const auto& [target, list] : changes.deltas)
     if (!plan.base.find_ref(target) &&
-        std::none_of(added.begin(), added.end(), [&](const added_tensor& a) { return a.name == target; }))
+        // (clang before 16 cannot capture a structured binding: name it)
+        std::none_of(added.begin(), added.end(), [&name = target](const added_tensor& a) { return a.name == name; }))
       throw fit_error(
           *list.front().adapter_file, plan.base.path,
           {{{list.front().module->name, fmt::format("the base has no tensor {}", target), fit_issue::no_base_tensor}}});
