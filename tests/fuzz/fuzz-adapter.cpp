@@ -65,8 +65,16 @@ void check_adapter(const lora::adapter& a) {
     const lora::lora_module& m = a.modules[i];
     require(i == 0 || a.modules[i - 1].name < m.name, "modules sorted by name, unique");
     require(in_file(a, m.a) && in_file(a, m.b), "A and B are tensors of the file");
-    require(m.rank > 0 && m.a.info->shape.size() >= 2 && m.a.info->shape[0] == m.rank, "rank is A's rows");
-    require(m.b.info->shape.size() >= 2 && m.b.info->shape[1] == m.rank, "rank is B's columns");
+    require(m.rank > 0, "rank is positive");
+    if (m.form == lora::delta_form::low_rank) {
+      require(m.a.info->shape.size() >= 2 && m.a.info->shape[0] == m.rank, "rank is A's rows");
+      require(m.b.info->shape.size() >= 2 && m.b.info->shape[1] == m.rank, "rank is B's columns");
+    } else {
+      // LyCORIS: a and b view two of its tensors; the rank comes from the decomposed factor
+      const lora::lycoris_tensors& l = m.lycoris;
+      for (const auto* t : {&l.w1, &l.w1_a, &l.w1_b, &l.w2, &l.w2_a, &l.w2_b, &l.t1, &l.t2, &l.mid})
+        require(!*t || in_file(a, **t), "LyCORIS tensors are tensors of the file");
+    }
     require(std::isfinite(m.alpha) && std::isfinite(m.scale), "alpha and scale are finite");
     require(!m.magnitude || (in_file(a, *m.magnitude) && m.dora), "magnitude only with DoRA");
     require(!m.bias || in_file(a, *m.bias), "bias is a tensor of the file");
