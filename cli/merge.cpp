@@ -65,6 +65,15 @@ int run_merge(const merge_cli_options& o) {
   const std::string tensors = fmt::format("{} tensors: {} merged, {} replaced, {} converted, {} copied", r.n_tensors,
                                           r.n_merged, r.n_replaced, r.n_converted, r.n_copied);
   auto print_heads = [&] {
+    if (!r.fp8.empty()) {
+      if (opts.out_type)
+        fmt::print("fp8 base ({}): dequantized to {}; {} block scale tensors (weight_scale_inv) dropped\n", r.fp8,
+                   dtype_name(*opts.out_type), r.n_dropped_scales);
+      else
+        fmt::print("fp8 base ({}): output stays FP8; {} merged weights requantized to E4M3 with new block "
+                   "scales (their weight_scale_inv rewritten), the other FP8 weights and scales copied\n",
+                   r.fp8, r.n_rescaled);
+    }
     if (!r.added.empty()) fmt::print("added tensors: {}\n", fmt::join(r.added, ", "));
     if (!r.config_changes.empty()) fmt::print("config.json: {}\n", fmt::join(r.config_changes, ", "));
   };

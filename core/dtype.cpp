@@ -100,6 +100,34 @@ uint16_t f64_to_bf16(double d) noexcept {
   return static_cast<uint16_t>(bits_of(round_to_format(d, 7, -126, max_bf16)) >> 16);
 }
 
+float e4m3_to_f32(uint8_t code) noexcept {
+  const int exp = (code >> 3) & 0xf;
+  const int mant = code & 0x7;
+  float v;
+  if (exp == 0xf && mant == 0x7)
+    v = std::numeric_limits<float>::quiet_NaN();
+  else if (exp == 0)
+    v = std::ldexp(static_cast<float>(mant), -9);  // subnormal: m x 2^-9
+  else
+    v = std::ldexp(static_cast<float>(8 + mant), exp - 7 - 3);  // 1.m x 2^(e-7)
+  return (code & 0x80) ? -v : v;
+}
+
+uint8_t f64_to_e4m3(double d) noexcept {
+  const uint8_t sign = std::signbit(d) ? 0x80 : 0x00;
+  if (std::isnan(d)) return sign | 0x7f;
+  // round once: 3 mantissa bits, minimum normal exponent -6 (subnormal
+  // quantum 2^-9); a result above 448 (what 480 would be) has no code
+  const float r = round_to_format(d, 3, -6, e4m3_max);
+  if (std::isinf(r)) return sign | 0x7f;
+  const double a = std::fabs(static_cast<double>(r));
+  if (a == 0.0) return sign;
+  const int e = std::ilogb(a);
+  if (e < -6) return sign | static_cast<uint8_t>(a * 512.0);  // subnormal: m = a / 2^-9
+  const int mant = static_cast<int>(std::ldexp(a, 3 - e)) - 8;
+  return sign | static_cast<uint8_t>(((e + 7) << 3) | mant);
+}
+
 int math_dtype_size(dtype type) {
   switch (type) {
     case dtype::F16:
@@ -264,6 +292,9 @@ uint64_t count_nonfinite(dtype type, std::span<const uint8_t> bytes) noexcept {
         std::memcpy(&u, p + i, 8);
         n += (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
       }
+      break;
+    case dtype::F8_E4M3:
+      for (size_t i = 0; i < bytes.size(); ++i) n += (p[i] & 0x7f) == 0x7f;
       break;
     default: break;
   }

@@ -20,6 +20,23 @@ uint16_t f32_to_bf16(float f) noexcept;
 uint16_t f64_to_f16(double d) noexcept;
 uint16_t f64_to_bf16(double d) noexcept;
 
+// FP8 E4M3, the OCP "FN" variant (torch.float8_e4m3fn, safetensors
+// F8_E4M3): 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities;
+// S.1111.111 is NaN, so the largest finite value is 1.110 x 2^8 = 448;
+// subnormals (exponent 0) are m x 2^-9. Follows the OCP 8-bit floating point
+// specification (v1.0, 2023) and c10/util/Float8_e4m3fn.h of PyTorch.
+inline constexpr double e4m3_max = 448.0;
+// Exact (every E4M3 value is an f32); NaN codes (0x7f, 0xff) give a quiet NaN.
+float e4m3_to_f32(uint8_t code) noexcept;
+// Rounds once to nearest, ties to even. Non-saturating, as torch's cast:
+// |d| >= 464 (the midpoint between 448 and 480, itself rounding to even 448)
+// has no finite E4M3 value and gives NaN (0x7f, sign kept), as does NaN or
+// infinity; the caller that wants saturation clamps to +-448 first (the
+// merge's block scale keeps |values| <= 448, and count_nonfinite finds a NaN
+// that got through). Signed zeros are kept.
+uint8_t f64_to_e4m3(double d) noexcept;
+inline uint8_t f32_to_e4m3(float f) noexcept { return f64_to_e4m3(static_cast<double>(f)); }
+
 // Decodes src.size() / element-size elements of `type` (F16, BF16, F32, F64;
 // bytes may be unaligned) into dst, which must hold exactly that many.
 // Throws lora::error (exit 3) for a non-math dtype or a size mismatch.
@@ -38,7 +55,7 @@ void round_through(dtype type, std::span<float> x);
 
 // How many values of `bytes` (elements of `type`) are NaN or infinite, by
 // their exponent bits (no conversion). 0 for a dtype that is not F16, BF16,
-// F32 or F64. Never throws.
+// F32, F64 or F8_E4M3 (NaN codes S.1111.111). Never throws.
 uint64_t count_nonfinite(dtype type, std::span<const uint8_t> bytes) noexcept;
 
 // The largest finite value of a math dtype (F16 65504, BF16 ~3.39e38, F32

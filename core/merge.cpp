@@ -12,11 +12,13 @@
 #include <mutex>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "core/adapter.h"
 #include "core/blas.h"
 #include "core/delta.h"
 #include "core/dtype.h"
+#include "core/fp8.h"
 #include "core/scratch.h"
 #include "core/thread-pool.h"
 #include "formats/error.h"
@@ -72,6 +74,16 @@ struct tensor_job {
   dtype out_type = dtype::F32;
   std::vector<contribution> deltas;
   bool copy = false;  // byte for byte
+  // block-scaled FP8 (core/fp8): the source's scale (the base's), and with
+  // `requantize` the output stays FP8 with new codes and a new scale tensor
+  // (`scale_name`, in shard `scale_shard`), written by this job; `by_weight`
+  // marks a scale tensor that its weight's job writes (this job does nothing)
+  const tensor_ref* scale = nullptr;
+  fp8_block block;
+  bool requantize = false;
+  std::string scale_name;
+  size_t scale_shard = 0;
+  bool by_weight = false;
   uint64_t out_begin = 0;
   uint64_t out_bytes = 0;
 };
@@ -154,21 +166,50 @@ void check_block_finite(const tensor_job& job, std::span<const uint8_t> in_bytes
                                       bad, rb, re - 1));
 }
 
-// Computes one tensor in row blocks: read W0 (or the replacement), apply
-// every contribution in order, round once, write.
+// The FP8 side of one row block (core/fp8): requantizes buf into out_bytes
+// and writes the block's rows of the new scale tensor.
+void requantize_rows(const tensor_job& job, const std::vector<float>& old_scales, const double* buf, int64_t n_cols,
+                     int64_t rb, int64_t re, std::span<uint8_t> out_bytes,
+                     std::vector<std::unique_ptr<safetensors_writer>>& writers, bool allow_nonfinite) {
+  const int64_t n_scale_cols = (n_cols + job.block.cols - 1) / job.block.cols;
+  const int64_t sb = rb / job.block.rows, se = (re + job.block.rows - 1) / job.block.rows;
+  const size_t n_scales = static_cast<size_t>((se - sb) * n_scale_cols);
+  std::vector<float> scales(n_scales);
+  const uint64_t bad = fp8_quantize_rows(
+      buf, job.block, n_cols, rb, re,
+      std::span<const float>(old_scales).subspan(static_cast<size_t>(sb * n_scale_cols), n_scales), out_bytes, scales);
+  if (bad > 0 && !allow_nonfinite)
+    throw errors::invalid(job.source.file->path(), job.name,
+                          fmt::format("the merge produced {} blocks (rows {}..{}) whose largest value or FP8 scale is "
+                                      "not finite; refusing to write them (--allow-nonfinite writes them anyway)",
+                                      bad, rb, re - 1));
+  std::vector<uint8_t> bytes(n_scales * 4);
+  from_f32(dtype::F32, scales, bytes);
+  writers[job.scale_shard]->write_part(job.scale_name, static_cast<uint64_t>(sb * n_scale_cols) * 4, bytes);
+}
+
+// Computes one tensor in row blocks: read W0 (or the replacement; an FP8
+// weight dequantized with its block scales), apply every contribution in
+// order, round once (or requantize to FP8 with new block scales), write.
 template <typename T>
-void run_compute(const tensor_job& job, safetensors_writer& writer, bool allow_nonfinite) {
+void run_compute(const tensor_job& job, std::vector<std::unique_ptr<safetensors_writer>>& writers,
+                 bool allow_nonfinite) {
+  safetensors_writer& writer = *writers[job.shard];
   const tensor_info& src = *job.source.info;
-  const size_t in_size = static_cast<size_t>(math_dtype_size(src.type));
-  const size_t out_size = static_cast<size_t>(math_dtype_size(job.out_type));
+  const size_t in_size = job.scale ? 1 : static_cast<size_t>(math_dtype_size(src.type));
+  const size_t out_size = job.requantize ? 1 : static_cast<size_t>(math_dtype_size(job.out_type));
   if (src.n_elements == 0) return;
   const int64_t n_rows = src.shape.empty() ? 1 : src.shape[0];
   const uint64_t n_cols = src.n_elements / static_cast<uint64_t>(n_rows);
   bool whole = false;
   const auto factors = load_factors<T>(job, whole);
   const std::optional<exact_rounding> rounding = exact_rounding_for<T>(job, factors);
-  const int64_t rows_per_block =
+  const std::vector<float> scales = job.scale ? read_fp8_scales(*job.scale) : std::vector<float>{};
+  int64_t rows_per_block =
       whole ? n_rows : std::max<int64_t>(1, static_cast<int64_t>(block_elements / std::max<uint64_t>(n_cols, 1)));
+  // requantizing needs whole blocks of rows (a block's scale is its max)
+  if (job.requantize && rows_per_block < n_rows)
+    rows_per_block = std::max<int64_t>(1, rows_per_block / job.block.rows) * job.block.rows;
   const size_t block_cap = static_cast<size_t>(std::min<int64_t>(rows_per_block, n_rows)) * n_cols;
   // per-thread buffers, reused from tensor to tensor (no fresh pages, no zeroing)
   T* buf = thread_scratch<T, 0>(block_cap);
@@ -188,7 +229,12 @@ void run_compute(const tensor_job& job, safetensors_writer& writer, bool allow_n
     pass.reading(in_begin + in_bytes.size());
     map.read(in_begin, in_bytes);
     pass.consumed(in_begin + in_bytes.size());
-    decode_rows<T>(src.type, in_bytes, std::span<T>(buf, n));
+    if (job.scale) {
+      if constexpr (sizeof(T) == 8)
+        fp8_dequantize_rows(in_bytes, scales, job.block, static_cast<int64_t>(n_cols), rb, re, buf);
+    } else {
+      decode_rows<T>(src.type, in_bytes, std::span<T>(buf, n));
+    }
     // W += weight_k * dW_k, or DoRA's rescaling, adapter by adapter
     for (size_t i = 0; i < job.deltas.size(); ++i) {
       const contribution& c = job.deltas[i];
@@ -202,14 +248,22 @@ void run_compute(const tensor_job& job, safetensors_writer& writer, bool allow_n
     if constexpr (sizeof(T) == 4) {
       if (rounding) rounding->round_rows(src.type, in_bytes, rb, re, buf, out_bytes);
     }
-    if (!rounding) encode_rows<T>(job.out_type, std::span<const T>(buf, n), out_bytes);
+    if (job.requantize) {
+      if constexpr (sizeof(T) == 8)
+        requantize_rows(job, scales, buf, static_cast<int64_t>(n_cols), rb, re, out_bytes, writers, allow_nonfinite);
+    } else if (!rounding) {
+      encode_rows<T>(job.out_type, std::span<const T>(buf, n), out_bytes);
+    }
     if (!allow_nonfinite) check_block_finite(job, in_bytes, out_bytes, rb, re);
     writer.write_part(job.name, static_cast<uint64_t>(rb) * n_cols * out_size, out_bytes);
   }
 }
 
-void run_job(const tensor_job& job, safetensors_writer& writer, bool allow_nonfinite) {
+void run_job(const tensor_job& job, std::vector<std::unique_ptr<safetensors_writer>>& writers,
+             bool allow_nonfinite) {
+  if (job.by_weight) return;  // an FP8 scale: its weight's job writes it
   if (job.copy) {
+    safetensors_writer& writer = *writers[job.shard];
     // in the kernel; a source not in the page cache is read ahead and dropped as it is copied
     const safetensors_file& file = *job.source.file;
     const uint64_t begin = file.file_offset(*job.source.info);
@@ -221,11 +275,13 @@ void run_job(const tensor_job& job, safetensors_writer& writer, bool allow_nonfi
     });
     return;
   }
-  // f64 arithmetic when either side is F64 (no double rounding through f32)
-  if (job.out_type == dtype::F64 || job.source.info->type == dtype::F64)
-    run_compute<double>(job, writer, allow_nonfinite);
+  // f64 arithmetic when either side is F64 (no double rounding through f32),
+  // and for FP8 weights (an E4M3 code times its f32 scale is exact in f64,
+  // and the merged value is rounded once, to E4M3 or to --dtype)
+  if (job.out_type == dtype::F64 || job.source.info->type == dtype::F64 || job.scale)
+    run_compute<double>(job, writers, allow_nonfinite);
   else
-    run_compute<float>(job, writer, allow_nonfinite);
+    run_compute<float>(job, writers, allow_nonfinite);
 }
 
 // The jobs with the copies (`copy`) placed at evenly spaced positions among
@@ -284,6 +340,7 @@ struct merge_plan {
   fs::path out;
   bool out_exists = false;
   model_files base;
+  fp8_model fp8;  // the base's block-scaled FP8 weights (core/fp8); none: not present
   std::vector<adapter> adapters;
   std::vector<tensor_job> jobs;                                  // base shard order, then data order
   std::vector<safetensors_layout> layouts;                       // one per shard
@@ -337,11 +394,50 @@ tensor_changes collect_changes(const merge_options& options, const std::vector<a
   return changes;
 }
 
+// The shard of `file` in the base.
+size_t shard_of(const merge_plan& plan, const safetensors_file* file) {
+  size_t s = 0;
+  while (s + 1 < plan.base.shards.size() && &plan.base.shards[s] != file) ++s;
+  return s;
+}
+
+// An FP8 model's weights and their block scales (core/fp8): an FP8 weight is
+// copied, requantized (it has deltas, no --dtype) or dequantized to --dtype;
+// a scale is copied, written by its requantized weight's job, or (--dtype:
+// dropped, plan_jobs leaves it out). Returns false for other tensors.
+bool plan_fp8_job(tensor_job& job, const tensor_changes& changes, const merge_options& options,
+                  const merge_plan& plan) {
+  if (const tensor_ref* scale = plan.fp8.scale_of(job.name)) {
+    if (job.replaced)
+      throw errors::invalid(job.source.file->path(), job.name,
+                            "modules_to_save replaces this FP8 weight, which would leave its block scale stale; "
+                            "merge with --dtype bf16 to dequantize the model");
+    job.scale = scale;
+    job.block = plan.fp8.block;
+    job.out_type = options.out_type.value_or(dtype::F8_E4M3);
+    job.copy = job.deltas.empty() && job.out_type == dtype::F8_E4M3;
+    job.requantize = !job.copy && job.out_type == dtype::F8_E4M3;
+    if (job.requantize) {
+      job.scale_name = scale->info->name;
+      job.scale_shard = shard_of(plan, scale->file);
+    }
+    return true;
+  }
+  if (plan.fp8.is_scale(job.name)) {
+    const std::string weight = job.name.substr(0, job.name.size() - std::string_view("_scale_inv").size());
+    job.out_type = dtype::F32;
+    job.by_weight = changes.deltas.count(weight) > 0;
+    job.copy = !job.by_weight;
+    return true;
+  }
+  return false;
+}
+
 // One output tensor's job: its source (`base_source`, or its replacement),
 // contributions and output dtype (--dtype for floating-point tensors, else
 // `base_type`). Throws exit 3 for a dtype without arithmetic that would need any.
 tensor_job make_job(size_t shard, const std::string& name, dtype base_type, tensor_ref base_source,
-                    const tensor_changes& changes, const merge_options& options) {
+                    const tensor_changes& changes, const merge_options& options, const merge_plan& plan) {
   tensor_job job;
   job.shard = shard;
   job.name = name;
@@ -351,6 +447,7 @@ tensor_job make_job(size_t shard, const std::string& name, dtype base_type, tens
     job.replaced = true;
   }
   if (auto d = changes.deltas.find(name); d != changes.deltas.end()) job.deltas = d->second;
+  if (plan.fp8.present && plan_fp8_job(job, changes, options, plan)) return job;
   job.out_type = options.out_type && dtype_is_math(base_type) ? *options.out_type : base_type;
   const dtype src = job.source.info->type;
   if ((!job.deltas.empty() || src != job.out_type) && !(dtype_is_math(src) && dtype_is_math(job.out_type)))
@@ -411,10 +508,13 @@ std::map<std::string, std::string> plan_jobs(const merge_options& options, const
       weight_map[job.name] = plan.base.shard_names[s];
       plan.jobs.push_back(std::move(job));
     };
-    for (const tensor_info& t : shard.tensors())
-      add_job(make_job(s, t.name, t.type, tensor_ref{&shard, &t}, changes, options));
+    for (const tensor_info& t : shard.tensors()) {
+      // merge --dtype of an FP8 model: dequantized, its block scales dropped
+      if (options.out_type && plan.fp8.is_scale(t.name)) continue;
+      add_job(make_job(s, t.name, t.type, tensor_ref{&shard, &t}, changes, options, plan));
+    }
     for (const added_tensor& a : added)
-      if (a.shard == s) add_job(make_job(s, a.name, a.base_type, a.source, changes, options));
+      if (a.shard == s) add_job(make_job(s, a.name, a.base_type, a.source, changes, options, plan));
     plan.layouts.push_back(
         plan_safetensors(std::move(specs), output_metadata(shard.metadata(), options, plan.adapters)));
     for (size_t j = first_job; j < plan.jobs.size(); ++j) {
@@ -499,7 +599,8 @@ void plan_other_files(const std::map<std::string, std::string>& weight_map, uint
 // Step 4b: config.json's fields that the output changes: tie_word_embeddings
 // false when a tied base gets its own head, vocab_size when a saved
 // embedding or head grows. Read and rewritten now, written with the rest.
-void plan_config(const std::vector<added_tensor>& added, merge_plan& plan, merge_report& report) {
+void plan_config(const merge_options& options, const std::vector<added_tensor>& added, merge_plan& plan,
+                 merge_report& report) {
   config_update update;
   for (const added_tensor& a : added)
     if (tied_head_source(plan.base, a.name)) update.tie_word_embeddings = false;
@@ -508,16 +609,24 @@ void plan_config(const std::vector<added_tensor>& added, merge_plan& plan, merge
     if (b != nullptr && b->info->shape.size() == 2 && job.source.info->shape[0] > b->info->shape[0])
       update.vocab_size = std::max(update.vocab_size.value_or(0), job.source.info->shape[0]);
   }
+  if (plan.fp8.present && options.out_type) {
+    // dequantized: no quantization_config, the dtype asked (DeepSeek's
+    // fp8_cast_bf16.py drops the scales and leaves the config to the user)
+    update.remove_quantization_config = plan.fp8.from_config;
+    static const std::map<dtype, std::string> torch_names{
+        {dtype::BF16, "bfloat16"}, {dtype::F16, "float16"}, {dtype::F32, "float32"}, {dtype::F64, "float64"}};
+    if (!plan.base.config_path.empty()) update.torch_dtype = torch_names.at(*options.out_type);
+  }
   if (update.empty()) return;
-  if (plan.single_file)
-    throw errors::usage(fmt::format(
-        "--out {} writes one .safetensors file, but the merged model needs its config.json changed ({}{}); give "
-        "--out a folder",
-        plan.out.string(), update.tie_word_embeddings ? "tie_word_embeddings: false" : "",
-        update.vocab_size ? fmt::format("{}vocab_size: {}", update.tie_word_embeddings ? ", " : "", *update.vocab_size)
-                          : ""));
   if (update.tie_word_embeddings) report.config_changes.push_back("tie_word_embeddings: false");
   if (update.vocab_size) report.config_changes.push_back(fmt::format("vocab_size: {}", *update.vocab_size));
+  if (update.remove_quantization_config) report.config_changes.push_back("quantization_config: removed");
+  if (update.torch_dtype) report.config_changes.push_back(fmt::format("torch_dtype: {}", *update.torch_dtype));
+  if (plan.single_file && !(plan.base.config_path.empty() && !update.tie_word_embeddings && !update.vocab_size))
+    throw errors::usage(fmt::format(
+        "--out {} writes one .safetensors file, but the merged model needs its config.json changed ({}); give "
+        "--out a folder",
+        plan.out.string(), fmt::join(report.config_changes, ", ")));
   if (plan.base.config_path.empty()) return;
   plan.config_text = update_config_text(read_text_file(plan.base.config_path), plan.base.config_path, update);
 }
@@ -545,6 +654,7 @@ void plan_merge(const merge_options& options, merge_plan& plan, merge_report& re
   report.out = plan.out.string();
   // 2. open the base and the adapters; every module must fit
   plan.base = open_model(options.base);
+  plan.fp8 = read_fp8_model(plan.base);
   plan.single_file =
       plan.out.extension() == ".safetensors" && fs::is_regular_file(plan.base.path) && plan.base.shards.size() == 1;
   plan.adapters.reserve(options.adapters.size());
@@ -559,12 +669,18 @@ void plan_merge(const merge_options& options, merge_plan& plan, merge_report& re
   const auto weight_map = plan_jobs(options, changes, added, plan, total_tensor_bytes);
   check_contributions(options, changes, added, plan);
   for (const added_tensor& a : added) report.added.push_back(a.name);
-  plan_config(added, plan, report);
+  plan_config(options, added, plan, report);
   report.n_tensors = plan.jobs.size();
+  if (plan.fp8.present) {
+    report.fp8 = plan.fp8.config_text;
+    if (options.out_type) report.n_dropped_scales = plan.fp8.scales.size();
+  }
   for (const tensor_job& job : plan.jobs) {
     if (job.replaced && plan.base.find_ref(job.name) != nullptr) ++report.n_replaced;
     if (!job.deltas.empty())
       ++report.n_merged;
+    else if (job.by_weight)
+      ++report.n_rescaled;
     else if (!job.replaced)
       ++(job.copy ? report.n_copied : report.n_converted);
   }
@@ -594,7 +710,7 @@ void run_jobs(const merge_options& options, std::vector<tensor_job> jobs,
   for (const tensor_job& job : jobs) event.total_bytes += job.out_bytes;
   parallel_for(jobs.size(), options.threads, [&](size_t i) {
     const tensor_job& job = jobs[i];
-    run_job(job, *writers[job.shard], options.allow_nonfinite);
+    run_job(job, writers, options.allow_nonfinite);
     if (options.progress) {
       std::lock_guard<std::mutex> lock(progress_mutex);
       ++event.done_items;

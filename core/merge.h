@@ -77,6 +77,12 @@ struct merge_report {
   // config.json fields changed, as "field: value" (tie_word_embeddings: false
   // for an untied head, vocab_size for added tokens)
   std::vector<std::string> config_changes;
+  // block-scaled FP8 base (core/fp8): its scheme ("fp8 e4m3, block 128x128,
+  // ..."; empty: not FP8); scale tensors rewritten for requantized weights;
+  // scale tensors dropped by --dtype (the weights dequantized)
+  std::string fp8;
+  uint64_t n_rescaled = 0;
+  uint64_t n_dropped_scales = 0;
   uint64_t n_converted = 0;    // untouched tensors converted to --dtype
   uint64_t n_copied = 0;       // untouched tensors copied byte for byte
   uint64_t bytes_written = 0;  // every file of the output (or that would be)

@@ -485,6 +485,37 @@ std::optional<std::string> parse_model_type(std::string_view json_text, const st
   return it->get<std::string>();
 }
 
+std::optional<quantization_config> parse_quantization_config(std::string_view json_text, const std::string& label) {
+  json j = parse_object(json_text, label);
+  auto it = j.find("quantization_config");
+  if (it == j.end())
+    if (auto t = j.find("text_config"); t != j.end() && t->is_object()) {
+      it = t->find("quantization_config");
+      if (it == t->end()) return std::nullopt;
+    }
+  if (it == j.end()) return std::nullopt;
+  if (!it->is_object()) throw errors::invalid(label, "", "field quantization_config is not an object");
+  quantization_config q;
+  auto text = [&](const char* key) -> std::optional<std::string> {
+    auto f = it->find(key);
+    if (f == it->end() || f->is_null()) return std::nullopt;
+    if (!f->is_string()) throw errors::invalid(label, "", fmt::format("field quantization_config.{} is not a string", key));
+    return f->get<std::string>();
+  };
+  q.quant_method = text("quant_method").value_or("");
+  q.fmt = text("fmt");
+  q.activation_scheme = text("activation_scheme");
+  if (auto b = it->find("weight_block_size"); b != it->end()) {
+    q.weight_block_size_text = b->dump();
+    std::vector<int64_t> v;
+    if (b->is_array())
+      for (const json& x : *b)
+        if (x.is_number_integer()) v.push_back(x.get<int64_t>());
+    q.weight_block_size = (b->is_array() && v.size() == b->size()) ? v : std::vector<int64_t>{};
+  }
+  return q;
+}
+
 hf_config parse_hf_config(std::string_view json_text, const std::string& label) {
   json j = parse_object(json_text, label);
   hf_config c;
@@ -525,6 +556,14 @@ std::string update_config_text(std::string_view json_text, const std::string& la
   };
   if (update.tie_word_embeddings) set("tie_word_embeddings", *update.tie_word_embeddings);
   if (update.vocab_size) set("vocab_size", *update.vocab_size);
+  if (update.remove_quantization_config) {
+    j.erase("quantization_config");
+    if (auto t = j.find("text_config"); t != j.end() && t->is_object()) t->erase("quantization_config");
+  }
+  if (update.torch_dtype) {
+    set("torch_dtype", *update.torch_dtype);
+    if (j.contains("dtype")) set("dtype", *update.torch_dtype);
+  }
   return j.dump(2) + "\n";
 }
 

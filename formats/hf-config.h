@@ -115,16 +115,41 @@ hf_config parse_hf_config(std::string_view json_text, const std::string& label);
 // Reads and parses a config.json file. Throws exit 4 when unreadable, else as above.
 hf_config read_hf_config(const std::string& path);
 
+// config.json's "quantization_config", as written (validation of what lora
+// supports is core/fp8's). Field names as transformers' quantization configs
+// (utils/quantization_config.py, FineGrainedFP8Config) and the DeepSeek-V3 /
+// Qwen3-FP8 config.json files write them.
+struct quantization_config {
+  std::string quant_method;        // "fp8", "gptq", "bitsandbytes", ... ("" when missing)
+  std::optional<std::string> fmt;  // "e4m3", "e5m2"; nullopt when absent
+  std::optional<std::string> activation_scheme;
+  // weight_block_size [rows, cols]; absent: nullopt; present but null or not
+  // two integers: block_size_text says what it is (for the refusal)
+  std::optional<std::vector<int64_t>> weight_block_size;
+  std::string weight_block_size_text;  // the JSON of the field when present
+};
+
+// The "quantization_config" object of a config.json text (also inside
+// "text_config"), or nullopt when there is none. Throws lora::error (exit 3)
+// naming `label` when the text is not a JSON object or the field is not an
+// object.
+std::optional<quantization_config> parse_quantization_config(std::string_view json_text, const std::string& label);
+
 // Fields a merge changes in the output's config.json (nullopt: kept).
 struct config_update {
   std::optional<bool> tie_word_embeddings;  // false: the merged model has its own head
   std::optional<int64_t> vocab_size;        // tokens added by the adapter
-  bool empty() const noexcept { return !tie_word_embeddings && !vocab_size; }
+  bool remove_quantization_config = false;  // an FP8 model dequantized by merge --dtype
+  // "torch_dtype" (and "dtype", transformers 5's name, when the config has it)
+  std::optional<std::string> torch_dtype;
+  bool empty() const noexcept {
+    return !tie_word_embeddings && !vocab_size && !remove_quantization_config && !torch_dtype;
+  }
 };
 
 // `json_text` (a config.json) with the fields of `update` set, at the top
-// level and in a "text_config" object that holds the same field; every other
-// field kept, in its order. Two-space indent and a final newline, as
+// level and in a "text_config" object that holds the same field
+// (quantization_config removed from both); every other field kept, in its order. Two-space indent and a final newline, as
 // transformers writes it. Throws lora::error (exit 3) naming `label` when
 // the text is not a JSON object.
 std::string update_config_text(std::string_view json_text, const std::string& label, const config_update& update);

@@ -481,3 +481,106 @@ TEST_CASE("conversions refuse non-math dtypes and size mismatches (exit 3)") {
   CHECK(code_of([&] { from_f64(dtype::F64, d, bytes); }) == 0);
   CHECK(code_of([&] { to_f32(dtype::F32, std::span<const uint8_t>(bytes).subspan(0, 8), f); }) == 0);
 }
+
+// ---------------------------------------------------------------- FP8 E4M3 (OCP "FN")
+
+namespace {
+// The value of an E4M3 code from its fields (OCP 8-bit FP spec v1.0):
+// exponent 0 is subnormal m/8 * 2^-6, else (1 + m/8) * 2^(e-7); S.1111.111 is NaN.
+double e4m3_reference(int code) {
+  const int s = code >> 7, e = (code >> 3) & 15, m = code & 7;
+  if (e == 15 && m == 7) return std::numeric_limits<double>::quiet_NaN();
+  const double mag = e == 0 ? (m / 8.0) * std::pow(2.0, -6) : (1.0 + m / 8.0) * std::pow(2.0, e - 7);
+  return s ? -mag : mag;
+}
+}  // namespace
+
+TEST_CASE("e4m3_to_f32: all 256 codes equal the value of their fields") {
+  int n_nan = 0;
+  for (int c = 0; c < 256; ++c) {
+    const double want = e4m3_reference(c);
+    const float got = e4m3_to_f32(static_cast<uint8_t>(c));
+    if (std::isnan(want)) {
+      CHECK(std::isnan(got));
+      ++n_nan;
+      continue;
+    }
+    CHECK(static_cast<double>(got) == want);
+    CHECK(std::signbit(got) == (c >= 128));
+  }
+  CHECK(n_nan == 2);  // 0x7f, 0xff: no infinities in the FN variant
+  CHECK(e4m3_to_f32(0x7e) == 448.0f);
+  CHECK(e4m3_to_f32(0x38) == 1.0f);
+  CHECK(e4m3_to_f32(0x08) == std::ldexp(1.0f, -6));  // smallest normal
+  CHECK(e4m3_to_f32(0x01) == std::ldexp(1.0f, -9));  // smallest subnormal
+  CHECK(e4m3_max == 448.0);
+}
+
+TEST_CASE("f64_to_e4m3: every value round-trips, every midpoint ties to even, the neighbours of a midpoint round "
+          "to the nearer") {
+  for (int c = 0; c < 256; ++c) {
+    const double v = e4m3_reference(c);
+    if (std::isnan(v)) continue;
+    CHECK(f64_to_e4m3(v) == c);
+    CHECK(f32_to_e4m3(static_cast<float>(v)) == c);
+  }
+  // positive codes in increasing order: 0x00 .. 0x7e; the same for negatives with the sign bit
+  for (int c = 0; c < 0x7e; ++c)
+    for (int sign : {0, 0x80}) {
+      const double lo = e4m3_reference(sign | c), hi = e4m3_reference(sign | (c + 1));
+      const double mid = (lo + hi) / 2;  // exact in double
+      const int even = (c % 2 == 0) ? c : c + 1;
+      CHECK(f64_to_e4m3(mid) == (sign | even));
+      CHECK(f64_to_e4m3(std::nextafter(mid, lo)) == (sign | c));
+      CHECK(f64_to_e4m3(std::nextafter(mid, hi)) == (sign | (c + 1)));
+    }
+}
+
+TEST_CASE("f64_to_e4m3 beyond 448 is NaN (non-saturating, as torch's cast); zeros keep their sign") {
+  CHECK(f64_to_e4m3(448.0) == 0x7e);
+  CHECK(f64_to_e4m3(463.99) == 0x7e);  // nearer 448 than 480
+  CHECK(f64_to_e4m3(464.0) == 0x7e);   // the midpoint to 480 (which would be odd) rounds to even 448
+  CHECK(f64_to_e4m3(-464.0) == 0xfe);
+  CHECK(f64_to_e4m3(464.0001) == 0x7f);  // would round to 480: no such value, NaN
+  CHECK(f64_to_e4m3(-1e6) == 0xff);
+  CHECK(f64_to_e4m3(std::numeric_limits<double>::infinity()) == 0x7f);
+  CHECK(f64_to_e4m3(-std::numeric_limits<double>::infinity()) == 0xff);
+  CHECK((f64_to_e4m3(std::numeric_limits<double>::quiet_NaN()) & 0x7f) == 0x7f);
+  CHECK(f64_to_e4m3(0.0) == 0x00);
+  CHECK(f64_to_e4m3(-0.0) == 0x80);
+  CHECK(f64_to_e4m3(std::ldexp(1.0, -10)) == 0x00);  // half the smallest subnormal: tie to even 0
+  CHECK(f64_to_e4m3(std::ldexp(1.5, -10)) == 0x01);
+  CHECK(f64_to_e4m3(1e-30) == 0x00);
+}
+
+TEST_CASE("f64_to_e4m3 on random doubles equals the nearest value of the table, ties to even (seed 11)") {
+  std::vector<std::pair<double, int>> table;  // positive finite values, increasing
+  for (int c = 0; c < 0x7f; ++c) table.push_back({e4m3_reference(c), c});
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<double> u(-470.0, 470.0);
+  std::uniform_real_distribution<double> small(-0.02, 0.02);
+  for (int i = 0; i < 200000; ++i) {
+    const double x = (i % 2) ? u(rng) : small(rng);
+    const double a = std::fabs(x);
+    int want;
+    if (a > 464.0) {
+      want = 0x7f;
+    } else {
+      auto it = std::lower_bound(table.begin(), table.end(), std::make_pair(a, -1));
+      if (it == table.end()) it = std::prev(it);
+      if (it != table.begin()) {
+        const auto lo = *std::prev(it);
+        const double dl = a - lo.first, dh = it->first - a;
+        if (dl < dh || (dl == dh && lo.second % 2 == 0)) it = std::prev(it);
+      }
+      want = it->second;
+    }
+    const int sign = std::signbit(x) ? 0x80 : 0;
+    REQUIRE(f64_to_e4m3(x) == (sign | want));
+  }
+}
+
+TEST_CASE("count_nonfinite counts E4M3 NaN codes") {
+  const std::vector<uint8_t> codes{0x00, 0x7f, 0x7e, 0xff, 0xfe, 0x80, 0x7f};
+  CHECK(count_nonfinite(dtype::F8_E4M3, codes) == 3);
+}
