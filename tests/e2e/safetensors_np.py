@@ -2,7 +2,8 @@
 (numpy only).
 
 read(path) -> ({name: (dtype, shape, raw bytes, float64 array)}, metadata or None)
-for files holding BF16 / F16 / F32 / F64 tensors.
+for files holding BF16 / F16 / F32 / F64 tensors (other dtypes, e.g. F8_E4M3:
+the array is None, the raw bytes are there).
 write(path, {name: numpy array of float16/32/64, or (dtype, shape, raw bytes)})
 writes a file the way the reference does (names sorted, header padded to 8).
 """
@@ -23,6 +24,9 @@ def read(path):
         dt = e["dtype"]
         if dt == "BF16":
             v = (np.frombuffer(b, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif dt not in ("F16", "F32", "F64"):
+            out[name] = (dt, e["shape"], b, None)
+            continue
         else:
             v = np.frombuffer(b, {"F16": np.float16, "F32": np.float32, "F64": np.float64}[dt])
         out[name] = (dt, e["shape"], b, v.astype(np.float64).reshape(e["shape"]))
