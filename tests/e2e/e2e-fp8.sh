@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Block-scaled FP8 bases (issue 14, item 6): tiny Qwen3 models as Qwen3-8B-FP8
+# ships them (tests/e2e/make_fp8.py: F8_E4M3 projections with F32
+# weight_scale_inv per block, BF16 embeddings / norms / head, its
+# quantization_config), once with the default 128x128 blocks and once with
+# weight_block_size [16, 24] (many partial edge blocks, an all-zero block),
+# merged with a PEFT LoRA on 4 of the 7 projections, and checked against
+# float64 by tests/e2e/check_fp8.py (its own E4M3 codec, tests/e2e/fp8_np.py):
+# - default: merged weights stay FP8, each block's new scale is
+#   max|truth| / 448 in f32, each element within half an E4M3 unit of the
+#   truth at that scale and equal to truth / scale rounded once; untouched FP8
+#   weights and scales and BF16 tensors bit-identical; config.json unchanged;
+# - --dtype bf16: every FP8 weight dequantized (plus its delta) and rounded
+#   once to BF16, bit for bit; scales dropped; quantization_config removed,
+#   torch_dtype bfloat16;
+# - verify equivalent on every output; inspect --base names the scheme and
+#   what merge will do; each refusal (scale shape or dtype wrong, scale
+#   missing, per-tensor scales, E5M2, per-tensor config, another quant_method)
+#   exits 3 with its one-line message and writes nothing.
+LORA=$1
+SRC=$2
+. "$SRC/tests/e2e/lib.sh"
+W="$E2E_TMP/w"
+mkdir -p "$W"
+"$PY" "$SRC/tests/e2e/make_fp8.py" "$W" || fail "make_fp8.py failed"
+
+for m in fp8-128 fp8-small; do
+  # --- default: the output stays FP8
+  expect_exit 0 "$LORA" merge --base "$W/$m" --adapter "$W/lora" --out "$W/out-$m"
+  expect_stdout_contains "output stays FP8; 4 merged weights requantized to E4M3 with new block scales"
+  run "$PY" "$SRC/tests/e2e/check_fp8.py" "$W/$m" "$W/lora" "$W/out-$m" fp8
+  if [ "$CODE" = 0 ]; then pass; else fail "$m fp8: $OUT"; fi
+  expect_stdout_contains "failures: 0"
+  # --- --dtype bf16: dequantized
+  expect_exit 0 "$LORA" merge --base "$W/$m" --adapter "$W/lora" --out "$W/bf16-$m" --dtype bf16
+  expect_stdout_contains "dequantized to BF16; 7 block scale tensors (weight_scale_inv) dropped"
+  expect_stdout_contains "config.json: quantization_config: removed, torch_dtype: bfloat16"
+  run "$PY" "$SRC/tests/e2e/check_fp8.py" "$W/$m" "$W/lora" "$W/bf16-$m" bf16
+  if [ "$CODE" = 0 ]; then pass; else fail "$m bf16: $OUT"; fi
+done
+
+# --- the block size is the config's: [16, 24] names it
+expect_exit 0 "$LORA" merge --base "$W/fp8-small" --adapter "$W/lora" --out "$W/dry" --dry-run
+expect_stdout_contains "fp8 base (fp8 e4m3, block 16x24, activation_scheme dynamic)"
+expect_nothing_left dry
+
+# --- refusals: exit 3, one line naming the file and tensor, nothing written
+# make_bad NAME EDIT: a copy of fp8-128 with EDIT (python over t = tensors, c = config) applied
+make_bad() {
+  SRC="$SRC" "$PY" - "$W/fp8-128" "$W/$1" "$2" <<'PY'
+import json, os, sys
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import read, write
+src, dst, edit = sys.argv[1:4]
+t = {k: (v[0], v[1], v[2]) for k, v in read(src + "/model.safetensors")[0].items()}
+c = json.load(open(src + "/config.json"))
+exec(edit)
+os.makedirs(dst, exist_ok=True)
+write(dst + "/model.safetensors", t)
+open(dst + "/config.json", "w").write(json.dumps(c, indent=2))
+PY
+}
+Q=model.layers.0.self_attn.q_proj.weight
+K=model.layers.0.self_attn.k_proj.weight
+make_bad bad-shape "t['${Q}_scale_inv'] = ('F32', [1, 1], t['${Q}_scale_inv'][2][:4])"
+make_bad bad-dtype "t['${Q}_scale_inv'] = ('BF16', [1, 2], t['${Q}_scale_inv'][2][:4])"
+make_bad no-scale "del t['${K}_scale_inv']"
+make_bad per-tensor "t['model.layers.0.self_attn.k_proj.weight_scale'] = ('F32', [], t.pop('${K}_scale_inv')[2][:4])"
+make_bad e5m2 "c['quantization_config']['fmt'] = 'e5m2'"
+make_bad block-null "c['quantization_config']['weight_block_size'] = None"
+make_bad other-method "c['quantization_config'] = {'quant_method': 'compressed-tensors', 'format': 'float-quantized'}"
+refuse() {
+  local name=$1 msg=$2
+  expect_exit 3 "$LORA" merge --base "$W/$name" --adapter "$W/lora" --out "$W/out-$name"
+  expect_stderr_contains "$msg"
+  expect_one_line_error
+  expect_nothing_left "out-$name"
+}
+refuse bad-shape "$W/bad-shape/model.safetensors: ${Q}_scale_inv: the block scale of $Q [64, 136] is [1, 1], expected [1, 2] (blocks of 128x128)"
+refuse bad-dtype "$W/bad-dtype/model.safetensors: ${Q}_scale_inv: the block scale of $Q is BF16, expected F32"
+refuse no-scale "$W/no-scale/model.safetensors: $K: this FP8 weight has no block scale ${K}_scale_inv"
+refuse per-tensor "$W/per-tensor/model.safetensors: $K: per-tensor or per-channel FP8 scales (weight_scale) are not supported (only block scales, weight_scale_inv)"
+refuse e5m2 "$W/e5m2/config.json: quantization_config.fmt e5m2 is not supported (only e4m3, OCP E4M3 FN)"
+refuse block-null "$W/block-null/config.json: quantization_config.weight_block_size null is not supported (block scales need two positive integers; per-tensor FP8 scales are not supported)"
+refuse other-method "$W/other-method/config.json: quantization_config.quant_method compressed-tensors is not supported"
+# --dtype does not get around a bad scale either
+expect_exit 3 "$LORA" merge --base "$W/bad-shape" --adapter "$W/lora" --out "$W/out-bad-bf16" --dtype bf16
+expect_stderr_contains "expected [1, 2] (blocks of 128x128)"
+expect_nothing_left out-bad-bf16
+
+finish
