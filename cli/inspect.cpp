@@ -125,6 +125,22 @@ ordered_json report_json(const inspect_report& r) {
   j["tensors"] = std::move(tensors);
   j["totals"] = {{"tensors", r.tensors.size()}, {"parameters", r.n_parameters}, {"bytes", r.n_bytes}};
 
+  auto quantization_json = [](const inspect_quantization& q) {
+    ordered_json o = {{"supported", q.refused.empty()}};
+    if (!q.refused.empty()) {
+      o["refused"] = q.refused;
+      return o;
+    }
+    o["scheme"] = q.scheme;
+    o["block"] = {q.block_rows, q.block_cols};
+    o["scaled_weights"] = q.n_scaled;
+    return o;
+  };
+  if (r.quantization) j["quantization"] = quantization_json(*r.quantization);
+  if (r.base_quantization) {
+    j["base_quantization"] = quantization_json(*r.base_quantization);
+    if (r.base_quantization->refused.empty()) j["base_quantization"]["adapted_weights"] = r.base_quantization->n_adapted;
+  }
   if (r.fit) {
     ordered_json problems = ordered_json::array();
     for (const fit_problem& p : r.fit->problems) problems.push_back({{"key", p.key}, {"what", p.what}});
@@ -181,6 +197,13 @@ void print_headline(const inspect_report& r) {
     case inspect_kind::other_adapter:
       fmt::print("other adapter: {}: {} (not an adapter that lora can merge)\n", r.path, r.other_description);
       break;
+  }
+  if (r.quantization) {
+    const inspect_quantization& q = *r.quantization;
+    if (!q.refused.empty())
+      fmt::print("quantization: not supported by merge: {}\n", q.refused);
+    else
+      fmt::print("quantization: {}; {} FP8 weights with block scales (weight_scale_inv)\n", q.scheme, q.n_scaled);
   }
   if (!r.index_path.empty())
     fmt::print("index: {} (total_size {})\n", r.index_path,
@@ -278,6 +301,22 @@ void print_fit(const inspect_report& r) {
       for (const fit_problem& p : r.fit->problems) fmt::print("  {}: {}\n", p.key, p.what);
     }
   }
+  if (r.base_quantization) {
+    const inspect_quantization& q = *r.base_quantization;
+    if (!q.refused.empty()) {
+      fmt::print("\nquantization of the base: merge refuses it: {}\n", q.refused);
+      return;
+    }
+    fmt::print("\nfp8 base: {}; {} FP8 weights with block scales (weight_scale_inv), {} of them adapted\n", q.scheme,
+               q.n_scaled, q.n_adapted);
+    fmt::print("  merge: the output stays FP8: the {} adapted weights dequantized, merged and requantized to E4M3 "
+               "with new {}x{} block scales (max|w| / 448); the other FP8 weights and their scales copied byte for "
+               "byte\n",
+               q.n_adapted, q.block_rows, q.block_cols);
+    fmt::print("  merge --dtype bf16|f16|f32: every FP8 weight dequantized with its block scales and rounded once; "
+               "the {} weight_scale_inv tensors and quantization_config dropped\n",
+               q.n_scaled);
+  }
 }
 
 void print_report(const inspect_report& r) {
@@ -303,6 +342,9 @@ int run_inspect(const inspect_options& o) {
   std::fflush(stdout);
 
   if (r.fit && !r.fit->ok()) throw fit_error(o.path, r.base_path, *r.fit);
+  // merge would refuse the base's quantization: so does the fit check
+  if (r.base_quantization && !r.base_quantization->refused.empty())
+    throw errors::invalid("", "", r.base_quantization->refused);
   return static_cast<int>(exit_code::ok);
 }
 

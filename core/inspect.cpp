@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "core/diffusers-format.h"
+#include "core/fp8.h"
 #include "formats/adapter-config.h"
 #include "formats/error.h"
 #include "formats/model-files.h"
@@ -50,6 +51,28 @@ std::vector<std::string> tensor_names(const safetensors_file& f) {
   return names;
 }
 
+// What read_fp8_model finds in `m` (nullopt: not quantized), with the
+// adapter's targets among the FP8 weights counted when `a` is given.
+std::optional<inspect_quantization> describe_quantization(const model_files& m, const adapter* a) {
+  fp8_model fp8;
+  inspect_quantization q;
+  try {
+    fp8 = read_fp8_model(m);
+  } catch (const error& e) {
+    if (e.code() != exit_code::invalid_input) throw;
+    q.refused = e.what();
+    return q;
+  }
+  if (!fp8.present) return std::nullopt;
+  q.scheme = fp8.config_text;
+  q.block_rows = fp8.block.rows;
+  q.block_cols = fp8.block.cols;
+  q.n_scaled = fp8.scales.size();
+  if (a)
+    for (const lora_module& mod : a->modules) q.n_adapted += fp8.scale_of(mod.target) != nullptr;
+  return q;
+}
+
 void inspect_model(inspect_report& r, const std::string& path) {
   model_files m = open_model(path);
   r.kind = inspect_kind::model;
@@ -58,6 +81,7 @@ void inspect_model(inspect_report& r, const std::string& path) {
   r.index_path = m.index_path;
   r.index_total_size = m.index_total_size;
   for (size_t i = 0; i < m.shards.size(); ++i) add_file(r, m.shards[i], m.shard_names[i]);
+  r.quantization = describe_quantization(m, nullptr);
 }
 
 void inspect_lora(inspect_report& r, const std::string& path, const std::optional<std::string>& base) {
@@ -73,6 +97,7 @@ void inspect_lora(inspect_report& r, const std::string& path, const std::optiona
   model_files b = open_model(*base);
   r.base_path = *base;
   r.fit = fit_adapter(*r.lora, b);
+  r.base_quantization = describe_quantization(b, &*r.lora);
   for (const lora_module& mod : r.lora->modules) {
     inspect_base_match match;
     if (auto ref = mod.target.empty() ? std::nullopt : b.find(mod.target)) {

@@ -37,6 +37,16 @@ struct inspect_tensor {
   std::string file;  // inspect_file::name
 };
 
+// A model's block-scaled FP8 weights (core/fp8), or why merge refuses its
+// quantization.
+struct inspect_quantization {
+  std::string scheme;     // "fp8 e4m3, block 128x128, activation_scheme dynamic"
+  int64_t block_rows = 0, block_cols = 0;
+  uint64_t n_scaled = 0;  // FP8 weights with a weight_scale_inv
+  uint64_t n_adapted = 0; // of them, the adapter's targets (inspect --base)
+  std::string refused;    // read_fp8_model's error: merge refuses this model; empty: supported
+};
+
 // A module's base tensor, when inspected against a base model.
 struct inspect_base_match {
   bool found = false;
@@ -55,6 +65,8 @@ struct inspect_report {
   // model: config.json and the shard index, when present
   std::string config_path;
   std::optional<std::string> model_type;
+  // a quantized model (FP8 block scales, or a quantization merge refuses)
+  std::optional<inspect_quantization> quantization;
   std::string index_path;
   std::optional<uint64_t> index_total_size;
 
@@ -71,6 +83,7 @@ struct inspect_report {
   // with a base model: one match per lora->modules entry, and the fit report
   std::string base_path;
   std::vector<inspect_base_match> base_matches;
+  std::optional<inspect_quantization> base_quantization;  // the base's, as `quantization`
   std::optional<fit_report> fit;
 };
 

@@ -44,6 +44,16 @@ expect_exit 0 "$LORA" merge --base "$W/fp8-small" --adapter "$W/lora" --out "$W/
 expect_stdout_contains "fp8 base (fp8 e4m3, block 16x24, activation_scheme dynamic)"
 expect_nothing_left dry
 
+# --- inspect names the scheme; inspect --base says what merge will do
+expect_exit 0 "$LORA" inspect "$W/fp8-128"
+expect_stdout_contains "quantization: fp8 e4m3, block 128x128, activation_scheme dynamic; 7 FP8 weights with block scales (weight_scale_inv)"
+expect_exit 0 "$LORA" inspect "$W/lora" --base "$W/fp8-small"
+expect_stdout_contains "fp8 base: fp8 e4m3, block 16x24, activation_scheme dynamic; 7 FP8 weights with block scales (weight_scale_inv), 4 of them adapted"
+expect_stdout_contains "merge: the output stays FP8: the 4 adapted weights dequantized, merged and requantized to E4M3 with new 16x24 block scales (max|w| / 448)"
+expect_stdout_contains "merge --dtype bf16|f16|f32: every FP8 weight dequantized with its block scales and rounded once; the 7 weight_scale_inv tensors and quantization_config dropped"
+expect_exit 0 "$LORA" inspect "$W/lora" --base "$W/fp8-128" --json
+expect_json 'j["base_quantization"]' '{"adapted_weights":4,"block":[128,128],"scaled_weights":7,"scheme":"fp8 e4m3, block 128x128, activation_scheme dynamic","supported":true}'
+
 # --- refusals: exit 3, one line naming the file and tensor, nothing written
 # make_bad NAME EDIT: a copy of fp8-128 with EDIT (python over t = tensors, c = config) applied
 make_bad() {
@@ -83,6 +93,11 @@ refuse per-tensor "$W/per-tensor/model.safetensors: $K: per-tensor or per-channe
 refuse e5m2 "$W/e5m2/config.json: quantization_config.fmt e5m2 is not supported (only e4m3, OCP E4M3 FN)"
 refuse block-null "$W/block-null/config.json: quantization_config.weight_block_size null is not supported (block scales need two positive integers; per-tensor FP8 scales are not supported)"
 refuse other-method "$W/other-method/config.json: quantization_config.quant_method compressed-tensors is not supported"
+# inspect --base refuses what merge refuses
+expect_exit 3 "$LORA" inspect "$W/lora" --base "$W/e5m2"
+expect_stdout_contains "quantization of the base: merge refuses it: $W/e5m2/config.json: quantization_config.fmt e5m2 is not supported"
+expect_stderr_contains "quantization_config.fmt e5m2 is not supported"
+expect_one_line_error
 # --dtype does not get around a bad scale either
 expect_exit 3 "$LORA" merge --base "$W/bad-shape" --adapter "$W/lora" --out "$W/out-bad-bf16" --dtype bf16
 expect_stderr_contains "expected [1, 2] (blocks of 128x128)"
