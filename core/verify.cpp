@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <set>
 #include <mutex>
 #include <random>
 
@@ -13,6 +14,7 @@
 #include "core/adapter.h"
 #include "core/delta.h"
 #include "core/dtype.h"
+#include "core/fp8.h"
 #include "core/llama.h"
 #include "core/thread-pool.h"
 #include "formats/error.h"
@@ -56,12 +58,95 @@ std::span<const uint8_t> read_bytes(const tensor_ref& t, uint64_t begin, size_t 
   return buf;
 }
 
-// Rows [rb, re) of a math-dtype tensor viewed as [n_rows, n_cols], decoded to double into out.
+// The block-scaled FP8 weights of both models (core/fp8): each one's scale
+// tensor and block, by its tensor_info (unique across the two models).
+struct fp8_weight {
+  tensor_ref scale;
+  fp8_block block;
+};
+struct fp8_index {
+  std::map<const tensor_info*, fp8_weight> weights;
+  std::set<const tensor_info*> scales;
+};
+
+const fp8_weight* fp8_of(const fp8_index& fx, const tensor_ref& t) {
+  auto it = fx.weights.find(t.info);
+  return it == fx.weights.end() ? nullptr : &it->second;
+}
+
+// Throws lora::error (exit 3) as read_fp8_model for an FP8 scheme merge refuses.
+void add_fp8_weights(const model_files& m, fp8_index& fx) {
+  const fp8_model f = read_fp8_model(m);
+  for (const auto& [name, scale] : f.scales) {
+    fx.weights.emplace(m.find_ref(name)->info, fp8_weight{scale, f.block});
+    fx.scales.insert(scale.info);
+  }
+}
+
+// The scales of an FP8 weight, read once per thread for consecutive blocks of one tensor.
+const std::vector<float>& fp8_scales(const fp8_weight& w) {
+  thread_local const tensor_info* cached_for = nullptr;
+  thread_local std::vector<float> cached;
+  if (cached_for != w.scale.info) {
+    cached = read_fp8_scales(w.scale);
+    cached_for = w.scale.info;
+  }
+  return cached;
+}
+
+// Rows [rb, re) of a math-dtype tensor viewed as [n_rows, n_cols], decoded to
+// double into out; an FP8 weight of `fx` dequantized with its block scales.
 void read_rows_f64(const tensor_ref& t, size_t n_cols, size_t rb, size_t re, std::vector<uint8_t>& buf,
-                   std::vector<double>& out) {
-  const size_t size = static_cast<size_t>(math_dtype_size(t.info->type));
+                   std::vector<double>& out, const fp8_index& fx) {
   out.resize((re - rb) * n_cols);
+  if (const fp8_weight* f = fp8_of(fx, t)) {
+    const std::vector<float>& scales = fp8_scales(*f);
+    fp8_dequantize_rows(read_bytes(t, rb * n_cols, out.size(), buf), scales, f->block, static_cast<int64_t>(n_cols),
+                        static_cast<int64_t>(rb), static_cast<int64_t>(re), out.data());
+    return;
+  }
+  const size_t size = static_cast<size_t>(math_dtype_size(t.info->type));
   to_f64(t.info->type, read_bytes(t, rb * n_cols * size, out.size() * size, buf), out);
+}
+
+// Half an E4M3 unit of y = w / s (|y| <= 448) times s: the most one rounding
+// of w to E4M3 at block scale s moves it (3 mantissa bits: half of 2^(e-3)
+// at exponent e, i.e. 2^(e-4); below 2^-6 the subnormal step 2^-9, half 2^-10).
+double fp8_half_unit(double w, double s) {
+  const double y = std::fabs(w) / s;
+  if (!(y >= 0x1p-6)) return 0x1p-10 * s;
+  return std::ldexp(1.0, std::ilogb(y) - 4) * s;
+}
+
+// An FP8 merged weight against E, one block of rows (see compare_block):
+// tolerance = half an E4M3 unit of E at the element's stored block scale
+// (the merge rounds E once to E4M3 at that scale) + the merge's f64 slack
+// (rank + 4) 2^-53 (|W0| + |E| + |dW| + T_row). A scale larger than its
+// block's maximum needs would widen that bound: each non-zero block must
+// reach the largest code, 448 x scale (checked by the caller from block_max).
+void compare_block_fp8(tensor_check& c, const std::vector<float>& scales, const fp8_block& block, int64_t rank,
+                       const std::vector<double>& row_bounds, size_t n_cols, size_t first_row,
+                       const std::vector<double>& w0, const std::vector<double>& expected,
+                       const std::vector<double>& merged, std::vector<double>& block_max) {
+  const double eps64 = std::ldexp(1.0, -53) * static_cast<double>(rank + 4);
+  const size_t n_sc = (n_cols + static_cast<size_t>(block.cols) - 1) / static_cast<size_t>(block.cols);
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const size_t row = first_row + i / n_cols, col = i % n_cols;
+    const size_t b = row / static_cast<size_t>(block.rows) * n_sc + col / static_cast<size_t>(block.cols);
+    const double e = expected[i], d = std::fabs(e - w0[i]);
+    const double terms = row_bounds.empty() ? 0.0 : row_bounds[row];
+    const double tol = fp8_half_unit(e, scales[b]) * (1 + 0x1p-20) +
+                       eps64 * (std::fabs(w0[i]) + std::fabs(e) + d + terms);
+    const double err = std::fabs(merged[i] - e);
+    block_max[b] = std::max(block_max[b], std::fabs(merged[i]));
+    const double ratio = std::isnan(err) ? INFINITY : err / tol;
+    if (ratio > 1) ++c.n_bad;
+    if (ratio > c.ratio || std::isnan(err)) {
+      c.ratio = ratio;
+      c.max_error = err;
+      c.tolerance = tol;
+    }
+  }
 }
 
 // One unit in the last place of `type` at magnitude x (subnormal spacing near 0).
@@ -126,14 +211,15 @@ struct adapter_set {
 };
 
 // DoRA's first pass: ||V_o||^2 per output feature, V = W0 + w s dW, block by block.
-std::vector<double> dora_norms_sq(const delta_factors_f64& f, double weight, const tensor_ref& base) {
+std::vector<double> dora_norms_sq(const delta_factors_f64& f, double weight, const tensor_ref& base,
+                                  const fp8_index& fx) {
   std::vector<double> sq(f.magnitude.size(), 0.0), v;
   std::vector<uint8_t> buf;
   const size_t n_rows = static_cast<size_t>(f.n_rows), n_cols = static_cast<size_t>(f.n_cols);
   for (size_t rb = 0; rb < n_rows; rb += rows_per_block(n_cols)) {
     check_interrupted();
     const size_t re = std::min(n_rows, rb + rows_per_block(n_cols));
-    read_rows_f64(base, n_cols, rb, re, buf, v);
+    read_rows_f64(base, n_cols, rb, re, buf, v, fx);
     add_delta_rows(f, weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data());
     add_dora_norms_sq(f, static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data(), sq);
   }
@@ -158,7 +244,7 @@ struct tensor_deltas {
   std::vector<double> norms;  // DoRA (alone on the tensor): ||V_o||^2
 };
 
-tensor_deltas load_tensor_deltas(const std::vector<contribution>& cs, const tensor_ref& b) {
+tensor_deltas load_tensor_deltas(const std::vector<contribution>& cs, const tensor_ref& b, const fp8_index& fx) {
   tensor_deltas d;
   for (const contribution& c : cs) {
     delta_factors_f64 f = load_delta_factors_f64(*c.module, b.info->shape, *c.file);
@@ -168,7 +254,7 @@ tensor_deltas load_tensor_deltas(const std::vector<contribution>& cs, const tens
     d.rank += f.rank;
     if (f.dora) {
       // DoRA rescales V by m / ||V||: the slack scales with it (|E| / |V| = |m_o| / ||V_o||, at least 1)
-      d.norms = dora_norms_sq(f, c.weight, b);
+      d.norms = dora_norms_sq(f, c.weight, b, fx);
       double gain = 1;
       for (size_t o = 0; o < d.norms.size(); ++o)
         if (d.norms[o] > 0) gain = std::max(gain, std::fabs(f.magnitude[o] / std::sqrt(d.norms[o])));
@@ -182,13 +268,23 @@ tensor_deltas load_tensor_deltas(const std::vector<contribution>& cs, const tens
 // A touched tensor against its expected value E, formed in double through
 // core/delta one block of rows at a time (DoRA: a first pass for the norms).
 tensor_check check_touched(const std::string& name, const tensor_ref& b, const tensor_ref& m, const expectation& x,
-                           const std::string& replacement_file) {
-  tensor_check c{name, x.replacement ? tensor_kind::replaced : x.biases ? tensor_kind::bias : tensor_kind::merged};
+                           const std::string& replacement_file, const fp8_index& fx) {
+  tensor_check c{name, x.replacement ? tensor_kind::replaced
+                       : x.biases    ? tensor_kind::bias
+                       : x.modules   ? tensor_kind::merged
+                                     : tensor_kind::untouched};
   const tensor_ref& source = x.replacement ? *x.replacement : b;
-  if (source.info->n_elements != b.info->n_elements || !dtype_is_math(source.info->type))
+  if (source.info->n_elements != b.info->n_elements || !(dtype_is_math(source.info->type) || fp8_of(fx, source)))
     throw errors::invalid(replacement_file, name, "the replacement tensor does not fit the base's (modules_to_save)");
   const auto [n_rows, n_cols] = rows_of(*b.info);
-  const tensor_deltas d = x.modules ? load_tensor_deltas(*x.modules, b) : tensor_deltas{};
+  const tensor_deltas d = x.modules ? load_tensor_deltas(*x.modules, b, fx) : tensor_deltas{};
+  const fp8_weight* m8 = fp8_of(fx, m);
+  std::vector<float> m_scales;
+  std::vector<double> block_max;
+  if (m8) {
+    m_scales = read_fp8_scales(m8->scale);
+    block_max.assign(m_scales.size(), 0.0);
+  }
   // a bias is one short vector: one block
   const size_t rows = x.biases ? std::max<size_t>(n_rows, 1) : rows_per_block(n_cols);
   std::vector<uint8_t> buf;
@@ -196,15 +292,24 @@ tensor_check check_touched(const std::string& name, const tensor_ref& b, const t
   for (size_t rb = 0; rb < n_rows; rb += rows) {
     check_interrupted();
     const size_t re = std::min(n_rows, rb + rows);
-    read_rows_f64(source, n_cols, rb, re, buf, w0);
+    read_rows_f64(source, n_cols, rb, re, buf, w0, fx);
     e = w0;
     if (x.biases)
       for (const contribution& k : *x.biases) add_bias_delta(*k.module, k.weight, std::span<double>(e), *k.file);
     for (const auto& [f, weight] : d.factors)
       apply_module_rows(f, weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), e.data(), d.norms);
-    read_rows_f64(m, n_cols, rb, re, buf, mv);
-    compare_block(c, m.info->type, d.rank, d.row_bounds, n_cols, rb, w0, e, mv);
+    read_rows_f64(m, n_cols, rb, re, buf, mv, fx);
+    if (m8)
+      compare_block_fp8(c, m_scales, m8->block, d.rank, d.row_bounds, n_cols, rb, w0, e, mv, block_max);
+    else
+      compare_block(c, m.info->type, d.rank, d.row_bounds, n_cols, rb, w0, e, mv);
   }
+  // FP8: every non-zero block reaches 448 x its scale (the scale is max|w| / 448)
+  for (size_t k = 0; k < block_max.size(); ++k)
+    if (block_max[k] != 0 && block_max[k] != 448.0 * static_cast<double>(m_scales[k])) {
+      ++c.n_bad;
+      c.ratio = INFINITY;
+    }
   c.ok = c.n_bad == 0;
   return c;
 }
@@ -510,7 +615,7 @@ void compare_outputs(layer_check& c, const layer_shape& s, const delta_factors_f
 // else 1. DoRA's norm of an f32 V is off by at most the norm of V_o's
 // error, and its product m / ||V|| V rounds once more in f32. The
 // (n_in + r + 4) 2^-53 term is this check's own double arithmetic.
-layer_check check_layer(const std::vector<contribution>& cs, size_t index, const model_files& base,
+layer_check check_layer(const std::vector<contribution>& cs, size_t index, const fp8_index& fx, const model_files& base,
                         const model_files& merged, uint64_t seed, int n_inputs) {
   layer_check c = layer_header(cs);
   // 1. the tensors: base, merged, factors (their bounds summed, |w| each)
@@ -519,7 +624,8 @@ layer_check check_layer(const std::vector<contribution>& cs, size_t index, const
   std::optional<tensor_ref> mt = merged.find(target);
   if (!mt) return layer_failure(c, layer_problem::missing);
   if (mt->info->shape != b.info->shape) return layer_failure(c, layer_problem::shape);
-  if (!dtype_is_math(mt->info->type)) return layer_failure(c, layer_problem::dtype);
+  const fp8_weight* m8 = fp8_of(fx, *mt);
+  if (!dtype_is_math(mt->info->type) && !m8) return layer_failure(c, layer_problem::dtype);
   std::vector<delta_factors_f64> fs;
   std::vector<double> t_bound;
   int64_t rank = 0;
@@ -532,8 +638,17 @@ layer_check check_layer(const std::vector<contribution>& cs, size_t index, const
   }
   const layer_shape s = shape_of(fs.front());
   const dtype type = mt->info->type;
-  const bool f64_math = type == dtype::F64 || b.info->type == dtype::F64;
+  // merge computes in f64 when either side is F64 or FP8
+  const bool f64_math = type == dtype::F64 || b.info->type == dtype::F64 || m8 || fp8_of(fx, b);
   layer_tolerance tol{unit_roundoff(type), half_min_spacing(type), f64_math ? 0x1p-53 : 0x1p-24};
+  if (m8) {
+    // FP8 at block scale s: relative half unit 2^-4 (4 significant bits),
+    // absolute below the normal range half the subnormal step, 2^-10 s, at
+    // the largest scale of the tensor
+    const std::vector<float> scales = read_fp8_scales(m8->scale);
+    tol.u = 0x1p-4;
+    tol.eta = 0x1p-10 * static_cast<double>(*std::max_element(scales.begin(), scales.end()));
+  }
   tol.c_acc = static_cast<double>(rank + 4) * tol.uc;
   tol.c_eval = static_cast<double>(s.n_in + static_cast<size_t>(rank) + 4) * 0x1p-53;
 
@@ -553,8 +668,8 @@ layer_check check_layer(const std::vector<contribution>& cs, size_t index, const
   for (size_t rb = 0; rb < s.n_rows; rb += rows_per_block(s.n_cols)) {
     const size_t re = std::min(s.n_rows, rb + rows_per_block(s.n_cols));
     check_interrupted();
-    read_rows_f64(b, s.n_cols, rb, re, bytes, w0_buf);
-    read_rows_f64(*mt, s.n_cols, rb, re, bytes, wm_buf);
+    read_rows_f64(b, s.n_cols, rb, re, bytes, w0_buf, fx);
+    read_rows_f64(*mt, s.n_cols, rb, re, bytes, wm_buf, fx);
     accumulate_rows(fs.front(), s, cs.front().weight, rb, re, w0_buf.data(), wm_buf.data(), t_bound, x.data(), n, acc,
                     v_buf);
   }
@@ -577,6 +692,7 @@ std::string_view tensor_kind_name(tensor_kind kind) noexcept {
     case tensor_kind::missing: return "missing";
     case tensor_kind::extra: return "extra";
     case tensor_kind::shape: return "shape";
+    case tensor_kind::scale: return "fp8 scale";
   }
   return "?";
 }
@@ -701,7 +817,17 @@ struct verify_progress {
 
 // One base tensor against its expected value (the weight level).
 tensor_check check_weight(const std::string& name, const model_files& base, const model_files& merged,
-                          const adapter_set& set) {
+                          const adapter_set& set, const fp8_index& fx) {
+  // an FP8 block scale: compared as it is when its weight is untouched and
+  // stays FP8; else rewritten (requantized) or dropped (--dtype), and
+  // checked through its weight's dequantized values
+  if (const tensor_ref* bs = base.find_ref(name); bs && fx.scales.count(bs->info)) {
+    const std::string weight = name.substr(0, name.size() - std::string_view("_scale_inv").size());
+    const std::optional<tensor_ref> m = merged.find(name);
+    const std::optional<tensor_ref> mw = merged.find(weight);
+    if (!m || set.modules.count(weight) || !mw || !fp8_of(fx, *mw)) return {name, tensor_kind::scale};
+    return check_untouched(name, *bs, *m);
+  }
   // a modules_to_save tensor gives the expected shape (a new head, added
   // tokens); a tied base's missing head starts from the embedding
   const auto saved = set.saved.find(name);
@@ -712,7 +838,8 @@ tensor_check check_weight(const std::string& name, const model_files& base, cons
     c.ok = false;
     return c;
   }
-  const bool math = dtype_is_math(b.info->type) && dtype_is_math(m->info->type);
+  const bool b8 = fp8_of(fx, b) != nullptr, m8 = fp8_of(fx, *m) != nullptr;
+  const bool math = (dtype_is_math(b.info->type) || b8) && (dtype_is_math(m->info->type) || m8);
   expectation x;
   if (saved != set.saved.end())
     x.replacement = saved->second;
@@ -721,8 +848,9 @@ tensor_check check_weight(const std::string& name, const model_files& base, cons
   else if (auto it = set.modules.find(name); it != set.modules.end())
     x.modules = &it->second;
   const bool touched = x.replacement || x.biases || x.modules;
-  return touched && math ? check_touched(name, b, *m, x, set.adapters.front().weights_path)
-                         : check_untouched(name, b, *m);
+  // an FP8 weight dequantized by the merge (--dtype) is compared by value
+  return math && (touched || b8 != m8) ? check_touched(name, b, *m, x, set.adapters.front().weights_path, fx)
+                                       : check_untouched(name, b, *m);
 }
 
 // Weight and layer levels in one pass: every base tensor against its
@@ -731,7 +859,8 @@ tensor_check check_weight(const std::string& name, const model_files& base, cons
 // tensor on the thread pool; a module's layer check runs right after its
 // target's weight check, while both tensors are still in the page cache.
 void check_weights_and_layers(const model_files& base, const model_files& merged, const adapter_set& set,
-                              const verify_options& o, verify_progress& progress, verify_report& r) {
+                              const fp8_index& fx, const verify_options& o, verify_progress& progress,
+                              verify_report& r) {
   std::map<std::string, size_t> target_index;
   for (size_t i = 0; i < set.targets.size(); ++i) target_index.emplace(set.targets[i], i);
   std::vector<tensor_check> checks(base.tensor_names.size());
@@ -740,9 +869,9 @@ void check_weights_and_layers(const model_files& base, const model_files& merged
   parallel_for(base.tensor_names.size(), o.threads, [&](size_t i) {
     check_interrupted();
     const std::string& name = base.tensor_names[i];
-    checks[i] = check_weight(name, base, merged, set);
+    checks[i] = check_weight(name, base, merged, set, fx);
     if (auto it = target_index.find(name); it != target_index.end()) {
-      r.layers[it->second] = check_layer(set.modules.at(name), it->second, base, merged, o.seed, o.n_inputs);
+      r.layers[it->second] = check_layer(set.modules.at(name), it->second, fx, base, merged, o.seed, o.n_inputs);
       layer_done[it->second] = 1;  // one job per target: no two jobs write one element
     }
     const std::optional<tensor_ref> m = merged.find(name);
@@ -750,7 +879,7 @@ void check_weights_and_layers(const model_files& base, const model_files& merged
   });
   // targets that are not base tensor names (cannot happen after require_fit; kept total)
   for (size_t k = 0; k < set.targets.size(); ++k)
-    if (!layer_done[k]) r.layers[k] = check_layer(set.modules.at(set.targets[k]), k, base, merged, o.seed, o.n_inputs);
+    if (!layer_done[k]) r.layers[k] = check_layer(set.modules.at(set.targets[k]), k, fx, base, merged, o.seed, o.n_inputs);
   for (tensor_check& c : checks) {
     r.n_checked += c.kind != tensor_kind::missing && c.kind != tensor_kind::shape;
     r.tensors.push_back(std::move(c));
@@ -759,7 +888,7 @@ void check_weights_and_layers(const model_files& base, const model_files& merged
   for (const std::string& name : merged.tensor_names) {
     if (base.find(name)) continue;
     if (set.saved.count(name) > 0 || (set.modules.count(name) > 0 && tied_head_source(base, name))) {
-      r.tensors.push_back(check_weight(name, base, merged, set));
+      r.tensors.push_back(check_weight(name, base, merged, set, fx));
       r.n_checked += r.tensors.back().kind != tensor_kind::missing && r.tensors.back().kind != tensor_kind::shape;
     } else {
       r.tensors.push_back({name, tensor_kind::extra, 0, 0, INFINITY, 1, false});
@@ -856,8 +985,16 @@ verify_report verify_merge(const verify_options& o, const progress_fn& progress_
   // their config.json (model level), every adapter fitting the base
   model_files base = open_model(o.base);
   model_files merged = open_model(o.merged);
-  const std::optional<model_inputs> model_in = prepare_model_level(o, base, merged, r.model.skipped);
+  std::optional<model_inputs> model_in = prepare_model_level(o, base, merged, r.model.skipped);
   const adapter_set set = load_adapters(o, base);
+  fp8_index fx;
+  add_fp8_weights(base, fx);
+  add_fp8_weights(merged, fx);
+  // the forward pass reads BF16 / F16 / F32 weights: an FP8 model cannot run it yet
+  if (model_in && !fx.weights.empty()) {
+    r.model.skipped = "FP8 forward not supported";
+    model_in.reset();
+  }
 
   // 2. + 3. weight and layer levels in one pass over both models: every base
   // tensor against its expected value, block by block; every adapted module
@@ -866,7 +1003,7 @@ verify_report verify_merge(const verify_options& o, const progress_fn& progress_
   progress.event.total_items = base.tensor_names.size() + (model_in ? 2 : 0);
   progress.event.total_bytes = base.total_tensor_bytes() + merged.total_tensor_bytes();
   if (model_in) progress.event.total_bytes *= 2;
-  check_weights_and_layers(base, merged, set, o, progress, r);
+  check_weights_and_layers(base, merged, set, fx, o, progress, r);
 
   // 4. model level, for a supported architecture (a merged model with missing
   // or misshapen tensors has already failed above, and cannot be run)

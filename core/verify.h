@@ -45,6 +45,7 @@ enum class tensor_kind {
   missing,    // in the base, not in the merged model
   extra,      // in the merged model, not in the base
   shape,      // shapes differ
+  scale,      // an FP8 block scale rewritten or dropped by the merge: checked through its weight's values
 };
 
 // "merged", "replaced", ... as the report prints them.

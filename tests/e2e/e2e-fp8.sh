@@ -37,6 +37,18 @@ for m in fp8-128 fp8-small; do
   expect_stdout_contains "config.json: quantization_config: removed, torch_dtype: bfloat16"
   run "$PY" "$SRC/tests/e2e/check_fp8.py" "$W/$m" "$W/lora" "$W/bf16-$m" bf16
   if [ "$CODE" = 0 ]; then pass; else fail "$m bf16: $OUT"; fi
+  # --- verify: equivalent on both outputs (weights and layers; no FP8 forward yet)
+  for o in out bf16; do
+    expect_exit 0 "$LORA" verify --base "$W/$m" --adapter "$W/lora" --merged "$W/$o-$m"
+    expect_stdout_contains "equivalent: 21 tensors checked, 0 failed"
+    expect_stdout_contains "layers: 4 adapted modules checked on 4 seeded inputs (seed 1234), 0 failed"
+    expect_stdout_contains "model: skipped (FP8 forward not supported)"
+  done
+  # and not equivalent when the adapter's weight differs from the merge's
+  expect_exit 1 "$LORA" verify --base "$W/$m" --adapter "$W/lora" --weight 0.9 --merged "$W/out-$m"
+  expect_stdout_contains "NOT equivalent: 21 tensors checked, 4 failed"
+  expect_exit 1 "$LORA" verify --base "$W/$m" --adapter "$W/lora" --weight 0.97 --merged "$W/bf16-$m"
+  expect_stdout_contains "NOT equivalent: 21 tensors checked, 4 failed"
 done
 
 # --- the block size is the config's: [16, 24] names it
