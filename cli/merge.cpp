@@ -62,8 +62,10 @@ int run_merge(const merge_cli_options& o) {
     for (const auto& [name, why] : r.skipped_files) items.push_back(fmt::format("{} ({})", name, why));
     fmt::print(stderr, "lora merge: note: not copied from the base folder: {}\n", fmt::join(items, ", "));
   }
-  const std::string tensors = fmt::format("{} tensors: {} merged, {} replaced, {} converted, {} copied", r.n_tensors,
-                                          r.n_merged, r.n_replaced, r.n_converted, r.n_copied);
+  const std::string tensors =
+      fmt::format("{} tensors: {} merged, {} replaced, {} converted, {} copied{}", r.n_tensors, r.n_merged,
+                  r.n_replaced, r.n_converted, r.n_copied,
+                  r.n_rescaled > 0 ? fmt::format(", {} FP8 scales rewritten", r.n_rescaled) : "");
   auto print_heads = [&] {
     if (!r.fp8.empty()) {
       if (opts.out_type)

@@ -28,6 +28,7 @@ for m in fp8-128 fp8-small; do
   # --- default: the output stays FP8
   expect_exit 0 "$LORA" merge --base "$W/$m" --adapter "$W/lora" --out "$W/out-$m"
   expect_stdout_contains "output stays FP8; 4 merged weights requantized to E4M3 with new block scales"
+  expect_stdout_contains "21 tensors: 4 merged, 0 replaced, 0 converted, 13 copied, 4 FP8 scales rewritten"
   run "$PY" "$SRC/tests/e2e/check_fp8.py" "$W/$m" "$W/lora" "$W/out-$m" fp8
   if [ "$CODE" = 0 ]; then pass; else fail "$m fp8: $OUT"; fi
   expect_stdout_contains "failures: 0"
