@@ -486,7 +486,9 @@ std::optional<std::string> parse_model_type(std::string_view json_text, const st
 }
 
 std::optional<quantization_config> parse_quantization_config(std::string_view json_text, const std::string& label) {
-  json j = parse_object(json_text, label);
+  // named "config" in messages, as merge's update_config_text names it
+  json j = parse_json_bounded(json_text, label, "config");
+  if (!j.is_object()) throw errors::invalid(label, "", "config is not a JSON object");
   auto it = j.find("quantization_config");
   if (it == j.end())
     if (auto t = j.find("text_config"); t != j.end() && t->is_object()) {
