@@ -16,6 +16,7 @@
 #include "core/blas.h"
 #include "core/delta.h"
 #include "core/dtype.h"
+#include "core/fp8.h"
 #include "core/model-family.h"
 #include "core/stored-gemm.h"
 #include "core/thread-pool.h"
@@ -167,7 +168,8 @@ class weights {
         has_adapter_(!adapters.empty()),
         threads_(threads),
         block_elements_(block_elements),
-        round_to_(round_to) {
+        round_to_(round_to),
+        fp8_(read_fp8_model(model)) {
     for (const weighted_adapter& wa : adapters) {
       for (const lora_module& m : wa.a->modules) modules_[m.target].push_back({&m, wa.weight, &wa.a->weights_path});
       for (const saved_tensor& s : wa.a->saved) saved_[s.target] = &s.tensor;
@@ -189,6 +191,13 @@ class weights {
   std::vector<float> load(const std::string& name, const std::vector<int64_t>& shape) const {
     tensor_ref t = require(name, shape);
     std::vector<float> out(t.info->n_elements);
+    if (scale_for(t)) {
+      std::vector<float> scales;
+      const int64_t n_rows = shape.empty() ? 1 : shape[0];
+      stored_rows_to_f32(stored(name, n_rows, static_cast<int64_t>(t.info->n_elements) / n_rows, scales), 0, n_rows,
+                         out.data());
+      return out;
+    }
     to_f32(t.info->type, t.data(), out);
     round(out);
     return out;
@@ -199,24 +208,24 @@ class weights {
   // (core/stored-gemm); its pages are released as the blocks are done.
   void product(const std::string& name, int64_t n_rows, int64_t n_cols, const float* x, int64_t n_tokens, float* y,
                const stored_block_fn& on_block = {}) const {
-    const stored_matrix m = stored(name, n_rows, n_cols);
+    std::vector<float> scales;
+    const stored_matrix m = stored(name, n_rows, n_cols, scales);
     stored_gemm(m, x, n_tokens, y, threads_, scratch_, block_elements_, on_block);
   }
 
   // Calls on_block for each row block of `name` in f32, in increasing row
   // order on this thread, then releases its pages.
   void for_each_block(const std::string& name, int64_t n_rows, int64_t n_cols, const stored_block_fn& on_block) const {
-    const stored_matrix m = stored(name, n_rows, n_cols);
+    std::vector<float> scales;
+    const stored_matrix m = stored(name, n_rows, n_cols, scales);
     const int64_t rows = std::max<int64_t>(
         1, (block_elements_ > 0 ? block_elements_ : stored_gemm_block_elements) / std::max<int64_t>(n_cols, 1));
-    const size_t esize = static_cast<size_t>(math_dtype_size(m.type)), cols = static_cast<size_t>(n_cols);
+    const size_t cols = static_cast<size_t>(n_cols);
     float* buf = scratch_.block(0, static_cast<size_t>(std::min(rows, n_rows)) * cols);
     for (int64_t rb = 0; rb < n_rows; rb += rows) {
       check_interrupted();
       const int64_t re = std::min(n_rows, rb + rows);
-      const size_t n = static_cast<size_t>(re - rb) * cols;
-      to_f32(m.type, m.bytes.subspan(static_cast<size_t>(rb) * cols * esize, n * esize), std::span<float>(buf, n));
-      round(std::span<float>(buf, n));
+      stored_rows_to_f32(m, rb, re, buf);  // FP8 dequantized; rounded to round_to
       on_block(rb, re, buf);
     }
     release(name);
@@ -233,7 +242,7 @@ class weights {
     if (t->info->shape != shape)
       throw errors::shape_mismatch(t->file->path(), name, shape_text(shape) + fmt::format(" (from {})", config_.path),
                                    shape_text(t->info->shape));
-    if (!dtype_is_math(t->info->type))
+    if (!dtype_is_math(t->info->type) && !scale_for(*t))
       throw errors::invalid(t->file->path(), name,
                             fmt::format("dtype {} is not supported for arithmetic (only F16, BF16, F32, F64)",
                                         dtype_name(t->info->type)));
@@ -268,11 +277,28 @@ class weights {
   int threads_;
   int64_t block_elements_;
   std::optional<dtype> round_to_;
+  fp8_model fp8_;  // block-scaled FP8 weights (core/fp8), dequantized by row block in each product
   mutable stored_gemm_scratch scratch_;
 
-  stored_matrix stored(const std::string& name, int64_t n_rows, int64_t n_cols) const {
+  // The block scale of a model's FP8 weight (not of a modules_to_save tensor of the same name).
+  const tensor_ref* scale_for(const tensor_ref& t) const {
+    const tensor_ref* s = fp8_.scale_of(t.info->name);
+    const tensor_ref* own = s ? model_.find_ref(t.info->name) : nullptr;
+    return own && own->info == t.info ? s : nullptr;
+  }
+
+  // The stored matrix of `name`; an FP8 weight's block scales are read into
+  // `scales`, which the result borrows.
+  stored_matrix stored(const std::string& name, int64_t n_rows, int64_t n_cols, std::vector<float>& scales) const {
     const tensor_ref t = require(name, {n_rows, n_cols});
-    return {t.info->type, t.data(), n_rows, n_cols, &t.file->map(), round_to_};
+    stored_matrix m{t.info->type, t.data(), n_rows, n_cols, &t.file->map(), round_to_};
+    if (const tensor_ref* s = scale_for(t)) {
+      scales = read_fp8_scales(*s);
+      m.scales = scales;
+      m.block_rows = fp8_.block.rows;
+      m.block_cols = fp8_.block.cols;
+    }
+    return m;
   }
 };
 

@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include "core/dtype.h"
+#include "core/fp8.h"
 #include "core/thread-pool.h"
 #include "formats/error.h"
 
@@ -41,13 +42,36 @@ void release_bytes(const mapped_file* map, std::span<const uint8_t> bytes) {
   map->release(static_cast<uint64_t>(bytes.data() - base), bytes.size());
 }
 
+bool is_fp8(const stored_matrix& w) { return w.type == dtype::F8_E4M3 && !w.scales.empty(); }
+
+size_t element_size(const stored_matrix& w) {
+  if (is_fp8(w)) return 1;
+  if (!dtype_is_math(w.type))
+    throw errors::invalid("", "", fmt::format("dtype {} is not supported for arithmetic", dtype_name(w.type)));
+  return static_cast<size_t>(math_dtype_size(w.type));
+}
+
 }  // namespace
+
+void stored_rows_to_f32(const stored_matrix& w, int64_t row_begin, int64_t row_end, float* out) {
+  const size_t esize = element_size(w), n_cols = static_cast<size_t>(w.n_cols);
+  const size_t n = static_cast<size_t>(row_end - row_begin) * n_cols;
+  const std::span<const uint8_t> src = w.bytes.subspan(static_cast<size_t>(row_begin) * n_cols * esize, n * esize);
+  if (is_fp8(w) && (w.block_rows <= 0 || w.block_cols <= 0 ||
+                    w.scales.size() != static_cast<size_t>(((w.n_rows + w.block_rows - 1) / w.block_rows) *
+                                                           ((w.n_cols + w.block_cols - 1) / w.block_cols))))
+    throw errors::invalid("", "", fmt::format("{} block scales do not fit a [{}, {}] FP8 matrix in {}x{} blocks",
+                                              w.scales.size(), w.n_rows, w.n_cols, w.block_rows, w.block_cols));
+  if (is_fp8(w))
+    fp8_dequantize_rows(src, w.scales, {w.block_rows, w.block_cols}, w.n_cols, row_begin, row_end, out);
+  else
+    to_f32(w.type, src, std::span<float>(out, n));
+  if (w.round_to) round_through(*w.round_to, std::span<float>(out, n));
+}
 
 void stored_gemm(const stored_matrix& w, const float* x, int64_t n_tokens, float* y, int threads,
                  stored_gemm_scratch& scratch, int64_t block_elements, const stored_block_fn& on_block) {
-  if (!dtype_is_math(w.type))
-    throw errors::invalid("", "", fmt::format("dtype {} is not supported for arithmetic", dtype_name(w.type)));
-  const size_t esize = static_cast<size_t>(math_dtype_size(w.type));
+  const size_t esize = element_size(w);
   const size_t n_cols = static_cast<size_t>(w.n_cols);
   if (w.n_rows < 0 || w.n_cols < 0 || w.bytes.size() != static_cast<size_t>(w.n_rows) * n_cols * esize)
     throw errors::invalid("", "",
@@ -76,8 +100,7 @@ void stored_gemm(const stored_matrix& w, const float* x, int64_t n_tokens, float
       const std::span<const uint8_t> src = w.bytes.subspan(static_cast<size_t>(rb) * n_cols * esize, n * esize);
       // decode W[rb:re, :] to f32 (or borrow it)
       const float* wb = in_place ? reinterpret_cast<const float*>(src.data()) : buf;
-      if (!in_place) to_f32(w.type, src, std::span<float>(buf, n));
-      if (w.round_to) round_through(*w.round_to, std::span<float>(buf, n));
+      if (!in_place) stored_rows_to_f32(w, rb, re, buf);
       // y[:, rb:re] = x W[rb:re, :]^T
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, static_cast<int>(re - rb), k, 1.0f, x, k, wb, k, 0.0f,
                   y + rb, ldc);

@@ -50,7 +50,18 @@ struct stored_matrix {
   // When given, each decoded value is rounded once to this dtype (round_through)
   // before the product: the weights as a model of that dtype holds them.
   std::optional<dtype> round_to;
+  // Block-scaled FP8 (type F8_E4M3, core/fp8): the whole scale tensor
+  // [ceil(n_rows / block_rows), ceil(n_cols / block_cols)], borrowed; each
+  // row block is dequantized (code x its block's scale) as it is decoded.
+  std::span<const float> scales;
+  int64_t block_rows = 0, block_cols = 0;
 };
+
+// Rows [row_begin, row_end) of w decoded to f32 into out ((row_end -
+// row_begin) * n_cols values; FP8 dequantized with its block scales, then
+// rounded to round_to when given). Throws lora::error (exit 3) for a dtype
+// without arithmetic (F8_E4M3 without scales included).
+void stored_rows_to_f32(const stored_matrix& w, int64_t row_begin, int64_t row_end, float* out);
 
 // Called once per block after its product, on the thread that computed it,
 // with rows [row_begin, row_end) of W decoded to f32 (row-major, n_cols each)
@@ -77,7 +88,8 @@ class stored_gemm_scratch {
 // n_cols). threads <= 0: all cores. on_block, when given, sees every block in
 // f32 (then F32 blocks are copied too). Expects BLAS set to one thread
 // (set_blas_threads(1)) when threads > 1.
-// Throws lora::error: exit 3 for a non-math dtype, bytes of the wrong size or
+// Throws lora::error: exit 3 for a non-math dtype (F8_E4M3 with scales is
+// one), bytes of the wrong size or
 // a dimension beyond BLAS's int; 130 when interrupted; what on_block throws.
 void stored_gemm(const stored_matrix& w, const float* x, int64_t n_tokens, float* y, int threads,
                  stored_gemm_scratch& scratch, int64_t block_elements = 0, const stored_block_fn& on_block = {});

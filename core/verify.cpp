@@ -991,8 +991,13 @@ verify_report verify_merge(const verify_options& o, const progress_fn& progress_
   add_fp8_weights(base, fx);
   add_fp8_weights(merged, fx);
   // the forward pass reads BF16 / F16 / F32 weights: an FP8 model cannot run it yet
-  if (model_in && !fx.weights.empty()) {
-    r.model.skipped = "FP8 forward not supported";
+  // the forward pass reads FP8 weights (dequantized per row block), but a
+  // merged model that is FP8 has no logit tolerance yet: its requantized
+  // weights are checked at the weight and layer levels
+  const bool merged_fp8 = std::any_of(merged.tensor_names.begin(), merged.tensor_names.end(),
+                                      [&](const std::string& n) { return fx.weights.count(merged.find_ref(n)->info); });
+  if (model_in && merged_fp8) {
+    r.model.skipped = "FP8 forward of the merged model not checked: no logit tolerance for requantized FP8 weights yet";
     model_in.reset();
   }
 

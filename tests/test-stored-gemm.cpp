@@ -134,3 +134,51 @@ TEST_CASE("stored_gemm: refusals") {
   stored_gemm({dtype::F32, {}, 2, 0}, x.data(), 1, y.data(), 1, scratch);
   CHECK(y == std::vector<float>{0.0f, 0.0f});
 }
+
+TEST_CASE("stored_gemm: block-scaled FP8 weights (edge blocks partial) against double; refusals of bad scales") {
+  // 37 x 29 in blocks of 8 x 6: 5 x 5 scales, the last row and column of blocks partial;
+  // row blocks of 290 elements (10 rows) do not line up with the scale blocks
+  const int64_t T = 3, rows = 37, cols = 29;
+  const std::vector<float> x = randf(static_cast<size_t>(T * cols), 2);
+  std::vector<uint8_t> q(static_cast<size_t>(rows * cols));
+  std::mt19937 rng(9);
+  for (auto& c : q) {
+    c = static_cast<uint8_t>(rng() & 0xff);
+    if ((c & 0x7f) == 0x7f) c = 0x30;  // no NaN codes
+  }
+  std::vector<float> scales(25);
+  for (size_t i = 0; i < scales.size(); ++i) scales[i] = 0.01f * static_cast<float>(i + 1) / 3.0f;
+  // the dequantized weights, exactly (an E4M3 value times an f32 fits a double)
+  std::vector<double> want(static_cast<size_t>(T * rows), 0.0), mag(want.size(), 0.0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t o = 0; o < rows; ++o)
+      for (int64_t i = 0; i < cols; ++i) {
+        const double w = static_cast<double>(e4m3_to_f32(q[o * cols + i])) * scales[(o / 8) * 5 + i / 6];
+        const double p = static_cast<double>(x[t * cols + i]) * w;
+        want[t * rows + o] += p;
+        mag[t * rows + o] += std::fabs(p);
+      }
+  stored_gemm_scratch scratch;
+  for (int64_t block : {int64_t{290}, int64_t{0}, int64_t{1}})
+    for (int threads : {1, 2}) {
+      stored_matrix m{dtype::F8_E4M3, q, rows, cols};
+      m.scales = scales;
+      m.block_rows = 8;
+      m.block_cols = 6;
+      std::vector<float> y(static_cast<size_t>(T * rows), NAN);
+      stored_gemm(m, x.data(), T, y.data(), threads, scratch, block);
+      // one f32 rounding of each dequantized weight, then f32 products and sums
+      for (size_t i = 0; i < y.size(); ++i) CHECK(std::fabs(y[i] - want[i]) <= (cols + 1) * 0x1p-24 * mag[i]);
+    }
+  std::vector<float> y(static_cast<size_t>(T * rows));
+  // F8_E4M3 without scales: no arithmetic; scales of the wrong count: refused
+  CHECK(lora::testing::thrown([&] {
+          stored_gemm({dtype::F8_E4M3, q, rows, cols}, x.data(), T, y.data(), 1, scratch);
+        }).code() == exit_code::invalid_input);
+  stored_matrix bad{dtype::F8_E4M3, q, rows, cols};
+  bad.scales = std::span<const float>(scales).first(24);
+  bad.block_rows = 8;
+  bad.block_cols = 6;
+  CHECK(lora::testing::thrown([&] { stored_gemm(bad, x.data(), T, y.data(), 1, scratch); }).code() ==
+        exit_code::invalid_input);
+}
