@@ -64,6 +64,42 @@ for m in fp8-128 fp8-small; do
   expect_stdout_contains "NOT equivalent: 21 tensors checked, 4 failed"
 done
 
+# --- a sharded FP8 model whose q_proj scale sits in another shard than its
+# weight: the requantized weight's new scale is written into the scale's shard
+SRC="$SRC" "$PY" - "$W/fp8-small" "$W/sharded" <<'PY'
+import json, os, shutil, sys
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import read, write
+src, dst = sys.argv[1:3]
+t = {k: (v[0], v[1], v[2]) for k, v in read(src + "/model.safetensors")[0].items()}
+os.makedirs(dst, exist_ok=True)
+shutil.copy(src + "/config.json", dst + "/config.json")
+second = {"model.layers.0.self_attn.q_proj.weight_scale_inv", "model.layers.0.mlp.up_proj.weight",
+          "model.layers.0.mlp.up_proj.weight_scale_inv", "lm_head.weight"}
+names = {"model-00001-of-00002.safetensors": {k: v for k, v in t.items() if k not in second},
+         "model-00002-of-00002.safetensors": {k: v for k, v in t.items() if k in second}}
+for f, part in names.items():
+    write(dst + "/" + f, part)
+index = {"metadata": {"total_size": sum(len(v[2]) for v in t.values())},
+         "weight_map": {k: f for f, part in names.items() for k in part}}
+open(dst + "/model.safetensors.index.json", "w").write(json.dumps(index, indent=2))
+PY
+expect_exit 0 "$LORA" merge --base "$W/sharded" --adapter "$W/lora" --out "$W/out-sharded"
+expect_exit 0 "$LORA" verify --base "$W/sharded" --adapter "$W/lora" --merged "$W/out-sharded"
+expect_stdout_contains "equivalent: 21 tensors checked, 0 failed"
+# the same bytes as the one-file merge, tensor by tensor
+SRC="$SRC" "$PY" - "$W/out-fp8-small/model.safetensors" "$W/out-sharded" >"$OUT_FILE" 2>&1 <<'PY'
+import glob, os, sys
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import read
+one = read(sys.argv[1])[0]
+many = {}
+for f in sorted(glob.glob(sys.argv[2] + "/model-*.safetensors")):
+    many.update(read(f)[0])
+print("same" if {k: v[2] for k, v in one.items()} == {k: v[2] for k, v in many.items()} else "different")
+PY
+expect_eq "sharded merge against the one-file merge" "$(cat "$OUT_FILE")" "same"
+
 # --- the block size is the config's: [16, 24] names it
 expect_exit 0 "$LORA" merge --base "$W/fp8-small" --adapter "$W/lora" --out "$W/dry" --dry-run
 expect_stdout_contains "fp8 base (fp8 e4m3, block 16x24, activation_scheme dynamic)"
