@@ -1,6 +1,7 @@
 #include "core/dtype.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -100,32 +101,47 @@ uint16_t f64_to_bf16(double d) noexcept {
   return static_cast<uint16_t>(bits_of(round_to_format(d, 7, -126, max_bf16)) >> 16);
 }
 
-float e4m3_to_f32(uint8_t code) noexcept {
-  const int exp = (code >> 3) & 0xf;
-  const int mant = code & 0x7;
-  float v;
-  if (exp == 0xf && mant == 0x7)
-    v = std::numeric_limits<float>::quiet_NaN();
-  else if (exp == 0)
-    v = std::ldexp(static_cast<float>(mant), -9);  // subnormal: m x 2^-9
-  else
-    v = std::ldexp(static_cast<float>(8 + mant), exp - 7 - 3);  // 1.m x 2^(e-7)
-  return (code & 0x80) ? -v : v;
-}
+namespace {
+// The value of every E4M3 code, from its fields: exponent 0 is subnormal
+// m x 2^-9, else (8 + m) x 2^(e - 10); S.1111.111 is NaN.
+struct e4m3_table {
+  float v[256];
+  e4m3_table() noexcept {
+    for (int code = 0; code < 256; ++code) {
+      const int exp = (code >> 3) & 0xf, mant = code & 0x7;
+      float x;
+      if (exp == 0xf && mant == 0x7)
+        x = std::numeric_limits<float>::quiet_NaN();
+      else if (exp == 0)
+        x = std::ldexp(static_cast<float>(mant), -9);
+      else
+        x = std::ldexp(static_cast<float>(8 + mant), exp - 10);
+      v[code] = (code & 0x80) ? -x : x;
+    }
+  }
+};
+const e4m3_table e4m3_values;
+}  // namespace
+
+float e4m3_to_f32(uint8_t code) noexcept { return e4m3_values.v[code]; }
 
 uint8_t f64_to_e4m3(double d) noexcept {
-  const uint8_t sign = std::signbit(d) ? 0x80 : 0x00;
-  if (std::isnan(d)) return sign | 0x7f;
-  // round once: 3 mantissa bits, minimum normal exponent -6 (subnormal
-  // quantum 2^-9); a result above 448 (what 480 would be) has no code
-  const float r = round_to_format(d, 3, -6, e4m3_max);
-  if (std::isinf(r)) return sign | 0x7f;
-  const double a = std::fabs(static_cast<double>(r));
-  if (a == 0.0) return sign;
-  const int e = std::ilogb(a);
-  if (e < -6) return sign | static_cast<uint8_t>(a * 512.0);  // subnormal: m = a / 2^-9
-  const int mant = static_cast<int>(std::ldexp(a, 3 - e)) - 8;
-  return sign | static_cast<uint8_t>(((e + 7) << 3) | mant);
+  const uint64_t bits = std::bit_cast<uint64_t>(d);
+  const uint8_t sign = (bits >> 63) ? 0x80 : 0x00;
+  const uint64_t mag = bits & 0x7fffffffffffffffull;
+  if (mag >= 0x7ff0000000000000ull) return sign | 0x7f;  // NaN, infinity
+  if (mag < 0x3f90000000000000ull) {
+    // below 2^-6: multiples of 2^-9, m = |d| x 2^9 rounded to nearest even
+    // (exact scaling; nearbyint rounds ties to even); m = 8 is the code of 2^-6
+    return sign | static_cast<uint8_t>(std::nearbyint(std::bit_cast<double>(mag) * 512.0));
+  }
+  // normal: keep 3 of the 52 mantissa bits, rounding to nearest even on the
+  // bits: the carry of a mantissa 1.111 + 1 moves into the exponent, as it should
+  const uint64_t rounded = mag + ((uint64_t{1} << 48) - 1) + ((mag >> 49) & 1);
+  const int64_t exp = static_cast<int64_t>(rounded >> 52) - 1023;  // unbiased, >= -6
+  const uint64_t code = static_cast<uint64_t>(exp + 7) << 3 | ((rounded >> 49) & 7);
+  // above 448 (0x7e) there is no finite code: 0x7f would be 480, NaN in the FN variant
+  return sign | static_cast<uint8_t>(code > 0x7e ? 0x7f : code);
 }
 
 int math_dtype_size(dtype type) {

@@ -140,12 +140,18 @@ template <typename T>
 void dequantize(std::span<const uint8_t> q, std::span<const float> scales, const fp8_block& block, int64_t n_cols,
                 int64_t row_begin, int64_t row_end, T* out) {
   const int64_t n_scale_cols = ceil_div(n_cols, block.cols);
+  T values[256];  // every code's value (core/dtype), looked up in the loop
+  for (int c = 0; c < 256; ++c) values[c] = static_cast<T>(e4m3_to_f32(static_cast<uint8_t>(c)));
   for (int64_t r = row_begin; r < row_end; ++r) {
     const float* srow = scales.data() + (r / block.rows) * n_scale_cols;
     const uint8_t* qrow = q.data() + (r - row_begin) * n_cols;
     T* orow = out + (r - row_begin) * n_cols;
-    for (int64_t c = 0; c < n_cols; ++c)
-      orow[c] = static_cast<T>(e4m3_to_f32(qrow[c])) * static_cast<T>(srow[c / block.cols]);
+    // column block by column block: one scale each
+    for (int64_t cb = 0, sc = 0; cb < n_cols; cb += block.cols, ++sc) {
+      const T s = static_cast<T>(srow[sc]);
+      const int64_t ce = std::min(n_cols, cb + block.cols);
+      for (int64_t c = cb; c < ce; ++c) orow[c] = values[qrow[c]] * s;
+    }
   }
 }
 }  // namespace
