@@ -100,6 +100,33 @@ print("same" if {k: v[2] for k, v in one.items()} == {k: v[2] for k, v in many.i
 PY
 expect_eq "sharded merge against the one-file merge" "$(cat "$OUT_FILE")" "same"
 
+# --- DoRA into an FP8 base (q_proj, v_proj, down_proj; not gate_proj, whose
+# zero rows have no norm): verify equivalent on both outputs
+SRC="$SRC" "$PY" - "$W/lora" "$W/dora" <<'PY'
+import json, os, sys
+import numpy as np
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import read, write
+src, dst = sys.argv[1:3]
+t = {k: v[3].astype(np.float32) for k, v in read(src + "/adapter_model.safetensors")[0].items() if "gate_proj" not in k}
+rng = np.random.default_rng(3)
+for k in list(t):
+    if k.endswith("lora_B.weight"):
+        t[k.replace("lora_B.weight", "lora_magnitude_vector")] = (1 + 0.1 * rng.standard_normal(t[k].shape[0])).astype(np.float32)
+os.makedirs(dst, exist_ok=True)
+write(dst + "/adapter_model.safetensors", t)
+c = json.load(open(src + "/adapter_config.json"))
+c["use_dora"], c["target_modules"] = True, ["q_proj", "v_proj", "down_proj"]
+json.dump(c, open(dst + "/adapter_config.json", "w"))
+PY
+for d in "" "--dtype bf16"; do
+  rm -rf "$W/out-dora"
+  expect_exit 0 "$LORA" merge --base "$W/fp8-small" --adapter "$W/dora" --out "$W/out-dora" $d
+  expect_exit 0 "$LORA" verify --base "$W/fp8-small" --adapter "$W/dora" --merged "$W/out-dora"
+  expect_stdout_contains "equivalent: 21 tensors checked, 0 failed"
+  expect_stdout_contains "layers: 3 adapted modules checked on 4 seeded inputs (seed 1234), 0 failed"
+done
+
 # --- the block size is the config's: [16, 24] names it
 expect_exit 0 "$LORA" merge --base "$W/fp8-small" --adapter "$W/lora" --out "$W/dry" --dry-run
 expect_stdout_contains "fp8 base (fp8 e4m3, block 16x24, activation_scheme dynamic)"
