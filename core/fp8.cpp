@@ -45,10 +45,14 @@ void read_config(const model_files& base, fp8_model& m) {
                           fmt::format("quantization_config.fmt {} is not supported (only e4m3, OCP E4M3 FN)", *q->fmt));
   if (q->weight_block_size) {
     const std::vector<int64_t>& b = *q->weight_block_size;
-    if (b.size() != 2 || b[0] <= 0 || b[1] <= 0)
+    // (at most 2^31 each: a block larger than any tensor is one block, and
+    // the block arithmetic stays far from overflow)
+    constexpr int64_t max_block = int64_t{1} << 31;
+    if (b.size() != 2 || b[0] <= 0 || b[1] <= 0 || b[0] > max_block || b[1] > max_block)
       throw errors::invalid(file, "",
                             fmt::format("quantization_config.weight_block_size {} is not supported (block scales "
-                                        "need two positive integers; per-tensor FP8 scales are not supported)",
+                                        "need two positive integers up to 2^31; per-tensor FP8 scales are not "
+                                        "supported)",
                                         q->weight_block_size_text));
     m.block = {b[0], b[1]};
   }

@@ -489,14 +489,15 @@ std::optional<quantization_config> parse_quantization_config(std::string_view js
   // named "config" in messages, as merge's update_config_text names it
   json j = parse_json_bounded(json_text, label, "config");
   if (!j.is_object()) throw errors::invalid(label, "", "config is not a JSON object");
-  auto it = j.find("quantization_config");
-  if (it == j.end())
-    if (auto t = j.find("text_config"); t != j.end() && t->is_object()) {
-      it = t->find("quantization_config");
-      if (it == t->end()) return std::nullopt;
-    }
-  if (it == j.end()) return std::nullopt;
-  if (!it->is_object()) throw errors::invalid(label, "", "field quantization_config is not an object");
+  // at the top level, else inside text_config (multimodal configs)
+  const json* qc = nullptr;
+  if (auto f = j.find("quantization_config"); f != j.end())
+    qc = &*f;
+  else if (auto t = j.find("text_config"); t != j.end() && t->is_object())
+    if (auto g = t->find("quantization_config"); g != t->end()) qc = &*g;
+  if (qc == nullptr) return std::nullopt;
+  if (!qc->is_object()) throw errors::invalid(label, "", "field quantization_config is not an object");
+  const json* it = qc;
   quantization_config q;
   auto text = [&](const char* key) -> std::optional<std::string> {
     auto f = it->find(key);

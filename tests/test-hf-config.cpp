@@ -283,3 +283,44 @@ TEST_CASE("update_config_text: the fields set, every other one kept in order") {
   CHECK(k.dump() == R"({"a":1,"tie_word_embeddings":false,"vocab_size":12})");
   CHECK_THROWS_WITH(update_config_text("[1]", "c.json", u), doctest::Contains("not a JSON object"));
 }
+
+TEST_CASE("parse_quantization_config: Qwen3-8B-FP8's object as written, inside text_config, absent, malformed") {
+  const std::string qwen3_fp8 =
+      R"({"model_type": "qwen3", "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+          "quant_method": "fp8", "weight_block_size": [128, 128]}, "torch_dtype": "bfloat16"})";
+  const std::optional<quantization_config> q = parse_quantization_config(qwen3_fp8, "config.json");
+  REQUIRE(q);
+  CHECK(q->quant_method == "fp8");
+  CHECK(q->fmt == "e4m3");
+  CHECK(q->activation_scheme == "dynamic");
+  CHECK(q->weight_block_size == std::vector<int64_t>{128, 128});
+  CHECK(q->weight_block_size_text == "[128,128]");
+  // multimodal configs hold it in text_config
+  const auto t = parse_quantization_config(R"({"text_config": {"quantization_config": {"quant_method": "fp8"}}})", "c");
+  REQUIRE(t);
+  CHECK(t->quant_method == "fp8");
+  CHECK_FALSE(t->fmt);
+  CHECK_FALSE(t->weight_block_size);
+  CHECK_FALSE(parse_quantization_config(R"({"model_type": "llama", "text_config": {}})", "c"));
+  // null or non-integer block sizes are kept as text for the refusal (core/fp8)
+  const auto n = parse_quantization_config(R"({"quantization_config": {"quant_method": "fp8", "weight_block_size": null}})", "c");
+  CHECK(n->weight_block_size == std::vector<int64_t>{});
+  CHECK(n->weight_block_size_text == "null");
+  CHECK(lora::testing::thrown([] { parse_quantization_config(R"({"quantization_config": 3})", "c.json"); }).detail() ==
+        "field quantization_config is not an object");
+  CHECK(lora::testing::thrown([] {
+          parse_quantization_config(R"({"quantization_config": {"quant_method": 8}})", "c.json");
+        }).detail() == "field quantization_config.quant_method is not a string");
+}
+
+TEST_CASE("update_config_text: an FP8 model dequantized loses quantization_config and gets the dtype asked") {
+  config_update u;
+  u.remove_quantization_config = true;
+  u.torch_dtype = "bfloat16";
+  const nlohmann::ordered_json j = nlohmann::ordered_json::parse(update_config_text(
+      R"({"model_type": "qwen3", "quantization_config": {"quant_method": "fp8"}, "torch_dtype": "bfloat16",
+          "dtype": "float8", "text_config": {"quantization_config": {}}})",
+      "config.json", u));
+  CHECK(j.dump() == R"({"model_type":"qwen3","torch_dtype":"bfloat16","dtype":"bfloat16","text_config":{}})");
+  CHECK_FALSE(u.empty());
+}

@@ -179,7 +179,7 @@ refuse bad-dtype "$W/bad-dtype/model.safetensors: ${Q}_scale_inv: the block scal
 refuse no-scale "$W/no-scale/model.safetensors: $K: this FP8 weight has no block scale ${K}_scale_inv"
 refuse per-tensor "$W/per-tensor/model.safetensors: $K: per-tensor or per-channel FP8 scales (weight_scale) are not supported (only block scales, weight_scale_inv)"
 refuse e5m2 "$W/e5m2/config.json: quantization_config.fmt e5m2 is not supported (only e4m3, OCP E4M3 FN)"
-refuse block-null "$W/block-null/config.json: quantization_config.weight_block_size null is not supported (block scales need two positive integers; per-tensor FP8 scales are not supported)"
+refuse block-null "$W/block-null/config.json: quantization_config.weight_block_size null is not supported (block scales need two positive integers up to 2^31; per-tensor FP8 scales are not supported)"
 refuse other-method "$W/other-method/config.json: quantization_config.quant_method compressed-tensors is not supported"
 # inspect --base refuses what merge refuses
 expect_exit 3 "$LORA" inspect "$W/lora" --base "$W/e5m2"
