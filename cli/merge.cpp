@@ -116,7 +116,8 @@ CLI::App* setup_merge(CLI::App& app, runner& run) {
                   "output folder (or NAME.safetensors for a bare-file base); written beside it as "
                   "<out>.tmp-XXXXXX and renamed when complete; missing parent folders are created")
       ->required();
-  sub->add_option("--dtype", o->dtype, "dtype of the floating-point tensors written (default: same as the base)")
+  sub->add_option("--dtype", o->dtype, "dtype of the floating-point tensors written (default: same as the base; an FP8 base stays FP8, "
+                  "its merged blocks requantized, and is dequantized whole with bf16|f16|f32)")
       ->check(CLI::IsMember({"same", "bf16", "f16", "f32"}))
       ->default_str("same");
   sub->add_option("--scale", o->scale, "multiplies every delta (default 1)");
