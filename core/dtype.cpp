@@ -175,12 +175,19 @@ void check_sizes(dtype type, size_t n_bytes, size_t n_elements) {
         "", "", fmt::format("conversion of {} elements of {} given {} bytes", n_elements, dtype_name(type), n_bytes));
 }
 
-// The 16-bit <-> f32 loops: the merge's inner loops, so built for each
-// vector width (see vectorize.h).
+// The 16-bit <-> f32 (and 16-bit -> f64: verify, extract --method exact)
+// loops: the pipelines' inner loops, so built for each vector width (see
+// vectorize.h).
 LORA_VECTORIZE void decode_f16(const uint8_t* p, float* dst, size_t n) {
   for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(load<uint16_t>(p + 2 * i));
 }
 LORA_VECTORIZE void decode_bf16(const uint8_t* p, float* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(load<uint16_t>(p + 2 * i));
+}
+LORA_VECTORIZE void decode_f16_f64(const uint8_t* p, double* dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(load<uint16_t>(p + 2 * i));
+}
+LORA_VECTORIZE void decode_bf16_f64(const uint8_t* p, double* dst, size_t n) {
   for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(load<uint16_t>(p + 2 * i));
 }
 LORA_VECTORIZE void encode_f16(const float* src, uint8_t* p, size_t n) {
@@ -201,13 +208,13 @@ void decode(dtype type, std::span<const uint8_t> src, std::span<F> dst) {
       if constexpr (sizeof(F) == 4)
         decode_f16(p, dst.data(), n);
       else
-        for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(f16_to_f32(load<uint16_t>(p + 2 * i)));
+        decode_f16_f64(p, dst.data(), n);
       break;
     case dtype::BF16:
       if constexpr (sizeof(F) == 4)
         decode_bf16(p, dst.data(), n);
       else
-        for (size_t i = 0; i < n; ++i) dst[i] = static_cast<F>(bf16_to_f32(load<uint16_t>(p + 2 * i)));
+        decode_bf16_f64(p, dst.data(), n);
       break;
     case dtype::F32:
       if constexpr (sizeof(F) == 4)

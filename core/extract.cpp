@@ -69,6 +69,43 @@ std::vector<T> delta_of(const tensor_ref& base, const tensor_ref& tuned) {
   return out;
 }
 
+// Progress of the whole run, in bytes of both models: each tensor's pair
+// counts once in the scan of select_deltas or in the factorization (a job),
+// and each job once more in the --budget pass. Events come after each tensor
+// and after each 64 MiB of a comparison, so that the bar and its ETA move
+// during the scan of a 1 GiB embedding too. One thread.
+struct extract_progress {
+  const progress_fn& fn;
+  progress_event event;
+  // `bytes` more of tensor `what` done; `done` when it needs nothing more.
+  void advance(uint64_t bytes, const std::string& what, bool done) {
+    event.done_bytes += bytes;
+    event.done_items += done ? 1 : 0;
+    event.current = what;
+    if (fn) fn(event);
+  }
+};
+
+constexpr uint64_t progress_chunk = uint64_t{64} << 20;  // bytes per side between events in a comparison
+
+// Whether base and tuned hold the same bytes, compared 64 MiB at a time with
+// an event after each (`advanced` adds up the bytes reported); the pages read
+// are released.
+bool same_bytes(const tensor_ref& base, const tensor_ref& tuned, extract_progress& progress, const std::string& name,
+                uint64_t& advanced) {
+  const std::span<const uint8_t> b = base.data(), t = tuned.data();
+  bool same = b.size() == t.size();
+  for (uint64_t at = 0; same && at < b.size(); at += progress_chunk) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(progress_chunk, b.size() - at));
+    same = std::ranges::equal(b.subspan(at, n), t.subspan(at, n));
+    progress.advance(2 * n, name, false);
+    advanced += 2 * n;
+  }
+  base.file->release(*base.info);
+  tuned.file->release(*tuned.info);
+  return same;
+}
+
 // ||W_tuned - W_base||_F in double, a block at a time (an untied lm_head
 // of a Llama-3-8B is 4 GiB as f64): memory two blocks, whatever the size.
 double delta_norm(const tensor_ref& base, const tensor_ref& tuned) {
@@ -188,6 +225,7 @@ struct extract_job {
   tensor_ref base, tuned;
   rank_rule rule;
   std::vector<double> spectrum;  // --budget: the values its allocation saw (reported when longer)
+  uint64_t scanned = 0;          // bytes of its pair the scan already reported (a comparison)
 };
 struct left_delta {
   other_delta rec;
@@ -271,7 +309,8 @@ void assign_kohya_keys(extract_plan& plan, const std::string& label) {
 }
 
 // Every tensor of the base: unchanged, a job, or a delta left aside.
-extract_plan select_deltas(const extract_options& options, const model_files& base, const model_files& tuned) {
+extract_plan select_deltas(const extract_options& options, const model_files& base, const model_files& tuned,
+                           extract_progress& progress) {
   const std::optional<module_pattern> targets = parse_targets(options.targets);
   std::optional<std::string> model_type;
   if (!base.config_path.empty()) model_type = read_model_type(base.config_path);
@@ -281,6 +320,8 @@ extract_plan select_deltas(const extract_options& options, const model_files& ba
     const tensor_ref b = base.at(name);
     const tensor_ref t = tuned.at(name);
     const std::string path = module_path(name);
+    const uint64_t share = b.info->n_bytes() + t.info->n_bytes();  // its part of the progress total
+    uint64_t advanced = 0;
     const bool resized = b.info->shape != t.info->shape;
     if (resized) {
       // a bigger (or smaller) vocabulary: rows differ, columns agree
@@ -308,7 +349,8 @@ extract_plan select_deltas(const extract_options& options, const model_files& ba
     // family's networks may be refused, and should not be when unchanged).
     const bool compare_later =
         layout && !(options.format == extract_format::kohya && plan.family != kohya::checkpoint_family::other);
-    if (!compare_later && !resized && b.info->type == t.info->type && std::ranges::equal(b.data(), t.data())) {
+    if (!compare_later && !resized && b.info->type == t.info->type && same_bytes(b, t, progress, name, advanced)) {
+      progress.advance(share - advanced, name, true);
       ++plan.n_unchanged;
       continue;
     }
@@ -330,7 +372,7 @@ extract_plan select_deltas(const extract_options& options, const model_files& ba
     }
     if (layout) {
       const auto& shape = b.info->shape;
-      extract_job j{name, path, path, *layout, shape[0], 0, b, t, options.rule, {}};
+      extract_job j{name, path, path, *layout, shape[0], 0, b, t, options.rule, {}, advanced};
       j.cols = b.info->n_elements / shape[0];
       if (*layout == delta_layout::conv && options.conv_rule) j.rule = *options.conv_rule;
       plan.jobs.push_back(std::move(j));
@@ -343,6 +385,7 @@ extract_plan select_deltas(const extract_options& options, const model_files& ba
     } else {
       norm = delta_norm(b, t);
     }
+    progress.advance(share - advanced, name, true);
     if (norm == 0) {
       ++plan.n_unchanged;
       continue;
@@ -387,7 +430,8 @@ int64_t break_even_rank(int64_t rows, int64_t cols) { return rows * cols / (rows
 // rank 0 become deltas left out. Spectra are recomputed by the second pass
 // (memory stays at one module).
 void allocate_ranks(extract_plan& plan, const extract_options& options, const model_files& base,
-                    const model_files& tuned) {
+                    const model_files& tuned, extract_progress& progress) {
+  for (const extract_job& j : plan.jobs) progress.event.total_bytes += j.base.info->n_bytes() + j.tuned.info->n_bytes();
   std::vector<std::vector<double>> spectra(plan.jobs.size());
   std::vector<double> norms(plan.jobs.size(), 0);
   std::vector<budget_module> items(plan.jobs.size());
@@ -419,11 +463,14 @@ void allocate_ranks(extract_plan& plan, const extract_options& options, const mo
       spectra[i] = std::move(svd.s);
     });
     items[i].s = spectra[i];
+    progress.advance(j.base.info->n_bytes() + j.tuned.info->n_bytes(), j.tensor, false);
   }
   const std::vector<int64_t> ranks = allocate_budget(items, options.budget);
   std::vector<extract_job> kept;
   for (size_t i = 0; i < plan.jobs.size(); ++i) {
     extract_job& j = plan.jobs[i];
+    // a job left out needs nothing more: the rest of its share is done
+    if (ranks[i] <= 0) progress.advance(j.base.info->n_bytes() + j.tuned.info->n_bytes() - j.scanned, j.tensor, true);
     if (ranks[i] > 0) {
       j.rule = {rank_rule::kind::fixed, static_cast<double>(ranks[i]), 0};
       j.spectrum = std::move(spectra[i]);
@@ -442,12 +489,10 @@ void allocate_ranks(extract_plan& plan, const extract_options& options, const mo
 // report.modules and the extracted totals.
 std::vector<written_factors> factorize_jobs(const extract_plan& plan, const extract_options& options,
                                             const model_files& base, const model_files& tuned,
-                                            const progress_fn& progress, extract_report& report) {
+                                            extract_progress& progress, extract_report& report) {
   std::vector<written_factors> factors;
   scratch<float> s32;
   scratch<double> s64;
-  uint64_t total_bytes = 0, done_bytes = 0;
-  for (const auto& j : plan.jobs) total_bytes += j.tuned.info->n_bytes();
   double sum_delta = 0, sum_residual = 0, sum_kept = 0;
   for (size_t i = 0; i < plan.jobs.size(); ++i) {
     check_interrupted();
@@ -479,7 +524,6 @@ std::vector<written_factors> factorize_jobs(const extract_plan& plan, const extr
       f = named_svd_errors(tuned.path, j.tensor,
                            [&] { return factorize(d, j.rows, j.cols, j.rule, svd_opts, type, rec); });
     });
-    done_bytes += j.tuned.info->n_bytes();
     if (rec.delta_norm == 0) {
       ++report.n_unchanged;
     } else {
@@ -493,7 +537,7 @@ std::vector<written_factors> factorize_jobs(const extract_plan& plan, const extr
       report.modules.push_back(std::move(rec));
       factors.push_back(std::move(f));
     }
-    if (progress) progress({i + 1, plan.jobs.size(), done_bytes, total_bytes, j.tensor});
+    progress.advance(j.base.info->n_bytes() + j.tuned.info->n_bytes() - j.scanned, j.tensor, true);
   }
   if (report.modules.empty() && plan.others.empty())
     throw errors::invalid(options.tuned, "",
@@ -696,16 +740,20 @@ extract_report run_extract(const extract_options& options, const progress_fn& pr
   report.budget = options.budget;
   report.n_tensors = static_cast<int64_t>(base.tensor_names.size());
 
-  // select, factorize, build, write
-  extract_plan plan = select_deltas(options, base, tuned);
+  // select, factorize, build, write; progress over both models' bytes
+  extract_progress tracker{progress, {}};
+  tracker.event.total_items = base.tensor_names.size();
+  for (const auto& name : base.tensor_names)
+    tracker.event.total_bytes += base.at(name).info->n_bytes() + tuned.at(name).info->n_bytes();
+  extract_plan plan = select_deltas(options, base, tuned, tracker);
   report.n_unchanged = plan.n_unchanged;
   report.family = std::string(kohya::checkpoint_family_name(plan.family));
   set_blas_threads(options.threads);
   if (options.budget > 0) {
-    allocate_ranks(plan, options, base, tuned);
+    allocate_ranks(plan, options, base, tuned, tracker);
     report.n_unchanged = plan.n_unchanged;
   }
-  std::vector<written_factors> factors = factorize_jobs(plan, options, base, tuned, progress, report);
+  std::vector<written_factors> factors = factorize_jobs(plan, options, base, tuned, tracker, report);
   adapter_data data = build_adapter(report, factors, plan.others, base, options);
   write_adapter(data, options.out, options.force);
   const std::string weights =

@@ -127,8 +127,13 @@ struct extract_report {
 // outside the LDM layout (core/ldm-names has no diffusers name for it); exit 2 for
 // option combinations the format cannot hold; exit 4 on I/O failure.
 // Orientation follows core/adapter's stored_in_out (GPT-2 Conv1D: the base's
-// config.json model_type and the module name), the rule fit_adapter uses. `progress` is called after each
-// extracted module (may be empty).
+// config.json model_type and the module name), the rule fit_adapter uses.
+// `progress` (may be empty) follows the whole run in bytes of both models
+// (total_bytes: every tensor of both, plus the jobs once more with --budget;
+// total_items: the base's tensors): called after each tensor the first scan
+// compares or measures, after each 64 MiB of a comparison, after each module
+// of the --budget pass and after each extracted module; the last call has
+// done_items == total_items and done_bytes == total_bytes.
 extract_report run_extract(const extract_options& options, const progress_fn& progress);
 
 // The module path P of a tensor name ("x.y.weight" -> "x.y"), and whether a

@@ -4,6 +4,7 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <set>
 #include <mutex>
@@ -265,10 +266,15 @@ tensor_deltas load_tensor_deltas(const std::vector<contribution>& cs, const tens
   return d;
 }
 
+// Takes rows [rb, re) of W0 and of the merged W~, decoded to double (the
+// layer check fed by the weight check's pass: each block read and decoded once).
+using rows_fn = std::function<void(size_t rb, size_t re, const double* w0, const double* wm)>;
+
 // A touched tensor against its expected value E, formed in double through
-// core/delta one block of rows at a time (DoRA: a first pass for the norms).
+// core/delta one block of rows at a time (DoRA: a first pass for the norms);
+// each block of W0 and W~ is also given to `also` (when not empty).
 tensor_check check_touched(const std::string& name, const tensor_ref& b, const tensor_ref& m, const expectation& x,
-                           const std::string& replacement_file, const fp8_index& fx) {
+                           const std::string& replacement_file, const fp8_index& fx, const rows_fn& also) {
   tensor_check c{name, x.replacement ? tensor_kind::replaced
                        : x.biases    ? tensor_kind::bias
                        : x.modules   ? tensor_kind::merged
@@ -303,6 +309,7 @@ tensor_check check_touched(const std::string& name, const tensor_ref& b, const t
       compare_block_fp8(c, m_scales, m8->block, d.rank, d.row_bounds, n_cols, rb, w0, e, mv, block_max);
     else
       compare_block(c, m.info->type, d.rank, d.row_bounds, n_cols, rb, w0, e, mv);
+    if (also) also(rb, re, w0.data(), mv.data());
   }
   // FP8: every non-zero block reaches 448 x its scale (the scale is max|w| / 448)
   for (size_t k = 0; k < block_max.size(); ++k)
@@ -338,6 +345,8 @@ tensor_check check_untouched(const std::string& name, const tensor_ref& b, const
       check_interrupted();
       const size_t k = static_cast<size_t>(std::min<uint64_t>(block_elements, n - at));
       const std::span<const uint8_t> xb = read_bytes(b, at * bs, k * bs, bb), yb = read_bytes(m, at * ms, k * ms, mb);
+      // the same dtype and the same bytes: nothing to decode (one memcmp per block, not one per element)
+      if (bt == mt && std::memcmp(xb.data(), yb.data(), xb.size()) == 0) continue;
       x.resize(k);
       y.resize(k);
       to_f64(bt, xb, x);
@@ -405,6 +414,25 @@ struct layer_sums {
       : y0(n * n_out), abs0(n * n_out), ym(n * n_out), absm(n * n_out), v_sq(n_out), bound_sq(n_out) {}
 };
 
+// y[v] = sum_j row[j] x_v[j] and a[v] = sum_j |row[j] x_v[j]|, v < G, x_v at
+// x + v stride, each sum in the order of j (G independent sums in flight).
+template <size_t G>
+void row_dots(const double* row, const double* x, size_t stride, size_t n_cols, double* y, double* a) {
+  double ys[G] = {}, as[G] = {};
+  for (size_t j = 0; j < n_cols; ++j) {
+    const double w = row[j];
+    for (size_t v = 0; v < G; ++v) {
+      const double p = w * x[v * stride + j];
+      ys[v] += p;
+      as[v] += std::fabs(p);
+    }
+  }
+  for (size_t v = 0; v < G; ++v) {
+    y[v] = ys[v];
+    a[v] = as[v];
+  }
+}
+
 // Adds stored rows [rb, re) to `acc`: w0 (and wm, when not null) hold
 // exactly those rows; t_bound (empty, or one entry per stored row) is
 // delta_row_bounds. DoRA's V rows are formed in v_buf through core/delta.
@@ -412,7 +440,33 @@ void accumulate_rows(const delta_factors_f64& f, const layer_shape& s, double we
                      const double* w0, const double* wm, const std::vector<double>& t_bound, const double* x, size_t n,
                      layer_sums& acc, std::vector<double>& v_buf) {
   const size_t nc = s.n_cols;
-  for (size_t i = rb; i < re; ++i) {
+  if (!s.transposed) {
+    // row i is output i: y_i = sum_j W[i, j] x_j, for up to 4 inputs at once
+    // (independent sums, each in the order of j: the same bits as one input
+    // at a time, without waiting on one sum's additions)
+    constexpr size_t group = 4;
+    for (size_t i = rb; i < re; ++i) {
+      const double* rows[2] = {w0 + (i - rb) * nc, wm ? wm + (i - rb) * nc : nullptr};
+      for (size_t v0 = 0; v0 < n; v0 += group) {
+        const size_t g = std::min(group, n - v0);
+        for (int side = 0; side < 2; ++side) {
+          const double* row = rows[side];
+          if (!row) continue;
+          double y[group] = {}, a[group] = {};
+          if (g == group)
+            row_dots<group>(row, x + v0 * s.n_in, s.n_in, nc, y, a);
+          else
+            for (size_t v = 0; v < g; ++v) row_dots<1>(row, x + (v0 + v) * s.n_in, s.n_in, nc, y + v, a + v);
+          for (size_t v = 0; v < g; ++v) {
+            const size_t at = (v0 + v) * s.n_out + i;
+            (side == 0 ? acc.y0 : acc.ym)[at] = y[v];
+            (side == 0 ? acc.abs0 : acc.absm)[at] = a[v];
+          }
+        }
+      }
+    }
+  }
+  for (size_t i = rb; i < re && s.transposed; ++i) {
     const double* r0 = w0 + (i - rb) * nc;
     const double* rm = wm ? wm + (i - rb) * nc : nullptr;
     for (size_t v = 0; v < n; ++v) {
@@ -615,70 +669,133 @@ void compare_outputs(layer_check& c, const layer_shape& s, const delta_factors_f
 // else 1. DoRA's norm of an f32 V is off by at most the norm of V_o's
 // error, and its product m / ||V|| V rounds once more in f32. The
 // (n_in + r + 4) 2^-53 term is this check's own double arithmetic.
+//
+// A layer_run is one check under way: built from the tensors (steps 1-3), fed
+// the stored rows of W0 and W~ in order (add_rows: by its own pass, run(),
+// or by the weight check's pass over the same tensor), then finish().
+class layer_run {
+ public:
+  layer_run(const std::vector<contribution>& cs, size_t index, const fp8_index& fx, const model_files& base,
+            const model_files& merged, uint64_t seed, int n_inputs)
+      : cs_(cs), fx_(fx), c_(layer_header(cs)), acc_(0, 0) {
+    // 1. the tensors: base, merged, factors (their bounds summed, |w| each)
+    const std::string& target = cs.front().module->target;
+    b_ = base_source(base, target);
+    mt_ = merged.find(target);
+    const fp8_weight* m8 = mt_ ? fp8_of(fx, *mt_) : nullptr;
+    const layer_problem tensor_problem = !mt_                                       ? layer_problem::missing
+                                         : mt_->info->shape != b_.info->shape      ? layer_problem::shape
+                                         : !dtype_is_math(mt_->info->type) && !m8 ? layer_problem::dtype
+                                                                                   : layer_problem::none;
+    if (tensor_problem != layer_problem::none) {
+      fail(tensor_problem);
+      return;
+    }
+    int64_t rank = 0;
+    for (const contribution& k : cs) {
+      fs_.push_back(load_delta_factors_f64(*k.module, b_.info->shape, *k.file));
+      const std::vector<double> bounds = delta_row_bounds(fs_.back());
+      t_bound_.resize(bounds.size(), 0.0);
+      for (size_t i = 0; i < bounds.size(); ++i) t_bound_[i] += std::fabs(k.weight) * bounds[i];
+      rank += fs_.back().rank;
+    }
+    s_ = shape_of(fs_.front());
+    const dtype type = mt_->info->type;
+    // merge computes in f64 when either side is F64 or FP8
+    const bool f64_math = type == dtype::F64 || b_.info->type == dtype::F64 || m8 || fp8_of(fx, b_);
+    tol_ = {unit_roundoff(type), half_min_spacing(type), f64_math ? 0x1p-53 : 0x1p-24};
+    if (m8) {
+      // FP8 at block scale s: relative half unit 2^-4 (4 significant bits),
+      // absolute below the normal range half the subnormal step, 2^-10 s, at
+      // the largest scale of the tensor
+      const std::vector<float> scales = read_fp8_scales(m8->scale);
+      tol_.u = 0x1p-4;
+      tol_.eta = 0x1p-10 * static_cast<double>(*std::max_element(scales.begin(), scales.end()));
+    }
+    tol_.c_acc = static_cast<double>(rank + 4) * tol_.uc;
+    tol_.c_eval = static_cast<double>(s_.n_in + static_cast<size_t>(rank) + 4) * 0x1p-53;
+
+    // 2. the bias, for lora_bias: base + w s b against the merged model's
+    if (c_.bias)
+      if (const layer_problem p = load_layer_bias(cs, base, merged, s_.n_out, lb_); p != layer_problem::none) {
+        fail(p);
+        return;
+      }
+
+    // 3. seeded inputs
+    n_ = static_cast<size_t>(n_inputs);
+    x_ = seeded_inputs(c_.module == layer_module::embedding, s_.n_in, n_, seed, index);
+    acc_ = layer_sums(n_, s_.n_out);
+  }
+
+  // False when the check failed before any row (missing, shape, dtype).
+  bool needs_rows() const noexcept { return !failed_; }
+
+  // The base tensor and the merged one the rows come from (needs_rows() only).
+  const tensor_ref& base_tensor() const noexcept { return b_; }
+  const tensor_ref& merged_tensor() const noexcept { return *mt_; }
+
+  // Stored rows [rb, re) of W0 and W~, in double; rows come in order, each once.
+  void add_rows(size_t rb, size_t re, const double* w0, const double* wm) {
+    accumulate_rows(fs_.front(), s_, cs_.front().weight, rb, re, w0, wm, t_bound_, x_.data(), n_, acc_, v_buf_);
+    rows_done_ = re;
+  }
+
+  // Whether every stored row has been added.
+  bool fed() const noexcept { return rows_done_ == s_.n_rows; }
+
+  // 4. its own pass over the stored rows of W0 and W~, in blocks read with pread and decoded to double
+  void run() {
+    std::vector<uint8_t> bytes;
+    std::vector<double> w0_buf, wm_buf;
+    for (size_t rb = 0; rb < s_.n_rows; rb += rows_per_block(s_.n_cols)) {
+      const size_t re = std::min(s_.n_rows, rb + rows_per_block(s_.n_cols));
+      check_interrupted();
+      read_rows_f64(b_, s_.n_cols, rb, re, bytes, w0_buf, fx_);
+      read_rows_f64(*mt_, s_.n_cols, rb, re, bytes, wm_buf, fx_);
+      add_rows(rb, re, w0_buf.data(), wm_buf.data());
+    }
+  }
+
+  // 5. y~ = W~ x against y_ref = W0 x + the adapters unmerged, element by element
+  layer_check finish() {
+    if (failed_) return c_;
+    std::vector<double> y_ref = acc_.y0;
+    for (size_t k = 0; k < fs_.size(); ++k) add_unmerged(fs_[k], s_, cs_[k].weight, x_.data(), n_, acc_, y_ref);
+    const delta_factors_f64* dora = c_.dora ? &fs_.front() : nullptr;  // alone on its tensor (load_adapters)
+    compare_outputs(c_, s_, dora, t_bound_, x_, n_, acc_, y_ref, tol_, c_.bias ? &lb_ : nullptr);
+    return c_;
+  }
+
+ private:
+  void fail(layer_problem why) {
+    c_ = layer_failure(c_, why);
+    failed_ = true;
+  }
+  const std::vector<contribution>& cs_;
+  const fp8_index& fx_;
+  layer_check c_;
+  bool failed_ = false;
+  tensor_ref b_;
+  std::optional<tensor_ref> mt_;
+  std::vector<delta_factors_f64> fs_;
+  std::vector<double> t_bound_;
+  layer_shape s_;
+  layer_tolerance tol_;
+  layer_bias lb_;
+  size_t n_ = 0;
+  std::vector<double> x_;
+  layer_sums acc_;
+  std::vector<double> v_buf_;
+  size_t rows_done_ = 0;
+};
+
+// A whole layer check with its own pass over the rows.
 layer_check check_layer(const std::vector<contribution>& cs, size_t index, const fp8_index& fx, const model_files& base,
                         const model_files& merged, uint64_t seed, int n_inputs) {
-  layer_check c = layer_header(cs);
-  // 1. the tensors: base, merged, factors (their bounds summed, |w| each)
-  const std::string& target = cs.front().module->target;
-  const tensor_ref b = base_source(base, target);
-  std::optional<tensor_ref> mt = merged.find(target);
-  if (!mt) return layer_failure(c, layer_problem::missing);
-  if (mt->info->shape != b.info->shape) return layer_failure(c, layer_problem::shape);
-  const fp8_weight* m8 = fp8_of(fx, *mt);
-  if (!dtype_is_math(mt->info->type) && !m8) return layer_failure(c, layer_problem::dtype);
-  std::vector<delta_factors_f64> fs;
-  std::vector<double> t_bound;
-  int64_t rank = 0;
-  for (const contribution& k : cs) {
-    fs.push_back(load_delta_factors_f64(*k.module, b.info->shape, *k.file));
-    const std::vector<double> bounds = delta_row_bounds(fs.back());
-    t_bound.resize(bounds.size(), 0.0);
-    for (size_t i = 0; i < bounds.size(); ++i) t_bound[i] += std::fabs(k.weight) * bounds[i];
-    rank += fs.back().rank;
-  }
-  const layer_shape s = shape_of(fs.front());
-  const dtype type = mt->info->type;
-  // merge computes in f64 when either side is F64 or FP8
-  const bool f64_math = type == dtype::F64 || b.info->type == dtype::F64 || m8 || fp8_of(fx, b);
-  layer_tolerance tol{unit_roundoff(type), half_min_spacing(type), f64_math ? 0x1p-53 : 0x1p-24};
-  if (m8) {
-    // FP8 at block scale s: relative half unit 2^-4 (4 significant bits),
-    // absolute below the normal range half the subnormal step, 2^-10 s, at
-    // the largest scale of the tensor
-    const std::vector<float> scales = read_fp8_scales(m8->scale);
-    tol.u = 0x1p-4;
-    tol.eta = 0x1p-10 * static_cast<double>(*std::max_element(scales.begin(), scales.end()));
-  }
-  tol.c_acc = static_cast<double>(rank + 4) * tol.uc;
-  tol.c_eval = static_cast<double>(s.n_in + static_cast<size_t>(rank) + 4) * 0x1p-53;
-
-  // 2. the bias, for lora_bias: base + w s b against the merged model's
-  layer_bias lb;
-  if (c.bias)
-    if (const layer_problem p = load_layer_bias(cs, base, merged, s.n_out, lb); p != layer_problem::none)
-      return layer_failure(c, p);
-
-  // 3. seeded inputs; 4. one pass over the stored rows of W0 and W~, in blocks read with pread and decoded to double
-  const size_t n = static_cast<size_t>(n_inputs);
-  const std::vector<double> x = seeded_inputs(c.module == layer_module::embedding, s.n_in, n, seed, index);
-  const delta_factors_f64* dora = c.dora ? &fs.front() : nullptr;  // alone on its tensor (load_adapters)
-  layer_sums acc(n, s.n_out);
-  std::vector<uint8_t> bytes;
-  std::vector<double> w0_buf, wm_buf, v_buf;
-  for (size_t rb = 0; rb < s.n_rows; rb += rows_per_block(s.n_cols)) {
-    const size_t re = std::min(s.n_rows, rb + rows_per_block(s.n_cols));
-    check_interrupted();
-    read_rows_f64(b, s.n_cols, rb, re, bytes, w0_buf, fx);
-    read_rows_f64(*mt, s.n_cols, rb, re, bytes, wm_buf, fx);
-    accumulate_rows(fs.front(), s, cs.front().weight, rb, re, w0_buf.data(), wm_buf.data(), t_bound, x.data(), n, acc,
-                    v_buf);
-  }
-  std::vector<double> y_ref = acc.y0;
-  for (size_t k = 0; k < fs.size(); ++k) add_unmerged(fs[k], s, cs[k].weight, x.data(), n, acc, y_ref);
-
-  // 5. y~ = W~ x against y_ref, element by element
-  compare_outputs(c, s, dora, t_bound, x, n, acc, y_ref, tol, c.bias ? &lb : nullptr);
-  return c;
+  layer_run run(cs, index, fx, base, merged, seed, n_inputs);
+  if (run.needs_rows()) run.run();
+  return run.finish();
 }
 
 }  // namespace
@@ -815,9 +932,11 @@ struct verify_progress {
   }
 };
 
-// One base tensor against its expected value (the weight level).
+// One base tensor against its expected value (the weight level); when
+// `layer` (may be null) runs on the same two tensors, the weight check's pass
+// feeds it each block as it is read.
 tensor_check check_weight(const std::string& name, const model_files& base, const model_files& merged,
-                          const adapter_set& set, const fp8_index& fx) {
+                          const adapter_set& set, const fp8_index& fx, layer_run* layer = nullptr) {
   // an FP8 block scale: compared as it is when its weight is untouched and
   // stays FP8; else rewritten (requantized) or dropped (--dtype), and
   // checked through its weight's dequantized values
@@ -849,15 +968,19 @@ tensor_check check_weight(const std::string& name, const model_files& base, cons
     x.modules = &it->second;
   const bool touched = x.replacement || x.biases || x.modules;
   // an FP8 weight dequantized by the merge (--dtype) is compared by value
-  return math && (touched || b8 != m8) ? check_touched(name, b, *m, x, set.adapters.front().weights_path, fx)
-                                       : check_untouched(name, b, *m);
+  if (!math || !(touched || b8 != m8)) return check_untouched(name, b, *m);
+  rows_fn also;
+  if (layer && layer->needs_rows() && x.modules && layer->base_tensor().info == b.info &&
+      layer->merged_tensor().info == m->info)
+    also = [layer](size_t rb, size_t re, const double* w0, const double* wm) { layer->add_rows(rb, re, w0, wm); };
+  return check_touched(name, b, *m, x, set.adapters.front().weights_path, fx, also);
 }
 
 // Weight and layer levels in one pass: every base tensor against its
 // expected value, then the merged model's extra tensors, into r.tensors;
 // every adapted module on seeded inputs into r.layers. One job per base
-// tensor on the thread pool; a module's layer check runs right after its
-// target's weight check, while both tensors are still in the page cache.
+// tensor on the thread pool; a module's layer check takes the blocks of its
+// target's weight check as they are read (one read and one decode of each).
 void check_weights_and_layers(const model_files& base, const model_files& merged, const adapter_set& set,
                               const fp8_index& fx, const verify_options& o, verify_progress& progress,
                               verify_report& r) {
@@ -869,10 +992,15 @@ void check_weights_and_layers(const model_files& base, const model_files& merged
   parallel_for(base.tensor_names.size(), o.threads, [&](size_t i) {
     check_interrupted();
     const std::string& name = base.tensor_names[i];
-    checks[i] = check_weight(name, base, merged, set, fx);
     if (auto it = target_index.find(name); it != target_index.end()) {
-      r.layers[it->second] = check_layer(set.modules.at(name), it->second, fx, base, merged, o.seed, o.n_inputs);
+      // the layer check rides on the weight check's pass (each block read and decoded once)
+      layer_run layer(set.modules.at(name), it->second, fx, base, merged, o.seed, o.n_inputs);
+      checks[i] = check_weight(name, base, merged, set, fx, &layer);
+      if (layer.needs_rows() && !layer.fed()) layer.run();
+      r.layers[it->second] = layer.finish();
       layer_done[it->second] = 1;  // one job per target: no two jobs write one element
+    } else {
+      checks[i] = check_weight(name, base, merged, set, fx);
     }
     const std::optional<tensor_ref> m = merged.find(name);
     progress.add(base.at(name).info->n_bytes() + (m ? m->info->n_bytes() : 0), name);

@@ -642,3 +642,68 @@ TEST_CASE("factors larger than the dense delta are flagged; --json spectra go pa
     CHECK(static_cast<int64_t>(m.singular_values.size()) > m.rank);
   }
 }
+
+TEST_CASE("progress: the first scan reports its comparisons, 64 MiB at a time; totals add up, with and without "
+          "--budget") {
+  temp_dir dir;
+  pair_of_models p = make_models(dtype::F32);
+  // an unchanged tensor of more than 64 MiB (identical bytes in both models):
+  // the scan compares it in two parts, each reported
+  const uint64_t big_elements = (uint64_t{64} << 20) / 4 + 4096;
+  std::vector<uint8_t> big(big_elements * 4);
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<uint8_t>(i * 7 + i / 4096);
+  uint64_t model_bytes = 0;
+  for (const auto& [side, m] : {std::pair{"/base", &p.base}, std::pair{"/tuned", &p.tuned}}) {
+    fs::create_directories(dir.path + side);
+    std::vector<tensor_spec> specs{{"model.big_buffer", dtype::F32, {static_cast<int64_t>(big_elements)}}};
+    for (const auto& [name, t] : *m) specs.push_back({name, t.type, t.shape});
+    safetensors_writer w(dir.path + side + "/model.safetensors",
+                         plan_safetensors(specs, metadata_map{{"format", "pt"}}));
+    w.write("model.big_buffer", big);
+    model_bytes += big.size();
+    for (const auto& [name, t] : *m) {
+      std::vector<double> v(t.values.data(), t.values.data() + t.values.size());
+      std::vector<uint8_t> bytes(v.size() * 4);
+      from_f64(t.type, v, bytes);
+      w.write(name, bytes);
+      model_bytes += bytes.size();
+    }
+    w.commit();
+  }
+  const uint64_t n_tensors = p.base.size() + 1;
+  for (const bool budget : {false, true}) {
+    CAPTURE(budget);
+    extract_options o = options_for(dir, budget ? "budget" : "rank", {rank_rule::kind::fixed, 4, 0});
+    if (budget) o.budget = 2000;
+    std::vector<progress_event> events;
+    run_extract(o, [&](const progress_event& e) { events.push_back(e); });
+    REQUIRE(!events.empty());
+    // the big buffer: two events for its parts (64 MiB, then the rest), before any module's
+    std::vector<size_t> big_events;
+    size_t first_module = events.size();
+    for (size_t i = 0; i < events.size(); ++i) {
+      if (events[i].current == "model.big_buffer") big_events.push_back(i);
+      if (events[i].current.find("_proj.weight") != std::string::npos) first_module = std::min(first_module, i);
+    }
+    REQUIRE(big_events.size() == 3);  // two parts, then done (the rest of its share: none)
+    CHECK(big_events.back() < first_module);
+    CHECK(events[big_events[0]].done_bytes - (big_events[0] > 0 ? events[big_events[0] - 1].done_bytes : 0) ==
+          2 * (uint64_t{64} << 20));
+    CHECK(events[big_events[2]].done_items == events[big_events[1]].done_items + 1);
+    // monotonic, totals fixed once the scan began, and reached by the last event
+    for (size_t i = 1; i < events.size(); ++i) {
+      CHECK(events[i].done_bytes >= events[i - 1].done_bytes);
+      CHECK(events[i].done_items >= events[i - 1].done_items);
+      CHECK(events[i].total_items == n_tensors);
+    }
+    // --budget reads every selected module once more (the q, v, up, down projections; both sides F32)
+    uint64_t job_bytes = 0;
+    for (const auto& [name, t] : p.base)
+      if (name.ends_with("_proj.weight")) job_bytes += 2 * 4 * static_cast<uint64_t>(t.values.size());
+    CHECK(job_bytes == 2 * 4 * (32 * 32 + 16 * 32 + 80 * 32 + 32 * 80));
+    CHECK(events.back().total_bytes == model_bytes + (budget ? job_bytes : 0));
+    CHECK(events.back().done_bytes == events.back().total_bytes);
+    CHECK(events.back().done_items == n_tensors);
+    CHECK(events.front().total_bytes == model_bytes);
+  }
+}
