@@ -238,7 +238,8 @@ namespace {
 struct shaped_names {
   std::map<std::string, std::vector<int64_t>> shapes;
   name_map names;
-  explicit shaped_names(std::map<std::string, std::vector<int64_t>> s)
+  using shape_map = std::map<std::string, std::vector<int64_t>>;
+  explicit shaped_names(shape_map s)
       : shapes(std::move(s)), names(keys(shapes), [this](const std::string& n) -> const std::vector<int64_t>* {
           auto it = shapes.find(n);
           return it == shapes.end() ? nullptr : &it->second;
@@ -343,7 +344,7 @@ TEST_CASE("fused: HF CLIP q / k / v (kohya lora_te2_, diffusers text_encoder_2.)
   CHECK(b.names.find_fused_kohya("lora_te2_text_model_encoder_layers_3_self_attn_k_proj").found.empty());
 
   // rows that do not divide: the answer is the problem, naming the base tensor
-  shaped_names odd({{blk + "in_proj_weight", {37, 12}}});
+  shaped_names odd(shaped_names::shape_map{{blk + "in_proj_weight", {37, 12}}});
   const fused_lookup q = odd.names.find_fused_kohya("lora_te2_text_model_encoder_layers_2_self_attn_q_proj");
   REQUIRE(q.found.size() == 1);
   CHECK(q.found[0].slices.empty());

@@ -42,6 +42,10 @@ for DT in BF16 F32; do
   merge_check_verify sdxl "$W/sdxl.safetensors" "$W/sdxl-kohya.safetensors" "$W/expect-sdxl.npz" 5 5
   expect_json "sorted(l['name'] for l in j['layers'])[1]" \
     "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+  # inspect --base shows the rows each module reaches
+  expect_exit 0 "$LORA" inspect "$W/sdxl-kohya.safetensors" --base "$W/sdxl.safetensors" --json
+  expect_json "[m.get('rows') for m in j['modules'] if m['name'].endswith('layers_0_self_attn_k_proj')]" \
+    '[[{"module_rows":[0,12],"tensor":"conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight","tensor_rows":[12,24]}]]'
 
   # --- Flux, diffusers-named adapters into BFL files (bare, ComfyUI's prefix)
   merge_check_verify flux-diffusers-bfl "$W/flux-bfl.safetensors" "$W/flux-diffusers" \
