@@ -15,6 +15,7 @@ const fused_layout flux_layouts = {
     {""},
     {"transformer.", ""},
     "lora_unet_",
+    false,  // lora_flux.py names the fused modules (lora_unet_double_blocks_0_img_attn_qkv)
     {
         // double blocks: q / k / v thirds, then renames
         {dbl, dbl_d, "img_attn.qkv.weight", "img_attn.qkv.bias", {"attn.to_q", "attn.to_k", "attn.to_v"},

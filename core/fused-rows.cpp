@@ -1,5 +1,7 @@
 #include "core/fused-rows.h"
 
+#include <charconv>
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -54,6 +56,48 @@ int64_t part_rows(const std::vector<fused_segment>& segments, size_t part) noexc
   int64_t n = 0;
   for (const fused_segment& s : segments) n += s.part == part ? s.n_rows : 0;
   return n;
+}
+
+namespace {
+
+// The block index after `block` at the start of `rest` ("3" of "double_blocks.3.img_attn..."), the rest after
+// its '.' in `tail`; an empty block matches at the root with index "". False when it does not match.
+bool match_block(std::string_view rest, std::string_view block, std::string_view& index, std::string_view& tail) {
+  if (block.empty()) {
+    index = {};
+    tail = rest;
+    return true;
+  }
+  if (!rest.starts_with(block)) return false;
+  rest.remove_prefix(block.size());
+  const size_t dot = rest.find('.');
+  if (dot == 0 || dot == std::string_view::npos) return false;
+  int n = 0;
+  const auto [ptr, ec] = std::from_chars(rest.data(), rest.data() + dot, n);
+  if (ec != std::errc() || ptr != rest.data() + dot) return false;
+  index = rest.substr(0, dot);
+  tail = rest.substr(dot + 1);
+  return true;
+}
+
+}  // namespace
+
+std::string block_path(std::string_view block, std::string_view index) {
+  return block.empty() ? std::string() : fmt::format("{}{}.", block, index);
+}
+
+bool match_block_path(std::string_view rest, std::string_view block, std::string_view& index, std::string_view& tail) {
+  return match_block(rest, block, index, tail);
+}
+
+bool match_fused_tensor(const fused_group& g, std::string_view prefix, std::string_view tensor, std::string& base_block,
+                        std::string& parts_block) {
+  if (!tensor.starts_with(prefix)) return false;
+  std::string_view index, tail;
+  if (!match_block(tensor.substr(prefix.size()), g.fused_block, index, tail) || tail != g.fused_weight) return false;
+  base_block = std::string(prefix) + block_path(g.fused_block, index);
+  parts_block = block_path(g.parts_block, index);
+  return true;
 }
 
 }  // namespace lora

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -48,6 +49,9 @@ struct fused_layout {
   // prefixes an adapter's dotted module paths may carry (diffusers' pipeline component, "transformer.")
   std::vector<std::string_view> adapter_prefixes;
   std::string_view kohya;  // the kohya prefix of these modules ("lora_unet_", "lora_te2_")
+  // sd-scripts names the parts (q_proj, k_proj, v_proj) in its kohya files, not the fused
+  // module: extract --format kohya writes one module per part
+  bool kohya_names_parts = false;
   std::vector<fused_group> groups;
 };
 
@@ -69,5 +73,20 @@ std::vector<fused_segment> split_rows(const fused_group& g, int64_t n_rows, int6
 
 // The rows part `part` takes in `segments` (their n_rows summed). Pure.
 int64_t part_rows(const std::vector<fused_segment>& segments, size_t part) noexcept;
+
+// Where a base tensor name `tensor` sits in group `g` of the fused layout
+// below key prefix `prefix`: true when it is the group's fused weight, with
+// `base_block` (prefix + "double_blocks.3.", or prefix at the root) and
+// `parts_block` ("transformer_blocks.3.", or "") set. Pure.
+// "<block><index>." or "" at the root (an empty block). Pure.
+std::string block_path(std::string_view block, std::string_view index);
+
+// Whether `rest` starts with `block`, a block index and '.': sets `index`
+// and `tail` (what follows the '.'); an empty block matches at the root with
+// index "" and tail `rest`. Views into `rest`. Pure.
+bool match_block_path(std::string_view rest, std::string_view block, std::string_view& index, std::string_view& tail);
+
+bool match_fused_tensor(const fused_group& g, std::string_view prefix, std::string_view tensor, std::string& base_block,
+                        std::string& parts_block);
 
 }  // namespace lora

@@ -120,6 +120,7 @@ const fused_layout open_clip_layouts = {
     {},
     {"text_encoder_2.", ""},
     "lora_te2_",
+    true,  // lora.py names q_proj, k_proj, v_proj of the HF CLIP it loads the checkpoint into
     {
         {"transformer.resblocks.", "text_model.encoder.layers.", "attn.in_proj_weight", "attn.in_proj_bias",
          {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, row_split::equal},

@@ -1,7 +1,6 @@
 #include "core/name-map.h"
 
 #include <algorithm>
-#include <charconv>
 
 #include <fmt/format.h>
 
@@ -66,31 +65,6 @@ std::string mangle(std::string_view path) {
   return out;
 }
 
-// The block index after `block` at the start of `rest` ("double_blocks.3.img_attn..." -> "3"), with the
-// rest after its '.' in `tail`; an empty block matches at the root with index "". False when it does not match.
-bool match_block(std::string_view rest, std::string_view block, std::string_view& index, std::string_view& tail) {
-  if (block.empty()) {
-    index = {};
-    tail = rest;
-    return true;
-  }
-  if (!rest.starts_with(block)) return false;
-  rest.remove_prefix(block.size());
-  const size_t dot = rest.find('.');
-  if (dot == 0 || dot == std::string_view::npos) return false;
-  int n = 0;
-  const auto [ptr, ec] = std::from_chars(rest.data(), rest.data() + dot, n);
-  if (ec != std::errc() || ptr != rest.data() + dot) return false;
-  index = rest.substr(0, dot);
-  tail = rest.substr(dot + 1);
-  return true;
-}
-
-// "<block><index>." or "" at the root.
-std::string block_path(std::string_view block, std::string_view index) {
-  return block.empty() ? std::string() : fmt::format("{}{}.", block, index);
-}
-
 // A tensor name without ".weight" ("" when it has another ending: in_proj_weight).
 std::string module_of(std::string_view weight) {
   return weight.ends_with(".weight") ? std::string(weight.substr(0, weight.size() - 7)) : std::string();
@@ -105,6 +79,31 @@ std::pair<int64_t, int64_t> rows_cols(const std::vector<int64_t>& shape) {
 
 }  // namespace
 
+std::vector<fused_part> fused_parts(const std::string& tensor, const std::vector<int64_t>& shape, std::string& problem) {
+  std::vector<fused_part> out;
+  if (shape.size() != 2) return out;
+  for (const fused_layout* layout : fused_layouts) {
+    if (!layout->kohya_names_parts) continue;
+    for (std::string_view prefix : layout->fused_prefixes)
+      for (const fused_group& g : layout->groups) {
+        std::string base_block, parts_block;
+        if (g.split == row_split::whole || !match_fused_tensor(g, prefix, tensor, base_block, parts_block)) continue;
+        const std::vector<fused_segment> segments = split_rows(g, shape[0], shape[1], problem);
+        if (!problem.empty()) {
+          problem = fmt::format("{} is {}: {}", tensor, shape_text(shape), problem);
+          return {};
+        }
+        for (const fused_segment& seg : segments) {
+          const std::string part = parts_block + std::string(g.parts[seg.part]);
+          out.push_back({std::string(prefix) + part, std::string(layout->kohya) + mangle(part), seg.fused_row,
+                         seg.n_rows});
+        }
+        return out;
+      }
+  }
+  return out;
+}
+
 // A base in the fused layout: each part of each group found becomes a module
 // of the adapter's layout, changing rows of the fused tensor.
 void name_map::index_fused(const std::vector<std::string>& names, const fused_layout& layout, size_t which,
@@ -113,12 +112,8 @@ void name_map::index_fused(const std::vector<std::string>& names, const fused_la
     for (std::string_view prefix : layout.fused_prefixes) {
       if (!n.starts_with(prefix)) continue;
       for (const fused_group& g : layout.groups) {
-        std::string_view index, tail;
-        if (!match_block(std::string_view(n).substr(prefix.size()), g.fused_block, index, tail) ||
-            tail != g.fused_weight)
-          continue;
-        const std::string base_block = std::string(prefix) + block_path(g.fused_block, index);
-        const std::string parts_block = block_path(g.parts_block, index);
+        std::string base_block, parts_block;
+        if (!match_fused_tensor(g, prefix, n, base_block, parts_block)) continue;
         const std::string bias = base_block + std::string(g.fused_bias);
         const bool has_bias = tensors_.count(bias) > 0;
         if (g.split == row_split::whole) {
@@ -159,7 +154,7 @@ void name_map::index_parts(const std::vector<std::string>& names, const fused_la
       if (!n.starts_with(prefix)) continue;
       for (const fused_group& g : layout.groups) {
         std::string_view index, tail;
-        if (!match_block(std::string_view(n).substr(prefix.size()), g.parts_block, index, tail) ||
+        if (!match_block_path(std::string_view(n).substr(prefix.size()), g.parts_block, index, tail) ||
             tail != std::string(g.parts[0]) + ".weight")
           continue;
         const std::string fused_module = module_of(g.fused_weight);

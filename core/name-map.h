@@ -105,6 +105,22 @@ using shape_lookup = std::function<const std::vector<int64_t>*(const std::string
 // The fused tables name_map consults, in order (open_clip_layouts, flux_layouts).
 extern const std::vector<const fused_layout*> fused_layouts;
 
+// For extract --format kohya: the modules sd-scripts names in place of a
+// fused base tensor (a table whose kohya_names_parts is set; SDXL's
+// in_proj_weight -> lora_te2_..._self_attn_q_proj / k_proj / v_proj), with
+// the rows of `tensor` (of `shape`) each takes. `path` is the part's module
+// path under the table's container in the parts layout
+// ("conditioner.embedders.1.model.text_model.encoder.layers.0.self_attn.q_proj"),
+// `kohya` its kohya name. Empty when `tensor` is no such fused tensor;
+// `problem` is set (and nothing returned) when its rows cannot divide. Pure.
+struct fused_part {
+  std::string path;
+  std::string kohya;
+  int64_t row = 0;
+  int64_t n_rows = 0;
+};
+std::vector<fused_part> fused_parts(const std::string& tensor, const std::vector<int64_t>& shape, std::string& problem);
+
 class name_map {
  public:
   // Indexes the "<module>.weight" keys of `base_tensor_names` (copied) and

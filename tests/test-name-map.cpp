@@ -438,3 +438,23 @@ TEST_CASE("fused: BFL modules (kohya lora_unet_) split into a diffusers Flux tra
   CHECK(bad.found[0].problem ==
         "base single_transformer_blocks.0.attn.to_v.weight is [6, 8], but single_blocks.0.linear1 of 54 rows gives it 8");
 }
+
+TEST_CASE("fused_parts: extract --format kohya names SDXL's in_proj_weight rows as sd-scripts' te2 q / k / v") {
+  std::string problem;
+  const std::string t = "conditioner.embedders.1.model.transformer.resblocks.4.attn.in_proj_weight";
+  const std::vector<fused_part> parts = fused_parts(t, {36, 12}, problem);
+  CHECK(problem.empty());
+  REQUIRE(parts.size() == 3);
+  CHECK(parts[0].path == "conditioner.embedders.1.model.text_model.encoder.layers.4.self_attn.q_proj");
+  CHECK(parts[1].kohya == "lora_te2_text_model_encoder_layers_4_self_attn_k_proj");
+  CHECK(parts[2].row == 24);
+  CHECK(parts[2].n_rows == 12);
+  // Flux's fused modules keep their own kohya names (lora_flux.py): no parts
+  CHECK(fused_parts("double_blocks.0.img_attn.qkv.weight", {24, 8}, problem).empty());
+  CHECK(fused_parts("conditioner.embedders.1.model.transformer.resblocks.4.attn.out_proj.weight", {12, 12}, problem)
+            .empty());
+  CHECK(problem.empty());
+  CHECK(fused_parts(t, {37, 12}, problem).empty());
+  CHECK(problem == t + " is [37, 12]: its 37 rows do not divide into 3 equal parts (self_attn.q_proj, "
+                       "self_attn.k_proj, self_attn.v_proj)");
+}

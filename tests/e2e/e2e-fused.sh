@@ -15,6 +15,7 @@
 # tampered row is found. Refusals: exit code, the one-line message, nothing written.
 LORA=$1
 SRC=$2
+export SRC
 . "$SRC/tests/e2e/lib.sh"
 
 # merge_check_verify NAME BASE ADAPTER EXPECT N_MERGED N_LAYERS: merge into merged-NAME.safetensors, every tensor
@@ -46,6 +47,36 @@ for DT in BF16 F32; do
   expect_exit 0 "$LORA" inspect "$W/sdxl-kohya.safetensors" --base "$W/sdxl.safetensors" --json
   expect_json "[m.get('rows') for m in j['modules'] if m['name'].endswith('layers_0_self_attn_k_proj')]" \
     '[[{"module_rows":[0,12],"tensor":"conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight","tensor_rows":[12,24]}]]'
+
+  # --- extract --format kohya from that merge: in_proj_weight's rows come back as the lora_te2_ q / k / v
+  # modules sd-scripts names (layer 1: v only, its q and k rows are unchanged); F32: merged back, the model
+  # is the merged one again (rank 4 holds every delta; to 1e-5 of the largest value)
+  expect_exit 0 "$LORA" extract --base "$W/sdxl.safetensors" --tuned "$W/merged-sdxl.safetensors" --format kohya \
+    --rank 4 --out "$W/extracted.safetensors"
+  got=$("$PY" - "$W/extracted.safetensors" <<'PY'
+import os, sys
+sys.path.insert(0, os.environ["SRC"] + "/tests/e2e")
+from safetensors_np import read
+t, _ = read(sys.argv[1])
+print(" ".join(sorted(k[:-len(".lora_down.weight")] for k in t if k.endswith(".lora_down.weight"))))
+PY
+)
+  expect_eq "extracted kohya names" "$got" "lora_te1_text_model_encoder_layers_0_self_attn_q_proj lora_te2_text_model_encoder_layers_0_mlp_fc1 lora_te2_text_model_encoder_layers_0_self_attn_k_proj lora_te2_text_model_encoder_layers_0_self_attn_q_proj lora_te2_text_model_encoder_layers_0_self_attn_v_proj lora_te2_text_model_encoder_layers_1_self_attn_v_proj lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+  if [ "$DT" = F32 ]; then
+    expect_exit 0 "$LORA" merge --base "$W/sdxl.safetensors" --adapter "$W/extracted.safetensors" \
+      --out "$W/remerged.safetensors"
+    got=$("$PY" - "$W/merged-sdxl.safetensors" "$W/remerged.safetensors" <<'PY'
+import os, sys
+import numpy as np
+sys.path.insert(0, os.environ["SRC"] + "/tests/e2e")
+from safetensors_np import read
+a, _ = read(sys.argv[1]); b, _ = read(sys.argv[2])
+bad = [k for k in a if sorted(a) != sorted(b) or np.abs(a[k][3] - b[k][3]).max() > 1e-5 * max(1e-30, np.abs(a[k][3]).max())]
+print("ok" if not bad else "differ: " + ", ".join(bad[:3]))
+PY
+)
+    expect_eq "extracted q / k / v merged back" "$got" "ok"
+  fi
 
   # --- Flux, diffusers-named adapters into BFL files (bare, ComfyUI's prefix)
   merge_check_verify flux-diffusers-bfl "$W/flux-bfl.safetensors" "$W/flux-diffusers" \
