@@ -100,6 +100,32 @@ PY
   merge_check_verify flux-split-bfl "$W/flux-bfl.safetensors" "$W/flux-split.safetensors" \
     "$W/expect-flux-split-bfl.npz" 2 2
 
+  # two adapters on the same fused tensors, one whole (kohya qkv, linear1) and one by rows (diffusers
+  # to_q / to_k / to_v, proj_mlp): each tensor's deltas summed before its one rounding
+  "$PY" - "$W/flux-bfl.safetensors" "$W/expect-flux-kohya-bfl.npz" "$W/expect-flux-diffusers-bfl.npz" \
+    "$W/expect-mix.npz" <<'PY' || fail "expect-mix"
+import os, sys
+import numpy as np
+sys.path.insert(0, os.environ["SRC"] + "/tests/e2e")
+from safetensors_np import read
+base, _ = read(sys.argv[1])
+x, y = np.load(sys.argv[2]), np.load(sys.argv[3])
+out = {}
+for k in set(x.files) | set(y.files):
+    name = k[2:]
+    w0 = base[name][3] if k.startswith("v:") else np.abs(base[name][3])
+    out[k] = (x[k] if k in x.files else w0) + (y[k] if k in y.files else w0) - w0
+np.savez(sys.argv[4], **out)
+PY
+  expect_exit 0 "$LORA" merge --base "$W/flux-bfl.safetensors" --adapter "$W/flux-kohya.safetensors" \
+    --adapter "$W/flux-diffusers" --out "$W/merged-mix.safetensors"
+  got=$("$PY" "$SRC/tests/e2e/check_fused.py" "$W/flux-bfl.safetensors" "$W/merged-mix.safetensors" \
+    "$W/expect-mix.npz" 2>&1)
+  expect_eq "two adapters, whole and by rows: merged tensors" "$got" "ok 12 merged"
+  expect_exit 0 "$LORA" verify --base "$W/flux-bfl.safetensors" --adapter "$W/flux-kohya.safetensors" \
+    --adapter "$W/flux-diffusers" --merged "$W/merged-mix.safetensors"
+  expect_stdout_contains "equivalent"
+
   # --- verify finds a changed element in the k third of a fused tensor
   cp "$W/sdxl.safetensors" "$W/tampered-in.safetensors"
   expect_exit 0 "$LORA" merge --base "$W/sdxl.safetensors" --adapter "$W/sdxl-kohya.safetensors" \
