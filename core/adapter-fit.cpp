@@ -57,9 +57,12 @@ bool conv1d_style_name(std::string_view module) {
 // adapter's). False when the table has nothing for it.
 bool apply_fused(lora_module& m, const fused_lookup& found, std::vector<fit_problem>& problems) {
   if (found.found.empty()) return false;
-  auto where = [](const fused_target& t) { return t.whole.empty() ? t.slices.empty() ? std::string("?") : t.slices[0].tensor : t.whole + ".weight"; };
+  auto where = [](const fused_target& t) {
+    return t.whole.empty() ? t.slices.empty() ? std::string("?") : t.slices[0].tensor : t.whole + ".weight";
+  };
   if (found.found.size() > 1) {
-    problems.push_back({m.name, fmt::format("ambiguous: matches both {} and {}", where(found.found[0]), where(found.found[1])),
+    problems.push_back({m.name,
+                        fmt::format("ambiguous: matches both {} and {}", where(found.found[0]), where(found.found[1])),
                         fit_issue::ambiguous});
     return true;
   }
@@ -161,12 +164,12 @@ void check_claims(const adapter& a, std::vector<fit_problem>& problems) {
     std::vector<claim>& on = claimed[tensor];
     for (const claim& c : on)
       if (begin < c.end && c.begin < end) {
-        problems.push_back(
-            {key,
-             c.end - c.begin == INT64_MAX ? fmt::format("{} is also the target of {}", tensor, c.key)
-                                          : fmt::format("{} rows [{}, {}) are also changed by {}", tensor,
-                                                        std::max(begin, c.begin), std::min(end, c.end), c.key),
-             fit_issue::conflict});
+        problems.push_back({key,
+                            c.end - c.begin == INT64_MAX
+                                ? fmt::format("{} is also the target of {}", tensor, c.key)
+                                : fmt::format("{} rows [{}, {}) are also changed by {}", tensor,
+                                              std::max(begin, c.begin), std::min(end, c.end), c.key),
+                            fit_issue::conflict});
         return;
       }
     on.push_back({begin, end, key});
@@ -316,13 +319,13 @@ void check_slices(lora_module& m, const model_files& base, std::vector<fit_probl
   const row_slice& first = m.slices.front();
   if (out != m.delta_shape[0] || in != want_in) {
     const std::vector<int64_t> made{out, in}, want{m.delta_shape[0], want_in};
-    problems.push_back({key,
-                        fmt::format("base {} rows [{}, {}){} take a delta of {}, the LoRA makes {}", first.tensor,
-                                    first.tensor_row, first.tensor_row + first.n_rows,
-                                    m.slices.size() > 1 ? fmt::format(" and {} more row ranges", m.slices.size() - 1)
-                                                        : std::string(),
-                                    shape_text(want), in < 0 ? shape_text(sa) : shape_text(made)),
-                        fit_issue::shape, first.tensor, want, made});
+    problems.push_back(
+        {key,
+         fmt::format("base {} rows [{}, {}){} take a delta of {}, the LoRA makes {}", first.tensor, first.tensor_row,
+                     first.tensor_row + first.n_rows,
+                     m.slices.size() > 1 ? fmt::format(" and {} more row ranges", m.slices.size() - 1) : std::string(),
+                     shape_text(want), in < 0 ? shape_text(sa) : shape_text(made)),
+         fit_issue::shape, first.tensor, want, made});
     return;
   }
   m.kind = module_kind::linear;
@@ -345,11 +348,11 @@ void check_slices(lora_module& m, const model_files& base, std::vector<fit_probl
                           fit_issue::no_base_tensor});
     else if (static_cast<int64_t>(b->info->n_elements) != w->info->shape[0] ||
              static_cast<int64_t>(m.bias->info->n_elements) != out)
-      problems.push_back({m.bias->info->name,
-                          fmt::format("base {} is {}, the lora_B bias is {} for rows [{}, {})", sl.bias,
-                                      shape_text(b->info->shape), shape_text(m.bias->info->shape), sl.tensor_row,
-                                      sl.tensor_row + sl.n_rows),
-                          fit_issue::shape});
+      problems.push_back(
+          {m.bias->info->name,
+           fmt::format("base {} is {}, the lora_B bias is {} for rows [{}, {})", sl.bias, shape_text(b->info->shape),
+                       shape_text(m.bias->info->shape), sl.tensor_row, sl.tensor_row + sl.n_rows),
+           fit_issue::shape});
   }
 }
 
@@ -542,13 +545,13 @@ error fit_error(const std::string& adapter_path, const std::string& base_path, c
 void require_whole_targets(const adapter& a, std::string_view command) {
   for (const lora_module& m : a.modules)
     if (!m.slices.empty())
-      throw errors::invalid(a.path, m.a.info->name,
-                            fmt::format("{}: module {} changes rows [{}, {}) of the base's fused {}; the base has no "
-                                        "module of its own for it (merge and verify apply it; {} without --base "
-                                        "keeps the adapter's names)",
-                                        command, m.name, m.slices.front().tensor_row,
-                                        m.slices.front().tensor_row + m.slices.front().n_rows,
-                                        m.slices.front().tensor, command));
+      throw errors::invalid(
+          a.path, m.a.info->name,
+          fmt::format("{}: module {} changes rows [{}, {}) of the base's fused {}; the base has no "
+                      "module of its own for it (merge and verify apply it; {} without --base "
+                      "keeps the adapter's names)",
+                      command, m.name, m.slices.front().tensor_row,
+                      m.slices.front().tensor_row + m.slices.front().n_rows, m.slices.front().tensor, command));
 }
 
 void require_fit(adapter& a, const model_files& base) {

@@ -489,14 +489,15 @@ void add_slice(const F& f, double weight, const row_slice& s, int64_t row_begin,
 }
 
 template <typename T>
-void add_bias_rows(const lora_module& m, double weight, const row_slice& s, std::span<T> bias, const std::string& file) {
+void add_bias_rows(const lora_module& m, double weight, const row_slice& s, std::span<T> bias,
+                   const std::string& file) {
   if (!m.bias) throw errors::invalid(file, m.name, "module has no lora_B.bias");
   if (s.module_row + s.n_rows > static_cast<int64_t>(m.bias->info->n_elements) ||
       s.tensor_row + s.n_rows > static_cast<int64_t>(bias.size()))
-    throw errors::shape_mismatch(file, m.bias->info->name,
-                                 fmt::format("rows [{}, {}) of {} ({} values)", s.tensor_row, s.tensor_row + s.n_rows,
-                                             s.bias, bias.size()),
-                                 shape_text(m.bias->info->shape));
+    throw errors::shape_mismatch(
+        file, m.bias->info->name,
+        fmt::format("rows [{}, {}) of {} ({} values)", s.tensor_row, s.tensor_row + s.n_rows, s.bias, bias.size()),
+        shape_text(m.bias->info->shape));
   std::vector<double> b = decode<double>(*m.bias, file, m.name);
   // bias'[t] = bias[t] + w s b[t - tensor_row + module_row]
   const double ws = weight * m.scale;
@@ -512,8 +513,8 @@ void add_slice_rows(const delta_factors& f, double weight, const row_slice& s, i
                     float* w_block) {
   add_slice(f, weight, s, row_begin, row_end, w_block);
 }
-void add_slice_rows(const delta_factors_f64& f, double weight, const row_slice& s, int64_t row_begin,
-                    int64_t row_end, double* w_block) {
+void add_slice_rows(const delta_factors_f64& f, double weight, const row_slice& s, int64_t row_begin, int64_t row_end,
+                    double* w_block) {
   add_slice(f, weight, s, row_begin, row_end, w_block);
 }
 void add_bias_slice(const lora_module& m, double weight, const row_slice& s, std::span<float> bias,

@@ -208,8 +208,8 @@ void add_bias_delta(const lora_module& m, double weight, std::span<double> bias,
 // Rows outside the slice are not touched. No DoRA. Never throws for rows in range.
 void add_slice_rows(const delta_factors& f, double weight, const row_slice& s, int64_t row_begin, int64_t row_end,
                     float* w_block);
-void add_slice_rows(const delta_factors_f64& f, double weight, const row_slice& s, int64_t row_begin,
-                    int64_t row_end, double* w_block);
+void add_slice_rows(const delta_factors_f64& f, double weight, const row_slice& s, int64_t row_begin, int64_t row_end,
+                    double* w_block);
 
 // lora_bias through a slice: bias[t] += weight * s * b[t - s.tensor_row +
 // s.module_row] for the slice's rows t of the whole base bias `bias`.

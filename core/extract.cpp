@@ -271,7 +271,7 @@ void assign_kohya_keys(extract_plan& plan, const std::string& label) {
   for (auto& j : plan.jobs)
     if (!j.keyed)
       j.key = plan.family == kohya::checkpoint_family::other ? kohya::module_name(j.path, prefix)
-                                                           : kohya::checkpoint_name(j.path, plan.family, label);
+                                                             : kohya::checkpoint_name(j.path, plan.family, label);
 }
 
 // extract --format kohya: a fused tensor whose parts sd-scripts names
@@ -281,8 +281,7 @@ void assign_kohya_keys(extract_plan& plan, const std::string& label) {
 // unchanged, or every part excluded by --targets). Throws exit 3 when its
 // rows cannot divide.
 bool add_fused_parts(const std::string& name, const tensor_ref& b, const tensor_ref& t,
-                     const std::optional<module_pattern>& targets, const extract_options& options,
-                     extract_plan& plan) {
+                     const std::optional<module_pattern>& targets, const extract_options& options, extract_plan& plan) {
   std::string problem;
   const std::vector<fused_part> parts = fused_parts(name, b.info->shape, problem);
   if (!problem.empty()) throw errors::invalid(options.tuned, name, fmt::format("--format kohya: {}", problem));
@@ -293,8 +292,8 @@ bool add_fused_parts(const std::string& name, const tensor_ref& b, const tensor_
   }
   for (const fused_part& p : parts) {
     if (targets && !targets->matches(p.path)) continue;
-    extract_job j{name, p.path, p.kohya, delta_layout::linear, p.n_rows, b.info->shape[1], p.row, true,
-                  b, t, options.rule, {}};
+    extract_job j{name, p.path, p.kohya, delta_layout::linear, p.n_rows, b.info->shape[1], p.row,
+                  true, b,      t,       options.rule,         {}};
     plan.jobs.push_back(std::move(j));
   }
   return true;
@@ -325,7 +324,8 @@ extract_plan select_deltas(const extract_options& options, const model_files& ba
                                           ts[0], bs[0]));
     }
     const bool math = dtype_is_math(b.info->type) && dtype_is_math(t.info->type);
-    if (math && !resized && options.format == extract_format::kohya && add_fused_parts(name, b, t, targets, options, plan))
+    if (math && !resized && options.format == extract_format::kohya &&
+        add_fused_parts(name, b, t, targets, options, plan))
       continue;
     std::string reason;
     std::optional<delta_layout> layout;

@@ -9,6 +9,8 @@ constexpr std::string_view sgl = "single_blocks.", sgl_d = "single_transformer_b
 
 }  // namespace
 
+// one row per group
+// clang-format off
 const fused_layout flux_layouts = {
     "Flux BFL <-> diffusers",
     {"", "model.diffusion_model."},
@@ -55,5 +57,6 @@ const fused_layout flux_layouts = {
          row_split::swap_halves},
     },
 };
+// clang-format on
 
 }  // namespace lora

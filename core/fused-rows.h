@@ -31,10 +31,10 @@ enum class row_split {
 // "transformer_blocks.3." in the other), or below the layout's root when
 // the blocks are empty.
 struct fused_group {
-  std::string_view fused_block;  // "double_blocks." (a block index and '.' follow), or "" at the root
-  std::string_view parts_block;  // "transformer_blocks." likewise
-  std::string_view fused_weight;  // "img_attn.qkv.weight", "attn.in_proj_weight"
-  std::string_view fused_bias;    // "img_attn.qkv.bias", "attn.in_proj_bias"
+  std::string_view fused_block;         // "double_blocks." (a block index and '.' follow), or "" at the root
+  std::string_view parts_block;         // "transformer_blocks." likewise
+  std::string_view fused_weight;        // "img_attn.qkv.weight", "attn.in_proj_weight"
+  std::string_view fused_bias;          // "img_attn.qkv.bias", "attn.in_proj_bias"
   std::vector<std::string_view> parts;  // module paths, row order: "attn.to_q" (tensors "<part>.weight" / ".bias")
   row_split split = row_split::equal;
 };

@@ -114,6 +114,8 @@ std::string open_clip_to_hf(std::string_view path) {
   return rest;
 }
 
+// one row per group
+// clang-format off
 const fused_layout open_clip_layouts = {
     "SDXL OpenCLIP (SGM) <-> Hugging Face CLIP",
     {"conditioner.embedders.1.model."},
@@ -132,5 +134,6 @@ const fused_layout open_clip_layouts = {
          row_split::whole},
     },
 };
+// clang-format on
 
 }  // namespace lora

@@ -147,8 +147,8 @@ std::optional<exact_rounding> exact_rounding_for(const tensor_job& job,
       sliced = sliced || job.deltas[i].slice;
     }
     const int64_t n_rows = job.source.info->shape.empty() ? 1 : job.source.info->shape[0];
-    return exact_rounding(std::move(f), std::move(w), job.out_type, sliced ? std::move(slices) : std::vector<const row_slice*>{},
-                          n_rows);
+    return exact_rounding(std::move(f), std::move(w), job.out_type,
+                          sliced ? std::move(slices) : std::vector<const row_slice*>{}, n_rows);
   }
 }
 
@@ -463,11 +463,11 @@ void check_contributions(const merge_options& options, const tensor_changes& cha
       if (c.bias && c.slice) {
         if (c.slice->tensor_row + c.slice->n_rows > static_cast<int64_t>(job.source.info->n_elements) ||
             c.slice->module_row + c.slice->n_rows > static_cast<int64_t>(c.module->bias->info->n_elements))
-          throw errors::shape_mismatch(*c.adapter_file, c.module->bias->info->name,
-                                       fmt::format("rows [{}, {}) of {} ({} values)", c.slice->tensor_row,
-                                                   c.slice->tensor_row + c.slice->n_rows, job.name,
-                                                   job.source.info->n_elements),
-                                       fmt::format("{}", c.module->bias->info->n_elements));
+          throw errors::shape_mismatch(
+              *c.adapter_file, c.module->bias->info->name,
+              fmt::format("rows [{}, {}) of {} ({} values)", c.slice->tensor_row, c.slice->tensor_row + c.slice->n_rows,
+                          job.name, job.source.info->n_elements),
+              fmt::format("{}", c.module->bias->info->n_elements));
         continue;
       }
       if (c.slice) {

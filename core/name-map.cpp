@@ -79,7 +79,8 @@ std::pair<int64_t, int64_t> rows_cols(const std::vector<int64_t>& shape) {
 
 }  // namespace
 
-std::vector<fused_part> fused_parts(const std::string& tensor, const std::vector<int64_t>& shape, std::string& problem) {
+std::vector<fused_part> fused_parts(const std::string& tensor, const std::vector<int64_t>& shape,
+                                    std::string& problem) {
   std::vector<fused_part> out;
   if (shape.size() != 2) return out;
   for (const fused_layout* layout : fused_layouts) {
@@ -95,8 +96,8 @@ std::vector<fused_part> fused_parts(const std::string& tensor, const std::vector
         }
         for (const fused_segment& seg : segments) {
           const std::string part = parts_block + std::string(g.parts[seg.part]);
-          out.push_back({std::string(prefix) + part, std::string(layout->kohya) + mangle(part), seg.fused_row,
-                         seg.n_rows});
+          out.push_back(
+              {std::string(prefix) + part, std::string(layout->kohya) + mangle(part), seg.fused_row, seg.n_rows});
         }
         return out;
       }
@@ -188,12 +189,13 @@ void name_map::index_parts(const std::vector<std::string>& names, const fused_la
         if (t.problem.empty()) {
           std::string problem;
           segments = split_rows(g, rows, cols, problem);
-          if (!problem.empty()) t.problem = fmt::format("the {} rows of {} ({}...): {}", rows, key, weights[0], problem);
+          if (!problem.empty())
+            t.problem = fmt::format("the {} rows of {} ({}...): {}", rows, key, weights[0], problem);
         }
         for (size_t i = 0; i < weights.size() && t.problem.empty(); ++i)
           if (part_rows(segments, i) != (*shapes[i])[0])
-            t.problem = fmt::format("base {} is {}, but {} of {} rows gives it {}", weights[i],
-                                    shape_text(*shapes[i]), key, rows, part_rows(segments, i));
+            t.problem = fmt::format("base {} is {}, but {} of {} rows gives it {}", weights[i], shape_text(*shapes[i]),
+                                    key, rows, part_rows(segments, i));
         if (t.problem.empty()) {
           t.delta_shape[0] = rows;
           for (const fused_segment& seg : segments) {

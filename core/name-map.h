@@ -155,7 +155,6 @@ class name_map {
   void index_parts(const std::vector<std::string>& names, const fused_layout& layout, size_t which,
                    const shape_lookup& shape_of);
 
-
   std::unordered_set<std::string> tensors_;                            // every tensor name
   std::unordered_set<std::string> modules_;                            // dotted module paths with a .weight
   std::unordered_map<std::string, std::vector<std::string>> mangled_;  // path with '_' for '.' -> paths

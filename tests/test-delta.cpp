@@ -449,8 +449,8 @@ TEST_CASE("fused rows: a module's delta rows placed in rows of a larger tensor (
       for (int64_t j = 0; j < in; ++j)
         want[static_cast<size_t>((s.tensor_row + k) * in + j)] += d[static_cast<size_t>((s.module_row + k) * in + j)];
   const std::span<const uint8_t> w0_bytes = fused.data(fused.at("fused"));
-  const exact_rounding rounding({&f, &f}, {weight, 0.0}, dtype::BF16,
-                                {&fx.module.slices[0], &fx.module.slices[1]}, n_rows);
+  const exact_rounding rounding({&f, &f}, {weight, 0.0}, dtype::BF16, {&fx.module.slices[0], &fx.module.slices[1]},
+                                n_rows);
   size_t wrong16 = 0, wrong64 = 0, moved = 0;
   double worst32 = 0;
   for (int64_t rb = 0; rb < n_rows; rb += 7) {  // blocks that cut through both slices

@@ -297,7 +297,8 @@ TEST_CASE("split_rows: equal thirds, q / k / v / mlp, a rename, swapped halves, 
   CHECK(l1[3].n_rows == 32);
   CHECK(part_rows(l1, 3) == 32);
   CHECK(split_rows(*linear1, 24, 8, problem).empty());
-  CHECK(problem == "its 24 rows leave none for proj_mlp after 3 parts of 8 rows (attn.to_q, attn.to_k, attn.to_v, proj_mlp)");
+  CHECK(problem ==
+        "its 24 rows leave none for proj_mlp after 3 parts of 8 rows (attn.to_q, attn.to_k, attn.to_v, proj_mlp)");
 
   // norm_out.linear = adaLN_modulation.1 with [shift; scale] read as [scale; shift]
   const fused_group* ada = group_of(flux_layouts, "final_layer.adaLN_modulation.1.weight");
@@ -326,8 +327,7 @@ TEST_CASE("fused: HF CLIP q / k / v (kohya lora_te2_, diffusers text_encoder_2.)
                   {"conditioner.embedders.1.model.transformer.resblocks.2.mlp.c_fc.weight", {48, 12}}});
   const fused_lookup k = b.names.find_fused_kohya("lora_te2_text_model_encoder_layers_2_self_attn_k_proj");
   REQUIRE(k.found.size() == 1);
-  CHECK(texts(k.found[0].slices) ==
-        std::vector<std::string>{blk + "in_proj_weight|" + blk + "in_proj_bias|12|0|12"});
+  CHECK(texts(k.found[0].slices) == std::vector<std::string>{blk + "in_proj_weight|" + blk + "in_proj_bias|12|0|12"});
   CHECK(k.found[0].delta_shape == std::vector<int64_t>{12, 12});
   CHECK(k.found[0].whole.empty());
   // diffusers' component prefix, and bare paths
@@ -375,8 +375,7 @@ TEST_CASE("fused: diffusers Flux modules into a BFL file, bare and under model.d
     CHECK(add_k.found[0].slices.front().bias.empty());  // the base has no txt_attn.qkv.bias
     const fused_lookup mlp = b.names.find_fused("transformer.single_transformer_blocks.1.proj_mlp");
     REQUIRE(mlp.found.size() == 1);
-    CHECK(texts(mlp.found[0].slices) ==
-          std::vector<std::string>{prefix + "single_blocks.1.linear1.weight||24|0|32"});
+    CHECK(texts(mlp.found[0].slices) == std::vector<std::string>{prefix + "single_blocks.1.linear1.weight||24|0|32"});
     CHECK(mlp.found[0].delta_shape == std::vector<int64_t>{32, 8});
     // norm_out.linear: its first half (scale) is adaLN's second, its second (shift) adaLN's first
     const fused_lookup norm = b.names.find_fused("transformer.norm_out.linear");
@@ -435,8 +434,9 @@ TEST_CASE("fused: BFL modules (kohya lora_unet_) split into a diffusers Flux tra
                     {"single_transformer_blocks.0.proj_mlp.weight", {32, 8}}});
   const fused_lookup bad = odd.names.find_fused_kohya("lora_unet_single_blocks_0_linear1");
   REQUIRE(bad.found.size() == 1);
-  CHECK(bad.found[0].problem ==
-        "base single_transformer_blocks.0.attn.to_v.weight is [6, 8], but single_blocks.0.linear1 of 54 rows gives it 8");
+  CHECK(
+      bad.found[0].problem ==
+      "base single_transformer_blocks.0.attn.to_v.weight is [6, 8], but single_blocks.0.linear1 of 54 rows gives it 8");
 }
 
 TEST_CASE("fused_parts: extract --format kohya names SDXL's in_proj_weight rows as sd-scripts' te2 q / k / v") {
