@@ -293,41 +293,52 @@ void check_shape(lora_module& m, const tensor_info& w, const std::optional<std::
   }
 }
 
-// A module whose rows land in rows of base tensors (m.slices): a plain
-// linear LoRA (a 1x1 conv LoRA reads as one) whose delta is the fused
-// table's delta_shape, every slice's tensor with those columns, and for a
-// lora_B bias a base bias beside every slice.
-void check_slices(lora_module& m, const model_files& base, std::vector<fit_problem>& problems) {
+// A module whose rows land in rows of base tensors (m.slices): a linear
+// LoRA (a 1x1 conv LoRA reads as one) or a LyCORIS delta whose [rows, cols]
+// is the fused table's delta_shape, every slice's tensor with those
+// columns, and for a lora_B bias a base bias beside every slice.
+void check_slices(lora_module& m, const model_files& base, const std::string& file,
+                  std::vector<fit_problem>& problems) {
   const std::string& key = m.a.info->name;
-  if (m.form != delta_form::low_rank || m.dora || m.kind == module_kind::embedding || m.fan_in_fan_out) {
+  if (m.dora || m.kind == module_kind::embedding || m.fan_in_fan_out) {
     problems.push_back({key,
-                        fmt::format("{} changes rows of {}: only a plain LoRA can (not {})", m.name, m.target,
-                                    m.form != delta_form::low_rank ? std::string(delta_form_name(m.form))
-                                    : m.dora                       ? std::string("DoRA")
-                                    : m.fan_in_fan_out             ? std::string("fan_in_fan_out")
-                                                                   : std::string("an embedding LoRA")),
+                        fmt::format("{} changes rows of {}: a {} module cannot", m.name, m.target,
+                                    m.dora             ? "DoRA"
+                                    : m.fan_in_fan_out ? "fan_in_fan_out"
+                                                       : "embedding"),
                         fit_issue::shape});
     return;
   }
-  const auto& sa = m.a.info->shape;
-  const int64_t out = m.b.info->shape[0];
-  int64_t in = 1;
-  for (size_t i = 1; i < sa.size(); ++i) in *= sa[i];
-  if (m.kind == module_kind::conv && !(sa.size() == 4 && sa[2] == 1 && sa[3] == 1)) in = -1;
   int64_t want_in = 1;
   for (size_t i = 1; i < m.delta_shape.size(); ++i) want_in *= m.delta_shape[i];
+  const std::vector<int64_t> want{m.delta_shape[0], want_in};
+  std::vector<int64_t> made;
+  bool fits = false;
+  if (m.form != delta_form::low_rank) {
+    // LyCORIS: the delta its tensors make, on the same [rows, cols] view
+    made = lycoris_delta_shape(m, file);
+    fits = lycoris_delta_fits(made, want);
+  } else {
+    const auto& sa = m.a.info->shape;
+    int64_t in = 1;
+    for (size_t i = 1; i < sa.size(); ++i) in *= sa[i];
+    const bool one_by_one = m.kind != module_kind::conv || (sa.size() == 4 && sa[2] == 1 && sa[3] == 1);
+    made = one_by_one ? std::vector<int64_t>{m.b.info->shape[0], in} : sa;
+    fits = one_by_one && made == want;
+  }
   const row_slice& first = m.slices.front();
-  if (out != m.delta_shape[0] || in != want_in) {
-    const std::vector<int64_t> made{out, in}, want{m.delta_shape[0], want_in};
+  if (!fits) {
     problems.push_back(
         {key,
-         fmt::format("base {} rows [{}, {}){} take a delta of {}, the LoRA makes {}", first.tensor, first.tensor_row,
+         fmt::format("base {} rows [{}, {}){} take a delta of {}, the {} makes {}", first.tensor, first.tensor_row,
                      first.tensor_row + first.n_rows,
                      m.slices.size() > 1 ? fmt::format(" and {} more row ranges", m.slices.size() - 1) : std::string(),
-                     shape_text(want), in < 0 ? shape_text(sa) : shape_text(made)),
+                     shape_text(want), m.form != delta_form::low_rank ? delta_form_name(m.form) : "LoRA",
+                     shape_text(made)),
          fit_issue::shape, first.tensor, want, made});
     return;
   }
+  const int64_t out = m.delta_shape[0];
   m.kind = module_kind::linear;
   for (const row_slice& sl : m.slices) {
     const tensor_ref* w = base.find_ref(sl.tensor);
@@ -508,7 +519,7 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
   for (lora_module& m : a.modules) {
     if (m.target.empty()) continue;
     if (!m.slices.empty()) {
-      check_slices(m, base, problems);
+      check_slices(m, base, a.weights_path, problems);
       continue;
     }
     const tensor_ref* base_w = base.find_ref(m.target);

@@ -7,7 +7,9 @@
 #   - a Flux BFL file, bare and under model.diffusion_model., with a diffusers
 #     Flux LoRA (transformer.* lora_A / lora_B) and a PEFT one (with lora_bias);
 #   - a diffusers Flux transformer file with kohya LoRAs in BFL names (qkv,
-#     linear1, adaLN with its halves swapped) and in sd-scripts' split_qkv form.
+#     linear1, adaLN with its halves swapped), in sd-scripts' split_qkv form and
+#     as LyCORIS LoKr / LoHa; two adapters on the same fused tensors;
+#   - extract --format kohya of the SDXL merge: in_proj_weight as te2 q / k / v.
 # Every merged tensor is checked against numpy float64 rounded once
 # (check_fused.py: BF16 byte for byte; F32 within its arithmetic bound),
 # every untouched tensor and row bit-identical, `lora verify` equivalent
@@ -125,6 +127,12 @@ PY
   expect_exit 0 "$LORA" verify --base "$W/flux-bfl.safetensors" --adapter "$W/flux-kohya.safetensors" \
     --adapter "$W/flux-diffusers" --merged "$W/merged-mix.safetensors"
   expect_stdout_contains "equivalent"
+
+  # LyCORIS (LoKr on qkv, LoHa on linear1) split the same way
+  merge_check_verify flux-lycoris-dit "$W/flux-dit.safetensors" "$W/flux-lycoris.safetensors" \
+    "$W/expect-flux-lycoris-dit.npz" 7 7
+  merge_check_verify flux-lycoris-bfl "$W/flux-bfl.safetensors" "$W/flux-lycoris.safetensors" \
+    "$W/expect-flux-lycoris-bfl.npz" 2 2
 
   # --- verify finds a changed element in the k third of a fused tensor
   cp "$W/sdxl.safetensors" "$W/tampered-in.safetensors"

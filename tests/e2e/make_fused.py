@@ -16,6 +16,7 @@ Writes into OUT:
   flux-diffusers/pytorch_lora_weights.safetensors   diffusers Flux LoRA ("transformer." + lora_A / lora_B, .alpha)
   flux-peft/                   PEFT adapter of FluxTransformer2DModel (adapter_config.json, lora_bias on to_q)
   flux-kohya.safetensors       kohya Flux LoRA in BFL names (qkv, linear1, proj, linear2, adaLN, img_in)
+  flux-lycoris.safetensors     LyCORIS in BFL names: LoKr on img_attn.qkv, LoHa on linear1
   flux-split.safetensors       sd-scripts' split_qkv form: txt_attn.qkv and linear1 with down = cat of the
                                per-part downs [n r, in] and a block-diagonal up [rows, n r] (lora_flux.py state_dict)
   expect-<case>.npz            per changed tensor of the case's output: the float64 value W0 + sum s B A
@@ -345,12 +346,21 @@ flux_diffusers_case("flux-peft-bfl", flux, "", peft_mods)
 # go to the diffusers tensors holding them
 def flux_kohya_case(case, kmods):
     """kmods: BFL module path -> (a, b, alpha); writes the file and both expectations (dit and bfl)."""
-    deltas, mags, bdeltas, bmags = {}, {}, {}, {}
+    deltas = {}
     for path, (a, b, alpha) in kmods.items():
         r = a.shape[0]
         s = (alpha if alpha is not None else r) / r
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
-        d, m = s * (b64 @ a64), abs(s) * (np.abs(b64) @ np.abs(a64))
+        deltas[path] = (s * (b64 @ a64), abs(s) * (np.abs(b64) @ np.abs(a64)))
+    kohya_file(os.path.join(OUT, case + ".safetensors"),
+               {"lora_unet_" + p.replace(".", "_"): v for p, v in kmods.items()})
+    bfl_module_case(case, deltas)
+
+
+def bfl_module_case(case, module_deltas):
+    """module_deltas: BFL module path -> (dW, |terms|) in float64; both expectations (dit and bfl)."""
+    deltas, mags, bdeltas, bmags = {}, {}, {}, {}
+    for path, (d, m) in module_deltas.items():
         add(bdeltas, bmags, flux, path + ".weight", 0, d, m)
         for dname, (bname, r0, n, swap) in SRC.items():
             if bname != path + ".weight":
@@ -359,8 +369,6 @@ def flux_kohya_case(case, kmods):
             if swap:
                 dd, mm = np.concatenate([dd[n // 2:], dd[:n // 2]]), np.concatenate([mm[n // 2:], mm[:n // 2]])
             add(deltas, mags, flux_dit, dname, 0, dd, mm)
-    kohya_file(os.path.join(OUT, case + ".safetensors"),
-               {"lora_unet_" + p.replace(".", "_"): v for p, v in kmods.items()})
     save_expect(case + "-dit", flux_dit, deltas, mags)
     save_expect(case + "-bfl", flux, bdeltas, bmags)
 
@@ -397,6 +405,31 @@ sm["double_blocks.0.txt_attn.qkv"] = (a, b, 3.0)
 a, b = split_form([H, H, H, MLP], H, 2)
 sm["single_blocks.0.linear1"] = (a, b, 4.0)
 flux_kohya_case("flux-split", sm)
+
+# LyCORIS in BFL names (lycoris/modules/lokr.py, loha.py): a LoKr on img_attn.qkv (w1 [3, 1] full,
+# w2 = w2_a [8, r] @ w2_b [r, 8]: dW = alpha / r kron(w1, w2), r = w2_a's columns) and a LoHa on linear1
+# (dW = alpha / r (w1a w1b) * (w2a w2b), r = hada_w1_b's rows); the same rows as a LoRA's
+def f32(x):
+    return np.asarray(x, np.float32)
+
+
+lyc, lyc_deltas = {}, {}
+w1, w2a, w2b = f32(rng.standard_normal((3, 1))), f32(rng.standard_normal((H, 2)) * 0.3), f32(rng.standard_normal((2, H)) * 0.3)
+k = "lora_unet_double_blocks_0_img_attn_qkv"
+lyc.update({k + ".lokr_w1": w1, k + ".lokr_w2_a": w2a, k + ".lokr_w2_b": w2b, k + ".alpha": np.array(3.0, np.float32)})
+s = 3.0 / 2
+w1, w2a, w2b = (v.astype(np.float64) for v in (w1, w2a, w2b))
+lyc_deltas["double_blocks.0.img_attn.qkv"] = (s * np.kron(w1, w2a @ w2b),
+                                               s * np.kron(np.abs(w1), np.abs(w2a) @ np.abs(w2b)))
+h = [f32(rng.standard_normal(sh) * 0.3) for sh in ((3 * H + MLP, 2), (2, H), (3 * H + MLP, 2), (2, H))]
+k = "lora_unet_single_blocks_0_linear1"
+lyc.update({k + ".hada_w1_a": h[0], k + ".hada_w1_b": h[1], k + ".hada_w2_a": h[2], k + ".hada_w2_b": h[3],
+            k + ".alpha": np.array(1.0, np.float32)})
+h = [v.astype(np.float64) for v in h]
+lyc_deltas["single_blocks.0.linear1"] = (0.5 * (h[0] @ h[1]) * (h[2] @ h[3]),
+                                         0.5 * (np.abs(h[0]) @ np.abs(h[1])) * (np.abs(h[2]) @ np.abs(h[3])))
+write(os.path.join(OUT, "flux-lycoris.safetensors"), lyc)
+bfl_module_case("flux-lycoris", lyc_deltas)
 
 # refusal: a diffusers Flux LoRA naming a block the base does not have
 a, b = factors(H, H, 2)
