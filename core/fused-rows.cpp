@@ -58,11 +58,11 @@ int64_t part_rows(const std::vector<fused_segment>& segments, size_t part) noexc
   return n;
 }
 
-namespace {
+std::string block_path(std::string_view block, std::string_view index) {
+  return block.empty() ? std::string() : fmt::format("{}{}.", block, index);
+}
 
-// The block index after `block` at the start of `rest` ("3" of "double_blocks.3.img_attn..."), the rest after
-// its '.' in `tail`; an empty block matches at the root with index "". False when it does not match.
-bool match_block(std::string_view rest, std::string_view block, std::string_view& index, std::string_view& tail) {
+bool match_block_path(std::string_view rest, std::string_view block, std::string_view& index, std::string_view& tail) {
   if (block.empty()) {
     index = {};
     tail = rest;
@@ -80,21 +80,12 @@ bool match_block(std::string_view rest, std::string_view block, std::string_view
   return true;
 }
 
-}  // namespace
-
-std::string block_path(std::string_view block, std::string_view index) {
-  return block.empty() ? std::string() : fmt::format("{}{}.", block, index);
-}
-
-bool match_block_path(std::string_view rest, std::string_view block, std::string_view& index, std::string_view& tail) {
-  return match_block(rest, block, index, tail);
-}
-
 bool match_fused_tensor(const fused_group& g, std::string_view prefix, std::string_view tensor, std::string& base_block,
                         std::string& parts_block) {
   if (!tensor.starts_with(prefix)) return false;
   std::string_view index, tail;
-  if (!match_block(tensor.substr(prefix.size()), g.fused_block, index, tail) || tail != g.fused_weight) return false;
+  if (!match_block_path(tensor.substr(prefix.size()), g.fused_block, index, tail) || tail != g.fused_weight)
+    return false;
   base_block = std::string(prefix) + block_path(g.fused_block, index);
   parts_block = block_path(g.parts_block, index);
   return true;
