@@ -55,6 +55,14 @@ ordered_json module_json(const lora_module& m, const inspect_base_match* base) {
   ordered_json j;
   j["name"] = m.name;
   j["target"] = m.target;
+  // fused targets: the base tensors and rows the module's delta rows go to
+  if (!m.slices.empty()) {
+    j["rows"] = ordered_json::array();
+    for (const row_slice& sl : m.slices)
+      j["rows"].push_back({{"tensor", sl.tensor},
+                           {"tensor_rows", {sl.tensor_row, sl.tensor_row + sl.n_rows}},
+                           {"module_rows", {sl.module_row, sl.module_row + sl.n_rows}}});
+  }
   j["kind"] = std::string(module_kind_name(m.kind));
   j["form"] = std::string(delta_form_name(m.form));
   j["rank"] = m.rank;
@@ -259,7 +267,11 @@ void print_modules(const inspect_report& r, const adapter& a) {
     if (with_base) {
       const inspect_base_match& b = r.base_matches[i];
       rows.back().push_back(b.found ? shape_text(b.shape) + " " + std::string(dtype_name(b.type)) : "not found");
-      rows.back().push_back(m.target.empty() ? "-" : m.target);
+      std::string target = m.target.empty() ? "-" : m.target;
+      if (!m.slices.empty())
+        target += fmt::format(" rows [{}, {}){}", m.slices[0].tensor_row, m.slices[0].tensor_row + m.slices[0].n_rows,
+                              m.slices.size() > 1 ? fmt::format(" (+{} more)", m.slices.size() - 1) : "");
+      rows.back().push_back(target);
     }
   }
   print_table(header, rows, right);

@@ -1,6 +1,7 @@
 // fit_adapter, fit_error, require_fit (declared in core/adapter.h): how an
 // adapter fits a base model, and the one rendering of a misfit.
 #include <algorithm>
+#include <cstdint>
 #include <map>
 
 #include <fmt/format.h>
@@ -51,12 +52,44 @@ bool conv1d_style_name(std::string_view module) {
   return last == "c_attn" || last == "c_proj" || last == "c_fc";
 }
 
+// A module found through a fused table (core/name-map step 3): a rename
+// gives it its base module; row slices are kept with it (`name` stays the
+// adapter's). False when the table has nothing for it.
+bool apply_fused(lora_module& m, const fused_lookup& found, std::vector<fit_problem>& problems) {
+  if (found.found.empty()) return false;
+  auto where = [](const fused_target& t) {
+    return t.whole.empty() ? t.slices.empty() ? std::string("?") : t.slices[0].tensor : t.whole + ".weight";
+  };
+  if (found.found.size() > 1) {
+    problems.push_back({m.name,
+                        fmt::format("ambiguous: matches both {} and {}", where(found.found[0]), where(found.found[1])),
+                        fit_issue::ambiguous});
+    return true;
+  }
+  const fused_target& t = found.found.front();
+  if (!t.problem.empty()) {
+    problems.push_back({m.name, fmt::format("{} ({})", t.problem, t.layout), fit_issue::shape});
+    return true;
+  }
+  if (!t.whole.empty()) {
+    m.name = t.whole;
+    m.target = t.whole + ".weight";
+    return true;
+  }
+  m.slices = t.slices;
+  m.delta_shape = t.delta_shape;
+  m.target = t.slices.front().tensor;
+  return true;
+}
+
 // kohya names resolved one by one (m.name becomes the base's dotted path):
-// the name as it is, then inside its scope's single-file containers.
+// the name as it is, then inside its scope's single-file containers, then
+// through the fused tables.
 void resolve_kohya(adapter& a, const name_map& names, std::vector<fit_problem>& problems) {
   for (lora_module& m : a.modules) {
     if (!m.target.empty()) continue;  // already resolved
     const name_lookup found = names.find_kohya(m.name);
+    if (found.modules.empty() && apply_fused(m, names.find_fused_kohya(m.name), problems)) continue;
     if (found.modules.empty()) {
       problems.push_back({m.name,
                           fmt::format("no base tensor matches {} (looked for a \"<module>.weight\" whose dots read as "
@@ -98,7 +131,13 @@ void resolve_paths(adapter& a, const name_map& names, const model_files& base, f
     return;
   }
   if (choice.layout == nullptr) {
-    if (choice.closest != nullptr)
+    // modules the base does not hold as they are: through the fused tables
+    // (core/name-map step 3: another layout of the same family)
+    size_t fused = 0;
+    for (lora_module& m : a.modules)
+      if (!names.has_tensor(m.target) && !tied_head_source(base, m.target))
+        fused += apply_fused(m, names.find_fused(m.name), report.problems);
+    if (choice.closest != nullptr && fused == 0)
       report.closest_layout = fmt::format("{} of {} names are found as a {}, {} as they are", choice.closest_found,
                                           wanted.size(), choice.closest->name, choice.found_as_is);
     return;
@@ -113,18 +152,42 @@ void resolve_paths(adapter& a, const name_map& names, const model_files& base, f
             [](const saved_tensor& x, const saved_tensor& y) { return x.target < y.target; });
 }
 
-// Every base tensor changed by at most one adapter entry.
+// Every base tensor row changed by at most one adapter entry (a module with
+// slices claims their rows, any other its whole target).
 void check_claims(const adapter& a, std::vector<fit_problem>& problems) {
-  std::map<std::string, std::string> claimed;  // target -> adapter key
+  struct claim {
+    int64_t begin, end;
+    std::string key;
+  };
+  std::map<std::string, std::vector<claim>> claimed;  // target -> row ranges and adapter keys
+  auto take = [&](const std::string& tensor, int64_t begin, int64_t end, const std::string& key) {
+    std::vector<claim>& on = claimed[tensor];
+    for (const claim& c : on)
+      if (begin < c.end && c.begin < end) {
+        problems.push_back({key,
+                            c.end - c.begin == INT64_MAX
+                                ? fmt::format("{} is also the target of {}", tensor, c.key)
+                                : fmt::format("{} rows [{}, {}) are also changed by {}", tensor,
+                                              std::max(begin, c.begin), std::min(end, c.end), c.key),
+                            fit_issue::conflict});
+        return;
+      }
+    on.push_back({begin, end, key});
+  };
   for (const lora_module& m : a.modules) {
     if (m.target.empty()) continue;
-    auto [it, inserted] = claimed.emplace(m.target, m.a.info->name);
-    if (!inserted)
-      problems.push_back(
-          {m.a.info->name, fmt::format("{} is also the target of {}", m.target, it->second), fit_issue::conflict});
+    if (m.slices.empty()) take(m.target, 0, INT64_MAX, m.a.info->name);
+    for (const row_slice& sl : m.slices) take(sl.tensor, sl.tensor_row, sl.tensor_row + sl.n_rows, m.a.info->name);
   }
+  std::map<std::string, std::string> saved_claims;
   for (const saved_tensor& s : a.saved) {
-    auto [it, inserted] = claimed.emplace(s.target, s.tensor.info->name);
+    if (auto on = claimed.find(s.target); on != claimed.end() && !on->second.empty()) {
+      problems.push_back({s.tensor.info->name,
+                          fmt::format("replaces {}, which {} also changes", s.target, on->second.front().key),
+                          fit_issue::conflict});
+      continue;
+    }
+    auto [it, inserted] = saved_claims.emplace(s.target, s.tensor.info->name);
     if (!inserted)
       problems.push_back({s.tensor.info->name, fmt::format("replaces {}, which {} also changes", s.target, it->second),
                           fit_issue::conflict});
@@ -227,6 +290,80 @@ void check_shape(lora_module& m, const tensor_info& w, const std::optional<std::
              fit_issue::shape, m.target, w.shape, want});
       break;
     }
+  }
+}
+
+// A module whose rows land in rows of base tensors (m.slices): a linear
+// LoRA (a 1x1 conv LoRA reads as one) or a LyCORIS delta whose [rows, cols]
+// is the fused table's delta_shape, every slice's tensor with those
+// columns, and for a lora_B bias a base bias beside every slice.
+void check_slices(lora_module& m, const model_files& base, const std::string& file,
+                  std::vector<fit_problem>& problems) {
+  const std::string& key = m.a.info->name;
+  if (m.dora || m.kind == module_kind::embedding || m.fan_in_fan_out) {
+    problems.push_back({key,
+                        fmt::format("{} changes rows of {}: a {} module cannot", m.name, m.target,
+                                    m.dora             ? "DoRA"
+                                    : m.fan_in_fan_out ? "fan_in_fan_out"
+                                                       : "embedding"),
+                        fit_issue::shape});
+    return;
+  }
+  int64_t want_in = 1;
+  for (size_t i = 1; i < m.delta_shape.size(); ++i) want_in *= m.delta_shape[i];
+  const std::vector<int64_t> want{m.delta_shape[0], want_in};
+  std::vector<int64_t> made;
+  bool fits = false;
+  if (m.form != delta_form::low_rank) {
+    // LyCORIS: the delta its tensors make, on the same [rows, cols] view
+    made = lycoris_delta_shape(m, file);
+    fits = lycoris_delta_fits(made, want);
+  } else {
+    const auto& sa = m.a.info->shape;
+    int64_t in = 1;
+    for (size_t i = 1; i < sa.size(); ++i) in *= sa[i];
+    const bool one_by_one = m.kind != module_kind::conv || (sa.size() == 4 && sa[2] == 1 && sa[3] == 1);
+    made = one_by_one ? std::vector<int64_t>{m.b.info->shape[0], in} : sa;
+    fits = one_by_one && made == want;
+  }
+  const row_slice& first = m.slices.front();
+  if (!fits) {
+    problems.push_back(
+        {key,
+         fmt::format("base {} rows [{}, {}){} take a delta of {}, the {} makes {}", first.tensor, first.tensor_row,
+                     first.tensor_row + first.n_rows,
+                     m.slices.size() > 1 ? fmt::format(" and {} more row ranges", m.slices.size() - 1) : std::string(),
+                     shape_text(want), m.form != delta_form::low_rank ? delta_form_name(m.form) : "LoRA",
+                     shape_text(made)),
+         fit_issue::shape, first.tensor, want, made});
+    return;
+  }
+  const int64_t out = m.delta_shape[0];
+  m.kind = module_kind::linear;
+  for (const row_slice& sl : m.slices) {
+    const tensor_ref* w = base.find_ref(sl.tensor);
+    if (w == nullptr || w->info->shape.size() != 2 || w->info->shape[1] != want_in ||
+        sl.tensor_row + sl.n_rows > w->info->shape[0]) {
+      problems.push_back({key,
+                          fmt::format("base {} is not a [rows, {}] weight holding rows [{}, {})", sl.tensor, want_in,
+                                      sl.tensor_row, sl.tensor_row + sl.n_rows),
+                          fit_issue::shape, sl.tensor});
+      return;
+    }
+    if (!m.bias) continue;
+    const tensor_ref* b = sl.bias.empty() ? nullptr : base.find_ref(sl.bias);
+    if (b == nullptr)
+      problems.push_back({m.bias->info->name,
+                          fmt::format("the base has no bias beside {} for the lora_B bias (rows [{}, {}))", sl.tensor,
+                                      sl.tensor_row, sl.tensor_row + sl.n_rows),
+                          fit_issue::no_base_tensor});
+    else if (static_cast<int64_t>(b->info->n_elements) != w->info->shape[0] ||
+             static_cast<int64_t>(m.bias->info->n_elements) != out)
+      problems.push_back(
+          {m.bias->info->name,
+           fmt::format("base {} is {}, the lora_B bias is {} for rows [{}, {})", sl.bias, shape_text(b->info->shape),
+                       shape_text(m.bias->info->shape), sl.tensor_row, sl.tensor_row + sl.n_rows),
+           fit_issue::shape});
   }
 }
 
@@ -366,7 +503,10 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
   std::optional<std::string> model_type;
   if (!base.config_path.empty()) model_type = read_model_type(base.config_path);
 
-  const name_map names(base.tensor_names);
+  const name_map names(base.tensor_names, [&base](const std::string& n) -> const std::vector<int64_t>* {
+    const tensor_ref* t = base.find_ref(n);
+    return t ? &t->info->shape : nullptr;
+  });
   report.n_targets = a.modules.size() + a.saved.size();
   report.base_ties_embeddings = base_ties_embeddings(base);
   if (a.format == adapter_format::kohya)
@@ -378,6 +518,10 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
   check_claims(a, problems);
   for (lora_module& m : a.modules) {
     if (m.target.empty()) continue;
+    if (!m.slices.empty()) {
+      check_slices(m, base, a.weights_path, problems);
+      continue;
+    }
     const tensor_ref* base_w = base.find_ref(m.target);
     // a tied base's head: the delta applies to the embedding's values
     if (base_w == nullptr)
@@ -407,6 +551,18 @@ error fit_error(const std::string& adapter_path, const std::string& base_path, c
              : fmt::format("does not fit {}: {} problems, first {}: {}", base_path, n, first.key, first.what);
   if (const std::string hint = fit_hint(report); !hint.empty()) what += fmt::format(" ({})", hint);
   return errors::invalid(adapter_path, "", what);
+}
+
+void require_whole_targets(const adapter& a, std::string_view command) {
+  for (const lora_module& m : a.modules)
+    if (!m.slices.empty())
+      throw errors::invalid(
+          a.path, m.a.info->name,
+          fmt::format("{}: module {} changes rows [{}, {}) of the base's fused {}; the base has no "
+                      "module of its own for it (merge and verify apply it; {} without --base "
+                      "keeps the adapter's names)",
+                      command, m.name, m.slices.front().tensor_row,
+                      m.slices.front().tensor_row + m.slices.front().n_rows, m.slices.front().tensor, command));
 }
 
 void require_fit(adapter& a, const model_files& base) {

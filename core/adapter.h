@@ -42,14 +42,34 @@ struct lycoris_tensors {
   std::optional<tensor_ref> mid;             // LoCon lora_mid [r, r, kh, kw]
 };
 
+// Rows of a base tensor a module's delta lands in when the base fuses what
+// the adapter keeps apart (or splits what it fuses; core/name-map,
+// core/fused-rows): rows [tensor_row, tensor_row + n_rows) of `tensor`
+// receive rows [module_row, module_row + n_rows) of the module's delta
+// (B's rows; A whole). `bias` is the base bias with the same rows ("" when
+// the base has none): a lora_B bias's rows go there alike.
+struct row_slice {
+  std::string tensor;
+  std::string bias;
+  int64_t tensor_row = 0;
+  int64_t module_row = 0;
+  int64_t n_rows = 0;
+};
+
 struct lora_module {
   // PEFT: the base module path ("model.layers.0.self_attn.q_proj").
   // kohya: the kohya name ("lora_unet_down_blocks_0_attentions_0_proj_in")
   // until fit_adapter() resolves it to the dotted base path.
   std::string name;
   // The base tensor the delta applies to ("<name>.weight"); empty for a kohya
-  // module until fit_adapter() resolves it.
+  // module until fit_adapter() resolves it. For a module with `slices`, the
+  // first slice's tensor (messages only; `name` then stays the adapter's).
   std::string target;
+  // Fused targets (fit_adapter, from core/name-map): where the delta's rows
+  // go, in module row order; empty: the whole `target`. `delta_shape` is
+  // then the shape of the module's whole delta ([B rows, A columns]).
+  std::vector<row_slice> slices;
+  std::vector<int64_t> delta_shape;
   module_kind kind = module_kind::linear;
   // linear: A [r, in], B [out, r]; conv: A [r, in, kh, kw], B [out, r, 1, 1];
   // embedding: A [r, vocab], B [dim, r] and dW = (B A)^T.
@@ -124,6 +144,12 @@ std::string adapter_kind_name(const adapter& a);
 // on LoRA factors only; also for a diffusers adapter (no writer for that
 // format yet). Pure.
 void require_low_rank(const adapter& a, std::string_view command);
+
+// Throws lora::error (exit 3) naming the first module of `a` (fitted to a
+// base) that reaches rows of a fused base tensor (lora_module::slices):
+// `command` (convert, combine) writes modules by base module path, and such
+// a module has none in the base. Pure.
+void require_whole_targets(const adapter& a, std::string_view command);
 
 // The scale of one module: alpha / r, or alpha / sqrt(r) with rsLoRA.
 double lora_scale(double alpha, int64_t rank, bool rslora) noexcept;

@@ -62,6 +62,7 @@ std::vector<adapter> load_inputs(const combine_options& o, std::map<std::string,
     std::map<const tensor_info*, std::string> before;
     for (const lora_module& m : a.modules) before[m.a.info] = m.name;
     require_fit(a, base);
+    require_whole_targets(a, "combine");
     if (a.format == adapter_format::kohya)
       for (const lora_module& m : a.modules) kohya_names.emplace(m.name, before[m.a.info]);
   }

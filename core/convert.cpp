@@ -46,6 +46,7 @@ adapter_data read_lora(const convert_options& o, const model_files* base, std::s
   std::map<const tensor_info*, std::string> kohya_name;  // kept for kohya -> kohya
   for (const lora_module& m : a.modules) kohya_name[m.a.info] = m.name;
   if (base != nullptr) require_fit(a, *base);
+  if (base != nullptr) require_whole_targets(a, "convert");
   // what kohya cannot hold (fan_in_fan_out: kohya keeps A [r, in], B [out, r] for W [out, in])
   if (o.to == adapter_format::kohya)
     for (const lora_module& m : a.modules)

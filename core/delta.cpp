@@ -473,6 +473,60 @@ void add_bias_delta(const lora_module& m, double weight, std::span<float> bias, 
   add_bias(m, weight, bias, file);
 }
 
+namespace {
+
+// The rows of [row_begin, row_end) the slice covers, as [lo, hi) (lo >= hi: none).
+std::pair<int64_t, int64_t> slice_overlap(const row_slice& s, int64_t row_begin, int64_t row_end) {
+  return {std::max(row_begin, s.tensor_row), std::min(row_end, s.tensor_row + s.n_rows)};
+}
+
+template <typename F, typename T>
+void add_slice(const F& f, double weight, const row_slice& s, int64_t row_begin, int64_t row_end, T* w_block) {
+  const auto [lo, hi] = slice_overlap(s, row_begin, row_end);
+  if (lo >= hi) return;
+  // tensor row t holds module row t - tensor_row + module_row
+  add_delta_rows(f, weight, lo - s.tensor_row + s.module_row, hi - s.tensor_row + s.module_row,
+                 w_block + (lo - row_begin) * f.n_cols);
+}
+
+template <typename T>
+void add_bias_rows(const lora_module& m, double weight, const row_slice& s, std::span<T> bias,
+                   const std::string& file) {
+  if (!m.bias) throw errors::invalid(file, m.name, "module has no lora_B.bias");
+  if (s.module_row + s.n_rows > static_cast<int64_t>(m.bias->info->n_elements) ||
+      s.tensor_row + s.n_rows > static_cast<int64_t>(bias.size()))
+    throw errors::shape_mismatch(
+        file, m.bias->info->name,
+        fmt::format("rows [{}, {}) of {} ({} values)", s.tensor_row, s.tensor_row + s.n_rows, s.bias, bias.size()),
+        shape_text(m.bias->info->shape));
+  std::vector<double> b = decode<double>(*m.bias, file, m.name);
+  // bias'[t] = bias[t] + w s b[t - tensor_row + module_row]
+  const double ws = weight * m.scale;
+  for (int64_t k = 0; k < s.n_rows; ++k) {
+    T& v = bias[static_cast<size_t>(s.tensor_row + k)];
+    v = static_cast<T>(static_cast<double>(v) + ws * b[static_cast<size_t>(s.module_row + k)]);
+  }
+}
+
+}  // namespace
+
+void add_slice_rows(const delta_factors& f, double weight, const row_slice& s, int64_t row_begin, int64_t row_end,
+                    float* w_block) {
+  add_slice(f, weight, s, row_begin, row_end, w_block);
+}
+void add_slice_rows(const delta_factors_f64& f, double weight, const row_slice& s, int64_t row_begin, int64_t row_end,
+                    double* w_block) {
+  add_slice(f, weight, s, row_begin, row_end, w_block);
+}
+void add_bias_slice(const lora_module& m, double weight, const row_slice& s, std::span<float> bias,
+                    const std::string& file) {
+  add_bias_rows(m, weight, s, bias, file);
+}
+void add_bias_slice(const lora_module& m, double weight, const row_slice& s, std::span<double> bias,
+                    const std::string& file) {
+  add_bias_rows(m, weight, s, bias, file);
+}
+
 void add_bias_delta(const lora_module& m, double weight, std::span<double> bias, const std::string& file) {
   add_bias(m, weight, bias, file);
 }
@@ -563,8 +617,9 @@ double w0_element(dtype type, const uint8_t* bytes, size_t e) noexcept {
 // suspects are rare (~1e-4 of elements).
 template <bool f16>
 void fix_near_midpoints(const std::vector<const delta_factors*>& factors, const std::vector<double>& weights,
-                        const std::vector<float>& row_cb, dtype src_type, std::span<const uint8_t> in_bytes, int64_t rb,
-                        int64_t re, uint64_t n_cols, const float* buf, uint8_t* out) {
+                        const std::vector<const row_slice*>& slices, const std::vector<float>& row_cb, dtype src_type,
+                        std::span<const uint8_t> in_bytes, int64_t rb, int64_t re, uint64_t n_cols, const float* buf,
+                        uint8_t* out) {
   (void)math_dtype_size(src_type);  // throws for a dtype without arithmetic
   thread_local scratch<uint8_t> mask_buffer;
   const size_t n_words = (static_cast<size_t>(n_cols) + 7) / 8;
@@ -583,8 +638,13 @@ void fix_near_midpoints(const std::vector<const delta_factors*>& factors, const 
         word &= word - 1;  // one bit set per suspect byte (the mask holds 0 or 1)
         const size_t e = row_off + j;
         double exact = w0_element(src_type, in_bytes.data(), e);
-        for (size_t i = 0; i < factors.size(); ++i)
-          exact += weights[i] * delta_element(*factors[i], row, static_cast<int64_t>(j));
+        for (size_t i = 0; i < factors.size(); ++i) {
+          // a slice's module row for this tensor row (none: the module does not reach it)
+          const row_slice* sl = slices.empty() ? nullptr : slices[i];
+          if (sl && (row < sl->tensor_row || row >= sl->tensor_row + sl->n_rows)) continue;
+          const int64_t mrow = sl ? row - sl->tensor_row + sl->module_row : row;
+          exact += weights[i] * delta_element(*factors[i], mrow, static_cast<int64_t>(j));
+        }
         const uint16_t h = f16 ? f64_to_f16(exact) : f64_to_bf16(exact);
         std::memcpy(out + 2 * e, &h, 2);
       }
@@ -594,19 +654,27 @@ void fix_near_midpoints(const std::vector<const delta_factors*>& factors, const 
 
 }  // namespace
 
-exact_rounding::exact_rounding(std::vector<const delta_factors*> factors, std::vector<double> weights, dtype out_type)
-    : factors_(std::move(factors)), weights_(std::move(weights)), out_type_(out_type) {
+exact_rounding::exact_rounding(std::vector<const delta_factors*> factors, std::vector<double> weights, dtype out_type,
+                               std::vector<const row_slice*> slices, int64_t n_rows)
+    : factors_(std::move(factors)), weights_(std::move(weights)), slices_(std::move(slices)), out_type_(out_type) {
   if (out_type_ != dtype::BF16 && out_type_ != dtype::F16)
     throw errors::invalid("", "", fmt::format("exact rounding is to BF16 or F16, not {}", dtype_name(out_type_)));
-  if (factors_.empty() || factors_.size() != weights_.size())
+  if (factors_.empty() || factors_.size() != weights_.size() || (!slices_.empty() && slices_.size() != factors_.size()))
     throw errors::invalid("", "", "exact rounding needs one weight per module");
   n_cols_ = factors_.front()->n_cols;
-  // per row: (r + 3) sum_k |w_k| bound_k (see suspect())
-  std::vector<double> bounds(static_cast<size_t>(factors_.front()->n_rows), 0.0);
+  // per row of the tensor: (r + 3) sum_k |w_k| bound_k (see suspect()); a
+  // slice's module rows land on its tensor rows
+  std::vector<double> bounds(static_cast<size_t>(slices_.empty() ? factors_.front()->n_rows : n_rows), 0.0);
   double rank_term = 0;
   for (size_t i = 0; i < factors_.size(); ++i) {
     const std::vector<double> b = delta_row_bounds(*factors_[i]);
-    for (size_t row = 0; row < b.size() && row < bounds.size(); ++row) bounds[row] += std::fabs(weights_[i]) * b[row];
+    const row_slice* sl = slices_.empty() ? nullptr : slices_[i];
+    const int64_t first = sl ? sl->tensor_row : 0, from = sl ? sl->module_row : 0;
+    const int64_t count = sl ? sl->n_rows : static_cast<int64_t>(b.size());
+    for (int64_t k = 0; k < count; ++k) {
+      const size_t row = static_cast<size_t>(first + k), mrow = static_cast<size_t>(from + k);
+      if (row < bounds.size() && mrow < b.size()) bounds[row] += std::fabs(weights_[i]) * b[mrow];
+    }
     rank_term += static_cast<double>(factors_[i]->rank + 3);
   }
   row_bound_.resize(bounds.size());
@@ -619,10 +687,10 @@ void exact_rounding::round_rows(dtype w0_type, std::span<const uint8_t> w0, int6
   from_f32(out_type_, std::span<const float>(merged, n), out);
   const uint64_t n_cols = static_cast<uint64_t>(n_cols_);
   if (out_type_ == dtype::F16)
-    fix_near_midpoints<true>(factors_, weights_, row_bound_, w0_type, w0, row_begin, row_end, n_cols, merged,
+    fix_near_midpoints<true>(factors_, weights_, slices_, row_bound_, w0_type, w0, row_begin, row_end, n_cols, merged,
                              out.data());
   else
-    fix_near_midpoints<false>(factors_, weights_, row_bound_, w0_type, w0, row_begin, row_end, n_cols, merged,
+    fix_near_midpoints<false>(factors_, weights_, slices_, row_bound_, w0_type, w0, row_begin, row_end, n_cols, merged,
                               out.data());
 }
 

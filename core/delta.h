@@ -141,7 +141,11 @@ class exact_rounding {
  public:
   // `factors[k]` with `weights[k]` (adapter weight times --scale), all for
   // the same target; `out_type` BF16 or F16 (else throws lora::error exit 3).
-  exact_rounding(std::vector<const delta_factors*> factors, std::vector<double> weights, dtype out_type);
+  // With `slices` (one per factor, nullptr: the whole target), factor k
+  // reaches only the rows its slice places (lora_module::slices), and the
+  // target has `n_rows` rows.
+  exact_rounding(std::vector<const delta_factors*> factors, std::vector<double> weights, dtype out_type,
+                 std::vector<const row_slice*> slices = {}, int64_t n_rows = 0);
   // Rounds rows [row_begin, row_end) of the target (n_cols each), merged in
   // f32 in `merged`, into `out` (2 bytes per element, the rows' bytes in
   // order). `w0` holds the same rows of W0 as stored (type `w0_type`:
@@ -152,6 +156,7 @@ class exact_rounding {
  private:
   std::vector<const delta_factors*> factors_;
   std::vector<double> weights_;
+  std::vector<const row_slice*> slices_;
   dtype out_type_;
   int64_t n_cols_ = 0;
   std::vector<float> row_bound_;  // per row: (r + 3) sum_k |w_k| bound_k, see suspect() in delta.cpp
@@ -194,5 +199,24 @@ void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_be
 // core/dtype). Throws exit 3 when m has no bias or its size is not bias.size().
 void add_bias_delta(const lora_module& m, double weight, std::span<float> bias, const std::string& file);
 void add_bias_delta(const lora_module& m, double weight, std::span<double> bias, const std::string& file);
+
+// A module whose rows land in rows of the target (lora_module::slices):
+// adds weight * dW for the rows of [row_begin, row_end) of s.tensor that the
+// slice covers, into w_block holding exactly rows [row_begin, row_end):
+// w_block[(t - row_begin) * n_cols + j] += weight * dW[t - s.tensor_row +
+// s.module_row, j]. `f` holds the module's whole delta (its delta_shape).
+// Rows outside the slice are not touched. No DoRA. Never throws for rows in range.
+void add_slice_rows(const delta_factors& f, double weight, const row_slice& s, int64_t row_begin, int64_t row_end,
+                    float* w_block);
+void add_slice_rows(const delta_factors_f64& f, double weight, const row_slice& s, int64_t row_begin, int64_t row_end,
+                    double* w_block);
+
+// lora_bias through a slice: bias[t] += weight * s * b[t - s.tensor_row +
+// s.module_row] for the slice's rows t of the whole base bias `bias`.
+// Throws exit 3 when m has no bias or the rows fall outside either vector.
+void add_bias_slice(const lora_module& m, double weight, const row_slice& s, std::span<float> bias,
+                    const std::string& file);
+void add_bias_slice(const lora_module& m, double weight, const row_slice& s, std::span<double> bias,
+                    const std::string& file);
 
 }  // namespace lora

@@ -18,6 +18,7 @@
 #include "core/blas.h"
 #include "core/dtype.h"
 #include "core/module-pattern.h"
+#include "core/name-map.h"
 #include "core/scratch.h"
 #include "core/thread-pool.h"
 #include "formats/staged-folder.h"
@@ -222,6 +223,8 @@ struct extract_job {
   std::string tensor, path, key;
   delta_layout layout = delta_layout::linear;
   int64_t rows = 0, cols = 0;  // the matrix factored
+  int64_t row0 = 0;            // its first row in the tensor (a part of a fused tensor: q / k / v)
+  bool keyed = false;          // key already set (a fused tensor's part, named by core/name-map)
   tensor_ref base, tuned;
   rank_rule rule;
   std::vector<double> spectrum;  // --budget: the values its allocation saw (reported when longer)
@@ -304,8 +307,34 @@ void assign_kohya_keys(extract_plan& plan, const std::string& label) {
   for (const auto& j : plan.jobs) paths.push_back(j.path);
   const std::string prefix = kohya::auto_prefix(paths);
   for (auto& j : plan.jobs)
-    j.key = plan.family == kohya::checkpoint_family::other ? kohya::module_name(j.path, prefix)
-                                                           : kohya::checkpoint_name(j.path, plan.family, label);
+    if (!j.keyed)
+      j.key = plan.family == kohya::checkpoint_family::other ? kohya::module_name(j.path, prefix)
+                                                             : kohya::checkpoint_name(j.path, plan.family, label);
+}
+
+// extract --format kohya: a fused tensor whose parts sd-scripts names
+// (core/name-map fused_parts: SDXL's in_proj_weight -> lora_te2_ q_proj,
+// k_proj, v_proj) becomes one job per part, each factoring its rows of the
+// delta. True when `name` is such a tensor (jobs added, or nothing to do:
+// unchanged, or every part excluded by --targets). Throws exit 3 when its
+// rows cannot divide.
+bool add_fused_parts(const std::string& name, const tensor_ref& b, const tensor_ref& t,
+                     const std::optional<module_pattern>& targets, const extract_options& options, extract_plan& plan) {
+  std::string problem;
+  const std::vector<fused_part> parts = fused_parts(name, b.info->shape, problem);
+  if (!problem.empty()) throw errors::invalid(options.tuned, name, fmt::format("--format kohya: {}", problem));
+  if (parts.empty()) return false;
+  if (b.info->type == t.info->type && std::ranges::equal(b.data(), t.data())) {
+    ++plan.n_unchanged;
+    return true;
+  }
+  for (const fused_part& p : parts) {
+    if (targets && !targets->matches(p.path)) continue;
+    extract_job j{name, p.path, p.kohya, delta_layout::linear, p.n_rows, b.info->shape[1], p.row,
+                  true, b,      t,       options.rule,         {}};
+    plan.jobs.push_back(std::move(j));
+  }
+  return true;
 }
 
 // Every tensor of the base: unchanged, a job, or a delta left aside.
@@ -336,6 +365,9 @@ extract_plan select_deltas(const extract_options& options, const model_files& ba
                                           ts[0], bs[0]));
     }
     const bool math = dtype_is_math(b.info->type) && dtype_is_math(t.info->type);
+    if (math && !resized && options.format == extract_format::kohya &&
+        add_fused_parts(name, b, t, targets, options, plan))
+      continue;
     std::string reason;
     std::optional<delta_layout> layout;
     if (resized) {
@@ -372,7 +404,7 @@ extract_plan select_deltas(const extract_options& options, const model_files& ba
     }
     if (layout) {
       const auto& shape = b.info->shape;
-      extract_job j{name, path, path, *layout, shape[0], 0, b, t, options.rule, {}, advanced};
+      extract_job j{name, path, path, *layout, shape[0], 0, 0, false, b, t, options.rule, {}, advanced};
       j.cols = b.info->n_elements / shape[0];
       if (*layout == delta_layout::conv && options.conv_rule) j.rule = *options.conv_rule;
       plan.jobs.push_back(std::move(j));
@@ -407,11 +439,11 @@ void with_delta(const extract_job& j, const extract_options& options, scratch<fl
   if (options.svd.method == svd_method::exact) {
     std::span<double> d = s64.get(j.tuned.info->n_elements);
     delta_into<double>(j.base, j.tuned, d, options.threads);
-    f(d);
+    f(d.subspan(static_cast<size_t>(j.row0 * j.cols), static_cast<size_t>(j.rows * j.cols)));
   } else {
     std::span<float> d = s32.get(j.tuned.info->n_elements);
     delta_into<float>(j.base, j.tuned, d, options.threads);
-    f(d);
+    f(d.subspan(static_cast<size_t>(j.row0 * j.cols), static_cast<size_t>(j.rows * j.cols)));
   }
   j.base.file->release(*j.base.info);
   j.tuned.file->release(*j.tuned.info);

@@ -114,4 +114,26 @@ std::string open_clip_to_hf(std::string_view path) {
   return rest;
 }
 
+// one row per group
+// clang-format off
+const fused_layout open_clip_layouts = {
+    "SDXL OpenCLIP (SGM) <-> Hugging Face CLIP",
+    {"conditioner.embedders.1.model."},
+    {},
+    {"text_encoder_2.", ""},
+    "lora_te2_",
+    true,  // lora.py names q_proj, k_proj, v_proj of the HF CLIP it loads the checkpoint into
+    {
+        {"transformer.resblocks.", "text_model.encoder.layers.", "attn.in_proj_weight", "attn.in_proj_bias",
+         {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, row_split::equal},
+        {"transformer.resblocks.", "text_model.encoder.layers.", "attn.out_proj.weight", "attn.out_proj.bias",
+         {"self_attn.out_proj"}, row_split::whole},
+        {"transformer.resblocks.", "text_model.encoder.layers.", "mlp.c_fc.weight", "mlp.c_fc.bias", {"mlp.fc1"},
+         row_split::whole},
+        {"transformer.resblocks.", "text_model.encoder.layers.", "mlp.c_proj.weight", "mlp.c_proj.bias", {"mlp.fc2"},
+         row_split::whole},
+    },
+};
+// clang-format on
+
 }  // namespace lora

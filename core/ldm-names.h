@@ -11,6 +11,8 @@
 #include <string>
 #include <string_view>
 
+#include "core/fused-rows.h"
+
 namespace lora {
 
 // The diffusers module path of an SD 1.x / 2.x LDM UNet module `path` (below
@@ -29,7 +31,19 @@ std::string ldm_unet_to_diffusers(std::string_view path);
 // self_attn.out_proj, mlp.c_fc -> mlp.fc1, mlp.c_proj -> mlp.fc2; other paths
 // as they are. Follows sd-scripts library/sdxl_model_util.py
 // convert_sdxl_text_encoder_2_checkpoint. The fused attn.in_proj_weight (q, k,
-// v as row thirds) has no module of its own here. Pure.
+// v as row thirds) has no module of its own here: open_clip_layouts maps it. Pure.
 std::string open_clip_to_hf(std::string_view path);
+
+// SDXL's OpenCLIP text encoder (fused, below "conditioner.embedders.1.model.")
+// against Hugging Face CLIPTextModelWithProjection (parts): per layer N,
+// transformer.resblocks.N.attn.in_proj_weight / in_proj_bias = [q; k; v] of
+// text_model.encoder.layers.N.self_attn.q_proj / k_proj / v_proj (row thirds,
+// torch.chunk(w, 3)), and the renames attn.out_proj -> self_attn.out_proj,
+// mlp.c_fc -> mlp.fc1, mlp.c_proj -> mlp.fc2. Adapter paths bare or under
+// diffusers' "text_encoder_2."; kohya prefix lora_te2_. Only this direction
+// (HF-named modules onto an SGM checkpoint). Follows sd-scripts
+// library/sdxl_model_util.py convert_sdxl_text_encoder_2_checkpoint (the
+// ".attn.in_proj_" chunk into q_proj, k_proj, v_proj; kohya-ss/sd-scripts @ 48d368fa).
+extern const fused_layout open_clip_layouts;
 
 }  // namespace lora

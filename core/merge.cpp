@@ -63,7 +63,8 @@ struct contribution {
   const lora_module* module = nullptr;
   const std::string* adapter_file = nullptr;  // for messages
   double weight = 1.0;                        // adapter weight * --scale
-  bool bias = false;                          // lora_B.bias into "<name>.bias"
+  bool bias = false;                          // lora_B.bias into "<name>.bias" (or the slice's bias)
+  const row_slice* slice = nullptr;           // fused targets: the rows this module reaches; nullptr: all
 };
 
 struct tensor_job {
@@ -126,10 +127,12 @@ std::vector<std::optional<delta_factors_t<T>>> load_factors(const tensor_job& jo
       whole = true;
       continue;
     }
+    // a slice's module: its whole delta, placed row by row (add_slice_rows)
+    const std::vector<int64_t>& shape = c.slice ? c.module->delta_shape : job.source.info->shape;
     if constexpr (sizeof(T) == 4)
-      factors[i] = load_delta_factors(*c.module, job.source.info->shape, *c.adapter_file);
+      factors[i] = load_delta_factors(*c.module, shape, *c.adapter_file);
     else
-      factors[i] = load_delta_factors_f64(*c.module, job.source.info->shape, *c.adapter_file);
+      factors[i] = load_delta_factors_f64(*c.module, shape, *c.adapter_file);
     whole = whole || factors[i]->needs_whole_tensor();
   }
   return factors;
@@ -146,12 +149,18 @@ std::optional<exact_rounding> exact_rounding_for(const tensor_job& job,
     if (job.deltas.empty() || (job.out_type != dtype::BF16 && job.out_type != dtype::F16)) return std::nullopt;
     std::vector<const delta_factors*> f;
     std::vector<double> w;
+    std::vector<const row_slice*> slices;
+    bool sliced = false;
     for (size_t i = 0; i < job.deltas.size(); ++i) {
       if (job.deltas[i].bias || job.deltas[i].module->dora) return std::nullopt;
       f.push_back(&*factors[i]);
       w.push_back(job.deltas[i].weight);
+      slices.push_back(job.deltas[i].slice);
+      sliced = sliced || job.deltas[i].slice;
     }
-    return exact_rounding(std::move(f), std::move(w), job.out_type);
+    const int64_t n_rows = job.source.info->shape.empty() ? 1 : job.source.info->shape[0];
+    return exact_rounding(std::move(f), std::move(w), job.out_type,
+                          sliced ? std::move(slices) : std::vector<const row_slice*>{}, n_rows);
   }
 }
 
@@ -238,8 +247,12 @@ void run_compute(const tensor_job& job, std::vector<std::unique_ptr<safetensors_
     // W += weight_k * dW_k, or DoRA's rescaling, adapter by adapter
     for (size_t i = 0; i < job.deltas.size(); ++i) {
       const contribution& c = job.deltas[i];
-      if (c.bias)
+      if (c.bias && c.slice)
+        add_bias_slice(*c.module, c.weight, *c.slice, std::span<T>(buf, n), *c.adapter_file);
+      else if (c.bias)
         add_bias_delta(*c.module, c.weight, std::span<T>(buf, n), *c.adapter_file);
+      else if (c.slice)
+        add_slice_rows(*factors[i], c.weight, *c.slice, rb, re, buf);
       else
         apply_module_rows(*factors[i], c.weight, rb, re, buf);
     }
@@ -379,9 +392,15 @@ tensor_changes collect_changes(const merge_options& options, const std::vector<a
     const adapter& a = adapters[k];
     const double weight = options.adapters[k].weight * options.scale;
     for (const lora_module& m : a.modules) {
+      ++report.n_modules;
+      // fused targets: each slice's rows (and its bias's) in its own tensor
+      for (const row_slice& sl : m.slices) {
+        changes.deltas[sl.tensor].push_back({&m, &a.weights_path, weight, false, &sl});
+        if (m.bias) changes.deltas[sl.bias].push_back({&m, &a.weights_path, weight, true, &sl});
+      }
+      if (!m.slices.empty()) continue;
       changes.deltas[m.target].push_back({&m, &a.weights_path, weight, false});
       if (m.bias) changes.deltas[m.name + ".bias"].push_back({&m, &a.weights_path, weight, true});
-      ++report.n_modules;
     }
     for (const saved_tensor& s : a.saved) {
       auto [it, fresh] = replaced_by.emplace(s.target, a.path);
@@ -541,6 +560,20 @@ void check_contributions(const merge_options& options, const tensor_changes& cha
           {{{list.front().module->name, fmt::format("the base has no tensor {}", target), fit_issue::no_base_tensor}}});
   for (const tensor_job& job : plan.jobs)
     for (const contribution& c : job.deltas) {
+      if (c.bias && c.slice) {
+        if (c.slice->tensor_row + c.slice->n_rows > static_cast<int64_t>(job.source.info->n_elements) ||
+            c.slice->module_row + c.slice->n_rows > static_cast<int64_t>(c.module->bias->info->n_elements))
+          throw errors::shape_mismatch(
+              *c.adapter_file, c.module->bias->info->name,
+              fmt::format("rows [{}, {}) of {} ({} values)", c.slice->tensor_row, c.slice->tensor_row + c.slice->n_rows,
+                          job.name, job.source.info->n_elements),
+              fmt::format("{}", c.module->bias->info->n_elements));
+        continue;
+      }
+      if (c.slice) {
+        check_delta_factors(*c.module, c.module->delta_shape, *c.adapter_file);
+        continue;
+      }
       if (c.bias) {
         if (c.module->bias->info->n_elements != job.source.info->n_elements)
           throw errors::shape_mismatch(*c.adapter_file, c.module->bias->info->name,

@@ -2,7 +2,12 @@
 
 #include <algorithm>
 
+#include <fmt/format.h>
+
+#include "core/flux-names.h"
 #include "core/kohya-format.h"
+#include "core/ldm-names.h"
+#include "formats/safetensors.h"
 
 namespace lora {
 
@@ -43,6 +48,8 @@ const std::vector<model_layout> model_layouts = {
      {{"unet.", ""}, {"transformer.", ""}, {"text_encoder.", ""}, {"text_encoder_2.", ""}}},
 };
 
+const std::vector<const fused_layout*> fused_layouts = {&open_clip_layouts, &flux_layouts};
+
 std::string apply_layout(const std::string& name, const model_layout* layout) {
   if (layout == nullptr) return name;
   for (const auto& [from, to] : layout->rows)
@@ -58,9 +65,153 @@ std::string mangle(std::string_view path) {
   return out;
 }
 
+// A tensor name without ".weight" ("" when it has another ending: in_proj_weight).
+std::string module_of(std::string_view weight) {
+  return weight.ends_with(".weight") ? std::string(weight.substr(0, weight.size() - 7)) : std::string();
+}
+
+// Rows and the product of the other dims.
+std::pair<int64_t, int64_t> rows_cols(const std::vector<int64_t>& shape) {
+  int64_t cols = 1;
+  for (size_t i = 1; i < shape.size(); ++i) cols *= shape[i];
+  return {shape.empty() ? 0 : shape[0], cols};
+}
+
 }  // namespace
 
-name_map::name_map(const std::vector<std::string>& base_tensor_names) {
+std::vector<fused_part> fused_parts(const std::string& tensor, const std::vector<int64_t>& shape,
+                                    std::string& problem) {
+  std::vector<fused_part> out;
+  if (shape.size() != 2) return out;
+  for (const fused_layout* layout : fused_layouts) {
+    if (!layout->kohya_names_parts) continue;
+    for (std::string_view prefix : layout->fused_prefixes)
+      for (const fused_group& g : layout->groups) {
+        std::string base_block, parts_block;
+        if (g.split == row_split::whole || !match_fused_tensor(g, prefix, tensor, base_block, parts_block)) continue;
+        const std::vector<fused_segment> segments = split_rows(g, shape[0], shape[1], problem);
+        if (!problem.empty()) {
+          problem = fmt::format("{} is {}: {}", tensor, shape_text(shape), problem);
+          return {};
+        }
+        for (const fused_segment& seg : segments) {
+          const std::string part = parts_block + std::string(g.parts[seg.part]);
+          out.push_back(
+              {std::string(prefix) + part, std::string(layout->kohya) + mangle(part), seg.fused_row, seg.n_rows});
+        }
+        return out;
+      }
+  }
+  return out;
+}
+
+// A base in the fused layout: each part of each group found becomes a module
+// of the adapter's layout, changing rows of the fused tensor.
+void name_map::index_fused(const std::vector<std::string>& names, const fused_layout& layout, size_t which,
+                           const shape_lookup& shape_of) {
+  for (const std::string& n : names)
+    for (std::string_view prefix : layout.fused_prefixes) {
+      if (!n.starts_with(prefix)) continue;
+      for (const fused_group& g : layout.groups) {
+        std::string base_block, parts_block;
+        if (!match_fused_tensor(g, prefix, n, base_block, parts_block)) continue;
+        const std::string bias = base_block + std::string(g.fused_bias);
+        const bool has_bias = tensors_.count(bias) > 0;
+        if (g.split == row_split::whole) {
+          fused_target t{std::string(layout.name), module_of(n), {}, {}, {}};
+          if (t.whole.empty()) continue;
+          fused_[which][parts_block + std::string(g.parts[0])].push_back(t);
+          continue;
+        }
+        const std::vector<int64_t>* shape = shape_of ? shape_of(n) : nullptr;
+        if (shape == nullptr || shape->empty()) continue;
+        const auto [rows, cols] = rows_cols(*shape);
+        std::string problem;
+        const std::vector<fused_segment> segments = split_rows(g, rows, cols, problem);
+        for (size_t i = 0; i < g.parts.size(); ++i) {
+          fused_target t{std::string(layout.name), {}, {}, *shape, {}};
+          if (!problem.empty()) {
+            t.problem = fmt::format("base {} is {}: {}", n, shape_text(*shape), problem);
+          } else {
+            for (const fused_segment& seg : segments)
+              if (seg.part == i) t.slices.push_back({n, has_bias ? bias : "", seg.fused_row, seg.part_row, seg.n_rows});
+            t.delta_shape[0] = part_rows(segments, i);
+            // in module row order
+            std::sort(t.slices.begin(), t.slices.end(),
+                      [](const row_slice& x, const row_slice& y) { return x.module_row < y.module_row; });
+          }
+          fused_[which][parts_block + std::string(g.parts[i])].push_back(std::move(t));
+        }
+      }
+    }
+}
+
+// A base in the parts layout: each fused module whose parts are all there
+// becomes a module of the adapter's layout, its rows split among the parts.
+void name_map::index_parts(const std::vector<std::string>& names, const fused_layout& layout, size_t which,
+                           const shape_lookup& shape_of) {
+  for (const std::string& n : names)
+    for (std::string_view prefix : layout.parts_prefixes) {
+      if (!n.starts_with(prefix)) continue;
+      for (const fused_group& g : layout.groups) {
+        std::string_view index, tail;
+        if (!match_block_path(std::string_view(n).substr(prefix.size()), g.parts_block, index, tail) ||
+            tail != std::string(g.parts[0]) + ".weight")
+          continue;
+        const std::string fused_module = module_of(g.fused_weight);
+        if (fused_module.empty()) continue;
+        const std::string base_block = std::string(prefix) + block_path(g.parts_block, index);
+        const std::string key = block_path(g.fused_block, index) + fused_module;
+        std::vector<std::string> weights;
+        for (std::string_view part : g.parts) weights.push_back(base_block + std::string(part) + ".weight");
+        if (!std::all_of(weights.begin(), weights.end(), [&](const std::string& w) { return tensors_.count(w) > 0; }))
+          continue;
+        if (g.split == row_split::whole) {
+          fused_[which][key].push_back({std::string(layout.name), module_of(weights[0]), {}, {}, {}});
+          continue;
+        }
+        // the fused rows are the parts' rows in order; every part has the same columns
+        std::vector<const std::vector<int64_t>*> shapes;
+        for (const std::string& w : weights) shapes.push_back(shape_of ? shape_of(w) : nullptr);
+        if (std::any_of(shapes.begin(), shapes.end(), [](const auto* p) { return p == nullptr || p->empty(); }))
+          continue;
+        fused_target t{std::string(layout.name), {}, {}, *shapes[0], {}};
+        int64_t rows = 0;
+        for (size_t i = 0; i < shapes.size(); ++i) {
+          if (std::vector<int64_t>(shapes[i]->begin() + 1, shapes[i]->end()) !=
+              std::vector<int64_t>(shapes[0]->begin() + 1, shapes[0]->end()))
+            t.problem = fmt::format("base {} is {} and {} is {}: the parts of {} differ in their columns", weights[0],
+                                    shape_text(*shapes[0]), weights[i], shape_text(*shapes[i]), key);
+          rows += (*shapes[i])[0];
+        }
+        const int64_t cols = rows_cols(*shapes[0]).second;
+        std::vector<fused_segment> segments;
+        if (t.problem.empty()) {
+          std::string problem;
+          segments = split_rows(g, rows, cols, problem);
+          if (!problem.empty())
+            t.problem = fmt::format("the {} rows of {} ({}...): {}", rows, key, weights[0], problem);
+        }
+        for (size_t i = 0; i < weights.size() && t.problem.empty(); ++i)
+          if (part_rows(segments, i) != (*shapes[i])[0])
+            t.problem = fmt::format("base {} is {}, but {} of {} rows gives it {}", weights[i], shape_text(*shapes[i]),
+                                    key, rows, part_rows(segments, i));
+        if (t.problem.empty()) {
+          t.delta_shape[0] = rows;
+          for (const fused_segment& seg : segments) {
+            const std::string bias = base_block + std::string(g.parts[seg.part]) + ".bias";
+            t.slices.push_back(
+                {weights[seg.part], tensors_.count(bias) ? bias : "", seg.part_row, seg.fused_row, seg.n_rows});
+          }
+          std::sort(t.slices.begin(), t.slices.end(),
+                    [](const row_slice& x, const row_slice& y) { return x.module_row < y.module_row; });
+        }
+        fused_[which][key].push_back(std::move(t));
+      }
+    }
+}
+
+name_map::name_map(const std::vector<std::string>& base_tensor_names, const shape_lookup& shape_of) {
   for (const std::string& n : base_tensor_names) {
     tensors_.insert(n);
     if (!n.ends_with(".weight") || n.size() == 7) continue;
@@ -78,6 +229,35 @@ name_map::name_map(const std::vector<std::string>& base_tensor_names) {
         if (!renamed.empty()) renamed_[i][mangle(renamed)].push_back(m);
       }
   }
+  fused_.resize(fused_layouts.size());
+  for (size_t i = 0; i < fused_layouts.size(); ++i) {
+    index_fused(base_tensor_names, *fused_layouts[i], i, shape_of);
+    index_parts(base_tensor_names, *fused_layouts[i], i, shape_of);
+    for (const auto& [path, targets] : fused_[i]) {
+      std::vector<fused_target>& k = fused_kohya_[std::string(fused_layouts[i]->kohya) + mangle(path)];
+      k.insert(k.end(), targets.begin(), targets.end());
+    }
+  }
+}
+
+fused_lookup name_map::find_fused(const std::string& path) const {
+  fused_lookup out;
+  out.looked_for = path;
+  for (size_t i = 0; i < fused_layouts.size(); ++i)
+    for (std::string_view prefix : fused_layouts[i]->adapter_prefixes) {
+      if (!path.starts_with(prefix)) continue;
+      auto it = fused_[i].find(path.substr(prefix.size()));
+      if (it == fused_[i].end()) continue;
+      out.found.insert(out.found.end(), it->second.begin(), it->second.end());
+    }
+  return out;
+}
+
+fused_lookup name_map::find_fused_kohya(const std::string& name) const {
+  fused_lookup out;
+  out.looked_for = name;
+  if (auto it = fused_kohya_.find(name); it != fused_kohya_.end()) out.found = it->second;
+  return out;
 }
 
 layout_choice name_map::choose_layout(const std::vector<std::string>& tensors,

@@ -28,8 +28,15 @@
 // for base-model prefixes and multimodal containers, kohya::containers for
 // single-file diffusion checkpoints, or a table of its own consulted in the
 // same order for LDM / SGM / BFL namings), never a special case in merge or
-// verify. Fused targets (q / k / v rows of one in_proj_weight) will extend
-// name_lookup with the rows a module changes.
+// verify.
+//   3. when neither finds it, the fused tables (core/fused-rows; one table
+//      per family: core/ldm-names open_clip_layouts, core/flux-names
+//      flux_layouts): a module another layout keeps apart whose rows the
+//      base fuses (HF CLIP q_proj -> a third of OpenCLIP's in_proj_weight,
+//      diffusers Flux to_q -> a third of BFL img_attn.qkv), a fused module
+//      the base splits (BFL linear1 -> diffusers to_q, to_k, to_v,
+//      proj_mlp), or a plain rename between the two layouts. The answer is
+//      a fused_target: base tensors and row ranges, or a whole base module.
 #pragma once
 
 #include <functional>
@@ -39,6 +46,9 @@
 #include <unordered_set>
 #include <utility>
 #include <vector>
+
+#include "core/adapter.h"
+#include "core/fused-rows.h"
 
 namespace lora {
 
@@ -72,10 +82,51 @@ struct name_lookup {
   std::string looked_for;            // what was searched: the dotted path, or the kohya name's mangled form
 };
 
+// What a module changes through a fused table (find_fused).
+struct fused_target {
+  std::string layout;  // the table's name ("Flux BFL <-> diffusers")
+  // a rename: the base module path whose "<module>.weight" the module changes
+  // whole ("double_blocks.0.img_attn.proj"); empty for row slices
+  std::string whole;
+  std::vector<row_slice> slices;     // else: where the delta's rows go, in module row order
+  std::vector<int64_t> delta_shape;  // the module's whole delta: [rows, the base tensor's other dims]
+  // the base's rows cannot divide as the table says: why, naming the base
+  // tensor (slices then empty)
+  std::string problem;
+};
+struct fused_lookup {
+  std::vector<fused_target> found;  // none, one, or several (ambiguous: two base containers)
+  std::string looked_for;           // the path (or mangled kohya name) searched
+};
+
+// The base tensor shapes a name map may ask for (nullptr: unknown).
+using shape_lookup = std::function<const std::vector<int64_t>*(const std::string&)>;
+
+// The fused tables name_map consults, in order (open_clip_layouts, flux_layouts).
+extern const std::vector<const fused_layout*> fused_layouts;
+
+// For extract --format kohya: the modules sd-scripts names in place of a
+// fused base tensor (a table whose kohya_names_parts is set; SDXL's
+// in_proj_weight -> lora_te2_..._self_attn_q_proj / k_proj / v_proj), with
+// the rows of `tensor` (of `shape`) each takes. `path` is the part's module
+// path under the table's container in the parts layout
+// ("conditioner.embedders.1.model.text_model.encoder.layers.0.self_attn.q_proj"),
+// `kohya` its kohya name. Empty when `tensor` is no such fused tensor;
+// `problem` is set (and nothing returned) when its rows cannot divide. Pure.
+struct fused_part {
+  std::string path;
+  std::string kohya;
+  int64_t row = 0;
+  int64_t n_rows = 0;
+};
+std::vector<fused_part> fused_parts(const std::string& tensor, const std::vector<int64_t>& shape, std::string& problem);
+
 class name_map {
  public:
-  // Indexes the "<module>.weight" keys of `base_tensor_names` (copied).
-  explicit name_map(const std::vector<std::string>& base_tensor_names);
+  // Indexes the "<module>.weight" keys of `base_tensor_names` (copied) and
+  // the fused tables' modules of the base; `shape_of` gives the shapes the
+  // row slices need (without it, only the tables' renames are indexed).
+  explicit name_map(const std::vector<std::string>& base_tensor_names, const shape_lookup& shape_of = {});
 
   // The layout under which every one of `tensors` (full tensor names the
   // adapter changes or replaces: "<module>.weight", modules_to_save targets)
@@ -92,13 +143,28 @@ class name_map {
   // without a known prefix matches nothing.
   name_lookup find_kohya(const std::string& name) const;
 
+  // Step 3 for a dotted module path (PEFT, diffusers: the table's adapter
+  // prefixes such as "transformer." are tried) or a kohya name (its prefix
+  // must be the table's): the fused tables' answers. Pure lookups.
+  fused_lookup find_fused(const std::string& path) const;
+  fused_lookup find_fused_kohya(const std::string& name) const;
+
  private:
+  void index_fused(const std::vector<std::string>& names, const fused_layout& layout, size_t which,
+                   const shape_lookup& shape_of);
+  void index_parts(const std::vector<std::string>& names, const fused_layout& layout, size_t which,
+                   const shape_lookup& shape_of);
+
   std::unordered_set<std::string> tensors_;                            // every tensor name
   std::unordered_set<std::string> modules_;                            // dotted module paths with a .weight
   std::unordered_map<std::string, std::vector<std::string>> mangled_;  // path with '_' for '.' -> paths
   // per row of kohya::containers with a rename: the renamed path below the
   // row's base, with '_' for '.' -> base paths
   std::vector<std::unordered_map<std::string, std::vector<std::string>>> renamed_;
+  // per fused_layouts entry: module path in the adapter's layout -> targets,
+  // and the same keyed by the kohya name (prefix + path with '_' for '.')
+  std::vector<std::unordered_map<std::string, std::vector<fused_target>>> fused_;
+  std::unordered_map<std::string, std::vector<fused_target>> fused_kohya_;
 };
 
 }  // namespace lora

@@ -200,7 +200,24 @@ struct contribution {
   const lora_module* module = nullptr;
   double weight = 1.0;
   const std::string* file = nullptr;  // the adapter's weights file, for messages
+  const row_slice* slice = nullptr;   // fused targets: the rows this module reaches; nullptr: all
 };
+
+// The factors of a contribution: a slice's module has its whole delta (delta_shape).
+delta_factors_f64 factors_of(const contribution& c, const std::vector<int64_t>& target_shape) {
+  return load_delta_factors_f64(*c.module, c.slice ? c.module->delta_shape : target_shape, *c.file);
+}
+
+// Per-row bounds of a contribution on its target's rows (n_rows): a slice's
+// module rows moved to the rows it reaches, zero elsewhere.
+std::vector<double> target_row_bounds(const contribution& c, const delta_factors_f64& f, size_t n_rows) {
+  std::vector<double> b = delta_row_bounds(f);
+  if (!c.slice) return b;
+  std::vector<double> out(n_rows, 0.0);
+  for (int64_t k = 0; k < c.slice->n_rows; ++k)
+    out[static_cast<size_t>(c.slice->tensor_row + k)] = b[static_cast<size_t>(c.slice->module_row + k)];
+  return out;
+}
 
 // Every adapter, loaded and fitted, and what each tensor receives from them.
 struct adapter_set {
@@ -240,6 +257,7 @@ struct expectation {
 // bounds (|w_k| delta_row_bounds_k: the f32 sum's error) and ranks.
 struct tensor_deltas {
   std::vector<std::pair<delta_factors_f64, double>> factors;  // (factors, weight)
+  std::vector<const row_slice*> slices;                       // per factor: its rows, or nullptr
   std::vector<double> row_bounds;
   int64_t rank = 0;
   std::vector<double> norms;  // DoRA (alone on the tensor): ||V_o||^2
@@ -247,9 +265,10 @@ struct tensor_deltas {
 
 tensor_deltas load_tensor_deltas(const std::vector<contribution>& cs, const tensor_ref& b, const fp8_index& fx) {
   tensor_deltas d;
+  const size_t n_rows = b.info->shape.empty() ? 1 : static_cast<size_t>(b.info->shape[0]);
   for (const contribution& c : cs) {
-    delta_factors_f64 f = load_delta_factors_f64(*c.module, b.info->shape, *c.file);
-    const std::vector<double> bounds = delta_row_bounds(f);
+    delta_factors_f64 f = factors_of(c, b.info->shape);
+    const std::vector<double> bounds = target_row_bounds(c, f, n_rows);
     d.row_bounds.resize(bounds.size(), 0.0);
     for (size_t i = 0; i < bounds.size(); ++i) d.row_bounds[i] += std::fabs(c.weight) * bounds[i];
     d.rank += f.rank;
@@ -262,6 +281,7 @@ tensor_deltas load_tensor_deltas(const std::vector<contribution>& cs, const tens
       for (double& t : d.row_bounds) t *= gain;
     }
     d.factors.emplace_back(std::move(f), c.weight);
+    d.slices.push_back(c.slice);
   }
   return d;
 }
@@ -301,9 +321,19 @@ tensor_check check_touched(const std::string& name, const tensor_ref& b, const t
     read_rows_f64(source, n_cols, rb, re, buf, w0, fx);
     e = w0;
     if (x.biases)
-      for (const contribution& k : *x.biases) add_bias_delta(*k.module, k.weight, std::span<double>(e), *k.file);
-    for (const auto& [f, weight] : d.factors)
-      apply_module_rows(f, weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), e.data(), d.norms);
+      for (const contribution& k : *x.biases) {
+        if (k.slice)
+          add_bias_slice(*k.module, k.weight, *k.slice, std::span<double>(e), *k.file);
+        else
+          add_bias_delta(*k.module, k.weight, std::span<double>(e), *k.file);
+      }
+    for (size_t k = 0; k < d.factors.size(); ++k) {
+      const auto& [f, weight] = d.factors[k];
+      if (d.slices[k])
+        add_slice_rows(f, weight, *d.slices[k], static_cast<int64_t>(rb), static_cast<int64_t>(re), e.data());
+      else
+        apply_module_rows(f, weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), e.data(), d.norms);
+    }
     read_rows_f64(m, n_cols, rb, re, buf, mv, fx);
     if (m8)
       compare_block_fp8(c, m_scales, m8->block, d.rank, d.row_bounds, n_cols, rb, w0, e, mv, block_max);
@@ -394,6 +424,13 @@ struct layer_shape {
   size_t n_rows = 0, n_cols = 0, n_in = 0, n_out = 0;
   bool transposed = false;
 };
+
+// The stored tensor [n_rows, n_cols] as a plain map from n_cols inputs to n_rows outputs.
+layer_shape plain_shape(const tensor_info& t) {
+  const size_t n_rows = t.shape.empty() ? 1 : static_cast<size_t>(t.shape[0]);
+  const size_t n_cols = n_rows == 0 ? 0 : static_cast<size_t>(t.n_elements) / n_rows;
+  return {n_rows, n_cols, n_cols, n_rows, false};
+}
 
 layer_shape shape_of(const delta_factors_f64& f) {
   layer_shape s{static_cast<size_t>(f.n_rows), static_cast<size_t>(f.n_cols), 0, 0, f.transposed};
@@ -528,11 +565,25 @@ void add_unmerged(const delta_factors_f64& f, const layer_shape& s, double weigh
       for (size_t o = 0; o < s.n_out; ++o) y[v * s.n_out + o] *= f.magnitude[o] / std::sqrt(acc.v_sq[o]);
 }
 
+// y [n, n_out] += w s dW x for a module whose rows land in rows of the
+// tensor (a slice): its whole output B (A x) [n, delta rows] formed, the
+// slice's rows added to the tensor's output rows.
+void add_unmerged_slice(const delta_factors_f64& f, const row_slice& sl, const layer_shape& s, double weight,
+                        const double* x, size_t n, std::vector<double>& y) {
+  const size_t m_out = static_cast<size_t>(f.n_rows);
+  std::vector<double> ym(n * m_out, 0.0);
+  add_delta_times(f, weight, x, n, ym.data());
+  for (size_t v = 0; v < n; ++v)
+    for (int64_t k = 0; k < sl.n_rows; ++k)
+      y[v * s.n_out + static_cast<size_t>(sl.tensor_row + k)] += ym[v * m_out + static_cast<size_t>(sl.module_row + k)];
+}
+
 // The kind of module a layer check runs, from the first adapter's module.
 layer_check layer_header(const std::vector<contribution>& cs) {
   const lora_module& m = *cs.front().module;
   layer_check c;
-  c.name = m.name;
+  // a fused tensor's layer is the tensor (several modules may reach its rows)
+  c.name = cs.front().slice ? cs.front().slice->tensor : m.name;
   c.module = m.kind == module_kind::embedding ? layer_module::embedding
              : m.kind == module_kind::conv    ? layer_module::conv
              : m.fan_in_fan_out               ? layer_module::fan_in_fan_out
@@ -564,7 +615,7 @@ struct layer_bias {
 // Throws fit_error when the base has none.
 layer_problem load_layer_bias(const std::vector<contribution>& cs, const model_files& base, const model_files& merged,
                               size_t n_out, layer_bias& lb) {
-  const std::string name = cs.front().module->name + ".bias";
+  const std::string name = cs.front().slice ? cs.front().slice->bias : cs.front().module->name + ".bias";
   std::optional<tensor_ref> bb = base.find(name), bm = merged.find(name);
   if (!bb)
     throw fit_error(
@@ -575,8 +626,13 @@ layer_problem load_layer_bias(const std::vector<contribution>& cs, const model_f
   if (!dtype_is_math(bm->info->type)) return layer_problem::dtype;
   lb.b0 = read_f64(*bb);
   lb.ref = lb.b0;
-  for (const contribution& k : cs)
-    if (k.module->bias) add_bias_delta(*k.module, k.weight, std::span<double>(lb.ref), *k.file);
+  for (const contribution& k : cs) {
+    if (!k.module->bias) continue;
+    if (k.slice)
+      add_bias_slice(*k.module, k.weight, *k.slice, std::span<double>(lb.ref), *k.file);
+    else
+      add_bias_delta(*k.module, k.weight, std::span<double>(lb.ref), *k.file);
+  }
   lb.merged = read_f64(*bm);
   lb.type = bm->info->type;
   lb.f64 = lb.type == dtype::F64 || bb->info->type == dtype::F64;
@@ -679,7 +735,7 @@ class layer_run {
             const model_files& merged, uint64_t seed, int n_inputs)
       : cs_(cs), fx_(fx), c_(layer_header(cs)), acc_(0, 0) {
     // 1. the tensors: base, merged, factors (their bounds summed, |w| each)
-    const std::string& target = cs.front().module->target;
+    const std::string& target = cs.front().slice ? cs.front().slice->tensor : cs.front().module->target;
     b_ = base_source(base, target);
     mt_ = merged.find(target);
     const fp8_weight* m8 = mt_ ? fp8_of(fx, *mt_) : nullptr;
@@ -692,14 +748,17 @@ class layer_run {
       return;
     }
     int64_t rank = 0;
+    // a slice's module is never transposed nor DoRA (fit_adapter): the tensor is a plain [out, in] map
+    const bool sliced = std::any_of(cs.begin(), cs.end(), [](const contribution& k) { return k.slice != nullptr; });
+    const size_t n_rows = b_.info->shape.empty() ? 1 : static_cast<size_t>(b_.info->shape[0]);
     for (const contribution& k : cs) {
-      fs_.push_back(load_delta_factors_f64(*k.module, b_.info->shape, *k.file));
-      const std::vector<double> bounds = delta_row_bounds(fs_.back());
+      fs_.push_back(factors_of(k, b_.info->shape));
+      const std::vector<double> bounds = target_row_bounds(k, fs_.back(), n_rows);
       t_bound_.resize(bounds.size(), 0.0);
       for (size_t i = 0; i < bounds.size(); ++i) t_bound_[i] += std::fabs(k.weight) * bounds[i];
       rank += fs_.back().rank;
     }
-    s_ = shape_of(fs_.front());
+    s_ = sliced ? plain_shape(*b_.info) : shape_of(fs_.front());
     const dtype type = mt_->info->type;
     // merge computes in f64 when either side is F64 or FP8
     const bool f64_math = type == dtype::F64 || b_.info->type == dtype::F64 || m8 || fp8_of(fx, b_);
@@ -761,7 +820,12 @@ class layer_run {
   layer_check finish() {
     if (failed_) return c_;
     std::vector<double> y_ref = acc_.y0;
-    for (size_t k = 0; k < fs_.size(); ++k) add_unmerged(fs_[k], s_, cs_[k].weight, x_.data(), n_, acc_, y_ref);
+    for (size_t k = 0; k < fs_.size(); ++k) {
+      if (cs_[k].slice)
+        add_unmerged_slice(fs_[k], *cs_[k].slice, s_, cs_[k].weight, x_.data(), n_, y_ref);
+      else
+        add_unmerged(fs_[k], s_, cs_[k].weight, x_.data(), n_, acc_, y_ref);
+    }
     const delta_factors_f64* dora = c_.dora ? &fs_.front() : nullptr;  // alone on its tensor (load_adapters)
     compare_outputs(c_, s_, dora, t_bound_, x_, n_, acc_, y_ref, tol_, c_.bias ? &lb_ : nullptr);
     return c_;
@@ -902,6 +966,14 @@ adapter_set load_adapters(const verify_options& o, const model_files& base) {
     const double w = o.adapters[i].weight * o.scale;
     for (const lora_module& m : a.modules) {
       check_finite_factors(m, a.weights_path);
+      // fused targets: each slice's rows (and its bias's) in its own tensor
+      for (const row_slice& sl : m.slices) {
+        std::vector<contribution>& on = set.modules[sl.tensor];
+        if (on.empty()) set.targets.push_back(sl.tensor);
+        on.push_back({&m, w, &a.weights_path, &sl});
+        if (m.bias) set.biases[sl.bias].push_back({&m, w, &a.weights_path, &sl});
+      }
+      if (!m.slices.empty()) continue;
       std::vector<contribution>& on = set.modules[m.target];
       if (on.empty()) set.targets.push_back(m.target);
       on.push_back({&m, w, &a.weights_path});

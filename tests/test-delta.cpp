@@ -426,3 +426,73 @@ TEST_CASE("exact_rounding: a merged f32 block rounds to BF16 / F16 as W0 + sum_k
     CHECK(thrown([&] { exact_rounding({&f}, {1.0}, dtype::F32); }).code() == exit_code::invalid_input);
   }
 }
+
+TEST_CASE("fused rows: a module's delta rows placed in rows of a larger tensor (add_slice_rows, exact_rounding)") {
+  // a [24, 40] module whose rows land in a [40, 40] tensor as two slices in swapped order
+  // (module rows 0..11 -> tensor rows 20..31, 12..23 -> 8..19); tensor rows 0..7 and 32..39 untouched
+  const int64_t out = 24, in = 40, r = 4, n_rows = 40;
+  module_fixture fx = make_module(layout::linear, out, in, r, dtype::F32, 57);
+  fx.module.slices = {{"fused.weight", "fused.bias", 20, 0, 12}, {"fused.weight", "fused.bias", 8, 12, 12}};
+  fx.module.delta_shape = {out, in};
+  write_safetensors(fx.dir / "fused.safetensors", {random_tensor("fused", dtype::F32, {n_rows, in}, 58),
+                                                   random_tensor("fused_bias", dtype::F32, {n_rows}, 59)});
+  const safetensors_file fused(fx.dir / "fused.safetensors");
+  const std::vector<double> w0 = read_f64(fused, "fused"), b0 = read_f64(fused, "fused_bias");
+  const delta_factors f = load_delta_factors(fx.module, fx.module.delta_shape, "adapter");
+  const delta_factors_f64 f64 = load_delta_factors_f64(fx.module, fx.module.delta_shape, "adapter");
+  const double weight = -0.6;
+  const std::vector<double> d = reference_delta(layout::linear, fx.a, fx.b, out, in, r, weight * fx.module.scale);
+  // the exact value of every element: W0 + the module row its slice places there
+  std::vector<double> want = w0;
+  for (const row_slice& s : fx.module.slices)
+    for (int64_t k = 0; k < s.n_rows; ++k)
+      for (int64_t j = 0; j < in; ++j)
+        want[static_cast<size_t>((s.tensor_row + k) * in + j)] += d[static_cast<size_t>((s.module_row + k) * in + j)];
+  const std::span<const uint8_t> w0_bytes = fused.data(fused.at("fused"));
+  const exact_rounding rounding({&f, &f}, {weight, 0.0}, dtype::BF16, {&fx.module.slices[0], &fx.module.slices[1]},
+                                n_rows);
+  size_t wrong16 = 0, wrong64 = 0, moved = 0;
+  double worst32 = 0;
+  for (int64_t rb = 0; rb < n_rows; rb += 7) {  // blocks that cut through both slices
+    const int64_t re = std::min(n_rows, rb + 7);
+    const size_t n = static_cast<size_t>((re - rb) * in);
+    std::vector<float> block(n);
+    to_f32(dtype::F32, w0_bytes.subspan(static_cast<size_t>(rb * in) * 4, n * 4), block);
+    std::vector<double> block64(w0.begin() + rb * in, w0.begin() + re * in);
+    for (const row_slice& s : fx.module.slices) {
+      add_slice_rows(f, weight, s, rb, re, block.data());
+      add_slice_rows(f64, weight, s, rb, re, block64.data());
+    }
+    std::vector<uint8_t> got(2 * n);
+    rounding.round_rows(dtype::F32, w0_bytes.subspan(static_cast<size_t>(rb * in) * 4, n * 4), rb, re, block.data(),
+                        got);
+    for (size_t e = 0; e < n; ++e) {
+      const size_t at = static_cast<size_t>(rb * in) + e;
+      uint16_t h = 0;
+      std::memcpy(&h, got.data() + 2 * e, 2);
+      wrong16 += h != f64_to_bf16(want[at]);
+      wrong64 += std::fabs(block64[e] - want[at]) > 1e-15 * (1 + std::fabs(want[at]));
+      worst32 = std::max(worst32, std::fabs(block[e] - want[at]) / (1 + std::fabs(want[at])));
+      const int64_t row = static_cast<int64_t>(at) / in;
+      if (row < 8 || row >= 32) moved += block[e] != static_cast<float>(w0[at]);  // rows no slice reaches
+    }
+  }
+  CHECK(wrong16 == 0);
+  CHECK(wrong64 == 0);
+  CHECK(worst32 < 1e-6);
+  CHECK(moved == 0);
+
+  // the lora_B bias through the same slices
+  std::vector<double> bias = b0, want_b = b0;
+  for (const row_slice& s : fx.module.slices) {
+    add_bias_slice(fx.module, weight, s, std::span<double>(bias), "adapter");
+    for (int64_t k = 0; k < s.n_rows; ++k)
+      want_b[static_cast<size_t>(s.tensor_row + k)] +=
+          weight * fx.module.scale * fx.bias[static_cast<size_t>(s.module_row + k)];
+  }
+  for (size_t i = 0; i < bias.size(); ++i) CHECK(bias[i] == doctest::Approx(want_b[i]).epsilon(1e-15));
+  // rows outside either vector: exit 3, naming the bias
+  const row_slice past{"fused.weight", "fused.bias", 30, 0, 12};
+  CHECK(thrown([&] { add_bias_slice(fx.module, 1.0, past, std::span<double>(bias), "adapter"); }).code() ==
+        exit_code::invalid_input);
+}

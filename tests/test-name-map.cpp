@@ -2,9 +2,12 @@
 // modules' key grammars read back what they write.
 #include <doctest/doctest.h>
 
+#include <map>
 #include <string>
 #include <vector>
 
+#include "core/flux-names.h"
+#include "core/fused-rows.h"
 #include "core/kohya-format.h"
 #include "core/ldm-names.h"
 #include "core/name-map.h"
@@ -225,4 +228,233 @@ TEST_CASE("SDXL OpenCLIP (te2) names in Hugging Face CLIP names, both directions
   const name_map names({"conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_proj.weight"});
   CHECK(names.find_kohya("lora_te2_text_model_encoder_layers_3_mlp_fc2").modules ==
         std::vector<std::string>{"conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_proj"});
+}
+
+// ---------------------------------------------------------------- fused row slices (core/fused-rows)
+
+namespace {
+
+// A name map over `shapes` (name -> shape), with the shapes the fused tables need.
+struct shaped_names {
+  std::map<std::string, std::vector<int64_t>> shapes;
+  name_map names;
+  using shape_map = std::map<std::string, std::vector<int64_t>>;
+  explicit shaped_names(shape_map s)
+      : shapes(std::move(s)), names(keys(shapes), [this](const std::string& n) -> const std::vector<int64_t>* {
+          auto it = shapes.find(n);
+          return it == shapes.end() ? nullptr : &it->second;
+        }) {}
+  static std::vector<std::string> keys(const std::map<std::string, std::vector<int64_t>>& m) {
+    std::vector<std::string> out;
+    for (const auto& kv : m) out.push_back(kv.first);
+    return out;
+  }
+};
+
+// A slice as {tensor, bias, tensor_row, module_row, n_rows} text.
+std::string text(const row_slice& s) {
+  return s.tensor + "|" + s.bias + "|" + std::to_string(s.tensor_row) + "|" + std::to_string(s.module_row) + "|" +
+         std::to_string(s.n_rows);
+}
+std::vector<std::string> texts(const std::vector<row_slice>& v) {
+  std::vector<std::string> out;
+  for (const row_slice& s : v) out.push_back(text(s));
+  return out;
+}
+
+const fused_group* group_of(const fused_layout& l, std::string_view fused_weight) {
+  for (const fused_group& g : l.groups)
+    if (g.fused_weight == fused_weight) return &g;
+  return nullptr;
+}
+
+}  // namespace
+
+TEST_CASE("split_rows: equal thirds, q / k / v / mlp, a rename, swapped halves, and the rows that cannot divide") {
+  std::string problem;
+  const fused_group* qkv = group_of(flux_layouts, "img_attn.qkv.weight");
+  REQUIRE(qkv != nullptr);
+  const auto thirds = split_rows(*qkv, 24, 8, problem);
+  REQUIRE(thirds.size() == 3);
+  CHECK(problem.empty());
+  for (size_t i = 0; i < 3; ++i) {
+    CHECK(thirds[i].part == i);
+    CHECK(thirds[i].fused_row == 8 * static_cast<int64_t>(i));
+    CHECK(thirds[i].part_row == 0);
+    CHECK(thirds[i].n_rows == 8);
+  }
+  CHECK(split_rows(*qkv, 25, 8, problem).empty());
+  CHECK(problem == "its 25 rows do not divide into 3 equal parts (attn.to_q, attn.to_k, attn.to_v)");
+
+  // linear1: q, k, v of the hidden size (its columns) each, the mlp the rest
+  const fused_group* linear1 = group_of(flux_layouts, "linear1.weight");
+  REQUIRE(linear1 != nullptr);
+  problem.clear();
+  const auto l1 = split_rows(*linear1, 8 * 3 + 32, 8, problem);
+  REQUIRE(l1.size() == 4);
+  CHECK(l1[2].fused_row == 16);
+  CHECK(l1[3].fused_row == 24);
+  CHECK(l1[3].n_rows == 32);
+  CHECK(part_rows(l1, 3) == 32);
+  CHECK(split_rows(*linear1, 24, 8, problem).empty());
+  CHECK(problem ==
+        "its 24 rows leave none for proj_mlp after 3 parts of 8 rows (attn.to_q, attn.to_k, attn.to_v, proj_mlp)");
+
+  // norm_out.linear = adaLN_modulation.1 with [shift; scale] read as [scale; shift]
+  const fused_group* ada = group_of(flux_layouts, "final_layer.adaLN_modulation.1.weight");
+  REQUIRE(ada != nullptr);
+  problem.clear();
+  const auto halves = split_rows(*ada, 16, 8, problem);
+  REQUIRE(halves.size() == 2);
+  CHECK(halves[0].fused_row == 0);
+  CHECK(halves[0].part_row == 8);
+  CHECK(halves[1].fused_row == 8);
+  CHECK(halves[1].part_row == 0);
+  CHECK(split_rows(*ada, 15, 8, problem).empty());
+
+  const fused_group* proj = group_of(flux_layouts, "img_attn.proj.weight");
+  REQUIRE(proj != nullptr);
+  const auto whole = split_rows(*proj, 8, 8, problem);
+  REQUIRE(whole.size() == 1);
+  CHECK(whole[0].n_rows == 8);
+}
+
+TEST_CASE("fused: HF CLIP q / k / v (kohya lora_te2_, diffusers text_encoder_2.) into SDXL's OpenCLIP in_proj_weight") {
+  const std::string blk = "conditioner.embedders.1.model.transformer.resblocks.2.attn.";
+  shaped_names b({{blk + "in_proj_weight", {36, 12}},
+                  {blk + "in_proj_bias", {36}},
+                  {blk + "out_proj.weight", {12, 12}},
+                  {"conditioner.embedders.1.model.transformer.resblocks.2.mlp.c_fc.weight", {48, 12}}});
+  const fused_lookup k = b.names.find_fused_kohya("lora_te2_text_model_encoder_layers_2_self_attn_k_proj");
+  REQUIRE(k.found.size() == 1);
+  CHECK(texts(k.found[0].slices) == std::vector<std::string>{blk + "in_proj_weight|" + blk + "in_proj_bias|12|0|12"});
+  CHECK(k.found[0].delta_shape == std::vector<int64_t>{12, 12});
+  CHECK(k.found[0].whole.empty());
+  // diffusers' component prefix, and bare paths
+  const fused_lookup v = b.names.find_fused("text_encoder_2.text_model.encoder.layers.2.self_attn.v_proj");
+  REQUIRE(v.found.size() == 1);
+  CHECK(v.found[0].slices.front().tensor_row == 24);
+  CHECK(b.names.find_fused("text_model.encoder.layers.2.self_attn.q_proj").found.size() == 1);
+  // the renames of the same table: a whole base module
+  const fused_lookup fc1 = b.names.find_fused("text_encoder_2.text_model.encoder.layers.2.mlp.fc1");
+  REQUIRE(fc1.found.size() == 1);
+  CHECK(fc1.found[0].whole == "conditioner.embedders.1.model.transformer.resblocks.2.mlp.c_fc");
+  // other prefixes and other layers find nothing
+  CHECK(b.names.find_fused_kohya("lora_te1_text_model_encoder_layers_2_self_attn_k_proj").found.empty());
+  CHECK(b.names.find_fused_kohya("lora_te2_text_model_encoder_layers_3_self_attn_k_proj").found.empty());
+
+  // rows that do not divide: the answer is the problem, naming the base tensor
+  shaped_names odd(shaped_names::shape_map{{blk + "in_proj_weight", {37, 12}}});
+  const fused_lookup q = odd.names.find_fused_kohya("lora_te2_text_model_encoder_layers_2_self_attn_q_proj");
+  REQUIRE(q.found.size() == 1);
+  CHECK(q.found[0].slices.empty());
+  CHECK(q.found[0].problem == "base " + blk +
+                                  "in_proj_weight is [37, 12]: its 37 rows do not divide into 3 equal parts "
+                                  "(self_attn.q_proj, self_attn.k_proj, self_attn.v_proj)");
+  // without shapes only renames are indexed
+  const name_map bare({blk + "in_proj_weight"});
+  CHECK(bare.find_fused_kohya("lora_te2_text_model_encoder_layers_2_self_attn_q_proj").found.empty());
+}
+
+TEST_CASE("fused: diffusers Flux modules into a BFL file, bare and under model.diffusion_model.") {
+  for (const std::string prefix : {"", "model.diffusion_model."}) {
+    shaped_names b({{prefix + "double_blocks.0.img_attn.qkv.weight", {24, 8}},
+                    {prefix + "double_blocks.0.img_attn.qkv.bias", {24}},
+                    {prefix + "double_blocks.0.txt_attn.qkv.weight", {24, 8}},
+                    {prefix + "double_blocks.0.img_attn.proj.weight", {8, 8}},
+                    {prefix + "single_blocks.1.linear1.weight", {56, 8}},
+                    {prefix + "final_layer.adaLN_modulation.1.weight", {16, 8}},
+                    {prefix + "img_in.weight", {8, 16}}});
+    const std::string qkv = prefix + "double_blocks.0.img_attn.qkv";
+    const fused_lookup v = b.names.find_fused("transformer.transformer_blocks.0.attn.to_v");
+    REQUIRE(v.found.size() == 1);
+    CHECK(texts(v.found[0].slices) == std::vector<std::string>{qkv + ".weight|" + qkv + ".bias|16|0|8"});
+    const fused_lookup add_k = b.names.find_fused("transformer_blocks.0.attn.add_k_proj");  // PEFT: no prefix
+    REQUIRE(add_k.found.size() == 1);
+    CHECK(add_k.found[0].slices.front().tensor == prefix + "double_blocks.0.txt_attn.qkv.weight");
+    CHECK(add_k.found[0].slices.front().bias.empty());  // the base has no txt_attn.qkv.bias
+    const fused_lookup mlp = b.names.find_fused("transformer.single_transformer_blocks.1.proj_mlp");
+    REQUIRE(mlp.found.size() == 1);
+    CHECK(texts(mlp.found[0].slices) == std::vector<std::string>{prefix + "single_blocks.1.linear1.weight||24|0|32"});
+    CHECK(mlp.found[0].delta_shape == std::vector<int64_t>{32, 8});
+    // norm_out.linear: its first half (scale) is adaLN's second, its second (shift) adaLN's first
+    const fused_lookup norm = b.names.find_fused("transformer.norm_out.linear");
+    REQUIRE(norm.found.size() == 1);
+    const std::string ada = prefix + "final_layer.adaLN_modulation.1.weight";
+    CHECK(texts(norm.found[0].slices) == std::vector<std::string>{ada + "||8|0|8", ada + "||0|8|8"});
+    CHECK(b.names.find_fused("transformer.transformer_blocks.0.attn.to_out.0").found.at(0).whole ==
+          prefix + "double_blocks.0.img_attn.proj");
+    CHECK(b.names.find_fused("transformer.x_embedder").found.at(0).whole == prefix + "img_in");
+    // the kohya spelling of the diffusers names (lora_unet_ + '_' for '.') reaches the same rows
+    CHECK(b.names.find_fused_kohya("lora_unet_transformer_blocks_0_attn_to_v").found.size() == 1);
+    CHECK(b.names.find_fused("transformer.transformer_blocks.1.attn.to_v").found.empty());
+  }
+  // a file holding both (bare and prefixed): two answers, the caller reports the ambiguity
+  shaped_names both({{"double_blocks.0.img_attn.qkv.weight", {24, 8}},
+                     {"model.diffusion_model.double_blocks.0.img_attn.qkv.weight", {24, 8}}});
+  CHECK(both.names.find_fused("transformer_blocks.0.attn.to_q").found.size() == 2);
+}
+
+TEST_CASE("fused: BFL modules (kohya lora_unet_) split into a diffusers Flux transformer file") {
+  shaped_names b({{"transformer_blocks.0.attn.to_q.weight", {8, 8}},
+                  {"transformer_blocks.0.attn.to_q.bias", {8}},
+                  {"transformer_blocks.0.attn.to_k.weight", {8, 8}},
+                  {"transformer_blocks.0.attn.to_v.weight", {8, 8}},
+                  {"transformer_blocks.0.attn.to_out.0.weight", {8, 8}},
+                  {"single_transformer_blocks.0.attn.to_q.weight", {8, 8}},
+                  {"single_transformer_blocks.0.attn.to_k.weight", {8, 8}},
+                  {"single_transformer_blocks.0.attn.to_v.weight", {8, 8}},
+                  {"single_transformer_blocks.0.proj_mlp.weight", {32, 8}},
+                  {"norm_out.linear.weight", {16, 8}}});
+  const fused_lookup qkv = b.names.find_fused_kohya("lora_unet_double_blocks_0_img_attn_qkv");
+  REQUIRE(qkv.found.size() == 1);
+  CHECK(texts(qkv.found[0].slices) ==
+        std::vector<std::string>{"transformer_blocks.0.attn.to_q.weight|transformer_blocks.0.attn.to_q.bias|0|0|8",
+                                 "transformer_blocks.0.attn.to_k.weight||0|8|8",
+                                 "transformer_blocks.0.attn.to_v.weight||0|16|8"});
+  CHECK(qkv.found[0].delta_shape == std::vector<int64_t>{24, 8});
+  const fused_lookup l1 = b.names.find_fused_kohya("lora_unet_single_blocks_0_linear1");
+  REQUIRE(l1.found.size() == 1);
+  CHECK(l1.found[0].delta_shape == std::vector<int64_t>{56, 8});
+  CHECK(text(l1.found[0].slices.back()) == "single_transformer_blocks.0.proj_mlp.weight||0|24|32");
+  const fused_lookup ada = b.names.find_fused_kohya("lora_unet_final_layer_adaLN_modulation_1");
+  REQUIRE(ada.found.size() == 1);
+  CHECK(texts(ada.found[0].slices) ==
+        std::vector<std::string>{"norm_out.linear.weight||8|0|8", "norm_out.linear.weight||0|8|8"});
+  CHECK(b.names.find_fused_kohya("lora_unet_double_blocks_0_img_attn_proj").found.at(0).whole ==
+        "transformer_blocks.0.attn.to_out.0");
+  // a PEFT adapter with BFL paths reaches the same rows
+  CHECK(b.names.find_fused("double_blocks.0.img_attn.qkv").found.size() == 1);
+  // a fused module whose parts are not all in the base has no entry
+  CHECK(b.names.find_fused_kohya("lora_unet_double_blocks_0_txt_attn_qkv").found.empty());
+  // parts that disagree with the table's split (an mlp as wide as q): the problem names the part
+  shaped_names odd({{"single_transformer_blocks.0.attn.to_q.weight", {8, 8}},
+                    {"single_transformer_blocks.0.attn.to_k.weight", {8, 8}},
+                    {"single_transformer_blocks.0.attn.to_v.weight", {6, 8}},
+                    {"single_transformer_blocks.0.proj_mlp.weight", {32, 8}}});
+  const fused_lookup bad = odd.names.find_fused_kohya("lora_unet_single_blocks_0_linear1");
+  REQUIRE(bad.found.size() == 1);
+  CHECK(
+      bad.found[0].problem ==
+      "base single_transformer_blocks.0.attn.to_v.weight is [6, 8], but single_blocks.0.linear1 of 54 rows gives it 8");
+}
+
+TEST_CASE("fused_parts: extract --format kohya names SDXL's in_proj_weight rows as sd-scripts' te2 q / k / v") {
+  std::string problem;
+  const std::string t = "conditioner.embedders.1.model.transformer.resblocks.4.attn.in_proj_weight";
+  const std::vector<fused_part> parts = fused_parts(t, {36, 12}, problem);
+  CHECK(problem.empty());
+  REQUIRE(parts.size() == 3);
+  CHECK(parts[0].path == "conditioner.embedders.1.model.text_model.encoder.layers.4.self_attn.q_proj");
+  CHECK(parts[1].kohya == "lora_te2_text_model_encoder_layers_4_self_attn_k_proj");
+  CHECK(parts[2].row == 24);
+  CHECK(parts[2].n_rows == 12);
+  // Flux's fused modules keep their own kohya names (lora_flux.py): no parts
+  CHECK(fused_parts("double_blocks.0.img_attn.qkv.weight", {24, 8}, problem).empty());
+  CHECK(fused_parts("conditioner.embedders.1.model.transformer.resblocks.4.attn.out_proj.weight", {12, 12}, problem)
+            .empty());
+  CHECK(problem.empty());
+  CHECK(fused_parts(t, {37, 12}, problem).empty());
+  CHECK(problem == t + " is [37, 12]: its 37 rows do not divide into 3 equal parts (self_attn.q_proj, "
+                       "self_attn.k_proj, self_attn.v_proj)");
 }
