@@ -76,6 +76,17 @@ expect_stdout_contains "equivalent"
 expect_exit 1 "$LORA" verify --base "$W/sd15" --adapter "$W/diffusers-lora" --merged "$W/m-kohya-sd15"
 expect_stdout_contains "NOT equivalent"
 
+# --sync (every file and folder fsynced) writes the same tree
+merge_case kohya-sdxl sdxl m-sync --adapter "$W/kohya-sdxl.safetensors" --sync
+# inspect --base: a diffusers LoRA's modules found in their components
+expect_exit 0 "$LORA" inspect "$W/diffusers-lora" --base "$W/sd15" --json
+expect_json 'sorted(m["target"] for m in j["modules"] if m["base_shape"] is not None)[0]' "text_encoder.text_model.encoder.layers.0.self_attn.k_proj.weight"
+expect_json 'len(j["modules"])' 4
+# an --out inside the pipeline is refused before anything is read or written
+expect_exit 2 "$LORA" merge --base "$W/sd15" --adapter "$W/kohya-sd15.safetensors" --out "$W/sd15/unet/merged"
+expect_one_line_error
+expect_eq "nothing written inside the base" "$(ls "$W/sd15/unet")" "$(printf 'config.json\ndiffusion_pytorch_model.safetensors')"
+
 # --dry-run writes nothing
 expect_exit 0 "$LORA" merge --base "$W/sd15" --adapter "$W/kohya-sd15.safetensors" --out "$W/dry" --dry-run
 expect_nothing_left dry
