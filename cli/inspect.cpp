@@ -108,6 +108,21 @@ ordered_json report_json(const inspect_report& r) {
     j["index"] = {{"path", r.index_path},
                   {"total_size", r.index_total_size ? ordered_json(*r.index_total_size) : ordered_json(nullptr)}};
   j["metadata"] = r.files.empty() ? ordered_json(nullptr) : metadata_json(r.files.front().metadata);
+  if (!r.pipeline_index_path.empty()) {
+    ordered_json components = ordered_json::array();
+    for (const inspect_component& c : r.components) {
+      ordered_json types = ordered_json::object();
+      for (const auto& [t, n] : c.dtype_counts) types[t] = n;
+      components.push_back({{"name", c.name},
+                            {"index", c.index_name.empty() ? ordered_json(nullptr) : ordered_json(c.index_name)},
+                            {"files", c.n_files},
+                            {"tensors", c.n_tensors},
+                            {"parameters", c.n_parameters},
+                            {"bytes", c.n_bytes},
+                            {"dtypes", std::move(types)}});
+    }
+    j["pipeline"] = {{"model_index", r.pipeline_index_path}, {"components", std::move(components)}};
+  }
 
   if (r.lora) {
     ordered_json modules = ordered_json::array();
@@ -216,6 +231,15 @@ void print_headline(const inspect_report& r) {
   if (!r.index_path.empty())
     fmt::print("index: {} (total_size {})\n", r.index_path,
                r.index_total_size ? grouped(*r.index_total_size) : std::string("absent"));
+  if (r.pipeline_index_path.empty()) return;
+  fmt::print("diffusers pipeline: {} ({} components)\n", r.pipeline_index_path, r.components.size());
+  for (const inspect_component& c : r.components) {
+    std::vector<std::string> types;
+    for (const auto& [t, n] : c.dtype_counts) types.push_back(fmt::format("{} {}", n, t));
+    fmt::print("  {}/  {} file{}{}, {} tensors ({}), {} parameters, {} bytes\n", c.name, c.n_files,
+               c.n_files == 1 ? "" : "s", c.index_name.empty() ? "" : fmt::format(" ({})", c.index_name), c.n_tensors,
+               fmt::join(types, ", "), grouped(c.n_parameters), grouped(c.n_bytes));
+  }
 }
 
 // Every file with its metadata.

@@ -13,6 +13,7 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
 #include "cli/options.h"
@@ -36,7 +37,34 @@ struct merge_cli_options {
   bool quiet = false;
   bool allow_nonfinite = false;
   bool sync = false;
+  bool skip_unmatched = false;
+  bool json = false;
 };
+
+// The report as JSON (--json).
+void print_json(const merge_report& r, size_t n_adapters) {
+  nlohmann::json j;
+  j["out"] = r.out;
+  j["dry_run"] = r.dry_run;
+  j["adapters"] = n_adapters;
+  j["modules"] = r.n_modules;
+  j["tensors"] = {{"total", r.n_tensors},
+                  {"merged", r.n_merged},
+                  {"replaced", r.n_replaced},
+                  {"converted", r.n_converted},
+                  {"copied", r.n_copied}};
+  j["skipped_modules"] = nlohmann::json::array();
+  for (const auto& [adapter, module] : r.skipped_modules)
+    j["skipped_modules"].push_back({{"adapter", adapter}, {"module", module}});
+  j["skipped_files"] = nlohmann::json::array();
+  for (const auto& [name, why] : r.skipped_files) j["skipped_files"].push_back({{"name", name}, {"reason", why}});
+  j["added"] = r.added;
+  j["config_changes"] = r.config_changes;
+  j["files"] = r.files;
+  j["bytes_written"] = r.bytes_written;
+  j["seconds"] = r.seconds;
+  fmt::print("{}\n", j.dump(2));
+}
 
 int run_merge(const merge_cli_options& o) {
   merge_options opts;
@@ -50,17 +78,26 @@ int run_merge(const merge_cli_options& o) {
   opts.force = o.force;
   opts.allow_nonfinite = o.allow_nonfinite;
   opts.sync = o.sync;
+  opts.skip_unmatched = o.skip_unmatched;
 
-  progress_bar bar("merge", o.quiet || o.dry_run);
+  progress_bar bar("merge", o.quiet || o.dry_run || o.json);
   opts.progress = bar.callback();
   const merge_report r = merge_model(opts);
   bar.finish();
+  if (o.json) {
+    print_json(r, opts.adapters.size());
+    return 0;
+  }
   if (o.quiet) return 0;
 
   if (!r.skipped_files.empty()) {
     std::vector<std::string> items;
     for (const auto& [name, why] : r.skipped_files) items.push_back(fmt::format("{} ({})", name, why));
     fmt::print(stderr, "lora merge: note: not copied from the base folder: {}\n", fmt::join(items, ", "));
+  }
+  if (!r.skipped_modules.empty()) {
+    fmt::print("skipped {} adapter modules that match no base tensor (--skip-unmatched):\n", r.skipped_modules.size());
+    for (const auto& [adapter, module] : r.skipped_modules) fmt::print("  {}: {}\n", adapter, module);
   }
   const std::string tensors =
       fmt::format("{} tensors: {} merged, {} replaced, {} converted, {} copied{}", r.n_tensors, r.n_merged,
@@ -105,7 +142,8 @@ CLI::App* setup_merge(CLI::App& app, runner& run) {
       "Merge LoRA adapters into a base model: W = W0 + sum_k weight_k * scale * s_k B_k A_k, computed in f32 and "
       "rounded once, written as a complete model folder (same tensors, sharding and files as the base)");
   sub->add_option("--base", o->base,
-                  "base model: a Hugging Face folder, or a bare .safetensors file (--out is then a folder holding "
+                  "base model: a Hugging Face folder, a diffusers pipeline folder (model_index.json: the output is "
+                  "the same folder tree), or a bare .safetensors file (--out is then a folder holding "
                   "that file name and config.json when one sits beside it, or with --out NAME.safetensors that one "
                   "file)")
       ->required();
@@ -128,6 +166,11 @@ CLI::App* setup_merge(CLI::App& app, runner& run) {
                 "flush the output to disk (fsync) before moving it into place, so that it also survives a power "
                 "loss right after (default: like cp, leave the writing back to the kernel)");
   sub->add_flag("--quiet", o->quiet, "no progress bar, no summary");
+  sub->add_flag("--json", o->json, "the report as one JSON object on stdout (no progress bar)");
+  sub->add_flag("--skip-unmatched", o->skip_unmatched,
+                "merge the modules that match a base tensor and list the ones that match none (without it such a "
+                "module is an error, exit 3); a module whose name matches two tensors, or whose shape does not fit "
+                "its tensor, is still an error");
   sub->add_flag("--allow-nonfinite", o->allow_nonfinite,
                 "write NaN / Inf values a merge produces (refused by default: exit 3)");
   sub->footer(

@@ -27,6 +27,7 @@ struct verify_cli_options {
   double scale = 1.0;
   bool json = false;
   bool quiet = false;
+  bool skip_unmatched = false;
   int threads = 0;
   int worst = 5;
   uint64_t seed = verify_options{}.seed;
@@ -38,6 +39,9 @@ double finite_or(double v, double fallback) { return std::isfinite(v) ? v : fall
 void print_json(const verify_report& r, const verify_cli_options& o, int n_inputs) {
   nlohmann::json j;
   j["equivalent"] = r.equivalent;
+  j["skipped_modules"] = nlohmann::json::array();
+  for (const auto& [adapter, module] : r.skipped_modules)
+    j["skipped_modules"].push_back({{"adapter", adapter}, {"module", module}});
   j["tensors_checked"] = r.n_checked;
   j["tensors_failed"] = r.n_failed;
   j["worst"] = nlohmann::json::array();
@@ -87,6 +91,10 @@ void print_json(const verify_report& r, const verify_cli_options& o, int n_input
 
 // The report as text: the verdict, the worst tensors and layers, the model level.
 void print_text(const verify_report& r, const verify_cli_options& o, int n_inputs) {
+  if (!r.skipped_modules.empty()) {
+    fmt::print("skipped {} adapter modules that match no base tensor (--skip-unmatched):\n", r.skipped_modules.size());
+    for (const auto& [adapter, module] : r.skipped_modules) fmt::print("  {}: {}\n", adapter, module);
+  }
   fmt::print("{}: {} tensors checked, {} failed\n", r.equivalent ? "equivalent" : "NOT equivalent", r.n_checked,
              r.n_failed);
   for (size_t i = 0; i < r.tensors.size() && i < static_cast<size_t>(o.worst); ++i) {
@@ -120,6 +128,7 @@ int run_verify(const verify_cli_options& o) {
   verify_options opts{o.base, weighted_inputs<verify_input>(o.adapters), o.merged, {}, o.threads};
   opts.seed = o.seed;
   opts.scale = o.scale;
+  opts.skip_unmatched = o.skip_unmatched;
   if (!o.tokens.empty()) opts.tokens = parse_token_list(o.tokens);
   progress_bar bar("verify", o.quiet);
   const verify_report r = verify_merge(opts, bar.callback());
@@ -147,6 +156,9 @@ CLI::App* setup_verify(CLI::App& app, runner& run) {
   sub->add_option("--tokens", o->tokens, "token ids for the model-level check (default: 16 seeded ids)");
   sub->add_option("--seed", o->seed, "seed of the layer-level input vectors (default 1234)");
   sub->add_flag("--json", o->json, "machine-readable report on stdout");
+  sub->add_flag("--skip-unmatched", o->skip_unmatched,
+                "as given to lora merge: adapter modules that match no base tensor are skipped and listed (an "
+                "ambiguous name or a shape that does not fit is still an error)");
   sub->add_option("--threads", o->threads, "BLAS threads (default: all cores)")->check(CLI::NonNegativeNumber);
   sub->add_flag("--quiet", o->quiet, "no progress bar (it is drawn on stderr only when stderr is a terminal)");
   sub->add_option("--worst", o->worst, "how many of the worst tensors and layers to list (default 5)")

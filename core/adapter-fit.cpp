@@ -2,6 +2,7 @@
 // adapter fits a base model, and the one rendering of a misfit.
 #include <algorithm>
 #include <cstdint>
+#include <set>
 #include <map>
 
 #include <fmt/format.h>
@@ -568,6 +569,39 @@ void require_whole_targets(const adapter& a, std::string_view command) {
 void require_fit(adapter& a, const model_files& base) {
   const fit_report report = fit_adapter(a, base);
   if (!report.ok()) throw fit_error(a.path, base.path, report);
+}
+
+std::vector<std::string> require_fit_skipping(adapter& a, const model_files& base) {
+  fit_report report = fit_adapter(a, base);
+  // the keys a module that maps to nothing is reported under: its kohya name
+  // (resolve_kohya) or its A factor's key (a dotted target the base lacks)
+  std::set<std::string> unmatched;
+  for (const fit_problem& p : report.problems)
+    if (p.issue == fit_issue::no_base_tensor) unmatched.insert(p.key);
+  std::vector<std::string> skipped;
+  std::vector<lora_module> kept;
+  for (lora_module& m : a.modules) {
+    if (unmatched.count(m.name) || unmatched.count(m.a.info->name)) {
+      skipped.push_back(m.name);
+      unmatched.erase(m.name);
+      unmatched.erase(m.a.info->name);
+      continue;
+    }
+    kept.push_back(std::move(m));
+  }
+  a.modules = std::move(kept);
+  // every other problem still refuses the adapter
+  std::vector<fit_problem> rest;
+  for (fit_problem& p : report.problems)
+    if (p.issue != fit_issue::no_base_tensor || unmatched.count(p.key)) rest.push_back(std::move(p));
+  report.problems = std::move(rest);
+  if (!report.ok()) throw fit_error(a.path, base.path, report);
+  if (a.modules.empty() && a.saved.empty())
+    throw errors::invalid(
+        a.path, "",
+        fmt::format("no module of the adapter matches a tensor of {} ({} skipped)", base.path, skipped.size()));
+  std::sort(skipped.begin(), skipped.end());
+  return skipped;
 }
 
 }  // namespace lora

@@ -315,4 +315,13 @@ error fit_error(const std::string& adapter_path, const std::string& base_path, c
 // a module does not fit. Throws as fit_adapter too.
 void require_fit(adapter& a, const model_files& base);
 
+// require_fit for --skip-unmatched: the modules that map to nothing in the
+// base (no base tensor matches their name: fit_issue::no_base_tensor on the
+// module itself) are removed from a.modules and their names returned, sorted
+// (kohya names as the file spells them, dotted paths as resolved); any other
+// problem (an ambiguous name, a shape that does not fit, a lora_B bias or a
+// modules_to_save tensor without its base tensor) still throws fit_error.
+// Throws fit_error (exit 3) too when no module is left.
+std::vector<std::string> require_fit_skipping(adapter& a, const model_files& base);
+
 }  // namespace lora

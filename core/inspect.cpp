@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <filesystem>
+#include <map>
 
 #include <fmt/format.h>
 
@@ -82,6 +83,20 @@ void inspect_model(inspect_report& r, const std::string& path) {
   r.index_total_size = m.index_total_size;
   for (size_t i = 0; i < m.shards.size(); ++i) add_file(r, m.shards[i], m.shard_names[i]);
   r.quantization = describe_quantization(m, nullptr);
+  r.pipeline_index_path = m.pipeline_index_path;
+  for (const model_component& c : m.components) {
+    inspect_component ic{c.name, c.index_name, c.n_shards, 0, 0, 0, {}};
+    std::map<std::string, size_t> types;
+    for (size_t s = c.first_shard; s < c.first_shard + c.n_shards; ++s)
+      for (const tensor_info& t : m.shards[s].tensors()) {
+        ++ic.n_tensors;
+        ic.n_parameters += t.n_elements;
+        ic.n_bytes += t.n_bytes();
+        ++types[std::string(dtype_name(t.type))];
+      }
+    ic.dtype_counts.assign(types.begin(), types.end());
+    r.components.push_back(std::move(ic));
+  }
 }
 
 void inspect_lora(inspect_report& r, const std::string& path, const std::optional<std::string>& base) {

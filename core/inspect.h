@@ -54,6 +54,17 @@ struct inspect_base_match {
   dtype type = dtype::F32;
 };
 
+// One component of a diffusers pipeline folder, with its totals.
+struct inspect_component {
+  std::string name;        // "unet", "text_encoder", ...
+  std::string index_name;  // its *.safetensors.index.json, empty for one file
+  size_t n_files = 0;
+  size_t n_tensors = 0;
+  uint64_t n_parameters = 0;
+  uint64_t n_bytes = 0;                                      // tensor bytes
+  std::vector<std::pair<std::string, size_t>> dtype_counts;  // dtype name, tensors; by name
+};
+
 struct inspect_report {
   inspect_kind kind = inspect_kind::model;
   std::string path;
@@ -69,6 +80,10 @@ struct inspect_report {
   std::optional<inspect_quantization> quantization;
   std::string index_path;
   std::optional<uint64_t> index_total_size;
+  // model: a diffusers pipeline's model_index.json and components (files
+  // named "<component>/<file>")
+  std::string pipeline_index_path;
+  std::vector<inspect_component> components;
 
   // adapter (PEFT or kohya LoRA): the loaded adapter, borrowed views included
   std::optional<adapter> lora;

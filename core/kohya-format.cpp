@@ -53,6 +53,7 @@ std::string_view checkpoint_family_name(checkpoint_family f) noexcept {
     case checkpoint_family::sd1: return "sd1";
     case checkpoint_family::sdxl: return "sdxl";
     case checkpoint_family::flux: return "flux";
+    case checkpoint_family::diffusers: return "diffusers";
     case checkpoint_family::other: break;
   }
   return "other";

@@ -51,7 +51,9 @@ std::string resolve_prefix(const std::string& option, const std::vector<std::str
 //   other: anything else (diffusers folders, Hugging Face models): auto_prefix.
 // The family wins in this order: flux (any BFL block), sdxl (conditioner.embedders.),
 // sd1 (cond_stage_model. or an LDM UNet without SGM text encoders), other.
-enum class checkpoint_family { other, sd1, sdxl, flux };
+//   diffusers: a diffusers pipeline folder (formats/model-files names its
+//   tensors "<component>.<name>"): rows of `containers` only, never detected.
+enum class checkpoint_family { other, sd1, sdxl, flux, diffusers };
 std::string_view checkpoint_family_name(checkpoint_family f) noexcept;  // "other" | "sd1" | "sdxl" | "flux"
 // The family of a checkpoint from its tensor names (every key of the base
 // model, any order). Pure; borrows nothing. The key layouts follow
@@ -85,6 +87,19 @@ inline constexpr container containers[] = {
     {checkpoint_family::sd1, "model.diffusion_model.", "lora_unet_", ldm_unet_to_diffusers},
     {checkpoint_family::flux, "model.diffusion_model.", "lora_unet_", nullptr},
     {checkpoint_family::flux, "", "lora_unet_", nullptr},
+    // a diffusers pipeline: sd-scripts trains SD 1.x / 2.x on a diffusers
+    // UNet and CLIPTextModel and names their modules by diffusers / HF paths
+    // (networks/lora.py create_modules); SDXL LoRAs name the UNet by its LDM
+    // path (sd-scripts loads SDXL through sdxl_model_util's conversion map)
+    // and both text encoders by HF CLIP paths; lora_te3_ is SD3's T5
+    // (networks/lora_sd3.py), text_encoder_3/ in its pipeline
+    {checkpoint_family::diffusers, "unet.", "lora_unet_", nullptr},
+    {checkpoint_family::diffusers, "unet.", "lora_unet_", sdxl_unet_diffusers_to_ldm},
+    {checkpoint_family::diffusers, "transformer.", "lora_unet_", nullptr},
+    {checkpoint_family::diffusers, "text_encoder.", "lora_te_", nullptr},
+    {checkpoint_family::diffusers, "text_encoder.", "lora_te1_", nullptr},
+    {checkpoint_family::diffusers, "text_encoder_2.", "lora_te2_", nullptr},
+    {checkpoint_family::diffusers, "text_encoder_3.", "lora_te3_", nullptr},
 };
 
 // The kohya name sd-scripts gives the module `path` (dotted, no ".weight") of a

@@ -1,6 +1,7 @@
 #include "core/ldm-names.h"
 
 #include <charconv>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -96,6 +97,72 @@ std::string ldm_unet_to_diffusers(std::string_view path) {
     if (inner == "conv" && layer == layers_per_block) return fmt::format("up_blocks.{}.upsamplers.0.conv", block);
     if (sub == 1) return joined(fmt::format("up_blocks.{}.attentions.{}", block, layer), inner);
     return {};
+  }
+  return {};
+}
+
+namespace {
+
+// sd-scripts' make_unet_conversion_map as {diffusers prefix, LDM prefix}, resnets expanded.
+std::vector<std::pair<std::string, std::string>> sdxl_unet_table() {
+  std::vector<std::pair<std::string, std::string>> layer, out;
+  for (int i = 0; i < 3; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      layer.emplace_back(fmt::format("down_blocks.{}.resnets.{}.", i, j),
+                         fmt::format("input_blocks.{}.0.", 3 * i + j + 1));
+      layer.emplace_back(fmt::format("down_blocks.{}.attentions.{}.", i, j),
+                         fmt::format("input_blocks.{}.1.", 3 * i + j + 1));
+    }
+    for (int j = 0; j < 3; ++j) {
+      layer.emplace_back(fmt::format("up_blocks.{}.resnets.{}.", i, j), fmt::format("output_blocks.{}.0.", 3 * i + j));
+      layer.emplace_back(fmt::format("up_blocks.{}.attentions.{}.", i, j),
+                         fmt::format("output_blocks.{}.1.", 3 * i + j));
+    }
+    layer.emplace_back(fmt::format("down_blocks.{}.downsamplers.0.conv.", i),
+                       fmt::format("input_blocks.{}.0.op.", 3 * (i + 1)));
+    layer.emplace_back(fmt::format("up_blocks.{}.upsamplers.0.", i), fmt::format("output_blocks.{}.2.", 3 * i + 2));
+  }
+  layer.emplace_back("mid_block.attentions.0.", "middle_block.1.");
+  for (int j = 0; j < 2; ++j)
+    layer.emplace_back(fmt::format("mid_block.resnets.{}.", j), fmt::format("middle_block.{}.", 2 * j));
+  static constexpr std::pair<std::string_view, std::string_view> resnet[] = {
+      {"norm1.", "in_layers.0."},  {"conv1.", "in_layers.2."},          {"norm2.", "out_layers.0."},
+      {"conv2.", "out_layers.3."}, {"time_emb_proj.", "emb_layers.1."}, {"conv_shortcut.", "skip_connection."}};
+  for (const auto& [hf, sd] : layer) {
+    if (hf.find("resnets") == std::string::npos) {
+      out.emplace_back(hf, sd);
+      continue;
+    }
+    for (const auto& [hf_part, sd_part] : resnet)
+      out.emplace_back(hf + std::string(hf_part), sd + std::string(sd_part));
+  }
+  for (int j = 0; j < 2; ++j) {
+    out.emplace_back(fmt::format("time_embedding.linear_{}.", j + 1), fmt::format("time_embed.{}.", 2 * j));
+    out.emplace_back(fmt::format("add_embedding.linear_{}.", j + 1), fmt::format("label_emb.0.{}.", 2 * j));
+  }
+  out.emplace_back("conv_in.", "input_blocks.0.0.");
+  out.emplace_back("conv_norm_out.", "out.0.");
+  out.emplace_back("conv_out.", "out.2.");
+  return out;
+}
+
+}  // namespace
+
+std::string sdxl_unet_diffusers_to_ldm(std::string_view path) {
+  static const std::unordered_map<std::string, std::string> table = [] {
+    std::unordered_map<std::string, std::string> m;
+    for (auto& [hf, sd] : sdxl_unet_table()) m.emplace(hf, sd);
+    return m;
+  }();
+  // the longest prefix of whole parts that the table holds (convert_unet_state_dict)
+  const std::string key = std::string(path) + ".";
+  for (size_t end = key.size(); end > 0; end = key.rfind('.', end - 2) + 1) {
+    if (auto it = table.find(key.substr(0, end)); it != table.end()) {
+      std::string out = it->second + key.substr(end);
+      out.pop_back();
+      return out;
+    }
+    if (end < 2 || key.rfind('.', end - 2) == std::string::npos) break;
   }
   return {};
 }

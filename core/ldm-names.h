@@ -25,6 +25,22 @@ namespace lora {
 // and renew_resnet_paths (kohya-ss/sd-scripts commit 48d368fa). Pure.
 std::string ldm_unet_to_diffusers(std::string_view path);
 
+// The SDXL LDM (SGM) UNet path of an SDXL diffusers UNet module `path` (below
+// a pipeline's `unet.`, no ".weight"), or "" when the path is not a module of
+// that layout: the table of sd-scripts library/sdxl_model_util.py
+// make_unet_conversion_map (kohya-ss/sd-scripts commit 48d368fa), applied
+// as its convert_diffusers_unet_state_dict_to_sdxl applies it (the longest
+// table prefix of the path wins): down_blocks.i.resnets.j ->
+// input_blocks.(3i+j+1).0 (resnet parts renamed: norm1 -> in_layers.0, ...),
+// down_blocks.i.attentions.j -> input_blocks.(3i+j+1).1,
+// down_blocks.i.downsamplers.0.conv -> input_blocks.(3i+3).0.op,
+// up_blocks.i.resnets.j -> output_blocks.(3i+j).0, up_blocks.i.attentions.j ->
+// output_blocks.(3i+j).1, up_blocks.i.upsamplers.0 -> output_blocks.(3i+2).2,
+// mid_block, time_embedding, add_embedding (label_emb.0), conv_in, conv_out,
+// conv_norm_out. The names SDXL kohya LoRAs use for the UNet
+// ("lora_unet_input_blocks_4_1_proj_in"). Pure.
+std::string sdxl_unet_diffusers_to_ldm(std::string_view path);
+
 // The Hugging Face CLIPTextModelWithProjection path of an SDXL OpenCLIP text
 // encoder module `path` (below `conditioner.embedders.1.model.`):
 // transformer.resblocks.N -> text_model.encoder.layers.N, attn.out_proj ->

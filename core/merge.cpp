@@ -69,8 +69,9 @@ struct contribution {
 
 struct tensor_job {
   size_t shard = 0;
-  std::string name;
-  tensor_ref source;  // the base tensor or its modules_to_save replacement
+  std::string name;      // in the model (a pipeline's "<component>.<name>")
+  std::string out_name;  // in its output file
+  tensor_ref source;     // the base tensor or its modules_to_save replacement
   bool replaced = false;
   dtype out_type = dtype::F32;
   std::vector<contribution> deltas;
@@ -268,7 +269,7 @@ void run_compute(const tensor_job& job, std::vector<std::unique_ptr<safetensors_
       encode_rows<T>(job.out_type, std::span<const T>(buf, n), out_bytes);
     }
     if (!allow_nonfinite) check_block_finite(job, in_bytes, out_bytes, rb, re);
-    writer.write_part(job.name, static_cast<uint64_t>(rb) * n_cols * out_size, out_bytes);
+    writer.write_part(job.out_name, static_cast<uint64_t>(rb) * n_cols * out_size, out_bytes);
   }
 }
 
@@ -282,7 +283,7 @@ void run_job(const tensor_job& job, std::vector<std::unique_ptr<safetensors_writ
     const uint64_t begin = file.file_offset(*job.source.info);
     read_pass pass(file.map(), begin, begin + job.source.info->n_bytes(), uint64_t{128} << 20);
     pass.reading(begin);
-    writer.copy_from(job.name, file.map().fd(), begin, file.path(), [&](uint64_t done) {
+    writer.copy_from(job.out_name, file.map().fd(), begin, file.path(), [&](uint64_t done) {
       pass.reading(begin + done);
       pass.consumed(begin + done);
     });
@@ -358,9 +359,10 @@ struct merge_plan {
   std::vector<tensor_job> jobs;                                  // base shard order, then data order
   std::vector<safetensors_layout> layouts;                       // one per shard
   std::vector<std::pair<std::string, std::string>> extra_files;  // source path, name
-  std::string index_name, index_text;                            // empty for a single-file model
-  std::string config_text;                                       // the rewritten config.json; empty: copied as it is
-  bool single_file = false;  // --out NAME.safetensors for a single-file base: that one file
+  std::vector<std::pair<std::string, std::string>> index_files;  // name, text: each sharded (component) folder's
+  std::vector<std::string> folders;  // sub-folders of the output (a pipeline's components and other folders)
+  std::string config_text;           // the rewritten config.json; empty: copied as it is
+  bool single_file = false;          // --out NAME.safetensors for a single-file base: that one file
 };
 
 // Step 1: the command line (adapters, weights, --out) and the output rule.
@@ -512,35 +514,40 @@ std::vector<added_tensor> plan_added(const tensor_changes& changes, const model_
 }
 
 // Step 4: the jobs and the output layout of every shard, in the base's
-// sharding; returns the index's weight map and adds up the tensor bytes.
+// sharding (a pipeline's: component by component); returns the weight map
+// (output file name of each tensor, by model name) and adds up the tensor
+// bytes per shard.
 std::map<std::string, std::string> plan_jobs(const merge_options& options, const tensor_changes& changes,
                                              const std::vector<added_tensor>& added, merge_plan& plan,
-                                             uint64_t& total_tensor_bytes) {
+                                             std::vector<uint64_t>& shard_tensor_bytes) {
   std::map<std::string, std::string> weight_map;
+  shard_tensor_bytes.assign(plan.base.shards.size(), 0);
   for (size_t s = 0; s < plan.base.shards.size(); ++s) {
     const safetensors_file& shard = plan.base.shards[s];
     std::vector<tensor_spec> specs;
     const size_t first_job = plan.jobs.size();
     auto add_job = [&](tensor_job job) {
+      job.out_name = plan.base.file_tensor_name(s, job.name);
       // a replacement with more rows (added tokens) gives the output its shape
-      specs.push_back({job.name, job.out_type, job.source.info->shape});
+      specs.push_back({job.out_name, job.out_type, job.source.info->shape});
       weight_map[job.name] = plan.base.shard_names[s];
       plan.jobs.push_back(std::move(job));
     };
     for (const tensor_info& t : shard.tensors()) {
+      const std::string name = plan.base.shard_prefixes[s] + t.name;
       // merge --dtype of an FP8 model: dequantized, its block scales dropped
-      if (options.out_type && plan.fp8.is_scale(t.name)) continue;
-      add_job(make_job(s, t.name, t.type, tensor_ref{&shard, &t}, changes, options, plan));
+      if (options.out_type && plan.fp8.is_scale(name)) continue;
+      add_job(make_job(s, name, t.type, tensor_ref{&shard, &t}, changes, options, plan));
     }
     for (const added_tensor& a : added)
       if (a.shard == s) add_job(make_job(s, a.name, a.base_type, a.source, changes, options, plan));
     plan.layouts.push_back(
         plan_safetensors(std::move(specs), output_metadata(shard.metadata(), options, plan.adapters)));
     for (size_t j = first_job; j < plan.jobs.size(); ++j) {
-      const tensor_info* o = plan.layouts.back().find(plan.jobs[j].name);
+      const tensor_info* o = plan.layouts.back().find(plan.jobs[j].out_name);
       plan.jobs[j].out_begin = o->begin;
       plan.jobs[j].out_bytes = o->n_bytes();
-      total_tensor_bytes += o->n_bytes();
+      shard_tensor_bytes[s] += o->n_bytes();
     }
   }
   return weight_map;
@@ -588,11 +595,35 @@ void check_contributions(const merge_options& options, const tensor_changes& cha
       for (const lora_module& m : a.modules) check_finite_factors(m, a.weights_path);
 }
 
+// The fresh index of each sharded folder: the model's, or each sharded
+// component's of a pipeline (its tensors under their file names).
+void plan_indexes(const std::map<std::string, std::string>& weight_map, const std::vector<uint64_t>& shard_tensor_bytes,
+                  merge_plan& plan) {
+  const model_files& base = plan.base;
+  if (!base.index_path.empty()) {
+    uint64_t total = 0;
+    for (uint64_t b : shard_tensor_bytes) total += b;
+    plan.index_files.emplace_back(fs::path(base.index_path).filename().string(),
+                                  make_safetensors_index(total, weight_map));
+  }
+  for (const model_component& c : base.components) {
+    if (c.index_name.empty()) continue;
+    const std::string prefix = c.name + ".", sub = c.name + "/";
+    std::map<std::string, std::string> map;
+    for (auto it = weight_map.lower_bound(prefix); it != weight_map.end() && it->first.starts_with(prefix); ++it)
+      map.emplace(it->first.substr(prefix.size()), it->second.substr(sub.size()));
+    uint64_t total = 0;
+    for (size_t s = c.first_shard; s < c.first_shard + c.n_shards; ++s) total += shard_tensor_bytes[s];
+    plan.index_files.emplace_back(sub + c.index_name, make_safetensors_index(total, map));
+  }
+}
+
 // Step 5: the other files of the base folder: plain files and links inside
-// the model's tree only (formats' list_folder_files), never other weights;
-// and the fresh index of a sharded model.
-void plan_other_files(const std::map<std::string, std::string>& weight_map, uint64_t total_tensor_bytes,
-                      merge_plan& plan, merge_report& report) {
+// the model's tree only (formats' list_folder_files; a pipeline's top folder
+// and sub-folders, list_pipeline_files), never other weights; and the fresh
+// index of each sharded folder.
+void plan_other_files(const std::map<std::string, std::string>& weight_map,
+                      const std::vector<uint64_t>& shard_tensor_bytes, merge_plan& plan, merge_report& report) {
   if (plan.single_file) {
     report.files.push_back(plan.out.filename().string());
     report.bytes_written += plan.layouts[0].file_size();
@@ -600,7 +631,9 @@ void plan_other_files(const std::map<std::string, std::string>& weight_map, uint
   }
   const bool bare_file = fs::is_regular_file(plan.base.path);
   std::error_code ec;
-  for (folder_file& f : list_folder_files(plan.base)) {
+  std::vector<folder_file> files =
+      plan.base.is_pipeline() ? list_pipeline_files(plan.base, plan.folders) : list_folder_files(plan.base);
+  for (folder_file& f : files) {
     if (bare_file && f.name != "config.json") continue;  // a bare file's folder is not the model's
     if (f.name == "config.json" && !plan.config_text.empty()) {
       report.bytes_written += plan.config_text.size();
@@ -616,16 +649,15 @@ void plan_other_files(const std::map<std::string, std::string>& weight_map, uint
     report.files.push_back(f.name);
     plan.extra_files.emplace_back(f.source, f.name);
   }
-  if (!plan.base.index_path.empty()) {
-    plan.index_name = fs::path(plan.base.index_path).filename().string();
-    plan.index_text = make_safetensors_index(total_tensor_bytes, weight_map);
-    report.files.push_back(plan.index_name);
+  plan_indexes(weight_map, shard_tensor_bytes, plan);
+  for (const auto& [name, text] : plan.index_files) {
+    report.files.push_back(name);
+    report.bytes_written += text.size();
   }
   for (size_t s = 0; s < plan.layouts.size(); ++s) {
     report.files.push_back(plan.base.shard_names[s]);
     report.bytes_written += plan.layouts[s].file_size();
   }
-  report.bytes_written += plan.index_text.size();
   std::sort(report.files.begin(), report.files.end());
 }
 
@@ -693,13 +725,17 @@ void plan_merge(const merge_options& options, merge_plan& plan, merge_report& re
   plan.adapters.reserve(options.adapters.size());
   for (const merge_input& in : options.adapters) {
     plan.adapters.push_back(load_adapter(in.path));
-    require_fit(plan.adapters.back(), plan.base);
+    if (!options.skip_unmatched)
+      require_fit(plan.adapters.back(), plan.base);
+    else
+      for (std::string& name : require_fit_skipping(plan.adapters.back(), plan.base))
+        report.skipped_modules.emplace_back(in.path, std::move(name));
   }
   // 3, 4. what happens to each base tensor; jobs and output layouts
   const tensor_changes changes = collect_changes(options, plan.adapters, report);
   const std::vector<added_tensor> added = plan_added(changes, plan.base);
-  uint64_t total_tensor_bytes = 0;
-  const auto weight_map = plan_jobs(options, changes, added, plan, total_tensor_bytes);
+  std::vector<uint64_t> shard_tensor_bytes;
+  const auto weight_map = plan_jobs(options, changes, added, plan, shard_tensor_bytes);
   check_contributions(options, changes, added, plan);
   for (const added_tensor& a : added) report.added.push_back(a.name);
   plan_config(options, added, plan, report);
@@ -717,7 +753,7 @@ void plan_merge(const merge_options& options, merge_plan& plan, merge_report& re
     else if (!job.replaced)
       ++(job.copy ? report.n_copied : report.n_converted);
   }
-  plan_other_files(weight_map, total_tensor_bytes, plan, report);
+  plan_other_files(weight_map, shard_tensor_bytes, plan, report);
   check_free_space(plan.out, report);
 }
 
@@ -782,6 +818,11 @@ void write_merge(const merge_options& options, merge_plan& plan) {
     }
     staged_folder tmp(plan.out, mode);
     try {
+      for (const std::string& folder : plan.folders) {
+        std::error_code ec;
+        if (!fs::create_directory(tmp.path() + "/" + folder, ec) && ec)
+          throw errors::io((plan.out / folder).string(), "cannot create the folder", ec.value());
+      }
       for (const auto& [src, name] : plan.extra_files) copy_file(src, tmp.path() + "/" + name, mode);
       if (!plan.config_text.empty()) write_file_atomic(tmp.path() + "/config.json", plan.config_text, mode);
       std::vector<std::unique_ptr<safetensors_writer>> writers;
@@ -789,7 +830,9 @@ void write_merge(const merge_options& options, merge_plan& plan) {
         writers.push_back(std::make_unique<safetensors_writer>(tmp.path() + "/" + plan.base.shard_names[s],
                                                                std::move(plan.layouts[s]), mode));
       run_jobs(options, std::move(plan.jobs), writers);
-      if (!plan.index_text.empty()) write_file_atomic(tmp.path() + "/" + plan.index_name, plan.index_text, mode);
+      for (const auto& [name, text] : plan.index_files) write_file_atomic(tmp.path() + "/" + name, text, mode);
+      if (options.sync)
+        for (const std::string& folder : plan.folders) fsync_path(tmp.path() + "/" + folder);
     } catch (const error& e) {
       throw tmp.shown(e);  // name the output, not the temp folder about to be removed
     }

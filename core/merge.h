@@ -56,7 +56,11 @@ struct merge_options {
   bool force = false;                 // replace an existing --out
   bool allow_nonfinite = false;       // write NaN / Inf produced by a merge
   bool sync = false;                  // fsync the output before it is moved into place
-  progress_fn progress;               // may be empty
+  // adapter modules that map to no base tensor are skipped and listed
+  // (merge_report::skipped_modules) instead of refused; an ambiguous name or
+  // a shape that does not fit is still refused
+  bool skip_unmatched = false;
+  progress_fn progress;  // may be empty
 };
 
 struct merge_report {
@@ -68,7 +72,9 @@ struct merge_report {
   std::vector<std::pair<std::string, std::string>> skipped_files;  // name, reason
   uint64_t n_tensors = 0;                                          // tensors in the output
   uint64_t n_modules = 0;                                          // LoRA modules applied (over all adapters)
-  uint64_t n_merged = 0;                                           // tensors that received a delta (weights and biases)
+  // --skip-unmatched: the modules that map to nothing, as {adapter path, module name}
+  std::vector<std::pair<std::string, std::string>> skipped_modules;
+  uint64_t n_merged = 0;    // tensors that received a delta (weights and biases)
   uint64_t n_replaced = 0;  // modules_to_save tensors written in place of the base's
   // tensors the base lacks, written by the merge: a tied base's lm_head (the
   // embedding plus its delta, or the saved tensor), modules_to_save heads

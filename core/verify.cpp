@@ -923,6 +923,10 @@ struct model_inputs {
 // nullopt when the model level cannot run (`skipped` says why).
 std::optional<model_inputs> prepare_model_level(const verify_options& o, const model_files& base,
                                                 const model_files& merged, std::string& skipped) {
+  if (base.is_pipeline() || merged.is_pipeline()) {
+    skipped = "image model";  // a diffusers pipeline: no forward pass for UNets / DiTs
+    return std::nullopt;
+  }
   std::optional<std::string> mt;
   if (!base.config_path.empty()) mt = parse_model_type(read_text_file(base.config_path), base.config_path);
   if (!merged.config_path.empty()) (void)parse_model_type(read_text_file(merged.config_path), merged.config_path);
@@ -951,7 +955,8 @@ std::optional<model_inputs> prepare_model_level(const verify_options& o, const m
 
 // Every adapter loaded and fitted to the base, its modules by target with
 // weight_k * scale. Throws as verify_merge.
-adapter_set load_adapters(const verify_options& o, const model_files& base) {
+adapter_set load_adapters(const verify_options& o, const model_files& base,
+                          std::vector<std::pair<std::string, std::string>>& skipped) {
   if (o.adapters.empty()) throw errors::usage("no --adapter given");
   if (!std::isfinite(o.scale)) throw errors::usage("--scale must be a finite number");
   adapter_set set;
@@ -959,7 +964,10 @@ adapter_set load_adapters(const verify_options& o, const model_files& base) {
   for (const verify_input& in : o.adapters) {
     if (!std::isfinite(in.weight)) throw errors::usage(fmt::format("the weight of {} is not finite", in.path));
     set.adapters.push_back(load_adapter(in.path));
-    require_fit(set.adapters.back(), base);
+    if (!o.skip_unmatched)
+      require_fit(set.adapters.back(), base);
+    else
+      for (std::string& name : require_fit_skipping(set.adapters.back(), base)) skipped.emplace_back(in.path, name);
   }
   for (size_t i = 0; i < set.adapters.size(); ++i) {
     const adapter& a = set.adapters[i];
@@ -1186,11 +1194,10 @@ verify_report verify_merge(const verify_options& o, const progress_fn& progress_
   model_files base = open_model(o.base);
   model_files merged = open_model(o.merged);
   std::optional<model_inputs> model_in = prepare_model_level(o, base, merged, r.model.skipped);
-  const adapter_set set = load_adapters(o, base);
+  const adapter_set set = load_adapters(o, base, r.skipped_modules);
   fp8_index fx;
   add_fp8_weights(base, fx);
   add_fp8_weights(merged, fx);
-  // the forward pass reads BF16 / F16 / F32 weights: an FP8 model cannot run it yet
   // the forward pass reads FP8 weights (dequantized per row block), but a
   // merged model that is FP8 has no logit tolerance yet: its requantized
   // weights are checked at the weight and layer levels

@@ -31,9 +31,10 @@ struct verify_options {
   std::string merged;
   std::vector<int64_t> tokens;  // empty: a fixed seeded sequence
   int threads = 0;
-  uint64_t seed = 1234;  // layer level: the inputs of every module
-  int n_inputs = 4;      // layer level: input vectors per module (>= 1)
-  double scale = 1.0;    // lora merge's --scale: multiplies every delta (each weight)
+  uint64_t seed = 1234;         // layer level: the inputs of every module
+  int n_inputs = 4;             // layer level: input vectors per module (>= 1)
+  double scale = 1.0;           // lora merge's --scale: multiplies every delta (each weight)
+  bool skip_unmatched = false;  // as lora merge's: modules that map to nothing are skipped and listed
 };
 
 // What a tensor was checked as, or why it could not be.
@@ -109,6 +110,8 @@ struct verify_report {
   std::vector<layer_check> layers;  // one per adapted module, worst ratio first
   uint64_t n_layers_failed = 0;
   model_check model;
+  // skip_unmatched: the modules that map to nothing, as {adapter path, module name}
+  std::vector<std::pair<std::string, std::string>> skipped_modules;
   bool equivalent = true;  // no tensor, layer or model failure
 };
 

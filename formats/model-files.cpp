@@ -34,6 +34,11 @@ tensor_ref model_files::at(const std::string& name) const {
   return *r;
 }
 
+std::string model_files::file_tensor_name(size_t shard, const std::string& name) const {
+  const std::string& prefix = shard < shard_prefixes.size() ? shard_prefixes[shard] : std::string();
+  return name.starts_with(prefix) ? name.substr(prefix.size()) : name;
+}
+
 uint64_t model_files::total_tensor_bytes() const {
   uint64_t total = 0;
   for (const auto& s : shards)
@@ -45,27 +50,48 @@ namespace {
 
 void add_shard_tensors(model_files& m, size_t shard) {
   const safetensors_file& f = m.shards[shard];
+  const std::string& prefix = m.shard_prefixes[shard];
   for (const tensor_info& t : f.tensors()) {
-    auto [it, inserted] = m.by_name.emplace(t.name, tensor_ref{&f, &t});
+    std::string name = prefix + t.name;
+    auto [it, inserted] = m.by_name.emplace(name, tensor_ref{&f, &t});
     if (!inserted)
-      throw errors::invalid(m.path, t.name,
+      throw errors::invalid(m.path, name,
                             fmt::format("tensor is in two shards: {} and {}", it->second.file->path(), f.path()));
-    m.tensor_names.push_back(t.name);
+    m.tensor_names.push_back(std::move(name));
   }
 }
 
-void open_index(model_files& m) {
-  const std::string label = m.index_path;
-  json j = parse_json_bounded(read_text_file(m.index_path), label, "index");
+// Opens one weights file `name` of the folder `sub` ("" or "unet/") of m.
+void add_shard(model_files& m, const std::string& sub, const std::string& name, const std::string& prefix) {
+  if (m.shards.size() == m.shards.capacity()) {
+    // by_name points into the shards: grow, then point again
+    m.shards.reserve(2 * m.shards.capacity() + 64);
+    for (size_t i = 0; i < m.shards.size(); ++i)
+      for (const tensor_info& t : m.shards[i].tensors()) m.by_name[m.shard_prefixes[i] + t.name] = {&m.shards[i], &t};
+  }
+  m.shard_names.push_back(sub + name);
+  m.shard_prefixes.push_back(prefix);
+  m.shards.emplace_back((fs::path(m.folder) / (sub + name)).string());
+  add_shard_tensors(m, m.shards.size() - 1);
+}
+
+// Opens the shards an index lists: `index_path` in the folder `sub` ("" or
+// "unet/") of m, tensors named with `prefix`; returns total_size when given.
+std::optional<uint64_t> open_index(model_files& m, const std::string& index_path, const std::string& sub,
+                                   const std::string& prefix) {
+  const std::string label = index_path;
+  std::optional<uint64_t> index_total_size;
+  const size_t first_shard = m.shards.size(), first_tensor = m.tensor_names.size();
+  json j = parse_json_bounded(read_text_file(index_path), label, "index");
   if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
     throw errors::invalid(label, "", "index has no \"weight_map\" object");
   if (j.contains("metadata") && j["metadata"].is_object() && j["metadata"].contains("total_size")) {
     const json& ts = j["metadata"]["total_size"];
-    if (ts.is_number_unsigned()) m.index_total_size = ts.get<uint64_t>();
+    if (ts.is_number_unsigned()) index_total_size = ts.get<uint64_t>();
     // some writers store it as a float: accept whole values below 2^64 (casting a larger double is UB)
     else if (ts.is_number_float() && ts.get<double>() >= 0 && ts.get<double>() < 18446744073709551616.0 &&
              ts.get<double>() == std::floor(ts.get<double>()))
-      m.index_total_size = static_cast<uint64_t>(ts.get<double>());
+      index_total_size = static_cast<uint64_t>(ts.get<double>());
     else
       throw errors::invalid(label, "", "metadata.total_size is not a non-negative integer");
   }
@@ -81,14 +107,10 @@ void open_index(model_files& m) {
     files.insert(file);
   }
   // open every shard, in file name order
-  for (const std::string& f : files) {
-    m.shard_names.push_back(f);
-    m.shards.emplace_back((fs::path(m.folder) / f).string());
-  }
-  for (size_t i = 0; i < m.shards.size(); ++i) add_shard_tensors(m, i);
+  for (const std::string& f : files) add_shard(m, sub, f, prefix);
   // the map and the shards must agree both ways
   for (const auto& [tensor, file] : weight_map) {
-    const tensor_ref* r = m.find_ref(tensor);
+    const tensor_ref* r = m.find_ref(prefix + tensor);
     if (r == nullptr)
       throw errors::invalid(label, tensor,
                             fmt::format("weight_map puts the tensor in {}, which does not hold it", file));
@@ -96,14 +118,62 @@ void open_index(model_files& m) {
       throw errors::invalid(label, tensor,
                             fmt::format("weight_map says {}, but the tensor is in {}", file, r->file->path()));
   }
-  for (const std::string& name : m.tensor_names)
-    if (!weight_map.count(name))
-      throw errors::invalid(label, name,
+  for (size_t i = first_tensor; i < m.tensor_names.size(); ++i) {
+    const std::string& name = m.tensor_names[i];
+    if (!weight_map.count(name.substr(prefix.size())))
+      throw errors::invalid(label, name.substr(prefix.size()),
                             fmt::format("tensor in {} is missing from weight_map", m.find_ref(name)->file->path()));
-  if (m.index_total_size && *m.index_total_size != m.total_tensor_bytes())
-    throw errors::invalid(label, "",
-                          fmt::format("metadata.total_size is {} but the shards hold {} bytes of tensors",
-                                      *m.index_total_size, m.total_tensor_bytes()));
+  }
+  uint64_t held = 0;
+  for (size_t s = first_shard; s < m.shards.size(); ++s)
+    for (const auto& t : m.shards[s].tensors()) held += t.n_bytes();
+  if (index_total_size && *index_total_size != held)
+    throw errors::invalid(
+        label, "",
+        fmt::format("metadata.total_size is {} but the shards hold {} bytes of tensors", *index_total_size, held));
+  return index_total_size;
+}
+
+// The weights of a pipeline component folder, in diffusers' names first
+// (diffusers utils/constants.py SAFE_WEIGHTS_INDEX_NAME,
+// SAFETENSORS_WEIGHTS_NAME), then transformers' (model.safetensors.index.json,
+// model.safetensors: the text encoders). Returns {index, file}, one of them
+// set; both empty: the folder holds no safetensors weights.
+std::pair<std::string, std::string> component_weights(const fs::path& dir) {
+  std::error_code ec;
+  for (const char* stem : {"diffusion_pytorch_model", "model"}) {
+    const std::string index = std::string(stem) + ".safetensors.index.json";
+    const std::string file = std::string(stem) + ".safetensors";
+    if (fs::is_regular_file(dir / index, ec)) return {index, ""};
+    if (fs::is_regular_file(dir / file, ec)) return {"", file};
+  }
+  return {};
+}
+
+// A diffusers pipeline: every real sub-folder with safetensors weights is a
+// component, opened as a model folder; tensors named "<component>.<name>".
+void open_pipeline(model_files& m) {
+  std::error_code ec;
+  std::vector<std::string> dirs;
+  for (const auto& entry : fs::directory_iterator(m.folder, ec))
+    if (entry.is_directory(ec) && !entry.is_symlink(ec)) dirs.push_back(entry.path().filename().string());
+  if (ec) throw errors::io(m.folder, "cannot list the pipeline folder", ec.value());
+  std::sort(dirs.begin(), dirs.end());
+  for (const std::string& dir : dirs) {
+    const auto [index, file] = component_weights(fs::path(m.folder) / dir);
+    if (index.empty() && file.empty()) continue;
+    model_component c{dir, index, m.shards.size(), 0};
+    if (!index.empty())
+      open_index(m, (fs::path(m.folder) / dir / index).string(), dir + "/", dir + ".");
+    else
+      add_shard(m, dir + "/", file, dir + ".");
+    c.n_shards = m.shards.size() - c.first_shard;
+    m.components.push_back(std::move(c));
+  }
+  if (m.components.empty())
+    throw errors::invalid(m.pipeline_index_path, "",
+                          "a diffusers pipeline without any component holding safetensors weights "
+                          "(diffusion_pytorch_model.safetensors, model.safetensors or their .index.json)");
 }
 
 }  // namespace
@@ -113,6 +183,12 @@ model_files open_model(const std::string& path) {
   m.path = path;
   std::error_code ec;
   if (!fs::exists(path, ec)) throw errors::io(path, "no such file or folder");
+  if (fs::is_directory(path, ec) && fs::exists(fs::path(path) / "model_index.json", ec)) {
+    m.folder = path;
+    m.pipeline_index_path = (fs::path(path) / "model_index.json").string();
+    open_pipeline(m);
+    return m;
+  }
   if (fs::is_directory(path, ec)) {
     m.folder = path;
     fs::path single = fs::path(path) / "model.safetensors";
@@ -136,12 +212,13 @@ model_files open_model(const std::string& path) {
   fs::path config = fs::path(m.folder) / "config.json";
   if (fs::exists(config, ec)) m.config_path = config.string();
 
-  m.shards.reserve(64);
   if (!m.index_path.empty()) {
-    open_index(m);
+    m.shard_names.clear();
+    m.index_total_size = open_index(m, m.index_path, "", "");
   } else {
-    m.shards.emplace_back((fs::path(m.folder) / m.shard_names[0]).string());
-    add_shard_tensors(m, 0);
+    const std::string name = m.shard_names[0];
+    m.shard_names.clear();
+    add_shard(m, "", name, "");
   }
   return m;
 }
@@ -194,6 +271,41 @@ std::vector<folder_file> list_folder_files(const model_files& m) {
     files.push_back(std::move(f));
   }
   if (ec) throw errors::io(m.folder, "cannot list the model folder", ec.value());
+  std::sort(files.begin(), files.end(), [](const folder_file& a, const folder_file& b) { return a.name < b.name; });
+  return files;
+}
+
+std::vector<folder_file> list_pipeline_files(const model_files& m, std::vector<std::string>& folders) {
+  std::error_code ec;
+  const fs::path root = fs::canonical(m.folder, ec);
+  if (ec) throw errors::io(m.folder, "cannot reach the pipeline folder", ec.value());
+  const fs::path tree = model_tree(root);
+  std::set<std::string> weights(m.shard_names.begin(), m.shard_names.end()), needed;
+  for (const model_component& c : m.components) {
+    if (!c.index_name.empty()) weights.insert(c.name + "/" + c.index_name);
+    needed.insert(c.name);
+  }
+  std::vector<folder_file> files;
+  // one folder's entries, named `sub` + their name; sub-folders of the top are listed in turn
+  auto list = [&](const fs::path& dir, const std::string& sub, auto& self) -> void {
+    std::error_code lec;
+    for (const auto& entry : fs::directory_iterator(dir, lec)) {
+      folder_file f;
+      f.name = sub + entry.path().filename().string();
+      if (weights.count(f.name)) continue;
+      if (sub.empty() && entry.is_directory(lec) && !entry.is_symlink(lec)) {
+        self(entry.path(), f.name + "/", self);
+        continue;
+      }
+      f.skip = copy_verdict(entry.path(), tree, f.source);
+      if (f.skip.empty()) needed.insert(sub.empty() ? std::string() : sub.substr(0, sub.size() - 1));
+      files.push_back(std::move(f));
+    }
+    if (lec) throw errors::io(dir.string(), "cannot list the pipeline folder", lec.value());
+  };
+  list(root, "", list);
+  needed.erase(std::string());
+  folders.assign(needed.begin(), needed.end());
   std::sort(files.begin(), files.end(), [](const folder_file& a, const folder_file& b) { return a.name < b.name; });
   return files;
 }

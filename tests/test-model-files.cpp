@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "formats/error.h"
@@ -78,7 +79,7 @@ void check_refused(const std::string& path, const refusal& want) {
     model_files m = open_model(path);
     FAIL_CHECK("opened: ", path);
   } catch (const lora::error& e) {
-    INFO("message: ", e.what());
+    INFO("message: ", std::string(e.what()));
     CHECK(static_cast<int>(e.code()) == want.code);
     CHECK(e.detail().find(want.what) != std::string::npos);
     CHECK(e.tensor() == want.tensor);
@@ -367,4 +368,75 @@ TEST_CASE("fixture: the 6-shard model written by the Python reference") {
   tensor_ref f = m.at("float32_3");
   CHECK(f.info->type == dtype::F32);
   CHECK(f.info->shape == std::vector<int64_t>{3});
+}
+
+TEST_CASE("diffusers pipelines: components opened as model folders, tensors named <component>.<name>") {
+  temp_dir dir;
+  write_text(dir / "model_index.json", "{\"_class_name\": \"StableDiffusionPipeline\"}\n");
+  for (const char* sub : {"unet", "text_encoder", "vae", "scheduler", "tokenizer"}) fs::create_directory(dir / sub);
+  // unet sharded in diffusers' names, 70 shards (more than the first reservation of shards)
+  std::map<std::string, std::string> weight_map;
+  for (int i = 0; i < 70; ++i) {
+    const std::string file = fmt::format("diffusion_pytorch_model-{:05d}-of-00070.safetensors", i + 1);
+    write_shard(dir / ("unet/" + file), {{fmt::format("w{:02d}", i), 2}});
+    weight_map[fmt::format("w{:02d}", i)] = file;
+  }
+  write_text(dir / "unet/diffusion_pytorch_model.safetensors.index.json", make_safetensors_index(560, weight_map));
+  write_text(dir / "unet/config.json", "{}\n");
+  write_shard(dir / "text_encoder/model.safetensors", {{"text_model.final_layer_norm.weight", 3}});
+  write_shard(dir / "vae/diffusion_pytorch_model.safetensors", {{"decoder.conv_in.weight", 4}});
+  write_text(dir / "scheduler/scheduler_config.json", "{}\n");
+  write_text(dir / "tokenizer/vocab.json", "{}\n");
+
+  model_files m = open_model(dir.path);
+  CHECK(m.is_pipeline());
+  CHECK(m.config_path.empty());
+  REQUIRE(m.components.size() == 3);
+  CHECK(m.components[0].name == "text_encoder");
+  CHECK(m.components[1].name == "unet");
+  CHECK(m.components[1].index_name == "diffusion_pytorch_model.safetensors.index.json");
+  CHECK(m.components[1].n_shards == 70);
+  CHECK(m.components[2].name == "vae");
+  REQUIRE(m.shards.size() == 72);
+  CHECK(m.shard_names[0] == "text_encoder/model.safetensors");
+  CHECK(m.shard_names[1] == "unet/diffusion_pytorch_model-00001-of-00070.safetensors");
+  CHECK(m.shard_prefixes[1] == "unet.");
+  CHECK(m.tensor_names.front() == "text_encoder.text_model.final_layer_norm.weight");
+  CHECK(m.tensor_names.back() == "vae.decoder.conv_in.weight");
+  // every reference points into the shards as they are now
+  for (size_t i = 0; i < m.shards.size(); ++i)
+    for (const tensor_info& t : m.shards[i].tensors())
+      CHECK(m.find_ref(m.shard_prefixes[i] + t.name)->file == &m.shards[i]);
+  CHECK(m.file_tensor_name(1, "unet.w00") == "w00");
+  CHECK(m.total_tensor_bytes() == 560 + 12 + 16);
+
+  std::vector<std::string> folders;
+  std::vector<std::string> names;
+  for (const folder_file& f : list_pipeline_files(m, folders)) {
+    CHECK(f.skip.empty());
+    names.push_back(f.name);
+  }
+  CHECK(names == std::vector<std::string>{"model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
+                                          "unet/config.json"});
+  CHECK(folders == std::vector<std::string>{"scheduler", "text_encoder", "tokenizer", "unet", "vae"});
+
+  // a component's index is validated as a model's: its total_size against its own shards
+  write_text(dir / "unet/diffusion_pytorch_model.safetensors.index.json", make_safetensors_index(572, weight_map));
+  check_refused(dir.path, {3, "metadata.total_size is 572 but the shards hold 560 bytes of tensors", ""});
+  // a weight_map entry naming a shard that does not hold the tensor
+  weight_map["w05"] = "diffusion_pytorch_model-00007-of-00070.safetensors";
+  write_text(dir / "unet/diffusion_pytorch_model.safetensors.index.json", make_safetensors_index(560, weight_map));
+  check_refused(dir.path,
+                {3,
+                 "weight_map puts the tensor in diffusion_pytorch_model-00007-of-00070.safetensors, which does not "
+                 "hold it",
+                 "w05"});
+}
+
+TEST_CASE("diffusers pipelines: a model_index.json without any component weights is refused") {
+  temp_dir dir;
+  write_text(dir / "model_index.json", "{}\n");
+  fs::create_directory(dir / "unet");
+  write_text(dir / "unet/config.json", "{}\n");
+  check_refused(dir.path, {3, "without any component holding safetensors weights", ""});
 }

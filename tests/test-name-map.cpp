@@ -457,4 +457,48 @@ TEST_CASE("fused_parts: extract --format kohya names SDXL's in_proj_weight rows 
   CHECK(fused_parts(t, {37, 12}, problem).empty());
   CHECK(problem == t + " is [37, 12]: its 37 rows do not divide into 3 equal parts (self_attn.q_proj, "
                        "self_attn.k_proj, self_attn.v_proj)");
+TEST_CASE("SDXL diffusers UNet names in LDM names, as sd-scripts' make_unet_conversion_map maps them") {
+  CHECK(sdxl_unet_diffusers_to_ldm("conv_in") == "input_blocks.0.0");
+  CHECK(sdxl_unet_diffusers_to_ldm("down_blocks.1.attentions.0.proj_in") == "input_blocks.4.1.proj_in");
+  CHECK(sdxl_unet_diffusers_to_ldm("down_blocks.1.attentions.1.transformer_blocks.3.attn1.to_q") ==
+        "input_blocks.5.1.transformer_blocks.3.attn1.to_q");
+  CHECK(sdxl_unet_diffusers_to_ldm("down_blocks.0.resnets.1.conv2") == "input_blocks.2.0.out_layers.3");
+  CHECK(sdxl_unet_diffusers_to_ldm("down_blocks.2.resnets.0.conv_shortcut") == "input_blocks.7.0.skip_connection");
+  CHECK(sdxl_unet_diffusers_to_ldm("down_blocks.0.downsamplers.0.conv") == "input_blocks.3.0.op");
+  CHECK(sdxl_unet_diffusers_to_ldm("mid_block.resnets.1.time_emb_proj") == "middle_block.2.emb_layers.1");
+  CHECK(sdxl_unet_diffusers_to_ldm("mid_block.attentions.0.proj_out") == "middle_block.1.proj_out");
+  CHECK(sdxl_unet_diffusers_to_ldm("up_blocks.0.attentions.2.transformer_blocks.0.ff.net.2") ==
+        "output_blocks.2.1.transformer_blocks.0.ff.net.2");
+  CHECK(sdxl_unet_diffusers_to_ldm("up_blocks.0.upsamplers.0.conv") == "output_blocks.2.2.conv");
+  CHECK(sdxl_unet_diffusers_to_ldm("up_blocks.2.resnets.2.norm1") == "output_blocks.8.0.in_layers.0");
+  CHECK(sdxl_unet_diffusers_to_ldm("time_embedding.linear_2") == "time_embed.2");
+  CHECK(sdxl_unet_diffusers_to_ldm("add_embedding.linear_1") == "label_emb.0.0");
+  CHECK(sdxl_unet_diffusers_to_ldm("conv_norm_out") == "out.0");
+  CHECK(sdxl_unet_diffusers_to_ldm("conv_out") == "out.2");
+  CHECK(sdxl_unet_diffusers_to_ldm("down_blocks.1.resnets.0.unknown") == "");
+  CHECK(sdxl_unet_diffusers_to_ldm("nothing.here") == "");
+}
+
+TEST_CASE("kohya names resolve into a diffusers pipeline's components (formats/model-files names)") {
+  const name_map names({"unet.down_blocks.1.attentions.0.proj_in.weight", "unet.up_blocks.0.upsamplers.0.conv.weight",
+                        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight",
+                        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.weight",
+                        "transformer.transformer_blocks.0.attn.to_q.weight"});
+  // sd-scripts SD 1.x: diffusers names
+  CHECK(names.find_kohya("lora_unet_down_blocks_1_attentions_0_proj_in").modules ==
+        std::vector<std::string>{"unet.down_blocks.1.attentions.0.proj_in"});
+  // SDXL: LDM names
+  CHECK(names.find_kohya("lora_unet_input_blocks_4_1_proj_in").modules ==
+        std::vector<std::string>{"unet.down_blocks.1.attentions.0.proj_in"});
+  CHECK(names.find_kohya("lora_unet_output_blocks_2_2_conv").modules ==
+        std::vector<std::string>{"unet.up_blocks.0.upsamplers.0.conv"});
+  CHECK(names.find_kohya("lora_te_text_model_encoder_layers_0_self_attn_q_proj").modules ==
+        std::vector<std::string>{"text_encoder.text_model.encoder.layers.0.self_attn.q_proj"});
+  CHECK(names.find_kohya("lora_te1_text_model_encoder_layers_0_self_attn_q_proj").modules ==
+        std::vector<std::string>{"text_encoder.text_model.encoder.layers.0.self_attn.q_proj"});
+  CHECK(names.find_kohya("lora_te2_text_model_encoder_layers_0_mlp_fc1").modules ==
+        std::vector<std::string>{"text_encoder_2.text_model.encoder.layers.0.mlp.fc1"});
+  CHECK(names.find_kohya("lora_unet_transformer_blocks_0_attn_to_q").modules ==
+        std::vector<std::string>{"transformer.transformer_blocks.0.attn.to_q"});
+  CHECK(names.find_kohya("lora_te2_text_model_encoder_layers_0_self_attn_q_proj").modules.empty());
 }

@@ -103,7 +103,7 @@ expect_eq "synthetic unet modules" "$n" 2
 expect_exit 0 "$LORA" inspect "$W/synthetic-te.safetensors"
 expect_stdout_contains "(diffusers LoRA, 3 modules)"
 # a text encoder module has no base tensor in a UNet file: refused by name
-# (merge has no --skip-unmatched yet; a diffusers-folder base is not read yet)
+# (with --skip-unmatched it would be skipped and listed: e2e-diffusers-folder.sh)
 expect_exit 3 "$LORA" merge --base "$W/syn/base.safetensors" --adapter "$W/synthetic-te.safetensors" --out "$W/syn-merged"
 expect_stderr_contains "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
 expect_nothing_left syn-merged
