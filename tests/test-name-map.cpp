@@ -457,6 +457,8 @@ TEST_CASE("fused_parts: extract --format kohya names SDXL's in_proj_weight rows 
   CHECK(fused_parts(t, {37, 12}, problem).empty());
   CHECK(problem == t + " is [37, 12]: its 37 rows do not divide into 3 equal parts (self_attn.q_proj, "
                        "self_attn.k_proj, self_attn.v_proj)");
+}
+
 TEST_CASE("SDXL diffusers UNet names in LDM names, as sd-scripts' make_unet_conversion_map maps them") {
   CHECK(sdxl_unet_diffusers_to_ldm("conv_in") == "input_blocks.0.0");
   CHECK(sdxl_unet_diffusers_to_ldm("down_blocks.1.attentions.0.proj_in") == "input_blocks.4.1.proj_in");
