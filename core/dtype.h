@@ -1,5 +1,6 @@
 // Element conversion between the math dtypes (F16, BF16, F32, F64) and the
-// f32 / f64 buffers the math runs on. The one place where conversion happens.
+// f32 / f64 buffers the math runs on, and the FP8 E4M3 codec (block scales:
+// core/fp8). The one place where conversion happens.
 // Narrowing always rounds to nearest, ties to even; NaN stays NaN (quiet),
 // infinities and signed zeros are kept, subnormals are exact.
 #pragma once
