@@ -125,25 +125,6 @@ const e4m3_table e4m3_values;
 
 float e4m3_to_f32(uint8_t code) noexcept { return e4m3_values.v[code]; }
 
-uint8_t f64_to_e4m3(double d) noexcept {
-  const uint64_t bits = std::bit_cast<uint64_t>(d);
-  const uint8_t sign = (bits >> 63) ? 0x80 : 0x00;
-  const uint64_t mag = bits & 0x7fffffffffffffffull;
-  if (mag >= 0x7ff0000000000000ull) return sign | 0x7f;  // NaN, infinity
-  if (mag < 0x3f90000000000000ull) {
-    // below 2^-6: multiples of 2^-9, m = |d| x 2^9 rounded to nearest even
-    // (exact scaling; nearbyint rounds ties to even); m = 8 is the code of 2^-6
-    return sign | static_cast<uint8_t>(std::nearbyint(std::bit_cast<double>(mag) * 512.0));
-  }
-  // normal: keep 3 of the 52 mantissa bits, rounding to nearest even on the
-  // bits: the carry of a mantissa 1.111 + 1 moves into the exponent, as it should
-  const uint64_t rounded = mag + ((uint64_t{1} << 48) - 1) + ((mag >> 49) & 1);
-  const int64_t exp = static_cast<int64_t>(rounded >> 52) - 1023;  // unbiased, >= -6
-  const uint64_t code = static_cast<uint64_t>(exp + 7) << 3 | ((rounded >> 49) & 7);
-  // above 448 (0x7e) there is no finite code: 0x7f would be 480, NaN in the FN variant
-  return sign | static_cast<uint8_t>(code > 0x7e ? 0x7f : code);
-}
-
 int math_dtype_size(dtype type) {
   switch (type) {
     case dtype::F16:

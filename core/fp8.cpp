@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 #include <fmt/format.h>
@@ -181,11 +180,16 @@ uint64_t fp8_quantize_rows(const double* w, const fp8_block& block, int64_t n_co
       const int64_t cb = sc * block.cols, ce = std::min(n_cols, cb + block.cols);
       // the block's largest magnitude (NaN propagates: std::max would drop it)
       double amax = 0;
-      for (int64_t r = br; r < re; ++r)
+      bool nan = false;
+      for (int64_t r = br; r < re; ++r) {
+        const double* wr = w + (r - row_begin) * n_cols;
         for (int64_t c = cb; c < ce; ++c) {
-          const double a = std::fabs(w[(r - row_begin) * n_cols + c]);
-          if (!(a <= amax)) amax = a;
+          const double a = std::fabs(wr[c]);
+          amax = std::max(amax, a);
+          nan = nan || std::isnan(a);
         }
+      }
+      if (nan) amax = std::numeric_limits<double>::quiet_NaN();
       // scale_inv = max|w| / 448 in f32 (DeepSeek's act_quant: s = amax / 448);
       // an all-zero block keeps its old scale
       float s = amax == 0 ? old_scales[srow * n_scale_cols + sc] : static_cast<float>(amax / e4m3_max);
@@ -196,13 +200,17 @@ uint64_t fp8_quantize_rows(const double* w, const fp8_block& block, int64_t n_co
         s = std::numeric_limits<float>::quiet_NaN();
       }
       new_scales[srow * n_scale_cols + sc] = s;
-      for (int64_t r = br; r < re; ++r)
-        for (int64_t c = cb; c < ce; ++c) {
-          const int64_t i = (r - row_begin) * n_cols + c;
-          // w / s rounded once; the clamp only absorbs the f32 rounding of s
-          const double y = finite ? std::clamp(w[i] / static_cast<double>(s), -e4m3_max, e4m3_max) : w[i] * s;
-          q[i] = f64_to_e4m3(y);
+      const double sd = static_cast<double>(s);
+      for (int64_t r = br; r < re; ++r) {
+        const double* wr = w + (r - row_begin) * n_cols;
+        uint8_t* qr = q.data() + (r - row_begin) * n_cols;
+        if (!finite) {
+          for (int64_t c = cb; c < ce; ++c) qr[c] = f64_to_e4m3(wr[c] * sd);  // NaN codes
+          continue;
         }
+        // w / s rounded once; the clamp only absorbs the f32 rounding of s
+        for (int64_t c = cb; c < ce; ++c) qr[c] = f64_to_e4m3(std::clamp(wr[c] / sd, -e4m3_max, e4m3_max));
+      }
     }
   }
   return bad;

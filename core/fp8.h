@@ -29,6 +29,7 @@
 #include <map>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "formats/model-files.h"
 

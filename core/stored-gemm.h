@@ -1,5 +1,6 @@
 // The product of a few activation rows with a weight matrix as the file
-// stores it (F16, BF16, F32, F64), without an f32 copy of the matrix:
+// stores it (F16, BF16, F32, F64; block-scaled FP8 with its scales), without an
+// f32 copy of the matrix:
 //
 //   y[T, n_rows] = x[T, n_cols] W^T,   W [n_rows, n_cols] row-major
 //
