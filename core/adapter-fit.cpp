@@ -227,6 +227,7 @@ void check_shape(lora_module& m, const tensor_info& w, const std::optional<std::
              fit_issue::shape, m.target, w.shape, want});
       break;
     }
+    case module_kind::parameter: break;  // check_parameter
   }
 }
 
@@ -244,6 +245,42 @@ void check_lycoris_shape(lora_module& m, const tensor_info& w, const std::string
   }
   m.kind = w.shape.size() == 2 ? module_kind::linear : module_kind::conv;
   m.fan_in_fan_out = false;
+}
+
+// transformers models whose fused experts are stored [E, in, out]
+// (use_experts_implementation(is_transposed=True): gpt-oss).
+constexpr std::string_view transposed_experts_model_types[] = {"gpt_oss"};
+
+// A target_parameters module (PEFT ParamWrapper, tuners/lora/layer.py @
+// 5d602fdb) against the parameter `w`: 2-D [out, in] (one expert), or 3-D
+// [E, out, in] / [E, in, out] (is_transposed experts) with E = n_experts;
+// lora_A [r E, in], lora_B [out, r E]. A square expert is decided by
+// model_type (gpt_oss: [E, in, out]), else [E, out, in] (transformers'
+// default). Sets fan_in_fan_out for the [E, in, out] layout.
+void check_parameter(lora_module& m, const tensor_info& w, const std::optional<std::string>& model_type,
+                     std::vector<fit_problem>& problems) {
+  const int64_t out = m.b.info->shape[0];
+  const int64_t in = m.a.info->shape[1];
+  const int64_t e = m.n_experts;
+  const bool fits_2d = w.shape.size() == 2 && e == 1 && w.shape == std::vector<int64_t>{out, in};
+  const bool plain = w.shape == std::vector<int64_t>{e, out, in};
+  const bool transposed = w.shape == std::vector<int64_t>{e, in, out};
+  if (!fits_2d && !plain && !transposed) {
+    const std::vector<int64_t> made = w.shape.size() == 2 ? std::vector<int64_t>{out, in} : std::vector<int64_t>{e, out, in};
+    problems.push_back({m.a.info->name,
+                        fmt::format("base parameter {} is {}, the lora.ParamWrapper factors (lora_A {}, lora_B {}, "
+                                    "r {}) make {} experts of [{}, {}] (or [{}, {}])",
+                                    m.target, shape_text(w.shape), shape_text(m.a.info->shape),
+                                    shape_text(m.b.info->shape), m.rank, e, out, in, in, out),
+                        fit_issue::shape, m.target, w.shape, made});
+    return;
+  }
+  if (plain && transposed)
+    m.fan_in_fan_out = model_type && std::find(std::begin(transposed_experts_model_types),
+                                               std::end(transposed_experts_model_types),
+                                               *model_type) != std::end(transposed_experts_model_types);
+  else
+    m.fan_in_fan_out = transposed;
 }
 
 // DoRA magnitude length and lora_B bias against the base.
@@ -383,11 +420,16 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
     if (base_w == nullptr)
       if (const std::optional<std::string> e = tied_head_source(base, m.target)) base_w = base.find_ref(*e);
     if (base_w == nullptr) {
-      problems.push_back(
-          {m.a.info->name, fmt::format("the base has no tensor {}", m.target), fit_issue::no_base_tensor, m.target});
+      problems.push_back({m.a.info->name,
+                          m.kind == module_kind::parameter
+                              ? fmt::format("the base has no parameter {} (named by target_parameters)", m.target)
+                              : fmt::format("the base has no tensor {}", m.target),
+                          fit_issue::no_base_tensor, m.target});
       continue;
     }
-    if (m.form != delta_form::low_rank)
+    if (m.kind == module_kind::parameter)
+      check_parameter(m, *base_w->info, model_type, problems);
+    else if (m.form != delta_form::low_rank)
       check_lycoris_shape(m, *base_w->info, a.weights_path, problems);
     else
       check_shape(m, *base_w->info, model_type, problems);

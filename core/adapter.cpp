@@ -37,6 +37,7 @@ std::string_view module_kind_name(module_kind k) noexcept {
     case module_kind::linear: return "linear";
     case module_kind::embedding: return "embedding";
     case module_kind::conv: return "conv";
+    case module_kind::parameter: return "parameter";
   }
   return "linear";
 }
@@ -72,6 +73,15 @@ void require_low_rank(const adapter& a, std::string_view command) {
       throw errors::invalid(
           a.weights_path, m.name,
           fmt::format("{} works on LoRA factors (B A); this module is {}", command, delta_form_name(m.form)));
+  for (const lora_module& m : a.modules)
+    if (m.kind == module_kind::parameter)
+      throw errors::invalid(a.weights_path, m.a.info->name,
+                            fmt::format("{} does not take target_parameters modules (lora.ParamWrapper on {}) yet",
+                                        command, m.name));
+  if (!a.tokens.empty())
+    throw errors::invalid(a.weights_path, a.tokens.front().values.info->name,
+                          fmt::format("{} does not take trainable_token_indices (rows of {}) yet", command,
+                                      a.tokens.front().target));
 }
 
 // s = alpha / r (LoRA), s = alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023).

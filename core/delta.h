@@ -12,6 +12,16 @@
 //   conv            target [out, in, kh, kw]:  dW[o,i,h,w] = w s sum_r B[o,r] A[r,i,h,w]
 //                                              A [r, in, kh, kw], B [out, r, 1, 1]
 //
+//   experts         target [E, out, in]:       dW[e] = w s B_e A_e      A [r E, in],  B [out, r E]
+//   experts^T       target [E, in, out]:       dW[e] = w s (B_e A_e)^T  (transformers' is_transposed experts)
+//
+// Experts are PEFT's lora.ParamWrapper on a 3-D parameter (target_parameters,
+// tuners/lora/layer.py get_delta_weight @ huggingface/peft 5d602fdb):
+// A_e = A.reshape(E, r, in)[e] (rows e r .. e r + r - 1) and
+// B_e = B.reshape(out, r, E)[:, :, e] (columns k E + e): note the two
+// layouts differ; einsum("o r e, e r i -> e o i") (or "-> e i o"). The view
+// is [E, d1 * d2]: one row per expert. A 2-D parameter is the linear case.
+//
 // Conv (1x1 and kxk) is the linear case on the [out, in*kh*kw] view. The
 // "transposed" layouts (fan_in_fan_out, embedding) compute dW = w s A^T B^T.
 //
@@ -69,6 +79,13 @@ struct delta_factors_t {
   std::vector<T> b;
   // DoRA m: n_rows entries (norm per row) or n_cols entries (per column).
   std::vector<T> magnitude;
+  // Experts (a 3-D target_parameters target): n_experts = n_rows = E, each
+  // row one expert's [expert_rows, expert_cols] matrix (target shape[1],
+  // shape[2]); a holds A_e at e * rank * k (A as stored, [E, r, k]), b holds
+  // B_e at e * m * rank ([E, m, r], reordered from B's columns k E + e),
+  // with k, m the expert's in / out (transposed: [E, in, out]).
+  int64_t n_experts = 0;
+  int64_t expert_rows = 0, expert_cols = 0;
   // LyCORIS forms: the delta D (dW = s D); a and b are then empty and rank
   // is the module's (for error bounds). Shared: copies of the factors share it.
   std::shared_ptr<const lycoris_delta> lycoris;

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "core/module-pattern.h"
 #include "formats/error.h"
@@ -216,6 +217,129 @@ peft_config read_lora_config(const std::string& weights_label, const std::string
   return config;
 }
 
+// The module path a saved key names once PEFT's nesting is removed, and the
+// nesting depth: "model.layers.0.mlp.experts.base_layer" -> ("...experts", 1).
+// A second target parameter on one module wraps the first ParamWrapper in
+// another, so the first one's keys gain ".base_layer" (tuners/lora/model.py
+// _create_and_replace, huggingface/peft @ 5d602fdb).
+std::pair<std::string, int> unwrap_base_layers(std::string name) {
+  static constexpr std::string_view seg = ".base_layer";
+  int depth = 0;
+  for (size_t at = name.find(seg); at != std::string::npos; at = name.find(seg, at)) {
+    if (at + seg.size() != name.size() && name[at + seg.size()] != '.') {
+      at += seg.size();
+      continue;
+    }
+    name.erase(at, seg.size());
+    ++depth;
+  }
+  return {name, depth};
+}
+
+// The order transformers' fused experts register their parameters in
+// (gpt-oss GptOssExperts, the 5.x fused Mixtral / Qwen3-MoE experts:
+// gate_up_proj before down_proj; transformers models/gpt_oss/modeling_gpt_oss.py).
+// PEFT's _inject_parameters (tuners/tuners_utils.py @ 5d602fdb) wraps them in
+// module.named_parameters() order, so the first one ends up innermost.
+int registration_rank(std::string_view p) {
+  static constexpr std::string_view order[] = {"gate_up_proj", "gate_proj", "w1", "up_proj", "w3", "down_proj", "w2"};
+  for (size_t i = 0; i < std::size(order); ++i)
+    if (p == order[i]) return static_cast<int>(i);
+  return static_cast<int>(std::size(order));
+}
+
+// target_parameters: for every saved module that is a lora.ParamWrapper, the
+// key of the parameter it wraps. PEFT matches "<module>.<parameter>" against
+// each entry T as key == T or key.endswith("." + T) (_inject_parameters). The
+// wrappers of one module nest in registration order: depth d (d times
+// ".base_layer") holds the (n - 1 - d)-th of its n targeted parameters.
+std::map<std::string, std::string> parameter_keys(const std::map<std::string, module_parts>& by_module,
+                                                  const peft_config& config, const std::string& label,
+                                                  const std::string& config_label) {
+  std::map<std::string, std::string> out;
+  std::map<std::string, std::map<int, std::string>> wrappers;  // module -> depth -> saved name
+  for (const auto& [name, parts] : by_module) {
+    auto [module, depth] = unwrap_base_layers(name);
+    if (config.target_parameters.empty()) {
+      if (depth > 0)
+        throw errors::invalid(label, parts.begin()->second->name,
+                              fmt::format("nested lora.ParamWrapper keys (.base_layer), but {} has no "
+                                          "target_parameters",
+                                          config_label));
+      continue;
+    }
+    wrappers[module][depth] = name;
+  }
+  for (const auto& [module, by_depth] : wrappers) {
+    // the parameters of `module` that target_parameters names, in registration order
+    std::vector<std::string> params;
+    for (const std::string& t : config.target_parameters) {
+      const size_t dot = t.rfind('.');
+      const std::string p = dot == std::string::npos ? t : t.substr(dot + 1);
+      const std::string k = module + "." + p;
+      if ((k == t || k.ends_with("." + t)) && std::find(params.begin(), params.end(), p) == params.end())
+        params.push_back(p);
+    }
+    std::stable_sort(params.begin(), params.end(), [](const std::string& x, const std::string& y) {
+      return registration_rank(x) < registration_rank(y);
+    });
+    const std::string& first_key = by_depth.begin()->second;
+    if (params.empty()) {
+      if (by_depth.size() > 1 || by_depth.begin()->first > 0)
+        throw errors::invalid(label, std::string(prefix) + first_key,
+                              fmt::format("nested lora.ParamWrapper keys, but no entry of {} target_parameters "
+                                          "names a parameter of {}",
+                                          config_label, module));
+      continue;  // a module of target_modules
+    }
+    const int n = static_cast<int>(by_depth.size());
+    if (n != static_cast<int>(params.size()) || by_depth.rbegin()->first != n - 1)
+      throw errors::invalid(label, std::string(prefix) + first_key,
+                            fmt::format("{} holds {} lora.ParamWrapper(s), but {} target_parameters names {} of its "
+                                        "parameters ({}): which keys belong to which parameter cannot be told",
+                                        module, n, config_label, params.size(), fmt::join(params, ", ")));
+    for (const auto& [depth, name] : by_depth) out[name] = module + "." + params[static_cast<size_t>(n - 1 - depth)];
+  }
+  return out;
+}
+
+// A ParamWrapper module (tuners/lora/layer.py ParamWrapper.update_layer @
+// 5d602fdb): lora_A [r * E, in], lora_B [out, r * E] for E experts; r and
+// alpha from rank_pattern / alpha_pattern matched against the parameter key
+// (PEFT passes it as current_key), else r / lora_alpha; the scale alpha / r
+// or alpha / sqrt(r). ParamWrapper refuses DoRA, lora_bias, fan_in_fan_out.
+void load_parameter_module(lora_module& m, const std::string& param_key, const peft_config& config,
+                           const std::vector<module_pattern>& rank_patterns,
+                           const std::vector<module_pattern>& alpha_patterns, const std::string& label,
+                           const std::string& config_label) {
+  if (m.kind != module_kind::linear || m.bias || m.magnitude)
+    throw errors::invalid(label, m.a.info->name,
+                          fmt::format("a target_parameters module ({}) takes lora_A / lora_B of 2 dims only",
+                                      param_key));
+  for (const auto& [on, what] : {std::pair{config.use_dora, "use_dora"}, std::pair{config.lora_bias, "lora_bias"},
+                                 std::pair{config.fan_in_fan_out, "fan_in_fan_out"}})
+    if (on)
+      throw errors::invalid(config_label, what,
+                            fmt::format("true, but PEFT's lora.ParamWrapper (target_parameters, {}) refuses it",
+                                        param_key));
+  const std::optional<size_t> rp = first_match(rank_patterns, param_key);
+  const int64_t r = rp ? config.rank_pattern[*rp].second : config.r.value_or(8);
+  const int64_t rows = m.a.info->shape[0];
+  if (rows % r != 0)
+    throw errors::invalid(label, m.a.info->name,
+                          fmt::format("{} rows, not a multiple of r = {} (a lora.ParamWrapper on {} stores r * "
+                                      "experts rows)",
+                                      rows, r, param_key));
+  m.name = param_key;
+  m.target = param_key;
+  m.kind = module_kind::parameter;
+  m.rank = r;
+  m.n_experts = rows / r;
+  const std::optional<size_t> ap = first_match(alpha_patterns, param_key);
+  m.alpha = ap ? config.alpha_pattern[*ap].second : config.lora_alpha.value_or(8.0);
+  m.scale = lora_scale(m.alpha, m.rank, config.use_rslora);
+}
+
 }  // namespace
 
 std::string_view role_name(role r) noexcept {
@@ -253,8 +377,14 @@ void load(adapter& a, const std::string& config_label, const std::function<std::
   // the patterns, compiled once, in file order
   auto rank_patterns = compile_patterns(config.rank_pattern, config_label, "rank_pattern");
   auto alpha_patterns = compile_patterns(config.alpha_pattern, config_label, "alpha_pattern");
+  const std::map<std::string, std::string> wrapped = parameter_keys(by_module, config, label, config_label);
   for (const auto& [name, parts] : by_module) {
     lora_module m = pair_factors(f, label, name, parts);
+    if (auto w = wrapped.find(name); w != wrapped.end()) {
+      load_parameter_module(m, w->second, config, rank_patterns, alpha_patterns, label, config_label);
+      a.modules.push_back(std::move(m));
+      continue;
+    }
     // rank from the shapes must agree with the config (rank_pattern first)
     if (std::optional<size_t> rp = first_match(rank_patterns, name)) {
       const int64_t want = config.rank_pattern[*rp].second;

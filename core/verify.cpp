@@ -732,10 +732,22 @@ tensor_check check_weight(const std::string& name, const model_files& base, cons
 // target's weight check, while both tensors are still in the page cache.
 void check_weights_and_layers(const model_files& base, const model_files& merged, const adapter_set& set,
                               const verify_options& o, verify_progress& progress, verify_report& r) {
+  // a fused-experts parameter ([E, d1, d2]) has no single layer to run
+  auto experts = [&](const std::string& target) {
+    const lora_module& m = *set.modules.at(target).front().module;
+    return m.kind == module_kind::parameter && base_source(base, target).info->shape.size() == 3;
+  };
   std::map<std::string, size_t> target_index;
-  for (size_t i = 0; i < set.targets.size(); ++i) target_index.emplace(set.targets[i], i);
-  std::vector<tensor_check> checks(base.tensor_names.size());
   std::vector<uint8_t> layer_done(set.targets.size(), 0);
+  for (size_t i = 0; i < set.targets.size(); ++i) {
+    if (experts(set.targets[i])) {
+      r.layers_skipped.push_back(set.targets[i]);
+      layer_done[i] = 2;
+      continue;
+    }
+    target_index.emplace(set.targets[i], i);
+  }
+  std::vector<tensor_check> checks(base.tensor_names.size());
   r.layers.resize(set.targets.size());
   parallel_for(base.tensor_names.size(), o.threads, [&](size_t i) {
     check_interrupted();
@@ -751,6 +763,8 @@ void check_weights_and_layers(const model_files& base, const model_files& merged
   // targets that are not base tensor names (cannot happen after require_fit; kept total)
   for (size_t k = 0; k < set.targets.size(); ++k)
     if (!layer_done[k]) r.layers[k] = check_layer(set.modules.at(set.targets[k]), k, base, merged, o.seed, o.n_inputs);
+  for (size_t k = set.targets.size(); k-- > 0;)
+    if (layer_done[k] == 2) r.layers.erase(r.layers.begin() + static_cast<std::ptrdiff_t>(k));
   for (tensor_check& c : checks) {
     r.n_checked += c.kind != tensor_kind::missing && c.kind != tensor_kind::shape;
     r.tensors.push_back(std::move(c));
@@ -873,7 +887,14 @@ verify_report verify_merge(const verify_options& o, const progress_fn& progress_
   const auto unrunnable = std::find_if(r.tensors.begin(), r.tensors.end(), [](const tensor_check& c) {
     return c.kind == tensor_kind::missing || c.kind == tensor_kind::shape;
   });
-  if (model_in && unrunnable != r.tensors.end())
+  const lora_module* parameter = nullptr;
+  for (const adapter& a : set.adapters)
+    for (const lora_module& m : a.modules)
+      if (m.kind == module_kind::parameter && parameter == nullptr) parameter = &m;
+  if (model_in && parameter != nullptr)
+    r.model.skipped = fmt::format(
+        "the forward pass does not apply target_parameters (lora.ParamWrapper on {}) unmerged yet", parameter->name);
+  else if (model_in && unrunnable != r.tensors.end())
     r.model.skipped =
         fmt::format("the merged model cannot run: {} is {}", unrunnable->name, tensor_kind_name(unrunnable->kind));
   else if (model_in)

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# PEFT target_parameters (lora.ParamWrapper on fused MoE experts) and
+# trainable_token_indices (issue 14, items 5 and 3). Tiny bases and PEFT
+# adapters with the real key names and adapter_config.json fields
+# (tests/e2e/make_peft_params.py): gpt-oss shaped experts gate_up_proj
+# [E, H, 2I] / down_proj [E, I, H] (F32 and BF16), a square one, transformers
+# 5.x fused qwen3_moe experts [E, 2I, H]; Llama-shaped bases for trainable
+# tokens (untied F32 / BF16, tied BF16). Merged values against numpy float64
+# rounded once (tests/e2e/check_peft_params.py: BF16 bit for bit, F32 within
+# 2^-22 of the terms), untouched tensors bit-identical, `lora verify` on each
+# good output, each refusal's exit code and message with nothing written.
+LORA=$1
+SRC=$2
+. "$SRC/tests/e2e/lib.sh"
+W="$E2E_TMP/w"
+mkdir -p "$W"
+"$PY" "$SRC/tests/e2e/make_peft_params.py" "$W" || fail "make_peft_params.py"
+
+check() {  # check BASE ADAPTER OUT: values against numpy
+  local got
+  got=$("$PY" "$SRC/tests/e2e/check_peft_params.py" "$W/$1" "$W/$2" "$W/$3")
+  expect_eq "values of $3 ($2 on $1)" "$got" ok
+}
+good() {  # good BASE ADAPTER OUT: merge, values, verify
+  expect_exit 0 "$LORA" merge --base "$W/$1" --adapter "$W/$2" --out "$W/$3"
+  check "$1" "$2" "$3"
+  expect_exit 0 "$LORA" verify --base "$W/$1" --adapter "$W/$2" --merged "$W/$3"
+  expect_stdout_contains "equivalent:"
+}
+refused() {  # refused BASE ADAPTER MESSAGE: exit 3, the one-line message, nothing written
+  expect_exit 3 "$LORA" merge --base "$W/$1" --adapter "$W/$2" --out "$W/r-$2"
+  expect_stderr_contains "$3"
+  expect_one_line_error
+  expect_nothing_left "r-$2"
+}
+
+# --- 1. target_parameters on gpt-oss experts ([E, in, out]), nested wrappers, rank_pattern, LoRA beside
+for dt in f32 bf16; do
+  good "oss-$dt" p-oss "m-oss-$dt"
+done
+expect_exit 0 "$LORA" verify --base "$W/oss-bf16" --adapter "$W/p-oss" --merged "$W/m-oss-bf16" --json
+expect_json 'j["layers_skipped"]' '["model.layers.0.mlp.experts.down_proj","model.layers.0.mlp.experts.gate_up_proj"]'
+expect_json 'j["model"]["skipped"]' "model_type gpt_oss has no forward pass"
+expect_json '[t["kind"] for t in j["worst"] if t["name"].endswith("experts.gate_up_proj")]' '["merged"]'
+# a wrong merge is caught: verify against the base itself
+expect_exit 1 "$LORA" verify --base "$W/oss-f32" --adapter "$W/p-oss" --merged "$W/oss-f32"
+expect_stdout_contains "FAIL model.layers.0.mlp.experts"
+
+# inspect: the parameter modules, their experts and layout
+expect_exit 0 "$LORA" inspect "$W/p-oss"
+expect_stdout_contains "target_parameters: mlp.experts.gate_up_proj, mlp.experts.down_proj (lora.ParamWrapper)"
+expect_stdout_contains "model.layers.0.mlp.experts.down_proj"
+expect_exit 0 "$LORA" inspect "$W/p-oss" --base "$W/oss-f32" --json
+expect_json '[(m["name"], m["kind"], m["rank"], m["experts"], m["fan_in_fan_out"]) for m in j["modules"] if m["kind"] == "parameter"]' \
+  '[["model.layers.0.mlp.experts.down_proj","parameter",3,4,true],["model.layers.0.mlp.experts.gate_up_proj","parameter",2,4,true]]'
+
+# square experts: only model_type gpt_oss says [E, in, out]
+good oss-square-f32 p-oss-sq m-oss-sq
+# transformers 5.x fused qwen3_moe experts ([E, out, in]), rsLoRA
+good qwen-f32 p-qwen m-qwen
+# a 2-D parameter (target_parameters self_attn.q_proj.weight): the linear case; a
+# Llama the forward pass runs, whose model level says why it is skipped
+good tok-f32 p-2d m-2d
+expect_exit 0 "$LORA" verify --base "$W/tok-f32" --adapter "$W/p-2d" --merged "$W/m-2d" --json
+expect_json 'j["model"]["skipped"]' "the forward pass does not apply target_parameters (lora.ParamWrapper on model.layers.0.self_attn.q_proj.weight) unmerged yet"
+expect_json 'j["layers_checked"]' 1
+
+# refusals
+refused oss-f32 p-missing "the base has no parameter model.layers.0.mlp.experts.gate_proj (named by target_parameters)"
+refused oss-f32 p-shape "base parameter model.layers.0.mlp.experts.gate_up_proj is [4, 16, 24], the lora.ParamWrapper factors (lora_A [8, 20], lora_B [24, 8], r 2) make 4 experts of [24, 20] (or [20, 24])"
+refused oss-f32 p-rows "base_model.model.model.layers.0.mlp.experts.lora_A.weight: 7 rows, not a multiple of r = 2"
+refused oss-f32 p-count "model.layers.0.mlp.experts holds 1 lora.ParamWrapper(s), but"
+expect_exit 3 "$LORA" convert "$W/p-oss" --to kohya --out "$W/c-oss"
+expect_stderr_contains "convert does not take target_parameters modules (lora.ParamWrapper on model.layers.0.mlp.experts.down_proj) yet"
+expect_nothing_left c-oss
+expect_exit 3 "$LORA" resize --adapter "$W/p-oss" --rank 1 --out "$W/rs-oss"
+expect_stderr_contains "resize does not take target_parameters modules"
+expect_nothing_left rs-oss
+
+finish
