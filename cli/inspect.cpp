@@ -114,6 +114,14 @@ ordered_json report_json(const inspect_report& r) {
                        {"dtype", std::string(dtype_name(s.tensor.info->type))},
                        {"shape", s.tensor.info->shape}});
     j["modules_to_save"] = std::move(saved);
+    ordered_json tokens = ordered_json::array();
+    for (const token_rows& t : r.lora->tokens)
+      tokens.push_back({{"target", t.target},
+                        {"indices", t.indices},
+                        {"key", t.values.info->name},
+                        {"dtype", std::string(dtype_name(t.values.info->type))},
+                        {"shape", t.values.info->shape}});
+    j["trainable_tokens"] = std::move(tokens);
   }
 
   ordered_json tensors = ordered_json::array();
@@ -213,6 +221,8 @@ void print_modules(const inspect_report& r, const adapter& a) {
     if (!c.target_modules.empty())
       fmt::print("  target_modules: {}{}\n", fmt::join(c.target_modules, ", "),
                  c.target_modules_is_regex ? " (regex)" : "");
+    for (const auto& [name, indices] : c.trainable_token_indices)
+      fmt::print("  trainable_token_indices{}: {}\n", name.empty() ? "" : " " + name, fmt::join(indices, ", "));
     if (!c.target_parameters.empty())
       fmt::print("  target_parameters: {} (lora.ParamWrapper)\n", fmt::join(c.target_parameters, ", "));
     for (const auto& [k, v] : c.rank_pattern) fmt::print("  rank_pattern: {} -> {}\n", k, v);
@@ -247,6 +257,12 @@ void print_modules(const inspect_report& r, const adapter& a) {
     }
   }
   print_table(header, rows, right);
+  if (!a.tokens.empty()) {
+    fmt::print("\ntrainable_token_indices (replace rows of the base tensor):\n");
+    for (const token_rows& t : a.tokens)
+      fmt::print("  {}  rows [{}]  <- {}  {} {}\n", t.target, fmt::join(t.indices, ", "), t.values.info->name,
+                 dtype_name(t.values.info->type), shape_text(t.values.info->shape));
+  }
   if (!a.saved.empty()) {
     fmt::print("\nmodules_to_save (replace the base tensor whole):\n");
     for (const saved_tensor& s : a.saved)

@@ -84,6 +84,7 @@ void resolve_paths(adapter& a, const name_map& names, const model_files& base, f
   std::vector<std::string> wanted;
   for (const lora_module& m : a.modules) wanted.push_back(m.target);
   for (const saved_tensor& s : a.saved) wanted.push_back(s.target);
+  for (const token_rows& t : a.tokens) wanted.push_back(t.target);
   auto also_ok = [&](const std::string& name) {
     if (tied_head_source(base, name)) return true;
     return std::any_of(a.saved.begin(), a.saved.end(), [&](const saved_tensor& s) { return name.ends_with(s.target); });
@@ -109,6 +110,7 @@ void resolve_paths(adapter& a, const name_map& names, const model_files& base, f
     m.target = apply_layout(m.target, choice.layout);
   }
   for (saved_tensor& s : a.saved) s.target = apply_layout(s.target, choice.layout);
+  for (token_rows& t : a.tokens) t.target = apply_layout(t.target, choice.layout);
   std::sort(a.saved.begin(), a.saved.end(),
             [](const saved_tensor& x, const saved_tensor& y) { return x.target < y.target; });
 }
@@ -321,6 +323,51 @@ void check_saved(const adapter& a, const model_files& base, std::vector<fit_prob
   }
 }
 
+// trainable_token_indices: the rows replace rows of a 2-D base weight of the
+// same width, every index in range; no LoRA module or modules_to_save tensor
+// changes that weight too (PEFT refuses modules_to_save beside it; a LoRA on
+// the same embedding has no defined order), nor, on a tied base, the head
+// that follows the embedding.
+void check_tokens(const adapter& a, const model_files& base, std::vector<fit_problem>& problems) {
+  for (const token_rows& t : a.tokens) {
+    const std::string& key = t.values.info->name;
+    const tensor_ref* w = base.find_ref(t.target);
+    if (w == nullptr) {
+      problems.push_back({key, fmt::format("the base has no tensor {} (trainable_token_indices)", t.target),
+                          fit_issue::no_base_tensor, t.target});
+      continue;
+    }
+    const auto& ws = w->info->shape;
+    const auto& vs = t.values.info->shape;
+    if (ws.size() != 2 || vs[1] != ws[1]) {
+      problems.push_back({key,
+                          fmt::format("base {} is {}, the trainable tokens delta is {} (rows of width {})", t.target,
+                                      shape_text(ws), shape_text(vs), vs[1]),
+                          fit_issue::shape, t.target, ws, std::vector<int64_t>{ws.empty() ? 0 : ws[0], vs[1]}});
+      continue;
+    }
+    for (int64_t i : t.indices)
+      if (i >= ws[0]) {
+        problems.push_back({key,
+                            fmt::format("token index {} is out of range: base {} has {} rows", i, t.target, ws[0]),
+                            fit_issue::inconsistent, t.target});
+        break;
+      }
+    const bool tied_head = base_ties_embeddings(base) && !is_head_leaf(module_leaf(t.target));
+    for (const lora_module& m : a.modules)
+      if (m.target == t.target || (tied_head && tied_head_source(base, m.target) == t.target))
+        problems.push_back({key,
+                            fmt::format("{} is also changed by the LoRA module {}{}: trainable_token_indices beside "
+                                        "it is not supported",
+                                        t.target, m.name, m.target == t.target ? "" : " (the tied head)"),
+                            fit_issue::conflict});
+    for (const saved_tensor& s : a.saved)
+      if (s.target == t.target || (tied_head && tied_head_source(base, s.target) == t.target))
+        problems.push_back({key, fmt::format("{} is also replaced by modules_to_save {}", t.target, s.target),
+                            fit_issue::conflict});
+  }
+}
+
 // A vocabulary difference: an embedding or head whose shapes differ in the
 // vocabulary dimension only (dim 0 of the base's [vocab, dim]).
 const fit_problem* vocab_problem(const fit_report& report) {
@@ -404,7 +451,7 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
   if (!base.config_path.empty()) model_type = read_model_type(base.config_path);
 
   const name_map names(base.tensor_names);
-  report.n_targets = a.modules.size() + a.saved.size();
+  report.n_targets = a.modules.size() + a.saved.size() + a.tokens.size();
   report.base_ties_embeddings = base_ties_embeddings(base);
   if (a.format == adapter_format::kohya)
     resolve_kohya(a, names, problems);
@@ -436,6 +483,7 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
     check_extras(m, base, problems);
   }
   check_saved(a, base, problems);
+  check_tokens(a, base, problems);
   return report;
 }
 

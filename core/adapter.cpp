@@ -178,6 +178,10 @@ file_classification classify_tensors(const std::vector<std::string>& names) {
   }
   for (const std::string& n : names)
     if (peft::is_lora_key(n)) return {file_kind::peft_lora, fmt::format("PEFT LoRA (lora_A / lora_B), e.g. \"{}\"", n)};
+  // PEFT LoRA with trainable_token_indices alone (no lora_A / lora_B)
+  for (const std::string& n : names)
+    if (n.starts_with(peft::prefix) && contains(n, ".token_adapter.trainable_tokens_delta"))
+      return {file_kind::peft_lora, fmt::format("PEFT LoRA (trainable tokens), e.g. \"{}\"", n)};
   for (const std::string& n : names)
     if (kohya::is_lora_key(n))
       return {file_kind::kohya_lora, fmt::format("kohya / sd-scripts LoRA (lora_down / lora_up), e.g. \"{}\"", n)};

@@ -171,7 +171,14 @@ class weights {
     for (const weighted_adapter& wa : adapters) {
       for (const lora_module& m : wa.a->modules) modules_[m.target].push_back({&m, wa.weight, &wa.a->weights_path});
       for (const saved_tensor& s : wa.a->saved) saved_[s.target] = &s.tensor;
+      for (const token_rows& t : wa.a->tokens) tokens_[t.target].push_back(&t);
     }
+  }
+
+  // trainable_token_indices on `target` (nullptr: none).
+  const std::vector<const token_rows*>* tokens(const std::string& target) const {
+    auto it = tokens_.find(target);
+    return it == tokens_.end() ? nullptr : &it->second;
   }
 
   // A tied base's head that an adapter's LoRA changes reads the embedding
@@ -264,6 +271,7 @@ class weights {
   const hf_config& config_;
   bool has_adapter_;
   std::map<std::string, std::vector<contribution>> modules_;
+  std::map<std::string, std::vector<const token_rows*>> tokens_;
   std::map<std::string, const tensor_ref*> saved_;
   int threads_;
   int64_t block_elements_;
@@ -381,6 +389,41 @@ void linear(const weights& w, const std::string& prefix, bool has_bias, const fl
   if (has_bias) add_bias_rows(w.load(prefix + ".bias", {n_out}), n_tokens, y);
 }
 
+// trainable_token_indices, unmerged (PEFT TrainableTokensLayer.forward_adapters
+// @ huggingface/peft 5d602fdb: W.index_copy(0, indices, delta.to(W)), then
+// F.embedding or F.linear): calls fn(index, row) for every replaced row of
+// `table` ("<name>.weight", `dim` wide), the delta row decoded to f32 and
+// rounded through the table's dtype (PEFT casts it to the weight's).
+template <typename F>
+void for_each_token_row(const weights& w, const std::string& table, int64_t dim, F&& fn) {
+  const std::vector<const token_rows*>* ts = w.tokens(table);
+  if (ts == nullptr) return;
+  const std::optional<tensor_ref> t0 = w.find(table);
+  const dtype table_type = t0 ? t0->info->type : dtype::F32;
+  std::vector<float> row(static_cast<size_t>(dim));
+  for (const token_rows* t : *ts) {
+    const size_t row_bytes = static_cast<size_t>(dim) * static_cast<size_t>(math_dtype_size(t->values.info->type));
+    for (size_t k = 0; k < t->indices.size(); ++k) {
+      to_f32(t->values.info->type, t->values.data().subspan(k * row_bytes, row_bytes), row);
+      round_through(table_type, row);
+      w.round(row);
+      fn(t->indices[k], static_cast<const float*>(row.data()));
+    }
+  }
+}
+
+// The logits of replaced rows of the head `table`: logits[t, i] = x_t . row_i.
+void replace_token_logits(const weights& w, const std::string& table, const float* x, int64_t n_tokens, int64_t hid,
+                          int64_t vocab, float* logits) {
+  for_each_token_row(w, table, hid, [&](int64_t i, const float* row) {
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      double dot = 0;
+      for (int64_t j = 0; j < hid; ++j) dot += static_cast<double>(x[t * hid + j]) * row[j];
+      logits[t * vocab + i] = static_cast<float>(dot);
+    }
+  });
+}
+
 // DoRA on an embedding: ||V[:, j]||^2 per column over the whole vocabulary,
 // V = E + w s (B A)^T, one row block at a time in increasing row order (core/delta).
 std::vector<double> embedding_dora_norms(const weights& w, const weighted_factors& f, const std::string& name) {
@@ -430,6 +473,11 @@ std::vector<float> embed(const weights& w, const std::string& table, int64_t n_r
       }
     }
   }
+  // trainable tokens: the listed rows are the adapter's
+  for_each_token_row(w, name, dim, [&](int64_t tok, const float* row) {
+    for (size_t i = 0; i < ids.size(); ++i)
+      if (ids[i] == tok) std::copy(row, row + dim, x.data() + i * static_cast<size_t>(dim));
+  });
   w.release(name);
   return x;
 }
@@ -643,11 +691,13 @@ logits_result forward_pass::head(const model_files& model, std::vector<float>& x
   if (c_.tie_word_embeddings && !lm_head_adapted) {
     // tied: transformers points lm_head at embed_tokens (whatever the file holds as lm_head.weight)
     w_.product(embed_w, c_.vocab_size, hid, x.data(), T_, r.logits.data());
+    replace_token_logits(w_, embed_w, x.data(), T_, hid, c_.vocab_size, r.logits.data());
   } else {
     if (!w_.has(head_w))
       throw errors::invalid(model.path, head_w,
                             fmt::format("tensor is missing and tie_word_embeddings is false in {}", c_.path));
     linear(w_, f_.names.lm_head, false, x.data(), T_, hid, c_.vocab_size, r.logits.data());
+    replace_token_logits(w_, head_w, x.data(), T_, hid, c_.vocab_size, r.logits.data());
   }
   // Gemma2ForCausalLM: logits = cap tanh(logits / cap)
   if (const float cap = static_cast<float>(c_.final_logit_softcapping); cap > 0)

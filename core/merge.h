@@ -69,6 +69,7 @@ struct merge_report {
   uint64_t n_tensors = 0;                                          // tensors in the output
   uint64_t n_modules = 0;                                          // LoRA modules applied (over all adapters)
   uint64_t n_merged = 0;                                           // tensors that received a delta (weights and biases)
+  uint64_t n_token_rows = 0;  // trainable_token_indices rows written in place of the base's
   uint64_t n_replaced = 0;  // modules_to_save tensors written in place of the base's
   // tensors the base lacks, written by the merge: a tied base's lm_head (the
   // embedding plus its delta, or the saved tensor), modules_to_save heads

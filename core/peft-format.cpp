@@ -46,8 +46,17 @@ const suffix_role suffixes[] = {
 // The tensors found for one module, by role.
 using module_parts = std::map<role, const tensor_info*>;
 
-// Sorts every key of the file into a module part or a modules_to_save tensor.
-std::map<std::string, module_parts> group_keys(adapter& a) {
+// trainable_token_indices: TrainableTokensWrapper saves its layer's delta as
+// "<module>.token_adapter.trainable_tokens_delta" (utils/other.py
+// TrainableTokensWrapper.adapter_state_dict_load_map, huggingface/peft @
+// 5d602fdb); ".default" forms are accepted as for LoRA keys.
+constexpr std::string_view token_suffixes[] = {".token_adapter.trainable_tokens_delta",
+                                               ".token_adapter.trainable_tokens_delta.default"};
+
+// Sorts every key of the file into a module part, a modules_to_save tensor
+// or a trainable-tokens delta (`tokens`: module path and tensor).
+std::map<std::string, module_parts> group_keys(adapter& a,
+                                               std::vector<std::pair<std::string, const tensor_info*>>& tokens) {
   const safetensors_file& f = *a.file;
   const std::string& label = a.weights_path;
   std::map<std::string, module_parts> by_module;
@@ -68,8 +77,14 @@ std::map<std::string, module_parts> group_keys(adapter& a) {
             fmt::format("second {} tensor for module {} (also {})", role_name(found->role), module, it->second->name));
       continue;
     }
-    if (contains(rest, "token_adapter.trainable_tokens_delta"))
-      throw errors::invalid(label, t.name, "trainable tokens (trainable_token_indices) are not supported");
+    if (const auto* ts = std::find_if(std::begin(token_suffixes), std::end(token_suffixes),
+                                      [&rest](std::string_view sfx) { return rest.ends_with(sfx) && rest.size() > sfx.size(); });
+        ts != std::end(token_suffixes)) {
+      tokens.emplace_back(std::string(rest.substr(0, rest.size() - ts->size())), &t);
+      continue;
+    }
+    if (contains(rest, "trainable_tokens_delta"))
+      throw errors::invalid(label, t.name, "unknown trainable tokens key (expected <module>.token_adapter.trainable_tokens_delta)");
     if (contains(rest, "lora_"))
       throw errors::invalid(label, t.name,
                             "unknown LoRA key (expected lora_A.weight, lora_B.weight, lora_B.bias, "
@@ -340,6 +355,54 @@ void load_parameter_module(lora_module& m, const std::string& param_key, const p
   m.scale = lora_scale(m.alpha, m.rank, config.use_rslora);
 }
 
+// trainable_token_indices: each saved delta [n, dim] paired with its indices.
+// A list names the input embedding (utils/other.py _set_trainable after
+// _get_input_embeddings_name, huggingface/peft @ 5d602fdb): one delta; a dict
+// {module name: indices} matches a saved path as path == name or path ends
+// with "." + name. An entry without a delta is the tied head PEFT skips
+// (it follows the embedding's adapter and saves nothing). Rows must equal
+// the count of indices, indices must be unique (PEFT's index_copy with a
+// repeated index is undefined); range and width are fit_adapter's.
+void load_token_rows(adapter& a, const std::vector<std::pair<std::string, const tensor_info*>>& tokens,
+                     const peft_config& config, const std::string& config_label) {
+  const std::string& label = a.weights_path;
+  const auto& entries = config.trainable_token_indices;
+  if (!tokens.empty() && entries.empty())
+    throw errors::invalid(label, tokens.front().second->name,
+                          fmt::format("a trainable tokens delta, but {} has no trainable_token_indices", config_label));
+  for (const auto& [name, indices] : entries) {
+    std::vector<int64_t> sorted = indices;
+    std::sort(sorted.begin(), sorted.end());
+    if (auto d = std::adjacent_find(sorted.begin(), sorted.end()); d != sorted.end())
+      throw errors::invalid(config_label, name.empty() ? "trainable_token_indices" : "trainable_token_indices." + name,
+                            fmt::format("token index {} is listed twice", *d));
+  }
+  if (config.trainable_tokens_is_list && tokens.size() > 1)
+    throw errors::invalid(label, tokens[1].second->name,
+                          fmt::format("{} deltas, but {} trainable_token_indices is a list (one embedding)",
+                                      tokens.size(), config_label));
+  for (const auto& [path, t] : tokens) {
+    const std::vector<int64_t>* indices = nullptr;
+    for (const auto& [name, list] : entries)
+      if (config.trainable_tokens_is_list || path == name || path.ends_with("." + name)) {
+        if (indices != nullptr)
+          throw errors::invalid(label, t->name, fmt::format("{} matches two trainable_token_indices entries", path));
+        indices = &list;
+      }
+    if (indices == nullptr)
+      throw errors::invalid(label, t->name,
+                            fmt::format("no entry of {} trainable_token_indices names {}", config_label, path));
+    if (t->shape.size() != 2 || t->shape[0] != static_cast<int64_t>(indices->size()))
+      throw errors::shape_mismatch(label, t->name,
+                                   fmt::format("[{}, dim] (trainable_token_indices lists {} tokens)", indices->size(),
+                                               indices->size()),
+                                   shape_text(t->shape));
+    a.tokens.push_back({path + ".weight", *indices, tensor_ref{a.file.get(), t}});
+  }
+  std::sort(a.tokens.begin(), a.tokens.end(),
+            [](const token_rows& x, const token_rows& y) { return x.target < y.target; });
+}
+
 }  // namespace
 
 std::string_view role_name(role r) noexcept {
@@ -372,7 +435,9 @@ void load(adapter& a, const std::string& config_label, const std::function<std::
   const peft_config& config = *a.config;
   const safetensors_file& f = *a.file;
   const std::string& label = a.weights_path;
-  const std::map<std::string, module_parts> by_module = group_keys(a);
+  std::vector<std::pair<std::string, const tensor_info*>> tokens;
+  const std::map<std::string, module_parts> by_module = group_keys(a, tokens);
+  load_token_rows(a, tokens, config, config_label);
 
   // the patterns, compiled once, in file order
   auto rank_patterns = compile_patterns(config.rank_pattern, config_label, "rank_pattern");

@@ -122,6 +122,7 @@ struct adapter_set {
   std::map<std::string, std::vector<contribution>> modules;  // by target tensor, in adapter order
   std::map<std::string, std::vector<contribution>> biases;   // lora_bias, by "<module>.bias"
   std::map<std::string, const tensor_ref*> saved;            // modules_to_save, by target
+  std::map<std::string, std::vector<const token_rows*>> tokens;  // trainable_token_indices, by target
   std::vector<std::string> targets;                          // the keys of `modules`, in first-seen order
 };
 
@@ -147,7 +148,24 @@ struct expectation {
   const tensor_ref* replacement = nullptr;
   const std::vector<contribution>* biases = nullptr;
   const std::vector<contribution>* modules = nullptr;
+  // trainable_token_indices: rows then replaced by the adapters' delta rows
+  const std::vector<const token_rows*>* tokens = nullptr;
 };
+
+// trainable_token_indices: rows [rb, re) of e ([re - rb, n_cols]) that a
+// delta lists take its values (PEFT's index_copy), decoded to double.
+void replace_token_rows(const std::vector<const token_rows*>& tokens, size_t rb, size_t re, size_t n_cols,
+                        std::vector<double>& e) {
+  for (const token_rows* t : tokens) {
+    const size_t row_bytes = n_cols * static_cast<size_t>(math_dtype_size(t->values.info->type));
+    for (size_t k = 0; k < t->indices.size(); ++k) {
+      const size_t i = static_cast<size_t>(t->indices[k]);
+      if (i < rb || i >= re) continue;
+      to_f64(t->values.info->type, t->values.data().subspan(k * row_bytes, row_bytes),
+             std::span<double>(e.data() + (i - rb) * n_cols, n_cols));
+    }
+  }
+}
 
 // The factors of every module on a tensor, in double, with their summed row
 // bounds (|w_k| delta_row_bounds_k: the f32 sum's error) and ranks.
@@ -202,6 +220,7 @@ tensor_check check_touched(const std::string& name, const tensor_ref& b, const t
       for (const contribution& k : *x.biases) add_bias_delta(*k.module, k.weight, std::span<double>(e), *k.file);
     for (const auto& [f, weight] : d.factors)
       apply_module_rows(f, weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), e.data(), d.norms);
+    if (x.tokens) replace_token_rows(*x.tokens, rb, re, n_cols, e);
     read_rows_f64(m, n_cols, rb, re, buf, mv);
     compare_block(c, m.info->type, d.rank, d.row_bounds, n_cols, rb, w0, e, mv);
   }
@@ -678,6 +697,7 @@ adapter_set load_adapters(const verify_options& o, const model_files& base) {
       if (m.bias) set.biases[m.name + ".bias"].push_back({&m, w, &a.weights_path});
     }
     for (const saved_tensor& s : a.saved) set.saved[s.target] = &s.tensor;
+    for (const token_rows& t : a.tokens) set.tokens[t.target].push_back(&t);
   }
   return set;
 }
@@ -720,7 +740,8 @@ tensor_check check_weight(const std::string& name, const model_files& base, cons
     x.biases = &it->second;
   else if (auto it = set.modules.find(name); it != set.modules.end())
     x.modules = &it->second;
-  const bool touched = x.replacement || x.biases || x.modules;
+  if (auto it = set.tokens.find(name); it != set.tokens.end() && !x.replacement) x.tokens = &it->second;
+  const bool touched = x.replacement || x.biases || x.modules || x.tokens;
   return touched && math ? check_touched(name, b, *m, x, set.adapters.front().weights_path)
                          : check_untouched(name, b, *m);
 }

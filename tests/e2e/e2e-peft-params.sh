@@ -21,12 +21,17 @@ check() {  # check BASE ADAPTER OUT: values against numpy
   got=$("$PY" "$SRC/tests/e2e/check_peft_params.py" "$W/$1" "$W/$2" "$W/$3")
   expect_eq "values of $3 ($2 on $1)" "$got" ok
 }
-good() {  # good BASE ADAPTER OUT: merge, values, verify
-  expect_exit 0 "$LORA" merge --base "$W/$1" --adapter "$W/$2" --out "$W/$3"
-  check "$1" "$2" "$3"
-  expect_exit 0 "$LORA" verify --base "$W/$1" --adapter "$W/$2" --merged "$W/$3"
+good() {  # good BASE ADAPTER OUT [VERIFY ARGS...]: merge, values, verify
+  local base=$1 ad=$2 out=$3
+  shift 3
+  expect_exit 0 "$LORA" merge --base "$W/$base" --adapter "$W/$ad" --out "$W/$out"
+  MERGE_OUT=$OUT
+  check "$base" "$ad" "$out"
+  expect_exit 0 "$LORA" verify --base "$W/$base" --adapter "$W/$ad" --merged "$W/$out" "$@"
   expect_stdout_contains "equivalent:"
 }
+# the replaced tokens and a few others: the model level runs them unmerged
+TOKS=(--tokens 5,31,0,7,8,1,20,2,30,17,3)
 refused() {  # refused BASE ADAPTER MESSAGE: exit 3, the one-line message, nothing written
   expect_exit 3 "$LORA" merge --base "$W/$1" --adapter "$W/$2" --out "$W/r-$2"
   expect_stderr_contains "$3"
@@ -76,5 +81,52 @@ expect_nothing_left c-oss
 expect_exit 3 "$LORA" resize --adapter "$W/p-oss" --rank 1 --out "$W/rs-oss"
 expect_stderr_contains "resize does not take target_parameters modules"
 expect_nothing_left rs-oss
+
+# --- 2. trainable_token_indices: rows replaced, every other row bit-identical
+good tok-f32 t-list m-tl-f32 "${TOKS[@]}"
+expect_stdout_contains "model: 11 tokens"
+expect_eq "merge reports the rows" "$(grep -c 'trainable tokens: 3 rows replaced' <<<"$MERGE_OUT")" 1
+good tok-bf16 t-list m-tl-bf16 "${TOKS[@]}"
+expect_stdout_contains "model: 11 tokens"
+# dict form with a LoRA beside it: embed_tokens and lm_head rows (untied)
+for dt in f32 bf16; do
+  good "tok-$dt" t-dict "m-td-$dt" "${TOKS[@]}"
+  expect_stdout_contains "model: 11 tokens"
+done
+# tied base: only the embedding is stored; the head follows it (the model level runs it unmerged)
+good tok-tied-bf16 t-tied m-tt "${TOKS[@]}"
+expect_stdout_contains "model: 11 tokens"
+expect_eq "still tied" "$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["tie_word_embeddings"])' "$W/m-tt/config.json")" True
+# forward: logits of the base with the tokens unmerged = the merged model's, also at a replaced token
+expect_exit 0 "$LORA" forward --model "$W/tok-f32" --adapter "$W/t-dict" --tokens 5,1,31,7 --out "$W/l-base.safetensors"
+expect_exit 0 "$LORA" forward --model "$W/m-td-f32" --tokens 5,1,31,7 --out "$W/l-merged.safetensors"
+same=$(SRC="$SRC" "$PY" - "$W/l-base.safetensors" "$W/l-merged.safetensors" "$W/tok-f32" <<'PY'
+import os, sys
+import numpy as np
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import read
+x, y = (read(p)[0]["logits"][3] for p in sys.argv[1:3])
+print(bool(np.max(np.abs(x - y)) <= 1e-5 * np.max(np.abs(x))))
+PY
+)
+expect_eq "forward: unmerged vs merged logits (trainable tokens)" "$same" True
+# a wrong merge is caught: the base itself as the merged model
+expect_exit 1 "$LORA" verify --base "$W/tok-f32" --adapter "$W/t-list" --merged "$W/tok-f32"
+expect_stdout_contains "FAIL model.embed_tokens.weight (merged)"
+# inspect
+expect_exit 0 "$LORA" inspect "$W/t-dict"
+expect_stdout_contains "trainable_token_indices embed_tokens: 5, 31"
+expect_stdout_contains "model.embed_tokens.weight  rows [5, 31]  <- base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta  F32 [2, 16]"
+expect_exit 0 "$LORA" inspect "$W/t-list" --json
+expect_json '[(t["target"], t["indices"]) for t in j["trainable_tokens"]]' '[["model.embed_tokens.weight",[30,2,17]]]'
+# refusals
+refused tok-f32 t-range "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta: token index 32 is out of range: base model.embed_tokens.weight has 32 rows"
+refused tok-f32 t-rows "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta: shape mismatch: expected [2, dim] (trainable_token_indices lists 2 tokens), found [3, 16]"
+refused tok-f32 t-width "base model.embed_tokens.weight is [32, 16], the trainable tokens delta is [2, 17] (rows of width 17)"
+refused tok-f32 t-dup "adapter_config.json: trainable_token_indices: token index 4 is listed twice"
+refused tok-tied-bf16 t-tied-head "model.embed_tokens.weight is also changed by the LoRA module lm_head (the tied head): trainable_token_indices beside it is not supported"
+expect_exit 3 "$LORA" combine --adapter "$W/t-list" --weight 1 --adapter "$W/t-list" --weight 1 --out "$W/cb-t"
+expect_stderr_contains "combine does not take trainable_token_indices (rows of model.embed_tokens.weight) yet"
+expect_nothing_left cb-t
 
 finish

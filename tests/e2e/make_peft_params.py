@@ -25,6 +25,8 @@ Adapters (PEFT key names as get_peft_model_state_dict saves them):
   p-count/    target_parameters names two parameters, the file holds one wrapper
   t-list/     trainable_token_indices list form, alone
   t-dict/     dict form {embed_tokens: [...], lm_head: [...]} with a q_proj LoRA
+  t-tied/     dict form on the tied base, a down_proj LoRA beside it
+  t-tied-head/ a LoRA on lm_head of the tied base beside tokens on embed_tokens
   t-range/    an index past the vocabulary
   t-rows/     a delta with one row too many
   t-width/    a delta of the wrong width
@@ -172,6 +174,14 @@ def main(w):
     t.update(lora(rng, "model.layers.0.self_attn.q_proj", H, H))
     adapter(w + "/t-dict", t, target_modules=["q_proj"],
             trainable_token_indices={"embed_tokens": [5, 31], "lm_head": [0, 7, 8]})
+    # tied base: the head follows the embedding (PEFT ties the head's adapter, saves nothing for it)
+    t = delta("model.embed_tokens", 2)
+    t.update(lora(rng, "model.layers.0.mlp.down_proj", H, 32))
+    adapter(w + "/t-tied", t, target_modules=["down_proj"], trainable_token_indices={"embed_tokens": [1, 20]})
+    # a LoRA on the tied head beside trainable tokens on the embedding: refused
+    t = delta("model.embed_tokens", 2)
+    t.update(lora(rng, "lm_head", VOCAB, H))
+    adapter(w + "/t-tied-head", t, target_modules=["lm_head"], trainable_token_indices=[1, 20])
     adapter(w + "/t-range", delta("model.embed_tokens", 2), trainable_token_indices=[3, 32])
     adapter(w + "/t-rows", delta("model.embed_tokens", 3), trainable_token_indices=[3, 4])
     adapter(w + "/t-width", delta("model.embed_tokens", 2, H + 1), trainable_token_indices=[3, 4])
