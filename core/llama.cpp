@@ -296,7 +296,9 @@ std::vector<weighted_factors> linear_factors(const weights& w, const std::string
   if (!cs) return out;
   for (const contribution& c : *cs) {
     const lora_module* m = c.module;
-    if (m->kind != module_kind::linear || m->fan_in_fan_out != conv1d)
+    // a 2-D target_parameters module (one expert, [out, in]) is the linear case
+    const bool linear_kind = m->kind == module_kind::linear || (m->kind == module_kind::parameter && m->n_experts == 1);
+    if (!linear_kind || m->fan_in_fan_out != conv1d)
       throw errors::invalid(*c.file, m->name,
                             fmt::format("the forward pass applies {} LoRA modules here, not {}{}",
                                         conv1d ? "fan_in_fan_out (Conv1D)" : "linear", module_kind_name(m->kind),

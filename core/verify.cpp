@@ -908,13 +908,15 @@ verify_report verify_merge(const verify_options& o, const progress_fn& progress_
   const auto unrunnable = std::find_if(r.tensors.begin(), r.tensors.end(), [](const tensor_check& c) {
     return c.kind == tensor_kind::missing || c.kind == tensor_kind::shape;
   });
+  // fused experts (3-D target_parameters): no forward pass runs them
   const lora_module* parameter = nullptr;
   for (const adapter& a : set.adapters)
     for (const lora_module& m : a.modules)
-      if (m.kind == module_kind::parameter && parameter == nullptr) parameter = &m;
+      if (m.kind == module_kind::parameter && m.n_experts > 1 && parameter == nullptr) parameter = &m;
   if (model_in && parameter != nullptr)
     r.model.skipped = fmt::format(
-        "the forward pass does not apply target_parameters (lora.ParamWrapper on {}) unmerged yet", parameter->name);
+        "the forward pass does not run fused experts (target_parameters, lora.ParamWrapper on {}) yet",
+        parameter->name);
   else if (model_in && unrunnable != r.tensors.end())
     r.model.skipped =
         fmt::format("the merged model cannot run: {} is {}", unrunnable->name, tensor_kind_name(unrunnable->kind));

@@ -63,12 +63,18 @@ expect_json '[(m["name"], m["kind"], m["rank"], m["experts"], m["fan_in_fan_out"
 good oss-square-f32 p-oss-sq m-oss-sq
 # transformers 5.x fused qwen3_moe experts ([E, out, in]), rsLoRA
 good qwen-f32 p-qwen m-qwen
-# a 2-D parameter (target_parameters self_attn.q_proj.weight): the linear case; a
-# Llama the forward pass runs, whose model level says why it is skipped
+# a 2-D parameter (target_parameters self_attn.q_proj.weight): the linear case,
+# on a Llama the forward pass runs with the module unmerged
 good tok-f32 p-2d m-2d
+expect_stdout_contains "model: 16 tokens"
 expect_exit 0 "$LORA" verify --base "$W/tok-f32" --adapter "$W/p-2d" --merged "$W/m-2d" --json
-expect_json 'j["model"]["skipped"]' "the forward pass does not apply target_parameters (lora.ParamWrapper on model.layers.0.self_attn.q_proj.weight) unmerged yet"
+expect_json 'j["model"]["ok"]' true
 expect_json 'j["layers_checked"]' 1
+# fused experts on a model the forward pass runs: its model level says why not (the 2-D
+# base with a fused experts tensor added)
+good tok-experts-f32 p-qwen m-te
+expect_exit 0 "$LORA" verify --base "$W/tok-experts-f32" --adapter "$W/p-qwen" --merged "$W/m-te" --json
+expect_json 'j["model"]["skipped"]' "the forward pass does not run fused experts (target_parameters, lora.ParamWrapper on model.layers.0.mlp.experts.gate_up_proj) yet"
 
 # refusals
 refused oss-f32 p-missing "the base has no parameter model.layers.0.mlp.experts.gate_proj (named by target_parameters)"

@@ -12,6 +12,7 @@ Bases (one layer each, tiny):
                         [E, 2I, H], down_proj [E, H, I] (not transposed)
   tok-f32/, tok-bf16/   Llama-shaped, untied (embed_tokens and lm_head)
   tok-tied-bf16/        Llama-shaped, tie_word_embeddings true, no lm_head.weight
+  tok-experts-f32/      Llama-shaped with an extra fused experts tensor [E, 2I, H]
 Adapters (PEFT key names as get_peft_model_state_dict saves them):
   p-oss/      target_parameters gate_up_proj + down_proj (nested ParamWrapper:
               gate_up_proj's keys carry ".base_layer"), rank_pattern on
@@ -87,7 +88,7 @@ def oss(out, rng, dtype, h=H, i=I, model_type="gpt_oss"):
     save_model(out, t, config, dtype)
 
 
-def llama(out, rng, dtype, tied):
+def llama(out, rng, dtype, tied, experts=False):
     n = lambda *s: rng.standard_normal(s) * 0.5  # noqa: E731
     t = {"model.embed_tokens.weight": n(VOCAB, H), "model.norm.weight": 1 + n(H) * 0.1}
     for p, shape in [("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (H // 2, H)), ("self_attn.v_proj", (H // 2, H)),
@@ -98,6 +99,8 @@ def llama(out, rng, dtype, tied):
     t["model.layers.0.post_attention_layernorm.weight"] = 1 + n(H) * 0.1
     if not tied:
         t["lm_head.weight"] = n(VOCAB, H)
+    if experts:  # a fused experts tensor beside the dense MLP ([E, 2I, H], not read by the forward pass)
+        t["model.layers.0.mlp.experts.gate_up_proj"] = n(E, 2 * I, H)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H,
               "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
               "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
@@ -137,6 +140,7 @@ def main(w):
     llama(w + "/tok-f32", rng, "f32", tied=False)
     llama(w + "/tok-bf16", rng, "bf16", tied=False)
     llama(w + "/tok-tied-bf16", rng, "bf16", tied=True)
+    llama(w + "/tok-experts-f32", rng, "f32", tied=False, experts=True)
 
     experts = "model.layers.0.mlp.experts"
     # gpt-oss: gate_up_proj [E, H, 2I] is [E, in, out]: in H, out 2I; down_proj [E, I, H]: in I, out H.
