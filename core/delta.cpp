@@ -560,6 +560,20 @@ void add_delta_times(const delta_factors_f64& f, double weight, const double* x,
   }
 }
 
+void add_expert_times(const delta_factors& f, int64_t e, double weight, const float* x, int64_t n, float* y) {
+  if (f.n_experts <= 0 || e < 0 || e >= f.n_experts)
+    throw errors::invalid("", f.target, fmt::format("expert {} of {} experts", e, f.n_experts));
+  const expert_view<float> v = expert(f, e);
+  if (n == 0 || f.rank == 0) return;
+  const int nn = blas_int(n, f.target), r = blas_int(f.rank, f.target), k = blas_int(static_cast<int64_t>(v.k), f.target),
+            m = blas_int(static_cast<int64_t>(v.m), f.target);
+  // u [n, r] = x A_e^T; y += w s u B_e^T
+  std::vector<float> u(static_cast<size_t>(n) * static_cast<size_t>(f.rank));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nn, r, k, 1.0f, x, k, v.a, k, 0.0f, u.data(), r);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nn, m, r, static_cast<float>(weight * f.scale), u.data(), r,
+              v.b, r, 1.0f, y, m);
+}
+
 std::vector<double> delta_row_bounds(const delta_factors& f) { return row_bounds(f); }
 std::vector<double> delta_row_bounds(const delta_factors_f64& f) { return row_bounds(f); }
 

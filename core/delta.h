@@ -133,6 +133,14 @@ void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin
 // No DoRA. Never throws.
 void add_delta_times(const delta_factors_f64& f, double weight, const double* x, size_t n, double* y);
 
+// Experts (n_experts > 0): one expert's layer product, y[v, o] += weight * s
+// sum_k B_e[o, k] (A_e x_v)[k] for n inputs x [n, in] and y [n, out]
+// (row-major, f32; A_e [r, in], B_e [out, r] whatever the storage layout),
+// without forming the expert's delta: PEFT's ParamWrapper applied unmerged
+// to expert `expert`'s linear. Throws lora::error (exit 3) when f holds no
+// experts or `expert` is out of range.
+void add_expert_times(const delta_factors& f, int64_t expert, double weight, const float* x, int64_t n, float* y);
+
 // One element of the delta in double, dW[row, col] / weight = s * sum_k B A
 // in the target's view (exact products of the f32 factors). For re-computing
 // the rare elements whose f32 sum lies too close to a rounding boundary of

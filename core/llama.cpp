@@ -542,6 +542,15 @@ class forward_pass {
   void dense_mlp(const std::string& gate, const std::string& up, const std::string& gate_up, const std::string& down,
                  int64_t ffn, const float* x, int64_t n, float* y) const;
   void moe_mlp(const std::string& p, const float* h, float* y) const;
+  // transformers 5.x fused experts of one layer and their target_parameters modules
+  struct fused_experts {
+    std::string gate_up, down;  // empty: one tensor per expert
+    std::vector<int64_t> gate_up_shape, down_shape;
+    std::vector<weighted_factors> gate_up_factors, down_factors;
+    explicit operator bool() const noexcept { return !gate_up.empty(); }
+  };
+  fused_experts fused_experts_of(const std::string& p) const;
+  void fused_expert_mlp(const fused_experts& fx, int64_t e, const float* x, int64_t m, float* y) const;
 };
 
 void forward_pass::attention_block(int64_t l, std::vector<float>& x) const {
@@ -644,6 +653,8 @@ void forward_pass::moe_mlp(const std::string& p, const float* h, float* y) const
       chosen[static_cast<size_t>(e)].push_back({t, c_.norm_topk_prob ? wt / top_sum : wt});
     }
   }
+  // transformers 5.x fused experts: "<prefix>gate_up_proj" [E, 2I, H], "down_proj" [E, H, I]
+  const fused_experts fused = fused_experts_of(p);
   // each chosen expert over its tokens, weighted into y
   std::fill(y, y + T * hid, 0.0f);
   for (int64_t e = 0; e < E; ++e) {
@@ -654,14 +665,73 @@ void forward_pass::moe_mlp(const std::string& p, const float* h, float* y) const
     for (int64_t i = 0; i < m; ++i)
       std::copy(h + rows[static_cast<size_t>(i)].first * hid, h + (rows[static_cast<size_t>(i)].first + 1) * hid,
                 xe.data() + i * hid);
-    const std::string ep = p + layer_name(n.expert, e);
-    dense_mlp(ep + n.expert_gate, ep + n.expert_up, "", ep + n.expert_down, c_.moe_intermediate_size, xe.data(), m,
-              ye.data());
+    if (fused) {
+      fused_expert_mlp(fused, e, xe.data(), m, ye.data());
+    } else {
+      const std::string ep = p + layer_name(n.expert, e);
+      dense_mlp(ep + n.expert_gate, ep + n.expert_up, "", ep + n.expert_down, c_.moe_intermediate_size, xe.data(), m,
+                ye.data());
+    }
     for (int64_t i = 0; i < m; ++i) {
       const auto [t, wt] = rows[static_cast<size_t>(i)];
       for (int64_t j = 0; j < hid; ++j) y[t * hid + j] += wt * ye[static_cast<size_t>(i * hid + j)];
     }
   }
+}
+
+// The fused experts of layer prefix p (transformers 5.x Qwen3MoeExperts,
+// models/qwen3_moe/modeling_qwen3_moe.py: gate_up_proj [E, 2I, H], down_proj
+// [E, H, I]), their PEFT ParamWrapper modules (target_parameters) loaded once;
+// empty names when the layer stores one tensor per expert.
+forward_pass::fused_experts forward_pass::fused_experts_of(const std::string& p) const {
+  fused_experts fx;
+  if (f_.names.fused_experts.empty()) return fx;
+  const std::string gu = p + f_.names.fused_experts + "gate_up_proj", down = p + f_.names.fused_experts + "down_proj";
+  if (!w_.has(gu)) return fx;
+  const int64_t E = c_.num_experts, I = c_.moe_intermediate_size, H = c_.hidden_size;
+  fx.gate_up = gu;
+  fx.down = down;
+  fx.gate_up_shape = {E, 2 * I, H};
+  fx.down_shape = {E, H, I};
+  for (const auto& [name, shape, out] : {std::tuple{&fx.gate_up, &fx.gate_up_shape, &fx.gate_up_factors},
+                                         std::tuple{&fx.down, &fx.down_shape, &fx.down_factors}}) {
+    (void)w_.require(*name, *shape);
+    if (const std::vector<contribution>* cs = w_.modules(*name))
+      for (const contribution& c : *cs) {
+        if (c.module->kind != module_kind::parameter || c.module->fan_in_fan_out)
+          throw errors::invalid(*c.file, c.module->name,
+                                fmt::format("the forward pass applies [E, out, in] target_parameters modules to {}",
+                                            *name));
+        out->push_back({load_delta_factors(*c.module, *shape, *c.file), c.weight, &c});
+      }
+  }
+  return fx;
+}
+
+// One fused expert e over m tokens: gate, up = (x G_e^T).chunk(2); y =
+// (act(gate) * up) D_e^T, each product with its ParamWrapper modules
+// unmerged (x A_e^T B_e^T s, core/delta add_expert_times).
+void forward_pass::fused_expert_mlp(const fused_experts& fx, int64_t e, const float* x, int64_t m, float* y) const {
+  const int64_t I = c_.moe_intermediate_size, H = c_.hidden_size;
+  auto expert_product = [&](const std::string& name, const std::vector<weighted_factors>& fs, int64_t n_out,
+                            int64_t n_in, const float* in, float* out) {
+    // W_e [n_out, n_in]: rows e * n_out .. of the [E * n_out, n_in] view
+    const tensor_ref t = *w_.find(name);
+    const size_t esize = static_cast<size_t>(math_dtype_size(t.info->type));
+    const size_t n = static_cast<size_t>(n_out * n_in);
+    std::vector<float> we(n);
+    to_f32(t.info->type, t.data().subspan(static_cast<size_t>(e) * n * esize, n * esize), we);
+    w_.round(we);
+    gemm_xyt(in, we.data(), m, n_out, n_in, 1.0f, 0.0f, out);
+    for (const weighted_factors& f : fs) add_expert_times(f.f, e, f.weight, in, m, out);
+  };
+  std::vector<float> gu(static_cast<size_t>(m * 2 * I)), g(static_cast<size_t>(m * I));
+  expert_product(fx.gate_up, fx.gate_up_factors, 2 * I, H, x, gu.data());
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t i = 0; i < I; ++i)
+      g[static_cast<size_t>(t * I + i)] = activate(c_.hidden_act, gu[static_cast<size_t>(t * 2 * I + i)]) *
+                                          gu[static_cast<size_t>(t * 2 * I + I + i)];
+  expert_product(fx.down, fx.down_factors, H, I, g.data(), y);
 }
 
 void forward_pass::mlp_block(int64_t l, std::vector<float>& x) const {
@@ -721,9 +791,14 @@ std::optional<std::string> missing_forward_tensor(const model_files& model, cons
                                    n.o,         n.q_norm,         n.k_norm};
     if (c.layers[static_cast<size_t>(l)].moe) {
       parts.push_back(n.router);
-      for (int64_t e = 0; e < c.num_experts; ++e)
+      // fused experts (transformers 5.x): two 3-D tensors, no ".weight"
+      if (!n.fused_experts.empty() && model.find(p + n.fused_experts + "gate_up_proj")) {
+        if (!model.find(p + n.fused_experts + "down_proj")) return p + n.fused_experts + "down_proj";
+      } else {
+        for (int64_t e = 0; e < c.num_experts; ++e)
         for (const std::string* x : {&n.expert_gate, &n.expert_up, &n.expert_down})
-          parts.push_back(layer_name(n.expert, e) + *x);
+            parts.push_back(layer_name(n.expert, e) + *x);
+      }
     } else {
       parts.insert(parts.end(), {n.gate, n.up, n.gate_up, n.down});
     }

@@ -908,11 +908,16 @@ verify_report verify_merge(const verify_options& o, const progress_fn& progress_
   const auto unrunnable = std::find_if(r.tensors.begin(), r.tensors.end(), [](const tensor_check& c) {
     return c.kind == tensor_kind::missing || c.kind == tensor_kind::shape;
   });
-  // fused experts (3-D target_parameters): no forward pass runs them
+  // fused experts (3-D target_parameters): the forward pass runs them for
+  // qwen3_moe only (transformers 5.x Qwen3MoeExperts, core/llama); elsewhere
+  // such a tensor is not read, and the model level would prove nothing
   const lora_module* parameter = nullptr;
   for (const adapter& a : set.adapters)
-    for (const lora_module& m : a.modules)
-      if (m.kind == module_kind::parameter && m.n_experts > 1 && parameter == nullptr) parameter = &m;
+    for (const lora_module& m : a.modules) {
+      const bool run = model_in && model_in->base.model_type == "qwen3_moe" &&
+                       (m.target.ends_with(".mlp.experts.gate_up_proj") || m.target.ends_with(".mlp.experts.down_proj"));
+      if (m.kind == module_kind::parameter && m.n_experts > 1 && !run && parameter == nullptr) parameter = &m;
+    }
   if (model_in && parameter != nullptr)
     r.model.skipped = fmt::format(
         "the forward pass does not run fused experts (target_parameters, lora.ParamWrapper on {}) yet",

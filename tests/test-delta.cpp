@@ -498,6 +498,25 @@ void check_experts(bool transposed) {
   for (size_t i = 0; i < want.size(); ++i) norm += std::fabs(want[i] - w0[i]);
   CHECK(norm > 0.5);  // the delta is not zero: the test can fail
 
+  // one expert's layer product, unmerged: y = w s (x A_e^T) B_e^T against the formed delta
+  const std::vector<float> xin = randf(static_cast<size_t>(2 * in), 77);
+  for (int64_t x = 0; x < e; ++x) {
+    std::vector<float> y(static_cast<size_t>(2 * out), 0.0f);
+    add_expert_times(f, x, weight, xin.data(), 2, y.data());
+    double err = 0;
+    for (int64_t v = 0; v < 2; ++v)
+      for (int64_t o = 0; o < out; ++o) {
+        double want_y = 0;
+        for (int64_t i = 0; i < in; ++i) {
+          const size_t at = static_cast<size_t>(transposed ? (x * in + i) * out + o : (x * out + o) * in + i);
+          want_y += (want[at] - w0[at]) * xin[static_cast<size_t>(v * in + i)];
+        }
+        err = std::max(err, std::fabs(y[static_cast<size_t>(v * out + o)] - want_y));
+      }
+    CHECK(err < 1e-5);
+  }
+  CHECK(thrown([&] { add_expert_times(f, e, weight, xin.data(), 2, nullptr); }).code() == exit_code::invalid_input);
+
   // a wrong layout is refused with both shapes named
   m.fan_in_fan_out = !transposed;
   const error err = thrown([&] { (void)load_delta_factors(m, target, "x.safetensors"); });

@@ -76,6 +76,31 @@ good tok-experts-f32 p-qwen m-te
 expect_exit 0 "$LORA" verify --base "$W/tok-experts-f32" --adapter "$W/p-qwen" --merged "$W/m-te" --json
 expect_json 'j["model"]["skipped"]' "the forward pass does not run fused experts (target_parameters, lora.ParamWrapper on model.layers.0.mlp.experts.gate_up_proj) yet"
 
+# a complete transformers 5.x qwen3_moe with fused experts: the model level runs
+# the experts with their ParamWrapper modules unmerged
+for dt in f32 bf16; do
+  good "qwen-full-$dt" p-qwen-full "m-qf-$dt" --tokens 1,5,9,3,30,2
+  expect_stdout_contains "model: 6 tokens"
+done
+expect_exit 0 "$LORA" verify --base "$W/qwen-full-f32" --adapter "$W/p-qwen-full" --merged "$W/m-qf-f32" --json
+expect_json 'j["model"]["ok"]' true
+expect_exit 0 "$LORA" forward --model "$W/qwen-full-f32" --adapter "$W/p-qwen-full" --tokens 1,5,9,3 --out "$W/lq-base.safetensors"
+expect_exit 0 "$LORA" forward --model "$W/m-qf-f32" --tokens 1,5,9,3 --out "$W/lq-merged.safetensors"
+expect_exit 0 "$LORA" forward --model "$W/qwen-full-f32" --tokens 1,5,9,3 --out "$W/lq-plain.safetensors"
+cmp=$(SRC="$SRC" "$PY" - "$W/lq-base.safetensors" "$W/lq-merged.safetensors" "$W/lq-plain.safetensors" <<'PY'
+import os, sys
+import numpy as np
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import read
+x, y, z = (read(p)[0]["logits"][3] for p in sys.argv[1:4])
+print(bool(np.max(np.abs(x - y)) <= 1e-5 * np.max(np.abs(x))), bool(np.max(np.abs(x - z)) > 1e-2 * np.max(np.abs(x))))
+PY
+)
+expect_eq "forward: fused experts unmerged = merged, and differ from the base" "$cmp" "True True"
+# the merged experts are wrong: verify's model level fails too
+expect_exit 1 "$LORA" verify --base "$W/qwen-full-f32" --adapter "$W/p-qwen-full" --merged "$W/qwen-full-f32" --json
+expect_json 'j["model"]["ok"]' false
+
 # refusals
 refused oss-f32 p-missing "the base has no parameter model.layers.0.mlp.experts.gate_proj (named by target_parameters)"
 refused oss-f32 p-shape "base parameter model.layers.0.mlp.experts.gate_up_proj is [4, 16, 24], the lora.ParamWrapper factors (lora_A [8, 20], lora_B [24, 8], r 2) make 4 experts of [24, 20] (or [20, 24])"

@@ -10,6 +10,8 @@ Bases (one layer each, tiny):
                         only model_type tells [E, in, out])
   qwen-f32/             transformers 5.x fused qwen3_moe: experts.gate_up_proj
                         [E, 2I, H], down_proj [E, H, I] (not transposed)
+  qwen-full-f32/, qwen-full-bf16/  a complete qwen3_moe with those fused experts
+                        (the forward pass runs it)
   tok-f32/, tok-bf16/   Llama-shaped, untied (embed_tokens and lm_head)
   tok-tied-bf16/        Llama-shaped, tie_word_embeddings true, no lm_head.weight
   tok-experts-f32/      Llama-shaped with an extra fused experts tensor [E, 2I, H]
@@ -19,6 +21,7 @@ Adapters (PEFT key names as get_peft_model_state_dict saves them):
               down_proj (r 3), a q_proj LoRA beside them
   p-oss-sq/   target_parameters gate_up_proj on the square base
   p-qwen/     target_parameters gate_up_proj, use_rslora
+  p-qwen-full/ gate_up_proj + down_proj (nested) and q_proj on qwen-full
   p-missing/  target_parameters naming mlp.experts.gate_proj (the base lacks it)
   p-shape/    gate_up_proj's lora_A [r E, 20]: no 3-D layout fits
   p-rows/     lora_A with 7 rows for r 2
@@ -88,6 +91,27 @@ def oss(out, rng, dtype, h=H, i=I, model_type="gpt_oss"):
     save_model(out, t, config, dtype)
 
 
+def qwen_full(out, rng, dtype):
+    """A complete transformers 5.x qwen3_moe checkpoint (fused experts), one layer."""
+    n = lambda *s: rng.standard_normal(s) * 0.5  # noqa: E731
+    hd = H // 2
+    t = {"model.embed_tokens.weight": n(VOCAB, H), "lm_head.weight": n(VOCAB, H), "model.norm.weight": 1 + n(H) * 0.1}
+    pre = "model.layers.0."
+    t.update({pre + "input_layernorm.weight": 1 + n(H) * 0.1, pre + "post_attention_layernorm.weight": 1 + n(H) * 0.1,
+              pre + "self_attn.q_proj.weight": n(2 * hd, H), pre + "self_attn.k_proj.weight": n(hd, H),
+              pre + "self_attn.v_proj.weight": n(hd, H), pre + "self_attn.o_proj.weight": n(H, 2 * hd),
+              pre + "self_attn.q_norm.weight": 1 + n(hd) * 0.1, pre + "self_attn.k_norm.weight": 1 + n(hd) * 0.1,
+              pre + "mlp.gate.weight": n(E, H), pre + "mlp.experts.gate_up_proj": n(E, 2 * I, H),
+              pre + "mlp.experts.down_proj": n(E, H, I)})
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": H,
+              "intermediate_size": 32, "moe_intermediate_size": I, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": hd, "num_experts": E, "num_experts_per_tok": 2,
+              "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": VOCAB,
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu", "max_position_embeddings": 64,
+              "tie_word_embeddings": False}
+    save_model(out, t, config, dtype)
+
+
 def llama(out, rng, dtype, tied, experts=False):
     n = lambda *s: rng.standard_normal(s) * 0.5  # noqa: E731
     t = {"model.embed_tokens.weight": n(VOCAB, H), "model.norm.weight": 1 + n(H) * 0.1}
@@ -141,6 +165,8 @@ def main(w):
     llama(w + "/tok-bf16", rng, "bf16", tied=False)
     llama(w + "/tok-tied-bf16", rng, "bf16", tied=True)
     llama(w + "/tok-experts-f32", rng, "f32", tied=False, experts=True)
+    qwen_full(w + "/qwen-full-f32", rng, "f32")
+    qwen_full(w + "/qwen-full-bf16", rng, "bf16")
 
     experts = "model.layers.0.mlp.experts"
     # gpt-oss: gate_up_proj [E, H, 2I] is [E, in, out]: in H, out 2I; down_proj [E, I, H]: in I, out H.
@@ -157,6 +183,11 @@ def main(w):
     # qwen3_moe 5.x: gate_up_proj [E, 2I, H] is [E, out, in]
     adapter(w + "/p-qwen", wrapper(rng, experts, 2, H, 2 * I), target_parameters=["mlp.experts.gate_up_proj"],
             use_rslora=True, lora_alpha=3)
+    # both fused qwen3_moe experts (gate_up_proj [E, 2I, H], down_proj [E, H, I]) and q_proj
+    t = wrapper(rng, experts, 2, H, 2 * I, nested=1)
+    t.update(wrapper(rng, experts, 2, I, H))
+    t.update(lora(rng, "model.layers.0.self_attn.q_proj", H, H))
+    adapter(w + "/p-qwen-full", t, target_modules=["q_proj"], target_parameters=tp, lora_alpha=3)
     # refusals
     adapter(w + "/p-missing", wrapper(rng, experts, 2, H, 2 * I), target_parameters=["mlp.experts.gate_proj"])
     adapter(w + "/p-shape", wrapper(rng, experts, 2, 20, 2 * I), target_parameters=["mlp.experts.gate_up_proj"])
