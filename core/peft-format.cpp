@@ -470,6 +470,12 @@ void load(adapter& a, const std::string& config_label, const std::function<std::
     attach_extras(m, f, label, parts, config, config_label);
     a.modules.push_back(std::move(m));
   }
+  // a ParamWrapper's parameter key may also be a saved module path: one name, two modules
+  std::map<std::string, const lora_module*> seen;
+  for (const lora_module& m : a.modules)
+    if (auto [it, fresh] = seen.emplace(m.name, &m); !fresh)
+      throw errors::invalid(label, m.a.info->name,
+                            fmt::format("{} is also changed by {}", m.name, it->second->a.info->name));
 }
 
 keyed_tensors tensors(const adapter_data& d, const std::string& label) {
