@@ -23,7 +23,9 @@
 // or the saved tensor) and config.json tie_word_embeddings false.
 // modules_to_save tensors the base lacks are added; saved embeddings / heads
 // with more rows (added tokens) replace the base's, with config.json's
-// vocab_size updated.
+// vocab_size updated. trainable_token_indices rows replace those rows of
+// their embedding / head (converted once to the output dtype); every other
+// row is computed as without them.
 //
 // Atomic: everything is written to `<out>.tmp-XXXXXX` beside --out, renamed
 // onto --out at the end (swapped with the old one under --force); any error
