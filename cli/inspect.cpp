@@ -70,6 +70,7 @@ ordered_json module_json(const lora_module& m, const inspect_base_match* base) {
   j["scale"] = m.scale;
   j["dora"] = m.dora;
   j["fan_in_fan_out"] = m.fan_in_fan_out;
+  if (m.kind == module_kind::parameter) j["experts"] = m.n_experts;
   j["a_shape"] = m.a.info->shape;
   j["b_shape"] = m.b.info->shape;
   j["dtype"] = std::string(dtype_name(m.a.info->type));
@@ -136,6 +137,14 @@ ordered_json report_json(const inspect_report& r) {
                        {"dtype", std::string(dtype_name(s.tensor.info->type))},
                        {"shape", s.tensor.info->shape}});
     j["modules_to_save"] = std::move(saved);
+    ordered_json tokens = ordered_json::array();
+    for (const token_rows& t : r.lora->tokens)
+      tokens.push_back({{"target", t.target},
+                        {"indices", t.indices},
+                        {"key", t.values.info->name},
+                        {"dtype", std::string(dtype_name(t.values.info->type))},
+                        {"shape", t.values.info->shape}});
+    j["trainable_tokens"] = std::move(tokens);
   }
 
   ordered_json tensors = ordered_json::array();
@@ -267,6 +276,10 @@ void print_modules(const inspect_report& r, const adapter& a) {
     if (!c.target_modules.empty())
       fmt::print("  target_modules: {}{}\n", fmt::join(c.target_modules, ", "),
                  c.target_modules_is_regex ? " (regex)" : "");
+    for (const auto& [name, indices] : c.trainable_token_indices)
+      fmt::print("  trainable_token_indices{}: {}\n", name.empty() ? "" : " " + name, fmt::join(indices, ", "));
+    if (!c.target_parameters.empty())
+      fmt::print("  target_parameters: {} (lora.ParamWrapper)\n", fmt::join(c.target_parameters, ", "));
     for (const auto& [k, v] : c.rank_pattern) fmt::print("  rank_pattern: {} -> {}\n", k, v);
     for (const auto& [k, v] : c.alpha_pattern) fmt::print("  alpha_pattern: {} -> {}\n", k, number_text(v));
   }
@@ -283,7 +296,11 @@ void print_modules(const inspect_report& r, const adapter& a) {
     const lora_module& m = a.modules[i];
     std::string kind(module_kind_name(m.kind));
     if (m.form != delta_form::low_rank) kind += fmt::format(" {}", delta_form_name(m.form));
-    if (m.fan_in_fan_out) kind += " (fan_in_fan_out)";
+    if (m.kind == module_kind::parameter)
+      kind += fmt::format(" {} expert{}{}", m.n_experts, m.n_experts == 1 ? "" : "s",
+                          m.fan_in_fan_out ? " [E, in, out]" : "");
+    else if (m.fan_in_fan_out)
+      kind += " (fan_in_fan_out)";
     if (m.bias) kind += " +bias";
     rows.push_back({m.name, kind, std::to_string(m.rank), number_text(m.alpha), number_text(m.scale),
                     m.dora ? "yes" : "no", shape_text(m.a.info->shape), shape_text(m.b.info->shape),
@@ -299,6 +316,12 @@ void print_modules(const inspect_report& r, const adapter& a) {
     }
   }
   print_table(header, rows, right);
+  if (!a.tokens.empty()) {
+    fmt::print("\ntrainable_token_indices (replace rows of the base tensor):\n");
+    for (const token_rows& t : a.tokens)
+      fmt::print("  {}  rows [{}]  <- {}  {} {}\n", t.target, fmt::join(t.indices, ", "), t.values.info->name,
+                 dtype_name(t.values.info->type), shape_text(t.values.info->shape));
+  }
   if (!a.saved.empty()) {
     fmt::print("\nmodules_to_save (replace the base tensor whole):\n");
     for (const saved_tensor& s : a.saved)

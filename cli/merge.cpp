@@ -115,6 +115,7 @@ int run_merge(const merge_cli_options& o) {
     }
     if (!r.added.empty()) fmt::print("added tensors: {}\n", fmt::join(r.added, ", "));
     if (!r.config_changes.empty()) fmt::print("config.json: {}\n", fmt::join(r.config_changes, ", "));
+    if (r.n_token_rows > 0) fmt::print("trainable tokens: {} rows replaced\n", r.n_token_rows);
   };
   if (r.dry_run) {
     fmt::print(

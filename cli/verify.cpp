@@ -62,6 +62,7 @@ void print_json(const verify_report& r, const verify_cli_options& o, int n_input
   j["layers_failed"] = r.n_layers_failed;
   j["layer_seed"] = o.seed;
   j["layer_inputs"] = n_inputs;
+  j["layers_skipped"] = r.layers_skipped;
   j["layers"] = nlohmann::json::array();
   for (const auto& c : r.layers)
     j["layers"].push_back({{"name", c.name},
@@ -109,6 +110,10 @@ void print_text(const verify_report& r, const verify_cli_options& o, int n_input
     fmt::print("  {} {} ({}): max |dy| {:.3g} (relative {:.3g}), tolerance {:.3g}, ratio {:.3g}, {} outputs over\n",
                c.ok ? "ok  " : "FAIL", c.name, layer_kind_text(c), c.max_abs, c.max_rel, c.tolerance, c.ratio, c.n_bad);
   }
+  if (!r.layers_skipped.empty())
+    fmt::print("  not run for {} fused-experts parameter(s) (target_parameters, first {}): no single layer; the weight "
+               "level checks every expert\n",
+               r.layers_skipped.size(), r.layers_skipped.front());
   if (r.model.ran)
     fmt::print(
         "model: {} tokens, max |dlogit| {:.3g} (relative {:.3g}, tolerance {:.3g}), top-1 agreement {:.0f}% {}\n",

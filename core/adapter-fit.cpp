@@ -118,6 +118,7 @@ void resolve_paths(adapter& a, const name_map& names, const model_files& base, f
   std::vector<std::string> wanted;
   for (const lora_module& m : a.modules) wanted.push_back(m.target);
   for (const saved_tensor& s : a.saved) wanted.push_back(s.target);
+  for (const token_rows& t : a.tokens) wanted.push_back(t.target);
   auto also_ok = [&](const std::string& name) {
     if (tied_head_source(base, name)) return true;
     return std::any_of(a.saved.begin(), a.saved.end(), [&](const saved_tensor& s) { return name.ends_with(s.target); });
@@ -149,6 +150,7 @@ void resolve_paths(adapter& a, const name_map& names, const model_files& base, f
     m.target = apply_layout(m.target, choice.layout);
   }
   for (saved_tensor& s : a.saved) s.target = apply_layout(s.target, choice.layout);
+  for (token_rows& t : a.tokens) t.target = apply_layout(t.target, choice.layout);
   std::sort(a.saved.begin(), a.saved.end(),
             [](const saved_tensor& x, const saved_tensor& y) { return x.target < y.target; });
 }
@@ -291,6 +293,7 @@ void check_shape(lora_module& m, const tensor_info& w, const std::optional<std::
              fit_issue::shape, m.target, w.shape, want});
       break;
     }
+    case module_kind::parameter: break;  // check_parameter
   }
 }
 
@@ -384,6 +387,42 @@ void check_lycoris_shape(lora_module& m, const tensor_info& w, const std::string
   m.fan_in_fan_out = false;
 }
 
+// transformers models whose fused experts are stored [E, in, out]
+// (use_experts_implementation(is_transposed=True): gpt-oss).
+constexpr std::string_view transposed_experts_model_types[] = {"gpt_oss"};
+
+// A target_parameters module (PEFT ParamWrapper, tuners/lora/layer.py @
+// 5d602fdb) against the parameter `w`: 2-D [out, in] (one expert), or 3-D
+// [E, out, in] / [E, in, out] (is_transposed experts) with E = n_experts;
+// lora_A [r E, in], lora_B [out, r E]. A square expert is decided by
+// model_type (gpt_oss: [E, in, out]), else [E, out, in] (transformers'
+// default). Sets fan_in_fan_out for the [E, in, out] layout.
+void check_parameter(lora_module& m, const tensor_info& w, const std::optional<std::string>& model_type,
+                     std::vector<fit_problem>& problems) {
+  const int64_t out = m.b.info->shape[0];
+  const int64_t in = m.a.info->shape[1];
+  const int64_t e = m.n_experts;
+  const bool fits_2d = w.shape.size() == 2 && e == 1 && w.shape == std::vector<int64_t>{out, in};
+  const bool plain = w.shape == std::vector<int64_t>{e, out, in};
+  const bool transposed = w.shape == std::vector<int64_t>{e, in, out};
+  if (!fits_2d && !plain && !transposed) {
+    const std::vector<int64_t> made = w.shape.size() == 2 ? std::vector<int64_t>{out, in} : std::vector<int64_t>{e, out, in};
+    problems.push_back({m.a.info->name,
+                        fmt::format("base parameter {} is {}, the lora.ParamWrapper factors (lora_A {}, lora_B {}, "
+                                    "r {}) make {} experts of [{}, {}] (or [{}, {}])",
+                                    m.target, shape_text(w.shape), shape_text(m.a.info->shape),
+                                    shape_text(m.b.info->shape), m.rank, e, out, in, in, out),
+                        fit_issue::shape, m.target, w.shape, made});
+    return;
+  }
+  if (plain && transposed)
+    m.fan_in_fan_out = model_type && std::find(std::begin(transposed_experts_model_types),
+                                               std::end(transposed_experts_model_types),
+                                               *model_type) != std::end(transposed_experts_model_types);
+  else
+    m.fan_in_fan_out = transposed;
+}
+
 // DoRA magnitude length and lora_B bias against the base.
 void check_extras(const lora_module& m, const model_files& base, std::vector<fit_problem>& problems) {
   const int64_t out = m.b.info->shape[0];
@@ -419,6 +458,51 @@ void check_saved(const adapter& a, const model_files& base, std::vector<fit_prob
                           fmt::format("base {} is {}, the saved module is {}", s.target,
                                       shape_text(base_t->info->shape), shape_text(s.tensor.info->shape)),
                           fit_issue::shape, s.target, base_t->info->shape, s.tensor.info->shape});
+  }
+}
+
+// trainable_token_indices: the rows replace rows of a 2-D base weight of the
+// same width, every index in range; no LoRA module or modules_to_save tensor
+// changes that weight too (PEFT refuses modules_to_save beside it; a LoRA on
+// the same embedding has no defined order), nor, on a tied base, the head
+// that follows the embedding.
+void check_tokens(const adapter& a, const model_files& base, std::vector<fit_problem>& problems) {
+  for (const token_rows& t : a.tokens) {
+    const std::string& key = t.values.info->name;
+    const tensor_ref* w = base.find_ref(t.target);
+    if (w == nullptr) {
+      problems.push_back({key, fmt::format("the base has no tensor {} (trainable_token_indices)", t.target),
+                          fit_issue::no_base_tensor, t.target});
+      continue;
+    }
+    const auto& ws = w->info->shape;
+    const auto& vs = t.values.info->shape;
+    if (ws.size() != 2 || vs[1] != ws[1]) {
+      problems.push_back({key,
+                          fmt::format("base {} is {}, the trainable tokens delta is {} (rows of width {})", t.target,
+                                      shape_text(ws), shape_text(vs), vs[1]),
+                          fit_issue::shape, t.target, ws, std::vector<int64_t>{ws.empty() ? 0 : ws[0], vs[1]}});
+      continue;
+    }
+    for (int64_t i : t.indices)
+      if (i >= ws[0]) {
+        problems.push_back({key,
+                            fmt::format("token index {} is out of range: base {} has {} rows", i, t.target, ws[0]),
+                            fit_issue::inconsistent, t.target});
+        break;
+      }
+    const bool tied_head = base_ties_embeddings(base) && !is_head_leaf(module_leaf(t.target));
+    for (const lora_module& m : a.modules)
+      if (m.target == t.target || (tied_head && tied_head_source(base, m.target) == t.target))
+        problems.push_back({key,
+                            fmt::format("{} is also changed by the LoRA module {}{}: trainable_token_indices beside "
+                                        "it is not supported",
+                                        t.target, m.name, m.target == t.target ? "" : " (the tied head)"),
+                            fit_issue::conflict});
+    for (const saved_tensor& s : a.saved)
+      if (s.target == t.target || (tied_head && tied_head_source(base, s.target) == t.target))
+        problems.push_back({key, fmt::format("{} is also replaced by modules_to_save {}", t.target, s.target),
+                            fit_issue::conflict});
   }
 }
 
@@ -508,7 +592,7 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
     const tensor_ref* t = base.find_ref(n);
     return t ? &t->info->shape : nullptr;
   });
-  report.n_targets = a.modules.size() + a.saved.size();
+  report.n_targets = a.modules.size() + a.saved.size() + a.tokens.size();
   report.base_ties_embeddings = base_ties_embeddings(base);
   if (a.format == adapter_format::kohya)
     resolve_kohya(a, names, problems);
@@ -528,17 +612,23 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
     if (base_w == nullptr)
       if (const std::optional<std::string> e = tied_head_source(base, m.target)) base_w = base.find_ref(*e);
     if (base_w == nullptr) {
-      problems.push_back(
-          {m.a.info->name, fmt::format("the base has no tensor {}", m.target), fit_issue::no_base_tensor, m.target});
+      problems.push_back({m.a.info->name,
+                          m.kind == module_kind::parameter
+                              ? fmt::format("the base has no parameter {} (named by target_parameters)", m.target)
+                              : fmt::format("the base has no tensor {}", m.target),
+                          fit_issue::no_base_tensor, m.target});
       continue;
     }
-    if (m.form != delta_form::low_rank)
+    if (m.kind == module_kind::parameter)
+      check_parameter(m, *base_w->info, model_type, problems);
+    else if (m.form != delta_form::low_rank)
       check_lycoris_shape(m, *base_w->info, a.weights_path, problems);
     else
       check_shape(m, *base_w->info, model_type, problems);
     check_extras(m, base, problems);
   }
   check_saved(a, base, problems);
+  check_tokens(a, base, problems);
   return report;
 }
 

@@ -37,6 +37,7 @@ std::string_view module_kind_name(module_kind k) noexcept {
     case module_kind::linear: return "linear";
     case module_kind::embedding: return "embedding";
     case module_kind::conv: return "conv";
+    case module_kind::parameter: return "parameter";
   }
   return "linear";
 }
@@ -72,6 +73,15 @@ void require_low_rank(const adapter& a, std::string_view command) {
       throw errors::invalid(
           a.weights_path, m.name,
           fmt::format("{} works on LoRA factors (B A); this module is {}", command, delta_form_name(m.form)));
+  for (const lora_module& m : a.modules)
+    if (m.kind == module_kind::parameter)
+      throw errors::invalid(a.weights_path, m.a.info->name,
+                            fmt::format("{} does not take target_parameters modules (lora.ParamWrapper on {}) yet",
+                                        command, m.name));
+  if (!a.tokens.empty())
+    throw errors::invalid(a.weights_path, a.tokens.front().values.info->name,
+                          fmt::format("{} does not take trainable_token_indices (rows of {}) yet", command,
+                                      a.tokens.front().target));
 }
 
 // s = alpha / r (LoRA), s = alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023).
@@ -168,6 +178,10 @@ file_classification classify_tensors(const std::vector<std::string>& names) {
   }
   for (const std::string& n : names)
     if (peft::is_lora_key(n)) return {file_kind::peft_lora, fmt::format("PEFT LoRA (lora_A / lora_B), e.g. \"{}\"", n)};
+  // PEFT LoRA with trainable_token_indices alone (no lora_A / lora_B)
+  for (const std::string& n : names)
+    if (n.starts_with(peft::prefix) && contains(n, ".token_adapter.trainable_tokens_delta"))
+      return {file_kind::peft_lora, fmt::format("PEFT LoRA (trainable tokens), e.g. \"{}\"", n)};
   for (const std::string& n : names)
     if (kohya::is_lora_key(n))
       return {file_kind::kohya_lora, fmt::format("kohya / sd-scripts LoRA (lora_down / lora_up), e.g. \"{}\"", n)};

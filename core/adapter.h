@@ -23,14 +23,16 @@ namespace lora {
 // diffusers: pytorch_lora_weights.safetensors, dotted module paths with a
 // component prefix (core/diffusers-format); written back as PEFT.
 enum class adapter_format { peft, kohya, diffusers };
-enum class module_kind { linear, embedding, conv };
+// parameter: PEFT target_parameters (lora.ParamWrapper) on an nn.Parameter,
+// a 2-D [out, in] weight or 3-D fused MoE experts [E, out, in] / [E, in, out].
+enum class module_kind { linear, embedding, conv, parameter };
 // How a module's tensors form its delta (core/delta computes every form):
 // low_rank dW = B A (LoRA, LoCon); loha (w1a w1b) ⊙ (w2a w2b), Tucker forms
 // with t1/t2; lokr kron(w1, w2); tucker (LoCon with lora_mid) up ×mid× down.
 enum class delta_form { low_rank, loha, lokr, tucker };
 
 std::string_view adapter_format_name(adapter_format f) noexcept;  // "peft" | "kohya" | "diffusers"
-std::string_view module_kind_name(module_kind k) noexcept;        // "linear" | "embedding" | "conv"
+std::string_view module_kind_name(module_kind k) noexcept;        // "linear" | "embedding" | "conv" | "parameter"
 std::string_view delta_form_name(delta_form f) noexcept;          // "LoRA" | "LoHa" | "LoKr" | "LoCon+Tucker"
 
 // The LyCORIS tensors of a module whose delta is not B A (views into the
@@ -99,7 +101,25 @@ struct lora_module {
   // The base weight is stored [in, out] (GPT-2 Conv1D): dW is transposed.
   // load_adapter() copies the config's value (linear modules only);
   // fit_adapter() then decides it from the base (see fit_adapter).
+  // A parameter module: the experts are stored [E, in, out] (transformers'
+  // is_transposed experts, gpt-oss), decided by fit_adapter.
   bool fan_in_fan_out = false;
+  // A parameter module (kind parameter; `name` and `target` are the
+  // parameter's key, "model.layers.0.mlp.experts.gate_up_proj"): PEFT's
+  // ParamWrapper stores lora_A [r * E, in] and lora_B [out, r * E] for E
+  // experts (E = 1 for a 2-D parameter); `rank` is the per-expert r of the
+  // config (rank_pattern matched against the parameter key) and n_experts
+  // = A's rows / r. Zero for other kinds.
+  int64_t n_experts = 0;
+};
+
+// trainable_token_indices (PEFT TrainableTokensLayer): the rows `indices`
+// of the embedding (or head) `target` are replaced by the rows of `values`
+// ([indices.size(), dim], ".token_adapter.trainable_tokens_delta" as saved).
+struct token_rows {
+  std::string target;  // the base weight ("model.embed_tokens.weight")
+  std::vector<int64_t> indices;
+  tensor_ref values;
 };
 
 // modules_to_save: a tensor that replaces the base tensor `target` whole.
@@ -116,6 +136,7 @@ struct adapter {
   std::optional<peft_config> config;       // PEFT only
   std::vector<lora_module> modules;        // sorted by name
   std::vector<saved_tensor> saved;
+  std::vector<token_rows> tokens;  // trainable_token_indices, sorted by target
 };
 
 // What a safetensors file holds, judged from its tensor names alone. Other
@@ -140,9 +161,10 @@ file_classification classify_tensors(const std::vector<std::string>& names);
 std::string adapter_kind_name(const adapter& a);
 
 // Throws lora::error (exit 3) naming the first module of `a` whose delta is
-// not B A (LoHa, LoKr, Tucker): `command` (resize, combine, convert) works
-// on LoRA factors only; also for a diffusers adapter (no writer for that
-// format yet). Pure.
+// not B A (LoHa, LoKr, Tucker) or is a target_parameters module, or its
+// first trainable_token_indices tensor: `command` (resize, combine, convert)
+// works on LoRA factors only; also for a diffusers adapter (no writer for
+// that format yet). Pure.
 void require_low_rank(const adapter& a, std::string_view command);
 
 // Throws lora::error (exit 3) naming the first module of `a` (fitted to a

@@ -54,6 +54,43 @@ std::vector<T> decode(const tensor_ref& t, const std::string& file, const std::s
   return out;
 }
 
+// Experts (lora.ParamWrapper on [E, d1, d2]): A [r E, in] as stored, B
+// [out, r E] reordered to [E, out, r] (B_e[o, k] = B[o, k E + e], PEFT's
+// weight_B.reshape(out, r, E)); in = d2, out = d1, or the reverse when
+// transposed ([E, in, out]).
+template <typename T>
+void load_experts(delta_factors_t<T>& f, const lora_module& m, const std::vector<int64_t>& target_shape,
+                  const std::string& file, bool with_values) {
+  const int64_t e = m.n_experts, r = m.rank;
+  f.transposed = m.fan_in_fan_out;
+  f.n_experts = e;
+  f.expert_rows = target_shape[1];
+  f.expert_cols = target_shape[2];
+  f.rank = r;
+  const int64_t in = f.transposed ? f.expert_rows : f.expert_cols;
+  const int64_t out = f.transposed ? f.expert_cols : f.expert_rows;
+  const auto& a_shape = m.a.info->shape;
+  const auto& b_shape = m.b.info->shape;
+  if (target_shape[0] != e || r <= 0 || a_shape != std::vector<int64_t>{r * e, in} ||
+      b_shape != std::vector<int64_t>{out, r * e})
+    throw errors::shape_mismatch(
+        file, m.name,
+        fmt::format("lora_A [{}, {}] and lora_B [{}, {}] ({} experts of rank {}) for {} {}{}", r * target_shape[0],
+                    in, out, r * target_shape[0], target_shape[0], r, m.target, shape_text(target_shape),
+                    f.transposed ? " ([E, in, out])" : ""),
+        fmt::format("A {} and B {}", shape_text(a_shape), shape_text(b_shape)));
+  check_math_dtype(m.a, file, m.name);
+  check_math_dtype(m.b, file, m.name);
+  if (!with_values) return;
+  f.a = decode<T>(m.a, file, m.name);
+  const std::vector<T> b = decode<T>(m.b, file, m.name);
+  f.b.resize(b.size());
+  const size_t ne = static_cast<size_t>(e), nr = static_cast<size_t>(r), no = static_cast<size_t>(out);
+  for (size_t x = 0; x < ne; ++x)
+    for (size_t o = 0; o < no; ++o)
+      for (size_t k = 0; k < nr; ++k) f.b[(x * no + o) * nr + k] = b[o * nr * ne + k * ne + x];
+}
+
 // Everything about a module's factors but their values: layout, rank, scale,
 // checked against the target (see load_delta_factors); `with_values` also
 // decodes A, B and the DoRA magnitudes.
@@ -81,6 +118,11 @@ delta_factors_t<T> load_factors(const lora_module& m, const std::vector<int64_t>
                             fmt::format("{} module on a transposed ([in, out]) target", delta_form_name(m.form)));
     f.rank = m.rank;
     f.lycoris = std::make_shared<const lycoris_delta>(make_lycoris_delta(m, target_shape, file, with_values));
+    return f;
+  }
+
+  if (m.kind == module_kind::parameter && target_shape.size() == 3) {
+    load_experts(f, m, target_shape, file, with_values);
     return f;
   }
 
@@ -301,9 +343,65 @@ void check_finite_factors(const lora_module& m, const std::string& file) {
   }
 }
 
+namespace {
+
+// Experts: expert e's factors, A_e [r, k] and B_e [m, r] (k, m its in / out).
+template <typename T>
+struct expert_view {
+  const T* a;
+  const T* b;
+  size_t k, m;
+};
+template <typename T>
+expert_view<T> expert(const delta_factors_t<T>& f, int64_t e) {
+  const size_t r = static_cast<size_t>(f.rank), d1 = static_cast<size_t>(f.expert_rows),
+               d2 = static_cast<size_t>(f.expert_cols);
+  const size_t k = f.transposed ? d1 : d2, m = f.transposed ? d2 : d1;
+  const size_t x = static_cast<size_t>(e);
+  return {f.a.data() + x * r * k, f.b.data() + x * m * r, k, m};
+}
+
+// Experts: W[e] += alpha B_e A_e (plain, [out, in]) or alpha A_e^T B_e^T
+// ([in, out]), expert rows [row_begin, row_end), one sgemm per expert.
+void add_expert_rows(const delta_factors& f, float alpha, int64_t row_begin, int64_t row_end, float* w_block) {
+  const int d1 = blas_int(f.expert_rows, f.target), d2 = blas_int(f.expert_cols, f.target);
+  const int r = blas_int(f.rank, f.target);
+  for (int64_t e = row_begin; e < row_end; ++e) {
+    const expert_view<float> x = expert(f, e);
+    float* w = w_block + static_cast<size_t>(e - row_begin) * static_cast<size_t>(f.n_cols);
+    if (!f.transposed)
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, d1, d2, r, alpha, x.b, r, x.a, d2, 1.0f, w, d2);
+    else
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasTrans, d1, d2, r, alpha, x.a, d1, x.b, r, 1.0f, w, d2);
+  }
+}
+
+// Experts, exact: W[e][i, j] += ws * sum_k (plain B_e[i, k] A_e[k, j]; transposed A_e[k, i] B_e[j, k]).
+void add_expert_rows(const delta_factors_f64& f, double ws, int64_t row_begin, int64_t row_end, double* w_block) {
+  const size_t r = static_cast<size_t>(f.rank), d1 = static_cast<size_t>(f.expert_rows),
+               d2 = static_cast<size_t>(f.expert_cols);
+  std::vector<double> acc(d2);
+  for (int64_t e = row_begin; e < row_end; ++e) {
+    const expert_view<double> x = expert(f, e);
+    double* w = w_block + static_cast<size_t>(e - row_begin) * d1 * d2;
+    for (size_t i = 0; i < d1; ++i) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      if (!f.transposed)
+        for (size_t k = 0; k < r; ++k) axpy(x.b[i * r + k], x.a + k * d2, acc.data(), d2);
+      else
+        for (size_t j = 0; j < d2; ++j)
+          for (size_t k = 0; k < r; ++k) acc[j] += x.a[k * d1 + i] * x.b[j * r + k];
+      for (size_t j = 0; j < d2; ++j) w[i * d2 + j] += ws * acc[j];
+    }
+  }
+}
+
+}  // namespace
+
 void add_delta_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block) {
   check_rows(f, row_begin, row_end);
   if (f.lycoris) return add_lycoris_rows(f, weight, row_begin, row_end, w_block);
+  if (f.n_experts > 0) return add_expert_rows(f, static_cast<float>(weight * f.scale), row_begin, row_end, w_block);
   const int64_t n_block = row_end - row_begin;
   if (n_block == 0 || f.n_cols == 0 || f.rank == 0) return;
   const int m = blas_int(n_block, f.target);
@@ -325,6 +423,7 @@ void add_delta_rows(const delta_factors& f, double weight, int64_t row_begin, in
 void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end, double* w_block) {
   check_rows(f, row_begin, row_end);
   if (f.lycoris) return add_lycoris_rows(f, weight, row_begin, row_end, w_block);
+  if (f.n_experts > 0) return add_expert_rows(f, weight * f.scale, row_begin, row_end, w_block);
   const size_t r = static_cast<size_t>(f.rank);
   const size_t n_rows = static_cast<size_t>(f.n_rows);
   const size_t n_cols = static_cast<size_t>(f.n_cols);
@@ -348,6 +447,17 @@ void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin
 
 double delta_element(const delta_factors& f, int64_t row, int64_t col) noexcept {
   if (f.lycoris) return f.scale * lycoris_element(*f.lycoris, row, col);
+  if (f.n_experts > 0) {
+    // expert `row`, element (i, j) of its [d1, d2] matrix
+    const expert_view<float> x = expert(f, row);
+    const size_t r = static_cast<size_t>(f.rank), d2 = static_cast<size_t>(f.expert_cols);
+    const size_t i = static_cast<size_t>(col) / d2, j = static_cast<size_t>(col) % d2;
+    double acc = 0;
+    for (size_t k = 0; k < r; ++k)
+      acc += f.transposed ? static_cast<double>(x.a[k * x.k + i]) * x.b[j * r + k]
+                          : static_cast<double>(x.b[i * r + k]) * x.a[k * x.k + j];
+    return f.scale * acc;
+  }
   const size_t r = static_cast<size_t>(f.rank);
   const size_t i = static_cast<size_t>(row), j = static_cast<size_t>(col);
   double acc = 0;
@@ -378,6 +488,21 @@ std::vector<double> row_bounds(const delta_factors_t<T>& f) {
       }
     });
     for (double& b : bound) b *= std::fabs(f.scale);
+    return bound;
+  }
+  if (f.n_experts > 0) {
+    // per expert: |s| sum_k max_j |A_e[k, j]| max_o |B_e[o, k]|
+    for (int64_t e = 0; e < f.n_experts; ++e) {
+      const expert_view<T> x = expert(f, e);
+      double sum = 0;
+      for (size_t k = 0; k < r; ++k) {
+        double a_max = 0, b_max = 0;
+        for (size_t j = 0; j < x.k; ++j) a_max = std::max(a_max, std::fabs(static_cast<double>(x.a[k * x.k + j])));
+        for (size_t o = 0; o < x.m; ++o) b_max = std::max(b_max, std::fabs(static_cast<double>(x.b[o * r + k])));
+        sum += a_max * b_max;
+      }
+      bound[static_cast<size_t>(e)] = std::fabs(f.scale) * sum;
+    }
     return bound;
   }
   if (!f.transposed) {
@@ -434,6 +559,20 @@ void add_delta_times(const delta_factors_f64& f, double weight, const double* x,
       y[v * n_out + o] += ws * sum;
     }
   }
+}
+
+void add_expert_times(const delta_factors& f, int64_t e, double weight, const float* x, int64_t n, float* y) {
+  if (f.n_experts <= 0 || e < 0 || e >= f.n_experts)
+    throw errors::invalid("", f.target, fmt::format("expert {} of {} experts", e, f.n_experts));
+  const expert_view<float> v = expert(f, e);
+  if (n == 0 || f.rank == 0) return;
+  const int nn = blas_int(n, f.target), r = blas_int(f.rank, f.target), k = blas_int(static_cast<int64_t>(v.k), f.target),
+            m = blas_int(static_cast<int64_t>(v.m), f.target);
+  // u [n, r] = x A_e^T; y += w s u B_e^T
+  std::vector<float> u(static_cast<size_t>(n) * static_cast<size_t>(f.rank));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nn, r, k, 1.0f, x, k, v.a, k, 0.0f, u.data(), r);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nn, m, r, static_cast<float>(weight * f.scale), u.data(), r,
+              v.b, r, 1.0f, y, m);
 }
 
 std::vector<double> delta_row_bounds(const delta_factors& f) { return row_bounds(f); }

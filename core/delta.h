@@ -12,6 +12,16 @@
 //   conv            target [out, in, kh, kw]:  dW[o,i,h,w] = w s sum_r B[o,r] A[r,i,h,w]
 //                                              A [r, in, kh, kw], B [out, r, 1, 1]
 //
+//   experts         target [E, out, in]:       dW[e] = w s B_e A_e      A [r E, in],  B [out, r E]
+//   experts^T       target [E, in, out]:       dW[e] = w s (B_e A_e)^T  (transformers' is_transposed experts)
+//
+// Experts are PEFT's lora.ParamWrapper on a 3-D parameter (target_parameters,
+// tuners/lora/layer.py get_delta_weight @ huggingface/peft 5d602fdb):
+// A_e = A.reshape(E, r, in)[e] (rows e r .. e r + r - 1) and
+// B_e = B.reshape(out, r, E)[:, :, e] (columns k E + e): note the two
+// layouts differ; einsum("o r e, e r i -> e o i") (or "-> e i o"). The view
+// is [E, d1 * d2]: one row per expert. A 2-D parameter is the linear case.
+//
 // Conv (1x1 and kxk) is the linear case on the [out, in*kh*kw] view. The
 // "transposed" layouts (fan_in_fan_out, embedding) compute dW = w s A^T B^T.
 //
@@ -69,6 +79,13 @@ struct delta_factors_t {
   std::vector<T> b;
   // DoRA m: n_rows entries (norm per row) or n_cols entries (per column).
   std::vector<T> magnitude;
+  // Experts (a 3-D target_parameters target): n_experts = n_rows = E, each
+  // row one expert's [expert_rows, expert_cols] matrix (target shape[1],
+  // shape[2]); a holds A_e at e * rank * k (A as stored, [E, r, k]), b holds
+  // B_e at e * m * rank ([E, m, r], reordered from B's columns k E + e),
+  // with k, m the expert's in / out (transposed: [E, in, out]).
+  int64_t n_experts = 0;
+  int64_t expert_rows = 0, expert_cols = 0;
   // LyCORIS forms: the delta D (dW = s D); a and b are then empty and rank
   // is the module's (for error bounds). Shared: copies of the factors share it.
   std::shared_ptr<const lycoris_delta> lycoris;
@@ -115,6 +132,14 @@ void add_delta_rows(const delta_factors_f64& f, double weight, int64_t row_begin
 // forming B A (LoRA: s B (A x)); LyCORIS forms row block by row block of D.
 // No DoRA. Never throws.
 void add_delta_times(const delta_factors_f64& f, double weight, const double* x, size_t n, double* y);
+
+// Experts (n_experts > 0): one expert's layer product, y[v, o] += weight * s
+// sum_k B_e[o, k] (A_e x_v)[k] for n inputs x [n, in] and y [n, out]
+// (row-major, f32; A_e [r, in], B_e [out, r] whatever the storage layout),
+// without forming the expert's delta: PEFT's ParamWrapper applied unmerged
+// to expert `expert`'s linear. Throws lora::error (exit 3) when f holds no
+// experts or `expert` is out of range.
+void add_expert_times(const delta_factors& f, int64_t expert, double weight, const float* x, int64_t n, float* y);
 
 // One element of the delta in double, dW[row, col] / weight = s * sum_k B A
 // in the target's view (exact products of the f32 factors). For re-computing

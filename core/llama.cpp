@@ -173,7 +173,14 @@ class weights {
     for (const weighted_adapter& wa : adapters) {
       for (const lora_module& m : wa.a->modules) modules_[m.target].push_back({&m, wa.weight, &wa.a->weights_path});
       for (const saved_tensor& s : wa.a->saved) saved_[s.target] = &s.tensor;
+      for (const token_rows& t : wa.a->tokens) tokens_[t.target].push_back(&t);
     }
+  }
+
+  // trainable_token_indices on `target` (nullptr: none).
+  const std::vector<const token_rows*>* tokens(const std::string& target) const {
+    auto it = tokens_.find(target);
+    return it == tokens_.end() ? nullptr : &it->second;
   }
 
   // A tied base's head that an adapter's LoRA changes reads the embedding
@@ -273,6 +280,7 @@ class weights {
   const hf_config& config_;
   bool has_adapter_;
   std::map<std::string, std::vector<contribution>> modules_;
+  std::map<std::string, std::vector<const token_rows*>> tokens_;
   std::map<std::string, const tensor_ref*> saved_;
   int threads_;
   int64_t block_elements_;
@@ -314,7 +322,9 @@ std::vector<weighted_factors> linear_factors(const weights& w, const std::string
   if (!cs) return out;
   for (const contribution& c : *cs) {
     const lora_module* m = c.module;
-    if (m->kind != module_kind::linear || m->fan_in_fan_out != conv1d)
+    // a 2-D target_parameters module (one expert, [out, in]) is the linear case
+    const bool linear_kind = m->kind == module_kind::linear || (m->kind == module_kind::parameter && m->n_experts == 1);
+    if (!linear_kind || m->fan_in_fan_out != conv1d)
       throw errors::invalid(*c.file, m->name,
                             fmt::format("the forward pass applies {} LoRA modules here, not {}{}",
                                         conv1d ? "fan_in_fan_out (Conv1D)" : "linear", module_kind_name(m->kind),
@@ -407,6 +417,41 @@ void linear(const weights& w, const std::string& prefix, bool has_bias, const fl
   if (has_bias) add_bias_rows(w.load(prefix + ".bias", {n_out}), n_tokens, y);
 }
 
+// trainable_token_indices, unmerged (PEFT TrainableTokensLayer.forward_adapters
+// @ huggingface/peft 5d602fdb: W.index_copy(0, indices, delta.to(W)), then
+// F.embedding or F.linear): calls fn(index, row) for every replaced row of
+// `table` ("<name>.weight", `dim` wide), the delta row decoded to f32 and
+// rounded through the table's dtype (PEFT casts it to the weight's).
+template <typename F>
+void for_each_token_row(const weights& w, const std::string& table, int64_t dim, F&& fn) {
+  const std::vector<const token_rows*>* ts = w.tokens(table);
+  if (ts == nullptr) return;
+  const std::optional<tensor_ref> t0 = w.find(table);
+  const dtype table_type = t0 ? t0->info->type : dtype::F32;
+  std::vector<float> row(static_cast<size_t>(dim));
+  for (const token_rows* t : *ts) {
+    const size_t row_bytes = static_cast<size_t>(dim) * static_cast<size_t>(math_dtype_size(t->values.info->type));
+    for (size_t k = 0; k < t->indices.size(); ++k) {
+      to_f32(t->values.info->type, t->values.data().subspan(k * row_bytes, row_bytes), row);
+      round_through(table_type, row);
+      w.round(row);
+      fn(t->indices[k], static_cast<const float*>(row.data()));
+    }
+  }
+}
+
+// The logits of replaced rows of the head `table`: logits[t, i] = x_t . row_i.
+void replace_token_logits(const weights& w, const std::string& table, const float* x, int64_t n_tokens, int64_t hid,
+                          int64_t vocab, float* logits) {
+  for_each_token_row(w, table, hid, [&](int64_t i, const float* row) {
+    for (int64_t t = 0; t < n_tokens; ++t) {
+      double dot = 0;
+      for (int64_t j = 0; j < hid; ++j) dot += static_cast<double>(x[t * hid + j]) * row[j];
+      logits[t * vocab + i] = static_cast<float>(dot);
+    }
+  });
+}
+
 // DoRA on an embedding: ||V[:, j]||^2 per column over the whole vocabulary,
 // V = E + w s (B A)^T, one row block at a time in increasing row order (core/delta).
 std::vector<double> embedding_dora_norms(const weights& w, const weighted_factors& f, const std::string& name) {
@@ -456,6 +501,11 @@ std::vector<float> embed(const weights& w, const std::string& table, int64_t n_r
       }
     }
   }
+  // trainable tokens: the listed rows are the adapter's
+  for_each_token_row(w, name, dim, [&](int64_t tok, const float* row) {
+    for (size_t i = 0; i < ids.size(); ++i)
+      if (ids[i] == tok) std::copy(row, row + dim, x.data() + i * static_cast<size_t>(dim));
+  });
   w.release(name);
   return x;
 }
@@ -518,6 +568,15 @@ class forward_pass {
   void dense_mlp(const std::string& gate, const std::string& up, const std::string& gate_up, const std::string& down,
                  int64_t ffn, const float* x, int64_t n, float* y) const;
   void moe_mlp(const std::string& p, const float* h, float* y) const;
+  // transformers 5.x fused experts of one layer and their target_parameters modules
+  struct fused_experts {
+    std::string gate_up, down;  // empty: one tensor per expert
+    std::vector<int64_t> gate_up_shape, down_shape;
+    std::vector<weighted_factors> gate_up_factors, down_factors;
+    explicit operator bool() const noexcept { return !gate_up.empty(); }
+  };
+  fused_experts fused_experts_of(const std::string& p) const;
+  void fused_expert_mlp(const fused_experts& fx, int64_t e, const float* x, int64_t m, float* y) const;
 };
 
 void forward_pass::attention_block(int64_t l, std::vector<float>& x) const {
@@ -620,6 +679,8 @@ void forward_pass::moe_mlp(const std::string& p, const float* h, float* y) const
       chosen[static_cast<size_t>(e)].push_back({t, c_.norm_topk_prob ? wt / top_sum : wt});
     }
   }
+  // transformers 5.x fused experts: "<prefix>gate_up_proj" [E, 2I, H], "down_proj" [E, H, I]
+  const fused_experts fused = fused_experts_of(p);
   // each chosen expert over its tokens, weighted into y
   std::fill(y, y + T * hid, 0.0f);
   for (int64_t e = 0; e < E; ++e) {
@@ -630,14 +691,73 @@ void forward_pass::moe_mlp(const std::string& p, const float* h, float* y) const
     for (int64_t i = 0; i < m; ++i)
       std::copy(h + rows[static_cast<size_t>(i)].first * hid, h + (rows[static_cast<size_t>(i)].first + 1) * hid,
                 xe.data() + i * hid);
-    const std::string ep = p + layer_name(n.expert, e);
-    dense_mlp(ep + n.expert_gate, ep + n.expert_up, "", ep + n.expert_down, c_.moe_intermediate_size, xe.data(), m,
-              ye.data());
+    if (fused) {
+      fused_expert_mlp(fused, e, xe.data(), m, ye.data());
+    } else {
+      const std::string ep = p + layer_name(n.expert, e);
+      dense_mlp(ep + n.expert_gate, ep + n.expert_up, "", ep + n.expert_down, c_.moe_intermediate_size, xe.data(), m,
+                ye.data());
+    }
     for (int64_t i = 0; i < m; ++i) {
       const auto [t, wt] = rows[static_cast<size_t>(i)];
       for (int64_t j = 0; j < hid; ++j) y[t * hid + j] += wt * ye[static_cast<size_t>(i * hid + j)];
     }
   }
+}
+
+// The fused experts of layer prefix p (transformers 5.x Qwen3MoeExperts,
+// models/qwen3_moe/modeling_qwen3_moe.py: gate_up_proj [E, 2I, H], down_proj
+// [E, H, I]), their PEFT ParamWrapper modules (target_parameters) loaded once;
+// empty names when the layer stores one tensor per expert.
+forward_pass::fused_experts forward_pass::fused_experts_of(const std::string& p) const {
+  fused_experts fx;
+  if (f_.names.fused_experts.empty()) return fx;
+  const std::string gu = p + f_.names.fused_experts + "gate_up_proj", down = p + f_.names.fused_experts + "down_proj";
+  if (!w_.has(gu)) return fx;
+  const int64_t E = c_.num_experts, I = c_.moe_intermediate_size, H = c_.hidden_size;
+  fx.gate_up = gu;
+  fx.down = down;
+  fx.gate_up_shape = {E, 2 * I, H};
+  fx.down_shape = {E, H, I};
+  for (const auto& [name, shape, out] : {std::tuple{&fx.gate_up, &fx.gate_up_shape, &fx.gate_up_factors},
+                                         std::tuple{&fx.down, &fx.down_shape, &fx.down_factors}}) {
+    (void)w_.require(*name, *shape);
+    if (const std::vector<contribution>* cs = w_.modules(*name))
+      for (const contribution& c : *cs) {
+        if (c.module->kind != module_kind::parameter || c.module->fan_in_fan_out)
+          throw errors::invalid(*c.file, c.module->name,
+                                fmt::format("the forward pass applies [E, out, in] target_parameters modules to {}",
+                                            *name));
+        out->push_back({load_delta_factors(*c.module, *shape, *c.file), c.weight, &c});
+      }
+  }
+  return fx;
+}
+
+// One fused expert e over m tokens: gate, up = (x G_e^T).chunk(2); y =
+// (act(gate) * up) D_e^T, each product with its ParamWrapper modules
+// unmerged (x A_e^T B_e^T s, core/delta add_expert_times).
+void forward_pass::fused_expert_mlp(const fused_experts& fx, int64_t e, const float* x, int64_t m, float* y) const {
+  const int64_t I = c_.moe_intermediate_size, H = c_.hidden_size;
+  auto expert_product = [&](const std::string& name, const std::vector<weighted_factors>& fs, int64_t n_out,
+                            int64_t n_in, const float* in, float* out) {
+    // W_e [n_out, n_in]: rows e * n_out .. of the [E * n_out, n_in] view
+    const tensor_ref t = *w_.find(name);
+    const size_t esize = static_cast<size_t>(math_dtype_size(t.info->type));
+    const size_t n = static_cast<size_t>(n_out * n_in);
+    std::vector<float> we(n);
+    to_f32(t.info->type, t.data().subspan(static_cast<size_t>(e) * n * esize, n * esize), we);
+    w_.round(we);
+    gemm_xyt(in, we.data(), m, n_out, n_in, 1.0f, 0.0f, out);
+    for (const weighted_factors& f : fs) add_expert_times(f.f, e, f.weight, in, m, out);
+  };
+  std::vector<float> gu(static_cast<size_t>(m * 2 * I)), g(static_cast<size_t>(m * I));
+  expert_product(fx.gate_up, fx.gate_up_factors, 2 * I, H, x, gu.data());
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t i = 0; i < I; ++i)
+      g[static_cast<size_t>(t * I + i)] = activate(c_.hidden_act, gu[static_cast<size_t>(t * 2 * I + i)]) *
+                                          gu[static_cast<size_t>(t * 2 * I + I + i)];
+  expert_product(fx.down, fx.down_factors, H, I, g.data(), y);
 }
 
 void forward_pass::mlp_block(int64_t l, std::vector<float>& x) const {
@@ -669,11 +789,13 @@ logits_result forward_pass::head(const model_files& model, std::vector<float>& x
   if (c_.tie_word_embeddings && !lm_head_adapted) {
     // tied: transformers points lm_head at embed_tokens (whatever the file holds as lm_head.weight)
     w_.product(embed_w, c_.vocab_size, hid, x.data(), T_, r.logits.data());
+    replace_token_logits(w_, embed_w, x.data(), T_, hid, c_.vocab_size, r.logits.data());
   } else {
     if (!w_.has(head_w))
       throw errors::invalid(model.path, head_w,
                             fmt::format("tensor is missing and tie_word_embeddings is false in {}", c_.path));
     linear(w_, f_.names.lm_head, false, x.data(), T_, hid, c_.vocab_size, r.logits.data());
+    replace_token_logits(w_, head_w, x.data(), T_, hid, c_.vocab_size, r.logits.data());
   }
   // Gemma2ForCausalLM: logits = cap tanh(logits / cap)
   if (const float cap = static_cast<float>(c_.final_logit_softcapping); cap > 0)
@@ -695,9 +817,14 @@ std::optional<std::string> missing_forward_tensor(const model_files& model, cons
                                    n.o,         n.q_norm,         n.k_norm};
     if (c.layers[static_cast<size_t>(l)].moe) {
       parts.push_back(n.router);
-      for (int64_t e = 0; e < c.num_experts; ++e)
+      // fused experts (transformers 5.x): two 3-D tensors, no ".weight"
+      if (!n.fused_experts.empty() && model.find(p + n.fused_experts + "gate_up_proj")) {
+        if (!model.find(p + n.fused_experts + "down_proj")) return p + n.fused_experts + "down_proj";
+      } else {
+        for (int64_t e = 0; e < c.num_experts; ++e)
         for (const std::string* x : {&n.expert_gate, &n.expert_up, &n.expert_down})
-          parts.push_back(layer_name(n.expert, e) + *x);
+            parts.push_back(layer_name(n.expert, e) + *x);
+      }
     } else {
       parts.insert(parts.end(), {n.gate, n.up, n.gate_up, n.down});
     }

@@ -110,7 +110,11 @@ struct weighted_adapter {
 // Runs the model over `tokens` (positions 0..n-1), as its family
 // (describe_family) computes, with every adapter's LoRA applied unmerged:
 // y = x W0^T + sum_k w_k s_k (x A_k^T) B_k^T (a DoRA module only alone on its
-// tensor: V = W0 + w s B A). Each adapter, when given, must
+// tensor: V = W0 + w s B A); trainable_token_indices rows replace their
+// embedding rows and the head's logits of those rows (PEFT's
+// TrainableTokensLayer); transformers 5.x fused qwen3_moe experts
+// (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]) run per expert
+// with their target_parameters modules as x A_e^T B_e^T s. Each adapter, when given, must
 // have been fitted to `model` (fit_adapter). Borrows everything; threads <= 0:
 // all cores (the weight products' row blocks; BLAS runs single-threaded).
 // block_elements: elements of a weight matrix decoded per block (rows =

@@ -75,7 +75,8 @@ struct tensor_job {
   bool replaced = false;
   dtype out_type = dtype::F32;
   std::vector<contribution> deltas;
-  bool copy = false;  // byte for byte
+  std::vector<const token_rows*> tokens;  // trainable_token_indices: rows replaced after the deltas
+  bool copy = false;                      // byte for byte
   // block-scaled FP8 (core/fp8): the source's scale (the base's), and with
   // `requantize` the output stays FP8 with new codes and a new scale tensor
   // (`scale_name`, in shard `scale_shard`), written by this job; `by_weight`
@@ -147,7 +148,9 @@ std::optional<exact_rounding> exact_rounding_for(const tensor_job& job,
   if constexpr (sizeof(T) != 4) {
     return std::nullopt;
   } else {
-    if (job.deltas.empty() || (job.out_type != dtype::BF16 && job.out_type != dtype::F16)) return std::nullopt;
+    // (rows replaced by trainable tokens are not W0 + deltas: rounded plainly, once)
+    if (job.deltas.empty() || !job.tokens.empty() || (job.out_type != dtype::BF16 && job.out_type != dtype::F16))
+      return std::nullopt;
     std::vector<const delta_factors*> f;
     std::vector<double> w;
     std::vector<const row_slice*> slices;
@@ -197,6 +200,23 @@ void requantize_rows(const tensor_job& job, const std::vector<float>& old_scales
   from_f32(dtype::F32, scales, bytes);
   writers[job.scale_shard]->write_part(job.scale_name, static_cast<uint64_t>(sb * n_scale_cols) * 4, bytes);
 }
+
+// trainable_token_indices: rows [rb, re) of the block `buf` ([re - rb, n_cols])
+// that an adapter lists take that adapter's delta row, converted through
+// core/dtype (rounded once to the output dtype with the rest of the block).
+template <typename T>
+void replace_token_rows(const tensor_job& job, int64_t rb, int64_t re, size_t n_cols, T* buf) {
+  for (const token_rows* t : job.tokens) {
+    const size_t row_bytes = n_cols * static_cast<size_t>(math_dtype_size(t->values.info->type));
+    for (size_t k = 0; k < t->indices.size(); ++k) {
+      const int64_t i = t->indices[k];
+      if (i < rb || i >= re) continue;
+      decode_rows<T>(t->values.info->type, t->values.data().subspan(k * row_bytes, row_bytes),
+                     std::span<T>(buf + static_cast<size_t>(i - rb) * n_cols, n_cols));
+    }
+  }
+}
+
 
 // Computes one tensor in row blocks: read W0 (or the replacement; an FP8
 // weight dequantized with its block scales), apply every contribution in
@@ -257,6 +277,8 @@ void run_compute(const tensor_job& job, std::vector<std::unique_ptr<safetensors_
       else
         apply_module_rows(*factors[i], c.weight, rb, re, buf);
     }
+    // trainable tokens: W[index] = delta row (TrainableTokensLayer.merge's index_copy)
+    replace_token_rows(job, rb, re, static_cast<size_t>(n_cols), buf);
     // one rounding to the output dtype
     const std::span<uint8_t> out_bytes(out, n * out_size);
     if constexpr (sizeof(T) == 4) {
@@ -384,6 +406,7 @@ void check_command_line(const merge_options& options, merge_plan& plan) {
 struct tensor_changes {
   std::map<std::string, std::vector<contribution>> deltas;
   std::map<std::string, const saved_tensor*> replacements;
+  std::map<std::string, std::vector<const token_rows*>> tokens;  // trainable_token_indices, adapter order
 };
 
 tensor_changes collect_changes(const merge_options& options, const std::vector<adapter>& adapters,
@@ -410,6 +433,16 @@ tensor_changes collect_changes(const merge_options& options, const std::vector<a
         throw errors::invalid(a.path, s.target,
                               fmt::format("both {} and {} replace this tensor (modules_to_save)", it->second, a.path));
       changes.replacements[s.target] = &s;
+    }
+    for (const token_rows& t : a.tokens) {
+      // two adapters on one row: PEFT's _check_overlapping_tokens refuses it
+      for (const token_rows* other : changes.tokens[t.target])
+        for (int64_t i : t.indices)
+          if (std::find(other->indices.begin(), other->indices.end(), i) != other->indices.end())
+            throw errors::invalid(a.path, t.target,
+                                  fmt::format("token {} is replaced by two adapters (trainable_token_indices)", i));
+      changes.tokens[t.target].push_back(&t);
+      report.n_token_rows += t.indices.size();
     }
   }
   return changes;
@@ -468,15 +501,17 @@ tensor_job make_job(size_t shard, const std::string& name, dtype base_type, tens
     job.replaced = true;
   }
   if (auto d = changes.deltas.find(name); d != changes.deltas.end()) job.deltas = d->second;
+  if (auto t = changes.tokens.find(name); t != changes.tokens.end()) job.tokens = t->second;
   if (plan.fp8.present && plan_fp8_job(job, changes, options, plan)) return job;
   job.out_type = options.out_type && dtype_is_math(base_type) ? *options.out_type : base_type;
   const dtype src = job.source.info->type;
-  if ((!job.deltas.empty() || src != job.out_type) && !(dtype_is_math(src) && dtype_is_math(job.out_type)))
+  const bool changed = !job.deltas.empty() || !job.tokens.empty();
+  if ((changed || src != job.out_type) && !(dtype_is_math(src) && dtype_is_math(job.out_type)))
     throw errors::invalid(
         job.source.file->path(), name,
         fmt::format("cannot {} a {} tensor (only F16, BF16, F32, F64)", job.deltas.empty() ? "convert" : "merge into",
                     dtype_name(dtype_is_math(src) ? job.out_type : src)));
-  job.copy = job.deltas.empty() && src == job.out_type;
+  job.copy = !changed && src == job.out_type;
   return job;
 }
 
@@ -746,7 +781,7 @@ void plan_merge(const merge_options& options, merge_plan& plan, merge_report& re
   }
   for (const tensor_job& job : plan.jobs) {
     if (job.replaced && plan.base.find_ref(job.name) != nullptr) ++report.n_replaced;
-    if (!job.deltas.empty())
+    if (!job.deltas.empty() || !job.tokens.empty())
       ++report.n_merged;
     else if (job.by_weight)
       ++report.n_rescaled;

@@ -23,7 +23,9 @@
 // or the saved tensor) and config.json tie_word_embeddings false.
 // modules_to_save tensors the base lacks are added; saved embeddings / heads
 // with more rows (added tokens) replace the base's, with config.json's
-// vocab_size updated.
+// vocab_size updated. trainable_token_indices rows replace those rows of
+// their embedding / head (converted once to the output dtype); every other
+// row is computed as without them.
 //
 // Atomic: everything is written to `<out>.tmp-XXXXXX` beside --out, renamed
 // onto --out at the end (swapped with the old one under --force); any error
@@ -75,6 +77,8 @@ struct merge_report {
   // --skip-unmatched: the modules that map to nothing, as {adapter path, module name}
   std::vector<std::pair<std::string, std::string>> skipped_modules;
   uint64_t n_merged = 0;    // tensors that received a delta (weights and biases)
+  uint64_t n_merged = 0;                                           // tensors that received a delta (weights and biases)
+  uint64_t n_token_rows = 0;  // trainable_token_indices rows written in place of the base's
   uint64_t n_replaced = 0;  // modules_to_save tensors written in place of the base's
   // tensors the base lacks, written by the merge: a tied base's lm_head (the
   // embedding plus its delta, or the saved tensor), modules_to_save heads

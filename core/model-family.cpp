@@ -71,6 +71,8 @@ model_family describe_family(const hf_config& c, const model_files& model) {
       n.expert_gate = "gate_proj";
       n.expert_up = "up_proj";
       n.expert_down = "down_proj";
+      // transformers 5.x Qwen3MoeExperts: gate, up = linear(x, gate_up_proj[e]).chunk(2); linear(., down_proj[e])
+      n.fused_experts = "mlp.experts.";
     }
     return f;
   }

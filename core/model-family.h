@@ -52,6 +52,9 @@ struct family_names {
   std::string q, k, v, qkv, o, q_norm, k_norm;                     // qkv: fused [q; k; v] (then q, k, v empty)
   std::string gate, up, gate_up, down;                             // plain: up = fc, down = proj
   std::string router, expert;                                      // MoE: router linear; expert prefix "…experts.{}."
+  // transformers 5.x fused experts: "<fused_experts>gate_up_proj" [E, 2I, H] and "down_proj" [E, H, I]
+  // (read when the layer stores them; empty: the family has none)
+  std::string fused_experts;
   std::string expert_gate, expert_up, expert_down;                 // inside an expert
 };
 

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "core/module-pattern.h"
 #include "formats/error.h"
@@ -45,8 +46,17 @@ const suffix_role suffixes[] = {
 // The tensors found for one module, by role.
 using module_parts = std::map<role, const tensor_info*>;
 
-// Sorts every key of the file into a module part or a modules_to_save tensor.
-std::map<std::string, module_parts> group_keys(adapter& a) {
+// trainable_token_indices: TrainableTokensWrapper saves its layer's delta as
+// "<module>.token_adapter.trainable_tokens_delta" (utils/other.py
+// TrainableTokensWrapper.adapter_state_dict_load_map, huggingface/peft @
+// 5d602fdb); ".default" forms are accepted as for LoRA keys.
+constexpr std::string_view token_suffixes[] = {".token_adapter.trainable_tokens_delta",
+                                               ".token_adapter.trainable_tokens_delta.default"};
+
+// Sorts every key of the file into a module part, a modules_to_save tensor
+// or a trainable-tokens delta (`tokens`: module path and tensor).
+std::map<std::string, module_parts> group_keys(adapter& a,
+                                               std::vector<std::pair<std::string, const tensor_info*>>& tokens) {
   const safetensors_file& f = *a.file;
   const std::string& label = a.weights_path;
   std::map<std::string, module_parts> by_module;
@@ -67,8 +77,14 @@ std::map<std::string, module_parts> group_keys(adapter& a) {
             fmt::format("second {} tensor for module {} (also {})", role_name(found->role), module, it->second->name));
       continue;
     }
-    if (contains(rest, "token_adapter.trainable_tokens_delta"))
-      throw errors::invalid(label, t.name, "trainable tokens (trainable_token_indices) are not supported");
+    if (const auto* ts = std::find_if(std::begin(token_suffixes), std::end(token_suffixes),
+                                      [&rest](std::string_view sfx) { return rest.ends_with(sfx) && rest.size() > sfx.size(); });
+        ts != std::end(token_suffixes)) {
+      tokens.emplace_back(std::string(rest.substr(0, rest.size() - ts->size())), &t);
+      continue;
+    }
+    if (contains(rest, "trainable_tokens_delta"))
+      throw errors::invalid(label, t.name, "unknown trainable tokens key (expected <module>.token_adapter.trainable_tokens_delta)");
     if (contains(rest, "lora_"))
       throw errors::invalid(label, t.name,
                             "unknown LoRA key (expected lora_A.weight, lora_B.weight, lora_B.bias, "
@@ -216,6 +232,177 @@ peft_config read_lora_config(const std::string& weights_label, const std::string
   return config;
 }
 
+// The module path a saved key names once PEFT's nesting is removed, and the
+// nesting depth: "model.layers.0.mlp.experts.base_layer" -> ("...experts", 1).
+// A second target parameter on one module wraps the first ParamWrapper in
+// another, so the first one's keys gain ".base_layer" (tuners/lora/model.py
+// _create_and_replace, huggingface/peft @ 5d602fdb).
+std::pair<std::string, int> unwrap_base_layers(std::string name) {
+  static constexpr std::string_view seg = ".base_layer";
+  int depth = 0;
+  for (size_t at = name.find(seg); at != std::string::npos; at = name.find(seg, at)) {
+    if (at + seg.size() != name.size() && name[at + seg.size()] != '.') {
+      at += seg.size();
+      continue;
+    }
+    name.erase(at, seg.size());
+    ++depth;
+  }
+  return {name, depth};
+}
+
+// The order transformers' fused experts register their parameters in
+// (gpt-oss GptOssExperts, the 5.x fused Mixtral / Qwen3-MoE experts:
+// gate_up_proj before down_proj; transformers models/gpt_oss/modeling_gpt_oss.py).
+// PEFT's _inject_parameters (tuners/tuners_utils.py @ 5d602fdb) wraps them in
+// module.named_parameters() order, so the first one ends up innermost.
+int registration_rank(std::string_view p) {
+  static constexpr std::string_view order[] = {"gate_up_proj", "gate_proj", "w1", "up_proj", "w3", "down_proj", "w2"};
+  for (size_t i = 0; i < std::size(order); ++i)
+    if (p == order[i]) return static_cast<int>(i);
+  return static_cast<int>(std::size(order));
+}
+
+// target_parameters: for every saved module that is a lora.ParamWrapper, the
+// key of the parameter it wraps. PEFT matches "<module>.<parameter>" against
+// each entry T as key == T or key.endswith("." + T) (_inject_parameters). The
+// wrappers of one module nest in registration order: depth d (d times
+// ".base_layer") holds the (n - 1 - d)-th of its n targeted parameters.
+std::map<std::string, std::string> parameter_keys(const std::map<std::string, module_parts>& by_module,
+                                                  const peft_config& config, const std::string& label,
+                                                  const std::string& config_label) {
+  std::map<std::string, std::string> out;
+  std::map<std::string, std::map<int, std::string>> wrappers;  // module -> depth -> saved name
+  for (const auto& [name, parts] : by_module) {
+    auto [module, depth] = unwrap_base_layers(name);
+    if (config.target_parameters.empty()) {
+      if (depth > 0)
+        throw errors::invalid(label, parts.begin()->second->name,
+                              fmt::format("nested lora.ParamWrapper keys (.base_layer), but {} has no "
+                                          "target_parameters",
+                                          config_label));
+      continue;
+    }
+    wrappers[module][depth] = name;
+  }
+  for (const auto& [module, by_depth] : wrappers) {
+    // the parameters of `module` that target_parameters names, in registration order
+    std::vector<std::string> params;
+    for (const std::string& t : config.target_parameters) {
+      const size_t dot = t.rfind('.');
+      const std::string p = dot == std::string::npos ? t : t.substr(dot + 1);
+      const std::string k = module + "." + p;
+      if ((k == t || k.ends_with("." + t)) && std::find(params.begin(), params.end(), p) == params.end())
+        params.push_back(p);
+    }
+    std::stable_sort(params.begin(), params.end(), [](const std::string& x, const std::string& y) {
+      return registration_rank(x) < registration_rank(y);
+    });
+    const std::string& first_key = by_depth.begin()->second;
+    if (params.empty()) {
+      if (by_depth.size() > 1 || by_depth.begin()->first > 0)
+        throw errors::invalid(label, std::string(prefix) + first_key,
+                              fmt::format("nested lora.ParamWrapper keys, but no entry of {} target_parameters "
+                                          "names a parameter of {}",
+                                          config_label, module));
+      continue;  // a module of target_modules
+    }
+    const int n = static_cast<int>(by_depth.size());
+    if (n != static_cast<int>(params.size()) || by_depth.rbegin()->first != n - 1)
+      throw errors::invalid(label, std::string(prefix) + first_key,
+                            fmt::format("{} holds {} lora.ParamWrapper(s), but {} target_parameters names {} of its "
+                                        "parameters ({}): which keys belong to which parameter cannot be told",
+                                        module, n, config_label, params.size(), fmt::join(params, ", ")));
+    for (const auto& [depth, name] : by_depth) out[name] = module + "." + params[static_cast<size_t>(n - 1 - depth)];
+  }
+  return out;
+}
+
+// A ParamWrapper module (tuners/lora/layer.py ParamWrapper.update_layer @
+// 5d602fdb): lora_A [r * E, in], lora_B [out, r * E] for E experts; r and
+// alpha from rank_pattern / alpha_pattern matched against the parameter key
+// (PEFT passes it as current_key), else r / lora_alpha; the scale alpha / r
+// or alpha / sqrt(r). ParamWrapper refuses DoRA, lora_bias, fan_in_fan_out.
+void load_parameter_module(lora_module& m, const std::string& param_key, const peft_config& config,
+                           const std::vector<module_pattern>& rank_patterns,
+                           const std::vector<module_pattern>& alpha_patterns, const std::string& label,
+                           const std::string& config_label) {
+  if (m.kind != module_kind::linear || m.bias || m.magnitude)
+    throw errors::invalid(label, m.a.info->name,
+                          fmt::format("a target_parameters module ({}) takes lora_A / lora_B of 2 dims only",
+                                      param_key));
+  for (const auto& [on, what] : {std::pair{config.use_dora, "use_dora"}, std::pair{config.lora_bias, "lora_bias"},
+                                 std::pair{config.fan_in_fan_out, "fan_in_fan_out"}})
+    if (on)
+      throw errors::invalid(config_label, what,
+                            fmt::format("true, but PEFT's lora.ParamWrapper (target_parameters, {}) refuses it",
+                                        param_key));
+  const std::optional<size_t> rp = first_match(rank_patterns, param_key);
+  const int64_t r = rp ? config.rank_pattern[*rp].second : config.r.value_or(8);
+  const int64_t rows = m.a.info->shape[0];
+  if (rows % r != 0)
+    throw errors::invalid(label, m.a.info->name,
+                          fmt::format("{} rows, not a multiple of r = {} (a lora.ParamWrapper on {} stores r * "
+                                      "experts rows)",
+                                      rows, r, param_key));
+  m.name = param_key;
+  m.target = param_key;
+  m.kind = module_kind::parameter;
+  m.rank = r;
+  m.n_experts = rows / r;
+  const std::optional<size_t> ap = first_match(alpha_patterns, param_key);
+  m.alpha = ap ? config.alpha_pattern[*ap].second : config.lora_alpha.value_or(8.0);
+  m.scale = lora_scale(m.alpha, m.rank, config.use_rslora);
+}
+
+// trainable_token_indices: each saved delta [n, dim] paired with its indices.
+// A list names the input embedding (utils/other.py _set_trainable after
+// _get_input_embeddings_name, huggingface/peft @ 5d602fdb): one delta; a dict
+// {module name: indices} matches a saved path as path == name or path ends
+// with "." + name. An entry without a delta is the tied head PEFT skips
+// (it follows the embedding's adapter and saves nothing). Rows must equal
+// the count of indices, indices must be unique (PEFT's index_copy with a
+// repeated index is undefined); range and width are fit_adapter's.
+void load_token_rows(adapter& a, const std::vector<std::pair<std::string, const tensor_info*>>& tokens,
+                     const peft_config& config, const std::string& config_label) {
+  const std::string& label = a.weights_path;
+  const auto& entries = config.trainable_token_indices;
+  if (!tokens.empty() && entries.empty())
+    throw errors::invalid(label, tokens.front().second->name,
+                          fmt::format("a trainable tokens delta, but {} has no trainable_token_indices", config_label));
+  for (const auto& [name, indices] : entries) {
+    std::vector<int64_t> sorted = indices;
+    std::sort(sorted.begin(), sorted.end());
+    if (auto d = std::adjacent_find(sorted.begin(), sorted.end()); d != sorted.end())
+      throw errors::invalid(config_label, name.empty() ? "trainable_token_indices" : "trainable_token_indices." + name,
+                            fmt::format("token index {} is listed twice", *d));
+  }
+  if (config.trainable_tokens_is_list && tokens.size() > 1)
+    throw errors::invalid(label, tokens[1].second->name,
+                          fmt::format("{} deltas, but {} trainable_token_indices is a list (one embedding)",
+                                      tokens.size(), config_label));
+  for (const auto& [path, t] : tokens) {
+    const std::vector<int64_t>* indices = nullptr;
+    for (const auto& [name, list] : entries)
+      if (config.trainable_tokens_is_list || path == name || path.ends_with("." + name)) {
+        if (indices != nullptr)
+          throw errors::invalid(label, t->name, fmt::format("{} matches two trainable_token_indices entries", path));
+        indices = &list;
+      }
+    if (indices == nullptr)
+      throw errors::invalid(label, t->name,
+                            fmt::format("no entry of {} trainable_token_indices names {}", config_label, path));
+    if (t->shape.size() != 2 || t->shape[0] != static_cast<int64_t>(indices->size()))
+      throw errors::shape_mismatch(label, t->name,
+                                   fmt::format("[{}, dim] (trainable_token_indices lists {} tokens)", indices->size(),
+                                               indices->size()),
+                                   shape_text(t->shape));
+    a.tokens.push_back({path + ".weight", *indices, tensor_ref{a.file.get(), t}});
+  }
+  std::sort(a.tokens.begin(), a.tokens.end(),
+            [](const token_rows& x, const token_rows& y) { return x.target < y.target; });
+}
+
 }  // namespace
 
 std::string_view role_name(role r) noexcept {
@@ -248,13 +435,21 @@ void load(adapter& a, const std::string& config_label, const std::function<std::
   const peft_config& config = *a.config;
   const safetensors_file& f = *a.file;
   const std::string& label = a.weights_path;
-  const std::map<std::string, module_parts> by_module = group_keys(a);
+  std::vector<std::pair<std::string, const tensor_info*>> tokens;
+  const std::map<std::string, module_parts> by_module = group_keys(a, tokens);
+  load_token_rows(a, tokens, config, config_label);
 
   // the patterns, compiled once, in file order
   auto rank_patterns = compile_patterns(config.rank_pattern, config_label, "rank_pattern");
   auto alpha_patterns = compile_patterns(config.alpha_pattern, config_label, "alpha_pattern");
+  const std::map<std::string, std::string> wrapped = parameter_keys(by_module, config, label, config_label);
   for (const auto& [name, parts] : by_module) {
     lora_module m = pair_factors(f, label, name, parts);
+    if (auto w = wrapped.find(name); w != wrapped.end()) {
+      load_parameter_module(m, w->second, config, rank_patterns, alpha_patterns, label, config_label);
+      a.modules.push_back(std::move(m));
+      continue;
+    }
     // rank from the shapes must agree with the config (rank_pattern first)
     if (std::optional<size_t> rp = first_match(rank_patterns, name)) {
       const int64_t want = config.rank_pattern[*rp].second;
@@ -275,6 +470,12 @@ void load(adapter& a, const std::string& config_label, const std::function<std::
     attach_extras(m, f, label, parts, config, config_label);
     a.modules.push_back(std::move(m));
   }
+  // a ParamWrapper's parameter key may also be a saved module path: one name, two modules
+  std::map<std::string, const lora_module*> seen;
+  for (const lora_module& m : a.modules)
+    if (auto [it, fresh] = seen.emplace(m.name, &m); !fresh)
+      throw errors::invalid(label, m.a.info->name,
+                            fmt::format("{} is also changed by {}", m.name, it->second->a.info->name));
 }
 
 keyed_tensors tensors(const adapter_data& d, const std::string& label) {

@@ -1,8 +1,12 @@
 // The PEFT LoRA format: a folder holding adapter_model.safetensors and
 // adapter_config.json; keys "base_model.model.<module path>.lora_A.weight",
 // ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A/B",
-// ".lora_magnitude_vector" (DoRA) and "base_model.model.<tensor>" for
-// modules_to_save. The one place its key grammar (read and write), prefix,
+// ".lora_magnitude_vector" (DoRA), "base_model.model.<tensor>" for
+// modules_to_save, lora.ParamWrapper keys of target_parameters (the module
+// path, with ".base_layer" once per nesting level: tuners/lora/model.py,
+// tuners/tuners_utils.py _inject_parameters) and
+// "<module>.token_adapter.trainable_tokens_delta" for trainable_token_indices
+// (utils/other.py TrainableTokensWrapper). The one place its key grammar (read and write), prefix,
 // config and file rule live. Follows huggingface/peft commit 5d602fdb
 // (2026-08-21): utils/save_and_load.py (get_peft_model_state_dict: the prefix,
 // the adapter name stripped, DoRA's magnitude saved without ".weight"),
@@ -52,10 +56,16 @@ bool is_lora_key(std::string_view key) noexcept;
 // matched as ^(.*\.)?(KEY)$, first match in file order; core/module-pattern,
 // RE2), alpha from alpha_pattern, lora_alpha, else 8, the scale
 // lora_scale(alpha, r, use_rslora), DoRA magnitudes and lora_B biases checked
-// against use_dora / lora_bias. Throws lora::error (exit 3) naming the file
+// against use_dora / lora_bias; target_parameters modules (kind parameter:
+// name and target the parameter key, rank the per-expert r, n_experts = A's
+// rows / r, the nesting resolved in registration order) and
+// trainable_token_indices deltas into a.tokens (rows checked against the
+// indices, indices unique). Throws lora::error (exit 3) naming the file
 // and key: a key without the prefix, an unknown LoRA key, a missing half, a
-// rank that disagrees, peft_type other than LORA, layer_replication, trainable
-// tokens; exit 4 when the config cannot be read.
+// rank that disagrees, peft_type other than LORA, layer_replication,
+// ParamWrapper keys that target_parameters does not match one to one, a
+// trainable tokens delta without its indices; exit 4 when the config
+// cannot be read.
 void load(adapter& a, const std::string& config_label, const std::function<std::string()>& read_config);
 
 // The keys and tensors of `data` as adapter_model.safetensors. Borrows `data`.

@@ -230,6 +230,7 @@ struct adapter_set {
   std::map<std::string, std::vector<contribution>> modules;  // by target tensor, in adapter order
   std::map<std::string, std::vector<contribution>> biases;   // lora_bias, by "<module>.bias"
   std::map<std::string, const tensor_ref*> saved;            // modules_to_save, by target
+  std::map<std::string, std::vector<const token_rows*>> tokens;  // trainable_token_indices, by target
   std::vector<std::string> targets;                          // the keys of `modules`, in first-seen order
 };
 
@@ -256,7 +257,24 @@ struct expectation {
   const tensor_ref* replacement = nullptr;
   const std::vector<contribution>* biases = nullptr;
   const std::vector<contribution>* modules = nullptr;
+  // trainable_token_indices: rows then replaced by the adapters' delta rows
+  const std::vector<const token_rows*>* tokens = nullptr;
 };
+
+// trainable_token_indices: rows [rb, re) of e ([re - rb, n_cols]) that a
+// delta lists take its values (PEFT's index_copy), decoded to double.
+void replace_token_rows(const std::vector<const token_rows*>& tokens, size_t rb, size_t re, size_t n_cols,
+                        std::vector<double>& e) {
+  for (const token_rows* t : tokens) {
+    const size_t row_bytes = n_cols * static_cast<size_t>(math_dtype_size(t->values.info->type));
+    for (size_t k = 0; k < t->indices.size(); ++k) {
+      const size_t i = static_cast<size_t>(t->indices[k]);
+      if (i < rb || i >= re) continue;
+      to_f64(t->values.info->type, t->values.data().subspan(k * row_bytes, row_bytes),
+             std::span<double>(e.data() + (i - rb) * n_cols, n_cols));
+    }
+  }
+}
 
 // The factors of every module on a tensor, in double, with their summed row
 // bounds (|w_k| delta_row_bounds_k: the f32 sum's error) and ranks.
@@ -339,6 +357,7 @@ tensor_check check_touched(const std::string& name, const tensor_ref& b, const t
       else
         apply_module_rows(f, weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), e.data(), d.norms);
     }
+    if (x.tokens) replace_token_rows(*x.tokens, rb, re, n_cols, e);
     read_rows_f64(m, n_cols, rb, re, buf, mv, fx);
     if (m8)
       compare_block_fp8(c, m_scales, m8->block, d.rank, d.row_bounds, n_cols, rb, w0, e, mv, block_max);
@@ -996,6 +1015,7 @@ adapter_set load_adapters(const verify_options& o, const model_files& base,
       if (m.bias) set.biases[m.name + ".bias"].push_back({&m, w, &a.weights_path});
     }
     for (const saved_tensor& s : a.saved) set.saved[s.target] = &s.tensor;
+    for (const token_rows& t : a.tokens) set.tokens[t.target].push_back(&t);
   }
   return set;
 }
@@ -1051,7 +1071,8 @@ tensor_check check_weight(const std::string& name, const model_files& base, cons
     x.biases = &it->second;
   else if (auto it = set.modules.find(name); it != set.modules.end())
     x.modules = &it->second;
-  const bool touched = x.replacement || x.biases || x.modules;
+  if (auto it = set.tokens.find(name); it != set.tokens.end() && !x.replacement) x.tokens = &it->second;
+  const bool touched = x.replacement || x.biases || x.modules || x.tokens;
   // an FP8 weight dequantized by the merge (--dtype) is compared by value
   if (!math || !(touched || b8 != m8)) return check_untouched(name, b, *m);
   rows_fn also;
@@ -1069,10 +1090,22 @@ tensor_check check_weight(const std::string& name, const model_files& base, cons
 void check_weights_and_layers(const model_files& base, const model_files& merged, const adapter_set& set,
                               const fp8_index& fx, const verify_options& o, verify_progress& progress,
                               verify_report& r) {
+  // a fused-experts parameter ([E, d1, d2]) has no single layer to run
+  auto experts = [&](const std::string& target) {
+    const lora_module& m = *set.modules.at(target).front().module;
+    return m.kind == module_kind::parameter && base_source(base, target).info->shape.size() == 3;
+  };
   std::map<std::string, size_t> target_index;
-  for (size_t i = 0; i < set.targets.size(); ++i) target_index.emplace(set.targets[i], i);
-  std::vector<tensor_check> checks(base.tensor_names.size());
   std::vector<uint8_t> layer_done(set.targets.size(), 0);
+  for (size_t i = 0; i < set.targets.size(); ++i) {
+    if (experts(set.targets[i])) {
+      r.layers_skipped.push_back(set.targets[i]);
+      layer_done[i] = 2;
+      continue;
+    }
+    target_index.emplace(set.targets[i], i);
+  }
+  std::vector<tensor_check> checks(base.tensor_names.size());
   r.layers.resize(set.targets.size());
   parallel_for(base.tensor_names.size(), o.threads, [&](size_t i) {
     check_interrupted();
@@ -1093,6 +1126,8 @@ void check_weights_and_layers(const model_files& base, const model_files& merged
   // targets that are not base tensor names (cannot happen after require_fit; kept total)
   for (size_t k = 0; k < set.targets.size(); ++k)
     if (!layer_done[k]) r.layers[k] = check_layer(set.modules.at(set.targets[k]), k, fx, base, merged, o.seed, o.n_inputs);
+  for (size_t k = set.targets.size(); k-- > 0;)
+    if (layer_done[k] == 2) r.layers.erase(r.layers.begin() + static_cast<std::ptrdiff_t>(k));
   for (tensor_check& c : checks) {
     r.n_checked += c.kind != tensor_kind::missing && c.kind != tensor_kind::shape;
     r.tensors.push_back(std::move(c));
@@ -1227,7 +1262,21 @@ verify_report verify_merge(const verify_options& o, const progress_fn& progress_
   const auto unrunnable = std::find_if(r.tensors.begin(), r.tensors.end(), [](const tensor_check& c) {
     return c.kind == tensor_kind::missing || c.kind == tensor_kind::shape;
   });
-  if (model_in && unrunnable != r.tensors.end())
+  // fused experts (3-D target_parameters): the forward pass runs them for
+  // qwen3_moe only (transformers 5.x Qwen3MoeExperts, core/llama); elsewhere
+  // such a tensor is not read, and the model level would prove nothing
+  const lora_module* parameter = nullptr;
+  for (const adapter& a : set.adapters)
+    for (const lora_module& m : a.modules) {
+      const bool run = model_in && model_in->base.model_type == "qwen3_moe" &&
+                       (m.target.ends_with(".mlp.experts.gate_up_proj") || m.target.ends_with(".mlp.experts.down_proj"));
+      if (m.kind == module_kind::parameter && m.n_experts > 1 && !run && parameter == nullptr) parameter = &m;
+    }
+  if (model_in && parameter != nullptr)
+    r.model.skipped = fmt::format(
+        "the forward pass does not run fused experts (target_parameters, lora.ParamWrapper on {}) yet",
+        parameter->name);
+  else if (model_in && unrunnable != r.tensors.end())
     r.model.skipped =
         fmt::format("the merged model cannot run: {} is {}", unrunnable->name, tensor_kind_name(unrunnable->kind));
   else if (model_in)

@@ -109,6 +109,9 @@ struct verify_report {
   uint64_t n_checked = 0, n_failed = 0;
   std::vector<layer_check> layers;  // one per adapted module, worst ratio first
   uint64_t n_layers_failed = 0;
+  // 3-D target_parameters modules (fused experts): no layer check runs for
+  // them (the weight level checks every expert's values)
+  std::vector<std::string> layers_skipped;
   model_check model;
   // skip_unmatched: the modules that map to nothing, as {adapter path, module name}
   std::vector<std::pair<std::string, std::string>> skipped_modules;

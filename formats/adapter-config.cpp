@@ -130,6 +130,31 @@ peft_config parse_peft_config(const std::string& text, const std::string& label)
   }
   if (auto it = j.find("modules_to_save"); it != j.end() && !it->is_null())
     c.modules_to_save = string_list(*it, label, "modules_to_save");
+  if (auto it = j.find("target_parameters"); it != j.end() && !it->is_null())
+    c.target_parameters = string_list(*it, label, "target_parameters");
+
+  // trainable_token_indices: [i, ...] or {"module": [i, ...], ...}
+  if (auto it = j.find("trainable_token_indices"); it != j.end() && !it->is_null()) {
+    auto indices = [&](const ojson& v, const std::string& field) {
+      if (!v.is_array())
+        throw errors::invalid(label, field, fmt::format("must be a list of token indices, found {}", show(v)));
+      std::vector<int64_t> out;
+      for (const ojson& e : v) {
+        const std::optional<int64_t> i = as_int(e);
+        if (!i || *i < 0)
+          throw errors::invalid(label, field, fmt::format("must hold non-negative integers, found {}", show(e)));
+        out.push_back(*i);
+      }
+      return out;
+    };
+    if (it->is_object()) {
+      for (auto p = it->begin(); p != it->end(); ++p)
+        c.trainable_token_indices.emplace_back(p.key(), indices(p.value(), "trainable_token_indices." + p.key()));
+    } else {
+      c.trainable_token_indices.emplace_back("", indices(*it, "trainable_token_indices"));
+      c.trainable_tokens_is_list = true;
+    }
+  }
 
   if (auto it = j.find("init_lora_weights"); it != j.end() && !it->is_null()) {
     if (it->is_boolean())

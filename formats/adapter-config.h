@@ -22,6 +22,13 @@ struct peft_config {
   std::vector<std::string> target_modules;  // a list; a single regex string lands as one entry
   bool target_modules_is_regex = false;
   bool lora_bias = false;
+  // target_parameters (PEFT >= 0.17): parameters wrapped by lora.ParamWrapper,
+  // as "<module path suffix>.<parameter>" ("mlp.experts.gate_up_proj"), file order.
+  std::vector<std::string> target_parameters;
+  // trainable_token_indices: a list (the input embedding) lands as one entry
+  // with an empty module name; a dict {module name: indices} in file order.
+  std::vector<std::pair<std::string, std::vector<int64_t>>> trainable_token_indices;
+  bool trainable_tokens_is_list = false;
   // "true" / "false" or the method ("pissa", "olora", "loftq", ...): PiSSA /
   // OLoRA / CorDA / LoftQ adapters saved unconverted belong to a residual
   // base, not the original one (shown, not refused).

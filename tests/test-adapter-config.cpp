@@ -310,3 +310,27 @@ TEST_CASE("read_model_type") {
   CHECK(e.code() == exit_code::io);
   fs::remove_all(dir);
 }
+
+TEST_CASE("parse_peft_config: target_parameters and trainable_token_indices (list and dict)") {
+  peft_config c = parse_peft_config(
+      R"({"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+          "trainable_token_indices": [3, 1]})",
+      "cfg");
+  CHECK(c.target_parameters == std::vector<std::string>{"mlp.experts.gate_up_proj", "mlp.experts.down_proj"});
+  REQUIRE(c.trainable_token_indices.size() == 1);
+  CHECK(c.trainable_tokens_is_list);
+  CHECK(c.trainable_token_indices[0].first.empty());
+  CHECK(c.trainable_token_indices[0].second == std::vector<int64_t>{3, 1});
+  c = parse_peft_config(R"({"trainable_token_indices": {"lm_head": [9], "embed_tokens": [2, 4]}})", "cfg");
+  CHECK_FALSE(c.trainable_tokens_is_list);
+  REQUIRE(c.trainable_token_indices.size() == 2);
+  CHECK(c.trainable_token_indices[0].first == "lm_head");  // file order
+  CHECK(c.trainable_token_indices[1].second == std::vector<int64_t>{2, 4});
+  CHECK(parse_peft_config(R"({"target_parameters": null, "trainable_token_indices": null})", "cfg")
+            .trainable_token_indices.empty());
+  const error e = thrown([] { (void)parse_peft_config(R"({"trainable_token_indices": [1, -2]})", "cfg"); });
+  CHECK(e.code() == exit_code::invalid_input);
+  CHECK(has(e.what(), "trainable_token_indices: must hold non-negative integers, found -2"));
+  CHECK(has(thrown([] { (void)parse_peft_config(R"({"target_parameters": "experts"})", "cfg"); }).what(),
+            "target_parameters: must be a list of strings"));
+}

@@ -367,10 +367,11 @@ TEST_CASE("PEFT refusals name the key") {
        "lora_magnitude_vector)"},
       {"unknown non-lora key", join(peft_linear(q, 4, 6, 5), {{pk(q, "scales"), {4}}}), config(), pk(q, "scales"),
        "unknown key: neither a LoRA tensor nor a module weight or bias"},
-      {"trainable tokens",
+      {"trainable tokens: rows and indices disagree",
        join(peft_linear(q, 4, 6, 5), {{pk("model.embed_tokens", "token_adapter.trainable_tokens_delta"), {2, 6}}}),
-       config(), pk("model.embed_tokens", "token_adapter.trainable_tokens_delta"),
-       "trainable tokens (trainable_token_indices) are not supported"},
+       config(R"("trainable_token_indices": [1, 2, 3])"),
+       pk("model.embed_tokens", "token_adapter.trainable_tokens_delta"),
+       "shape mismatch: expected [3, dim] (trainable_token_indices lists 3 tokens), found [2, 6]"},
       {"no prefix",
        {{"model.q.lora_A.weight", {4, 6}}, {"model.q.lora_B.weight", {5, 4}}},
        config(),
@@ -1280,4 +1281,95 @@ TEST_CASE("tied_head_source: a tied base's missing lm_head reads the embedding")
   CHECK_FALSE(tied_head_source(tied, "lm_head.bias"));
   const model_files untied = open_model(std::string(LORA_SOURCE_DIR) + "/testdata/tiny-llama");
   CHECK_FALSE(tied_head_source(untied, "lm_head.weight"));
+}
+
+// ---------------------------------------------------------------------------
+// target_parameters and trainable_token_indices
+
+TEST_CASE("PEFT target_parameters: nested ParamWrapper keys resolved in registration order, r per expert") {
+  temp_dir d;
+  const std::string experts = "model.layers.0.mlp.experts";
+  // gate_up_proj [E=4, 8, 12] (gpt-oss [E, in, out]) innermost, down_proj [4, 6, 8] outside it
+  auto defs = join(peft_linear(experts + ".base_layer", 2 * 4, 8, 12), peft_linear(experts, 3 * 4, 6, 8));
+  const std::string tp = R"("target_parameters": ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])";
+  adapter a = load_adapter(peft_folder(d, config(tp + R"(, "rank_pattern": {"down_proj": 3}, "use_rslora": true)"), defs));
+  REQUIRE(a.modules.size() == 2);
+  const lora_module& down = module_named(a, experts + ".down_proj");
+  const lora_module& gate_up = module_named(a, experts + ".gate_up_proj");
+  CHECK(down.kind == module_kind::parameter);
+  CHECK(down.target == experts + ".down_proj");
+  CHECK(down.a.info->name == pk(experts, "lora_A.weight"));
+  CHECK(gate_up.a.info->name == pk(experts + ".base_layer", "lora_A.weight"));
+  CHECK(down.rank == 3);
+  CHECK(down.n_experts == 4);
+  CHECK(gate_up.rank == 4);  // config r
+  CHECK(gate_up.n_experts == 2);
+  CHECK(gate_up.scale == doctest::Approx(8.0 / 2.0));  // rsLoRA: alpha / sqrt(r)
+
+  // fit: the base's shapes decide [E, in, out] vs [E, out, in]
+  temp_dir b;
+  adapter one = load_adapter(peft_folder(d, config(R"("target_parameters": ["experts.gate_up_proj"])"),
+                                         peft_linear(experts, 2 * 4, 8, 12), "one"));  // r 4: 2 experts
+  const std::string gpt = model_folder(b, {{experts + ".gate_up_proj", {2, 8, 12}}}, "gpt_oss", "gpt");
+  fit_report r = fit_adapter(one, open_model(gpt));
+  CHECK(r.ok());
+  CHECK(one.modules[0].fan_in_fan_out);
+  const std::string qwen = model_folder(b, {{experts + ".gate_up_proj", {2, 12, 8}}}, "qwen3_moe", "qwen");
+  r = fit_adapter(one, open_model(qwen));
+  CHECK(r.ok());
+  CHECK_FALSE(one.modules[0].fan_in_fan_out);
+  const std::string other = model_folder(b, {{experts + ".gate_up_proj", {2, 12, 9}}}, "qwen3_moe", "other");
+  r = fit_adapter(one, open_model(other));
+  REQUIRE(r.problems.size() == 1);
+  CHECK(has(r.problems[0].what, "is [2, 12, 9], the lora.ParamWrapper factors"));
+  const std::string none = model_folder(b, {{"model.embed_tokens.weight", {4, 8}}}, "llama", "none");
+  r = fit_adapter(one, open_model(none));
+  REQUIRE(r.problems.size() == 1);
+  CHECK(has(r.problems[0].what, "the base has no parameter model.layers.0.mlp.experts.gate_up_proj"));
+
+  // refusals at load: nested keys without target_parameters, wrappers that cannot be told apart
+  CHECK(has(thrown([&] { (void)load_adapter(peft_folder(d, config(), defs, "bare")); }).what(),
+            "nested lora.ParamWrapper keys (.base_layer)"));
+  CHECK(has(thrown([&] {
+              (void)load_adapter(peft_folder(d, config(tp), peft_linear(experts, 8, 8, 12), "count"));
+            }).what(),
+            "holds 1 lora.ParamWrapper(s), but"));
+  CHECK(has(thrown([&] {
+              (void)load_adapter(peft_folder(d, config(tp + R"(, "use_dora": true)"), defs, "dora"));
+            }).what(),
+            "use_dora: true, but PEFT's lora.ParamWrapper"));
+}
+
+TEST_CASE("PEFT trainable_token_indices: list and dict forms, counts, duplicates") {
+  temp_dir d;
+  const std::string key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+  adapter a = load_adapter(peft_folder(d, config(R"("trainable_token_indices": [7, 2, 5])"), {{key, {3, 8}}}, "l"));
+  REQUIRE(a.tokens.size() == 1);
+  CHECK(a.tokens[0].target == "model.embed_tokens.weight");
+  CHECK(a.tokens[0].indices == std::vector<int64_t>{7, 2, 5});
+  CHECK(a.modules.empty());
+  auto defs = join(peft_linear("model.layers.0.self_attn.q_proj", 4, 8, 8),
+                   {{key, {2, 8}}, {"base_model.model.lm_head.token_adapter.trainable_tokens_delta", {1, 8}}});
+  adapter b = load_adapter(peft_folder(
+      d, config(R"("trainable_token_indices": {"embed_tokens": [1, 3], "lm_head": [0]})"), defs, "dict"));
+  REQUIRE(b.tokens.size() == 2);
+  CHECK(b.tokens[0].target == "lm_head.weight");
+  CHECK(b.tokens[1].indices == std::vector<int64_t>{1, 3});
+  CHECK(b.modules.size() == 1);
+  CHECK(has(thrown([&] {
+              (void)load_adapter(peft_folder(d, config(R"("trainable_token_indices": [1, 2])"), {{key, {3, 8}}}, "n"));
+            }).what(),
+            "expected [2, dim] (trainable_token_indices lists 2 tokens)"));
+  CHECK(has(thrown([&] {
+              (void)load_adapter(peft_folder(d, config(R"("trainable_token_indices": [1, 1])"), {{key, {2, 8}}}, "u"));
+            }).what(),
+            "token index 1 is listed twice"));
+  CHECK(has(thrown([&] { (void)load_adapter(peft_folder(d, config(), {{key, {2, 8}}}, "c")); }).what(),
+            "has no trainable_token_indices"));
+
+  // fit: range, width, a LoRA on the same embedding
+  temp_dir bd;
+  const std::string base = model_folder(bd, {{"model.embed_tokens.weight", {6, 8}}}, "llama");
+  CHECK(fit_adapter(a, open_model(base)).problems.size() == 1);  // index 7 of 6 rows
+  CHECK(has(problems_text(fit_adapter(a, open_model(base))), "token index 7 is out of range"));
 }

@@ -495,4 +495,106 @@ TEST_CASE("fused rows: a module's delta rows placed in rows of a larger tensor (
   const row_slice past{"fused.weight", "fused.bias", 30, 0, 12};
   CHECK(thrown([&] { add_bias_slice(fx.module, 1.0, past, std::span<double>(bias), "adapter"); }).code() ==
         exit_code::invalid_input);
+namespace {
+
+// PEFT ParamWrapper on a 3-D parameter [E, d1, d2] (tuners/lora/layer.py
+// get_delta_weight @ huggingface/peft 5d602fdb), written out index by index:
+// A3 = A.reshape(E, r, in), B3 = B.reshape(out, r, E),
+// dW[e, o, i] = s sum_k B3[o, k, e] A3[e, k, i] ("e o i"), or dW[e, i, o] ("e i o").
+void check_experts(bool transposed) {
+  const int64_t e = 3, r = 2, out = 5, in = 4;
+  const std::vector<int64_t> target = transposed ? std::vector<int64_t>{e, in, out} : std::vector<int64_t>{e, out, in};
+  temp_dir dir;
+  write_safetensors(dir / "x.safetensors", {random_tensor("w0", dtype::F32, target, 31),
+                                            random_tensor("A", dtype::F32, {r * e, in}, 32),
+                                            random_tensor("B", dtype::BF16, {out, r * e}, 33)});
+  safetensors_file file(dir / "x.safetensors");
+  const std::vector<double> w0 = read_f64(file, "w0"), a = read_f64(file, "A"), b = read_f64(file, "B");
+  lora_module m;
+  m.name = m.target = "model.layers.0.mlp.experts.gate_up_proj";
+  m.kind = module_kind::parameter;
+  m.a = tensor_ref{&file, &file.at("A")};
+  m.b = tensor_ref{&file, &file.at("B")};
+  m.rank = r;
+  m.n_experts = e;
+  m.scale = 1.5;
+  m.fan_in_fan_out = transposed;
+  const double weight = 0.5, ws = weight * m.scale;
+  std::vector<double> want = w0, bound(w0.size());
+  for (int64_t x = 0; x < e; ++x)
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i) {
+        double s = 0, t = 0;
+        for (int64_t k = 0; k < r; ++k) {
+          const double bv = b[static_cast<size_t>(o * r * e + k * e + x)];
+          const double av = a[static_cast<size_t>((x * r + k) * in + i)];
+          s += bv * av;
+          t += std::fabs(bv * av);
+        }
+        const size_t at = static_cast<size_t>(transposed ? (x * in + i) * out + o : (x * out + o) * in + i);
+        want[at] += ws * s;
+        bound[at] = std::fabs(w0[at]) + std::fabs(ws) * t;
+      }
+  // f32, one expert per block (rows are experts)
+  delta_factors f = load_delta_factors(m, target, "x.safetensors");
+  CHECK(f.n_rows == e);
+  CHECK(f.n_cols == out * in);
+  std::vector<float> w(w0.begin(), w0.end());
+  for (int64_t x = 0; x < e; ++x) add_delta_rows(f, weight, x, x + 1, w.data() + static_cast<size_t>(x * out * in));
+  size_t bad = 0;
+  for (size_t i = 0; i < want.size(); ++i)
+    if (std::fabs(static_cast<double>(w[i]) - want[i]) > (r + 2) * 6e-8 * bound[i]) ++bad;
+  CHECK(bad == 0);
+  // f64, all experts at once; delta_element and the row bounds agree with it
+  delta_factors_f64 f64 = load_delta_factors_f64(m, target, "x.safetensors");
+  std::vector<double> wd = w0;
+  add_delta_rows(f64, weight, 0, e, wd.data());
+  double worst = 0, element_worst = 0;
+  const std::vector<double> rows = delta_row_bounds(f);
+  bool bounded = true;
+  for (size_t i = 0; i < want.size(); ++i) {
+    worst = std::max(worst, std::fabs(wd[i] - want[i]) / (bound[i] + 1e-300));
+    const int64_t row = static_cast<int64_t>(i) / (out * in), col = static_cast<int64_t>(i) % (out * in);
+    const double d = delta_element(f, row, col);
+    element_worst = std::max(element_worst, std::fabs(weight * d - (want[i] - w0[i])) / (bound[i] + 1e-300));
+    bounded = bounded && std::fabs(d) <= rows[static_cast<size_t>(row)] * (1 + 1e-12);
+  }
+  CHECK(worst < 1e-14);
+  CHECK(element_worst < 1e-7);
+  CHECK(bounded);
+  double norm = 0;
+  for (size_t i = 0; i < want.size(); ++i) norm += std::fabs(want[i] - w0[i]);
+  CHECK(norm > 0.5);  // the delta is not zero: the test can fail
+
+  // one expert's layer product, unmerged: y = w s (x A_e^T) B_e^T against the formed delta
+  const std::vector<float> xin = randf(static_cast<size_t>(2 * in), 77);
+  for (int64_t x = 0; x < e; ++x) {
+    std::vector<float> y(static_cast<size_t>(2 * out), 0.0f);
+    add_expert_times(f, x, weight, xin.data(), 2, y.data());
+    double err = 0;
+    for (int64_t v = 0; v < 2; ++v)
+      for (int64_t o = 0; o < out; ++o) {
+        double want_y = 0;
+        for (int64_t i = 0; i < in; ++i) {
+          const size_t at = static_cast<size_t>(transposed ? (x * in + i) * out + o : (x * out + o) * in + i);
+          want_y += (want[at] - w0[at]) * xin[static_cast<size_t>(v * in + i)];
+        }
+        err = std::max(err, std::fabs(y[static_cast<size_t>(v * out + o)] - want_y));
+      }
+    CHECK(err < 1e-5);
+  }
+  CHECK(thrown([&] { add_expert_times(f, e, weight, xin.data(), 2, nullptr); }).code() == exit_code::invalid_input);
+
+  // a wrong layout is refused with both shapes named
+  m.fan_in_fan_out = !transposed;
+  const error err = thrown([&] { (void)load_delta_factors(m, target, "x.safetensors"); });
+  CHECK(err.code() == exit_code::invalid_input);
+  CHECK(has(err.what(), "3 experts of rank 2"));
+}
+
+}  // namespace
+
+TEST_CASE("experts: PEFT ParamWrapper on [E, out, in] and [E, in, out], per-expert A / B layouts") {
+  check_experts(false);
+  check_experts(true);
 }

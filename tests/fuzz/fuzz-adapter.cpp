@@ -66,7 +66,13 @@ void check_adapter(const lora::adapter& a) {
     require(i == 0 || a.modules[i - 1].name < m.name, "modules sorted by name, unique");
     require(in_file(a, m.a) && in_file(a, m.b), "A and B are tensors of the file");
     require(m.rank > 0, "rank is positive");
-    if (m.form == lora::delta_form::low_rank) {
+    if (m.kind == lora::module_kind::parameter) {
+      // target_parameters: lora_A [r E, in], lora_B [out, r E]
+      require(m.n_experts > 0 && m.a.info->shape.size() == 2 && m.a.info->shape[0] == m.rank * m.n_experts,
+              "a ParamWrapper's A has r * experts rows");
+      require(m.b.info->shape.size() == 2 && m.b.info->shape[1] == m.rank * m.n_experts,
+              "a ParamWrapper's B has r * experts columns");
+    } else if (m.form == lora::delta_form::low_rank) {
       require(m.a.info->shape.size() >= 2 && m.a.info->shape[0] == m.rank, "rank is A's rows");
       require(m.b.info->shape.size() >= 2 && m.b.info->shape[1] == m.rank, "rank is B's columns");
     } else {
@@ -82,6 +88,13 @@ void check_adapter(const lora::adapter& a) {
   for (size_t i = 0; i < a.saved.size(); ++i) {
     require(in_file(a, a.saved[i].tensor), "saved tensors are tensors of the file");
     require(i == 0 || a.saved[i - 1].target <= a.saved[i].target, "saved tensors sorted by target");
+  }
+  for (size_t i = 0; i < a.tokens.size(); ++i) {
+    const lora::token_rows& t = a.tokens[i];
+    require(in_file(a, t.values), "trainable tokens deltas are tensors of the file");
+    require(t.values.info->shape.size() == 2 && t.values.info->shape[0] == static_cast<int64_t>(t.indices.size()),
+            "a trainable tokens delta has one row per index");
+    require(i == 0 || a.tokens[i - 1].target <= t.target, "trainable tokens sorted by target");
   }
 }
 
