@@ -77,7 +77,6 @@ struct merge_report {
   // --skip-unmatched: the modules that map to nothing, as {adapter path, module name}
   std::vector<std::pair<std::string, std::string>> skipped_modules;
   uint64_t n_merged = 0;    // tensors that received a delta (weights and biases)
-  uint64_t n_merged = 0;                                           // tensors that received a delta (weights and biases)
   uint64_t n_token_rows = 0;  // trainable_token_indices rows written in place of the base's
   uint64_t n_replaced = 0;  // modules_to_save tensors written in place of the base's
   // tensors the base lacks, written by the merge: a tied base's lm_head (the

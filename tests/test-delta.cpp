@@ -495,6 +495,8 @@ TEST_CASE("fused rows: a module's delta rows placed in rows of a larger tensor (
   const row_slice past{"fused.weight", "fused.bias", 30, 0, 12};
   CHECK(thrown([&] { add_bias_slice(fx.module, 1.0, past, std::span<double>(bias), "adapter"); }).code() ==
         exit_code::invalid_input);
+}
+
 namespace {
 
 // PEFT ParamWrapper on a 3-D parameter [E, d1, d2] (tuners/lora/layer.py
