@@ -320,7 +320,7 @@ tensor_check check_touched(const std::string& name, const tensor_ref& b, const t
                            const std::string& replacement_file, const fp8_index& fx, const rows_fn& also) {
   tensor_check c{name, x.replacement ? tensor_kind::replaced
                        : x.biases    ? tensor_kind::bias
-                       : x.modules   ? tensor_kind::merged
+                       : x.modules || x.tokens ? tensor_kind::merged
                                      : tensor_kind::untouched};
   const tensor_ref& source = x.replacement ? *x.replacement : b;
   if (source.info->n_elements != b.info->n_elements || !(dtype_is_math(source.info->type) || fp8_of(fx, source)))
