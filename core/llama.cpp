@@ -288,6 +288,10 @@ std::vector<weighted_factors> linear_factors(const weights& w, const std::string
   if (!cs) return out;
   for (const contribution& c : *cs) {
     const lora_module* m = c.module;
+    if (m->dora_scale)
+      throw errors::invalid(*c.file, m->dora_scale->info->name,
+                            "the forward pass does not apply LyCORIS weight decomposition (dora_scale) unmerged: "
+                            "merge it and run the merged model");
     if (m->kind != module_kind::linear || m->fan_in_fan_out != conv1d)
       throw errors::invalid(*c.file, m->name,
                             fmt::format("the forward pass applies {} LoRA modules here, not {}{}",
@@ -402,6 +406,10 @@ std::vector<float> embed(const weights& w, const std::string& table, int64_t n_r
   std::vector<double> norms_sq;
   if (const std::vector<contribution>* cs = w.modules(name)) {
     for (const contribution& c : *cs) {
+      if (c.module->dora_scale)
+        throw errors::invalid(*c.file, c.module->dora_scale->info->name,
+                              "the forward pass does not apply LyCORIS weight decomposition (dora_scale) unmerged: "
+                              "merge it and run the merged model");
       if (c.module->kind != module_kind::embedding)
         throw errors::invalid(*c.file, c.module->name,
                               fmt::format("a LoRA module on {} must be an embedding module", table));

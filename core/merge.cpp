@@ -234,8 +234,12 @@ void run_job(const tensor_job& job, safetensors_writer& writer, bool allow_nonfi
     });
     return;
   }
-  // f64 arithmetic when either side is F64 (no double rounding through f32)
-  if (job.out_type == dtype::F64 || job.source.info->type == dtype::F64)
+  // f64 arithmetic when either side is F64 (no double rounding through f32),
+  // and for LyCORIS weight decomposition (V, its norms and the rescaled
+  // weight in double, rounded once: core/delta)
+  const bool lycoris_dora =
+      std::any_of(job.deltas.begin(), job.deltas.end(), [](const contribution& c) { return c.module->dora_scale; });
+  if (job.out_type == dtype::F64 || job.source.info->type == dtype::F64 || lycoris_dora)
     run_compute<double>(job, writer, allow_nonfinite);
   else
     run_compute<float>(job, writer, allow_nonfinite);

@@ -144,14 +144,14 @@ struct adapter_set {
 
 // DoRA's first pass: ||V_o||^2 per output feature, V = W0 + w s dW, block by block.
 std::vector<double> dora_norms_sq(const delta_factors_f64& f, double weight, const tensor_ref& base) {
-  std::vector<double> sq(f.magnitude.size(), 0.0), v;
+  std::vector<double> sq(f.n_norms(), 0.0), v;
   std::vector<uint8_t> buf;
   const size_t n_rows = static_cast<size_t>(f.n_rows), n_cols = static_cast<size_t>(f.n_cols);
   for (size_t rb = 0; rb < n_rows; rb += rows_per_block(n_cols)) {
     check_interrupted();
     const size_t re = std::min(n_rows, rb + rows_per_block(n_cols));
     read_rows_f64(base, n_cols, rb, re, buf, v);
-    add_delta_rows(f, weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data());
+    add_delta_rows(f, dora_v_weight(f, weight), static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data());
     add_dora_norms_sq(f, static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data(), sq);
   }
   return sq;
@@ -186,11 +186,12 @@ tensor_deltas load_tensor_deltas(const std::vector<contribution>& cs, const tens
     for (size_t i = 0; i < bounds.size(); ++i) d.row_bounds[i] += std::fabs(c.weight) * bounds[i];
     d.rank += f.rank;
     if (f.dora) {
-      // DoRA rescales V by m / ||V||: the slack scales with it (|E| / |V| = |m_o| / ||V_o||, at least 1)
+      // DoRA rescales V by m / ||V||: the slack scales with it (|E| / |V| = |m_o| / ||V_o||, at least 1;
+      // LyCORIS: its dora_factor)
       d.norms = dora_norms_sq(f, c.weight, b);
       double gain = 1;
       for (size_t o = 0; o < d.norms.size(); ++o)
-        if (d.norms[o] > 0) gain = std::max(gain, std::fabs(f.magnitude[o] / std::sqrt(d.norms[o])));
+        if (d.norms[o] > 0) gain = std::max(gain, std::fabs(dora_factor(f, f.magnitude[o], d.norms[o], c.weight)));
       for (double& t : d.row_bounds) t *= gain;
     }
     d.factors.emplace_back(std::move(f), c.weight);
@@ -430,7 +431,7 @@ layer_check layer_header(const std::vector<contribution>& cs) {
              : m.fan_in_fan_out               ? layer_module::fan_in_fan_out
                                               : layer_module::linear;
   for (const contribution& k : cs) {
-    c.dora = c.dora || k.module->dora;
+    c.dora = c.dora || k.module->dora || k.module->dora_scale;
     c.bias = c.bias || k.module->bias;
   }
   c.n_adapters = cs.size();
@@ -609,6 +610,32 @@ layer_check check_layer(const std::vector<contribution>& cs, size_t index, const
   layer_sums acc(n, s.n_out);
   std::vector<uint8_t> bytes;
   std::vector<double> w0_buf, wm_buf, v_buf;
+  if (dora && dora->dora_lycoris) {
+    // LyCORIS weight decomposition (alone on its tensor): its rescaling is
+    // not one per output, so the reference is W' x with W' formed in double
+    // through core/delta (apply_module_rows, V's norms from a first pass);
+    // the slack of the delta scales with the largest |factor| (at least 1)
+    const std::vector<double> norms = dora_norms_sq(*dora, cs.front().weight, b);
+    double gain = 1;
+    for (size_t k = 0; k < norms.size(); ++k)
+      if (norms[k] > 0)
+        gain = std::max(gain, std::fabs(dora_factor(*dora, dora->magnitude[k], norms[k], cs.front().weight)));
+    for (double& t : t_bound) t *= gain;
+    delta_factors_f64 plain = *dora;
+    plain.dora = false;  // accumulate_rows sums W' x only
+    for (size_t rb = 0; rb < s.n_rows; rb += rows_per_block(s.n_cols)) {
+      const size_t re = std::min(s.n_rows, rb + rows_per_block(s.n_cols));
+      check_interrupted();
+      read_rows_f64(b, s.n_cols, rb, re, bytes, w0_buf);
+      apply_module_rows(*dora, cs.front().weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), w0_buf.data(),
+                        norms);
+      read_rows_f64(*mt, s.n_cols, rb, re, bytes, wm_buf);
+      accumulate_rows(plain, s, cs.front().weight, rb, re, w0_buf.data(), wm_buf.data(), t_bound, x.data(), n, acc,
+                      v_buf);
+    }
+    compare_outputs(c, s, nullptr, t_bound, x, n, acc, acc.y0, tol, c.bias ? &lb : nullptr);
+    return c;
+  }
   for (size_t rb = 0; rb < s.n_rows; rb += rows_per_block(s.n_cols)) {
     const size_t re = std::min(s.n_rows, rb + rows_per_block(s.n_cols));
     check_interrupted();
@@ -664,6 +691,8 @@ std::string layer_kind_text(const layer_check& c) {
 std::vector<double> unmerged_layer_output(const delta_factors_f64& f, std::span<const double> w0,
                                           std::span<const double> x, double weight) {
   const layer_shape s = shape_of(f);
+  if (f.dora_lycoris)
+    throw errors::invalid("", f.target, "internal: no unmerged layer output for LyCORIS weight decomposition");
   if (w0.size() != s.n_rows * s.n_cols || s.n_in == 0 || x.size() % s.n_in != 0)
     throw errors::invalid("", f.target,
                           fmt::format("{} input values and a W0 of {} do not fit a [{}, {}] weight", x.size(),
@@ -744,7 +773,9 @@ adapter_set load_adapters(const verify_options& o, const model_files& base) {
       std::vector<contribution>& on = set.modules[m.target];
       if (on.empty()) set.targets.push_back(m.target);
       on.push_back({&m, w, &a.weights_path});
-      if (on.size() > 1 && std::any_of(on.begin(), on.end(), [](const contribution& c) { return c.module->dora; }))
+      if (on.size() > 1 && std::any_of(on.begin(), on.end(), [](const contribution& c) {
+            return c.module->dora || c.module->dora_scale;
+          }))
         throw errors::invalid(a.weights_path, m.name,
                               "a DoRA module shares its tensor with another adapter's: verify checks DoRA alone");
       if (m.bias) set.biases[m.name + ".bias"].push_back({&m, w, &a.weights_path});
@@ -928,8 +959,17 @@ verify_report verify_merge(const verify_options& o, const progress_fn& progress_
   // their config.json (model level), every adapter fitting the base
   model_files base = open_model(o.base);
   model_files merged = open_model(o.merged);
-  const std::optional<model_inputs> model_in = prepare_model_level(o, base, merged, r.model.skipped);
+  std::optional<model_inputs> model_in = prepare_model_level(o, base, merged, r.model.skipped);
   const adapter_set set = load_adapters(o, base);
+  // the forward pass applies no LyCORIS weight decomposition unmerged
+  for (const adapter& a : set.adapters)
+    for (const lora_module& m : a.modules)
+      if (model_in && m.dora_scale) {
+        r.model.skipped = fmt::format("{} has LyCORIS weight decomposition (dora_scale), which the forward pass does "
+                                      "not apply unmerged",
+                                      m.name);
+        model_in.reset();
+      }
 
   // 2. + 3. weight and layer levels in one pass over both models: every base
   // tensor against its expected value, block by block; every adapted module
