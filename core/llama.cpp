@@ -288,10 +288,6 @@ std::vector<weighted_factors> linear_factors(const weights& w, const std::string
   if (!cs) return out;
   for (const contribution& c : *cs) {
     const lora_module* m = c.module;
-    if (m->dora_scale)
-      throw errors::invalid(*c.file, m->dora_scale->info->name,
-                            "the forward pass does not apply LyCORIS weight decomposition (dora_scale) unmerged: "
-                            "merge it and run the merged model");
     if (m->kind != module_kind::linear || m->fan_in_fan_out != conv1d)
       throw errors::invalid(*c.file, m->name,
                             fmt::format("the forward pass applies {} LoRA modules here, not {}{}",
@@ -406,10 +402,6 @@ std::vector<float> embed(const weights& w, const std::string& table, int64_t n_r
   std::vector<double> norms_sq;
   if (const std::vector<contribution>* cs = w.modules(name)) {
     for (const contribution& c : *cs) {
-      if (c.module->dora_scale)
-        throw errors::invalid(*c.file, c.module->dora_scale->info->name,
-                              "the forward pass does not apply LyCORIS weight decomposition (dora_scale) unmerged: "
-                              "merge it and run the merged model");
       if (c.module->kind != module_kind::embedding)
         throw errors::invalid(*c.file, c.module->name,
                               fmt::format("a LoRA module on {} must be an embedding module", table));
@@ -706,6 +698,14 @@ logits_result model_forward(const model_files& model, const hf_config& c, std::s
                             std::optional<dtype> round_weights_to) {
   // 1. check the input; the family's description
   check_forward_input(c, tokens);
+  // LyCORIS weight decomposition is not applied unmerged (its rescaling of V
+  // at multiplier 1 is not one per output; see core/delta): refused by name
+  for (const weighted_adapter& wa : adapters)
+    for (const lora_module& m : wa.a->modules)
+      if (m.dora_scale)
+        throw errors::invalid(wa.a->weights_path, m.dora_scale->info->name,
+                              "the forward pass does not apply LyCORIS weight decomposition (dora_scale) unmerged: "
+                              "merge it and run the merged model");
   const model_family family = describe_family(c, model);
   set_blas_threads(1);  // the weight products share their row blocks out to `threads` threads
   const weights w(model, c, adapters, threads, block_elements, round_weights_to);

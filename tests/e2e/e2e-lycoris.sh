@@ -196,4 +196,30 @@ expect_exit 3 "$LORA" convert "$D/kohya-dora.safetensors" --to peft --base "$D/b
 expect_stderr_contains "dora_scale"
 expect_nothing_left conv
 
+# an LLM base: a kohya LoRA with dora_scale on two of its modules merges and
+# verifies at the weight and layer levels; the model level (the forward pass,
+# which does not apply dora_scale unmerged) says skipped and why, and
+# `forward` with the adapter refuses naming the tensor
+TD="$SRC/testdata"
+"$PY" -c '
+import sys
+sys.path.insert(0, sys.argv[2])
+import numpy as np, safetensors_np
+t, _ = safetensors_np.read(sys.argv[1])
+out = {k: np.asarray(v[3], np.float32) for k, v in t.items()}
+rng = np.random.default_rng(3)
+out["lora_te_model_layers_0_mlp_gate_proj.dora_scale"] = rng.uniform(0.5, 2, (176, 1)).astype(np.float32)
+out["lora_te_model_layers_0_mlp_down_proj.dora_scale"] = rng.uniform(0.5, 2, (1, 176)).astype(np.float32)
+safetensors_np.write(sys.argv[3], out)
+' "$TD/lora-tiny-llama-kohya.safetensors" "$SRC/tests/e2e" "$W/llama-dora.safetensors"
+expect_exit 0 "$LORA" merge --base "$TD/tiny-llama" --adapter "$W/llama-dora.safetensors" --out "$W/llama-dora-merged"
+expect_exit 0 "$LORA" verify --base "$TD/tiny-llama" --adapter "$W/llama-dora.safetensors" --merged "$W/llama-dora-merged"
+expect_stdout_contains "equivalent"
+expect_stdout_contains "model.layers.0.mlp.gate_proj (linear+dora)"
+expect_stdout_contains "model: skipped (model.layers.0.mlp.down_proj has LyCORIS weight decomposition (dora_scale)"
+expect_exit 3 "$LORA" forward --model "$TD/tiny-llama" --adapter "$W/llama-dora.safetensors" --tokens 1,2,3 --out "$W/fwd.safetensors"
+expect_stderr_contains "dora_scale"
+expect_stderr_contains "does not apply LyCORIS weight decomposition"
+expect_nothing_left fwd.safetensors
+
 finish
