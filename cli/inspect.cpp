@@ -240,8 +240,10 @@ void print_modules(const inspect_report& r, const adapter& a) {
     if (m.fan_in_fan_out) kind += " (fan_in_fan_out)";
     if (m.bias) kind += " +bias";
     rows.push_back({m.name, kind, std::to_string(m.rank), number_text(m.alpha), number_text(m.scale),
-                    m.dora ? "yes" : m.dora_scale ? "LyCORIS" : "no", shape_text(m.a.info->shape), shape_text(m.b.info->shape),
-                    std::string(dtype_name(m.a.info->type))});
+                    m.dora         ? "yes"
+                    : m.dora_scale ? "LyCORIS"
+                                   : "no",
+                    shape_text(m.a.info->shape), shape_text(m.b.info->shape), std::string(dtype_name(m.a.info->type))});
     if (with_base) {
       const inspect_base_match& b = r.base_matches[i];
       rows.back().push_back(b.found ? shape_text(b.shape) + " " + std::string(dtype_name(b.type)) : "not found");

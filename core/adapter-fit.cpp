@@ -304,8 +304,8 @@ void check_slices(lora_module& m, const model_files& base, const std::string& fi
     problems.push_back({key,
                         fmt::format("{} changes rows of {}: a {} module cannot", m.name, m.target,
                                     m.dora || m.dora_scale ? "DoRA"
-                                    : m.fan_in_fan_out ? "fan_in_fan_out"
-                                                       : "embedding"),
+                                    : m.fan_in_fan_out     ? "fan_in_fan_out"
+                                                           : "embedding"),
                         fit_issue::shape});
     return;
   }

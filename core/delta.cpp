@@ -74,8 +74,8 @@ void load_dora_scale(delta_factors_t<T>& f, const lora_module& m, const std::vec
     return true;
   };
   const bool rows = ds.size() >= 2 && ds[0] == target_shape[0] && ones_from(1);
-  const bool cols = !rows && target_shape.size() >= 2 && ds.size() >= 2 && ds[0] == 1 && ds[1] == target_shape[1] &&
-                    ones_from(2);
+  const bool cols =
+      !rows && target_shape.size() >= 2 && ds.size() >= 2 && ds[0] == 1 && ds[1] == target_shape[1] && ones_from(2);
   if (!rows && !cols)
     throw errors::shape_mismatch(
         file, t.info->name,
@@ -85,9 +85,9 @@ void load_dora_scale(delta_factors_t<T>& f, const lora_module& m, const std::vec
         shape_text(ds));
   const dtype type = t.info->type;
   if (!dtype_is_math(type))
-    throw errors::invalid(file, t.info->name,
-                          fmt::format("dtype {} is not supported for dora_scale (only F16, BF16, F32, F64)",
-                                      dtype_name(type)));
+    throw errors::invalid(
+        file, t.info->name,
+        fmt::format("dtype {} is not supported for dora_scale (only F16, BF16, F32, F64)", dtype_name(type)));
   f.dora = true;
   f.dora_lycoris = true;
   f.dora_columns = cols;
@@ -117,8 +117,8 @@ delta_factors_t<T> load_factors(const lora_module& m, const std::vector<int64_t>
   if (m.form != delta_form::low_rank) {
     // LyCORIS: D formed by core/lycoris-delta (no DoRA, never transposed)
     if (m.dora || m.magnitude || m.bias)
-      throw errors::invalid(file, m.name,
-                            fmt::format("{} module with PEFT DoRA or a bias is not supported", delta_form_name(m.form)));
+      throw errors::invalid(
+          file, m.name, fmt::format("{} module with PEFT DoRA or a bias is not supported", delta_form_name(m.form)));
     if (f.transposed)
       throw errors::invalid(file, m.name,
                             fmt::format("{} module on a transposed ([in, out]) target", delta_form_name(m.form)));
@@ -340,8 +340,7 @@ void check_finite_factors(const lora_module& m, const std::string& file) {
   const lycoris_tensors& l = m.lycoris;
   auto opt = [](const std::optional<tensor_ref>& t) { return t ? &*t : nullptr; };
   for (const tensor_ref* t : {&m.a, &m.b, opt(m.magnitude), opt(m.bias), opt(l.w1), opt(l.w1_a), opt(l.w1_b), opt(l.w2),
-                              opt(l.w2_a), opt(l.w2_b), opt(l.t1), opt(l.t2), opt(l.mid),
-                              opt(m.dora_scale)}) {
+                              opt(l.w2_a), opt(l.w2_b), opt(l.t1), opt(l.t2), opt(l.mid), opt(m.dora_scale)}) {
     if (t == nullptr) continue;
     const uint64_t bad = count_nonfinite(t->info->type, t->data());
     if (bad > 0)

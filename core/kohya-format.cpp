@@ -143,7 +143,8 @@ std::map<std::string, parts> group_keys(const safetensors_file& f, const std::st
     else if (take(".dora_scale"))
       slot = &by_module[module].dora_scale;
     else
-      throw errors::invalid(label, t.name, "unknown kohya key (expected .lora_down.weight, .lora_up.weight, .alpha or .dora_scale)");
+      throw errors::invalid(label, t.name,
+                            "unknown kohya key (expected .lora_down.weight, .lora_up.weight, .alpha or .dora_scale)");
     if (module.find('.') != std::string::npos) throw errors::invalid(label, t.name, "kohya module name contains '.'");
     *slot = &t;
   }

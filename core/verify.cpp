@@ -773,9 +773,8 @@ adapter_set load_adapters(const verify_options& o, const model_files& base) {
       std::vector<contribution>& on = set.modules[m.target];
       if (on.empty()) set.targets.push_back(m.target);
       on.push_back({&m, w, &a.weights_path});
-      if (on.size() > 1 && std::any_of(on.begin(), on.end(), [](const contribution& c) {
-            return c.module->dora || c.module->dora_scale;
-          }))
+      if (on.size() > 1 && std::any_of(on.begin(), on.end(),
+                                       [](const contribution& c) { return c.module->dora || c.module->dora_scale; }))
         throw errors::invalid(a.weights_path, m.name,
                               "a DoRA module shares its tensor with another adapter's: verify checks DoRA alone");
       if (m.bias) set.biases[m.name + ".bias"].push_back({&m, w, &a.weights_path});
@@ -965,9 +964,10 @@ verify_report verify_merge(const verify_options& o, const progress_fn& progress_
   for (const adapter& a : set.adapters)
     for (const lora_module& m : a.modules)
       if (model_in && m.dora_scale) {
-        r.model.skipped = fmt::format("{} has LyCORIS weight decomposition (dora_scale), which the forward pass does "
-                                      "not apply unmerged",
-                                      m.name);
+        r.model.skipped = fmt::format(
+            "{} has LyCORIS weight decomposition (dora_scale), which the forward pass does "
+            "not apply unmerged",
+            m.name);
         model_in.reset();
       }
 

@@ -507,7 +507,8 @@ TEST_CASE("LyCORIS dora_scale: per row and per input channel, multiplier on the 
     for (bool on_out : {true, false})
       for (double weight : {1.0, 0.6, -0.4}) {
         module_fixture fx = make_module(layout::conv, out, in, r, dtype::F32, 31, false, k, k);
-        const std::vector<int64_t> ds_shape = on_out ? std::vector<int64_t>{out, 1, 1, 1} : std::vector<int64_t>{1, in, 1, 1};
+        const std::vector<int64_t> ds_shape =
+            on_out ? std::vector<int64_t>{out, 1, 1, 1} : std::vector<int64_t>{1, in, 1, 1};
         write_safetensors(fx.dir / "ds.safetensors", {random_tensor("ds", ds_type, ds_shape, 41, 2.0, 6.0)});
         safetensors_file ds_file(fx.dir / "ds.safetensors");
         const std::vector<double> m = read_f64(ds_file, "ds");
@@ -555,8 +556,8 @@ TEST_CASE("LyCORIS dora_scale: per row and per input channel, multiplier on the 
           add_dora_norms_sq(f64, rb, re, block.data(), norms);
         }
         for (int64_t rb = 0; rb < out; rb += 3)
-          apply_module_rows(f64, weight, rb, std::min<int64_t>(out, rb + 3), wb.data() + rb * static_cast<int64_t>(n_cols),
-                            norms);
+          apply_module_rows(f64, weight, rb, std::min<int64_t>(out, rb + 3),
+                            wb.data() + rb * static_cast<int64_t>(n_cols), norms);
         double worst = 0, worst_b = 0, moved = 0;
         for (size_t i = 0; i < want.size(); ++i) {
           worst = std::max(worst, std::fabs(wd[i] - want[i]) / (std::fabs(want[i]) + 1e-3));
@@ -572,10 +573,11 @@ TEST_CASE("LyCORIS dora_scale: per row and per input channel, multiplier on the 
 TEST_CASE("LyCORIS dora_scale: a shape of neither axis form or a non-float dtype is refused, exit 3, naming it") {
   module_fixture fx = make_module(layout::conv, 6, 4, 2, dtype::F32, 51, false, 3, 3);
   fx.module.bias.reset();
-  write_safetensors(fx.dir / "ds.safetensors",
-                    {random_tensor("rows", dtype::F32, {6, 1, 1, 1}, 1), random_tensor("cols", dtype::F32, {1, 4, 1, 1}, 2),
-                     random_tensor("wide", dtype::F32, {6, 2}, 3), random_tensor("in3", dtype::F32, {1, 4, 3, 1}, 4),
-                     random_tensor("short", dtype::F32, {5, 1, 1, 1}, 5), random_tensor("flat", dtype::F32, {6}, 6)});
+  write_safetensors(
+      fx.dir / "ds.safetensors",
+      {random_tensor("rows", dtype::F32, {6, 1, 1, 1}, 1), random_tensor("cols", dtype::F32, {1, 4, 1, 1}, 2),
+       random_tensor("wide", dtype::F32, {6, 2}, 3), random_tensor("in3", dtype::F32, {1, 4, 3, 1}, 4),
+       random_tensor("short", dtype::F32, {5, 1, 1, 1}, 5), random_tensor("flat", dtype::F32, {6}, 6)});
   safetensors_file ds(fx.dir / "ds.safetensors");
   for (const char* ok : {"rows", "cols"}) {
     fx.module.dora_scale = tensor_ref{&ds, &ds.at(ok)};
