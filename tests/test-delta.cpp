@@ -503,7 +503,7 @@ TEST_CASE("fused rows: a module's delta rows placed in rows of a larger tensor (
 // kw ([1, in, 1, 1]); the reference written out index by index in double.
 TEST_CASE("LyCORIS dora_scale: per row and per input channel, multiplier on the rescaling, eps of its dtype") {
   const int64_t out = 7, in = 5, r = 3, k = 3;
-  for (dtype ds_type : {dtype::F32, dtype::BF16})
+  for (dtype ds_type : {dtype::F32, dtype::BF16, dtype::F16})
     for (bool on_out : {true, false})
       for (double weight : {1.0, 0.6, -0.4}) {
         module_fixture fx = make_module(layout::conv, out, in, r, dtype::F32, 31, false, k, k);
@@ -514,7 +514,7 @@ TEST_CASE("LyCORIS dora_scale: per row and per input channel, multiplier on the 
         const std::vector<double> m = read_f64(ds_file, "ds");
         fx.module.bias.reset();
         fx.module.dora_scale = tensor_ref{&ds_file, &ds_file.at("ds")};
-        const double eps = ds_type == dtype::BF16 ? 0x1p-7 : 0x1p-23;
+        const double eps = ds_type == dtype::BF16 ? 0x1p-7 : ds_type == dtype::F16 ? 0x1p-10 : 0x1p-23;
 
         // V at multiplier 1, whatever the weight
         std::vector<double> v = reference_delta(layout::conv, fx.a, fx.b, out, in, r, fx.module.scale, k, k);
