@@ -68,13 +68,14 @@ ordered_json module_json(const lora_module& m, const inspect_base_match* base) {
   j["rank"] = m.rank;
   j["alpha"] = m.alpha;
   j["scale"] = m.scale;
-  j["dora"] = m.dora;
+  j["dora"] = m.dora || m.dora_scale;
   j["fan_in_fan_out"] = m.fan_in_fan_out;
   if (m.kind == module_kind::parameter) j["experts"] = m.n_experts;
   j["a_shape"] = m.a.info->shape;
   j["b_shape"] = m.b.info->shape;
   j["dtype"] = std::string(dtype_name(m.a.info->type));
   if (m.magnitude) j["magnitude_shape"] = m.magnitude->info->shape;
+  if (m.dora_scale) j["dora_scale_shape"] = m.dora_scale->info->shape;  // LyCORIS weight decomposition
   if (m.bias) j["bias_shape"] = m.bias->info->shape;
   if (base) {
     j["base_shape"] = base->found ? ordered_json(base->shape) : ordered_json(nullptr);
@@ -303,8 +304,10 @@ void print_modules(const inspect_report& r, const adapter& a) {
       kind += " (fan_in_fan_out)";
     if (m.bias) kind += " +bias";
     rows.push_back({m.name, kind, std::to_string(m.rank), number_text(m.alpha), number_text(m.scale),
-                    m.dora ? "yes" : "no", shape_text(m.a.info->shape), shape_text(m.b.info->shape),
-                    std::string(dtype_name(m.a.info->type))});
+                    m.dora         ? "yes"
+                    : m.dora_scale ? "LyCORIS"
+                                   : "no",
+                    shape_text(m.a.info->shape), shape_text(m.b.info->shape), std::string(dtype_name(m.a.info->type))});
     if (with_base) {
       const inspect_base_match& b = r.base_matches[i];
       rows.back().push_back(b.found ? shape_text(b.shape) + " " + std::string(dtype_name(b.type)) : "not found");

@@ -304,12 +304,12 @@ void check_shape(lora_module& m, const tensor_info& w, const std::optional<std::
 void check_slices(lora_module& m, const model_files& base, const std::string& file,
                   std::vector<fit_problem>& problems) {
   const std::string& key = m.a.info->name;
-  if (m.dora || m.kind == module_kind::embedding || m.fan_in_fan_out) {
+  if (m.dora || m.dora_scale || m.kind == module_kind::embedding || m.fan_in_fan_out) {
     problems.push_back({key,
                         fmt::format("{} changes rows of {}: a {} module cannot", m.name, m.target,
-                                    m.dora             ? "DoRA"
-                                    : m.fan_in_fan_out ? "fan_in_fan_out"
-                                                       : "embedding"),
+                                    m.dora || m.dora_scale ? "DoRA"
+                                    : m.fan_in_fan_out     ? "fan_in_fan_out"
+                                                           : "embedding"),
                         fit_issue::shape});
     return;
   }

@@ -68,11 +68,15 @@ void require_low_rank(const adapter& a, std::string_view command) {
     throw errors::invalid(
         a.weights_path, "",
         fmt::format("{} does not take a diffusers LoRA file yet (no writer for its format)", command));
-  for (const lora_module& m : a.modules)
+  for (const lora_module& m : a.modules) {
+    if (m.dora_scale)
+      throw errors::invalid(a.weights_path, m.dora_scale->info->name,
+                            fmt::format("{} does not take LyCORIS weight decomposition (dora_scale) yet", command));
     if (m.form != delta_form::low_rank)
       throw errors::invalid(
           a.weights_path, m.name,
           fmt::format("{} works on LoRA factors (B A); this module is {}", command, delta_form_name(m.form)));
+  }
   for (const lora_module& m : a.modules)
     if (m.kind == module_kind::parameter)
       throw errors::invalid(a.weights_path, m.a.info->name,

@@ -92,6 +92,11 @@ struct lora_module {
   // stores [out], conv [1, out, 1, 1]: read it as n_elements values.
   std::optional<tensor_ref> magnitude;
   std::optional<tensor_ref> bias;  // lora_B.bias, [out]: added to "<name>.bias"
+  // LyCORIS weight decomposition (LoCon, LoHa, LoKr "<module>.dora_scale"):
+  // [out, 1, ...] (one magnitude per output row) or [1, in, 1, ...] (one per
+  // input channel). Not PEFT DoRA: `dora` and `magnitude` stay unset; the
+  // formula (its own eps, axis and multiplier rule) is core/delta's.
+  std::optional<tensor_ref> dora_scale;
   int64_t rank = 0;                // from the shapes (A rows == B columns)
   // PEFT: alpha_pattern (first match), else lora_alpha, else 8.
   // kohya: the .alpha scalar; absent or 0 reads as rank (sd-scripts LoRAModule).

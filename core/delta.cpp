@@ -91,6 +91,50 @@ void load_experts(delta_factors_t<T>& f, const lora_module& m, const std::vector
       for (size_t k = 0; k < nr; ++k) f.b[(x * no + o) * nr + k] = b[o * nr * ne + k * ne + x];
 }
 
+// LyCORIS weight decomposition: dora_scale [out, 1, ...] (a norm per row) or
+// [1, in, 1, ...] (a norm per input channel, LyCORIS wd_on_out = False),
+// checked against the target; eps = torch.finfo(dora_scale.dtype).eps
+// (LyCORIS @ f49d30d6, lycoris/modules/locon.py apply_weight_decompose:
+// the weight is cast to dora_scale's dtype before the norm).
+template <typename T>
+void load_dora_scale(delta_factors_t<T>& f, const lora_module& m, const std::vector<int64_t>& target_shape,
+                     const std::string& file, bool with_values) {
+  const tensor_ref& t = *m.dora_scale;
+  const std::vector<int64_t>& ds = t.info->shape;
+  if (m.dora || f.transposed)
+    throw errors::invalid(file, t.info->name,
+                          fmt::format("dora_scale on a {} module (LyCORIS weight decomposition applies to a "
+                                      "[out, in, ...] weight)",
+                                      m.dora ? "PEFT DoRA" : "transposed"));
+  auto ones_from = [&](size_t k) {
+    for (size_t i = k; i < ds.size(); ++i)
+      if (ds[i] != 1) return false;
+    return true;
+  };
+  const bool rows = ds.size() >= 2 && ds[0] == target_shape[0] && ones_from(1);
+  const bool cols =
+      !rows && target_shape.size() >= 2 && ds.size() >= 2 && ds[0] == 1 && ds[1] == target_shape[1] && ones_from(2);
+  if (!rows && !cols)
+    throw errors::shape_mismatch(
+        file, t.info->name,
+        fmt::format("[{}, 1, ...] (a norm per output row) or [1, {}, 1, ...] (a norm per input channel) for {} {}",
+                    target_shape[0], target_shape.size() >= 2 ? target_shape[1] : 1, m.target,
+                    shape_text(target_shape)),
+        shape_text(ds));
+  const dtype type = t.info->type;
+  if (!dtype_is_math(type))
+    throw errors::invalid(
+        file, t.info->name,
+        fmt::format("dtype {} is not supported for dora_scale (only F16, BF16, F32, F64)", dtype_name(type)));
+  f.dora = true;
+  f.dora_lycoris = true;
+  f.dora_columns = cols;
+  f.dora_group = cols ? f.n_cols / target_shape[1] : 1;
+  // torch.finfo(dtype).eps: 2^-(mantissa bits)
+  f.dora_eps = type == dtype::BF16 ? 0x1p-7 : type == dtype::F16 ? 0x1p-10 : type == dtype::F64 ? 0x1p-52 : 0x1p-23;
+  if (with_values) f.magnitude = decode<T>(t, file, m.name);
+}
+
 // Everything about a module's factors but their values: layout, rank, scale,
 // checked against the target (see load_delta_factors); `with_values` also
 // decodes A, B and the DoRA magnitudes.
@@ -111,13 +155,14 @@ delta_factors_t<T> load_factors(const lora_module& m, const std::vector<int64_t>
   if (m.form != delta_form::low_rank) {
     // LyCORIS: D formed by core/lycoris-delta (no DoRA, never transposed)
     if (m.dora || m.magnitude || m.bias)
-      throw errors::invalid(file, m.name,
-                            fmt::format("{} module with DoRA or a bias is not supported", delta_form_name(m.form)));
+      throw errors::invalid(
+          file, m.name, fmt::format("{} module with PEFT DoRA or a bias is not supported", delta_form_name(m.form)));
     if (f.transposed)
       throw errors::invalid(file, m.name,
                             fmt::format("{} module on a transposed ([in, out]) target", delta_form_name(m.form)));
     f.rank = m.rank;
     f.lycoris = std::make_shared<const lycoris_delta>(make_lycoris_delta(m, target_shape, file, with_values));
+    if (m.dora_scale) load_dora_scale(f, m, target_shape, file, with_values);
     return f;
   }
 
@@ -174,6 +219,7 @@ delta_factors_t<T> load_factors(const lora_module& m, const std::vector<int64_t>
     check_math_dtype(*m.magnitude, file, m.name);
     if (with_values) f.magnitude = decode<T>(*m.magnitude, file, m.name);
   }
+  if (m.dora_scale) load_dora_scale(f, m, target_shape, file, with_values);
   return f;
 }
 
@@ -186,26 +232,26 @@ void check_rows(const delta_factors_t<T>& f, int64_t row_begin, int64_t row_end)
 
 // DoRA, per-row norms: w_block rows already hold V; scale each row by m / ||V_row||.
 template <typename T>
-void dora_scale_rows(const delta_factors_t<T>& f, int64_t row_begin, int64_t row_end, T* w_block) {
+void dora_scale_rows(const delta_factors_t<T>& f, double weight, int64_t row_begin, int64_t row_end, T* w_block) {
   const size_t n_cols = static_cast<size_t>(f.n_cols);
   for (int64_t i = row_begin; i < row_end; ++i) {
     T* row = w_block + static_cast<size_t>(i - row_begin) * n_cols;
     double sq = 0;
     for (size_t j = 0; j < n_cols; ++j) sq += static_cast<double>(row[j]) * static_cast<double>(row[j]);
-    // W' = (m / ||V||) V
-    const double factor = static_cast<double>(f.magnitude[static_cast<size_t>(i)]) / std::sqrt(sq);
+    // W' = (m / ||V||) V (LyCORIS: dora_factor)
+    const double factor = dora_factor(f, static_cast<double>(f.magnitude[static_cast<size_t>(i)]), sq, weight);
     for (size_t j = 0; j < n_cols; ++j) row[j] = static_cast<T>(static_cast<double>(row[j]) * factor);
   }
 }
 
 template <typename T>
 void check_norms(const delta_factors_t<T>& f, size_t n) {
-  const size_t want = static_cast<size_t>(f.transposed ? f.n_cols : f.n_rows);
+  const size_t want = f.n_norms();
   if (n != want) throw errors::invalid("", f.target, fmt::format("{} DoRA norms for {} output features", n, want));
 }
 
 // DoRA: squares of V per output feature, rows [row_begin, row_end) of V in v_block
-// (per row: sq[i] = sum_j V[i, j]^2; per column: sq[j] += sum_i V[i, j]^2).
+// (per row: sq[i] = sum_j V[i, j]^2; per column: sq[j / group] += sum_i V[i, j]^2).
 template <typename T>
 void dora_norms_sq(const delta_factors_t<T>& f, int64_t row_begin, int64_t row_end, const T* v_block,
                    std::span<double> sq) {
@@ -214,35 +260,39 @@ void dora_norms_sq(const delta_factors_t<T>& f, int64_t row_begin, int64_t row_e
   const size_t n_cols = static_cast<size_t>(f.n_cols);
   for (int64_t i = row_begin; i < row_end; ++i) {
     const T* row = v_block + static_cast<size_t>(i - row_begin) * n_cols;
-    if (!f.transposed) {
+    if (!f.per_column()) {
       double s = 0;
       for (size_t j = 0; j < n_cols; ++j) s += static_cast<double>(row[j]) * static_cast<double>(row[j]);
       sq[static_cast<size_t>(i)] = s;
     } else {
-      for (size_t j = 0; j < n_cols; ++j) sq[j] += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+      const size_t g = static_cast<size_t>(f.transposed ? 1 : f.dora_group);
+      for (size_t j = 0; j < n_cols; ++j) sq[j / g] += static_cast<double>(row[j]) * static_cast<double>(row[j]);
     }
   }
 }
 
 // DoRA: W' = (m / sqrt(sq)) V per output feature, rows [row_begin, row_end) of V in w_block.
 template <typename T>
-void scale_by_norms(const delta_factors_t<T>& f, int64_t row_begin, int64_t row_end, T* w_block,
+void scale_by_norms(const delta_factors_t<T>& f, double weight, int64_t row_begin, int64_t row_end, T* w_block,
                     std::span<const double> sq) {
   check_rows(f, row_begin, row_end);
   check_norms(f, sq.size());
   const size_t n_cols = static_cast<size_t>(f.n_cols);
   std::vector<double> col_factor;
-  if (f.transposed) {
+  if (f.per_column()) {
+    // column j belongs to norm j / group (group 1 but for LyCORIS's per-input-channel conv)
+    const size_t g = static_cast<size_t>(f.transposed ? 1 : f.dora_group);
     col_factor.resize(n_cols);
-    for (size_t j = 0; j < n_cols; ++j) col_factor[j] = static_cast<double>(f.magnitude[j]) / std::sqrt(sq[j]);
+    for (size_t j = 0; j < n_cols; ++j)
+      col_factor[j] = dora_factor(f, static_cast<double>(f.magnitude[j / g]), sq[j / g], weight);
   }
   for (int64_t i = row_begin; i < row_end; ++i) {
     T* row = w_block + static_cast<size_t>(i - row_begin) * n_cols;
-    if (f.transposed) {
+    if (f.per_column()) {
       for (size_t j = 0; j < n_cols; ++j) row[j] = static_cast<T>(static_cast<double>(row[j]) * col_factor[j]);
     } else {
       const size_t ii = static_cast<size_t>(i);
-      const double factor = static_cast<double>(f.magnitude[ii]) / std::sqrt(sq[ii]);
+      const double factor = dora_factor(f, static_cast<double>(f.magnitude[ii]), sq[ii], weight);
       for (size_t j = 0; j < n_cols; ++j) row[j] = static_cast<T>(static_cast<double>(row[j]) * factor);
     }
   }
@@ -250,24 +300,24 @@ void scale_by_norms(const delta_factors_t<T>& f, int64_t row_begin, int64_t row_
 
 // DoRA, per-column norms (fan_in_fan_out, embedding): w holds all of V.
 template <typename T>
-void dora_scale_columns(const delta_factors_t<T>& f, T* w) {
-  std::vector<double> sq(static_cast<size_t>(f.n_cols), 0.0);
+void dora_scale_columns(const delta_factors_t<T>& f, double weight, T* w) {
+  std::vector<double> sq(f.n_norms(), 0.0);
   dora_norms_sq(f, 0, f.n_rows, w, sq);
-  // W'[:, j] = (m_j / ||V[:, j]||) V[:, j]
-  scale_by_norms<T>(f, 0, f.n_rows, w, sq);
+  // W'[:, j] = (m_j / ||V[:, j]||) V[:, j] (LyCORIS: dora_factor, per input channel)
+  scale_by_norms<T>(f, weight, 0, f.n_rows, w, sq);
 }
 
 template <typename T>
 void apply_rows(const delta_factors_t<T>& f, double weight, int64_t row_begin, int64_t row_end, T* w_block) {
   if (f.needs_whole_tensor() && (row_begin != 0 || row_end != f.n_rows))
     throw errors::invalid("", f.target, "DoRA with per-column norms needs the whole tensor at once");
-  // V = W + weight * s * dW
-  add_delta_rows(f, weight, row_begin, row_end, w_block);
+  // V = W + weight * s * dW (LyCORIS: V = W + s dW)
+  add_delta_rows(f, f.dora ? dora_v_weight(f, weight) : weight, row_begin, row_end, w_block);
   if (!f.dora) return;
-  if (f.transposed)
-    dora_scale_columns(f, w_block);
+  if (f.per_column())
+    dora_scale_columns(f, weight, w_block);
   else
-    dora_scale_rows(f, row_begin, row_end, w_block);
+    dora_scale_rows(f, weight, row_begin, row_end, w_block);
 }
 
 template <typename T>
@@ -333,7 +383,7 @@ void check_finite_factors(const lora_module& m, const std::string& file) {
   const lycoris_tensors& l = m.lycoris;
   auto opt = [](const std::optional<tensor_ref>& t) { return t ? &*t : nullptr; };
   for (const tensor_ref* t : {&m.a, &m.b, opt(m.magnitude), opt(m.bias), opt(l.w1), opt(l.w1_a), opt(l.w1_b), opt(l.w2),
-                              opt(l.w2_a), opt(l.w2_b), opt(l.t1), opt(l.t2), opt(l.mid)}) {
+                              opt(l.w2_a), opt(l.w2_b), opt(l.t1), opt(l.t2), opt(l.mid), opt(m.dora_scale)}) {
     if (t == nullptr) continue;
     const uint64_t bad = count_nonfinite(t->info->type, t->data());
     if (bad > 0)
@@ -598,14 +648,14 @@ void add_dora_norms_sq(const delta_factors_f64& f, int64_t row_begin, int64_t ro
 
 void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block,
                        std::span<const double> norms_sq) {
-  add_delta_rows(f, weight, row_begin, row_end, w_block);
-  if (f.dora) scale_by_norms(f, row_begin, row_end, w_block, norms_sq);
+  add_delta_rows(f, f.dora ? dora_v_weight(f, weight) : weight, row_begin, row_end, w_block);
+  if (f.dora) scale_by_norms(f, weight, row_begin, row_end, w_block, norms_sq);
 }
 
 void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_begin, int64_t row_end, double* w_block,
                        std::span<const double> norms_sq) {
-  add_delta_rows(f, weight, row_begin, row_end, w_block);
-  if (f.dora) scale_by_norms(f, row_begin, row_end, w_block, norms_sq);
+  add_delta_rows(f, f.dora ? dora_v_weight(f, weight) : weight, row_begin, row_end, w_block);
+  if (f.dora) scale_by_norms(f, weight, row_begin, row_end, w_block, norms_sq);
 }
 
 void add_bias_delta(const lora_module& m, double weight, std::span<float> bias, const std::string& file) {

@@ -38,8 +38,28 @@
 // LyCORIS forms (lora_module::form: LoHa, LoKr, LoCon with lora_mid): dW =
 // w s D with D the module's delta formed in double by core/lycoris-delta
 // (formulas and sources there), rows formed on demand; never transposed, no
-// DoRA. The f32 path adds each element as W + (w s D) computed in double
+// PEFT DoRA. The f32 path adds each element as W + (w s D) computed in double
 // and rounded once to f32; delta_element is exact in double.
+//
+// LyCORIS weight decomposition (lora_module::dora_scale, on LoCon, LoHa,
+// LoKr; KohakuBlueleaf/LyCORIS @ f49d30d6, lycoris/modules/{locon,loha,lokr}.py
+// get_merged_weight + apply_weight_decompose, the same code in all three):
+//   V  = W + s D                      (the delta at multiplier 1, whatever w)
+//   g  = m / (||V|| + eps)            eps = torch.finfo(dora_scale.dtype).eps:
+//                                     2^-23 F32, 2^-7 BF16, 2^-10 F16, 2^-52 F64
+//   W' = V * g                        at w = 1
+//   W' = V * (w (g - 1) + 1)          otherwise ("scale = multiplier * (scale - 1) + 1")
+// so the caller's weight w (adapter weight times --scale: LyCORIS's one
+// multiplier) acts on the rescaling, not on the delta; at w = 0 W' = V, not
+// W. The axis comes from dora_scale's shape (wd_on_out): [out, 1, ...] one
+// norm per output row over its in*kh*kw elements; [1, in, 1, ...] one norm
+// per input channel over out*kh*kw elements (columns c*kh*kw .. of the
+// [out, in*kh*kw] view). Formed in double; merge runs such tensors on its
+// f64 path (one rounding to the output dtype). ComfyUI differs
+// (comfy/weight_adapter/base.py weight_decompose): on the output axis it
+// takes the norm of the original W, eps follows the base's dtype, and the
+// strength is applied as W + strength (W' - W); we follow LyCORIS, which
+// trained the files.
 //
 // Precision: the f32 path runs one cblas_sgemm per row block with alpha = w s
 // and beta = 1, accumulating straight into a converted f32 block of W (no
@@ -47,6 +67,7 @@
 // loops in double, for tests and `lora verify`.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -89,17 +110,49 @@ struct delta_factors_t {
   // LyCORIS forms: the delta D (dW = s D); a and b are then empty and rank
   // is the module's (for error bounds). Shared: copies of the factors share it.
   std::shared_ptr<const lycoris_delta> lycoris;
+  // LyCORIS weight decomposition (lora_module::dora_scale): `dora` is set and
+  // `magnitude` holds dora_scale's values; formula in the header comment.
+  bool dora_lycoris = false;
+  bool dora_columns = false;  // [1, in, ...]: one norm per input channel
+  int64_t dora_group = 1;     // per input channel: columns per norm (kh * kw)
+  double dora_eps = 0;        // added to each norm (finfo(dora_scale dtype).eps)
 
+  // Norms per column (PEFT transposed) or per column group (LyCORIS [1, in, ...]).
+  bool per_column() const noexcept { return transposed || dora_columns; }
   // DoRA with per-column norms needs every row of V before any row is final.
-  bool needs_whole_tensor() const noexcept { return dora && transposed; }
+  bool needs_whole_tensor() const noexcept { return dora && per_column(); }
+  // The number of DoRA norms: rows, columns, or input channels.
+  size_t n_norms() const noexcept {
+    return static_cast<size_t>(!per_column() ? n_rows : transposed ? n_cols : n_cols / dora_group);
+  }
 };
+
+// The weight V = W + weight' dW is formed at for DoRA: PEFT weight' = w,
+// LyCORIS 1 (its multiplier acts on the rescaling). Pure.
+template <typename T>
+double dora_v_weight(const delta_factors_t<T>& f, double weight) noexcept {
+  return f.dora_lycoris ? 1.0 : weight;
+}
+
+// The factor DoRA multiplies V's elements of one norm by, from the
+// magnitude m, the squared norm ||V||^2 and the caller's weight w: PEFT
+// m / ||V||; LyCORIS g = m / (||V|| + eps), w == 1 ? g : w (g - 1) + 1
+// (see the header comment). Pure.
+template <typename T>
+double dora_factor(const delta_factors_t<T>& f, double magnitude, double norm_sq, double weight) noexcept {
+  if (!f.dora_lycoris) return magnitude / std::sqrt(norm_sq);
+  const double g = magnitude / (std::sqrt(norm_sq) + f.dora_eps);
+  return weight == 1.0 ? g : weight * (g - 1.0) + 1.0;
+}
 using delta_factors = delta_factors_t<float>;
 using delta_factors_f64 = delta_factors_t<double>;
 
-// Converts m.a, m.b (and m.magnitude for DoRA) and checks them against
-// `target_shape` (the base tensor's shape): B's rows and A's columns must
-// match the target's view, the rank must agree, a conv A must match the
-// kernel. `file` names the adapter in messages.
+// Converts m.a, m.b (and m.magnitude for DoRA, m.dora_scale for LyCORIS
+// weight decomposition) and checks them against `target_shape` (the base
+// tensor's shape): B's rows and A's columns must match the target's view,
+// the rank must agree, a conv A must match the kernel, dora_scale must be
+// [out, 1, ...] or [1, in, 1, ...] of the target. `file` names the adapter
+// in messages.
 // Throws lora::error: exit 3 (shape_mismatch / invalid, naming the adapter
 // key) for a disagreeing shape or a dtype that is not F16/BF16/F32/F64.
 // Borrows nothing: the factors own their converted copies.
@@ -111,8 +164,8 @@ delta_factors_f64 load_delta_factors_f64(const lora_module& m, const std::vector
 // the adapter's size).
 void check_delta_factors(const lora_module& m, const std::vector<int64_t>& target_shape, const std::string& file);
 
-// Scans the module's tensors as stored (lora_A, lora_B, and the DoRA
-// magnitude and lora_B bias when present) for NaN or infinite values, by
+// Scans the module's tensors as stored (lora_A, lora_B, the LyCORIS
+// tensors, and the DoRA magnitude, dora_scale and lora_B bias when present) for NaN or infinite values, by
 // their bits (nothing converted). Every command runs it in its check phase,
 // before computing or writing anything (merge --dry-run included).
 // Throws lora::error (exit 3) naming `file` and the first tensor holding one.
@@ -191,7 +244,9 @@ class exact_rounding {
 // (W0 plus any earlier adapter's contribution):
 //   plain LoRA: W += weight * dW;
 //   DoRA:       V = W + weight * dW; W = (m / ||V||) * V (norm per output
-//               feature, computed in double).
+//               feature, computed in double);
+//   LyCORIS weight decomposition: V = W + dW; W = V * dora_factor (header
+//               comment; norms per row or per input channel).
 // DoRA with per-column norms (needs_whole_tensor()) requires the whole
 // tensor: row_begin == 0 and row_end == n_rows, else throws exit 3.
 void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block);
@@ -199,11 +254,12 @@ void apply_module_rows(const delta_factors_f64& f, double weight, int64_t row_be
 
 // DoRA in row blocks, first pass: the squared L2 norm of V = W + weight * dW
 // per output feature, from rows [row_begin, row_end) of V held in v_block
-// (W's rows after add_delta_rows): per row, norms_sq[i] = sum_j V[i, j]^2
-// for those rows; per column (needs_whole_tensor()), norms_sq[j] +=
-// sum_i V[i, j]^2, so the caller zeroes norms_sq and feeds every row block
-// once (rows in increasing order give the sums apply_module_rows forms).
-// norms_sq has one entry per output feature (f.magnitude.size()). Throws
+// (W's rows after add_delta_rows at dora_v_weight): per row, norms_sq[i] =
+// sum_j V[i, j]^2 for those rows; per column (needs_whole_tensor()),
+// norms_sq[j / group] += sum_i V[i, j]^2 (group 1, or kh*kw for LyCORIS's
+// per-input-channel form), so the caller zeroes norms_sq and feeds every
+// row block once (rows in increasing order give the sums apply_module_rows
+// forms). norms_sq has f.n_norms() entries. Throws
 // exit 3 for out-of-range rows or a norms_sq of another size.
 void add_dora_norms_sq(const delta_factors& f, int64_t row_begin, int64_t row_end, const float* v_block,
                        std::span<double> norms_sq);
@@ -211,8 +267,8 @@ void add_dora_norms_sq(const delta_factors_f64& f, int64_t row_begin, int64_t ro
                        std::span<double> norms_sq);
 
 // apply_module_rows for any row block, DoRA with V's squared norms given
-// (add_dora_norms_sq over every row, same weight): V = W + weight * dW;
-// W = (m / sqrt(norms_sq)) * V per output feature. The second pass of a
+// (add_dora_norms_sq over every row, same weight): V = W + dora_v_weight *
+// dW; W = dora_factor(m, norms_sq, weight) * V per norm. The second pass of a
 // per-column DoRA done in blocks; the same values as the whole-tensor call.
 // Plain LoRA ignores norms_sq. Throws exit 3 as add_dora_norms_sq.
 void apply_module_rows(const delta_factors& f, double weight, int64_t row_begin, int64_t row_end, float* w_block,

@@ -116,6 +116,7 @@ struct parts {
   const tensor_info* down = nullptr;
   const tensor_info* up = nullptr;
   const tensor_info* alpha = nullptr;
+  const tensor_info* dora_scale = nullptr;
 };
 
 // Sorts every key of the file into down / up / alpha of a module.
@@ -140,10 +141,11 @@ std::map<std::string, parts> group_keys(const safetensors_file& f, const std::st
       slot = &by_module[module].up;
     else if (take(".alpha"))
       slot = &by_module[module].alpha;
-    else if (key.ends_with(".dora_scale"))
-      throw errors::invalid(label, t.name, "DoRA in a kohya / LyCORIS file (dora_scale) is not supported");
+    else if (take(".dora_scale"))
+      slot = &by_module[module].dora_scale;
     else
-      throw errors::invalid(label, t.name, "unknown kohya key (expected .lora_down.weight, .lora_up.weight or .alpha)");
+      throw errors::invalid(label, t.name,
+                            "unknown kohya key (expected .lora_down.weight, .lora_up.weight, .alpha or .dora_scale)");
     if (module.find('.') != std::string::npos) throw errors::invalid(label, t.name, "kohya module name contains '.'");
     *slot = &t;
   }
@@ -191,8 +193,13 @@ lora_module pair(const safetensors_file& f, const std::string& label, const std:
 
 void load(adapter& a) {
   const safetensors_file& f = *a.file;
-  for (const auto& [name, p] : group_keys(f, a.weights_path))
+  for (const auto& [name, p] : group_keys(f, a.weights_path)) {
+    if (p.dora_scale && !p.down && !p.up)
+      throw errors::invalid(a.weights_path, p.dora_scale->name, "dora_scale without lora_down and lora_up");
     a.modules.push_back(pair(f, a.weights_path, name, p.down, p.up, p.alpha));
+    // kohya-style DoRA files (LyCORIS's LoCon with weight decomposition)
+    if (p.dora_scale) a.modules.back().dora_scale = tensor_ref{&f, p.dora_scale};
+  }
 }
 
 keyed_tensors tensors(const adapter_data& d, const std::string& label) {

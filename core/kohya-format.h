@@ -118,8 +118,11 @@ bool is_lora_key(std::string_view key) noexcept;
 // the scale is 1, as sd-scripts' LoRAModule), module names left as kohya
 // names for fit_adapter to resolve. Throws lora::error (exit 3) naming the
 // file and key: no known prefix, an unknown suffix, a missing half, shapes
-// that disagree, rank 0, an alpha that is not a finite float scalar,
-// dora_scale (kohya DoRA).
+// that disagree, rank 0, an alpha that is not a finite float scalar, a
+// dora_scale without its lora_down / lora_up. A "<module>.dora_scale" (the
+// LyCORIS key kohya DoRA files use) is kept in lora_module::dora_scale; its
+// shape and values are checked by core/delta. sd-scripts (@ 48d368fa,
+// networks/) reads no dora_scale: the semantics are LyCORIS's.
 void load(adapter& a);
 
 // The value of an ".alpha" tensor `t` of `f`: a finite float scalar of any

@@ -851,6 +851,14 @@ logits_result model_forward(const model_files& model, const hf_config& c, std::s
                             std::optional<dtype> round_weights_to) {
   // 1. check the input; the family's description
   check_forward_input(c, tokens);
+  // LyCORIS weight decomposition is not applied unmerged (its rescaling of V
+  // at multiplier 1 is not one per output; see core/delta): refused by name
+  for (const weighted_adapter& wa : adapters)
+    for (const lora_module& m : wa.a->modules)
+      if (m.dora_scale)
+        throw errors::invalid(wa.a->weights_path, m.dora_scale->info->name,
+                              "the forward pass does not apply LyCORIS weight decomposition (dora_scale) unmerged: "
+                              "merge it and run the merged model");
   const model_family family = describe_family(c, model);
   set_blas_threads(1);  // the weight products share their row blocks out to `threads` threads
   const weights w(model, c, adapters, threads, block_elements, round_weights_to);

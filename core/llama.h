@@ -126,7 +126,8 @@ struct weighted_adapter {
 // merged model of that dtype holds it).
 // Throws lora::error: exit 2 for no tokens, a token id outside [0, vocab) or
 // (gpt2) more tokens than learned positions; exit 3 for a DoRA module that
-// shares its tensor with another adapter's;
+// shares its tensor with another adapter's, or a LyCORIS dora_scale (weight
+// decomposition, which the forward pass does not apply unmerged);
 // exit 3 for a missing tensor or wrong shape (naming it), a non-arithmetic
 // dtype, a module kind the forward pass
 // does not apply (fan_in_fan_out, conv).

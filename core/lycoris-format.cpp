@@ -42,6 +42,7 @@ constexpr suffix suffixes[] = {
     {".lokr_w2_b", delta_form::lokr},
     {".lokr_t2", delta_form::lokr},
     {".alpha", delta_form::low_rank},
+    {".dora_scale", delta_form::low_rank},  // any algorithm's (weight decomposition)
 };
 
 // One module's tensors by suffix (".hada_w1_a" -> its info).
@@ -56,17 +57,13 @@ std::map<std::string, parts> group_keys(const safetensors_file& f, const std::st
     if (prefix.empty() || key.size() == prefix.size())
       throw errors::invalid(label, t.name,
                             fmt::format("LyCORIS key without a known prefix ({})", fmt::join(kohya::prefixes, ", ")));
-    if (key.ends_with(".dora_scale"))
-      throw errors::invalid(label, t.name,
-                            "LyCORIS weight decomposition (dora_scale) is not supported yet: its norm axis and eps "
-                            "differ from PEFT DoRA");
     const suffix* found = nullptr;
     for (const suffix& s : suffixes)
       if (key.ends_with(s.text) && key.size() > s.text.size()) found = &s;
     if (found == nullptr)
       throw errors::invalid(label, t.name,
                             "unknown LyCORIS key (expected lora_down/lora_up/lora_mid .weight, hada_w1_a..hada_t2, "
-                            "lokr_w1..lokr_t2 or alpha)");
+                            "lokr_w1..lokr_t2, alpha or dora_scale)");
     const std::string module(key.substr(0, key.size() - found->text.size()));
     if (module.find('.') != std::string::npos) throw errors::invalid(label, t.name, "LyCORIS module name contains '.'");
     by_module[module][found->text] = &t;
@@ -161,11 +158,16 @@ void load(adapter& a) {
   const safetensors_file& f = *a.file;
   for (const auto& [name, p] : group_keys(f, a.weights_path)) {
     const delta_form form = form_of(a.weights_path, name, p);
+    const tensor_info* dora_scale = get(p, ".dora_scale");
+    if (form == delta_form::low_rank && dora_scale && !get(p, ".lora_down.weight") && !get(p, ".lora_up.weight"))
+      throw errors::invalid(a.weights_path, dora_scale->name, "dora_scale without the tensors of a LyCORIS module");
     if (form == delta_form::low_rank)
       a.modules.push_back(kohya::pair(f, a.weights_path, name, get(p, ".lora_down.weight"), get(p, ".lora_up.weight"),
                                       get(p, ".alpha")));
     else
       a.modules.push_back(read_module(f, a.weights_path, name, p, form));
+    // weight decomposition: its shape, dtype and values are checked by core/delta
+    if (dora_scale) a.modules.back().dora_scale = tensor_ref{&f, dora_scale};
   }
 }
 

@@ -6,6 +6,8 @@
 //   LoKr          lokr_w1 | lokr_w1_a + lokr_w1_b, lokr_w2 | lokr_w2_a + lokr_w2_b (+ lokr_t2), alpha
 //   LoCon+Tucker  lora_down.weight, lora_mid.weight, lora_up.weight, alpha
 //   LoCon / LoRA  lora_down.weight, lora_up.weight, alpha (as core/kohya-format)
+// and, on any of them, dora_scale (weight decomposition, DoRA: kept in
+// lora_module::dora_scale; the merged weight is core/delta's).
 // The delta of each form is computed by core/lycoris-delta (formulas and
 // sources there); names resolve through core/name-map like kohya names.
 //
@@ -39,7 +41,7 @@ bool is_lycoris_key(std::string_view key) noexcept;
 // (core/lycoris-delta). Throws lora::error (exit 3) naming the file and
 // key: no known prefix, an unknown suffix, tensors of two algorithms in one
 // module, a missing tensor, shapes that disagree, an alpha that is not a
-// finite float scalar, dora_scale (LyCORIS weight decomposition: not read yet).
+// finite float scalar, a dora_scale without the module's other tensors.
 void load(adapter& a);
 
 }  // namespace lora::lycoris

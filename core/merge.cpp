@@ -313,8 +313,12 @@ void run_job(const tensor_job& job, std::vector<std::unique_ptr<safetensors_writ
   }
   // f64 arithmetic when either side is F64 (no double rounding through f32),
   // and for FP8 weights (an E4M3 code times its f32 scale is exact in f64,
-  // and the merged value is rounded once, to E4M3 or to --dtype)
-  if (job.out_type == dtype::F64 || job.source.info->type == dtype::F64 || job.scale)
+  // and the merged value is rounded once, to E4M3 or to --dtype), and for
+  // LyCORIS weight decomposition (V, its norms and the rescaled weight in
+  // double, rounded once: core/delta)
+  const bool lycoris_dora =
+      std::any_of(job.deltas.begin(), job.deltas.end(), [](const contribution& c) { return c.module->dora_scale; });
+  if (job.out_type == dtype::F64 || job.source.info->type == dtype::F64 || job.scale || lycoris_dora)
     run_compute<double>(job, writers, allow_nonfinite);
   else
     run_compute<float>(job, writers, allow_nonfinite);

@@ -237,14 +237,14 @@ struct adapter_set {
 // DoRA's first pass: ||V_o||^2 per output feature, V = W0 + w s dW, block by block.
 std::vector<double> dora_norms_sq(const delta_factors_f64& f, double weight, const tensor_ref& base,
                                   const fp8_index& fx) {
-  std::vector<double> sq(f.magnitude.size(), 0.0), v;
+  std::vector<double> sq(f.n_norms(), 0.0), v;
   std::vector<uint8_t> buf;
   const size_t n_rows = static_cast<size_t>(f.n_rows), n_cols = static_cast<size_t>(f.n_cols);
   for (size_t rb = 0; rb < n_rows; rb += rows_per_block(n_cols)) {
     check_interrupted();
     const size_t re = std::min(n_rows, rb + rows_per_block(n_cols));
     read_rows_f64(base, n_cols, rb, re, buf, v, fx);
-    add_delta_rows(f, weight, static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data());
+    add_delta_rows(f, dora_v_weight(f, weight), static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data());
     add_dora_norms_sq(f, static_cast<int64_t>(rb), static_cast<int64_t>(re), v.data(), sq);
   }
   return sq;
@@ -296,11 +296,12 @@ tensor_deltas load_tensor_deltas(const std::vector<contribution>& cs, const tens
     for (size_t i = 0; i < bounds.size(); ++i) d.row_bounds[i] += std::fabs(c.weight) * bounds[i];
     d.rank += f.rank;
     if (f.dora) {
-      // DoRA rescales V by m / ||V||: the slack scales with it (|E| / |V| = |m_o| / ||V_o||, at least 1)
+      // DoRA rescales V by m / ||V||: the slack scales with it (|E| / |V| = |m_o| / ||V_o||, at least 1;
+      // LyCORIS: its dora_factor)
       d.norms = dora_norms_sq(f, c.weight, b, fx);
       double gain = 1;
       for (size_t o = 0; o < d.norms.size(); ++o)
-        if (d.norms[o] > 0) gain = std::max(gain, std::fabs(f.magnitude[o] / std::sqrt(d.norms[o])));
+        if (d.norms[o] > 0) gain = std::max(gain, std::fabs(dora_factor(f, f.magnitude[o], d.norms[o], c.weight)));
       for (double& t : d.row_bounds) t *= gain;
     }
     d.factors.emplace_back(std::move(f), c.weight);
@@ -613,7 +614,7 @@ layer_check layer_header(const std::vector<contribution>& cs) {
              : m.fan_in_fan_out               ? layer_module::fan_in_fan_out
                                               : layer_module::linear;
   for (const contribution& k : cs) {
-    c.dora = c.dora || k.module->dora;
+    c.dora = c.dora || k.module->dora || k.module->dora_scale;
     c.bias = c.bias || k.module->bias;
   }
   c.n_adapters = cs.size();
@@ -809,6 +810,23 @@ class layer_run {
     n_ = static_cast<size_t>(n_inputs);
     x_ = seeded_inputs(c_.module == layer_module::embedding, s_.n_in, n_, seed, index);
     acc_ = layer_sums(n_, s_.n_out);
+
+    // LyCORIS weight decomposition (alone on its tensor): its rescaling is
+    // not one per output, so the reference is W' x with W' formed in double
+    // through core/delta (apply_module_rows, V's norms from a first pass);
+    // the slack of the delta scales with the largest |factor| (at least 1)
+    const delta_factors_f64& f0 = fs_.front();
+    if (c_.dora && f0.dora_lycoris) {
+      lycoris_norms_ = dora_norms_sq(f0, cs.front().weight, b_, fx);
+      double gain = 1;
+      for (size_t k = 0; k < lycoris_norms_.size(); ++k)
+        if (lycoris_norms_[k] > 0)
+          gain = std::max(gain, std::fabs(dora_factor(f0, f0.magnitude[k], lycoris_norms_[k], cs.front().weight)));
+      for (double& t : t_bound_) t *= gain;
+      lycoris_plain_ = f0;
+      lycoris_plain_.dora = false;  // accumulate_rows sums W' x only
+      lycoris_ = true;
+    }
   }
 
   // False when the check failed before any row (missing, shape, dtype).
@@ -820,7 +838,16 @@ class layer_run {
 
   // Stored rows [rb, re) of W0 and W~, in double; rows come in order, each once.
   void add_rows(size_t rb, size_t re, const double* w0, const double* wm) {
-    accumulate_rows(fs_.front(), s_, cs_.front().weight, rb, re, w0, wm, t_bound_, x_.data(), n_, acc_, v_buf_);
+    if (lycoris_) {
+      // W' = the merged value in double (core/delta), then W' x and W~ x
+      w_prime_.assign(w0, w0 + (re - rb) * s_.n_cols);
+      apply_module_rows(fs_.front(), cs_.front().weight, static_cast<int64_t>(rb), static_cast<int64_t>(re),
+                        w_prime_.data(), lycoris_norms_);
+      accumulate_rows(lycoris_plain_, s_, cs_.front().weight, rb, re, w_prime_.data(), wm, t_bound_, x_.data(), n_,
+                      acc_, v_buf_);
+    } else {
+      accumulate_rows(fs_.front(), s_, cs_.front().weight, rb, re, w0, wm, t_bound_, x_.data(), n_, acc_, v_buf_);
+    }
     rows_done_ = re;
   }
 
@@ -843,6 +870,10 @@ class layer_run {
   // 5. y~ = W~ x against y_ref = W0 x + the adapters unmerged, element by element
   layer_check finish() {
     if (failed_) return c_;
+    if (lycoris_) {
+      compare_outputs(c_, s_, nullptr, t_bound_, x_, n_, acc_, acc_.y0, tol_, c_.bias ? &lb_ : nullptr);
+      return c_;
+    }
     std::vector<double> y_ref = acc_.y0;
     for (size_t k = 0; k < fs_.size(); ++k) {
       if (cs_[k].slice)
@@ -876,6 +907,12 @@ class layer_run {
   layer_sums acc_;
   std::vector<double> v_buf_;
   size_t rows_done_ = 0;
+  // LyCORIS weight decomposition: V's norms, the factors without the
+  // rescaling, a block of W'
+  bool lycoris_ = false;
+  std::vector<double> lycoris_norms_;
+  delta_factors_f64 lycoris_plain_;
+  std::vector<double> w_prime_;
 };
 
 // A whole layer check with its own pass over the rows.
@@ -921,6 +958,8 @@ std::string layer_kind_text(const layer_check& c) {
 std::vector<double> unmerged_layer_output(const delta_factors_f64& f, std::span<const double> w0,
                                           std::span<const double> x, double weight) {
   const layer_shape s = shape_of(f);
+  if (f.dora_lycoris)
+    throw errors::invalid("", f.target, "internal: no unmerged layer output for LyCORIS weight decomposition");
   if (w0.size() != s.n_rows * s.n_cols || s.n_in == 0 || x.size() % s.n_in != 0)
     throw errors::invalid("", f.target,
                           fmt::format("{} input values and a W0 of {} do not fit a [{}, {}] weight", x.size(),
@@ -1009,7 +1048,8 @@ adapter_set load_adapters(const verify_options& o, const model_files& base,
       std::vector<contribution>& on = set.modules[m.target];
       if (on.empty()) set.targets.push_back(m.target);
       on.push_back({&m, w, &a.weights_path});
-      if (on.size() > 1 && std::any_of(on.begin(), on.end(), [](const contribution& c) { return c.module->dora; }))
+      if (on.size() > 1 && std::any_of(on.begin(), on.end(),
+                                       [](const contribution& c) { return c.module->dora || c.module->dora_scale; }))
         throw errors::invalid(a.weights_path, m.name,
                               "a DoRA module shares its tensor with another adapter's: verify checks DoRA alone");
       if (m.bias) set.biases[m.name + ".bias"].push_back({&m, w, &a.weights_path});
@@ -1247,6 +1287,16 @@ verify_report verify_merge(const verify_options& o, const progress_fn& progress_
     r.model.skipped = "FP8 forward of the merged model not checked: no logit tolerance for requantized FP8 weights yet";
     model_in.reset();
   }
+  // the forward pass applies no LyCORIS weight decomposition unmerged
+  for (const adapter& a : set.adapters)
+    for (const lora_module& m : a.modules)
+      if (model_in && m.dora_scale) {
+        r.model.skipped = fmt::format(
+            "{} has LyCORIS weight decomposition (dora_scale), which the forward pass does "
+            "not apply unmerged",
+            m.name);
+        model_in.reset();
+      }
 
   // 2. + 3. weight and layer levels in one pass over both models: every base
   // tensor against its expected value, block by block; every adapted module

@@ -600,3 +600,98 @@ TEST_CASE("experts: PEFT ParamWrapper on [E, out, in] and [E, in, out], per-expe
   check_experts(false);
   check_experts(true);
 }
+
+// LyCORIS weight decomposition (dora_scale) on a LoCon module: V = W0 + s B A
+// at multiplier 1, g = m / (||V|| + eps), W' = V g (w = 1) or V (w (g - 1) + 1),
+// the norm per output row ([out, 1, 1, 1]) or per input channel over out, kh,
+// kw ([1, in, 1, 1]); the reference written out index by index in double.
+TEST_CASE("LyCORIS dora_scale: per row and per input channel, multiplier on the rescaling, eps of its dtype") {
+  const int64_t out = 7, in = 5, r = 3, k = 3;
+  for (dtype ds_type : {dtype::F32, dtype::BF16, dtype::F16})
+    for (bool on_out : {true, false})
+      for (double weight : {1.0, 0.6, -0.4}) {
+        module_fixture fx = make_module(layout::conv, out, in, r, dtype::F32, 31, false, k, k);
+        const std::vector<int64_t> ds_shape =
+            on_out ? std::vector<int64_t>{out, 1, 1, 1} : std::vector<int64_t>{1, in, 1, 1};
+        write_safetensors(fx.dir / "ds.safetensors", {random_tensor("ds", ds_type, ds_shape, 41, 2.0, 6.0)});
+        safetensors_file ds_file(fx.dir / "ds.safetensors");
+        const std::vector<double> m = read_f64(ds_file, "ds");
+        fx.module.bias.reset();
+        fx.module.dora_scale = tensor_ref{&ds_file, &ds_file.at("ds")};
+        const double eps = ds_type == dtype::BF16 ? 0x1p-7 : ds_type == dtype::F16 ? 0x1p-10 : 0x1p-23;
+
+        // V at multiplier 1, whatever the weight
+        std::vector<double> v = reference_delta(layout::conv, fx.a, fx.b, out, in, r, fx.module.scale, k, k);
+        for (size_t i = 0; i < v.size(); ++i) v[i] += fx.w0[i];
+        const size_t kk = static_cast<size_t>(k * k), n_cols = static_cast<size_t>(in) * kk;
+        const size_t n_norms = static_cast<size_t>(on_out ? out : in);
+        std::vector<double> sq(n_norms, 0.0);
+        for (size_t o = 0; o < static_cast<size_t>(out); ++o)
+          for (size_t c = 0; c < static_cast<size_t>(in); ++c)
+            for (size_t hw = 0; hw < kk; ++hw) {
+              const double x = v[o * n_cols + c * kk + hw];
+              sq[on_out ? o : c] += x * x;
+            }
+        std::vector<double> want(v.size());
+        for (size_t o = 0; o < static_cast<size_t>(out); ++o)
+          for (size_t c = 0; c < static_cast<size_t>(in); ++c)
+            for (size_t hw = 0; hw < kk; ++hw) {
+              const size_t at = on_out ? o : c;
+              const double g = m[at] / (std::sqrt(sq[at]) + eps);
+              const double factor = weight == 1.0 ? g : weight * (g - 1) + 1;
+              want[o * n_cols + c * kk + hw] = v[o * n_cols + c * kk + hw] * factor;
+            }
+
+        delta_factors_f64 f64 = load_delta_factors_f64(fx.module, fx.target_shape, "m");
+        CHECK(f64.dora_lycoris);
+        CHECK(f64.needs_whole_tensor() == !on_out);
+        CHECK(f64.n_norms() == n_norms);
+        CHECK_NOTHROW(check_delta_factors(fx.module, fx.target_shape, "m"));
+        // the whole tensor at once
+        std::vector<double> wd = fx.w0;
+        apply_module_rows(f64, weight, 0, out, wd.data());
+        // two passes in blocks of 3 rows: norms of V, then the rescaling
+        std::vector<double> norms(f64.n_norms(), 0.0), wb = fx.w0;
+        for (int64_t rb = 0; rb < out; rb += 3) {
+          const int64_t re = std::min<int64_t>(out, rb + 3);
+          std::vector<double> block(wb.begin() + rb * static_cast<int64_t>(n_cols),
+                                    wb.begin() + re * static_cast<int64_t>(n_cols));
+          add_delta_rows(f64, dora_v_weight(f64, weight), rb, re, block.data());
+          add_dora_norms_sq(f64, rb, re, block.data(), norms);
+        }
+        for (int64_t rb = 0; rb < out; rb += 3)
+          apply_module_rows(f64, weight, rb, std::min<int64_t>(out, rb + 3),
+                            wb.data() + rb * static_cast<int64_t>(n_cols), norms);
+        double worst = 0, worst_b = 0, moved = 0;
+        for (size_t i = 0; i < want.size(); ++i) {
+          worst = std::max(worst, std::fabs(wd[i] - want[i]) / (std::fabs(want[i]) + 1e-3));
+          worst_b = std::max(worst_b, std::fabs(wb[i] - want[i]) / (std::fabs(want[i]) + 1e-3));
+          moved = std::max(moved, std::fabs(want[i] - v[i]) / (std::fabs(v[i]) + 1e-3));
+        }
+        CHECK(worst < 1e-14);
+        CHECK(worst_b < 1e-14);
+        CHECK(moved > 0.05);  // the rescaling is not the identity: the test can fail
+      }
+}
+
+TEST_CASE("LyCORIS dora_scale: a shape of neither axis form or a non-float dtype is refused, exit 3, naming it") {
+  module_fixture fx = make_module(layout::conv, 6, 4, 2, dtype::F32, 51, false, 3, 3);
+  fx.module.bias.reset();
+  write_safetensors(
+      fx.dir / "ds.safetensors",
+      {random_tensor("rows", dtype::F32, {6, 1, 1, 1}, 1), random_tensor("cols", dtype::F32, {1, 4, 1, 1}, 2),
+       random_tensor("wide", dtype::F32, {6, 2}, 3), random_tensor("in3", dtype::F32, {1, 4, 3, 1}, 4),
+       random_tensor("short", dtype::F32, {5, 1, 1, 1}, 5), random_tensor("flat", dtype::F32, {6}, 6)});
+  safetensors_file ds(fx.dir / "ds.safetensors");
+  for (const char* ok : {"rows", "cols"}) {
+    fx.module.dora_scale = tensor_ref{&ds, &ds.at(ok)};
+    CHECK_NOTHROW(check_delta_factors(fx.module, fx.target_shape, "m"));
+  }
+  for (const char* bad : {"wide", "in3", "short", "flat"}) {
+    fx.module.dora_scale = tensor_ref{&ds, &ds.at(bad)};
+    const lora::error e = thrown([&] { check_delta_factors(fx.module, fx.target_shape, "m"); });
+    CHECK(e.code() == exit_code::invalid_input);
+    CHECK(has(e.what(), bad));
+    CHECK(has(e.what(), "a norm per output row"));
+  }
+}

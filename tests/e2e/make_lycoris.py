@@ -202,3 +202,86 @@ adapter(
         "up_blocks.0.attentions.0.proj_in": locon_linear("up_blocks.0.attentions.0.proj_in", 4, 2.0),
     },
 )
+
+
+# ---------------------------------------------------------------- weight decomposition (dora_scale)
+# LyCORIS @ f49d30d6, lycoris/modules/{locon,loha,lokr}.py get_merged_weight +
+# apply_weight_decompose (the same code in the three):
+#   V = W0 + dW (the module's delta at multiplier 1)
+#   norm: wd_on_out, dora_scale [out, 1, ...]: over each output row;
+#         else dora_scale [1, in, 1, ...]: over out, kh, kw of each input channel
+#   g = dora_scale / (norm + torch.finfo(dora_scale.dtype).eps)
+#   W' = V * g, and for a multiplier w != 1: V * (w * (g - 1) + 1)
+# dora_scale is stored in DTYPE, so eps is 2^-7 (BF16) or 2^-23 (F32).
+EPS = 2.0**-7 if DTYPE == "BF16" else 2.0**-23
+DORA_WEIGHT = 0.6  # the --weight of the second merge (e2e-lycoris.sh)
+
+
+def decompose(path, parts, delta, on_out, w):
+    """The LyCORIS merged weight of a module with dora_scale, in float64."""
+    w0 = base[path + ".weight"]
+    v = w0 + delta
+    shape = w0.shape
+    if on_out:
+        norm = np.sqrt((v.reshape(shape[0], -1) ** 2).sum(axis=1)).reshape(shape[0], *[1] * (len(shape) - 1))
+        m = exact(norm * (1 + 0.2 * rng.uniform(-1, 1, norm.shape)))
+    else:
+        axes = tuple(i for i in range(len(shape)) if i != 1)
+        norm = np.sqrt((v**2).sum(axis=axes, keepdims=True))  # [1, in, 1, ...]
+        m = exact(norm * (1 + 0.2 * rng.uniform(-1, 1, norm.shape)))
+    parts = dict(parts)
+    parts[".dora_scale"] = m
+    g = m / (norm + EPS)
+    return parts, v * g, v * (w * (g - 1) + 1)
+
+
+def dora_adapter(name, modules):
+    """modules: path -> ((parts, delta), on_out). Writes NAME.safetensors, NAME.expected (w = 1)
+    and NAME.w.expected (w = DORA_WEIGHT)."""
+    tensors, expected, expected_w = {}, dict(base), dict(base)
+    for path, ((parts, delta), on_out) in modules.items():
+        p, e1, ew = decompose(path, parts, delta.reshape(base[path + ".weight"].shape), on_out, DORA_WEIGHT)
+        for suffix, v in p.items():
+            tensors[kohya(path) + suffix] = v
+        expected[path + ".weight"], expected_w[path + ".weight"] = e1, ew
+    file_tensors = {k: (v.astype(np.float32) if k.endswith(".alpha") else stored(v)[0]) for k, v in tensors.items()}
+    safetensors_np.write(f"{OUT}/{name}.safetensors", file_tensors)
+    for suffix, exp in ((".expected", expected), (".w.expected", expected_w)):
+        out = {
+            k: ("BF16", list(v.shape), bf16_bits(v).tobytes()) if DTYPE == "BF16" else v.astype(np.float32)
+            for k, v in exp.items()
+        }
+        safetensors_np.write(f"{OUT}/{name}{suffix}.safetensors", out)
+
+
+def locon_conv(path, r, alpha):
+    out, inn, kh, kw = base_shapes[path]
+    down, up = exact(rand(r, inn, kh, kw, s=0.5)), exact(rand(out, r, 1, 1, s=0.5))
+    dw = (up.reshape(out, r) @ down.reshape(r, -1)).reshape(out, inn, kh, kw) * (alpha / r)
+    return {".lora_down.weight": down, ".lora_up.weight": up, ".alpha": np.array(alpha)}, dw
+
+
+# LyCORIS file: every algorithm, both axis forms, linear and kxk conv targets
+dora_adapter(
+    "dora",
+    {
+        "down_blocks.0.attentions.0.proj_in": (locon_linear("down_blocks.0.attentions.0.proj_in", 4, 2.0), True),
+        "down_blocks.0.attentions.0.proj_out": (locon_linear("down_blocks.0.attentions.0.proj_out", 3, 6.0), False),
+        "down_blocks.0.resnets.0.conv1": (locon_conv("down_blocks.0.resnets.0.conv1", 3, 1.5), False),
+        "up_blocks.0.resnets.0.conv2": (locon_tucker("up_blocks.0.resnets.0.conv2", 3, 2.0), True),
+        "mid_block.attentions.0.proj_out": (loha("mid_block.attentions.0.proj_out", 4, 3.0), True),
+        "down_blocks.0.resnets.0.conv2": (loha("down_blocks.0.resnets.0.conv2", 2, 1.0, tucker=True), False),
+        "up_blocks.0.attentions.0.proj_in": (lokr_linear("up_blocks.0.attentions.0.proj_in", 2, 3.0), False),
+        "mid_block.resnets.0.conv1": (lokr_full("mid_block.resnets.0.conv1", 7.0), True),
+    },
+)
+
+# kohya-style DoRA file (LoCon modules only: read by the kohya loader)
+dora_adapter(
+    "kohya-dora",
+    {
+        "time_embedding.linear_1": (locon_linear("time_embedding.linear_1", 2, 1.0), True),
+        "conv_in": (locon_conv("conv_in", 2, 2.0), False),
+        "up_blocks.0.resnets.0.conv1": (locon_conv("up_blocks.0.resnets.0.conv1", 2, 1.0), True),
+    },
+)
