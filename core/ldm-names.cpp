@@ -188,6 +188,14 @@ std::string sdxl_unet_ldm_to_diffusers(std::string_view path) {
   return longest_prefix(table, path);
 }
 
+std::string sd1_clip_to_hf(std::string_view path) {
+  // on the key (path + "."), as the replacements are applied to "<path>.weight"
+  const std::string key = std::string(path) + ".";
+  for (std::string_view head : {"embeddings.", "encoder.", "final_layer_norm."})
+    if (key.starts_with(head)) return "text_model." + std::string(path);
+  return std::string(path);
+}
+
 std::string open_clip_to_hf(std::string_view path) {
   std::string rest(path);
   static constexpr std::pair<std::string_view, std::string_view> renames[] = {{"transformer.", "text_model.encoder."},

@@ -50,6 +50,14 @@ std::string sdxl_unet_diffusers_to_ldm(std::string_view path);
 // commit 48d368fa). Pure.
 std::string sdxl_unet_ldm_to_diffusers(std::string_view path);
 
+// The Hugging Face CLIPTextModel path of an SD 1.x text encoder module
+// `path` (below `cond_stage_model.transformer.`): as it is, with "text_model."
+// put before the "embeddings." / "encoder." / "final_layer_norm." of
+// checkpoints saved without it (sd-scripts library/model_util.py
+// load_checkpoint_with_text_encoder_conversion TEXT_ENCODER_KEY_REPLACEMENTS,
+// kohya-ss/sd-scripts commit 48d368fa). Pure.
+std::string sd1_clip_to_hf(std::string_view path);
+
 // The Hugging Face CLIPTextModelWithProjection path of an SDXL OpenCLIP text
 // encoder module `path` (below `conditioner.embedders.1.model.`):
 // transformer.resblocks.N -> text_model.encoder.layers.N, attn.out_proj ->

@@ -59,7 +59,7 @@ const std::vector<single_file_component> single_file_components = {
     {kohya::checkpoint_family::sdxl, "unet.", "model.diffusion_model.", sdxl_unet_ldm_to_diffusers},
     {kohya::checkpoint_family::sdxl, "text_encoder.", "conditioner.embedders.0.transformer.", nullptr},
     {kohya::checkpoint_family::sd1, "unet.", "model.diffusion_model.", ldm_unet_to_diffusers},
-    {kohya::checkpoint_family::sd1, "text_encoder.", "cond_stage_model.transformer.", nullptr},
+    {kohya::checkpoint_family::sd1, "text_encoder.", "cond_stage_model.transformer.", sd1_clip_to_hf},
 };
 
 const std::vector<const fused_layout*> fused_layouts = {&open_clip_layouts, &flux_layouts};

@@ -553,6 +553,14 @@ TEST_CASE("diffusers LoRA paths (unet., text_encoder.) into SGM and LDM single f
   CHECK(whole(ldm.find_fused("text_encoder.text_model.encoder.layers.0.mlp.fc1")) ==
         "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1");
   CHECK(ldm.find_fused("unet.add_embedding.linear_1").found.empty());
+  // a checkpoint whose CLIP lacks "text_model." (sd-scripts' TEXT_ENCODER_KEY_REPLACEMENTS)
+  const name_map old_clip({"cond_stage_model.transformer.encoder.layers.0.self_attn.q_proj.weight",
+                           "model.diffusion_model.input_blocks.1.1.proj_in.weight"});
+  CHECK(whole(old_clip.find_fused("text_encoder.text_model.encoder.layers.0.self_attn.q_proj")) ==
+        "cond_stage_model.transformer.encoder.layers.0.self_attn.q_proj");
+  CHECK(sd1_clip_to_hf("final_layer_norm") == "text_model.final_layer_norm");
+  CHECK(sd1_clip_to_hf("encoderx.y") == "encoderx.y");
+  CHECK(sd1_clip_to_hf("text_model.encoder.layers.1.mlp.fc2") == "text_model.encoder.layers.1.mlp.fc2");
   // another family's base (a bare Llama) gets no rows
   const name_map llm({"model.layers.0.self_attn.q_proj.weight"});
   CHECK(llm.find_fused("unet.down_blocks.0.attentions.0.proj_in").found.empty());
