@@ -14,7 +14,7 @@ constexpr std::string_view sgl = "single_blocks.", sgl_d = "single_transformer_b
 const fused_layout flux_layouts = {
     "Flux BFL <-> diffusers",
     {"", "model.diffusion_model."},
-    {""},
+    {"", "transformer."},  // a diffusers transformer file, or a pipeline folder's transformer/ component
     {"transformer.", ""},
     "lora_unet_",
     false,  // lora_flux.py names the fused modules (lora_unet_double_blocks_0_img_attn_qkv)

@@ -19,7 +19,9 @@ namespace lora {
 //   in_layer, out_layer <-> time_text_embed.{timestep,text,guidance}_embedder.linear_1 / linear_2,
 //   txt_in <-> context_embedder, img_in <-> x_embedder, final_layer.linear <-> proj_out,
 //   final_layer.adaLN_modulation.1 = norm_out.linear with its halves swapped (shift, scale).
-// BFL bases bare or under ComfyUI's "model.diffusion_model."; adapter paths
+// BFL bases bare or under ComfyUI's "model.diffusion_model."; diffusers
+// bases bare (the transformer's own file) or under "transformer." (a
+// pipeline folder, formats/model-files: "<component>.<name>"); adapter paths
 // bare (PEFT) or under diffusers' "transformer."; kohya prefix lora_unet_.
 // Follows diffusers src/diffusers/loaders/single_file_utils.py
 // convert_flux_transformer_checkpoint_to_diffusers (huggingface/diffusers

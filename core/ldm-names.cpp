@@ -148,13 +148,12 @@ std::vector<std::pair<std::string, std::string>> sdxl_unet_table() {
 
 }  // namespace
 
-std::string sdxl_unet_diffusers_to_ldm(std::string_view path) {
-  static const std::unordered_map<std::string, std::string> table = [] {
-    std::unordered_map<std::string, std::string> m;
-    for (auto& [hf, sd] : sdxl_unet_table()) m.emplace(hf, sd);
-    return m;
-  }();
-  // the longest prefix of whole parts that the table holds (convert_unet_state_dict)
+namespace {
+
+// `path` with its longest prefix of whole parts that `table` holds replaced
+// by the table's value ("" when no prefix is in the table): sd-scripts'
+// convert_unet_state_dict.
+std::string longest_prefix(const std::unordered_map<std::string, std::string>& table, std::string_view path) {
   const std::string key = std::string(path) + ".";
   for (size_t end = key.size(); end > 0; end = key.rfind('.', end - 2) + 1) {
     if (auto it = table.find(key.substr(0, end)); it != table.end()) {
@@ -165,6 +164,36 @@ std::string sdxl_unet_diffusers_to_ldm(std::string_view path) {
     if (end < 2 || key.rfind('.', end - 2) == std::string::npos) break;
   }
   return {};
+}
+
+}  // namespace
+
+std::string sdxl_unet_diffusers_to_ldm(std::string_view path) {
+  static const std::unordered_map<std::string, std::string> table = [] {
+    std::unordered_map<std::string, std::string> m;
+    for (auto& [hf, sd] : sdxl_unet_table()) m.emplace(hf, sd);
+    return m;
+  }();
+  return longest_prefix(table, path);
+}
+
+std::string sdxl_unet_ldm_to_diffusers(std::string_view path) {
+  // the same table read the other way (convert_sdxl_unet_state_dict_to_diffusers:
+  // conversion_dict = {sd: hf for sd, hf in unet_conversion_map})
+  static const std::unordered_map<std::string, std::string> table = [] {
+    std::unordered_map<std::string, std::string> m;
+    for (auto& [hf, sd] : sdxl_unet_table()) m.emplace(sd, hf);
+    return m;
+  }();
+  return longest_prefix(table, path);
+}
+
+std::string sd1_clip_to_hf(std::string_view path) {
+  // on the key (path + "."), as the replacements are applied to "<path>.weight"
+  const std::string key = std::string(path) + ".";
+  for (std::string_view head : {"embeddings.", "encoder.", "final_layer_norm."})
+    if (key.starts_with(head)) return "text_model." + std::string(path);
+  return std::string(path);
 }
 
 std::string open_clip_to_hf(std::string_view path) {

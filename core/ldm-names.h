@@ -41,6 +41,23 @@ std::string ldm_unet_to_diffusers(std::string_view path);
 // ("lora_unet_input_blocks_4_1_proj_in"). Pure.
 std::string sdxl_unet_diffusers_to_ldm(std::string_view path);
 
+// The SDXL diffusers UNet path of an SGM UNet module `path` (below
+// `model.diffusion_model.`, no ".weight"; "input_blocks.4.1.proj_in" ->
+// "down_blocks.1.attentions.0.proj_in"), or "" when the path is not a module
+// of that layout: the inverse of sdxl_unet_diffusers_to_ldm, the same table
+// read the other way as sd-scripts library/sdxl_model_util.py
+// convert_sdxl_unet_state_dict_to_diffusers reads it (kohya-ss/sd-scripts
+// commit 48d368fa). Pure.
+std::string sdxl_unet_ldm_to_diffusers(std::string_view path);
+
+// The Hugging Face CLIPTextModel path of an SD 1.x text encoder module
+// `path` (below `cond_stage_model.transformer.`): as it is, with "text_model."
+// put before the "embeddings." / "encoder." / "final_layer_norm." of
+// checkpoints saved without it (sd-scripts library/model_util.py
+// load_checkpoint_with_text_encoder_conversion TEXT_ENCODER_KEY_REPLACEMENTS,
+// kohya-ss/sd-scripts commit 48d368fa). Pure.
+std::string sd1_clip_to_hf(std::string_view path);
+
 // The Hugging Face CLIPTextModelWithProjection path of an SDXL OpenCLIP text
 // encoder module `path` (below `conditioner.embedders.1.model.`):
 // transformer.resblocks.N -> text_model.encoder.layers.N, attn.out_proj ->

@@ -48,6 +48,20 @@ const std::vector<model_layout> model_layouts = {
      {{"unet.", ""}, {"transformer.", ""}, {"text_encoder.", ""}, {"text_encoder_2.", ""}}},
 };
 
+// diffusers' single-file loader takes a component out of its container
+// (src/diffusers/loaders/single_file_utils.py @ 58eb52c0: LDM_UNET_KEY
+// "model.diffusion_model.", LDM_CLIP_PREFIX_TO_REMOVE "cond_stage_model.transformer.",
+// "conditioner.embedders.0.transformer."), as sd-scripts does
+// (library/model_util.py load_checkpoint_with_text_encoder_conversion /
+// convert_ldm_unet_checkpoint, library/sdxl_model_util.py
+// convert_sdxl_unet_state_dict_to_diffusers; kohya-ss/sd-scripts @ 48d368fa).
+const std::vector<single_file_component> single_file_components = {
+    {kohya::checkpoint_family::sdxl, "unet.", "model.diffusion_model.", sdxl_unet_ldm_to_diffusers},
+    {kohya::checkpoint_family::sdxl, "text_encoder.", "conditioner.embedders.0.transformer.", nullptr},
+    {kohya::checkpoint_family::sd1, "unet.", "model.diffusion_model.", ldm_unet_to_diffusers},
+    {kohya::checkpoint_family::sd1, "text_encoder.", "cond_stage_model.transformer.", sd1_clip_to_hf},
+};
+
 const std::vector<const fused_layout*> fused_layouts = {&open_clip_layouts, &flux_layouts};
 
 std::string apply_layout(const std::string& name, const model_layout* layout) {
@@ -229,6 +243,19 @@ name_map::name_map(const std::vector<std::string>& base_tensor_names, const shap
         if (!renamed.empty()) renamed_[i][mangle(renamed)].push_back(m);
       }
   }
+  const kohya::checkpoint_family family = kohya::detect_checkpoint_family(base_tensor_names);
+  for (const single_file_component& row : single_file_components) {
+    if (row.family != family) continue;
+    components_layout_ = fmt::format("diffusers pipeline components in an {} single file",
+                                     family == kohya::checkpoint_family::sdxl ? "SGM (SDXL)" : "LDM (SD 1.x / 2.x)");
+    for (const std::string& n : base_tensor_names) {
+      const std::string m = module_of(n);
+      if (m.empty() || !m.starts_with(row.container)) continue;
+      const std::string_view rest = std::string_view(m).substr(row.container.size());
+      const std::string path = row.rename != nullptr ? row.rename(rest) : std::string(rest);
+      if (!path.empty()) components_[std::string(row.component) + path].push_back(m);
+    }
+  }
   fused_.resize(fused_layouts.size());
   for (size_t i = 0; i < fused_layouts.size(); ++i) {
     index_fused(base_tensor_names, *fused_layouts[i], i, shape_of);
@@ -243,6 +270,8 @@ name_map::name_map(const std::vector<std::string>& base_tensor_names, const shap
 fused_lookup name_map::find_fused(const std::string& path) const {
   fused_lookup out;
   out.looked_for = path;
+  if (auto it = components_.find(path); it != components_.end())
+    for (const std::string& m : it->second) out.found.push_back({components_layout_, m, {}, {}, {}});
   for (size_t i = 0; i < fused_layouts.size(); ++i)
     for (std::string_view prefix : fused_layouts[i]->adapter_prefixes) {
       if (!path.starts_with(prefix)) continue;

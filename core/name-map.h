@@ -37,6 +37,12 @@
 //      the base splits (BFL linear1 -> diffusers to_q, to_k, to_v,
 //      proj_mlp), or a plain rename between the two layouts. The answer is
 //      a fused_target: base tensors and row ranges, or a whole base module.
+//      For a dotted path, the diffusers pipeline components of a
+//      single-file checkpoint (`single_file_components`: "unet." ->
+//      model.diffusion_model. with the UNet renamed, "text_encoder." ->
+//      the CLIP container) are renames consulted in the same step.
+// Fused tables apply to bases in either layout below their prefixes: a
+// diffusers pipeline folder's "transformer." component is one of Flux's.
 #pragma once
 
 #include <functional>
@@ -49,6 +55,7 @@
 
 #include "core/adapter.h"
 #include "core/fused-rows.h"
+#include "core/kohya-format.h"
 
 namespace lora {
 
@@ -99,6 +106,21 @@ struct fused_lookup {
   std::string looked_for;           // the path (or mangled kohya name) searched
 };
 
+// Where a diffusers pipeline component lives in a single-file checkpoint of
+// `family`: a diffusers module "<component><path>" is the base module
+// "<container><p>" for which rename(p) == path (rename nullptr: p == path).
+// A diffusers LoRA (unet. / text_encoder. lora_A / lora_B) thus merges into
+// an LDM (SD 1.x) or SGM (SDXL) single file. SDXL's text_encoder_2 has no
+// row: its attention is fused there (open_clip_layouts maps it).
+struct single_file_component {
+  kohya::checkpoint_family family;
+  std::string_view component;  // "unet.", "text_encoder."
+  std::string_view container;  // "model.diffusion_model.", "conditioner.embedders.0.transformer."
+  std::string (*rename)(std::string_view) = nullptr;  // container path -> diffusers path ("" when none)
+};
+// The rows, by family. Sources in name-map.cpp.
+extern const std::vector<single_file_component> single_file_components;
+
 // The base tensor shapes a name map may ask for (nullptr: unknown).
 using shape_lookup = std::function<const std::vector<int64_t>*(const std::string&)>;
 
@@ -144,8 +166,9 @@ class name_map {
   name_lookup find_kohya(const std::string& name) const;
 
   // Step 3 for a dotted module path (PEFT, diffusers: the table's adapter
-  // prefixes such as "transformer." are tried) or a kohya name (its prefix
-  // must be the table's): the fused tables' answers. Pure lookups.
+  // prefixes such as "transformer." are tried, and the base's
+  // single_file_components) or a kohya name (its prefix must be the
+  // table's): the fused tables' answers. Pure lookups.
   fused_lookup find_fused(const std::string& path) const;
   fused_lookup find_fused_kohya(const std::string& name) const;
 
@@ -165,6 +188,10 @@ class name_map {
   // and the same keyed by the kohya name (prefix + path with '_' for '.')
   std::vector<std::unordered_map<std::string, std::vector<fused_target>>> fused_;
   std::unordered_map<std::string, std::vector<fused_target>> fused_kohya_;
+  // diffusers module path ("unet.down_blocks.1...") -> the single-file base modules it is
+  // (single_file_components of the base's family)
+  std::unordered_map<std::string, std::vector<std::string>> components_;
+  std::string components_layout_;  // the family's name for messages
 };
 
 }  // namespace lora

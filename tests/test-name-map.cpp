@@ -504,3 +504,86 @@ TEST_CASE("kohya names resolve into a diffusers pipeline's components (formats/m
         std::vector<std::string>{"transformer.transformer_blocks.0.attn.to_q"});
   CHECK(names.find_kohya("lora_te2_text_model_encoder_layers_0_self_attn_q_proj").modules.empty());
 }
+
+TEST_CASE("SGM UNet names in SDXL diffusers names: sd-scripts' conversion table read the other way") {
+  CHECK(sdxl_unet_ldm_to_diffusers("input_blocks.0.0") == "conv_in");
+  CHECK(sdxl_unet_ldm_to_diffusers("input_blocks.4.1.transformer_blocks.0.attn1.to_q") ==
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q");
+  CHECK(sdxl_unet_ldm_to_diffusers("input_blocks.4.0.in_layers.2") == "down_blocks.1.resnets.0.conv1");
+  CHECK(sdxl_unet_ldm_to_diffusers("input_blocks.3.0.op") == "down_blocks.0.downsamplers.0.conv");
+  CHECK(sdxl_unet_ldm_to_diffusers("middle_block.2.emb_layers.1") == "mid_block.resnets.1.time_emb_proj");
+  CHECK(sdxl_unet_ldm_to_diffusers("output_blocks.2.2.conv") == "up_blocks.0.upsamplers.0.conv");
+  CHECK(sdxl_unet_ldm_to_diffusers("label_emb.0.0") == "add_embedding.linear_1");
+  CHECK(sdxl_unet_ldm_to_diffusers("out.2") == "conv_out");
+  CHECK(sdxl_unet_ldm_to_diffusers("input_blocks.4.0.unknown") == "");
+  CHECK(sdxl_unet_ldm_to_diffusers("nothing.here") == "");
+  // both directions agree on every module the table names
+  for (const char* p : {"down_blocks.2.attentions.1.transformer_blocks.9.ff.net.0.proj", "up_blocks.1.resnets.2.conv_shortcut",
+                        "mid_block.attentions.0.proj_in", "time_embedding.linear_1"})
+    CHECK(sdxl_unet_ldm_to_diffusers(sdxl_unet_diffusers_to_ldm(p)) == p);
+}
+
+TEST_CASE("diffusers LoRA paths (unet., text_encoder.) into SGM and LDM single files: single_file_components") {
+  const name_map sgm({"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+                      "model.diffusion_model.input_blocks.4.0.in_layers.2.weight",
+                      "model.diffusion_model.label_emb.0.0.weight",
+                      "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+                      "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight"});
+  auto whole = [](const fused_lookup& l) { return l.found.size() == 1 ? l.found[0].whole : std::string("?"); };
+  CHECK(whole(sgm.find_fused("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")) ==
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q");
+  CHECK(whole(sgm.find_fused("unet.down_blocks.1.resnets.0.conv1")) == "model.diffusion_model.input_blocks.4.0.in_layers.2");
+  CHECK(whole(sgm.find_fused("unet.add_embedding.linear_1")) == "model.diffusion_model.label_emb.0.0");
+  CHECK(whole(sgm.find_fused("text_encoder.text_model.encoder.layers.0.self_attn.q_proj")) ==
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj");
+  // text_encoder_2. through the OpenCLIP table, once (no second row for it)
+  CHECK(whole(sgm.find_fused("text_encoder_2.text_model.encoder.layers.0.mlp.fc1")) ==
+        "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc");
+  CHECK(sgm.find_fused("unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q").found.empty());
+  CHECK(sgm.find_fused("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q").found.empty());  // no component
+  // the SD 1.x UNet: the LDM file's modules in diffusers names (ldm_unet_to_diffusers)
+  const name_map ldm({"model.diffusion_model.input_blocks.1.1.proj_in.weight",
+                      "model.diffusion_model.output_blocks.2.1.conv.weight",
+                      "model.diffusion_model.time_embed.0.weight",
+                      "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"});
+  CHECK(whole(ldm.find_fused("unet.down_blocks.0.attentions.0.proj_in")) ==
+        "model.diffusion_model.input_blocks.1.1.proj_in");
+  CHECK(whole(ldm.find_fused("unet.up_blocks.0.upsamplers.0.conv")) == "model.diffusion_model.output_blocks.2.1.conv");
+  CHECK(whole(ldm.find_fused("unet.time_embedding.linear_1")) == "model.diffusion_model.time_embed.0");
+  CHECK(whole(ldm.find_fused("text_encoder.text_model.encoder.layers.0.mlp.fc1")) ==
+        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1");
+  CHECK(ldm.find_fused("unet.add_embedding.linear_1").found.empty());
+  // a checkpoint whose CLIP lacks "text_model." (sd-scripts' TEXT_ENCODER_KEY_REPLACEMENTS)
+  const name_map old_clip({"cond_stage_model.transformer.encoder.layers.0.self_attn.q_proj.weight",
+                           "model.diffusion_model.input_blocks.1.1.proj_in.weight"});
+  CHECK(whole(old_clip.find_fused("text_encoder.text_model.encoder.layers.0.self_attn.q_proj")) ==
+        "cond_stage_model.transformer.encoder.layers.0.self_attn.q_proj");
+  CHECK(sd1_clip_to_hf("final_layer_norm") == "text_model.final_layer_norm");
+  CHECK(sd1_clip_to_hf("encoderx.y") == "encoderx.y");
+  CHECK(sd1_clip_to_hf("text_model.encoder.layers.1.mlp.fc2") == "text_model.encoder.layers.1.mlp.fc2");
+  // another family's base (a bare Llama) gets no rows
+  const name_map llm({"model.layers.0.self_attn.q_proj.weight"});
+  CHECK(llm.find_fused("unet.down_blocks.0.attentions.0.proj_in").found.empty());
+}
+
+TEST_CASE("fused: BFL modules split into a diffusers Flux pipeline folder's transformer. component") {
+  shaped_names b({{"transformer.transformer_blocks.0.attn.to_q.weight", {8, 8}},
+                  {"transformer.transformer_blocks.0.attn.to_k.weight", {8, 8}},
+                  {"transformer.transformer_blocks.0.attn.to_v.weight", {8, 8}},
+                  {"transformer.single_transformer_blocks.0.attn.to_q.weight", {8, 8}},
+                  {"transformer.single_transformer_blocks.0.attn.to_k.weight", {8, 8}},
+                  {"transformer.single_transformer_blocks.0.attn.to_v.weight", {8, 8}},
+                  {"transformer.single_transformer_blocks.0.proj_mlp.weight", {32, 8}},
+                  {"transformer.proj_out.weight", {16, 8}},
+                  {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight", {8, 8}}});
+  const fused_lookup qkv = b.names.find_fused_kohya("lora_unet_double_blocks_0_img_attn_qkv");
+  REQUIRE(qkv.found.size() == 1);
+  CHECK(texts(qkv.found[0].slices) == std::vector<std::string>{"transformer.transformer_blocks.0.attn.to_q.weight||0|0|8",
+                                                               "transformer.transformer_blocks.0.attn.to_k.weight||0|8|8",
+                                                               "transformer.transformer_blocks.0.attn.to_v.weight||0|16|8"});
+  const fused_lookup l1 = b.names.find_fused_kohya("lora_unet_single_blocks_0_linear1");
+  REQUIRE(l1.found.size() == 1);
+  CHECK(text(l1.found[0].slices.back()) == "transformer.single_transformer_blocks.0.proj_mlp.weight||0|24|32");
+  CHECK(b.names.find_fused_kohya("lora_unet_final_layer_linear").found.at(0).whole == "transformer.proj_out");
+  CHECK(b.names.find_fused_kohya("lora_unet_double_blocks_1_img_attn_qkv").found.empty());
+}

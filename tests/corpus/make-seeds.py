@@ -182,6 +182,24 @@ def adapter_seeds():
             ("mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight", "F16", [6, 2]),
             ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight", "F32", [2, 6]),
             ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight", "F32", [6, 2])]),
+        # a diffusers Flux LoRA (transformer. + lora_A / lora_B, a network alpha)
+        "diffusers-flux.bin": fuzz_input(None, [
+            ("transformer.transformer_blocks.0.attn.to_q.lora_A.weight", "F32", [2, 8]),
+            ("transformer.transformer_blocks.0.attn.to_q.lora_B.weight", "F32", [8, 2]),
+            ("transformer.transformer_blocks.0.attn.to_q.alpha", "F32", []),
+            ("transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight", "BF16", [2, 8]),
+            ("transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight", "BF16", [32, 2])],
+            fill={"transformer.transformer_blocks.0.attn.to_q.alpha": f32(4.0)}),
+        # sd-scripts' split_qkv Flux LoRA in BFL names (lora_flux.py: downs stacked [3 r, in],
+        # a block-diagonal up [3 h, 3 r]) and a linear1 of q / k / v / mlp
+        "kohya-flux-split-qkv.bin": fuzz_input(None, [
+            ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "F32", [6, 8]),
+            ("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight", "F32", [24, 6]),
+            ("lora_unet_double_blocks_0_img_attn_qkv.alpha", "F32", []),
+            ("lora_unet_single_blocks_0_linear1.lora_down.weight", "BF16", [8, 8]),
+            ("lora_unet_single_blocks_0_linear1.lora_up.weight", "BF16", [56, 8])],
+            fill={"lora_unet_double_blocks_0_img_attn_qkv.alpha": f32(3.0)},
+            metadata={"ss_network_module": "networks.lora_flux", "ss_network_args": '{"split_qkv": "True"}'}),
         "llama-config-only.bin": json.dumps({
             "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "rms_norm_eps": 1e-5,

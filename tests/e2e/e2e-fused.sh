@@ -134,6 +134,52 @@ PY
   merge_check_verify flux-lycoris-bfl "$W/flux-bfl.safetensors" "$W/flux-lycoris.safetensors" \
     "$W/expect-flux-lycoris-bfl.npz" 2 2
 
+  # --- Flux into a diffusers pipeline folder (transformer/ under the "transformer." component prefix;
+  # text_encoder/, text_encoder_2/ untouched, bit-identical): kohya BFL names split by the Flux table,
+  # sd-scripts' split_qkv form, and a diffusers Flux LoRA whose names are the pipeline's own
+  # pipe_check NAME ADAPTER EXPECT N_MERGED N_LAYERS
+  pipe_check() {
+    local out="$W/pipe-$1" got
+    expect_exit 0 "$LORA" merge --base "$W/flux-pipe" --adapter "$2" --out "$out"
+    got=$("$PY" "$SRC/tests/e2e/check_fused.py" "$W/flux-pipe/transformer/diffusion_pytorch_model.safetensors" \
+      "$out/transformer/diffusion_pytorch_model.safetensors" "$3" 2>&1)
+    expect_eq "$1: pipeline transformer merged tensors" "$got" "ok $4 merged"
+    for c in text_encoder text_encoder_2; do
+      got=$("$PY" "$SRC/tests/e2e/check_fused.py" "$W/flux-pipe/$c/model.safetensors" "$out/$c/model.safetensors" \
+        "$W/expect-none.npz" 2>&1)
+      expect_eq "$1: $c untouched" "$got" "ok 0 merged"
+    done
+    cmp -s "$W/flux-pipe/model_index.json" "$out/model_index.json" && pass || fail "$1: model_index.json copied"
+    expect_exit 0 "$LORA" verify --base "$W/flux-pipe" --adapter "$2" --merged "$out" --json
+    expect_json "j['equivalent']" "true"
+    expect_json "j['layers_checked']" "$5"
+    expect_json "j['layers_failed']" "0"
+  }
+  pipe_check kohya "$W/flux-kohya.safetensors" "$W/expect-flux-kohya-dit.npz" 12 12
+  pipe_check split "$W/flux-split.safetensors" "$W/expect-flux-split-dit.npz" 7 7
+  pipe_check diffusers "$W/flux-diffusers" "$W/expect-flux-diffusers-dit.npz" 13 13
+  # inspect --base shows where the qkv rows go in the pipeline
+  expect_exit 0 "$LORA" inspect "$W/flux-kohya.safetensors" --base "$W/flux-pipe" --json
+  expect_json "[m.get('rows') for m in j['modules'] if m['name'] == 'lora_unet_double_blocks_0_img_attn_qkv']" \
+    '[[{"module_rows":[0,8],"tensor":"transformer.transformer_blocks.0.attn.to_q.weight","tensor_rows":[0,8]},{"module_rows":[8,16],"tensor":"transformer.transformer_blocks.0.attn.to_k.weight","tensor_rows":[0,8]},{"module_rows":[16,24],"tensor":"transformer.transformer_blocks.0.attn.to_v.weight","tensor_rows":[0,8]}]]'
+  # a BFL module naming a block the pipeline lacks: exit 3 naming it, nothing written
+  expect_exit 3 "$LORA" merge --base "$W/flux-pipe" --adapter "$W/bad-flux-kohya.safetensors" --out "$W/r6"
+  expect_one_line_error
+  expect_stderr_contains "1 problem: lora_unet_double_blocks_3_img_attn_qkv: no base tensor matches lora_unet_double_blocks_3_img_attn_qkv"
+  expect_nothing_left r6
+
+  # --- diffusers LoRA files into single files: SDXL's (unet., text_encoder., text_encoder_2.) into the SGM
+  # file, SD 1.5's (unet. incl. resnets, upsampler, time embedding; text_encoder.) into an LDM file
+  merge_check_verify sdxl-diffusers "$W/sdxl.safetensors" "$W/sdxl-diffusers" "$W/expect-sdxl-diffusers.npz" 7 7
+  merge_check_verify sd15-diffusers "$W/sd15-ldm.safetensors" "$W/sd15-diffusers" "$W/expect-sd15-diffusers.npz" 8 8
+  expect_exit 0 "$LORA" inspect "$W/sdxl-diffusers" --base "$W/sdxl.safetensors" --json
+  expect_json "sorted(m['target'] for m in j['modules'] if m['target'])" \
+    '["conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight","conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.v_proj.weight","conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight","conditioner.embedders.1.model.transformer.resblocks.1.mlp.c_proj.weight","model.diffusion_model.input_blocks.4.0.in_layers.2.weight","model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight","model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"]'
+  expect_exit 3 "$LORA" merge --base "$W/sdxl.safetensors" --adapter "$W/bad-sdxl-diffusers" --out "$W/r7.safetensors"
+  expect_one_line_error
+  expect_stderr_contains "1 problem: unet.down_blocks.2.attentions.1.transformer_blocks.0.attn1.to_q.lora_A.weight: the base has no tensor unet.down_blocks.2.attentions.1.transformer_blocks.0.attn1.to_q.weight"
+  expect_nothing_left r7.safetensors
+
   # --- verify finds a changed element in the k third of a fused tensor
   cp "$W/sdxl.safetensors" "$W/tampered-in.safetensors"
   expect_exit 0 "$LORA" merge --base "$W/sdxl.safetensors" --adapter "$W/sdxl-kohya.safetensors" \

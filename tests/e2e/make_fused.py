@@ -439,3 +439,116 @@ write(os.path.join(OUT, "bad-flux/pytorch_lora_weights.safetensors"),
        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": b,
        "transformer.transformer_blocks.5.attn.to_q.lora_A.weight": a,
        "transformer.transformer_blocks.5.attn.to_q.lora_B.weight": b})
+
+# ------------------------------------------------------------------ across layouts (issue 15 gaps)
+# a diffusers Flux pipeline folder (model_index.json, transformer/ = the diffusers file above,
+# text_encoder/ CLIP-L, text_encoder_2/ T5, scheduler/): formats/model-files names its tensors
+# "<component>.<name>", so the Flux table must split BFL modules under "transformer."
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+PIPE = os.path.join(OUT, "flux-pipe")
+write_json(os.path.join(PIPE, "model_index.json"),
+           {"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0", "transformer": ["diffusers", "FluxTransformer2DModel"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]})
+write_json(os.path.join(PIPE, "transformer/config.json"), {"_class_name": "FluxTransformer2DModel"})
+write(os.path.join(PIPE, "transformer/diffusion_pytorch_model.safetensors"), {k: stored(v)[0] for k, v in flux_dit.items()})
+write_json(os.path.join(PIPE, "text_encoder/config.json"), {"architectures": ["CLIPTextModel"]})
+write(os.path.join(PIPE, "text_encoder/model.safetensors"),
+      {"text_model.encoder.layers.0.self_attn.q_proj.weight": stored(rng.standard_normal((W1, W1)) * 0.1)[0],
+       "text_model.final_layer_norm.weight": stored(rng.standard_normal((W1,)) * 0.1)[0]})
+write_json(os.path.join(PIPE, "text_encoder_2/config.json"), {"architectures": ["T5EncoderModel"]})
+write(os.path.join(PIPE, "text_encoder_2/model.safetensors"),
+      {"encoder.block.0.layer.0.SelfAttention.q.weight": stored(rng.standard_normal((W2, W2)) * 0.1)[0]})
+write_json(os.path.join(PIPE, "scheduler/scheduler_config.json"), {"_class_name": "FlowMatchEulerDiscreteScheduler"})
+np.savez(os.path.join(OUT, "expect-none.npz"))  # a component nothing changes: every tensor bit-identical
+
+# the diffusers Flux LoRA into the diffusers transformer: each module its own tensor
+fdd, fdm = {}, {}
+for path, (a, b, s, _) in fd_mods.items():
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    add(fdd, fdm, flux_dit, path + ".weight", 0, s * (b64 @ a64), abs(s) * (np.abs(b64) @ np.abs(a64)))
+save_expect("flux-diffusers-dit", flux_dit, fdd, fdm)
+
+# refusal: a kohya BFL module naming a double block the base lacks (the qkv of block 0 fits)
+a, b = factors(3 * H, H, 2)
+kohya_file(os.path.join(OUT, "bad-flux-kohya.safetensors"),
+           {"lora_unet_double_blocks_0_img_attn_qkv": (a, b, 2.0), "lora_unet_double_blocks_3_img_attn_qkv": (a, b, 2.0)})
+
+
+# diffusers LoRA files (component prefix + module + lora_A / lora_B, .alpha: s = alpha / r, none: 1)
+# into single files: SDXL's into the SGM file above (unet. through sd-scripts' make_unet_conversion_map
+# read the other way, text_encoder. into conditioner.embedders.0.transformer., text_encoder_2. through
+# the OpenCLIP table), SD 1.5's into an LDM file (unet. through convert_ldm_unet_checkpoint's names,
+# text_encoder. into cond_stage_model.transformer.)
+def diffusers_single_case(case, base, mods, folder):
+    """mods: [(diffusers module, base tensor, first row, n_out, in shape, r, alpha)]"""
+    tensors, deltas, mags = {}, {}, {}
+    for path, target, row, n_out, in_shape, r, alpha in mods:
+        a = (rng.standard_normal([r, *in_shape]) * 0.3).astype(np.float32)
+        b = (rng.standard_normal([n_out, r] + [1] * (len(in_shape) - 1)) * 0.3).astype(np.float32)
+        tensors[path + ".lora_A.weight"] = a
+        tensors[path + ".lora_B.weight"] = b
+        if alpha is not None:
+            tensors[path + ".alpha"] = np.array(alpha, np.float32)
+        s = (alpha if alpha is not None else r) / r
+        a64, b64 = a.astype(np.float64).reshape(r, -1), b.astype(np.float64).reshape(n_out, r)
+        shape = [n_out, *in_shape]
+        add(deltas, mags, base, target, row, (s * (b64 @ a64)).reshape(shape),
+            (abs(s) * (np.abs(b64) @ np.abs(a64))).reshape(shape))
+    os.makedirs(os.path.join(OUT, folder), exist_ok=True)
+    write(os.path.join(OUT, folder, "pytorch_lora_weights.safetensors"), tensors)
+    save_expect(case, base, deltas, mags)
+
+
+xb = "down_blocks.1.attentions.0.transformer_blocks.0."
+diffusers_single_case("sdxl-diffusers", sdxl, [
+    ("unet." + xb + "attn1.to_q", unet + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight", 0, 16, [16], 4, 2.0),
+    ("unet." + xb + "attn1.to_k", unet + "input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight", 0, 16, [16], 2, None),
+    ("unet.down_blocks.1.resnets.0.conv1", unet + "input_blocks.4.0.in_layers.2.weight", 0, 16, [8, 3, 3], 2, 1.0),
+    ("text_encoder.text_model.encoder.layers.0.self_attn.v_proj", te1 + "self_attn.v_proj.weight", 0, W1, [W1], 2, 4.0),
+    ("text_encoder.text_model.encoder.layers.0.mlp.fc1", te1 + "mlp.fc1.weight", 0, 4 * W1, [W1], 2, None),
+    ("text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj",
+     te2 + "transformer.resblocks.0.attn.in_proj_weight", W2, W2, [W2], 4, 8.0),
+    ("text_encoder_2.text_model.encoder.layers.1.mlp.fc2", te2 + "transformer.resblocks.1.mlp.c_proj.weight", 0, W2,
+     [4 * W2], 2, None),
+], "sdxl-diffusers")
+
+ld, cs = "model.diffusion_model.", "cond_stage_model.transformer.text_model.encoder.layers.0."
+sd15 = base_file(os.path.join(OUT, "sd15-ldm.safetensors"), {
+    ld + "time_embed.0.weight": (32, 8), ld + "time_embed.0.bias": (32,),
+    ld + "input_blocks.1.1.proj_in.weight": (8, 8, 1, 1),
+    ld + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": (8, 8),
+    ld + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (8, 12),
+    ld + "input_blocks.2.0.in_layers.2.weight": (8, 8, 3, 3),
+    ld + "middle_block.1.proj_out.weight": (16, 16, 1, 1),
+    ld + "output_blocks.3.1.transformer_blocks.0.ff.net.2.weight": (16, 32),
+    ld + "output_blocks.2.1.conv.weight": (16, 16, 3, 3),
+    ld + "out.2.weight": (4, 8, 3, 3),
+    cs + "self_attn.q_proj.weight": (12, 12), cs + "mlp.fc1.weight": (16, 12), cs + "layer_norm1.weight": (12,),
+    "first_stage_model.decoder.conv_in.weight": (8, 4, 3, 3),
+})
+diffusers_single_case("sd15-diffusers", sd15, [
+    ("unet.time_embedding.linear_1", ld + "time_embed.0.weight", 0, 32, [8], 2, None),
+    ("unet.down_blocks.0.attentions.0.proj_in", ld + "input_blocks.1.1.proj_in.weight", 0, 8, [8, 1, 1], 2, 1.0),
+    ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+     ld + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight", 0, 8, [8], 4, 2.0),
+    ("unet.down_blocks.0.resnets.1.conv1", ld + "input_blocks.2.0.in_layers.2.weight", 0, 8, [8, 3, 3], 2, None),
+    ("unet.mid_block.attentions.0.proj_out", ld + "middle_block.1.proj_out.weight", 0, 16, [16, 1, 1], 2, 3.0),
+    ("unet.up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2",
+     ld + "output_blocks.3.1.transformer_blocks.0.ff.net.2.weight", 0, 16, [32], 2, None),
+    ("unet.up_blocks.0.upsamplers.0.conv", ld + "output_blocks.2.1.conv.weight", 0, 16, [16, 3, 3], 2, 1.0),
+    ("text_encoder.text_model.encoder.layers.0.mlp.fc1", cs + "mlp.fc1.weight", 0, 16, [12], 2, 2.0),
+], "sd15-diffusers")
+
+# refusal: a diffusers SDXL LoRA naming a down block the SGM file lacks
+a, b = factors(16, 16, 2)
+os.makedirs(os.path.join(OUT, "bad-sdxl-diffusers"), exist_ok=True)
+write(os.path.join(OUT, "bad-sdxl-diffusers/pytorch_lora_weights.safetensors"),
+      {"unet." + xb + "attn1.to_q.lora_A.weight": a, "unet." + xb + "attn1.to_q.lora_B.weight": b,
+       "unet.down_blocks.2.attentions.1.transformer_blocks.0.attn1.to_q.lora_A.weight": a,
+       "unet.down_blocks.2.attentions.1.transformer_blocks.0.attn1.to_q.lora_B.weight": b})
