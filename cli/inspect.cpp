@@ -172,6 +172,7 @@ ordered_json report_json(const inspect_report& r) {
   if (r.base_quantization) {
     j["base_quantization"] = quantization_json(*r.base_quantization);
     if (r.base_quantization->refused.empty()) j["base_quantization"]["adapted_weights"] = r.base_quantization->n_adapted;
+    if (!r.base_quantization->needs_dtype.empty()) j["base_quantization"]["needs_dtype"] = r.base_quantization->needs_dtype;
   }
   if (r.fit) {
     ordered_json problems = ordered_json::array();
@@ -368,7 +369,10 @@ void print_fit(const inspect_report& r) {
     }
     fmt::print("\nfp8 base: {}; {} FP8 weights with block scales (weight_scale_inv), {} of them adapted\n", q.scheme,
                q.n_scaled, q.n_adapted);
-    fmt::print("  merge: the output stays FP8: the {} adapted weights dequantized, merged and requantized to E4M3 "
+    if (!q.needs_dtype.empty())
+      fmt::print("  merge: refused without --dtype: {}\n", q.needs_dtype);
+    else
+      fmt::print("  merge: the output stays FP8: the {} adapted weights dequantized, merged and requantized to E4M3 "
                "with new {}x{} block scales (max|w| / 448); the other FP8 weights and their scales copied byte for "
                "byte\n",
                q.n_adapted, q.block_rows, q.block_cols);

@@ -54,6 +54,12 @@ struct fp8_model {
   bool is_scale(const std::string& name) const;
 };
 
+// Why merge without --dtype refuses a modules_to_save tensor replacing an FP8
+// weight (merge and inspect --base say the same).
+inline constexpr const char* fp8_replaced_message =
+    "modules_to_save replaces this FP8 weight, which would leave its block scale stale; "
+    "merge with --dtype bf16 to dequantize the model";
+
 // "X.weight" -> "X.weight_scale_inv" (DeepSeek's fp8_cast_bf16.py naming).
 std::string fp8_scale_name(const std::string& weight);
 
@@ -69,7 +75,9 @@ std::string fp8_scale_name(const std::string& weight);
 fp8_model read_fp8_model(const model_files& base);
 
 // The scale tensor of a weight, read whole into f32 (it is small: one value
-// per block). Throws lora::error (exit 4) when the file cannot be read.
+// per block). Throws lora::error (exit 4) when the file cannot be read, and
+// (exit 3, naming the file, the scale tensor and the block) for a scale that
+// is not finite and positive (zero, negative, inf, NaN).
 std::vector<float> read_fp8_scales(const tensor_ref& scale);
 
 // Dequantizes rows [row_begin, row_end) of an [n_rows, n_cols] FP8 weight:

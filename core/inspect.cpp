@@ -69,8 +69,14 @@ std::optional<inspect_quantization> describe_quantization(const model_files& m, 
   q.block_rows = fp8.block.rows;
   q.block_cols = fp8.block.cols;
   q.n_scaled = fp8.scales.size();
-  if (a)
+  if (a) {
     for (const lora_module& mod : a->modules) q.n_adapted += fp8.scale_of(mod.target) != nullptr;
+    for (const saved_tensor& s : a->saved)
+      if (fp8.scale_of(s.target) != nullptr) {
+        q.needs_dtype = fmt::format("{}: {}: {}", s.tensor.file->path(), s.target, fp8_replaced_message);
+        break;
+      }
+  }
   return q;
 }
 
