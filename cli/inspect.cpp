@@ -2,6 +2,7 @@
 // safetensors file holds (files, metadata, every tensor, totals; for a LoRA
 // adapter its modules with rank, alpha and scale), read from headers only.
 // With --base, how the adapter fits that model: exit 3 when it does not.
+#include <algorithm>
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -159,6 +160,12 @@ ordered_json report_json(const inspect_report& r) {
 
   auto quantization_json = [](const inspect_quantization& q) {
     ordered_json o = {{"supported", q.refused.empty()}};
+    if (q.n_unscaled > 0) {
+      o["scheme"] = q.scheme;
+      o["unscaled_weights"] = q.n_unscaled;
+      if (!q.refused.empty()) o["refused"] = q.refused;
+      return o;
+    }
     if (!q.refused.empty()) {
       o["refused"] = q.refused;
       return o;
@@ -171,7 +178,7 @@ ordered_json report_json(const inspect_report& r) {
   if (r.quantization) j["quantization"] = quantization_json(*r.quantization);
   if (r.base_quantization) {
     j["base_quantization"] = quantization_json(*r.base_quantization);
-    if (r.base_quantization->refused.empty()) j["base_quantization"]["adapted_weights"] = r.base_quantization->n_adapted;
+    if (r.base_quantization->refused.empty() && r.base_quantization->n_unscaled == 0) j["base_quantization"]["adapted_weights"] = r.base_quantization->n_adapted;
     if (!r.base_quantization->needs_dtype.empty()) j["base_quantization"]["needs_dtype"] = r.base_quantization->needs_dtype;
   }
   if (r.fit) {
@@ -233,7 +240,9 @@ void print_headline(const inspect_report& r) {
   }
   if (r.quantization) {
     const inspect_quantization& q = *r.quantization;
-    if (!q.refused.empty())
+    if (q.n_unscaled > 0)
+      fmt::print("quantization: {}: {} tensors; merge refuses to merge into them\n", q.scheme, q.n_unscaled);
+    else if (!q.refused.empty())
       fmt::print("quantization: not supported by merge: {}\n", q.refused);
     else
       fmt::print("quantization: {}; {} FP8 weights with block scales (weight_scale_inv)\n", q.scheme, q.n_scaled);
@@ -293,6 +302,10 @@ void print_modules(const inspect_report& r, const adapter& a) {
     right.insert(right.end(), {false, false});
   }
   std::vector<std::vector<std::string>> rows;
+  // the base cell is "<shape> <dtype>": shapes padded to one width so that the dtypes line up
+  size_t base_shape_width = 0;
+  for (const inspect_base_match& b : r.base_matches)
+    if (b.found) base_shape_width = std::max(base_shape_width, shape_text(b.shape).size());
   for (size_t i = 0; i < a.modules.size(); ++i) {
     const lora_module& m = a.modules[i];
     std::string kind(module_kind_name(m.kind));
@@ -308,7 +321,8 @@ void print_modules(const inspect_report& r, const adapter& a) {
                     std::string(dtype_name(m.a.info->type))});
     if (with_base) {
       const inspect_base_match& b = r.base_matches[i];
-      rows.back().push_back(b.found ? shape_text(b.shape) + " " + std::string(dtype_name(b.type)) : "not found");
+      rows.back().push_back(b.found ? fmt::format("{:<{}} {}", shape_text(b.shape), base_shape_width, dtype_name(b.type))
+                                    : "not found");
       std::string target = m.target.empty() ? "-" : m.target;
       if (!m.slices.empty())
         target += fmt::format(" rows [{}, {}){}", m.slices[0].tensor_row, m.slices[0].tensor_row + m.slices[0].n_rows,
@@ -365,6 +379,11 @@ void print_fit(const inspect_report& r) {
     const inspect_quantization& q = *r.base_quantization;
     if (!q.refused.empty()) {
       fmt::print("\nquantization of the base: merge refuses it: {}\n", q.refused);
+      return;
+    }
+    if (q.n_unscaled > 0) {
+      fmt::print("\nquantization of the base: {}: {} tensors, none adapted (merge copies them)\n", q.scheme,
+                 q.n_unscaled);
       return;
     }
     fmt::print("\nfp8 base: {}; {} FP8 weights with block scales (weight_scale_inv), {} of them adapted\n", q.scheme,

@@ -60,6 +60,16 @@ inline constexpr const char* fp8_replaced_message =
     "modules_to_save replaces this FP8 weight, which would leave its block scale stale; "
     "merge with --dtype bf16 to dequantize the model";
 
+// What F8_E4M3 weights without any block scale are, and why merge refuses
+// to merge into them (merge and inspect say the same). ComfyUI's FP8 Flux
+// checkpoints store the weights so: codes with no weight_scale_inv, no
+// quantization_config.
+inline constexpr const char* fp8_unscaled_what =
+    "F8_E4M3 weights without block scales (per-tensor / unscaled FP8, as ComfyUI stores Flux)";
+inline constexpr const char* fp8_unscaled_message =
+    "cannot merge into F8_E4M3 weights without block scales (per-tensor / unscaled FP8, as ComfyUI stores Flux): "
+    "not supported; merge into a BF16 or block-scaled FP8 checkpoint";
+
 // "X.weight" -> "X.weight_scale_inv" (DeepSeek's fp8_cast_bf16.py naming).
 std::string fp8_scale_name(const std::string& weight);
 

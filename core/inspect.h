@@ -49,6 +49,9 @@ struct inspect_quantization {
   // modules_to_save tensor replaces an FP8 weight): merge's message, naming
   // the file and tensor; empty: it keeps FP8
   std::string needs_dtype;
+  // F8_E4M3 weights without block scales (fp8_unscaled_what; scheme says so):
+  // how many; merge refuses the adapted ones (refused, with --base)
+  uint64_t n_unscaled = 0;
 };
 
 // A module's base tensor, when inspected against a base model.

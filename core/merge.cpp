@@ -513,6 +513,7 @@ tensor_job make_job(size_t shard, const std::string& name, dtype base_type, tens
   job.out_type = options.out_type && dtype_is_math(base_type) ? *options.out_type : base_type;
   const dtype src = job.source.info->type;
   const bool changed = !job.deltas.empty() || !job.tokens.empty();
+  if (changed && src == dtype::F8_E4M3) throw errors::invalid(job.source.file->path(), name, fp8_unscaled_message);
   if ((changed || src != job.out_type) && !(dtype_is_math(src) && dtype_is_math(job.out_type)))
     throw errors::invalid(
         job.source.file->path(), name,

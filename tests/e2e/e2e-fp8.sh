@@ -394,4 +394,26 @@ expect_exit 1 "$LORA" verify --base "$W/fp8-128" --adapter "$W/lora" --merged "$
 expect_json "[(t['name'], t['bad_elements'], repr(t['max_error'])) for t in j['worst'] if not t['ok']]" \
   "[[\"$K\",1,\"$want\"]]"
 
+
+# --- F8_E4M3 weights without any block scale (per-tensor / unscaled FP8, as ComfyUI stores Flux): inspect
+# names them and says merge refuses; merge refuses into them (exit 3, one line, nothing written)
+"$PY" - "$W/fp8-128/model.safetensors" "$W/noscale.safetensors" <<'PY'
+import os, sys
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import read, write
+t, _ = read(sys.argv[1])
+write(sys.argv[2], {k: v[:3] for k, v in t.items() if not k.endswith("_scale_inv")})
+PY
+UNSCALED="F8_E4M3 weights without block scales (per-tensor / unscaled FP8, as ComfyUI stores Flux)"
+expect_exit 0 "$LORA" inspect "$W/noscale.safetensors"
+expect_stdout_contains "quantization: $UNSCALED: 7 tensors; merge refuses to merge into them"
+NOSCALE_MSG="$W/noscale.safetensors: model.layers.0.mlp.down_proj.weight: cannot merge into $UNSCALED: not supported; merge into a BF16 or block-scaled FP8 checkpoint"
+expect_exit 3 "$LORA" inspect "$W/lora" --base "$W/noscale.safetensors"
+expect_stdout_contains "quantization of the base: merge refuses it: $NOSCALE_MSG"
+expect_one_line_error
+expect_exit 3 "$LORA" merge --base "$W/noscale.safetensors" --adapter "$W/lora" --out "$W/out-noscale.safetensors"
+expect_stderr_contains "$NOSCALE_MSG"
+expect_one_line_error
+expect_nothing_left out-noscale.safetensors
+
 finish
