@@ -416,4 +416,19 @@ expect_stderr_contains "$NOSCALE_MSG"
 expect_one_line_error
 expect_nothing_left out-noscale.safetensors
 
+
+# --- inspect --base: the base column's dtypes line up whatever the shapes' widths
+expect_exit 0 "$LORA" inspect "$W/lora" --base "$W/fp8-128"
+cols=$(grep -o '^.*\] *F8_E4M3' <<<"$OUT" | awk '{ print length($0) }' | sort -u | tr '\n' ' ')
+expect_eq "inspect --base: one column for the base dtype" "$(wc -w <<<"$cols" | tr -d ' ')" 1
+expect_eq "inspect --base: four modules on FP8 weights" "$(grep -c '\] *F8_E4M3 ' <<<"$OUT")" 4
+
+# --- help text: merge's arithmetic, adapter formats and what --weight / --scale leave alone; extract's --out
+expect_exit 0 "$LORA" merge --help
+expect_stdout_contains "computed in f32 (f64 for F64 tensors and FP8 weights) and rounded once"
+expect_stdout_contains "kohya / LyCORIS (LoCon, LoHa, LoKr, full) .safetensors or a diffusers LoRA"
+expect_stdout_contains "--weight and --scale do not apply to either"
+expect_exit 0 "$LORA" extract --help
+expect_stdout_contains "must not exist unless --force"
+
 finish
