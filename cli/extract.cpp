@@ -206,7 +206,7 @@ CLI::App* setup_extract(CLI::App& app, runner& run) {
   sub->add_option("--base", o->base, "base model: Hugging Face folder or .safetensors file")->required();
   sub->add_option("--tuned", o->tuned, "fine-tuned model with the same tensors and shapes")->required();
   sub->add_option("--out", o->out,
-                  "output: a PEFT folder, or with --format kohya one .safetensors file; must not exist")
+                  "output: a PEFT folder, or with --format kohya one .safetensors file; must not exist unless --force")
       ->required();
   add_rank_options(sub, o->rank);
   auto* budget = sub->add_option(

@@ -2,6 +2,7 @@
 // safetensors file holds (files, metadata, every tensor, totals; for a LoRA
 // adapter its modules with rank, alpha and scale), read from headers only.
 // With --base, how the adapter fits that model: exit 3 when it does not.
+#include <algorithm>
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -160,6 +161,12 @@ ordered_json report_json(const inspect_report& r) {
 
   auto quantization_json = [](const inspect_quantization& q) {
     ordered_json o = {{"supported", q.refused.empty()}};
+    if (q.n_unscaled > 0) {
+      o["scheme"] = q.scheme;
+      o["unscaled_weights"] = q.n_unscaled;
+      if (!q.refused.empty()) o["refused"] = q.refused;
+      return o;
+    }
     if (!q.refused.empty()) {
       o["refused"] = q.refused;
       return o;
@@ -172,7 +179,8 @@ ordered_json report_json(const inspect_report& r) {
   if (r.quantization) j["quantization"] = quantization_json(*r.quantization);
   if (r.base_quantization) {
     j["base_quantization"] = quantization_json(*r.base_quantization);
-    if (r.base_quantization->refused.empty()) j["base_quantization"]["adapted_weights"] = r.base_quantization->n_adapted;
+    if (r.base_quantization->refused.empty() && r.base_quantization->n_unscaled == 0) j["base_quantization"]["adapted_weights"] = r.base_quantization->n_adapted;
+    if (!r.base_quantization->needs_dtype.empty()) j["base_quantization"]["needs_dtype"] = r.base_quantization->needs_dtype;
   }
   if (r.fit) {
     ordered_json problems = ordered_json::array();
@@ -233,7 +241,9 @@ void print_headline(const inspect_report& r) {
   }
   if (r.quantization) {
     const inspect_quantization& q = *r.quantization;
-    if (!q.refused.empty())
+    if (q.n_unscaled > 0)
+      fmt::print("quantization: {}: {} tensors; merge refuses to merge into them\n", q.scheme, q.n_unscaled);
+    else if (!q.refused.empty())
       fmt::print("quantization: not supported by merge: {}\n", q.refused);
     else
       fmt::print("quantization: {}; {} FP8 weights with block scales (weight_scale_inv)\n", q.scheme, q.n_scaled);
@@ -293,6 +303,10 @@ void print_modules(const inspect_report& r, const adapter& a) {
     right.insert(right.end(), {false, false});
   }
   std::vector<std::vector<std::string>> rows;
+  // the base cell is "<shape> <dtype>": shapes padded to one width so that the dtypes line up
+  size_t base_shape_width = 0;
+  for (const inspect_base_match& b : r.base_matches)
+    if (b.found) base_shape_width = std::max(base_shape_width, shape_text(b.shape).size());
   for (size_t i = 0; i < a.modules.size(); ++i) {
     const lora_module& m = a.modules[i];
     std::string kind(module_kind_name(m.kind));
@@ -310,7 +324,8 @@ void print_modules(const inspect_report& r, const adapter& a) {
                     shape_text(m.a.info->shape), shape_text(m.b.info->shape), std::string(dtype_name(m.a.info->type))});
     if (with_base) {
       const inspect_base_match& b = r.base_matches[i];
-      rows.back().push_back(b.found ? shape_text(b.shape) + " " + std::string(dtype_name(b.type)) : "not found");
+      rows.back().push_back(b.found ? fmt::format("{:<{}} {}", shape_text(b.shape), base_shape_width, dtype_name(b.type))
+                                    : "not found");
       std::string target = m.target.empty() ? "-" : m.target;
       if (!m.slices.empty())
         target += fmt::format(" rows [{}, {}){}", m.slices[0].tensor_row, m.slices[0].tensor_row + m.slices[0].n_rows,
@@ -369,9 +384,17 @@ void print_fit(const inspect_report& r) {
       fmt::print("\nquantization of the base: merge refuses it: {}\n", q.refused);
       return;
     }
+    if (q.n_unscaled > 0) {
+      fmt::print("\nquantization of the base: {}: {} tensors, none adapted (merge copies them)\n", q.scheme,
+                 q.n_unscaled);
+      return;
+    }
     fmt::print("\nfp8 base: {}; {} FP8 weights with block scales (weight_scale_inv), {} of them adapted\n", q.scheme,
                q.n_scaled, q.n_adapted);
-    fmt::print("  merge: the output stays FP8: the {} adapted weights dequantized, merged and requantized to E4M3 "
+    if (!q.needs_dtype.empty())
+      fmt::print("  merge: refused without --dtype: {}\n", q.needs_dtype);
+    else
+      fmt::print("  merge: the output stays FP8: the {} adapted weights dequantized, merged and requantized to E4M3 "
                "with new {}x{} block scales (max|w| / 448); the other FP8 weights and their scales copied byte for "
                "byte\n",
                q.n_adapted, q.block_rows, q.block_cols);

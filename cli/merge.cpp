@@ -108,6 +108,10 @@ int run_merge(const merge_cli_options& o) {
       if (opts.out_type)
         fmt::print("fp8 base ({}): dequantized to {}; {} block scale tensors (weight_scale_inv) dropped\n", r.fp8,
                    dtype_name(*opts.out_type), r.n_dropped_scales);
+      else if (r.n_rescaled == 0)
+        fmt::print("fp8 base ({}): output stays FP8; no FP8 weight changed: every FP8 weight and scale copied byte "
+                   "for byte\n",
+                   r.fp8);
       else
         fmt::print("fp8 base ({}): output stays FP8; {} merged weights requantized to E4M3 with new block "
                    "scales (their weight_scale_inv rewritten), the other FP8 weights and scales copied\n",
@@ -140,8 +144,8 @@ CLI::App* setup_merge(CLI::App& app, runner& run) {
   auto o = std::make_shared<merge_cli_options>();
   auto* sub = app.add_subcommand(
       "merge",
-      "Merge LoRA adapters into a base model: W = W0 + sum_k weight_k * scale * s_k B_k A_k, computed in f32 and "
-      "rounded once, written as a complete model folder (same tensors, sharding and files as the base)");
+      "Merge LoRA adapters into a base model: W = W0 + sum_k weight_k * scale * s_k B_k A_k, computed in f32 (f64 for "
+      "F64 tensors and FP8 weights) and rounded once, written as a complete model folder (same tensors, sharding and files as the base)");
   sub->add_option("--base", o->base,
                   "base model: a Hugging Face folder, a diffusers pipeline folder (model_index.json: the output is "
                   "the same folder tree), or a bare .safetensors file (--out is then a folder holding "
@@ -149,8 +153,10 @@ CLI::App* setup_merge(CLI::App& app, runner& run) {
                   "file)")
       ->required();
   add_weighted_adapter_options(sub, o->adapters,
-                               "adapter: PEFT folder, PEFT .safetensors (config beside it) or kohya .safetensors; "
-                               "repeat for several (their deltas are summed, in order)");
+                               "adapter: PEFT folder, PEFT .safetensors (config beside it), kohya / LyCORIS "
+                               "(LoCon, LoHa, LoKr, full) .safetensors or a diffusers LoRA "
+                               "(pytorch_lora_weights.safetensors); repeat for several (their deltas are summed, in "
+                               "order)");
   sub->add_option("--out", o->out,
                   "output folder (or NAME.safetensors for a bare-file base); written beside it as "
                   "<out>.tmp-XXXXXX and renamed when complete; missing parent folders are created")
@@ -175,7 +181,8 @@ CLI::App* setup_merge(CLI::App& app, runner& run) {
   sub->add_flag("--allow-nonfinite", o->allow_nonfinite,
                 "write NaN / Inf values a merge produces (refused by default: exit 3)");
   sub->footer(
-      "Modules_to_save tensors replace the base tensor whole (weight and --scale do not apply to them).\n"
+      "Modules_to_save tensors replace the base tensor whole, and trainable_token_indices rows replace those rows "
+      "whole\n(PEFT's TrainableTokensLayer.merge has no scale): --weight and --scale do not apply to either.\n"
       "Exit codes: 0 merged, 2 bad command line, existing --out or an --out over an input, 3 the adapter does not fit "
       "the base or a\n"
       "merged value is not finite, 4 I/O failure (unreadable input, disk full). Nothing is left behind on error.");

@@ -110,11 +110,24 @@ void resolve_kohya(adapter& a, const name_map& names, std::vector<fit_problem>& 
   }
 }
 
+// The diffusers pipeline components' adapter prefixes (diffusers
+// StableDiffusionLoraLoaderMixin / FluxLoraLoaderMixin save "unet.",
+// "transformer.", "text_encoder.", "text_encoder_2."): the one `name` starts
+// with, or empty.
+std::string_view component_prefix(std::string_view name) {
+  static constexpr std::string_view prefixes[] = {"unet.", "transformer.", "text_encoder.", "text_encoder_2."};
+  for (std::string_view p : prefixes)
+    if (name.starts_with(p)) return p;
+  return {};
+}
+
 // Dotted paths (PEFT): one base layout for the whole adapter, applied only
-// when every tensor the adapter changes or replaces is found under it.
-// A tied base's missing head and a modules_to_save tensor the base lacks
-// (a new head: score, classifier) are names the merge creates.
-void resolve_paths(adapter& a, const name_map& names, const model_files& base, fit_report& report) {
+// when every tensor the adapter changes or replaces is found under it (with
+// `skip_unmatched`: the layout that finds the most, applied to the names it
+// finds). A tied base's missing head and a modules_to_save tensor the base
+// lacks (a new head: score, classifier) are names the merge creates.
+void resolve_paths(adapter& a, const name_map& names, const model_files& base, fit_report& report,
+                   bool skip_unmatched) {
   std::vector<std::string> wanted;
   for (const lora_module& m : a.modules) wanted.push_back(m.target);
   for (const saved_tensor& s : a.saved) wanted.push_back(s.target);
@@ -123,7 +136,7 @@ void resolve_paths(adapter& a, const name_map& names, const model_files& base, f
     if (tied_head_source(base, name)) return true;
     return std::any_of(a.saved.begin(), a.saved.end(), [&](const saved_tensor& s) { return name.ends_with(s.target); });
   };
-  const layout_choice choice = names.choose_layout(wanted, also_ok);
+  const layout_choice choice = names.choose_layout(wanted, also_ok, skip_unmatched);
   if (!choice.ambiguous.empty()) {
     std::vector<std::string> candidates;
     for (const model_layout* l : choice.ambiguous) candidates.emplace_back(l->name);
@@ -139,18 +152,39 @@ void resolve_paths(adapter& a, const name_map& names, const model_files& base, f
     for (lora_module& m : a.modules)
       if (!names.has_tensor(m.target) && !tied_head_source(base, m.target))
         fused += apply_fused(m, names.find_fused(m.name), report.problems);
-    if (choice.closest != nullptr && fused == 0)
+    if (choice.closest != nullptr && fused == 0) {
       report.closest_layout = fmt::format("{} of {} names are found as a {}, {} as they are", choice.closest_found,
                                           wanted.size(), choice.closest->name, choice.found_as_is);
+      // the names it leaves are all of other pipeline components than the
+      // ones it finds: a diffusers LoRA into one component's own file
+      std::set<std::string_view> found_in, missing_in;
+      bool all_components = true;
+      for (const std::string& t : wanted) {
+        const std::string name = apply_layout(t, choice.closest);
+        const bool found = names.has_tensor(name) || also_ok(name);
+        const std::string_view c = component_prefix(t);
+        all_components = all_components && !c.empty();
+        (found ? found_in : missing_in).insert(c);
+      }
+      bool apart = all_components && !missing_in.empty();
+      for (std::string_view c : missing_in) apart = apart && found_in.count(c) == 0;
+      if (apart) report.other_components.assign(missing_in.begin(), missing_in.end());
+    }
     return;
   }
   report.layout = choice.layout->name;
+  // under --skip-unmatched the names it does not find stay the adapter's (the strays)
+  auto rewrite = [&](std::string& name) {
+    std::string under = apply_layout(name, choice.layout);
+    if (!skip_unmatched || names.has_tensor(under) || also_ok(under)) name = std::move(under);
+  };
   for (lora_module& m : a.modules) {
-    m.name = apply_layout(m.name, choice.layout);
-    m.target = apply_layout(m.target, choice.layout);
+    const std::string before = m.target;
+    rewrite(m.target);
+    if (m.target != before) m.name = apply_layout(m.name, choice.layout);
   }
-  for (saved_tensor& s : a.saved) s.target = apply_layout(s.target, choice.layout);
-  for (token_rows& t : a.tokens) t.target = apply_layout(t.target, choice.layout);
+  for (saved_tensor& s : a.saved) rewrite(s.target);
+  for (token_rows& t : a.tokens) rewrite(t.target);
   std::sort(a.saved.begin(), a.saved.end(),
             [](const saved_tensor& x, const saved_tensor& y) { return x.target < y.target; });
 }
@@ -525,6 +559,11 @@ std::string fit_hint(const fit_report& report) {
   };
   const fit_problem* missing = first(fit_issue::no_base_tensor);
   const fit_problem* shape = first(fit_issue::shape);
+  if (!report.other_components.empty())
+    return fmt::format(
+        "the adapter's {} modules belong to another component; merge into the pipeline folder, or pass "
+        "--skip-unmatched",
+        fmt::join(report.other_components, " and "));
   if (!report.closest_layout.empty())
     return fmt::format("the names differ from the base's by a prefix: {}; none of the known layouts fits them all",
                        report.closest_layout);
@@ -582,7 +621,7 @@ bool saved_shape_ok(const std::string& target, const std::vector<int64_t>& base_
          saved_shape[1] == base_shape[1] && saved_shape[0] > base_shape[0];
 }
 
-fit_report fit_adapter(adapter& a, const model_files& base) {
+fit_report fit_adapter(adapter& a, const model_files& base, bool skip_unmatched) {
   fit_report report;
   auto& problems = report.problems;
   std::optional<std::string> model_type;
@@ -597,7 +636,7 @@ fit_report fit_adapter(adapter& a, const model_files& base) {
   if (a.format == adapter_format::kohya)
     resolve_kohya(a, names, problems);
   else
-    resolve_paths(a, names, base, report);
+    resolve_paths(a, names, base, report, skip_unmatched);
   std::sort(a.modules.begin(), a.modules.end(),
             [](const lora_module& x, const lora_module& y) { return x.name < y.name; });
   check_claims(a, problems);
@@ -662,7 +701,7 @@ void require_fit(adapter& a, const model_files& base) {
 }
 
 std::vector<std::string> require_fit_skipping(adapter& a, const model_files& base) {
-  fit_report report = fit_adapter(a, base);
+  fit_report report = fit_adapter(a, base, true);
   // the keys a module that maps to nothing is reported under: its kohya name
   // (resolve_kohya) or its A factor's key (a dotted target the base lacks)
   std::set<std::string> unmatched;

@@ -266,6 +266,10 @@ struct fit_report {
   // sentence for the hint ("41 of 42 names are found as a bare GPT2Model
   // checkpoint"); empty when none helps.
   std::string closest_layout;
+  // When the names missing under the closest layout are all of other
+  // diffusers pipeline components than the ones found ("text_encoder." in a
+  // UNet's own file): those prefixes, for the hint.
+  std::vector<std::string> other_components;
   // For the hint: how many base tensors the adapter changes or replaces, and
   // whether the base ties its output head to the input embedding
   // (config.json tie_word_embeddings, or no lm_head.weight beside an embedding).
@@ -292,7 +296,11 @@ struct fit_report {
 // ambiguous"). Throws only when the base's config.json is unreadable (exit 4)
 // or not JSON (exit 3). Implemented in core/adapter-fit.cpp with fit_error
 // and require_fit.
-fit_report fit_adapter(adapter& a, const model_files& base);
+// `skip_unmatched` (merge / verify --skip-unmatched): the base layout is the
+// one under which the most names are found (core/name-map choose_layout
+// most_found) and is applied only to the names found under it; the rest keep
+// the adapter's names and are reported missing (no_base_tensor), to skip.
+fit_report fit_adapter(adapter& a, const model_files& base, bool skip_unmatched = false);
 
 // Whether the 2-D base weight of `module` is stored [in, out] (transformers'
 // pytorch_utils.Conv1D): the base's config.json model_type is GPT-2-like

@@ -135,6 +135,21 @@ std::vector<float> read_fp8_scales(const tensor_ref& scale) {
   std::vector<uint8_t> bytes(scale.info->n_bytes());
   scale.file->map().read(scale.file->file_offset(*scale.info), bytes);
   to_f32(dtype::F32, bytes, out);
+  // a block's scale must be a positive finite number: a negative one flips
+  // the block's signs, zero erases it, inf / NaN poisons it. None is a real
+  // quantizer's output for a block that holds values; an all-zero block is
+  // no exception: transformers' quantizer_finegrained_fp8.py (v4.57,
+  // `scale = fp8_max / max_abs`, `weight_scale_inv = 1 / scale`) gives it
+  // scale inf, codes NaN (0 * inf) and weight_scale_inv 0, a block no reader
+  // can dequantize; DeepSeek-V3's kernel.py act_quant divides by the same 0.
+  const int64_t n_cols = scale.info->shape.size() == 2 ? std::max<int64_t>(1, scale.info->shape[1]) : 1;
+  for (size_t i = 0; i < out.size(); ++i)
+    if (!(std::isfinite(out[i]) && out[i] > 0))
+      throw errors::invalid(
+          scale.file->path(), scale.info->name,
+          fmt::format("the scale of block ({}, {}) is {}: a block scale must be finite and positive (a corrupt "
+                      "or mis-quantized FP8 checkpoint)",
+                      static_cast<int64_t>(i) / n_cols, static_cast<int64_t>(i) % n_cols, out[i]));
   return out;
 }
 

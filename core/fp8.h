@@ -54,6 +54,22 @@ struct fp8_model {
   bool is_scale(const std::string& name) const;
 };
 
+// Why merge without --dtype refuses a modules_to_save tensor replacing an FP8
+// weight (merge and inspect --base say the same).
+inline constexpr const char* fp8_replaced_message =
+    "modules_to_save replaces this FP8 weight, which would leave its block scale stale; "
+    "merge with --dtype bf16 to dequantize the model";
+
+// What F8_E4M3 weights without any block scale are, and why merge refuses
+// to merge into them (merge and inspect say the same). ComfyUI's FP8 Flux
+// checkpoints store the weights so: codes with no weight_scale_inv, no
+// quantization_config.
+inline constexpr const char* fp8_unscaled_what =
+    "F8_E4M3 weights without block scales (per-tensor / unscaled FP8, as ComfyUI stores Flux)";
+inline constexpr const char* fp8_unscaled_message =
+    "cannot merge into F8_E4M3 weights without block scales (per-tensor / unscaled FP8, as ComfyUI stores Flux): "
+    "not supported; merge into a BF16 or block-scaled FP8 checkpoint";
+
 // "X.weight" -> "X.weight_scale_inv" (DeepSeek's fp8_cast_bf16.py naming).
 std::string fp8_scale_name(const std::string& weight);
 
@@ -69,7 +85,9 @@ std::string fp8_scale_name(const std::string& weight);
 fp8_model read_fp8_model(const model_files& base);
 
 // The scale tensor of a weight, read whole into f32 (it is small: one value
-// per block). Throws lora::error (exit 4) when the file cannot be read.
+// per block). Throws lora::error (exit 4) when the file cannot be read, and
+// (exit 3, naming the file, the scale tensor and the block) for a scale that
+// is not finite and positive (zero, negative, inf, NaN).
 std::vector<float> read_fp8_scales(const tensor_ref& scale);
 
 // Dequantizes rows [row_begin, row_end) of an [n_rows, n_cols] FP8 weight:

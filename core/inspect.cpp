@@ -64,13 +64,32 @@ std::optional<inspect_quantization> describe_quantization(const model_files& m, 
     q.refused = e.what();
     return q;
   }
-  if (!fp8.present) return std::nullopt;
+  if (!fp8.present) {
+    // no block scales at all: F8_E4M3 weights as ComfyUI stores Flux
+    for (const std::string& n : m.tensor_names)
+      if (const tensor_ref* t = m.find_ref(n); t != nullptr && t->info->type == dtype::F8_E4M3) ++q.n_unscaled;
+    if (q.n_unscaled == 0) return std::nullopt;
+    q.scheme = fp8_unscaled_what;
+    if (a)
+      for (const lora_module& mod : a->modules)
+        if (const tensor_ref* t = m.find_ref(mod.target); t != nullptr && t->info->type == dtype::F8_E4M3) {
+          q.refused = fmt::format("{}: {}: {}", t->file->path(), mod.target, fp8_unscaled_message);
+          break;
+        }
+    return q;
+  }
   q.scheme = fp8.config_text;
   q.block_rows = fp8.block.rows;
   q.block_cols = fp8.block.cols;
   q.n_scaled = fp8.scales.size();
-  if (a)
+  if (a) {
     for (const lora_module& mod : a->modules) q.n_adapted += fp8.scale_of(mod.target) != nullptr;
+    for (const saved_tensor& s : a->saved)
+      if (fp8.scale_of(s.target) != nullptr) {
+        q.needs_dtype = fmt::format("{}: {}: {}", s.tensor.file->path(), s.target, fp8_replaced_message);
+        break;
+      }
+  }
   return q;
 }
 

@@ -45,6 +45,13 @@ struct inspect_quantization {
   uint64_t n_scaled = 0;  // FP8 weights with a weight_scale_inv
   uint64_t n_adapted = 0; // of them, the adapter's targets (inspect --base)
   std::string refused;    // read_fp8_model's error: merge refuses this model; empty: supported
+  // inspect --base: merge without --dtype refuses the adapter (a
+  // modules_to_save tensor replaces an FP8 weight): merge's message, naming
+  // the file and tensor; empty: it keeps FP8
+  std::string needs_dtype;
+  // F8_E4M3 weights without block scales (fp8_unscaled_what; scheme says so):
+  // how many; merge refuses the adapted ones (refused, with --base)
+  uint64_t n_unscaled = 0;
 };
 
 // A module's base tensor, when inspected against a base model.

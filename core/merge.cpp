@@ -466,10 +466,17 @@ size_t shard_of(const merge_plan& plan, const safetensors_file* file) {
 bool plan_fp8_job(tensor_job& job, const tensor_changes& changes, const merge_options& options,
                   const merge_plan& plan) {
   if (const tensor_ref* scale = plan.fp8.scale_of(job.name)) {
-    if (job.replaced)
-      throw errors::invalid(job.source.file->path(), job.name,
-                            "modules_to_save replaces this FP8 weight, which would leave its block scale stale; "
-                            "merge with --dtype bf16 to dequantize the model");
+    if (job.replaced) {
+      if (!options.out_type) throw errors::invalid(job.source.file->path(), job.name, fp8_replaced_message);
+      // --dtype: the scales are dropped; the replacement is converted as any tensor
+      job.out_type = *options.out_type;
+      const dtype src = job.source.info->type;
+      if (!dtype_is_math(src))
+        throw errors::invalid(job.source.file->path(), job.name,
+                              fmt::format("cannot convert a {} tensor (only F16, BF16, F32, F64)", dtype_name(src)));
+      job.copy = src == job.out_type;
+      return true;
+    }
     job.scale = scale;
     job.block = plan.fp8.block;
     job.out_type = options.out_type.value_or(dtype::F8_E4M3);
@@ -510,6 +517,7 @@ tensor_job make_job(size_t shard, const std::string& name, dtype base_type, tens
   job.out_type = options.out_type && dtype_is_math(base_type) ? *options.out_type : base_type;
   const dtype src = job.source.info->type;
   const bool changed = !job.deltas.empty() || !job.tokens.empty();
+  if (changed && src == dtype::F8_E4M3) throw errors::invalid(job.source.file->path(), name, fp8_unscaled_message);
   if ((changed || src != job.out_type) && !(dtype_is_math(src) && dtype_is_math(job.out_type)))
     throw errors::invalid(
         job.source.file->path(), name,

@@ -290,7 +290,8 @@ fused_lookup name_map::find_fused_kohya(const std::string& name) const {
 }
 
 layout_choice name_map::choose_layout(const std::vector<std::string>& tensors,
-                                      const std::function<bool(const std::string&)>& also_ok) const {
+                                      const std::function<bool(const std::string&)>& also_ok,
+                                      bool most_found) const {
   auto found_under = [&](const model_layout* layout) {
     size_t n = 0;
     for (const std::string& t : tensors) {
@@ -302,11 +303,18 @@ layout_choice name_map::choose_layout(const std::vector<std::string>& tensors,
   layout_choice out;
   out.found_as_is = found_under(nullptr);
   if (out.found_as_is == tensors.size()) return out;
-  for (const model_layout& layout : model_layouts) {
-    const size_t n = found_under(&layout);
+  std::vector<size_t> found(model_layouts.size());
+  for (size_t i = 0; i < model_layouts.size(); ++i) {
+    const model_layout& layout = model_layouts[i];
+    const size_t n = found[i] = found_under(&layout);
     if (n == tensors.size()) out.ambiguous.push_back(&layout);
     if (n > std::max(out.closest_found, out.found_as_is)) out.closest = &layout, out.closest_found = n;
   }
+  // --skip-unmatched: no layout finds every name; the one that finds the most
+  // stands (the rest are strays the caller skips)
+  if (most_found && out.ambiguous.empty() && out.closest != nullptr)
+    for (size_t i = 0; i < model_layouts.size(); ++i)
+      if (found[i] == out.closest_found) out.ambiguous.push_back(&model_layouts[i]);
   // layouts that give every name the same rewrite are one answer (a diffusers
   // Flux "transformer." prefix and GPT-2's read alike): the first stands
   auto same_names = [&](const model_layout* x, const model_layout* y) {

@@ -154,8 +154,13 @@ class name_map {
   // adapter changes or replaces: "<module>.weight", modules_to_save targets)
   // is a base tensor, or one that `also_ok` accepts (a tied lm_head the merge
   // can create). As they are when that suffices.
+  // `most_found` (merge / verify --skip-unmatched, whose strays are skipped):
+  // when no layout finds every name, the layout under which the most names
+  // are found, if it finds more than the names as they are; layouts that
+  // find the same most (with different rewrites) are `ambiguous`.
   layout_choice choose_layout(const std::vector<std::string>& tensors,
-                              const std::function<bool(const std::string&)>& also_ok = {}) const;
+                              const std::function<bool(const std::string&)>& also_ok = {},
+                              bool most_found = false) const;
 
   // True when the base has this tensor.
   bool has_tensor(const std::string& name) const { return tensors_.count(name) > 0; }

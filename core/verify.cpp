@@ -428,6 +428,36 @@ tensor_check check_untouched(const std::string& name, const tensor_ref& b, const
   return c;
 }
 
+// An untouched FP8 weight kept FP8 on both sides: its codes compared byte for
+// byte; when they differ, the error is measured on the dequantized values
+// (codes times block scales), as an untouched BF16 tensor's is.
+tensor_check check_untouched_fp8(const std::string& name, const tensor_ref& b, const tensor_ref& m,
+                                 const fp8_index& fx) {
+  tensor_check c = check_untouched(name, b, m);
+  if (c.ok || b.info->shape.size() != 2 || m.info->shape != b.info->shape) return c;
+  c.n_bad = 0;
+  c.max_error = 0;
+  const size_t n_rows = static_cast<size_t>(b.info->shape[0]), n_cols = static_cast<size_t>(b.info->shape[1]);
+  std::vector<uint8_t> bb, mb;
+  std::vector<double> x, y;
+  for (size_t rb = 0; rb < n_rows; rb += rows_per_block(n_cols)) {
+    check_interrupted();
+    const size_t re = std::min(n_rows, rb + rows_per_block(n_cols));
+    read_rows_f64(b, n_cols, rb, re, bb, x, fx);
+    read_rows_f64(m, n_cols, rb, re, mb, y, fx);
+    for (size_t i = 0; i < x.size(); ++i) {
+      if (x[i] == y[i] || (std::isnan(x[i]) && std::isnan(y[i]))) continue;
+      ++c.n_bad;
+      const bool nan = std::isnan(x[i]) || std::isnan(y[i]);
+      c.max_error = std::max(c.max_error, nan ? INFINITY : std::fabs(x[i] - y[i]));
+    }
+  }
+  // the same values through other codes and scales (a rescaled block) pass
+  c.ok = c.n_bad == 0;
+  c.ratio = c.ok ? 0.0 : INFINITY;
+  return c;
+}
+
 // ---------------------------------------------------------------- layer level
 
 // Unit roundoff of a float dtype: a value rounded once to it is within
@@ -983,6 +1013,17 @@ struct model_inputs {
   std::vector<int64_t> tokens;
 };
 
+// True when `a` and `b` hold the same tensor names with the same shapes.
+bool same_tensor_shapes(const model_files& a, const model_files& b) {
+  if (a.tensor_names.size() != b.tensor_names.size()) return false;
+  for (const std::string& n : a.tensor_names) {
+    const tensor_ref* x = a.find_ref(n);
+    const tensor_ref* y = b.find_ref(n);
+    if (x == nullptr || y == nullptr || x->info->shape != y->info->shape) return false;
+  }
+  return true;
+}
+
 // nullopt when the model level cannot run (`skipped` says why).
 std::optional<model_inputs> prepare_model_level(const verify_options& o, const model_files& base,
                                                 const model_files& merged, std::string& skipped) {
@@ -993,11 +1034,22 @@ std::optional<model_inputs> prepare_model_level(const verify_options& o, const m
   std::optional<std::string> mt;
   if (!base.config_path.empty()) mt = parse_model_type(read_text_file(base.config_path), base.config_path);
   if (!merged.config_path.empty()) (void)parse_model_type(read_text_file(merged.config_path), merged.config_path);
-  if (!mt || !is_supported_architecture(*mt) || merged.config_path.empty()) {
+  if (!mt || !is_supported_architecture(*mt)) {
     skipped = mt ? fmt::format("model_type {} has no forward pass", *mt) : "no config.json";
     return std::nullopt;
   }
-  model_inputs in{read_hf_config(base.config_path), read_hf_config(merged.config_path), o.tokens};
+  // a merged single file (merge --out NAME.safetensors of a single-file
+  // base) has no config.json beside it: the base's describes it when the
+  // merged tensors are the base's names and shapes
+  std::string merged_config = merged.config_path;
+  if (merged_config.empty()) {
+    if (!same_tensor_shapes(base, merged)) {
+      skipped = "the merged model has no config.json";
+      return std::nullopt;
+    }
+    merged_config = base.config_path;
+  }
+  model_inputs in{read_hf_config(base.config_path), read_hf_config(merged_config), o.tokens};
   // added tokens: the base runs with the adapter's larger embedding / head
   // (modules_to_save), the vocabulary merge wrote into the merged config.json
   if (in.merged.vocab_size > in.base.vocab_size) in.base.vocab_size = in.merged.vocab_size;
@@ -1114,6 +1166,7 @@ tensor_check check_weight(const std::string& name, const model_files& base, cons
   if (auto it = set.tokens.find(name); it != set.tokens.end() && !x.replacement) x.tokens = &it->second;
   const bool touched = x.replacement || x.biases || x.modules || x.tokens;
   // an FP8 weight dequantized by the merge (--dtype) is compared by value
+  if (!touched && b8 && m8) return check_untouched_fp8(name, b, *m, fx);
   if (!math || !(touched || b8 != m8)) return check_untouched(name, b, *m);
   rows_fn also;
   if (layer && layer->needs_rows() && x.modules && layer->base_tensor().info == b.info &&
@@ -1279,10 +1332,16 @@ verify_report verify_merge(const verify_options& o, const progress_fn& progress_
   add_fp8_weights(base, fx);
   add_fp8_weights(merged, fx);
   // the forward pass reads FP8 weights (dequantized per row block), but a
-  // merged model that is FP8 has no logit tolerance yet: its requantized
-  // weights are checked at the weight and layer levels
+  // merged model whose FP8 weights were requantized has no logit tolerance
+  // yet: those are checked at the weight and layer levels. FP8 weights no
+  // adapter changes are the base's (the weight level checks them bit for
+  // bit), so the model level runs when no adapter changes an FP8 weight
+  // (trainable tokens alone, modules on BF16 tensors only).
   const bool merged_fp8 = std::any_of(merged.tensor_names.begin(), merged.tensor_names.end(),
-                                      [&](const std::string& n) { return fx.weights.count(merged.find_ref(n)->info); });
+                                      [&](const std::string& n) {
+                                        return fx.weights.count(merged.find_ref(n)->info) > 0 &&
+                                               (set.modules.count(n) > 0 || set.saved.count(n) > 0 || set.tokens.count(n) > 0);
+                                      });
   if (model_in && merged_fp8) {
     r.model.skipped = "FP8 forward of the merged model not checked: no logit tolerance for requantized FP8 weights yet";
     model_in.reset();

@@ -91,6 +91,33 @@ TEST_CASE("dotted paths: a layout applies only when every target fits; two that 
   CHECK(std::string(two.ambiguous[1]->name) == "LlamaForCausalLM-style checkpoint (model. prefix)");
 }
 
+TEST_CASE("dotted paths, most_found (--skip-unmatched): the layout that finds the most; a tie is ambiguous") {
+  // a bare LlamaModel file; the adapter in LlamaForCausalLM names plus lm_head and a stray (layer 9)
+  const name_map bare({"layers.0.self_attn.q_proj.weight", "layers.0.mlp.up_proj.weight", "lm_head.weight"});
+  const std::vector<std::string> wanted = {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",
+                                           "lm_head.weight", "model.layers.9.self_attn.q_proj.weight"};
+  const layout_choice strict = bare.choose_layout(wanted);
+  CHECK(strict.layout == nullptr);  // without most_found: nothing fits every name
+  CHECK(strict.closest_found == 3);
+  const layout_choice most = bare.choose_layout(wanted, {}, true);
+  REQUIRE(most.layout != nullptr);
+  CHECK(std::string(most.layout->name) == "bare LlamaModel-style checkpoint (no model. prefix)");
+  CHECK(most.ambiguous.empty());
+  // names as they are find as many as any layout: no layout
+  const name_map as_is({"model.layers.0.self_attn.q_proj.weight", "layers.0.mlp.up_proj.weight"});
+  const layout_choice none = as_is.choose_layout(
+      {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"}, {}, true);
+  CHECK(none.layout == nullptr);
+  CHECK(none.ambiguous.empty());
+  // two layouts with different rewrites each find one of two names: ambiguous
+  const name_map two({"a.weight", "model.transformer.b.weight"});
+  const layout_choice tie = two.choose_layout({"transformer.a.weight", "transformer.b.weight"}, {}, true);
+  CHECK(tie.layout == nullptr);
+  REQUIRE(tie.ambiguous.size() == 2);
+  CHECK(std::string(tie.ambiguous[0]->name) == "bare GPT2Model checkpoint (no transformer. prefix)");
+  CHECK(std::string(tie.ambiguous[1]->name) == "LlamaForCausalLM-style checkpoint (model. prefix)");
+}
+
 TEST_CASE("kohya names: the name as it is first, then inside its scope's containers only") {
   const name_map names({
       "down_blocks.0.attentions.0.proj_in.weight",                                       // diffusers UNet

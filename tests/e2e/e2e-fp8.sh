@@ -19,6 +19,7 @@
 #   exits 3 with its one-line message and writes nothing.
 LORA=$1
 SRC=$2
+export SRC
 . "$SRC/tests/e2e/lib.sh"
 W="$E2E_TMP/w"
 mkdir -p "$W"
@@ -190,5 +191,244 @@ expect_one_line_error
 expect_exit 3 "$LORA" merge --base "$W/bad-shape" --adapter "$W/lora" --out "$W/out-bad-bf16" --dtype bf16
 expect_stderr_contains "expected [1, 2] (blocks of 128x128)"
 expect_nothing_left out-bad-bf16
+
+
+# --- corrupt block scales (zero, negative, inf, NaN) are refused by merge, verify and forward:
+# exit 3, one line naming the file, the scale tensor and the block, nothing written
+V=model.layers.0.self_attn.v_proj.weight
+make_bad scale-neg "import struct; t['${Q}_scale_inv'] = ('F32', t['${Q}_scale_inv'][1], struct.pack('<f', -0.01) + t['${Q}_scale_inv'][2][4:])"
+make_bad scale-zero "import struct; t['${Q}_scale_inv'] = ('F32', t['${Q}_scale_inv'][1], t['${Q}_scale_inv'][2][:4] + struct.pack('<f', 0.0))"
+make_bad scale-nan "import struct; t['${V}_scale_inv'] = ('F32', t['${V}_scale_inv'][1], struct.pack('<f', float('nan')) + t['${V}_scale_inv'][2][4:])"
+make_bad scale-inf "import struct; t['${Q}_scale_inv'] = ('F32', t['${Q}_scale_inv'][1], struct.pack('<f', float('inf')) + t['${Q}_scale_inv'][2][4:])"
+refuse scale-neg "$W/scale-neg/model.safetensors: ${Q}_scale_inv: the scale of block (0, 0) is -0.01: a block scale must be finite and positive"
+refuse scale-zero "$W/scale-zero/model.safetensors: ${Q}_scale_inv: the scale of block (0, 1) is 0: a block scale must be finite and positive"
+refuse scale-nan "$W/scale-nan/model.safetensors: ${V}_scale_inv: the scale of block (0, 0) is nan: a block scale must be finite and positive"
+refuse scale-inf "$W/scale-inf/model.safetensors: ${Q}_scale_inv: the scale of block (0, 0) is inf: a block scale must be finite and positive"
+expect_exit 3 "$LORA" merge --base "$W/scale-neg" --adapter "$W/lora" --out "$W/out-neg-bf16" --dtype bf16
+expect_stderr_contains "${Q}_scale_inv: the scale of block (0, 0) is -0.01"
+expect_one_line_error
+expect_nothing_left out-neg-bf16
+# verify: the merged side's scale (a good merge, then its scale corrupted) and the base's
+cp -r "$W/out-fp8-128" "$W/merged-neg"
+"$PY" - "$W/merged-neg/model.safetensors" "${Q}_scale_inv" <<'PY'
+import json, struct, sys
+p, name = sys.argv[1:3]
+d = bytearray(open(p, "rb").read()); n = struct.unpack("<Q", d[:8])[0]; e = json.loads(d[8:8 + n])[name]
+o = 8 + n + e["data_offsets"][0]
+d[o:o + 4] = struct.pack("<f", -struct.unpack("<f", d[o:o + 4])[0])
+open(p, "wb").write(d)
+PY
+expect_exit 3 "$LORA" verify --base "$W/fp8-128" --adapter "$W/lora" --merged "$W/merged-neg"
+expect_stderr_contains "$W/merged-neg/model.safetensors: ${Q}_scale_inv: the scale of block (0, 0) is -"
+expect_one_line_error
+expect_exit 3 "$LORA" verify --base "$W/scale-zero" --adapter "$W/lora" --merged "$W/out-fp8-128"
+expect_stderr_contains "$W/scale-zero/model.safetensors: ${Q}_scale_inv: the scale of block (0, 1) is 0"
+expect_one_line_error
+expect_exit 3 "$LORA" forward --model "$W/scale-nan" --tokens 1,2,3 --out "$W/fw-nan.safetensors"
+expect_stderr_contains "$W/scale-nan/model.safetensors: ${V}_scale_inv: the scale of block (0, 0) is nan"
+expect_one_line_error
+expect_nothing_left fw-nan.safetensors
+
+# --- modules_to_save replacing an FP8 weight (q_proj) beside a LoRA on v_proj: refused without --dtype
+# (merge and inspect --base give the same message), merged with --dtype bf16: q_proj the saved F32
+# tensor rounded once to BF16, v_proj dequantized + 2 B A rounded once, the other FP8 weights
+# dequantized and rounded once, BF16 tensors bit-identical, no scale left
+"$PY" - "$W/mts" <<'PY'
+import json, os, sys
+import numpy as np
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import write
+rng = np.random.default_rng(21)
+f = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)
+p = "base_model.model.model.layers.0.self_attn."
+os.makedirs(sys.argv[1], exist_ok=True)
+write(sys.argv[1] + "/adapter_model.safetensors",
+      {p + "q_proj.weight": f(64, 136), p + "v_proj.lora_A.weight": f(4, 136), p + "v_proj.lora_B.weight": f(32, 4)})
+json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["v_proj"], "modules_to_save": ["q_proj"],
+           "fan_in_fan_out": False, "bias": "none"}, open(sys.argv[1] + "/adapter_config.json", "w"))
+PY
+MTS_MSG="$W/mts/adapter_model.safetensors: $Q: modules_to_save replaces this FP8 weight, which would leave its block scale stale; merge with --dtype bf16 to dequantize the model"
+expect_exit 3 "$LORA" merge --base "$W/fp8-128" --adapter "$W/mts" --out "$W/out-mts"
+expect_stderr_contains "$MTS_MSG"
+expect_one_line_error
+expect_nothing_left out-mts
+expect_exit 0 "$LORA" inspect "$W/mts" --base "$W/fp8-128"
+expect_stdout_contains "merge: refused without --dtype: $MTS_MSG"
+expect_exit 0 "$LORA" inspect "$W/mts" --base "$W/fp8-128" --json
+expect_json 'j["base_quantization"]["needs_dtype"]' "$MTS_MSG"
+expect_exit 0 "$LORA" merge --base "$W/fp8-128" --adapter "$W/mts" --out "$W/out-mts" --dtype bf16
+got=$("$PY" - "$W/fp8-128" "$W/mts" "$W/out-mts" <<'PY'
+import os, sys
+import numpy as np
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import read
+from fp8_np import bf16_bits, dequantize
+base, _ = read(sys.argv[1] + "/model.safetensors")
+ad, _ = read(sys.argv[2] + "/adapter_model.safetensors")
+out, _ = read(sys.argv[3] + "/model.safetensors")
+p = "base_model.model.model.layers.0.self_attn."
+bad, n = [], 0
+want_names = sorted(k for k in base if not k.endswith("_scale_inv"))
+if sorted(out) != want_names:
+    bad.append("names differ: %s" % sorted(set(out) ^ set(want_names))[:3])
+for k in want_names:
+    if k not in out:
+        continue
+    dt, shape, raw, v = base[k]
+    if k == "model.layers.0.self_attn.q_proj.weight":
+        want = ad[p + "q_proj.weight"][3]
+    elif dt == "F8_E4M3":
+        codes = np.frombuffer(raw, np.uint8).reshape(shape)
+        want = dequantize(codes, base[k + "_scale_inv"][3], (128, 128))
+        if k == "model.layers.0.self_attn.v_proj.weight":
+            want = want + 2.0 * (ad[p + "v_proj.lora_B.weight"][3] @ ad[p + "v_proj.lora_A.weight"][3])
+    else:
+        if out[k][:3] != base[k][:3]:
+            bad.append(k + " changed")
+        continue
+    n += 1
+    if out[k][0] != "BF16" or np.frombuffer(out[k][2], np.uint16).tolist() != bf16_bits(want).ravel().tolist():
+        bad.append(k + " differs from the float64 value rounded once to BF16")
+print("ok %d" % n if not bad else "; ".join(bad[:3]))
+PY
+)
+expect_eq "mts --dtype bf16: every weight" "$got" "ok 7"
+expect_exit 0 "$LORA" verify --base "$W/fp8-128" --adapter "$W/mts" --merged "$W/out-mts" --json
+expect_json "j['equivalent']" "true"
+
+
+# --- trainable tokens alone on an FP8 base: no FP8 weight changes, so no requantization is reported;
+# the rows are the delta's rounded once to BF16, every other tensor bit-identical; verify runs the
+# model level (the FP8 weights are the base's)
+"$PY" - "$W/tok" <<'PY'
+import json, os, sys
+import numpy as np
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import write
+rng = np.random.default_rng(22)
+os.makedirs(sys.argv[1], exist_ok=True)
+p = "base_model.model."
+write(sys.argv[1] + "/adapter_model.safetensors",
+      {p + "model.embed_tokens.token_adapter.trainable_tokens_delta": (rng.standard_normal((2, 136)) * 0.1).astype(np.float32),
+       p + "lm_head.token_adapter.trainable_tokens_delta": (rng.standard_normal((2, 136)) * 0.1).astype(np.float32)})
+json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [], "fan_in_fan_out": False,
+           "bias": "none", "trainable_token_indices": {"embed_tokens": [5, 31], "lm_head": [0, 95]}},
+          open(sys.argv[1] + "/adapter_config.json", "w"))
+PY
+expect_exit 0 "$LORA" merge --base "$W/fp8-128" --adapter "$W/tok" --out "$W/out-tok"
+expect_stdout_contains "output stays FP8; no FP8 weight changed: every FP8 weight and scale copied byte for byte"
+if [[ "$OUT" == *requantized* ]]; then fail "tokens only: the report speaks of requantization: $OUT"; else pass; fi
+got=$("$PY" - "$W/fp8-128" "$W/tok" "$W/out-tok" <<'PY'
+import os, sys
+import numpy as np
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import read
+from fp8_np import bf16_bits
+base, _ = read(sys.argv[1] + "/model.safetensors")
+ad, _ = read(sys.argv[2] + "/adapter_model.safetensors")
+out, _ = read(sys.argv[3] + "/model.safetensors")
+rows = {"model.embed_tokens.weight": [5, 31], "lm_head.weight": [0, 95]}
+bad = [] if sorted(out) == sorted(base) else ["names differ"]
+for k in base:
+    if k not in out:
+        continue
+    if k not in rows:
+        if out[k][:3] != base[k][:3]:
+            bad.append(k + " changed")
+        continue
+    want = base[k][3].copy()
+    d = ad["base_model.model." + k[:-len(".weight")] + ".token_adapter.trainable_tokens_delta"][3]
+    want[rows[k]] = d  # PEFT TrainableTokensLayer: the rows replaced by the delta
+    if np.frombuffer(out[k][2], np.uint16).tolist() != bf16_bits(want).ravel().tolist():
+        bad.append(k + " differs")
+print("ok" if not bad else "; ".join(bad))
+PY
+)
+expect_eq "tokens on an FP8 base: every tensor" "$got" "ok"
+expect_exit 0 "$LORA" verify --base "$W/fp8-128" --adapter "$W/tok" --merged "$W/out-tok" --json
+expect_json "j['equivalent']" "true"
+expect_json "j['model'].get('skipped', '')" ""
+expect_json "j['model']['ok']" "true"
+
+# --- a merged single file (--out NAME.safetensors from the single file of a model folder) has no
+# config.json beside it: verify's model level uses the base's when the tensors are the base's
+# names and shapes, else says the merged model has none
+expect_exit 0 "$LORA" merge --base "$W/fp8-128/model.safetensors" --adapter "$W/tok" --out "$W/one-tok.safetensors"
+expect_exit 0 "$LORA" verify --base "$W/fp8-128" --adapter "$W/tok" --merged "$W/one-tok.safetensors" --json
+expect_json "j['equivalent']" "true"
+expect_json "j['model']['ok']" "true"
+expect_json "j['model'].get('skipped', '')" ""
+# a merged file whose tensors are not the base's (one dropped): the model level is skipped, saying why
+"$PY" - "$W/one-tok.safetensors" "$W/one-short.safetensors" <<'PY'
+import os, sys
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import read, write
+t, _ = read(sys.argv[1])
+write(sys.argv[2], {k: v[:3] for k, v in t.items() if k != "model.norm.weight"})
+PY
+expect_exit 1 "$LORA" verify --base "$W/fp8-128" --adapter "$W/tok" --merged "$W/one-short.safetensors" --json
+expect_json "j['failed']" '["model.norm.weight"]'
+expect_json "j['model']['skipped']" "the merged model has no config.json"
+
+
+# --- an untouched FP8 weight that differs (one code bumped in the merged output): verify reports
+# the dequantized error (code difference times the block scale), not 0
+cp -r "$W/out-fp8-128" "$W/merged-code"
+want=$("$PY" - "$W/merged-code/model.safetensors" "$K" <<'PY'
+import json, os, struct, sys
+import numpy as np
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from fp8_np import decode
+p, name = sys.argv[1:3]
+d = bytearray(open(p, "rb").read()); n = struct.unpack("<Q", d[:8])[0]; h = json.loads(d[8:8 + n])
+o = 8 + n + h[name]["data_offsets"][0]
+so = 8 + n + h[name + "_scale_inv"]["data_offsets"][0]
+scale = struct.unpack("<f", d[so:so + 4])[0]
+old = d[o]
+d[o] = (old & 0x80) | min((old & 0x7f) + 1, 0x7e)
+open(p, "wb").write(d)
+print(repr(float(abs(decode(d[o]) - decode(old)) * np.float64(scale))))
+PY
+)
+expect_exit 1 "$LORA" verify --base "$W/fp8-128" --adapter "$W/lora" --merged "$W/merged-code" --json
+expect_json "[(t['name'], t['bad_elements'], repr(t['max_error'])) for t in j['worst'] if not t['ok']]" \
+  "[[\"$K\",1,\"$want\"]]"
+
+
+# --- F8_E4M3 weights without any block scale (per-tensor / unscaled FP8, as ComfyUI stores Flux): inspect
+# names them and says merge refuses; merge refuses into them (exit 3, one line, nothing written)
+"$PY" - "$W/fp8-128/model.safetensors" "$W/noscale.safetensors" <<'PY'
+import os, sys
+sys.path.insert(0, os.path.join(os.environ["SRC"], "tests/e2e"))
+from safetensors_np import read, write
+t, _ = read(sys.argv[1])
+write(sys.argv[2], {k: v[:3] for k, v in t.items() if not k.endswith("_scale_inv")})
+PY
+UNSCALED="F8_E4M3 weights without block scales (per-tensor / unscaled FP8, as ComfyUI stores Flux)"
+expect_exit 0 "$LORA" inspect "$W/noscale.safetensors"
+expect_stdout_contains "quantization: $UNSCALED: 7 tensors; merge refuses to merge into them"
+NOSCALE_MSG="$W/noscale.safetensors: model.layers.0.mlp.down_proj.weight: cannot merge into $UNSCALED: not supported; merge into a BF16 or block-scaled FP8 checkpoint"
+expect_exit 3 "$LORA" inspect "$W/lora" --base "$W/noscale.safetensors"
+expect_stdout_contains "quantization of the base: merge refuses it: $NOSCALE_MSG"
+expect_one_line_error
+expect_exit 3 "$LORA" merge --base "$W/noscale.safetensors" --adapter "$W/lora" --out "$W/out-noscale.safetensors"
+expect_stderr_contains "$NOSCALE_MSG"
+expect_one_line_error
+expect_nothing_left out-noscale.safetensors
+
+
+# --- inspect --base: the base column's dtypes line up whatever the shapes' widths
+expect_exit 0 "$LORA" inspect "$W/lora" --base "$W/fp8-128"
+cols=$(grep -o '^.*\] *F8_E4M3' <<<"$OUT" | awk '{ print length($0) }' | sort -u | tr '\n' ' ')
+expect_eq "inspect --base: one column for the base dtype" "$(wc -w <<<"$cols" | tr -d ' ')" 1
+expect_eq "inspect --base: four modules on FP8 weights" "$(grep -c '\] *F8_E4M3 ' <<<"$OUT")" 4
+
+# --- help text: merge's arithmetic, adapter formats and what --weight / --scale leave alone; extract's --out
+expect_exit 0 "$LORA" merge --help
+expect_stdout_contains "computed in f32 (f64 for F64 tensors and FP8 weights) and rounded once"
+expect_stdout_contains "kohya / LyCORIS (LoCon, LoHa, LoKr, full) .safetensors or a diffusers LoRA"
+expect_stdout_contains "--weight and --scale do not apply to either"
+expect_exit 0 "$LORA" extract --help
+expect_stdout_contains "must not exist unless --force"
 
 finish
