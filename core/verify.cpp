@@ -110,6 +110,18 @@ void read_rows_f64(const tensor_ref& t, size_t n_cols, size_t rb, size_t re, std
   to_f64(t.info->type, read_bytes(t, rb * n_cols * size, out.size() * size, buf), out);
 }
 
+// Counts one element whose error is err against tolerance tol into c: a
+// failure when over it, the worst ratio (NaN: infinite) kept with its error.
+void note_element(tensor_check& c, double err, double tol) {
+  const double ratio = std::isnan(err) ? INFINITY : err / tol;
+  if (ratio > 1) ++c.n_bad;
+  if (ratio > c.ratio || std::isnan(err)) {
+    c.ratio = ratio;
+    c.max_error = err;
+    c.tolerance = tol;
+  }
+}
+
 // Half an E4M3 unit of y = w / s (|y| <= 448) times s: the most one rounding
 // of w to E4M3 at block scale s moves it (3 mantissa bits: half of 2^(e-3)
 // at exponent e, i.e. 2^(e-4); below 2^-6 the subnormal step 2^-9, half 2^-10).
@@ -140,13 +152,7 @@ void compare_block_fp8(tensor_check& c, const std::vector<float>& scales, const 
                        eps64 * (std::fabs(w0[i]) + std::fabs(e) + d + terms);
     const double err = std::fabs(merged[i] - e);
     block_max[b] = std::max(block_max[b], std::fabs(merged[i]));
-    const double ratio = std::isnan(err) ? INFINITY : err / tol;
-    if (ratio > 1) ++c.n_bad;
-    if (ratio > c.ratio || std::isnan(err)) {
-      c.ratio = ratio;
-      c.max_error = err;
-      c.tolerance = tol;
-    }
+    note_element(c, err, tol);
   }
 }
 
@@ -181,14 +187,7 @@ void compare_block(tensor_check& c, dtype type, int64_t rank, const std::vector<
       const double e = expected[i], d = std::fabs(e - w0[i]);
       const double tol =
           2 * ulp(type, std::fabs(e)) + ulp(type, d) + eps32 * (std::fabs(w0[i]) + std::fabs(e) + d + terms);
-      const double err = std::fabs(merged[i] - e);
-      const double ratio = std::isnan(err) ? INFINITY : err / tol;
-      if (ratio > 1) ++c.n_bad;
-      if (ratio > c.ratio || std::isnan(err)) {
-        c.ratio = ratio;
-        c.max_error = err;
-        c.tolerance = tol;
-      }
+      note_element(c, std::fabs(merged[i] - e), tol);
     }
   }
 }
