@@ -757,6 +757,15 @@ void plan_merge(const merge_options& options, merge_plan& plan, merge_report& re
   plan.fp8 = read_fp8_model(plan.base);
   plan.single_file =
       plan.out.extension() == ".safetensors" && fs::is_regular_file(plan.base.path) && plan.base.shards.size() == 1;
+  // a folder (or sharded) base merges into a folder: a folder named
+  // NAME.safetensors would look like one file to every other tool
+  if (plan.out.extension() == ".safetensors" && !plan.single_file)
+    throw errors::usage(fmt::format("a {} merges into a folder: --out {} names a .safetensors file",
+                                    plan.base.is_pipeline()                ? "pipeline folder"
+                                    : plan.base.shards.size() > 1          ? "sharded model"
+                                    : fs::is_directory(plan.base.path)     ? "model folder"
+                                                                           : "sharded model",
+                                    plan.out.string()));
   plan.adapters.reserve(options.adapters.size());
   for (const merge_input& in : options.adapters) {
     plan.adapters.push_back(load_adapter(in.path));
