@@ -320,7 +320,7 @@ TEST_CASE("folders and paths that are not models") {
   SUBCASE("folder without weights") {
     write_text(dir / "config.json", "{}");
     write_text(dir / "README.md", "hello");
-    check_refused(dir.path, {3, "neither model.safetensors nor model.safetensors.index.json", ""});
+    check_refused(dir.path, {3, "neither model.safetensors, diffusion_pytorch_model.safetensors nor their .safetensors.index.json", ""});
   }
   SUBCASE("empty folder") { check_refused(dir.path, {3, "neither", ""}); }
   SUBCASE("path that does not exist") { check_refused(dir / "nothing-here", {4, "no such file or folder", ""}); }
@@ -447,7 +447,6 @@ TEST_CASE("diffusers pipelines: model_index.json is checked against the componen
   fs::create_directory(dir / "vae");
   write_shard(dir / "unet/diffusion_pytorch_model.safetensors", {{"conv_in.weight", 2}});
   write_shard(dir / "vae/diffusion_pytorch_model.safetensors", {{"decoder.conv_in.weight", 2}});
-  const std::string index = (dir / "model_index.json").string();
   // metadata keys, a [null, null] optional component and a scheduler without a folder are fine
   write_text(dir / "model_index.json",
              "{\"_class_name\": \"StableDiffusionPipeline\", \"_diffusers_version\": \"0.30.0\", "
@@ -492,7 +491,7 @@ TEST_CASE("a diffusers component folder alone is a model folder; a JSON file is 
   CHECK(m.shard_names == std::vector<std::string>{"diffusion_pytorch_model.safetensors"});
   CHECK(!m.config_path.empty());
   CHECK(m.find("conv_in.weight").has_value());
-  check_refused((dir / "config.json").string(),
+  check_refused(dir / "config.json",
                 {3, "is a JSON file, not safetensors (pass the folder that holds it)", ""});
   fs::remove(dir / "diffusion_pytorch_model.safetensors");
   check_refused(dir.path, {3, "folder has neither model.safetensors, diffusion_pytorch_model.safetensors", ""});
