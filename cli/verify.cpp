@@ -6,8 +6,10 @@
 #include <cmath>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
@@ -54,6 +56,10 @@ void print_json(const verify_report& r, const verify_cli_options& o, int n_input
                           {"tolerance", c.tolerance},
                           {"ratio", finite_or(c.ratio, 1e300)},
                           {"bad_elements", c.n_bad}});
+    if (c.kind == tensor_kind::shape) {
+      j["worst"].back()["base_shape"] = c.base_shape;
+      j["worst"].back()["merged_shape"] = c.merged_shape;
+    }
   }
   j["failed"] = nlohmann::json::array();
   for (const auto& c : r.tensors)
@@ -96,12 +102,32 @@ void print_text(const verify_report& r, const verify_cli_options& o, int n_input
     fmt::print("skipped {} adapter modules that match no base tensor (--skip-unmatched):\n", r.skipped_modules.size());
     for (const auto& [adapter, module] : r.skipped_modules) fmt::print("  {}: {}\n", adapter, module);
   }
-  fmt::print("{}: {} tensors checked, {} failed\n", r.equivalent ? "equivalent" : "NOT equivalent", r.n_checked,
-             r.n_failed);
+  // checked: every tensor looked at; failed: those not ok, among them the
+  // ones that could not be compared value by value (listed first)
+  uint64_t n_missing = 0, n_shape = 0, n_extra = 0;
+  for (const auto& c : r.tensors) {
+    n_missing += c.kind == tensor_kind::missing;
+    n_shape += c.kind == tensor_kind::shape;
+    n_extra += c.kind == tensor_kind::extra;
+  }
+  std::vector<std::string> unmatched;
+  if (n_missing) unmatched.push_back(fmt::format("{} missing from the merged model", n_missing));
+  if (n_shape) unmatched.push_back(fmt::format("{} with a different shape", n_shape));
+  if (n_extra) unmatched.push_back(fmt::format("{} only in the merged model", n_extra));
+  fmt::print("{}: {} tensors checked, {} failed{}\n", r.equivalent ? "equivalent" : "NOT equivalent", r.n_checked,
+             r.n_failed, unmatched.empty() ? "" : fmt::format(" ({})", fmt::join(unmatched, ", ")));
   for (size_t i = 0; i < r.tensors.size() && i < static_cast<size_t>(o.worst); ++i) {
     const auto& c = r.tensors[i];
-    fmt::print("  {} {} ({}): max error {:.3g}, tolerance {:.3g}, {} elements over\n", c.ok ? "ok  " : "FAIL", c.name,
-               tensor_kind_name(c.kind), c.max_error, c.tolerance, c.n_bad);
+    if (c.kind == tensor_kind::missing)
+      fmt::print("  FAIL {}: missing from the merged model\n", c.name);
+    else if (c.kind == tensor_kind::shape)
+      fmt::print("  FAIL {}: shape differs: base [{}] merged [{}]\n", c.name, fmt::join(c.base_shape, ", "),
+                 fmt::join(c.merged_shape, ", "));
+    else if (c.kind == tensor_kind::extra)
+      fmt::print("  FAIL {}: only in the merged model, not in the base\n", c.name);
+    else
+      fmt::print("  {} {} ({}): max error {:.3g}, tolerance {:.3g}, {} elements over\n", c.ok ? "ok  " : "FAIL",
+                 c.name, tensor_kind_name(c.kind), c.max_error, c.tolerance, c.n_bad);
   }
   fmt::print("layers: {} adapted modules checked on {} seeded inputs (seed {}), {} failed\n", r.layers.size(), n_inputs,
              o.seed, r.n_layers_failed);

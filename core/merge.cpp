@@ -769,6 +769,13 @@ void plan_merge(const merge_options& options, merge_plan& plan, merge_report& re
   plan.fp8 = read_fp8_model(plan.base);
   plan.single_file =
       plan.out.extension() == ".safetensors" && fs::is_regular_file(plan.base.path) && plan.base.shards.size() == 1;
+  // a folder (or sharded) base merges into a folder: a folder named
+  // NAME.safetensors would look like one file to every other tool
+  // (pipelines only for now: tests/e2e/e2e-verify.sh names HF-folder
+  // outputs *.safetensors)
+  if (plan.out.extension() == ".safetensors" && plan.base.is_pipeline())
+    throw errors::usage(fmt::format("a pipeline folder merges into a folder: --out {} names a .safetensors file",
+                                    plan.out.string()));
   plan.adapters.reserve(options.adapters.size());
   for (const merge_input& in : options.adapters) {
     plan.adapters.push_back(load_adapter(in.path));

@@ -1151,6 +1151,10 @@ tensor_check check_weight(const std::string& name, const model_files& base, cons
   if (!m || m->info->shape != b.info->shape) {
     tensor_check c{name, m ? tensor_kind::shape : tensor_kind::missing};
     c.ok = false;
+    if (m) {
+      c.base_shape = b.info->shape;
+      c.merged_shape = m->info->shape;
+    }
     return c;
   }
   const bool b8 = fp8_of(fx, b) != nullptr, m8 = fp8_of(fx, *m) != nullptr;
@@ -1221,7 +1225,6 @@ void check_weights_and_layers(const model_files& base, const model_files& merged
   for (size_t k = set.targets.size(); k-- > 0;)
     if (layer_done[k] == 2) r.layers.erase(r.layers.begin() + static_cast<std::ptrdiff_t>(k));
   for (tensor_check& c : checks) {
-    r.n_checked += c.kind != tensor_kind::missing && c.kind != tensor_kind::shape;
     r.tensors.push_back(std::move(c));
   }
   // tensors the merge adds: a tied base's head, modules_to_save heads the base lacks
@@ -1229,7 +1232,6 @@ void check_weights_and_layers(const model_files& base, const model_files& merged
     if (base.find(name)) continue;
     if (set.saved.count(name) > 0 || (set.modules.count(name) > 0 && tied_head_source(base, name))) {
       r.tensors.push_back(check_weight(name, base, merged, set, fx));
-      r.n_checked += r.tensors.back().kind != tensor_kind::missing && r.tensors.back().kind != tensor_kind::shape;
     } else {
       r.tensors.push_back({name, tensor_kind::extra, 0, 0, INFINITY, 1, false});
     }
@@ -1309,7 +1311,15 @@ void check_model(const model_files& base, const model_files& merged, const adapt
 
 // The verdict: worst first, counts, equivalence.
 void conclude(verify_report& r) {
-  std::stable_sort(r.tensors.begin(), r.tensors.end(), [](const auto& p, const auto& q) { return p.ratio > q.ratio; });
+  // a missing, misshapen or extra tensor has no value error: it goes first
+  const auto unmatched = [](const tensor_check& c) {
+    return c.kind == tensor_kind::missing || c.kind == tensor_kind::shape || c.kind == tensor_kind::extra;
+  };
+  std::stable_sort(r.tensors.begin(), r.tensors.end(), [&unmatched](const auto& p, const auto& q) {
+    if (unmatched(p) != unmatched(q)) return unmatched(p);
+    return p.ratio > q.ratio;
+  });
+  r.n_checked = r.tensors.size();
   std::stable_sort(r.layers.begin(), r.layers.end(), [](const auto& p, const auto& q) { return p.ratio > q.ratio; });
   for (const auto& c : r.tensors) r.n_failed += !c.ok;
   for (const auto& c : r.layers) r.n_layers_failed += !c.ok;

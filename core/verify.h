@@ -60,6 +60,9 @@ struct tensor_check {
   double ratio = 0;      // max over elements of error / tolerance (> 1 fails)
   uint64_t n_bad = 0;    // elements over their tolerance
   bool ok = true;
+  // kind shape: the two shapes (the expected one first: the base's, or a
+  // modules_to_save tensor's)
+  std::vector<int64_t> base_shape, merged_shape;
 };
 
 struct model_check {
@@ -105,7 +108,11 @@ struct layer_check {
 std::string layer_kind_text(const layer_check& c);
 
 struct verify_report {
-  std::vector<tensor_check> tensors;  // worst ratio first
+  // failures that are not values first (missing, shape, extra: an
+  // unmatched tensor has no error to rank), then worst ratio first
+  std::vector<tensor_check> tensors;
+  // checked: every tensor looked at (each base tensor, and each tensor only
+  // the merged model has), failed: those not ok, so failed <= checked
   uint64_t n_checked = 0, n_failed = 0;
   std::vector<layer_check> layers;  // one per adapted module, worst ratio first
   uint64_t n_layers_failed = 0;

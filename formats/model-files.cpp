@@ -150,8 +150,89 @@ std::pair<std::string, std::string> component_weights(const fs::path& dir) {
   return {};
 }
 
+// The tree a model folder's symlinks may point into: the folder, or the
+// repository folder of a Hugging Face cache snapshot (huggingface_hub's
+// file_download.py: snapshots/<revision>/<file> links to ../../blobs/<etag>).
+fs::path model_tree(const fs::path& folder) {
+  if (folder.parent_path().filename() == "snapshots") return folder.parent_path().parent_path();
+  return folder;
+}
+
+// True for a model_index.json class that has no weights of its own: a
+// scheduler (diffusers' *Scheduler), a tokenizer (transformers'
+// *Tokenizer[Fast]), a feature extractor or image / video processor. Every
+// other class is taken for a model (UNet2DConditionModel, CLIPTextModel,
+// AutoencoderKL, a safety checker...): its folder must be there.
+bool weightless_class(const std::string& cls) {
+  for (const char* part : {"Scheduler", "Tokenizer", "FeatureExtractor", "Processor"})
+    if (cls.find(part) != std::string::npos) return true;
+  return false;
+}
+
+// model_index.json against the folder. It is a JSON object (diffusers
+// configuration_utils.py reads it as a dict); keys starting with "_" are
+// metadata ("_class_name", "_diffusers_version"); a value
+// [library, class] with both non-null names a component, and
+// [null, null] an optional component that is absent (pipeline_utils.py
+// from_pretrained, load_module: `value[0] is None` is not loaded;
+// huggingface/diffusers commit 58eb52c0). Every listed component folder must
+// be a real folder of the pipeline (a linked one would be left out of a
+// merged pipeline, and links out of the model's tree are never followed),
+// and a model's folder must exist and hold safetensors weights. Throws
+// lora::error (exit 3) naming model_index.json and the component.
+void check_model_index(const model_files& m) {
+  const std::string& label = m.pipeline_index_path;
+  std::error_code ec;
+  if (!fs::is_regular_file(label, ec))
+    throw errors::invalid(label, "", "model_index.json is not a regular file");
+  const json j = parse_json_bounded(read_text_file(label), label, "model_index.json");
+  if (!j.is_object())
+    throw errors::invalid(label, "", fmt::format("model_index.json is a JSON {}, not an object", j.type_name()));
+  const fs::path root = fs::canonical(m.folder, ec);
+  if (ec) throw errors::io(m.folder, "cannot reach the pipeline folder", ec.value());
+  const fs::path tree = model_tree(root);
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& name = it.key();
+    if (name.starts_with("_")) continue;
+    const json& v = it.value();
+    if (!v.is_array() || v.size() != 2 || !v[0].is_string() || !v[1].is_string()) continue;  // a setting, or absent
+    const std::string cls = v[1].get<std::string>();
+    if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..")
+      throw errors::invalid(label, name, "model_index.json names a component that is not a folder name");
+    const fs::path dir = fs::path(m.folder) / name;
+    const fs::file_status link = fs::symlink_status(dir, ec);
+    if (!fs::exists(link)) {
+      if (weightless_class(cls)) continue;
+      throw errors::invalid(label, "",
+                            fmt::format("model_index.json lists {} ({}), but {}/ is missing", name, cls, name));
+    }
+    if (fs::is_symlink(link)) {
+      const fs::path target = fs::canonical(dir, ec);
+      throw errors::invalid(
+          label, "",
+          fmt::format("model_index.json lists {}, but {}/ is a symlink {}: a merged pipeline must be complete; "
+                      "copy the folder into the pipeline",
+                      name, name,
+                      ec ? std::string("that is broken")
+                         : path_within(target, tree) ? fmt::format("to {}, which is not followed", target.string())
+                                                     : fmt::format("out of the pipeline folder (to {})", target.string())));
+    }
+    if (!fs::is_directory(link))
+      throw errors::invalid(label, "", fmt::format("model_index.json lists {}, but {} is not a folder", name, name));
+    if (weightless_class(cls)) continue;
+    const bool held = std::any_of(m.components.begin(), m.components.end(),
+                                  [&name](const model_component& c) { return c.name == name; });
+    if (!held)
+      throw errors::invalid(label, "",
+                            fmt::format("model_index.json lists {} ({}), but {}/ holds no safetensors weights "
+                                        "(diffusion_pytorch_model.safetensors, model.safetensors or their .index.json)",
+                                        name, cls, name));
+  }
+}
+
 // A diffusers pipeline: every real sub-folder with safetensors weights is a
 // component, opened as a model folder; tensors named "<component>.<name>".
+// model_index.json is checked against the folders (check_model_index).
 void open_pipeline(model_files& m) {
   std::error_code ec;
   std::vector<std::string> dirs;
@@ -174,6 +255,7 @@ void open_pipeline(model_files& m) {
     throw errors::invalid(m.pipeline_index_path, "",
                           "a diffusers pipeline without any component holding safetensors weights "
                           "(diffusion_pytorch_model.safetensors, model.safetensors or their .index.json)");
+  check_model_index(m);
 }
 
 }  // namespace
@@ -193,17 +275,25 @@ model_files open_model(const std::string& path) {
     m.folder = path;
     fs::path single = fs::path(path) / "model.safetensors";
     fs::path index = fs::path(path) / "model.safetensors.index.json";
+    // a diffusers component folder (unet/, vae/...) is a model folder too
+    const auto [component_index, component_file] = component_weights(path);
     if (fs::exists(index, ec)) {
       m.index_path = index.string();
     } else if (fs::exists(single, ec)) {
       m.shard_names.push_back("model.safetensors");
+    } else if (!component_index.empty()) {
+      m.index_path = (fs::path(path) / component_index).string();
+    } else if (!component_file.empty()) {
+      m.shard_names.push_back(component_file);
     } else {
-      throw errors::invalid(path, "", "folder has neither model.safetensors nor model.safetensors.index.json");
+      throw errors::invalid(path, "",
+                            "folder has neither model.safetensors, diffusion_pytorch_model.safetensors nor their "
+                            ".safetensors.index.json (a diffusers pipeline has model_index.json)");
     }
   } else {
     fs::path p(path);
     m.folder = p.has_parent_path() ? p.parent_path().string() : ".";
-    if (p.filename() == "model.safetensors.index.json") {
+    if (p.filename().string().ends_with(".safetensors.index.json")) {
       m.index_path = path;
     } else {
       m.shard_names.push_back(p.filename().string());
@@ -224,14 +314,6 @@ model_files open_model(const std::string& path) {
 }
 
 namespace {
-
-// The tree a model folder's symlinks may point into: the folder, or the
-// repository folder of a Hugging Face cache snapshot (huggingface_hub's
-// file_download.py: snapshots/<revision>/<file> links to ../../blobs/<etag>).
-fs::path model_tree(const fs::path& folder) {
-  if (folder.parent_path().filename() == "snapshots") return folder.parent_path().parent_path();
-  return folder;
-}
 
 // Why the entry `path` is not copied, or "" when it is; `source` gets the
 // file to read.

@@ -160,6 +160,12 @@ safetensors_header parse_safetensors_header(std::span<const uint8_t> bytes, uint
                           fmt::format("file is {} bytes, too small to hold a safetensors header", file_size));
   safetensors_header h;
   h.header_len = read_u64_le(bytes.data());
+  // a safetensors file may start with the byte '{' (a header length of
+  // 123 + 256k), but not with a length past the limit or the file's end: then
+  // it is JSON (config.json, model_index.json, an index) given for a model
+  const bool json_like = bytes[0] == '{' || (bytes[0] == '\n' && bytes[1] == '{') || (bytes[0] == '[');
+  if (json_like && (h.header_len > k_max_header || h.header_len + 8 > file_size))
+    throw errors::invalid(label, "", "is a JSON file, not safetensors (pass the folder that holds it)");
   if (h.header_len > k_max_header)
     throw errors::invalid(label, "",
                           fmt::format("header length {} exceeds the limit of {} bytes", h.header_len, k_max_header));

@@ -109,6 +109,42 @@ fs::path resolved(const std::string& path) {
   return ec ? fs::absolute(path, ec).lexically_normal() : p;
 }
 
+// A file or folder reached from an input (an entry of its folder, a
+// sub-folder's entry, a symlink's target) that `out` would replace or write
+// into: out is it, holds it, or lies inside it. Throws usage (exit 2) naming
+// the input and the entry, and the link's target when they differ.
+void check_reached(const std::string& out, const fs::path& out_abs, const named_input& in, const fs::path& entry) {
+  std::error_code ec;
+  const fs::path real = fs::canonical(entry, ec);
+  if (ec) return;  // broken link or unreachable: not read, nothing to lose
+  const std::string shown =
+      real == entry ? entry.string() : fmt::format("{} (a symlink to {})", entry.string(), real.string());
+  if (path_within(real, out_abs))
+    throw errors::usage(fmt::format("--out {} would replace {}, read from the {} {}", out, shown, in.role, in.path));
+  if (path_within(out_abs, real) && fs::is_directory(real, ec))
+    throw errors::usage(
+        fmt::format("--out {} lies inside {}, read from the {} {}: write it somewhere else", out, shown, in.role,
+                    in.path));
+}
+
+// Every entry of the input folder `dir` and of its sub-folders, `depth`
+// levels down (a model folder: its files; a pipeline: its components'
+// files), symlinks followed, each checked by check_reached: a weights file
+// or a component folder that is a link to a file under --out would be lost
+// when --out is replaced. At most `budget` entries in all (a folder of
+// millions is not a model): the rest are not looked at.
+void check_folder_entries(const std::string& out, const fs::path& out_abs, const named_input& in, const fs::path& dir,
+                          int depth, size_t& budget) {
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end && budget > 0; it.increment(ec)) {
+    --budget;
+    const fs::path entry = it->path();
+    check_reached(out, out_abs, in, entry);
+    std::error_code dec;
+    if (depth > 0 && fs::is_directory(entry, dec)) check_folder_entries(out, out_abs, in, entry, depth - 1, budget);
+  }
+}
+
 }  // namespace
 
 bool path_within(const fs::path& inner, const fs::path& outer) {
@@ -156,6 +192,25 @@ void check_output(const std::string& out, const std::vector<named_input>& inputs
     if (path_within(out_abs, in_abs))
       throw errors::usage(
           fmt::format("--out {} lies inside the {} {}: write it somewhere else", out, in.role, in.path));
+  }
+  // the files an input is read from, symlinks resolved: a model folder's
+  // shards and config.json, a pipeline's components (a folder and its
+  // files), an adapter folder's files; a bare file's config.json and
+  // index-listed shards beside it
+  for (const named_input& in : inputs) {
+    if (in.path.empty()) continue;
+    std::error_code ec;
+    size_t budget = 100000;
+    if (fs::is_directory(in.path, ec)) {
+      check_folder_entries(out, out_abs, in, in.path, 1, budget);
+    } else {
+      const fs::path p(in.path);
+      const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
+      check_reached(out, out_abs, in, dir / "config.json");
+      if (p.filename().string().ends_with(".index.json"))
+        for (fs::directory_iterator it(dir, ec), end; !ec && it != end && budget > 0; it.increment(ec), --budget)
+          if (it->is_symlink(ec) && it->path().extension() == ".safetensors") check_reached(out, out_abs, in, it->path());
+    }
   }
   size_t live = 0;
   const std::vector<std::string> stale = stale_temps(out_abs, live);

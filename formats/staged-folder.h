@@ -68,7 +68,12 @@ struct named_input {
 // The one rule for every command that writes, applied before it reads its
 // inputs. Throws lora::error (exit 2, --force or not) when `out` is one of
 // `inputs`, holds one, or lies inside one (a model or adapter folder), with
-// symlinks resolved on both sides; when `out` exists and `force` is false;
+// symlinks resolved on both sides; when a file or folder the input is read
+// from (each entry of an input folder and of its sub-folders: a model's
+// shards and config.json, a pipeline's component folders and their files,
+// an adapter's files; for a bare file, config.json and, for an index, the
+// linked shards beside it) resolves to `out`, to a path inside it, or to a
+// folder that holds it; when `out` exists and `force` is false;
 // when a `<out>.tmp-*` left beside it by a killed run is found (with `force`
 // it is removed instead); or when one is still held by a running lora.
 // Reads the file system only (stat, realpath, flock probes).

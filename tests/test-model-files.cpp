@@ -320,7 +320,7 @@ TEST_CASE("folders and paths that are not models") {
   SUBCASE("folder without weights") {
     write_text(dir / "config.json", "{}");
     write_text(dir / "README.md", "hello");
-    check_refused(dir.path, {3, "neither model.safetensors nor model.safetensors.index.json", ""});
+    check_refused(dir.path, {3, "neither model.safetensors, diffusion_pytorch_model.safetensors nor their .safetensors.index.json", ""});
   }
   SUBCASE("empty folder") { check_refused(dir.path, {3, "neither", ""}); }
   SUBCASE("path that does not exist") { check_refused(dir / "nothing-here", {4, "no such file or folder", ""}); }
@@ -439,4 +439,60 @@ TEST_CASE("diffusers pipelines: a model_index.json without any component weights
   fs::create_directory(dir / "unet");
   write_text(dir / "unet/config.json", "{}\n");
   check_refused(dir.path, {3, "without any component holding safetensors weights", ""});
+}
+
+TEST_CASE("diffusers pipelines: model_index.json is checked against the component folders") {
+  temp_dir dir;
+  fs::create_directory(dir / "unet");
+  fs::create_directory(dir / "vae");
+  write_shard(dir / "unet/diffusion_pytorch_model.safetensors", {{"conv_in.weight", 2}});
+  write_shard(dir / "vae/diffusion_pytorch_model.safetensors", {{"decoder.conv_in.weight", 2}});
+  // metadata keys, a [null, null] optional component and a scheduler without a folder are fine
+  write_text(dir / "model_index.json",
+             "{\"_class_name\": \"StableDiffusionPipeline\", \"_diffusers_version\": \"0.30.0\", "
+             "\"unet\": [\"diffusers\", \"UNet2DConditionModel\"], \"vae\": [\"diffusers\", \"AutoencoderKL\"], "
+             "\"safety_checker\": [null, null], \"scheduler\": [\"diffusers\", \"PNDMScheduler\"], "
+             "\"tokenizer\": [\"transformers\", \"CLIPTokenizer\"], \"requires_safety_checker\": false}\n");
+  CHECK(open_model(dir.path).components.size() == 2);
+  // a model listed without its folder
+  write_text(dir / "model_index.json",
+             "{\"unet\": [\"diffusers\", \"UNet2DConditionModel\"], "
+             "\"text_encoder_2\": [\"transformers\", \"CLIPTextModelWithProjection\"]}\n");
+  check_refused(dir.path,
+                {3, "model_index.json lists text_encoder_2 (CLIPTextModelWithProjection), but text_encoder_2/ is missing",
+                 ""});
+  // a model folder without safetensors weights
+  fs::create_directory(dir / "text_encoder_2");
+  write_text(dir / "text_encoder_2/config.json", "{}\n");
+  check_refused(dir.path, {3, "text_encoder_2/ holds no safetensors weights", ""});
+  fs::remove_all(dir / "text_encoder_2");
+  // not an object, not JSON, not a file
+  write_text(dir / "model_index.json", "[1, 2]\n");
+  check_refused(dir.path, {3, "model_index.json is a JSON array, not an object", ""});
+  write_text(dir / "model_index.json", "{\"unet\": [\"diffusers\", \n");
+  check_refused(dir.path, {3, "is not valid JSON", ""});
+  fs::remove(dir / "model_index.json");
+  fs::create_directory(dir / "model_index.json");
+  check_refused(dir.path, {3, "model_index.json is not a regular file", ""});
+  fs::remove(dir / "model_index.json");
+  // a component folder that is a symlink out of the pipeline is refused, not left out
+  temp_dir outside;
+  fs::rename(dir / "unet", outside / "unet");
+  fs::create_directory_symlink(outside / "unet", dir / "unet");
+  write_text(dir / "model_index.json", "{\"unet\": [\"diffusers\", \"UNet2DConditionModel\"]}\n");
+  check_refused(dir.path, {3, "model_index.json lists unet, but unet/ is a symlink out of the pipeline folder", ""});
+}
+
+TEST_CASE("a diffusers component folder alone is a model folder; a JSON file is not safetensors") {
+  temp_dir dir;
+  write_shard(dir / "diffusion_pytorch_model.safetensors", {{"conv_in.weight", 2}});
+  write_text(dir / "config.json", "{\"_class_name\": \"UNet2DConditionModel\"}\n");
+  model_files m = open_model(dir.path);
+  CHECK(m.shard_names == std::vector<std::string>{"diffusion_pytorch_model.safetensors"});
+  CHECK(!m.config_path.empty());
+  CHECK(m.find("conv_in.weight").has_value());
+  check_refused(dir / "config.json",
+                {3, "is a JSON file, not safetensors (pass the folder that holds it)", ""});
+  fs::remove(dir / "diffusion_pytorch_model.safetensors");
+  check_refused(dir.path, {3, "folder has neither model.safetensors, diffusion_pytorch_model.safetensors", ""});
 }

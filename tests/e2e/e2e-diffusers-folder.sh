@@ -171,6 +171,54 @@ expect_exit 0 "$LORA" merge --base "$W/links" --adapter "$W/kohya-sd15.safetenso
 expect_json 'sorted(s["name"] for s in j["skipped_files"])' '["scheduler/nested","tokenizer/passwd.txt"]'
 expect_eq "no link out of the tree copied" "$(ls "$W/links-out/tokenizer")" "$(printf 'merges.txt\nspecial_tokens_map.json\nvocab.json')"
 
+# --- model_index.json against the folders (review items 3, 13, 14): exit
+# code, the one-line message, nothing written
+bad_pipe() {  # NAME: a copy of sd15 to break
+  rm -rf "${W:?}/$1" && cp -r "$W/sd15" "$W/$1"
+}
+refused_pipe() {  # CODE TEXT NAME: merge, verify and inspect of $W/NAME refused
+  local code=$1 text=$2 name=$3
+  expect_exit "$code" "$LORA" merge --base "$W/$name" --adapter "$W/kohya-sd15.safetensors" --out "$W/$name-out"
+  expect_stderr_contains "$text"
+  expect_one_line_error
+  expect_nothing_left "$name-out"
+  expect_exit "$code" "$LORA" verify --base "$W/$name" --adapter "$W/kohya-sd15.safetensors" --merged "$W/m-kohya-sd15"
+  expect_stderr_contains "$text"
+  expect_exit "$code" "$LORA" inspect "$W/$name"
+  expect_stderr_contains "$text"
+}
+bad_pipe missing-unet && rm -rf "$W/missing-unet/unet"
+refused_pipe 3 "model_index.json lists unet (X), but unet/ is missing" missing-unet
+bad_pipe missing-te2
+"$PY" -c "import json,sys;p=sys.argv[1];d=json.load(open(p));d['text_encoder_2']=['transformers','CLIPTextModel'];d['scheduler']=['diffusers','PNDMScheduler'];d['feature_extractor']=[None,None];json.dump(d,open(p,'w'))" "$W/missing-te2/model_index.json"
+refused_pipe 3 "model_index.json lists text_encoder_2 (CLIPTextModel), but text_encoder_2/ is missing" missing-te2
+bad_pipe bad-index && echo '{"unet": ["diffusers", ' >"$W/bad-index/model_index.json"
+refused_pipe 3 "bad-index/model_index.json: model_index.json is not valid JSON" bad-index
+bad_pipe array-index && echo '[1, 2]' >"$W/array-index/model_index.json"
+refused_pipe 3 "model_index.json is a JSON array, not an object" array-index
+bad_pipe dir-index && rm "$W/dir-index/model_index.json" && mkdir "$W/dir-index/model_index.json"
+refused_pipe 3 "model_index.json is not a regular file" dir-index
+mkdir -p "$W/elsewhere" && rm -rf "$W/elsewhere/unet" && cp -r "$W/sd15/unet" "$W/elsewhere/unet"
+bad_pipe linked-unet && rm -rf "$W/linked-unet/unet" && ln -s "$W/elsewhere/unet" "$W/linked-unet/unet"
+refused_pipe 3 "model_index.json lists unet, but unet/ is a symlink out of the pipeline folder (to $W/elsewhere/unet)" linked-unet
+# a scheduler listed without its folder is fine (it holds no weights)
+bad_pipe no-scheduler && rm -rf "$W/no-scheduler/scheduler"
+"$PY" -c "import json,sys;p=sys.argv[1];d=json.load(open(p));d['scheduler']=['diffusers','PNDMScheduler'];json.dump(d,open(p,'w'))" "$W/no-scheduler/model_index.json"
+expect_exit 0 "$LORA" merge --base "$W/no-scheduler" --adapter "$W/kohya-sd15.safetensors" --out "$W/no-scheduler-out"
+# a folder base merges into a folder: --out NAME.safetensors is refused
+expect_exit 2 "$LORA" merge --base "$W/sd15" --adapter "$W/kohya-sd15.safetensors" --out "$W/p.safetensors"
+expect_stderr_contains "a pipeline folder merges into a folder: --out $W/p.safetensors names a .safetensors file"
+expect_one_line_error
+expect_nothing_left p.safetensors
+# a JSON file given as the base is named as such
+for f in model_index.json unet/config.json; do
+  expect_exit 3 "$LORA" inspect "$W/sd15/$f"
+  expect_stderr_contains "is a JSON file, not safetensors (pass the folder that holds it)"
+done
+# a component folder alone is a model folder
+expect_exit 0 "$LORA" inspect "$W/sd15/unet"
+expect_stdout_contains "11 tensors"
+
 # --- the real diffusers LoRA file merged into a pipeline built from its shapes
 if [ -n "$n_fixture" ]; then
   expect_eq "fixture modules" "$n_fixture" 128

@@ -74,6 +74,40 @@ refused 2 "--out lora-link would replace the adapter lora" "$LORA" resize --adap
 rm lora-link
 cd - >/dev/null || exit 1
 
+# ---------------------------------------------------------------- --out over a file an input reads through a link
+# (review item 1): a model folder whose weights are a symlink into --out, a
+# pipeline whose component weights are, an adapter folder whose file is;
+# refused for every command that writes, the linked file byte-identical
+mkdir -p "$W/hf-link" "$W/outside2" "$W/pipe-link/unet" "$W/ad-link"
+cp "$TD/tiny-llama/model.safetensors" "$W/outside2/w.safetensors"
+cp "$TD/tiny-llama/config.json" "$W/hf-link/"
+ln -s "$W/outside2/w.safetensors" "$W/hf-link/model.safetensors"
+echo '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}' >"$W/pipe-link/model_index.json"
+echo '{"_class_name": "UNet2DConditionModel"}' >"$W/pipe-link/unet/config.json"
+ln -s "$W/outside2/w.safetensors" "$W/pipe-link/unet/diffusion_pytorch_model.safetensors"
+cp "$TD/lora-tiny-llama/adapter_config.json" "$W/ad-link/"
+cp "$TD/lora-tiny-llama/adapter_model.safetensors" "$W/outside2/a.safetensors"
+ln -s "$W/outside2/a.safetensors" "$W/ad-link/adapter_model.safetensors"
+w_sum=$(md5sum <"$W/outside2/w.safetensors")
+a_sum=$(md5sum <"$W/outside2/a.safetensors")
+link_msg="--out $W/outside2 would replace $W/hf-link/model.safetensors (a symlink to $W/outside2/w.safetensors), read from the base model $W/hf-link"
+refused 2 "$link_msg" "$LORA" merge --base "$W/hf-link" --adapter "$TD/lora-tiny-llama" --out "$W/outside2" --force
+refused 2 "would replace $W/pipe-link/unet/diffusion_pytorch_model.safetensors (a symlink to $W/outside2/w.safetensors), read from the base model $W/pipe-link" \
+  "$LORA" merge --base "$W/pipe-link" --adapter "$TD/lora-tiny-llama" --out "$W/outside2" --force
+refused 2 "(a symlink to $W/outside2/a.safetensors), read from the adapter $W/ad-link" \
+  "$LORA" merge --base "$W/base" --adapter "$W/ad-link" --out "$W/outside2" --force
+refused 2 "read from the base model $W/hf-link" \
+  "$LORA" extract --base "$W/hf-link" --tuned "$W/tuned" --rank 2 --out "$W/outside2" --force
+refused 2 "read from the adapter $W/ad-link" "$LORA" resize --adapter "$W/ad-link" --rank 2 --out "$W/outside2" --force
+refused 2 "read from the adapter $W/ad-link" "$LORA" combine --adapter "$W/ad-link" --adapter "$W/lora" --out "$W/outside2" --force
+refused 2 "read from the adapter $W/ad-link" "$LORA" convert "$W/ad-link" --to kohya --out "$W/outside2/a.safetensors" --force
+refused 2 "read from the model $W/hf-link" "$LORA" forward --model "$W/hf-link" --tokens 1,2,3 --out "$W/outside2/w.safetensors"
+expect_eq "the linked weights are still there, byte-identical" "$(md5sum <"$W/outside2/w.safetensors")" "$w_sum"
+expect_eq "the linked adapter is still there, byte-identical" "$(md5sum <"$W/outside2/a.safetensors")" "$a_sum"
+# the same base with --out anywhere else merges
+expect_exit 0 "$LORA" merge --base "$W/hf-link" --adapter "$TD/lora-tiny-llama" --out "$W/hf-link-merged" --quiet
+rm -rf "${W:?}/hf-link-merged"
+
 # ---------------------------------------------------------------- the base folder's other files
 mkdir -p "$W/outside"
 echo "not the model's" >"$W/outside/secret"
