@@ -44,7 +44,7 @@ const std::vector<model_layout> model_layouts = {
      {{"model.language_model.", "model."}, {"model.visual.", "visual."}}},
     // diffusers LoRA files name the pipeline component (core/diffusers-format):
     // a base that is that component's own file has no such prefix
-    {"a diffusers pipeline component's own file (no unet. / transformer. / text_encoder(_2). prefix)",
+    {"diffusers pipeline component's own file (no unet. / transformer. / text_encoder(_2). prefix)",
      {{"unet.", ""}, {"transformer.", ""}, {"text_encoder.", ""}, {"text_encoder_2.", ""}}},
 };
 
