@@ -62,7 +62,7 @@ struct tensor_check {
   bool ok = true;
   // kind shape: the two shapes (the expected one first: the base's, or a
   // modules_to_save tensor's)
-  std::vector<int64_t> base_shape, merged_shape;
+  std::vector<int64_t> base_shape{}, merged_shape{};
 };
 
 struct model_check {
