@@ -26,27 +26,13 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from safetensors_np import bf16_bits as bf16_round  # noqa: E402
 from safetensors_np import read  # noqa: E402
 
 P = "base_model.model."
 ORDER = ["gate_up_proj", "gate_proj", "w1", "up_proj", "w3", "down_proj", "w2"]  # registration order
 
 
-def bf16_round(x):
-    """float64 -> nearest BF16 (ties to even), as uint16 bits; finite normal values."""
-    x = np.asarray(x, np.float64)
-    f = x.astype(np.float32)
-    u = f.view(np.uint32) & np.uint32(0xFFFF0000)
-    cands = [u - np.uint32(0x10000), u, u + np.uint32(0x10000)]
-    vals = [c.view(np.float32).astype(np.float64) for c in cands]
-    best = cands[1].copy()
-    bestd = np.abs(vals[1] - x)
-    for c, v in ((cands[0], vals[0]), (cands[2], vals[2])):
-        d = np.abs(v - x)
-        better = (d < bestd) | ((d == bestd) & (((c >> 16) & 1) == 0))
-        best = np.where(better, c, best)
-        bestd = np.where(better, d, bestd)
-    return (best >> 16).astype(np.uint16)
 
 
 def pattern(patterns, key, default):

@@ -9,6 +9,8 @@ format's definition (independently of core/dtype and core/fp8):
 """
 import numpy as np
 
+from safetensors_np import bf16_bits  # noqa: F401 (re-exported: float64 -> BF16 codes, rounded once)
+
 
 def _value(code):
     s, e, m = code >> 7, (code >> 3) & 15, code & 7
@@ -68,9 +70,3 @@ def quantize(w, block):
     return encode(w / scales.astype(np.float64)[r, c]), scales
 
 
-def bf16_bits(x):
-    x = np.asarray(x, dtype=np.float64)
-    m, e = np.frexp(x)  # x = m 2^e, 0.5 <= |m| < 1: 8 significant bits -> quantum 2^(e-8)
-    q = np.ldexp(1.0, e - 8)
-    r = np.round(x / q) * q  # exact; np.round ties to even
-    return (r.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)

@@ -24,18 +24,7 @@ OUT, DTYPE = sys.argv[1], sys.argv[2]
 rng = np.random.default_rng(15)
 
 
-def bf16_bits(x):
-    """float64 -> bf16 bits, rounded once to nearest even (no f32 step)."""
-    x = np.asarray(x, np.float64)
-    f32 = x.astype(np.float32)
-    b = f32.view(np.uint32).copy()
-    b[np.abs(f32.astype(np.float64)) > np.abs(x)] -= 1  # toward zero on the f32 grid
-    lo = b & np.uint32(0xFFFF0000)
-    hi = lo + np.uint32(0x10000)
-    dlo = np.abs(x - lo.view(np.float32).astype(np.float64))
-    dhi = np.abs(hi.view(np.float32).astype(np.float64) - x)
-    pick_hi = (dhi < dlo) | ((dhi == dlo) & (((lo >> 16) & 1) == 1))
-    return (np.where(pick_hi, hi, lo) >> 16).astype(np.uint16)
+bf16_bits = safetensors_np.bf16_bits
 
 
 def stored(x):

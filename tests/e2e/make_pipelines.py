@@ -42,18 +42,7 @@ OUT = sys.argv[1]
 rng = np.random.default_rng(20261130)
 
 
-def bf16_bits(x):
-    """float64 -> bf16 bits, rounded once to nearest even."""
-    x = np.asarray(x, np.float64)
-    f32 = x.astype(np.float32)
-    b = f32.view(np.uint32).copy()
-    b[np.abs(f32.astype(np.float64)) > np.abs(x)] -= 1  # toward zero on the f32 grid
-    lo = b & np.uint32(0xFFFF0000)
-    hi = lo + np.uint32(0x10000)
-    dlo = np.abs(x - lo.view(np.float32).astype(np.float64))
-    dhi = np.abs(hi.view(np.float32).astype(np.float64) - x)
-    up = (dhi < dlo) | ((dhi == dlo) & ((lo >> 16) & 1 == 1))
-    return np.where(up, hi, lo).astype(np.uint32).__rshift__(16).astype(np.uint16)
+bf16_bits = safetensors_np.bf16_bits
 
 
 def encode(x, dt):

@@ -13,6 +13,22 @@ import struct
 import numpy as np
 
 
+
+def bf16_bits(x):
+    """float64 -> uint16 BF16 codes of x rounded once, to nearest, ties to
+    even (no float32 step: the float32 value is moved toward zero first, so
+    that its low bits never decide a tie). Finite values."""
+    x = np.asarray(x, np.float64)
+    f32 = x.astype(np.float32)
+    b = f32.view(np.uint32).copy()
+    b[np.abs(f32.astype(np.float64)) > np.abs(x)] -= 1  # toward zero on the f32 grid
+    lo = b & np.uint32(0xFFFF0000)
+    hi = lo + np.uint32(0x10000)
+    dlo = np.abs(x - lo.view(np.float32).astype(np.float64))
+    dhi = np.abs(hi.view(np.float32).astype(np.float64) - x)
+    pick_hi = (dhi < dlo) | ((dhi == dlo) & (((lo >> 16) & 1) == 1))
+    return (np.where(pick_hi, hi, lo) >> 16).astype(np.uint16)
+
 def read(path):
     data = open(path, "rb").read()
     n = struct.unpack("<Q", data[:8])[0]
