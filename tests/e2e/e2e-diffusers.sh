@@ -22,7 +22,7 @@ make_case() {
 import sys
 sys.path.insert(0, sys.argv[3])
 import numpy as np, safetensors_np
-from make_lycoris_bf16 import bf16_bits
+from safetensors_np import bf16_bits
 t, _ = safetensors_np.read(sys.argv[1])
 rng = np.random.default_rng(7)
 def base_path(k):
@@ -63,9 +63,6 @@ print(len(mods))
 EOF
 }
 
-# the rounding helper of make_lycoris.py, importable without running its generator
-sed -n '/^def bf16_bits/,/^    return/p' "$SRC/tests/e2e/make_lycoris.py" | { echo "import numpy as np"; cat; } >"$E2E_TMP/make_lycoris_bf16.py"
-export PYTHONPATH="$E2E_TMP"
 
 same_tensors() {
   "$PY" -c '
