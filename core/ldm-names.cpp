@@ -168,25 +168,26 @@ std::string longest_prefix(const std::unordered_map<std::string, std::string>& t
 
 }  // namespace
 
-std::string sdxl_unet_diffusers_to_ldm(std::string_view path) {
-  static const std::unordered_map<std::string, std::string> table = [] {
+namespace {
+
+// sdxl_unet_table as a prefix map, diffusers -> LDM, or read the other way
+// (convert_sdxl_unet_state_dict_to_diffusers: conversion_dict = {sd: hf for
+// sd, hf in unet_conversion_map}). Built once per direction.
+const std::unordered_map<std::string, std::string>& sdxl_unet_map(bool to_ldm) {
+  auto build = [](bool forward) {
     std::unordered_map<std::string, std::string> m;
-    for (auto& [hf, sd] : sdxl_unet_table()) m.emplace(hf, sd);
+    for (auto& [hf, sd] : sdxl_unet_table()) forward ? m.emplace(hf, sd) : m.emplace(sd, hf);
     return m;
-  }();
-  return longest_prefix(table, path);
+  };
+  static const std::unordered_map<std::string, std::string> to_ldm_map = build(true), to_hf_map = build(false);
+  return to_ldm ? to_ldm_map : to_hf_map;
 }
 
-std::string sdxl_unet_ldm_to_diffusers(std::string_view path) {
-  // the same table read the other way (convert_sdxl_unet_state_dict_to_diffusers:
-  // conversion_dict = {sd: hf for sd, hf in unet_conversion_map})
-  static const std::unordered_map<std::string, std::string> table = [] {
-    std::unordered_map<std::string, std::string> m;
-    for (auto& [hf, sd] : sdxl_unet_table()) m.emplace(sd, hf);
-    return m;
-  }();
-  return longest_prefix(table, path);
-}
+}  // namespace
+
+std::string sdxl_unet_diffusers_to_ldm(std::string_view path) { return longest_prefix(sdxl_unet_map(true), path); }
+
+std::string sdxl_unet_ldm_to_diffusers(std::string_view path) { return longest_prefix(sdxl_unet_map(false), path); }
 
 std::string sd1_clip_to_hf(std::string_view path) {
   // on the key (path + "."), as the replacements are applied to "<path>.weight"
